@@ -1,0 +1,140 @@
+//! API errors: one type for every 4xx/5xx, rendered as `{"error","message","code"}`, and the
+//! mapping of warp's own rejections (unknown route, wrong method...) to the same body.
+
+use std::convert::Infallible;
+
+use serde::Serialize;
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::{Rejection, Reply};
+
+/// An error answered to a client.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    /// Seconds for a `Retry-After` header (429).
+    pub retry_after: Option<u64>,
+}
+
+impl warp::reject::Reject for ApiError {}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    message: &'a str,
+    code: u16,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::CONFLICT, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+
+    pub fn unauthorized() -> ApiError {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "a valid client certificate or API token is required",
+        )
+    }
+
+    /// The short code of the body's `error` field.
+    pub fn short_code(&self) -> &'static str {
+        match self.status {
+            StatusCode::BAD_REQUEST => "invalid request",
+            StatusCode::UNAUTHORIZED => "authentication required",
+            StatusCode::FORBIDDEN => "forbidden",
+            StatusCode::NOT_FOUND => "not found",
+            StatusCode::METHOD_NOT_ALLOWED => "method not allowed",
+            StatusCode::CONFLICT => "conflict",
+            StatusCode::LENGTH_REQUIRED => "length required",
+            StatusCode::PAYLOAD_TOO_LARGE => "payload too large",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported media type",
+            StatusCode::TOO_MANY_REQUESTS => "queue full",
+            StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+            s if s.is_server_error() => "internal error",
+            _ => "error",
+        }
+    }
+}
+
+impl Reply for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: self.short_code(),
+            message: &self.message,
+            code: self.status.as_u16(),
+        };
+        let mut resp = warp::reply::with_status(warp::reply::json(&body), self.status).into_response();
+        if let Some(secs) = self.retry_after
+            && let Ok(v) = secs.to_string().parse()
+        {
+            resp.headers_mut().insert("retry-after", v);
+        }
+        resp
+    }
+}
+
+/// Turns any rejection into the JSON error body (ends every filter chain).
+pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
+    let err = if let Some(e) = rejection.find::<ApiError>() {
+        e.clone()
+    } else if rejection.is_not_found() {
+        ApiError::not_found("no such route")
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
+    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body is too large")
+    } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
+        ApiError::new(StatusCode::LENGTH_REQUIRED, "a Content-Length header is required")
+    } else if rejection.find::<warp::reject::InvalidQuery>().is_some() {
+        ApiError::bad_request("invalid query string")
+    } else if rejection.find::<warp::reject::UnsupportedMediaType>().is_some() {
+        ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported media type")
+    } else {
+        tracing::warn!(?rejection, "unhandled rejection");
+        ApiError::internal("internal error")
+    };
+    Ok(err.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn body_shape() {
+        let resp = ApiError::bad_request("volume_name is required").into_response();
+        assert_eq!(resp.status(), 400);
+        let bytes = http_body_util_collect(resp).await;
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["error"], "invalid request");
+        assert_eq!(v["message"], "volume_name is required");
+        assert_eq!(v["code"], 400);
+    }
+
+    async fn http_body_util_collect(resp: Response) -> Vec<u8> {
+        use http_body_util::BodyExt;
+        resp.into_body().collect().await.unwrap().to_bytes().to_vec()
+    }
+}

@@ -1,0 +1,540 @@
+//! Route handlers: request validation (a bad request never becomes a job), the engine calls
+//! behind each route, and the response shapes of the API contract.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Buf;
+use chrono::Utc;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::json;
+use uuid::Uuid;
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use super::ApiState;
+use super::auth::Caller;
+use super::error::ApiError;
+use crate::image::source;
+use crate::jobs::engine::{CancelError, SubmitError};
+use crate::jobs::model::{ImageType, JobKind, JobSpec, JobStatus, rfc3339};
+use crate::telemetry::metrics::metrics;
+use crate::volume;
+
+const MAX_URL_LEN: usize = 4096;
+const MAX_CORRELATION_ID_LEN: usize = 256;
+/// Largest accepted volume: 1 PiB.
+const MAX_VOLUME_GB: u64 = 1 << 20;
+const MAX_LIST_LIMIT: usize = 1000;
+/// How long a cancel request waits for a running job to stop and roll back.
+const CANCEL_WAIT: Duration = Duration::from_secs(60);
+
+fn reject(e: ApiError) -> Rejection {
+    warp::reject::custom(e)
+}
+
+fn json_reply(value: &impl serde::Serialize, status: StatusCode) -> Response {
+    warp::reply::with_status(warp::reply::json(value), status).into_response()
+}
+
+/// Reads a JSON body within `server.max_body_bytes` (413 beyond, with or without a
+/// Content-Length header).
+pub fn json_body(
+    state: Arc<ApiState>,
+) -> impl Filter<Extract = (serde_json::Value,), Error = Rejection> + Clone {
+    warp::header::optional::<u64>("content-length")
+        .and(warp::body::stream())
+        .and_then(move |len: Option<u64>, body| {
+            let limit = state.settings.current().server.max_body_bytes;
+            async move {
+                if len.is_some_and(|l| l > limit) {
+                    return Err(too_large(limit));
+                }
+                let buf = read_limited(body, limit).await?;
+                serde_json::from_slice::<serde_json::Value>(&buf).map_err(|e| {
+                    reject(ApiError::bad_request(format!("body is not valid JSON: {e}")))
+                })
+            }
+        })
+}
+
+fn too_large(limit: u64) -> Rejection {
+    reject(ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("request body is larger than {limit} bytes"),
+    ))
+}
+
+async fn read_limited<S, B>(body: S, limit: u64) -> Result<Vec<u8>, Rejection>
+where
+    S: futures::Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let mut body = std::pin::pin!(body);
+    let mut buf = Vec::new();
+    while let Some(chunk) = body.next().await {
+        let mut chunk =
+            chunk.map_err(|e| reject(ApiError::bad_request(format!("cannot read body: {e}"))))?;
+        if buf.len() as u64 + chunk.remaining() as u64 > limit {
+            return Err(too_large(limit));
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            buf.extend_from_slice(part);
+            let n = part.len();
+            chunk.advance(n);
+        }
+    }
+    Ok(buf)
+}
+
+pub fn health(state: Arc<ApiState>) -> Response {
+    let (running, slots) = state.engine.load();
+    let status = if running >= slots {
+        "degraded"
+    } else {
+        "healthy"
+    };
+    json_reply(
+        &json!({
+            "status": status,
+            "timestamp": rfc3339(Utc::now()),
+            "version": concat!("v", env!("CARGO_PKG_VERSION")),
+            "uptime": go_duration(state.started.elapsed()),
+            "jobs": {"running": running, "slots": slots},
+        }),
+        StatusCode::OK,
+    )
+}
+
+/// A duration as Go prints it, to whole seconds: `52s`, `14m52s`, `3h14m52s`.
+pub fn go_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    let (h, m, s) = (s / 3600, (s / 60) % 60, s % 60);
+    if h > 0 {
+        format!("{h}h{m}m{s}s")
+    } else if m > 0 {
+        format!("{m}m{s}s")
+    } else {
+        format!("{s}s")
+    }
+}
+
+pub fn ready(state: Arc<ApiState>) -> Response {
+    let deps = state.health.snapshot();
+    let all_up = deps.values().all(|up| *up);
+    let status = if all_up {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_reply(
+        &json!({
+            "status": if all_up { "ready" } else { "unready" },
+            "dependencies": deps,
+        }),
+        status,
+    )
+}
+
+pub fn metrics_text(_caller: Caller) -> Response {
+    let mut resp = metrics().render().into_response();
+    resp.headers_mut().insert(
+        "content-type",
+        warp::http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProvisionBody {
+    image_url: Option<String>,
+    volume_name: Option<String>,
+    volume_size_gb: Option<serde_json::Value>,
+    image_type: Option<String>,
+    correlation_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CacheFetchBody {
+    image_url: Option<String>,
+    image_type: Option<String>,
+    correlation_id: Option<String>,
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(body: serde_json::Value) -> Result<T, ApiError> {
+    if !body.is_object() {
+        return Err(ApiError::bad_request("body must be a JSON object"));
+    }
+    serde_json::from_value(body).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+fn check_image_url(url: Option<String>, state: &ApiState) -> Result<String, ApiError> {
+    let url = url
+        .filter(|u| !u.trim().is_empty())
+        .ok_or_else(|| ApiError::bad_request("image_url is required"))?;
+    if url.len() > MAX_URL_LEN {
+        return Err(ApiError::bad_request(format!(
+            "image_url is longer than {MAX_URL_LEN} characters"
+        )));
+    }
+    source::resolve(&url, &state.settings.current())
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(url)
+}
+
+fn check_image_type(t: Option<String>) -> Result<ImageType, ApiError> {
+    match t.as_deref() {
+        None | Some("qcow2") => Ok(ImageType::Qcow2),
+        Some("raw") => Ok(ImageType::Raw),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "image_type `{other}` is not supported (use qcow2 or raw)"
+        ))),
+    }
+}
+
+fn check_correlation_id(c: Option<String>) -> Result<Option<String>, ApiError> {
+    match c {
+        None => Ok(None),
+        Some(c) if c.is_empty() => Ok(None),
+        Some(c) if c.len() > MAX_CORRELATION_ID_LEN => Err(ApiError::bad_request(format!(
+            "correlation_id is longer than {MAX_CORRELATION_ID_LEN} characters"
+        ))),
+        Some(c) if c.chars().any(|ch| ch.is_control()) => Err(ApiError::bad_request(
+            "correlation_id must not contain control characters",
+        )),
+        Some(c) => Ok(Some(c)),
+    }
+}
+
+fn check_size(v: Option<serde_json::Value>) -> Result<u64, ApiError> {
+    let v = v.ok_or_else(|| ApiError::bad_request("volume_size_gb is required"))?;
+    match v.as_u64() {
+        Some(n) if (1..=MAX_VOLUME_GB).contains(&n) => Ok(n),
+        Some(n) if n > MAX_VOLUME_GB => Err(ApiError::bad_request(format!(
+            "volume_size_gb {n} is larger than {MAX_VOLUME_GB}"
+        ))),
+        _ => Err(ApiError::bad_request(format!(
+            "volume_size_gb must be an integer >= 1 (GiB), got {v}"
+        ))),
+    }
+}
+
+fn submit_error(e: SubmitError) -> ApiError {
+    match e {
+        SubmitError::VolumeBusy { .. } | SubmitError::VolumeUnusable(_) => {
+            ApiError::conflict(e.to_string())
+        }
+        SubmitError::QueueFull(_) => ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: e.to_string(),
+            retry_after: Some(30),
+        },
+        SubmitError::ShuttingDown => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        SubmitError::Store(_) | SubmitError::Internal(_) => ApiError::internal(e.to_string()),
+    }
+}
+
+fn accepted(job_id: Uuid) -> Response {
+    let mut resp = json_reply(
+        &json!({"job_id": job_id, "status": "pending"}),
+        StatusCode::ACCEPTED,
+    );
+    if let Ok(v) = format!("/api/v1/jobs/{job_id}").parse() {
+        resp.headers_mut().insert("location", v);
+    }
+    resp
+}
+
+pub async fn submit(
+    caller: Caller,
+    body: serde_json::Value,
+    state: Arc<ApiState>,
+) -> Result<Response, Rejection> {
+    let body: ProvisionBody = parse_body(body).map_err(reject)?;
+    let image_url = check_image_url(body.image_url, &state).map_err(reject)?;
+    let volume_name = body
+        .volume_name
+        .ok_or_else(|| ApiError::bad_request("volume_name is required"))
+        .map_err(reject)?;
+    volume::validate_volume_name(&volume_name)
+        .and_then(|_| state.engine.context().volumes.validate_name(&volume_name))
+        .map_err(|e| reject(ApiError::bad_request(e)))?;
+    let size = check_size(body.volume_size_gb).map_err(reject)?;
+    let image_type = check_image_type(body.image_type).map_err(reject)?;
+    let correlation_id = check_correlation_id(body.correlation_id).map_err(reject)?;
+    let spec = JobSpec {
+        image_url,
+        image_type,
+        volume_name: Some(volume_name),
+        volume_size_gb: Some(size),
+        correlation_id,
+    };
+    let job = state
+        .engine
+        .submit(JobKind::Provision, spec, caller.origin())
+        .await
+        .map_err(|e| reject(submit_error(e)))?;
+    tracing::info!(
+        job_id = %job.id,
+        correlation_id = job.spec.correlation_id.as_deref().unwrap_or(""),
+        image_url = %job.spec.image_url,
+        volume_name = job.spec.volume_name.as_deref().unwrap_or(""),
+        requested_by = caller.identity().unwrap_or(""),
+        "provision job accepted"
+    );
+    Ok(accepted(job.id))
+}
+
+pub async fn cache_fetch(
+    caller: Caller,
+    body: serde_json::Value,
+    state: Arc<ApiState>,
+) -> Result<Response, Rejection> {
+    let body: CacheFetchBody = parse_body(body).map_err(reject)?;
+    let image_url = check_image_url(body.image_url, &state).map_err(reject)?;
+    let image_type = check_image_type(body.image_type).map_err(reject)?;
+    let correlation_id = check_correlation_id(body.correlation_id).map_err(reject)?;
+    let spec = JobSpec {
+        image_url,
+        image_type,
+        volume_name: None,
+        volume_size_gb: None,
+        correlation_id,
+    };
+    let job = state
+        .engine
+        .submit(JobKind::CacheFetch, spec, caller.origin())
+        .await
+        .map_err(|e| reject(submit_error(e)))?;
+    tracing::info!(job_id = %job.id, image_url = %job.spec.image_url, "cache fetch job accepted");
+    Ok(accepted(job.id))
+}
+
+fn parse_query(raw: &str) -> HashMap<String, String> {
+    url::form_urlencoded::parse(raw.as_bytes())
+        .into_owned()
+        .collect()
+}
+
+fn parse_limit(q: &HashMap<String, String>, default: usize) -> Result<usize, ApiError> {
+    match q.get("limit") {
+        None => Ok(default),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIST_LIMIT).contains(&n) => Ok(n),
+            _ => Err(ApiError::bad_request(format!(
+                "limit must be an integer between 1 and {MAX_LIST_LIMIT}"
+            ))),
+        },
+    }
+}
+
+pub async fn list(
+    _caller: Caller,
+    raw_query: String,
+    state: Arc<ApiState>,
+) -> Result<Response, Rejection> {
+    let q = parse_query(&raw_query);
+    let limit = parse_limit(&q, 100).map_err(reject)?;
+    let status = match q.get("status") {
+        None => None,
+        Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
+            reject(ApiError::bad_request(format!(
+                "status `{s}` is not one of pending, running, completed, failed, cancelled"
+            )))
+        })?),
+    };
+    let (jobs, _total) = state
+        .engine
+        .store()
+        .list_jobs(status, limit)
+        .map_err(|e| reject(ApiError::internal(e.to_string())))?;
+    let jobs: Vec<_> = jobs
+        .iter()
+        .map(|j| j.to_status(state.engine.queue_position(j.id)))
+        .collect();
+    Ok(json_reply(
+        &json!({"count": jobs.len(), "jobs": jobs}),
+        StatusCode::OK,
+    ))
+}
+
+pub async fn status(id: Uuid, _caller: Caller, state: Arc<ApiState>) -> Result<Response, Rejection> {
+    let job = state
+        .engine
+        .store()
+        .get_job(id)
+        .map_err(|e| reject(ApiError::internal(e.to_string())))?
+        .ok_or_else(|| reject(ApiError::not_found(format!("job {id} not found"))))?;
+    Ok(json_reply(
+        &job.to_status(state.engine.queue_position(id)),
+        StatusCode::OK,
+    ))
+}
+
+pub async fn cancel(id: Uuid, caller: Caller, state: Arc<ApiState>) -> Result<Response, Rejection> {
+    match state.engine.cancel(id, CANCEL_WAIT).await {
+        Ok(job) => {
+            tracing::info!(job_id = %id, requested_by = caller.identity().unwrap_or(""), "job cancel requested");
+            let status = if job.status == JobStatus::Running {
+                "cancelling"
+            } else {
+                "cancelled"
+            };
+            Ok(json_reply(
+                &json!({"status": status, "job_id": id}),
+                StatusCode::OK,
+            ))
+        }
+        Err(CancelError::NotFound(_)) => Err(reject(ApiError::not_found(format!(
+            "job {id} not found"
+        )))),
+        Err(e @ CancelError::Terminal(_)) => Err(reject(ApiError::bad_request(e.to_string()))),
+        Err(e) => Err(reject(ApiError::internal(e.to_string()))),
+    }
+}
+
+pub async fn cache_list(
+    _caller: Caller,
+    raw_query: String,
+    state: Arc<ApiState>,
+) -> Result<Response, Rejection> {
+    let q = parse_query(&raw_query);
+    let limit = parse_limit(&q, 100).map_err(reject)?;
+    let offset = match q.get("offset") {
+        None => 0,
+        Some(v) => v
+            .parse::<usize>()
+            .map_err(|_| reject(ApiError::bad_request("offset must be a non-negative integer")))?,
+    };
+    let cache = &state.engine.context().cache;
+    let entries = cache.entries();
+    let total = entries.len();
+    let images: Vec<_> = entries
+        .iter()
+        .rev()
+        .skip(offset)
+        .take(limit)
+        .map(|e| {
+            json!({
+                "key": e.key,
+                "path": cache.dir().join(format!("{}.img", e.key)),
+                "size": e.size,
+                "checksum": e.sha256,
+                "checksum_verified": e.verified,
+                "image_url": e.image_url,
+                "format": e.inspection.format,
+                "virtual_size": e.inspection.virtual_size,
+                "last_used": rfc3339(e.last_used),
+                "mod_time": rfc3339(e.created),
+                "in_use": cache.in_use_count(&e.key),
+            })
+        })
+        .collect();
+    Ok(json_reply(
+        &json!({"images": images, "count": total, "offset": offset, "limit": limit}),
+        StatusCode::OK,
+    ))
+}
+
+pub async fn cache_delete(
+    key: String,
+    caller: Caller,
+    state: Arc<ApiState>,
+) -> Result<Response, Rejection> {
+    if key.len() != 64 || !key.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return Err(reject(ApiError::bad_request(
+            "cache key must be 64 lowercase hex digits",
+        )));
+    }
+    let cache = &state.engine.context().cache;
+    match cache.remove(&key) {
+        Ok(_) => {
+            tracing::info!(key, requested_by = caller.identity().unwrap_or(""), "cache entry deleted");
+            Ok(json_reply(
+                &json!({"status": "deleted", "key": key}),
+                StatusCode::OK,
+            ))
+        }
+        Err(crate::image::cache::RemoveError::InUse(n)) => Err(reject(ApiError::conflict(
+            format!("cache entry {key} is in use by {n} job(s)"),
+        ))),
+        Err(crate::image::cache::RemoveError::NotFound) => Err(reject(ApiError::not_found(
+            format!("cache entry {key} not found"),
+        ))),
+        Err(e) => Err(reject(ApiError::internal(e.to_string()))),
+    }
+}
+
+pub async fn volume_delete(
+    name: String,
+    caller: Caller,
+    state: Arc<ApiState>,
+) -> Result<Response, Rejection> {
+    let name = percent_decoded(&name).map_err(reject)?;
+    let volumes = &state.engine.context().volumes;
+    volume::validate_volume_name(&name)
+        .and_then(|_| volumes.validate_name(&name))
+        .map_err(|e| reject(ApiError::bad_request(e)))?;
+    if let Some(job) = state.engine.volume_busy(&name) {
+        return Err(reject(ApiError::conflict(format!(
+            "volume {name} is in use by job {job}"
+        ))));
+    }
+    match volumes.inspect(&name).await {
+        Ok(None) => {}
+        Ok(Some(v)) => {
+            if let Some(reason) = v.reuse_blocker.filter(|r| r.contains("open")) {
+                return Err(reject(ApiError::conflict(format!(
+                    "volume {name} cannot be deleted: {reason}"
+                ))));
+            }
+            let span = tracing::info_span!("delete_volume", otel.name = "DeleteVolume", volume_name = %name);
+            let _g = span.enter();
+            volumes
+                .remove(&name)
+                .await
+                .map_err(|e| reject(ApiError::internal(e.to_string())))?;
+            tracing::info!(volume = %name, requested_by = caller.identity().unwrap_or(""), "volume deleted");
+        }
+        Err(e) => return Err(reject(ApiError::internal(e.to_string()))),
+    }
+    Ok(json_reply(
+        &json!({"status": "deleted", "volume": name}),
+        StatusCode::OK,
+    ))
+}
+
+fn percent_decoded(s: &str) -> Result<String, ApiError> {
+    url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .ok_or_else(|| ApiError::bad_request("bad volume name"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_style_uptime() {
+        assert_eq!(go_duration(Duration::from_secs(52)), "52s");
+        assert_eq!(go_duration(Duration::from_secs(14 * 60 + 52)), "14m52s");
+        assert_eq!(go_duration(Duration::from_secs(3 * 3600 + 14 * 60 + 52)), "3h14m52s");
+        assert_eq!(go_duration(Duration::from_secs(3600)), "1h0m0s");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(check_size(Some(json!(50))).unwrap(), 50);
+        for bad in [json!(0), json!(-1), json!(1.5), json!("50"), json!(null)] {
+            assert!(check_size(Some(bad.clone())).is_err(), "{bad}");
+        }
+        assert!(check_size(None).is_err());
+    }
+}

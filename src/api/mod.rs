@@ -1,0 +1,213 @@
+//! The HTTP API: the route table (every route of the API contract, including the Go service's
+//! legacy paths), the shared state handlers use, and request-scoped values (route template,
+//! connection identity) the server puts into each request.
+
+pub mod auth;
+pub mod error;
+mod handlers;
+pub mod server;
+
+use std::convert::Infallible;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use uuid::Uuid;
+use warp::Filter;
+use warp::reply::Response;
+
+use crate::config::LiveSettings;
+use crate::jobs::engine::Engine;
+use crate::telemetry::health::Health;
+
+/// What handlers share.
+pub struct ApiState {
+    pub engine: Engine,
+    pub settings: LiveSettings,
+    pub health: Arc<Health>,
+    pub started: Instant,
+    pub auth: Arc<auth::Authenticator>,
+}
+
+/// Values a request collects on its way through the filters, read by the server afterwards
+/// for metrics, the request span and the request log line.
+#[derive(Clone, Default)]
+pub struct RequestScope(Arc<ScopeInner>);
+
+#[derive(Default)]
+struct ScopeInner {
+    /// Template of the first route whose path and method matched (never the raw path).
+    route: OnceLock<&'static str>,
+    /// Identity of the authenticated caller.
+    caller: OnceLock<String>,
+}
+
+impl RequestScope {
+    pub fn route(&self) -> &'static str {
+        self.0.route.get().copied().unwrap_or("unmatched")
+    }
+
+    pub fn caller(&self) -> Option<&str> {
+        self.0.caller.get().map(String::as_str)
+    }
+
+    pub fn set_caller(&self, identity: &str) {
+        let _ = self.0.caller.set(identity.to_string());
+    }
+}
+
+/// Marks the request as handled by `template`.
+fn route(template: &'static str) -> impl Filter<Extract = (), Error = Infallible> + Clone {
+    warp::ext::optional::<RequestScope>()
+        .map(move |scope: Option<RequestScope>| {
+            if let Some(scope) = scope {
+                let _ = scope.0.route.set(template);
+            }
+        })
+        .untuple_one()
+}
+
+fn with_state(
+    state: Arc<ApiState>,
+) -> impl Filter<Extract = (Arc<ApiState>,), Error = Infallible> + Clone {
+    warp::any().map(move || state.clone())
+}
+
+/// A path segment that must be a job id (400 when malformed, not 404).
+fn job_id() -> impl Filter<Extract = (Uuid,), Error = warp::Rejection> + Clone {
+    warp::path::param::<String>().and_then(|raw: String| async move {
+        Uuid::parse_str(&raw).map_err(|_| {
+            warp::reject::custom(error::ApiError::bad_request(format!(
+                "`{raw}` is not a job id (UUID)"
+            )))
+        })
+    })
+}
+
+/// Every route. Ends with `recover`, so the filter never rejects.
+pub fn routes(
+    state: Arc<ApiState>,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+    use warp::{delete, get, path, path::end, post};
+    let s = || with_state(state.clone());
+    let caller = || auth::caller(state.clone());
+
+    // Open routes.
+    let health = get()
+        .and(path("health").or(path("healthz")).unify().or(path("livez")).unify())
+        .and(end())
+        .and(route("/health"))
+        .and(s())
+        .map(handlers::health);
+    let ready = path!("readyz")
+        .and(get())
+        .and(route("/readyz"))
+        .and(s())
+        .map(handlers::ready);
+    let metrics = path!("metrics")
+        .and(get())
+        .and(route("/metrics"))
+        .and(auth::metrics_caller(state.clone()))
+        .map(handlers::metrics_text);
+
+    // Jobs.
+    let submit = post()
+        .and(
+            path!("api" / "v1" / "jobs")
+                .and(route("/api/v1/jobs"))
+                .or(path!("api" / "v1" / "provision").and(route("/api/v1/provision")))
+                .unify()
+                .or(path!("provision").and(route("/provision")))
+                .unify(),
+        )
+        .and(caller())
+        .and(handlers::json_body(state.clone()))
+        .and(s())
+        .and_then(handlers::submit);
+    let list = path!("api" / "v1" / "jobs")
+        .and(get())
+        .and(route("/api/v1/jobs"))
+        .and(caller())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(s())
+        .and_then(handlers::list);
+    let status = get()
+        .and(
+            path!("api" / "v1" / "jobs" / ..)
+                .and(route("/api/v1/jobs/{id}"))
+                .or(path!("api" / "v1" / "status" / ..).and(route("/api/v1/status/{id}")))
+                .unify(),
+        )
+        .and(job_id())
+        .and(end())
+        .and(caller())
+        .and(s())
+        .and_then(handlers::status);
+    let cancel = post()
+        .and(path!("api" / "v1" / "jobs" / ..))
+        .and(job_id())
+        .and(path!("cancel"))
+        .and(route("/api/v1/jobs/{id}/cancel"))
+        .or(delete()
+            .and(path!("api" / "v1" / "cancel" / ..))
+            .and(job_id())
+            .and(end())
+            .and(route("/api/v1/cancel/{id}")))
+        .unify()
+        .and(caller())
+        .and(s())
+        .and_then(handlers::cancel);
+
+    // Cache.
+    let cache_list = path!("api" / "v1" / "cache" / "images")
+        .and(get())
+        .and(route("/api/v1/cache/images"))
+        .and(caller())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(s())
+        .and_then(handlers::cache_list);
+    let cache_fetch = path!("api" / "v1" / "cache" / "fetch")
+        .and(post())
+        .and(route("/api/v1/cache/fetch"))
+        .and(caller())
+        .and(handlers::json_body(state.clone()))
+        .and(s())
+        .and_then(handlers::cache_fetch);
+    let cache_delete = path!("api" / "v1" / "cache" / "images" / String)
+        .and(delete())
+        .and(route("/api/v1/cache/images/{key}"))
+        .and(caller())
+        .and(s())
+        .and_then(handlers::cache_delete);
+
+    // Volumes.
+    let volume_delete = path!("api" / "v1" / "volumes" / String)
+        .and(delete())
+        .and(route("/api/v1/volumes/{name}"))
+        .and(caller())
+        .and(s())
+        .and_then(handlers::volume_delete);
+
+    health
+        .or(ready)
+        .unify()
+        .or(metrics)
+        .unify()
+        .or(submit)
+        .unify()
+        .or(list)
+        .unify()
+        .or(status)
+        .unify()
+        .or(cancel)
+        .unify()
+        .or(cache_list)
+        .unify()
+        .or(cache_fetch)
+        .unify()
+        .or(cache_delete)
+        .unify()
+        .or(volume_delete)
+        .unify()
+        .recover(error::recover)
+        .unify()
+}

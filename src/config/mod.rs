@@ -1,0 +1,533 @@
+//! Settings: the one typed configuration struct, its built-in defaults and its validation.
+//!
+//! Section and key names are a contract shared with the NixOS module, the docs and the tests
+//! (`shared/reference/api-contract.md`, "Settings names"): never rename them.
+
+mod load;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use load::{ConfigError, ConfigSource, Profile, load, redacted_toml, resolve_credential};
+
+/// The current settings, replaced as a whole when the configuration is reloaded.
+#[derive(Clone)]
+pub struct LiveSettings(tokio::sync::watch::Receiver<std::sync::Arc<Settings>>);
+
+impl LiveSettings {
+    pub fn new(
+        settings: Settings,
+    ) -> (
+        tokio::sync::watch::Sender<std::sync::Arc<Settings>>,
+        LiveSettings,
+    ) {
+        let (tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(settings));
+        (tx, LiveSettings(rx))
+    }
+
+    pub fn current(&self) -> std::sync::Arc<Settings> {
+        self.0.borrow().clone()
+    }
+}
+
+/// Effective daemon configuration (defaults < TOML file < environment).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// HTTP(S) listener.
+    pub server: ServerSettings,
+    /// Durable state (the sled job store).
+    pub storage: StorageSettings,
+    /// Job engine limits.
+    pub jobs: JobsSettings,
+    /// Where volumes are created.
+    pub volumes: VolumesSettings,
+    /// Local image cache.
+    pub cache: CacheSettings,
+    /// Which image URLs are accepted.
+    pub sources: SourcesSettings,
+    /// S3 / MinIO image source.
+    pub s3: S3Settings,
+    /// TLS on the API listener.
+    pub tls: TlsSettings,
+    /// Client authorisation (certificate identities, API tokens).
+    pub auth: AuthSettings,
+    /// libvirt integration (storage pool refresh).
+    pub libvirt: LibvirtSettings,
+    /// Logging.
+    pub log: LogSettings,
+    /// OpenTelemetry and dependency probes.
+    pub telemetry: TelemetrySettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Address and port of the API listener, `host:port`.
+    pub listen: String,
+    /// Largest accepted request body in bytes (JSON requests are small).
+    pub max_body_bytes: u64,
+    /// Time a client has to send the request headers (slowloris guard).
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Time a client has to complete the TLS handshake.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Open connections beyond this number wait in the kernel backlog.
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSettings {
+    /// Directory of the sled database (jobs, cache index, stage history).
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsSettings {
+    /// Jobs running at once (1..=64).
+    pub max_concurrent: usize,
+    /// Pending jobs waiting for a slot; beyond this a request gets 429.
+    pub queue_capacity: usize,
+    /// Per-job time limit, counted from the moment the job starts running.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Finished jobs older than this are pruned from the store.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// On shutdown, running jobs get this long to finish before they are stopped and rolled back.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeBackendKind {
+    Lvm,
+    Directory,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumesSettings {
+    /// `lvm` (production) or `directory` (sparse files; development and tests).
+    pub backend: VolumeBackendKind,
+    pub lvm: LvmSettings,
+    pub directory: DirectorySettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LvmSettings {
+    /// Volume group the logical volumes are created in.
+    pub volume_group: String,
+    /// Time limit of one LVM command.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectorySettings {
+    /// Directory holding the volumes as sparse raw files.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSettings {
+    /// Directory holding downloaded images exactly as downloaded.
+    pub dir: PathBuf,
+    /// Upper bound of the cache size; least recently used entries are evicted beyond it.
+    pub max_size_bytes: u64,
+    /// Entries unused for longer than this are evicted.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Free space that must remain on the cache file system after a download.
+    pub min_free_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourcesSettings {
+    /// Hosts (besides the S3 endpoint's) that image URLs may name.
+    pub allowed_hosts: Vec<String>,
+    /// `file://` URLs are accepted only below these directories; empty disables `file://`.
+    pub file_roots: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Settings {
+    /// S3 / MinIO endpoint URL, e.g. `https://minio.example.com:9000`. Empty: no S3 source.
+    pub endpoint: String,
+    pub region: String,
+    pub access_key: String,
+    pub secret_key: String,
+    /// File holding the secret key (relative names are looked up in `$CREDENTIALS_DIRECTORY`).
+    pub secret_key_file: String,
+    /// Bucket used when an image URL names only a key.
+    pub bucket: String,
+    /// PEM file with CA certificates trusted for the endpoint, besides the system roots.
+    pub ca_file: String,
+    /// Allow an `http://` endpoint.
+    pub allow_http: bool,
+    /// Retries of transient errors (network, 5xx) per request.
+    pub retries: usize,
+    /// First retry delay; doubled per retry, with jitter.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// Upper bound of one retry delay.
+    #[serde(with = "humantime_serde")]
+    pub retry_max_backoff: Duration,
+    /// Connect timeout of one request.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuthMode {
+    /// The handshake fails without a client certificate signed by `client_ca_file`.
+    Required,
+    /// A client certificate is verified when presented; otherwise an API token is needed.
+    Optional,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// Server certificate chain (PEM). With `key_file`, the API is served over TLS.
+    pub cert_file: String,
+    /// Server private key (PEM).
+    pub key_file: String,
+    /// CA certificates (PEM) that client certificates are verified against.
+    pub client_ca_file: String,
+    pub client_auth: ClientAuthMode,
+    /// Permit plain HTTP on a non-loopback address.
+    pub allow_insecure_http: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// File of API tokens, one per line (`token` or `name:token`).
+    pub tokens_file: String,
+    /// Certificate subject CNs or DNS/URI SANs allowed to call the API; empty = any cert the CA signed.
+    pub allowed_clients: Vec<String>,
+    /// Require a client certificate or token for `/metrics`.
+    pub protect_metrics: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtSettings {
+    pub uri: String,
+    /// Storage pool refreshed after a volume is written; empty = none.
+    pub pool: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// `error`, `warn`, `info`, `debug`, `trace`, or a full `RUST_LOG` filter.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// OTLP/gRPC collector, e.g. `https://otel-collector:4317`. Empty: no trace export.
+    pub otlp_endpoint: String,
+    pub service_name: String,
+    /// Fraction of new traces sampled (0.0..=1.0).
+    pub sampling_ratio: f64,
+    /// CA certificates (PEM) trusted for the collector.
+    pub otlp_ca_file: String,
+    /// How often dependencies (S3, LVM, libvirt, storage) are probed.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+}
+
+const GIB: u64 = 1 << 30;
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings::for_profile(Profile::Host)
+    }
+}
+
+impl Settings {
+    /// Built-in defaults of a profile: `Host` is a production hypervisor, `Embedded` runs
+    /// from the current directory without root (directory volumes, state under `./var`).
+    pub fn for_profile(profile: Profile) -> Self {
+        let (data_dir, volumes_dir, cache_dir, backend, file_roots) = match profile {
+            Profile::Host => (
+                PathBuf::from("/var/lib/libvirt-volume-provisioner"),
+                PathBuf::from("/var/lib/libvirt-volume-provisioner/volumes"),
+                PathBuf::from("/var/cache/libvirt-volume-provisioner"),
+                VolumeBackendKind::Lvm,
+                vec![],
+            ),
+            Profile::Embedded => (
+                PathBuf::from("./var/state"),
+                PathBuf::from("./var/volumes"),
+                PathBuf::from("./var/cache"),
+                VolumeBackendKind::Directory,
+                vec![PathBuf::from("./var/images")],
+            ),
+        };
+        Settings {
+            server: ServerSettings {
+                listen: "127.0.0.1:8080".into(),
+                max_body_bytes: 1 << 20,
+                header_timeout: Duration::from_secs(10),
+                handshake_timeout: Duration::from_secs(10),
+                max_connections: 512,
+            },
+            storage: StorageSettings { data_dir },
+            jobs: JobsSettings {
+                max_concurrent: 2,
+                queue_capacity: 64,
+                timeout: Duration::from_secs(180 * 60),
+                retention: Duration::from_secs(7 * 86400),
+                shutdown_grace: Duration::from_secs(30),
+            },
+            volumes: VolumesSettings {
+                backend,
+                lvm: LvmSettings {
+                    volume_group: "vg0".into(),
+                    command_timeout: Duration::from_secs(120),
+                },
+                directory: DirectorySettings { path: volumes_dir },
+            },
+            cache: CacheSettings {
+                dir: cache_dir,
+                max_size_bytes: 20 * GIB,
+                max_age: Duration::from_secs(7 * 86400),
+                min_free_bytes: GIB,
+            },
+            sources: SourcesSettings {
+                allowed_hosts: vec![],
+                file_roots,
+            },
+            s3: S3Settings {
+                endpoint: String::new(),
+                region: "us-east-1".into(),
+                access_key: String::new(),
+                secret_key: String::new(),
+                secret_key_file: String::new(),
+                bucket: String::new(),
+                ca_file: String::new(),
+                allow_http: false,
+                retries: 5,
+                retry_backoff: Duration::from_millis(500),
+                retry_max_backoff: Duration::from_secs(30),
+                connect_timeout: Duration::from_secs(10),
+            },
+            tls: TlsSettings {
+                cert_file: String::new(),
+                key_file: String::new(),
+                client_ca_file: String::new(),
+                client_auth: ClientAuthMode::Required,
+                allow_insecure_http: false,
+            },
+            auth: AuthSettings {
+                tokens_file: String::new(),
+                allowed_clients: vec![],
+                protect_metrics: false,
+            },
+            libvirt: LibvirtSettings {
+                uri: "qemu:///system".into(),
+                pool: String::new(),
+            },
+            log: LogSettings {
+                level: "info".into(),
+                format: LogFormat::Json,
+            },
+            telemetry: TelemetrySettings {
+                otlp_endpoint: String::new(),
+                service_name: "libvirt-volume-provisioner".into(),
+                sampling_ratio: 1.0,
+                otlp_ca_file: String::new(),
+                probe_interval: Duration::from_secs(30),
+            },
+        }
+    }
+
+    /// The listener address (validated at load, so this cannot fail afterwards).
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.server
+            .listen
+            .parse()
+            .expect("server.listen is validated at load")
+    }
+
+    /// Checks every setting; the first problem is returned with the key it concerns.
+    pub fn validate(&self) -> Result<(), String> {
+        let err = |key: &str, msg: String| Err(format!("{key}: {msg}"));
+        if self.server.listen.parse::<SocketAddr>().is_err() {
+            return err(
+                "server.listen",
+                format!(
+                    "`{}` is not an address:port (e.g. 127.0.0.1:8080)",
+                    self.server.listen
+                ),
+            );
+        }
+        if self.server.max_body_bytes < 1024 {
+            return err("server.max_body_bytes", "must be at least 1024".into());
+        }
+        if self.server.header_timeout.is_zero() || self.server.handshake_timeout.is_zero() {
+            return err(
+                "server.header_timeout/handshake_timeout",
+                "must be greater than 0".into(),
+            );
+        }
+        if self.server.max_connections == 0 {
+            return err("server.max_connections", "must be at least 1".into());
+        }
+        if self.storage.data_dir.as_os_str().is_empty() {
+            return err("storage.data_dir", "must not be empty".into());
+        }
+        if !(1..=64).contains(&self.jobs.max_concurrent) {
+            return err(
+                "jobs.max_concurrent",
+                format!("must be between 1 and 64, got {}", self.jobs.max_concurrent),
+            );
+        }
+        if self.jobs.queue_capacity > 100_000 {
+            return err("jobs.queue_capacity", "must be at most 100000".into());
+        }
+        if self.jobs.timeout < Duration::from_secs(1) {
+            return err("jobs.timeout", "must be at least 1s".into());
+        }
+        if self.jobs.retention < Duration::from_secs(60) {
+            return err("jobs.retention", "must be at least 1m".into());
+        }
+        match self.volumes.backend {
+            VolumeBackendKind::Lvm => {
+                if let Err(e) = crate::volume::validate_lvm_name(&self.volumes.lvm.volume_group) {
+                    return err("volumes.lvm.volume_group", e);
+                }
+            }
+            VolumeBackendKind::Directory => {
+                if self.volumes.directory.path.as_os_str().is_empty() {
+                    return err("volumes.directory.path", "must not be empty".into());
+                }
+            }
+        }
+        if self.volumes.lvm.command_timeout.is_zero() {
+            return err("volumes.lvm.command_timeout", "must be greater than 0".into());
+        }
+        if self.cache.dir.as_os_str().is_empty() {
+            return err("cache.dir", "must not be empty".into());
+        }
+        if self.cache.max_size_bytes == 0 {
+            return err("cache.max_size_bytes", "must be greater than 0".into());
+        }
+        if self.cache.max_age.is_zero() {
+            return err("cache.max_age", "must be greater than 0".into());
+        }
+        for host in &self.sources.allowed_hosts {
+            if host.is_empty() || host.contains('/') || host.contains(char::is_whitespace) {
+                return err(
+                    "sources.allowed_hosts",
+                    format!("`{host}` is not a host name (write `host` or `host:port`)"),
+                );
+            }
+        }
+        if !self.s3.endpoint.is_empty() {
+            match url::Url::parse(&self.s3.endpoint) {
+                Ok(u) if u.scheme() == "https" || u.scheme() == "http" => {
+                    if u.scheme() == "http" && !self.s3.allow_http {
+                        return err(
+                            "s3.endpoint",
+                            "is http:// but s3.allow_http is false".into(),
+                        );
+                    }
+                }
+                _ => {
+                    return err(
+                        "s3.endpoint",
+                        format!("`{}` is not an http(s) URL", self.s3.endpoint),
+                    );
+                }
+            }
+        }
+        if self.s3.region.is_empty() {
+            return err("s3.region", "must not be empty".into());
+        }
+        if !self.s3.secret_key.is_empty() && !self.s3.secret_key_file.is_empty() {
+            return err(
+                "s3.secret_key_file",
+                "set either s3.secret_key or s3.secret_key_file, not both".into(),
+            );
+        }
+        if self.s3.retry_backoff.is_zero() || self.s3.retry_max_backoff < self.s3.retry_backoff {
+            return err(
+                "s3.retry_backoff",
+                "must be > 0 and not above s3.retry_max_backoff".into(),
+            );
+        }
+        if self.s3.retries > 20 {
+            return err("s3.retries", "must be at most 20".into());
+        }
+        if self.tls.cert_file.is_empty() != self.tls.key_file.is_empty() {
+            return err(
+                "tls.cert_file/tls.key_file",
+                "set both or neither".into(),
+            );
+        }
+        if !self.tls.client_ca_file.is_empty() && self.tls.cert_file.is_empty() {
+            return err(
+                "tls.client_ca_file",
+                "needs tls.cert_file and tls.key_file (client certificates need TLS)".into(),
+            );
+        }
+        if self.log.level.trim().is_empty()
+            || tracing_subscriber::EnvFilter::builder()
+                .parse(&self.log.level)
+                .is_err()
+        {
+            return err(
+                "log.level",
+                format!(
+                    "`{}` is not a level (error, warn, info, debug, trace) or filter",
+                    self.log.level
+                ),
+            );
+        }
+        if !(0.0..=1.0).contains(&self.telemetry.sampling_ratio) {
+            return err("telemetry.sampling_ratio", "must be between 0.0 and 1.0".into());
+        }
+        if !self.telemetry.otlp_endpoint.is_empty()
+            && url::Url::parse(&self.telemetry.otlp_endpoint).is_err()
+        {
+            return err(
+                "telemetry.otlp_endpoint",
+                format!("`{}` is not a URL", self.telemetry.otlp_endpoint),
+            );
+        }
+        if self.telemetry.service_name.is_empty() {
+            return err("telemetry.service_name", "must not be empty".into());
+        }
+        if self.telemetry.probe_interval < Duration::from_secs(1) {
+            return err("telemetry.probe_interval", "must be at least 1s".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,451 @@
+//! Image sources: turns a request's `image_url` into a resolved, allowed location (rejecting
+//! anything outside the S3 endpoint, `sources.allowed_hosts` and `sources.file_roots`), and
+//! opens it through object_store (S3 with SigV4, plain HTTP(S), or local files) with ranged
+//! and conditional GETs.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use object_store::path::Path as ObjectPath;
+use object_store::{ClientOptions, ObjectStore, RetryConfig};
+use url::Url;
+
+use crate::config::Settings;
+
+/// Where an image comes from, after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A local file below one of `sources.file_roots` (canonical path).
+    File(PathBuf),
+    /// A plain HTTP(S) URL on an allowed host.
+    Http(Url),
+    /// An object in the configured S3 endpoint.
+    S3 { bucket: String, key: String },
+}
+
+impl Location {
+    /// A stable identity of the object (independent of URL spelling), used for cache keys.
+    pub fn identity(&self) -> String {
+        match self {
+            Location::File(p) => format!("file://{}", p.display()),
+            Location::Http(u) => u.to_string(),
+            Location::S3 { bucket, key } => format!("s3://{bucket}/{key}"),
+        }
+    }
+
+    /// `s3`, `http` or `file` (metrics and logs).
+    pub fn scheme(&self) -> &'static str {
+        match self {
+            Location::File(_) => "file",
+            Location::Http(_) => "http",
+            Location::S3 { .. } => "s3",
+        }
+    }
+
+    /// The location of the `.sha256` object beside this one.
+    pub fn checksum_location(&self) -> Location {
+        match self {
+            Location::File(p) => {
+                let mut s = p.clone().into_os_string();
+                s.push(".sha256");
+                Location::File(PathBuf::from(s))
+            }
+            Location::Http(u) => {
+                let mut u = u.clone();
+                u.set_path(&format!("{}.sha256", u.path()));
+                Location::Http(u)
+            }
+            Location::S3 { bucket, key } => Location::S3 {
+                bucket: bucket.clone(),
+                key: format!("{key}.sha256"),
+            },
+        }
+    }
+}
+
+/// A request's image URL was refused (API: 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidSource(pub String);
+
+fn invalid(msg: impl Into<String>) -> InvalidSource {
+    InvalidSource(msg.into())
+}
+
+/// Host and port of a URL (port defaulted by scheme).
+fn host_port(url: &Url) -> Option<(String, u16)> {
+    Some((url.host_str()?.to_ascii_lowercase(), url.port_or_known_default()?))
+}
+
+/// Validates and resolves an image URL against the settings. Does not touch the network; file
+/// URLs are canonicalised (so `..` and symlinks cannot escape the roots).
+pub fn resolve(image_url: &str, settings: &Settings) -> Result<Location, InvalidSource> {
+    let url = Url::parse(image_url)
+        .map_err(|e| invalid(format!("image_url is not a valid URL: {e}")))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(invalid(
+            "image_url must not carry credentials; configure them in [s3]",
+        ));
+    }
+    match url.scheme() {
+        "file" => resolve_file(&url, settings),
+        "s3" => {
+            if settings.s3.endpoint.is_empty() {
+                return Err(invalid("s3:// URLs need s3.endpoint to be configured"));
+            }
+            let bucket = url
+                .host_str()
+                .ok_or_else(|| invalid("s3:// URL has no bucket"))?;
+            let key = decoded_key(url.path().trim_start_matches('/'))?;
+            s3_location(bucket, &key)
+        }
+        "http" | "https" => resolve_http(url, settings),
+        other => Err(invalid(format!(
+            "image_url scheme `{other}` is not supported (use https, http, s3 or file)"
+        ))),
+    }
+}
+
+fn decoded_key(raw: &str) -> Result<String, InvalidSource> {
+    let key = percent_decode(raw)?;
+    if key.is_empty() || key.ends_with('/') {
+        return Err(invalid("image_url names no object key"));
+    }
+    if key.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
+        return Err(invalid("image_url key has empty, `.` or `..` segments"));
+    }
+    Ok(key)
+}
+
+fn percent_decode(s: &str) -> Result<String, InvalidSource> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| invalid("image_url has a bad percent escape"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| invalid("image_url key is not UTF-8"))
+}
+
+fn s3_location(bucket: &str, key: &str) -> Result<Location, InvalidSource> {
+    let valid_bucket = (3..=63).contains(&bucket.len())
+        && bucket
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && !bucket.starts_with(['-', '.'])
+        && !bucket.ends_with(['-', '.']);
+    if !valid_bucket {
+        return Err(invalid(format!("`{bucket}` is not a valid S3 bucket name")));
+    }
+    Ok(Location::S3 {
+        bucket: bucket.to_string(),
+        key: key.to_string(),
+    })
+}
+
+fn resolve_http(url: Url, settings: &Settings) -> Result<Location, InvalidSource> {
+    let (host, port) = host_port(&url).ok_or_else(|| invalid("image_url has no host"))?;
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(invalid("image_url must not have a query or fragment"));
+    }
+    if !settings.s3.endpoint.is_empty() {
+        let endpoint = Url::parse(&settings.s3.endpoint).map_err(|e| invalid(e.to_string()))?;
+        if let Some((ep_host, ep_port)) = host_port(&endpoint) {
+            let base = endpoint.path().trim_end_matches('/');
+            if host == ep_host && port == ep_port {
+                // Path style: https://endpoint/bucket/key
+                let path = url.path().strip_prefix(base).unwrap_or(url.path());
+                let path = path.trim_start_matches('/');
+                let (bucket, key) = path
+                    .split_once('/')
+                    .ok_or_else(|| invalid("image_url must be https://<endpoint>/<bucket>/<key>"))?;
+                return s3_location(bucket, &decoded_key(key)?);
+            }
+            // Virtual-host style: https://bucket.endpoint/key
+            if port == ep_port
+                && let Some(bucket) = host.strip_suffix(&format!(".{ep_host}"))
+            {
+                let key = decoded_key(url.path().trim_start_matches('/'))?;
+                return s3_location(bucket, &key);
+            }
+        }
+    }
+    let allowed = settings.sources.allowed_hosts.iter().any(|entry| {
+        let entry = entry.to_ascii_lowercase();
+        match entry.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() => h == host && p == port.to_string(),
+            _ => entry == host,
+        }
+    });
+    if !allowed {
+        return Err(invalid(format!(
+            "host `{host}` is neither the S3 endpoint nor listed in sources.allowed_hosts"
+        )));
+    }
+    decoded_key(url.path().trim_start_matches('/'))?;
+    Ok(Location::Http(url))
+}
+
+fn resolve_file(url: &Url, settings: &Settings) -> Result<Location, InvalidSource> {
+    if settings.sources.file_roots.is_empty() {
+        return Err(invalid(
+            "file:// URLs are disabled (sources.file_roots is empty)",
+        ));
+    }
+    if url.host_str().is_some_and(|h| !h.is_empty() && h != "localhost") {
+        return Err(invalid("file:// URLs must not name a host"));
+    }
+    let path = url
+        .to_file_path()
+        .map_err(|_| invalid("file:// URL is not an absolute path"))?;
+    if path.components().any(|c| c == std::path::Component::ParentDir) {
+        return Err(invalid("file:// path must not contain `..`"));
+    }
+    let canonical = path
+        .canonicalize()
+        .map_err(|e| invalid(format!("image {} cannot be opened: {e}", path.display())))?;
+    let inside = settings.sources.file_roots.iter().any(|root| {
+        root.canonicalize()
+            .is_ok_and(|root| canonical.starts_with(&root))
+    });
+    if !inside {
+        return Err(invalid(format!(
+            "image {} is not below any of sources.file_roots",
+            path.display()
+        )));
+    }
+    if !canonical.is_file() {
+        return Err(invalid(format!("image {} is not a regular file", path.display())));
+    }
+    Ok(Location::File(canonical))
+}
+
+/// object_store clients for locations, built once per S3 bucket or HTTP origin and reused
+/// (connection pools survive between jobs).
+pub struct SourceClients {
+    s3: crate::config::S3Settings,
+    secret_key: String,
+    client_options: ClientOptions,
+    retry: RetryConfig,
+    file: Arc<dyn ObjectStore>,
+    stores: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
+}
+
+impl SourceClients {
+    pub fn new(settings: &Settings) -> anyhow::Result<SourceClients> {
+        let s = &settings.s3;
+        let mut client_options = ClientOptions::new()
+            .with_connect_timeout(s.connect_timeout)
+            // Downloads take as long as they take; stalls are caught per chunk by the reader.
+            .with_timeout_disabled()
+            .with_allow_http(s.allow_http);
+        if !s.ca_file.is_empty() {
+            let path = crate::config::resolve_credential(&s.ca_file);
+            let pem = std::fs::read(&path)
+                .map_err(|e| anyhow::anyhow!("s3.ca_file {}: {e}", path.display()))?;
+            for cert in object_store::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| anyhow::anyhow!("s3.ca_file {}: {e}", path.display()))?
+            {
+                client_options = client_options.with_root_certificate(cert);
+            }
+        }
+        let secret_key = if s.secret_key_file.is_empty() {
+            s.secret_key.clone()
+        } else {
+            let path = crate::config::resolve_credential(&s.secret_key_file);
+            std::fs::read_to_string(&path)
+                .map_err(|e| anyhow::anyhow!("s3.secret_key_file {}: {e}", path.display()))?
+                .trim()
+                .to_string()
+        };
+        let retry = RetryConfig {
+            max_retries: s.retries,
+            retry_timeout: Duration::from_secs(600),
+            backoff: object_store::BackoffConfig {
+                init_backoff: s.retry_backoff,
+                max_backoff: s.retry_max_backoff,
+                base: 2.0,
+            },
+        };
+        Ok(SourceClients {
+            s3: s.clone(),
+            secret_key,
+            client_options,
+            retry,
+            file: Arc::new(object_store::local::LocalFileSystem::new()),
+            stores: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The bucket image URLs without one use (`s3.bucket`).
+    pub fn default_bucket(&self) -> &str {
+        &self.s3.bucket
+    }
+
+    /// Whether the S3 endpoint accepts TCP connections (used when no bucket is configured).
+    pub async fn probe_endpoint(&self) -> Result<(), String> {
+        let url = Url::parse(&self.s3.endpoint).map_err(|e| e.to_string())?;
+        let (host, port) = host_port(&url).ok_or("s3.endpoint has no host")?;
+        tokio::time::timeout(
+            self.s3.connect_timeout,
+            tokio::net::TcpStream::connect((host.as_str(), port)),
+        )
+        .await
+        .map_err(|_| format!("connecting to {host}:{port} timed out"))?
+        .map_err(|e| format!("connecting to {host}:{port}: {e}"))?;
+        Ok(())
+    }
+
+    /// The store and object path for a location.
+    pub fn store_for(
+        &self,
+        location: &Location,
+    ) -> anyhow::Result<(Arc<dyn ObjectStore>, ObjectPath)> {
+        let (cache_key, path) = match location {
+            Location::File(p) => {
+                return Ok((self.file.clone(), ObjectPath::from_filesystem_path(p)?));
+            }
+            Location::Http(url) => {
+                let origin = url.origin().ascii_serialization();
+                (format!("http:{origin}"), ObjectPath::from_url_path(url.path())?)
+            }
+            Location::S3 { bucket, key } => (format!("s3:{bucket}"), ObjectPath::parse(key)?),
+        };
+        let mut stores = self.stores.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(store) = stores.get(&cache_key) {
+            return Ok((store.clone(), path));
+        }
+        let store: Arc<dyn ObjectStore> = match location {
+            Location::Http(url) => Arc::new(
+                object_store::http::HttpBuilder::new()
+                    .with_url(url.origin().ascii_serialization())
+                    .with_client_options(self.client_options.clone().with_allow_http(true))
+                    .with_retry(self.retry.clone())
+                    .build()?,
+            ),
+            Location::S3 { bucket, .. } => Arc::new(
+                object_store::aws::AmazonS3Builder::new()
+                    .with_endpoint(self.s3.endpoint.trim_end_matches('/'))
+                    .with_region(&self.s3.region)
+                    .with_bucket_name(bucket)
+                    .with_access_key_id(&self.s3.access_key)
+                    .with_secret_access_key(&self.secret_key)
+                    .with_virtual_hosted_style_request(false)
+                    .with_allow_http(self.s3.allow_http)
+                    .with_client_options(self.client_options.clone())
+                    .with_retry(self.retry.clone())
+                    .build()?,
+            ),
+            Location::File(_) => unreachable!("handled above"),
+        };
+        stores.insert(cache_key, store.clone());
+        Ok((store, path))
+    }
+}
+
+/// Path of a file location (for tests and logs).
+pub fn file_path(location: &Location) -> Option<&Path> {
+    match location {
+        Location::File(p) => Some(p),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        let mut s = Settings::default();
+        s.s3.endpoint = "https://minio.example.com".into();
+        s.sources.allowed_hosts = vec!["images.example.com".into(), "cdn.example.com:8443".into()];
+        s
+    }
+
+    #[test]
+    fn s3_path_and_virtual_host_styles() {
+        let s = settings();
+        let want = Location::S3 {
+            bucket: "vm-images".into(),
+            key: "ubuntu/24.04.qcow2".into(),
+        };
+        assert_eq!(
+            resolve("https://minio.example.com/vm-images/ubuntu/24.04.qcow2", &s).unwrap(),
+            want
+        );
+        assert_eq!(
+            resolve("https://vm-images.minio.example.com/ubuntu/24.04.qcow2", &s).unwrap(),
+            want
+        );
+        assert_eq!(
+            resolve("s3://vm-images/ubuntu/24.04.qcow2", &s).unwrap(),
+            want
+        );
+        assert_eq!(
+            resolve("https://minio.example.com:443/vm-images/a%20b.raw", &s).unwrap(),
+            Location::S3 {
+                bucket: "vm-images".into(),
+                key: "a b.raw".into()
+            }
+        );
+    }
+
+    #[test]
+    fn hosts_outside_the_allow_list_are_refused() {
+        let s = settings();
+        for bad in [
+            "https://169.254.169.254/latest/meta-data",
+            "https://minio.example.com.evil.net/b/k",
+            "https://minio.example.com:9000/b/k",
+            "http://localhost:22/x",
+            "https://cdn.example.com/x.qcow2",
+            "https://user:pw@images.example.com/x.qcow2",
+            "gopher://images.example.com/x",
+            "https://minio.example.com/onlybucket",
+            "https://minio.example.com/b/../k",
+        ] {
+            assert!(resolve(bad, &s).is_err(), "{bad}");
+        }
+        assert!(matches!(
+            resolve("https://images.example.com/x.qcow2", &s).unwrap(),
+            Location::Http(_)
+        ));
+        assert!(matches!(
+            resolve("https://cdn.example.com:8443/x.qcow2", &s).unwrap(),
+            Location::Http(_)
+        ));
+    }
+
+    #[test]
+    fn file_urls_stay_below_roots() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("ok.raw"), b"x").unwrap();
+        std::fs::write(outside.path().join("secret"), b"x").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), root.path().join("link"))
+            .unwrap();
+        let mut s = Settings::default();
+        s.sources.file_roots = vec![root.path().to_path_buf()];
+        let url = |p: &Path| format!("file://{}", p.display());
+        assert!(resolve(&url(&root.path().join("ok.raw")), &s).is_ok());
+        assert!(resolve(&url(&root.path().join("link")), &s).is_err(), "symlink escape");
+        assert!(resolve(&url(&outside.path().join("secret")), &s).is_err());
+        let dotdot = format!("file://{}/../x", root.path().display());
+        assert!(resolve(&dotdot, &s).is_err());
+        assert!(resolve(&url(&root.path().join("missing")), &s).is_err());
+        s.sources.file_roots.clear();
+        assert!(resolve(&url(&root.path().join("ok.raw")), &s).is_err(), "disabled");
+    }
+}

@@ -1,0 +1,562 @@
+//! The job engine: accepts jobs (durably, before acknowledging them), keeps the bounded FIFO
+//! queue and the per-volume locks, runs at most `jobs.max_concurrent` jobs, enforces the
+//! per-job timeout, cancels (killing child processes and rolling back), recovers after a
+//! restart and prunes old jobs.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::model::{Job, JobKind, JobSpec, JobStatus, VolumeOwnership};
+use super::runner::{self, RunContext};
+use super::store::{Store, StoreError};
+use crate::telemetry::metrics::metrics;
+
+/// Why a running job is being stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Cancelled,
+    TimedOut,
+    Shutdown,
+}
+
+/// A refused submission.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("volume {volume} is busy with job {job}")]
+    VolumeBusy { volume: String, job: Uuid },
+    #[error("{0}")]
+    VolumeUnusable(String),
+    #[error("job queue is full ({0} jobs waiting)")]
+    QueueFull(usize),
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// A refused cancellation.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    #[error("job {0} not found")]
+    NotFound(Uuid),
+    #[error("cannot cancel job in '{0}' status")]
+    Terminal(JobStatus),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Who submitted a job and in which trace.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    pub requested_by: Option<String>,
+    pub trace_context: BTreeMap<String, String>,
+}
+
+struct Running {
+    cancel: CancellationToken,
+    reason: Arc<Mutex<Option<StopReason>>>,
+    done: watch::Receiver<bool>,
+}
+
+struct State {
+    queue: VecDeque<Uuid>,
+    /// Jobs accepted but not yet stored; they count against the queue capacity.
+    reserved: usize,
+    running: HashMap<Uuid, Running>,
+    /// Volume names held by pending or running jobs.
+    volumes: HashMap<String, Uuid>,
+    max_concurrent: usize,
+    queue_capacity: usize,
+    accepting: bool,
+}
+
+/// Handle to the engine (cheap to clone).
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    ctx: Arc<RunContext>,
+    state: Mutex<State>,
+    job_timeout: Mutex<Duration>,
+}
+
+impl Engine {
+    /// Starts the engine: recovers jobs left by a previous run, then starts queued ones.
+    pub async fn start(store: Store, ctx: Arc<RunContext>) -> Result<Engine, StoreError> {
+        let settings = ctx.settings.clone();
+        let engine = Engine {
+            inner: Arc::new(Inner {
+                store,
+                state: Mutex::new(State {
+                    queue: VecDeque::new(),
+                    reserved: 0,
+                    running: HashMap::new(),
+                    volumes: HashMap::new(),
+                    max_concurrent: settings.jobs.max_concurrent,
+                    queue_capacity: settings.jobs.queue_capacity,
+                    accepting: true,
+                }),
+                job_timeout: Mutex::new(settings.jobs.timeout),
+                ctx,
+            }),
+        };
+        engine.recover().await?;
+        Ok(engine)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn context(&self) -> &Arc<RunContext> {
+        &self.inner.ctx
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Jobs that were running when the daemon died are failed and rolled back; pending ones
+    /// queue again in their original order.
+    async fn recover(&self) -> Result<(), StoreError> {
+        for mut job in self.inner.store.all_jobs()? {
+            match job.status {
+                JobStatus::Running => {
+                    let rollback = runner::rollback(&self.inner.ctx, &job).await;
+                    let mut reason = "interrupted by daemon restart".to_string();
+                    if let Err(e) = rollback {
+                        reason.push_str(&format!("; rollback failed: {e}"));
+                    }
+                    tracing::warn!(job_id = %job.id, %reason, "recovering interrupted job");
+                    job.transition(JobStatus::Failed, Some(reason), Utc::now())
+                        .expect("running -> failed is allowed");
+                    self.inner.store.put_job(&job, true).await?;
+                    metrics().jobs_total.with_label_values(&["failed"]).inc();
+                }
+                JobStatus::Pending => {
+                    let mut st = self.state();
+                    if let Some(v) = &job.spec.volume_name {
+                        st.volumes.insert(v.clone(), job.id);
+                    }
+                    st.queue.push_back(job.id);
+                }
+                _ => {}
+            }
+        }
+        let mut st = self.state();
+        if !st.queue.is_empty() {
+            tracing::info!(queued = st.queue.len(), "resuming queued jobs");
+        }
+        self.pump(&mut st);
+        Ok(())
+    }
+
+    /// Accepts a job: checks the volume lock and queue capacity, stores it durably, queues it.
+    pub async fn submit(
+        &self,
+        kind: JobKind,
+        spec: JobSpec,
+        origin: Origin,
+    ) -> Result<Job, SubmitError> {
+        let volume = spec.volume_name.clone();
+        let placeholder = Uuid::new_v4();
+        {
+            let mut st = self.state();
+            if !st.accepting {
+                return Err(SubmitError::ShuttingDown);
+            }
+            if let Some(v) = &volume
+                && let Some(job) = st.volumes.get(v)
+            {
+                return Err(SubmitError::VolumeBusy {
+                    volume: v.clone(),
+                    job: *job,
+                });
+            }
+            let in_system = st.running.len() + st.queue.len() + st.reserved;
+            if in_system >= st.max_concurrent + st.queue_capacity {
+                return Err(SubmitError::QueueFull(st.queue.len() + st.reserved));
+            }
+            st.reserved += 1;
+            if let Some(v) = &volume {
+                st.volumes.insert(v.clone(), placeholder);
+            }
+        }
+        let result = self.store_new(kind, spec, origin).await;
+        let mut st = self.state();
+        st.reserved -= 1;
+        match result {
+            Ok(job) => {
+                if let Some(v) = &volume {
+                    st.volumes.insert(v.clone(), job.id);
+                }
+                st.queue.push_back(job.id);
+                metrics().queued_jobs.set(st.queue.len() as i64);
+                self.pump(&mut st);
+                Ok(job)
+            }
+            Err(e) => {
+                if let Some(v) = &volume {
+                    st.volumes.remove(v);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn store_new(
+        &self,
+        kind: JobKind,
+        spec: JobSpec,
+        origin: Origin,
+    ) -> Result<Job, SubmitError> {
+        if kind == JobKind::Provision {
+            runner::check_volume_usable(&self.inner.ctx, &spec)
+                .await
+                .map_err(SubmitError::VolumeUnusable)?;
+        }
+        let seq = self.inner.store.next_seq()?;
+        let mut job = Job::new(Uuid::new_v4(), seq, kind, spec, Utc::now());
+        job.requested_by = origin.requested_by;
+        job.trace_context = origin.trace_context;
+        self.inner.store.put_job(&job, true).await?;
+        Ok(job)
+    }
+
+    /// Starts queued jobs while slots are free (called with the state locked).
+    fn pump(&self, st: &mut State) {
+        while st.accepting && st.running.len() < st.max_concurrent {
+            let Some(id) = st.queue.pop_front() else { break };
+            let cancel = CancellationToken::new();
+            let reason = Arc::new(Mutex::new(None));
+            let (done_tx, done_rx) = watch::channel(false);
+            st.running.insert(
+                id,
+                Running {
+                    cancel: cancel.clone(),
+                    reason: reason.clone(),
+                    done: done_rx,
+                },
+            );
+            let engine = self.clone();
+            tokio::spawn(async move {
+                engine.run(id, cancel, reason).await;
+                let _ = done_tx.send(true);
+            });
+        }
+        let m = metrics();
+        m.active_jobs.set(st.running.len() as i64);
+        m.queued_jobs.set(st.queue.len() as i64);
+        m.job_slots.set(st.max_concurrent as i64);
+        m.health_status
+            .set(i64::from(st.running.len() < st.max_concurrent));
+    }
+
+    /// Runs one job to a terminal state, whatever happens inside.
+    async fn run(
+        &self,
+        id: Uuid,
+        cancel: CancellationToken,
+        reason: Arc<Mutex<Option<StopReason>>>,
+    ) {
+        let job = match self.inner.store.get_job(id) {
+            Ok(Some(job)) if job.status == JobStatus::Pending => Some(job),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::error!(job_id = %id, error = %e, "cannot load queued job");
+                None
+            }
+        };
+        if let Some(job) = job {
+            let timeout = *self.inner.job_timeout.lock().unwrap_or_else(|e| e.into_inner());
+            let span_name = match job.kind {
+                JobKind::Provision => "runJob",
+                JobKind::CacheFetch => "runCacheJob",
+            };
+            let span = tracing::info_span!(
+                "job",
+                otel.name = span_name,
+                job_id = %job.id,
+                correlation_id = job.spec.correlation_id.as_deref().unwrap_or(""),
+                image_url = %job.spec.image_url,
+                volume_name = job.spec.volume_name.as_deref().unwrap_or(""),
+                volume_size_gb = job.spec.volume_size_gb.unwrap_or(0),
+                job_kind = ?job.kind,
+            );
+            crate::telemetry::link_to_stored_context(&span, &job.trace_context);
+            self.run_job(job, timeout, cancel, reason)
+                .instrument(span)
+                .await;
+        }
+        let mut st = self.state();
+        st.running.remove(&id);
+        st.volumes.retain(|_, j| *j != id);
+        self.pump(&mut st);
+    }
+
+    async fn run_job(
+        &self,
+        mut job: Job,
+        timeout: Duration,
+        cancel: CancellationToken,
+        reason: Arc<Mutex<Option<StopReason>>>,
+    ) {
+        let store = &self.inner.store;
+        if let Err(e) = job.transition(JobStatus::Running, None, Utc::now()) {
+            tracing::error!(error = %e, "job cannot start");
+            return;
+        }
+        if let Err(e) = store.put_job(&job, true).await {
+            tracing::error!(error = %e, "cannot record job start");
+        }
+        tracing::info!("job started");
+        let started = Instant::now();
+
+        // The timeout counts from here (running), not from submission.
+        let timer = {
+            let cancel = cancel.clone();
+            let reason = reason.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(timeout).await;
+                reason
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert(StopReason::TimedOut);
+                cancel.cancel();
+            })
+        };
+        let mut handle = runner::JobHandle::new(store.clone(), job, &self.inner.ctx);
+        let outcome = runner::execute(&self.inner.ctx, &mut handle, &cancel).await;
+        timer.abort();
+        let mut job = handle.into_job();
+
+        let stop = *reason.lock().unwrap_or_else(|e| e.into_inner());
+        let (status, error) = match (outcome, stop) {
+            (Ok(()), _) => (JobStatus::Completed, None),
+            (Err(_), Some(StopReason::Cancelled)) => {
+                (JobStatus::Cancelled, Some("cancelled by request".to_string()))
+            }
+            (Err(_), Some(StopReason::TimedOut)) => (
+                JobStatus::Failed,
+                Some(format!(
+                    "timed out after {} (jobs.timeout)",
+                    humantime::format_duration(timeout)
+                )),
+            ),
+            (Err(_), Some(StopReason::Shutdown)) => (
+                JobStatus::Failed,
+                Some("interrupted by daemon shutdown".to_string()),
+            ),
+            (Err(e), None) => (JobStatus::Failed, Some(e)),
+        };
+        let error = if status == JobStatus::Completed {
+            None
+        } else {
+            match runner::rollback(&self.inner.ctx, &job).await {
+                Ok(()) => error,
+                Err(e) => Some(format!(
+                    "{}; rollback failed: {e}",
+                    error.unwrap_or_default()
+                )),
+            }
+        };
+        if let Err(e) = job.transition(status, error.clone(), Utc::now()) {
+            tracing::error!(error = %e, "invalid final transition");
+            return;
+        }
+        if let Err(e) = store.put_job(&job, true).await {
+            tracing::error!(error = %e, "cannot record job result");
+        }
+        let m = metrics();
+        m.jobs_total.with_label_values(&[status.as_str()]).inc();
+        m.job_duration_seconds
+            .with_label_values(&[status.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+        match status {
+            JobStatus::Completed => tracing::info!(
+                seconds = started.elapsed().as_secs_f64(),
+                cache_hit = job.cache_hit,
+                "job completed"
+            ),
+            _ => tracing::warn!(
+                status = status.as_str(),
+                error = error.as_deref().unwrap_or(""),
+                "job did not complete"
+            ),
+        }
+    }
+
+    /// Cancels a job: a pending one at once; a running one is stopped, rolled back, and this
+    /// returns once it is terminal (or after `wait`).
+    pub async fn cancel(&self, id: Uuid, wait: Duration) -> Result<Job, CancelError> {
+        let running_done = {
+            let mut st = self.state();
+            if let Some(pos) = st.queue.iter().position(|j| *j == id) {
+                st.queue.remove(pos);
+                st.volumes.retain(|_, j| *j != id);
+                metrics().queued_jobs.set(st.queue.len() as i64);
+                None
+            } else if let Some(r) = st.running.get(&id) {
+                r.reason
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert(StopReason::Cancelled);
+                r.cancel.cancel();
+                Some(r.done.clone())
+            } else {
+                let job = self
+                    .inner
+                    .store
+                    .get_job(id)?
+                    .ok_or(CancelError::NotFound(id))?;
+                return Err(CancelError::Terminal(job.status));
+            }
+        };
+        match running_done {
+            None => {
+                let mut job = self
+                    .inner
+                    .store
+                    .get_job(id)?
+                    .ok_or(CancelError::NotFound(id))?;
+                job.transition(
+                    JobStatus::Cancelled,
+                    Some("cancelled by request".into()),
+                    Utc::now(),
+                )
+                .map_err(|e| CancelError::Terminal(e.from))?;
+                self.inner.store.put_job(&job, true).await?;
+                metrics().jobs_total.with_label_values(&["cancelled"]).inc();
+                tracing::info!(job_id = %id, "pending job cancelled");
+                Ok(job)
+            }
+            Some(mut done) => {
+                let _ = tokio::time::timeout(wait, done.wait_for(|d| *d)).await;
+                let job = self
+                    .inner
+                    .store
+                    .get_job(id)?
+                    .ok_or(CancelError::NotFound(id))?;
+                match job.status {
+                    JobStatus::Cancelled | JobStatus::Running => Ok(job),
+                    other => Err(CancelError::Terminal(other)),
+                }
+            }
+        }
+    }
+
+    /// 1-based position of a pending job in the queue.
+    pub fn queue_position(&self, id: Uuid) -> Option<usize> {
+        let st = self.state();
+        st.queue
+            .iter()
+            .position(|j| *j == id)
+            .map(|p| p + 1)
+            .or(Some(st.queue.len() + st.reserved))
+    }
+
+    /// Whether a volume is held by a pending or running job.
+    pub fn volume_busy(&self, name: &str) -> Option<Uuid> {
+        self.state().volumes.get(name).copied()
+    }
+
+    /// Running jobs and slots.
+    pub fn load(&self) -> (usize, usize) {
+        let st = self.state();
+        (st.running.len(), st.max_concurrent)
+    }
+
+    /// Applies new limits (hot reload): more slots start queued jobs at once; fewer let
+    /// running jobs finish.
+    pub fn set_limits(&self, max_concurrent: usize, queue_capacity: usize, timeout: Duration) {
+        *self.inner.job_timeout.lock().unwrap_or_else(|e| e.into_inner()) = timeout;
+        let mut st = self.state();
+        st.max_concurrent = max_concurrent;
+        st.queue_capacity = queue_capacity;
+        self.pump(&mut st);
+    }
+
+    /// Removes finished jobs older than `retention`; never pending or running ones.
+    pub fn prune(&self, retention: Duration) -> Result<usize, StoreError> {
+        let cutoff = Utc::now()
+            - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+        let mut removed = 0;
+        for job in self.inner.store.all_jobs()? {
+            if job.status.is_terminal() && job.finished_at.is_some_and(|f| f < cutoff) {
+                self.inner.store.delete_job(job.id)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Stops accepting work; gives running jobs `grace` to finish, then stops and rolls them
+    /// back. Pending jobs stay stored and run at the next start.
+    pub async fn shutdown(&self, grace: Duration) {
+        let waits: Vec<watch::Receiver<bool>> = {
+            let mut st = self.state();
+            st.accepting = false;
+            st.running.values().map(|r| r.done.clone()).collect()
+        };
+        if waits.is_empty() {
+            return;
+        }
+        tracing::info!(running = waits.len(), grace = ?grace, "waiting for running jobs");
+        let all_done = async {
+            for mut w in waits.clone() {
+                let _ = w.wait_for(|d| *d).await;
+            }
+        };
+        if tokio::time::timeout(grace, all_done).await.is_err() {
+            {
+                let st = self.state();
+                for r in st.running.values() {
+                    r.reason
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert(StopReason::Shutdown);
+                    r.cancel.cancel();
+                }
+            }
+            for mut w in waits {
+                let _ = tokio::time::timeout(Duration::from_secs(60), w.wait_for(|d| *d)).await;
+            }
+        }
+    }
+
+    /// Periodic retention pruning.
+    pub fn spawn_pruner(&self, every: Duration, retention: impl Fn() -> Duration + Send + 'static) {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                match engine.prune(retention()) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(removed = n, "pruned finished jobs"),
+                    Err(e) => tracing::error!(error = %e, "job pruning failed"),
+                }
+            }
+        });
+    }
+}
+
+/// Whether a job's volume was made by the job (rollback may remove it).
+pub fn owns_volume(job: &Job) -> bool {
+    matches!(
+        job.volume_ownership,
+        VolumeOwnership::Creating | VolumeOwnership::Created
+    )
+}

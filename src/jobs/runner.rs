@@ -1,0 +1,368 @@
+//! What a job does, step by step: fetch the image into the cache, check it against the request
+//! and the volume, create or reuse the volume, write the image into it, flush; plus rollback
+//! of what a failed job created. Progress is recorded in the job as it goes.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::model::{Job, JobKind, JobSpec, VolumeOwnership};
+use super::progress::{ProgressTracker, StageRates, StageSample};
+use super::store::Store;
+use crate::config::Settings;
+use crate::convert::{self, ConvertSpec};
+use crate::image::cache::{CachedImage, ImageCache, Transfer};
+use crate::image::inspect;
+use crate::image::source;
+use crate::telemetry::metrics::metrics;
+use crate::volume::{self, VolumeBackend, VolumeInfo};
+
+/// How often a running job's progress is written to the store.
+const PROGRESS_PERSIST_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Everything jobs use.
+pub struct RunContext {
+    pub settings: Arc<Settings>,
+    pub cache: Arc<ImageCache>,
+    pub volumes: Arc<dyn VolumeBackend>,
+    pub libvirt: crate::volume::libvirt::PoolRefresher,
+}
+
+/// A running job's record plus its progress tracker; persists progress (throttled) and state
+/// that matters for recovery (volume ownership) durably.
+pub struct JobHandle {
+    store: Store,
+    job: Job,
+    tracker: ProgressTracker,
+    last_persist: Instant,
+}
+
+impl JobHandle {
+    pub fn new(store: Store, job: Job, _ctx: &RunContext) -> JobHandle {
+        let download = store.stage_samples("download").unwrap_or_default();
+        let convert = store.stage_samples("convert").unwrap_or_default();
+        let with_convert = job.kind == JobKind::Provision;
+        JobHandle {
+            tracker: ProgressTracker::new(
+                StageRates::from_history(&download, &convert),
+                with_convert,
+                Instant::now(),
+            ),
+            store,
+            job,
+            last_persist: Instant::now(),
+        }
+    }
+
+    pub fn into_job(mut self) -> Job {
+        self.job.progress = self.tracker.progress().clone();
+        self.job
+    }
+
+    pub fn job(&self) -> &Job {
+        &self.job
+    }
+
+    /// Copies the tracker into the job and writes it if enough time passed (or `force`).
+    fn publish(&mut self, force: bool) {
+        let now = Instant::now();
+        if !force && now.duration_since(self.last_persist) < PROGRESS_PERSIST_INTERVAL {
+            return;
+        }
+        self.last_persist = now;
+        self.job.progress = self.tracker.progress().clone();
+        self.job.updated_at = Utc::now();
+        if let Err(e) = self.store.put_job_nowait(&self.job) {
+            tracing::warn!(error = %e, "cannot record progress");
+        }
+    }
+
+    async fn save_durably(&mut self) -> Result<(), String> {
+        self.job.progress = self.tracker.progress().clone();
+        self.job.updated_at = Utc::now();
+        self.store
+            .put_job(&self.job, true)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    fn record_stage(&self, stage: &str, bytes: u64, seconds: f64) {
+        if bytes == 0 || seconds <= 0.0 {
+            return;
+        }
+        let m = metrics();
+        m.stage_duration_seconds
+            .with_label_values(&[stage])
+            .observe(seconds);
+        m.stage_throughput_bytes_per_second
+            .with_label_values(&[stage])
+            .set(0.0);
+        if let Err(e) = self.store.record_stage(stage, StageSample { bytes, seconds }) {
+            tracing::warn!(error = %e, stage, "cannot record stage measurement");
+        }
+    }
+}
+
+type StepResult<T> = Result<T, String>;
+
+/// Runs the job's steps. Returns when done, failed, or stopped through `cancel` (child
+/// processes are gone by then).
+pub async fn execute(
+    ctx: &RunContext,
+    h: &mut JobHandle,
+    cancel: &CancellationToken,
+) -> StepResult<()> {
+    let result = match h.job.kind {
+        JobKind::Provision => provision(ctx, h, cancel).await,
+        JobKind::CacheFetch => fetch_only(ctx, h, cancel).await.map(|_| ()),
+    };
+    h.publish(true);
+    result
+}
+
+async fn fetch_only(
+    ctx: &RunContext,
+    h: &mut JobHandle,
+    cancel: &CancellationToken,
+) -> StepResult<CachedImage> {
+    let image = fetch(ctx, h, cancel).await?;
+    h.job.image_path = Some(image.path.display().to_string());
+    Ok(image)
+}
+
+/// Fetches the job's image through the cache, reporting download progress.
+async fn fetch(
+    ctx: &RunContext,
+    h: &mut JobHandle,
+    cancel: &CancellationToken,
+) -> StepResult<CachedImage> {
+    let spec = h.job.spec.clone();
+    let location = source::resolve(&spec.image_url, &ctx.settings).map_err(|e| e.to_string())?;
+    let span = tracing::info_span!(
+        "download",
+        otel.name = "DownloadImageToPath",
+        image_url = %spec.image_url,
+        destination_path = %ctx.cache.dir().display(),
+        cache_hit = tracing::field::Empty,
+        bytes = tracing::field::Empty,
+    );
+    let started = Instant::now();
+    let mut downloading = false;
+    let fetch = ctx.cache.fetch(&location, &spec.image_url, |t: Transfer| {
+        let now = Instant::now();
+        if !downloading {
+            downloading = true;
+            h.tracker.start_download(t.total, t.total, now);
+        }
+        h.tracker.update_bytes(t.done, now);
+        if let Some(rate) = h.tracker.current_rate(now) {
+            metrics()
+                .stage_throughput_bytes_per_second
+                .with_label_values(&["download"])
+                .set(rate);
+        }
+        h.publish(false);
+    });
+    tracing::info!(parent: &span, "fetching image");
+    let image = tokio::select! {
+        r = fetch.instrument(span.clone()) => r.map_err(|e| {
+            metrics().image_error("download", e.kind());
+            e.to_string()
+        })?,
+        _ = cancel.cancelled() => return Err("stopped".into()),
+    };
+    span.record("cache_hit", image.hit);
+    span.record("bytes", image.entry.size);
+    h.job.cache_hit = image.hit;
+    if !image.hit {
+        h.record_stage("download", image.entry.size, started.elapsed().as_secs_f64());
+    }
+    Ok(image)
+}
+
+async fn provision(
+    ctx: &RunContext,
+    h: &mut JobHandle,
+    cancel: &CancellationToken,
+) -> StepResult<()> {
+    let spec = h.job.spec.clone();
+    let name = spec
+        .volume_name
+        .clone()
+        .ok_or("provision job without volume_name")?;
+    let size_bytes = spec
+        .volume_size_gb
+        .and_then(volume::gib_to_bytes)
+        .ok_or("provision job without a valid volume_size_gb")?;
+
+    let image = fetch(ctx, h, cancel).await?;
+    let verdict = image.entry.inspection;
+    if let Err(e) = inspect::check_requested(&verdict, spec.image_type) {
+        metrics().image_error("inspect", e.kind());
+        return Err(format!("image rejected: {e}"));
+    }
+    if verdict.virtual_size > size_bytes {
+        metrics().image_error("inspect", "too_large");
+        return Err(format!(
+            "image virtual size {} bytes does not fit the volume of {} bytes ({} GiB)",
+            verdict.virtual_size, size_bytes, spec.volume_size_gb.unwrap_or(0)
+        ));
+    }
+    h.job.image_path = Some(image.path.display().to_string());
+
+    let target = prepare_volume(ctx, h, &name, size_bytes, verdict.virtual_size).await?;
+    if target.size_bytes < verdict.virtual_size {
+        return Err(format!(
+            "image virtual size {} bytes does not fit volume {name} of {} bytes",
+            verdict.virtual_size, target.size_bytes
+        ));
+    }
+    if cancel.is_cancelled() {
+        return Err("stopped".into());
+    }
+
+    // Convert.
+    let started = Instant::now();
+    h.tracker.start_convert(verdict.virtual_size, started);
+    h.publish(true);
+    let target_path = target.path.clone();
+    let direct_io = tokio::task::spawn_blocking(move || convert::supports_direct_io(&target_path))
+        .await
+        .unwrap_or(false);
+    if !direct_io {
+        tracing::info!(
+            volume = %target.path.display(),
+            "target does not support O_DIRECT; writing through the page cache (-t writeback)"
+        );
+    }
+    let convert_spec = ConvertSpec {
+        source: image.path.clone(),
+        format: verdict.format,
+        target: target.path.clone(),
+        direct_io,
+        coroutines: 8,
+        cpu_limit: ctx.settings.jobs.timeout,
+    };
+    let span = tracing::info_span!(
+        "populate",
+        otel.name = "PopulateVolume",
+        volume_name = %name,
+        volume_path = %target.path.display(),
+        volume_size_bytes = target.size_bytes,
+        image_format = verdict.format.as_str(),
+        virtual_size = verdict.virtual_size,
+    );
+    convert::convert(&convert_spec, cancel, |fraction| {
+        let now = Instant::now();
+        h.tracker.update_fraction(fraction, now);
+        if let Some(rate) = h.tracker.current_rate(now) {
+            metrics()
+                .stage_throughput_bytes_per_second
+                .with_label_values(&["convert"])
+                .set(rate);
+        }
+        h.publish(false);
+    })
+    .instrument(span)
+    .await
+    .map_err(|e| {
+        metrics().image_error("convert", "qemu_img");
+        e.to_string()
+    })?;
+    h.record_stage("convert", verdict.virtual_size, started.elapsed().as_secs_f64());
+
+    // Finalize.
+    h.tracker.start_finalize(Instant::now());
+    h.publish(true);
+    ctx.volumes
+        .flush(&target)
+        .await
+        .map_err(|e| format!("flushing volume {name}: {e}"))?;
+    ctx.libvirt.refresh().await;
+    h.job.volume_path = Some(target.path.display().to_string());
+    Ok(())
+}
+
+/// Creates the volume, or checks and prepares an existing one for a complete overwrite.
+/// Ownership is recorded durably before anything is created, so rollback and restart recovery
+/// know what the job made.
+async fn prepare_volume(
+    ctx: &RunContext,
+    h: &mut JobHandle,
+    name: &str,
+    size_bytes: u64,
+    image_size: u64,
+) -> StepResult<VolumeInfo> {
+    let span = tracing::info_span!(
+        "create_volume",
+        otel.name = "CreateVolume",
+        volume_name = %name,
+        volume_size_bytes = size_bytes,
+        reused = tracing::field::Empty,
+    );
+    async {
+        match ctx.volumes.inspect(name).await.map_err(|e| e.to_string())? {
+            Some(existing) => {
+                volume::check_reusable(&existing, size_bytes).map_err(|e| e.to_string())?;
+                h.job.volume_ownership = VolumeOwnership::Reused;
+                h.save_durably().await?;
+                tracing::Span::current().record("reused", true);
+                tracing::info!(volume = %existing.path.display(), "reusing existing volume");
+                ctx.volumes
+                    .prepare_overwrite(&existing, image_size)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(existing)
+            }
+            None => {
+                h.job.volume_ownership = VolumeOwnership::Creating;
+                h.save_durably().await?;
+                tracing::Span::current().record("reused", false);
+                let created = ctx
+                    .volumes
+                    .create(name, size_bytes)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                h.job.volume_ownership = VolumeOwnership::Created;
+                h.save_durably().await?;
+                tracing::info!(volume = %created.path.display(), bytes = created.size_bytes, "volume created");
+                Ok(created)
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Removes the job's volume if (and only if) the job created it.
+pub async fn rollback(ctx: &RunContext, job: &Job) -> Result<(), String> {
+    if !super::engine::owns_volume(job) {
+        return Ok(());
+    }
+    let Some(name) = &job.spec.volume_name else {
+        return Ok(());
+    };
+    let span = tracing::info_span!("delete_volume", otel.name = "DeleteVolume", volume_name = %name, reason = "rollback");
+    async {
+        tracing::info!("removing volume created by the failed job");
+        ctx.volumes.remove(name).await.map_err(|e| e.to_string())
+    }
+    .instrument(span)
+    .await
+}
+
+/// Submission-time check: an existing volume of this name must be reusable (else 409).
+pub async fn check_volume_usable(ctx: &RunContext, spec: &JobSpec) -> Result<(), String> {
+    let (Some(name), Some(gb)) = (&spec.volume_name, spec.volume_size_gb) else {
+        return Ok(());
+    };
+    let size = volume::gib_to_bytes(gb).ok_or("volume_size_gb is too large")?;
+    match ctx.volumes.inspect(name).await {
+        Ok(Some(existing)) => volume::check_reusable(&existing, size).map_err(|e| e.to_string()),
+        Ok(None) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}

@@ -1,0 +1,228 @@
+//! Durable job store on sled: job records, the per-stage throughput history, and the handle
+//! other modules (the image cache index) open their own trees from. Every sled call goes
+//! through here or `Store::tree`, so storage metrics see all of them.
+
+use std::path::Path;
+
+use uuid::Uuid;
+
+use super::model::{Job, JobStatus};
+use super::progress::{HISTORY_LEN, StageSample};
+use crate::telemetry::metrics::metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("job store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("job store: cannot (de)serialize record: {0}")]
+    Serde(#[from] serde_json::Error),
+}
+
+/// The sled database and its trees.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    jobs: sled::Tree,
+    history: sled::Tree,
+}
+
+impl Store {
+    /// Opens (or creates) the database in `dir`.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(sled::Error::Io)?;
+        let result = sled::Config::new()
+            .path(dir.join("db"))
+            .flush_every_ms(Some(200))
+            .open();
+        metrics().storage_op("open", &result);
+        let db = result?;
+        Ok(Store {
+            jobs: db.open_tree("jobs")?,
+            history: db.open_tree("stage_history")?,
+            db,
+        })
+    }
+
+    /// Another tree of the same database (e.g. the cache index).
+    pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        Ok(self.db.open_tree(name)?)
+    }
+
+    /// A number that grows with every call, across restarts (submission order).
+    pub fn next_seq(&self) -> Result<u64, StoreError> {
+        let r = self.db.generate_id();
+        metrics().storage_op("generate_id", &r);
+        Ok(r?)
+    }
+
+    /// Writes a job record. `durable`: wait until it is on disk (state changes); progress
+    /// updates pass `false` and reach disk with sled's periodic flush.
+    pub async fn put_job(&self, job: &Job, durable: bool) -> Result<(), StoreError> {
+        self.put_job_nowait(job)?;
+        if durable {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes a job record without waiting for disk (progress; sled flushes every 200 ms).
+    pub fn put_job_nowait(&self, job: &Job) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(job)?;
+        let r = self.jobs.insert(job.id.as_bytes(), bytes);
+        metrics().storage_op("put_job", &r);
+        r?;
+        Ok(())
+    }
+
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let r = self.db.flush_async().await;
+        metrics().storage_op("flush", &r);
+        r?;
+        Ok(())
+    }
+
+    pub fn get_job(&self, id: Uuid) -> Result<Option<Job>, StoreError> {
+        let r = self.jobs.get(id.as_bytes());
+        metrics().storage_op("get_job", &r);
+        match r? {
+            Some(bytes) => Ok(Some(self.decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Result<Job, StoreError> {
+        let r = serde_json::from_slice(bytes);
+        metrics().storage_op("decode_job", &r);
+        Ok(r?)
+    }
+
+    /// All jobs, oldest submission first.
+    pub fn all_jobs(&self) -> Result<Vec<Job>, StoreError> {
+        let mut jobs = Vec::new();
+        for item in self.jobs.iter() {
+            metrics().storage_op("scan_jobs", &item);
+            let (_, v) = item?;
+            jobs.push(self.decode(&v)?);
+        }
+        jobs.sort_by_key(|j| j.seq);
+        Ok(jobs)
+    }
+
+    /// Jobs newest first, optionally of one status, at most `limit`.
+    pub fn list_jobs(
+        &self,
+        status: Option<JobStatus>,
+        limit: usize,
+    ) -> Result<(Vec<Job>, usize), StoreError> {
+        let mut jobs: Vec<Job> = self
+            .all_jobs()?
+            .into_iter()
+            .filter(|j| status.is_none_or(|s| j.status == s))
+            .collect();
+        let total = jobs.len();
+        jobs.reverse();
+        jobs.truncate(limit);
+        Ok((jobs, total))
+    }
+
+    pub fn delete_job(&self, id: Uuid) -> Result<(), StoreError> {
+        let r = self.jobs.remove(id.as_bytes());
+        metrics().storage_op("delete_job", &r);
+        r?;
+        Ok(())
+    }
+
+    /// Appends a stage measurement, keeping the last `HISTORY_LEN`.
+    pub fn record_stage(&self, stage: &str, sample: StageSample) -> Result<(), StoreError> {
+        let mut samples = self.stage_samples(stage)?;
+        samples.push(sample);
+        let start = samples.len().saturating_sub(HISTORY_LEN);
+        let bytes = serde_json::to_vec(&samples[start..])?;
+        let r = self.history.insert(stage.as_bytes(), bytes);
+        metrics().storage_op("record_stage", &r);
+        r?;
+        Ok(())
+    }
+
+    pub fn stage_samples(&self, stage: &str) -> Result<Vec<StageSample>, StoreError> {
+        let r = self.history.get(stage.as_bytes());
+        metrics().storage_op("get_stage_history", &r);
+        match r? {
+            Some(b) => Ok(serde_json::from_slice(&b)?),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// A cheap read that proves the database answers (readiness probe).
+    pub fn probe(&self) -> bool {
+        let r = self.db.get(b"__probe__");
+        metrics().storage_op("probe", &r);
+        r.is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::model::{ImageType, JobKind, JobSpec};
+    use chrono::Utc;
+
+    fn job(seq: u64) -> Job {
+        Job::new(
+            Uuid::new_v4(),
+            seq,
+            JobKind::Provision,
+            JobSpec {
+                image_url: "file:///i.qcow2".into(),
+                image_type: ImageType::Qcow2,
+                volume_name: Some(format!("v{seq}")),
+                volume_size_gb: Some(1),
+                correlation_id: None,
+            },
+            Utc::now(),
+        )
+    }
+
+    #[tokio::test]
+    async fn jobs_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids: Vec<Uuid>;
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let a = job(store.next_seq().unwrap());
+            let b = job(store.next_seq().unwrap());
+            assert!(b.seq > a.seq);
+            store.put_job(&a, true).await.unwrap();
+            store.put_job(&b, true).await.unwrap();
+            ids = vec![a.id, b.id];
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let all = store.all_jobs().unwrap();
+        assert_eq!(all.iter().map(|j| j.id).collect::<Vec<_>>(), ids);
+        let (newest, total) = store.list_jobs(None, 1).unwrap();
+        assert_eq!(total, 2);
+        assert_eq!(newest[0].id, ids[1]);
+        assert!(store.get_job(ids[0]).unwrap().is_some());
+        assert!(store.next_seq().unwrap() > all[1].seq);
+    }
+
+    #[test]
+    fn stage_history_keeps_last_twenty() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for i in 0..25u64 {
+            store
+                .record_stage(
+                    "download",
+                    StageSample {
+                        bytes: i,
+                        seconds: 1.0,
+                    },
+                )
+                .unwrap();
+        }
+        let s = store.stage_samples("download").unwrap();
+        assert_eq!(s.len(), 20);
+        assert_eq!(s[0].bytes, 5);
+    }
+}

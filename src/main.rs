@@ -1,0 +1,81 @@
+//! Command line: `serve`, `check-config`, `version`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use libvirt_volume_provisioner::config::{self, ConfigSource, Profile};
+
+#[derive(Parser)]
+#[command(name = "libvirt-volume-provisioner", version, about)]
+struct Cli {
+    /// Configuration file (TOML). Without this option a missing default file is fine.
+    #[arg(long, short, global = true, env = "LVP_CONFIG")]
+    config: Option<PathBuf>,
+    /// Start from the embedded defaults: directory volumes and all state under ./var
+    /// (no root, no external service) instead of the production defaults.
+    #[arg(long, global = true)]
+    embedded: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Serve,
+    /// Print the effective configuration as TOML (secrets redacted); fail on any error.
+    CheckConfig,
+    /// Print the version.
+    Version,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let source = ConfigSource {
+        explicit: cli.config.is_some(),
+        path: cli
+            .config
+            .unwrap_or_else(|| PathBuf::from(ConfigSource::DEFAULT_PATH)),
+        profile: if cli.embedded {
+            Profile::Embedded
+        } else {
+            Profile::Host
+        },
+    };
+    match cli.command {
+        Command::Version => {
+            println!("libvirt-volume-provisioner v{}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig => match config::load(&source) {
+            Ok(settings) => {
+                print!("{}", config::redacted_toml(&settings));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Serve => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(libvirt_volume_provisioner::serve(source)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,406 @@
+//! Prometheus metrics: the one registry, every metric of the monitoring spec (plus process,
+//! build and security metrics), and small helpers the modules call where each event happens.
+
+use std::collections::VecDeque;
+use std::sync::{LazyLock, Mutex};
+
+use prometheus::{
+    CounterVec, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+const NS: &str = "libvirt_volume_provisioner";
+/// Lookups the rolling cache hit ratio covers.
+const HIT_RATIO_WINDOW: usize = 100;
+
+/// Every metric the daemon exports.
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests_total: IntCounterVec,
+    pub request_duration_seconds: HistogramVec,
+    pub active_jobs: IntGauge,
+    pub jobs_total: IntCounterVec,
+    pub job_duration_seconds: HistogramVec,
+    pub cache_hits_total: IntCounter,
+    pub cache_misses_total: IntCounter,
+    pub cache_hit_ratio: Gauge,
+    pub images_downloaded_total: IntCounter,
+    pub image_download_size_bytes: HistogramVec,
+    pub image_errors_total: IntCounterVec,
+    pub storage_operations_total: IntCounterVec,
+    pub storage_errors_total: IntCounterVec,
+    pub stage_duration_seconds: HistogramVec,
+    pub stage_throughput_bytes_per_second: GaugeVec,
+    pub health_status: IntGauge,
+    pub dependencies_up: IntGaugeVec,
+    pub build_info: IntGaugeVec,
+    pub job_slots: IntGauge,
+    pub queued_jobs: IntGauge,
+    pub auth_failures_total: IntCounterVec,
+    pub config_reload_total: IntCounterVec,
+    pub config_last_reload_success_timestamp_seconds: Gauge,
+    pub qemu_img_invocations_total: IntCounterVec,
+    pub libvirt_pool_refresh_errors_total: IntCounter,
+    pub cache_evictions_total: CounterVec,
+    hit_window: Mutex<VecDeque<bool>>,
+}
+
+fn name(n: &str) -> String {
+    format!("{NS}_{n}")
+}
+
+fn counter_vec(r: &Registry, n: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let m = IntCounterVec::new(Opts::new(name(n), help), labels).expect("valid metric");
+    r.register(Box::new(m.clone())).expect("unique metric");
+    m
+}
+
+fn histogram_vec(r: &Registry, n: &str, help: &str, labels: &[&str], b: Vec<f64>) -> HistogramVec {
+    let m = HistogramVec::new(HistogramOpts::new(name(n), help).buckets(b), labels)
+        .expect("valid metric");
+    r.register(Box::new(m.clone())).expect("unique metric");
+    m
+}
+
+fn gauge_vec(r: &Registry, n: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let m = GaugeVec::new(Opts::new(name(n), help), labels).expect("valid metric");
+    r.register(Box::new(m.clone())).expect("unique metric");
+    m
+}
+
+fn int_gauge_vec(r: &Registry, n: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let m = IntGaugeVec::new(Opts::new(name(n), help), labels).expect("valid metric");
+    r.register(Box::new(m.clone())).expect("unique metric");
+    m
+}
+
+fn int_gauge(r: &Registry, n: &str, help: &str) -> IntGauge {
+    let m = IntGauge::with_opts(Opts::new(name(n), help)).expect("valid metric");
+    r.register(Box::new(m.clone())).expect("unique metric");
+    m
+}
+
+fn gauge(r: &Registry, n: &str, help: &str) -> Gauge {
+    let m = Gauge::with_opts(Opts::new(name(n), help)).expect("valid metric");
+    r.register(Box::new(m.clone())).expect("unique metric");
+    m
+}
+
+fn int_counter(r: &Registry, n: &str, help: &str) -> IntCounter {
+    let m = IntCounter::with_opts(Opts::new(name(n), help)).expect("valid metric");
+    r.register(Box::new(m.clone())).expect("unique metric");
+    m
+}
+
+/// HTTP latencies: 1 ms .. ~65 s.
+fn request_buckets() -> Vec<f64> {
+    prometheus::exponential_buckets(0.001, 2.0, 17).expect("valid buckets")
+}
+
+/// Job and stage durations: 1 s .. ~9 h (jobs run up to hours).
+fn duration_buckets() -> Vec<f64> {
+    vec![
+        1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0,
+        7200.0, 10800.0, 21600.0, 32400.0,
+    ]
+}
+
+/// Image sizes: 1 MiB .. 64 GiB.
+fn size_buckets() -> Vec<f64> {
+    prometheus::exponential_buckets((1u64 << 20) as f64, 2.0, 17).expect("valid buckets")
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let r = Registry::new();
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("process collector");
+        let m = Metrics {
+            requests_total: counter_vec(
+                &r,
+                "requests_total",
+                "Total HTTP requests",
+                &["method", "endpoint", "status"],
+            ),
+            request_duration_seconds: histogram_vec(
+                &r,
+                "request_duration_seconds",
+                "HTTP request latency",
+                &["method", "endpoint"],
+                request_buckets(),
+            ),
+            active_jobs: int_gauge(&r, "active_jobs", "Currently running jobs"),
+            jobs_total: counter_vec(
+                &r,
+                "jobs_total",
+                "Jobs by terminal status: completed, failed, cancelled",
+                &["status"],
+            ),
+            job_duration_seconds: histogram_vec(
+                &r,
+                "job_duration_seconds",
+                "Job execution duration (from start of running)",
+                &["status"],
+                duration_buckets(),
+            ),
+            cache_hits_total: int_counter(
+                &r,
+                "cache_hits_total",
+                "Cache hits (image already local and valid)",
+            ),
+            cache_misses_total: int_counter(
+                &r,
+                "cache_misses_total",
+                "Cache misses (download required)",
+            ),
+            cache_hit_ratio: gauge(
+                &r,
+                "cache_hit_ratio",
+                "Rolling cache hit ratio over the last 100 lookups (0.0-1.0)",
+            ),
+            images_downloaded_total: int_counter(
+                &r,
+                "images_downloaded_total",
+                "Successful image downloads",
+            ),
+            image_download_size_bytes: histogram_vec(
+                &r,
+                "image_download_size_bytes",
+                "Downloaded image sizes",
+                &["image_type"],
+                size_buckets(),
+            ),
+            image_errors_total: counter_vec(
+                &r,
+                "image_errors_total",
+                "Image operation errors",
+                &["operation", "error_type"],
+            ),
+            storage_operations_total: counter_vec(
+                &r,
+                "storage_operations_total",
+                "Storage DB operations",
+                &["operation", "result"],
+            ),
+            storage_errors_total: counter_vec(
+                &r,
+                "storage_errors_total",
+                "Storage DB errors",
+                &["operation", "error_type"],
+            ),
+            stage_duration_seconds: histogram_vec(
+                &r,
+                "stage_duration_seconds",
+                "Download/convert stage durations",
+                &["stage"],
+                duration_buckets(),
+            ),
+            stage_throughput_bytes_per_second: gauge_vec(
+                &r,
+                "stage_throughput_bytes_per_second",
+                "Current throughput per stage (0 when no stage of that kind runs)",
+                &["stage"],
+            ),
+            health_status: int_gauge(
+                &r,
+                "health_status",
+                "1=healthy, 0=degraded (all job slots busy)",
+            ),
+            dependencies_up: int_gauge_vec(
+                &r,
+                "dependencies_up",
+                "1=up, 0=down per dependency: minio, lvm, libvirt, storage",
+                &["dependency"],
+            ),
+            build_info: int_gauge_vec(&r, "build_info", "Build information", &["version"]),
+            job_slots: int_gauge(&r, "job_slots", "Configured job slots (jobs.max_concurrent)"),
+            queued_jobs: int_gauge(&r, "queued_jobs", "Pending jobs waiting for a slot"),
+            auth_failures_total: counter_vec(
+                &r,
+                "auth_failures_total",
+                "Refused API calls by reason",
+                &["reason"],
+            ),
+            config_reload_total: counter_vec(
+                &r,
+                "config_reload_total",
+                "Configuration reloads by result",
+                &["result"],
+            ),
+            config_last_reload_success_timestamp_seconds: gauge(
+                &r,
+                "config_last_reload_success_timestamp_seconds",
+                "Unix time of the last successful configuration load",
+            ),
+            qemu_img_invocations_total: counter_vec(
+                &r,
+                "qemu_img_invocations_total",
+                "qemu-img processes started, by subcommand",
+                &["subcommand"],
+            ),
+            libvirt_pool_refresh_errors_total: int_counter(
+                &r,
+                "libvirt_pool_refresh_errors_total",
+                "Failed libvirt storage pool refreshes",
+            ),
+            cache_evictions_total: {
+                let m = CounterVec::new(
+                    Opts::new(name("cache_evictions_total"), "Cache entries evicted by reason"),
+                    &["reason"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(m.clone())).expect("unique metric");
+                m
+            },
+            hit_window: Mutex::new(VecDeque::with_capacity(HIT_RATIO_WINDOW)),
+            registry: r,
+        };
+        m.build_info
+            .with_label_values(&[concat!("v", env!("CARGO_PKG_VERSION"))])
+            .set(1);
+        m.health_status.set(1);
+        for stage in ["download", "convert"] {
+            m.stage_throughput_bytes_per_second
+                .with_label_values(&[stage])
+                .set(0.0);
+        }
+        for status in ["completed", "failed", "cancelled"] {
+            m.jobs_total.with_label_values(&[status]);
+        }
+        m
+    }
+
+    /// A cache lookup: counts it and updates the rolling hit ratio.
+    pub fn cache_lookup(&self, hit: bool) {
+        if hit {
+            self.cache_hits_total.inc();
+        } else {
+            self.cache_misses_total.inc();
+        }
+        let mut window = self.hit_window.lock().unwrap_or_else(|e| e.into_inner());
+        if window.len() == HIT_RATIO_WINDOW {
+            window.pop_front();
+        }
+        window.push_back(hit);
+        let hits = window.iter().filter(|h| **h).count();
+        self.cache_hit_ratio.set(hits as f64 / window.len() as f64);
+    }
+
+    /// A storage (sled) operation and its result.
+    pub fn storage_op<T, E: std::fmt::Display>(
+        &self,
+        operation: &str,
+        result: &Result<T, E>,
+    ) {
+        match result {
+            Ok(_) => self
+                .storage_operations_total
+                .with_label_values(&[operation, "success"])
+                .inc(),
+            Err(e) => {
+                self.storage_operations_total
+                    .with_label_values(&[operation, "error"])
+                    .inc();
+                self.storage_errors_total
+                    .with_label_values(&[operation, storage_error_type(&e.to_string())])
+                    .inc();
+            }
+        }
+    }
+
+    pub fn image_error(&self, operation: &str, error_type: &str) {
+        self.image_errors_total
+            .with_label_values(&[operation, error_type])
+            .inc();
+    }
+
+    /// Prometheus text exposition of everything.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+fn storage_error_type(msg: &str) -> &'static str {
+    let m = msg.to_ascii_lowercase();
+    if m.contains("corrupt") {
+        "corruption"
+    } else if m.contains("serial") || m.contains("json") {
+        "serialization"
+    } else if m.contains("io") {
+        "io"
+    } else {
+        "other"
+    }
+}
+
+/// The process-wide metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_spec_metric_is_registered() {
+        let m = Metrics::new();
+        // Vectors appear once they have a label set.
+        m.requests_total.with_label_values(&["GET", "/health", "200"]);
+        m.request_duration_seconds.with_label_values(&["GET", "/health"]);
+        m.job_duration_seconds.with_label_values(&["completed"]);
+        m.image_download_size_bytes.with_label_values(&["qcow2"]);
+        m.image_errors_total.with_label_values(&["download", "auth"]);
+        m.storage_operations_total.with_label_values(&["put_job", "success"]);
+        m.storage_errors_total.with_label_values(&["put_job", "io"]);
+        m.stage_duration_seconds.with_label_values(&["download"]);
+        m.dependencies_up.with_label_values(&["storage"]);
+        let text = m.render();
+        for m in [
+            "requests_total",
+            "request_duration_seconds",
+            "active_jobs",
+            "jobs_total",
+            "job_duration_seconds",
+            "cache_hits_total",
+            "cache_misses_total",
+            "cache_hit_ratio",
+            "images_downloaded_total",
+            "image_download_size_bytes",
+            "image_errors_total",
+            "storage_operations_total",
+            "storage_errors_total",
+            "stage_duration_seconds",
+            "stage_throughput_bytes_per_second",
+            "health_status",
+            "dependencies_up",
+            "build_info",
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {NS}_{m} ")),
+                "{m} missing from:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn hit_ratio_is_rolling() {
+        let m = Metrics::new();
+        for _ in 0..HIT_RATIO_WINDOW {
+            m.cache_lookup(false);
+        }
+        assert_eq!(m.cache_hit_ratio.get(), 0.0);
+        for _ in 0..HIT_RATIO_WINDOW / 2 {
+            m.cache_lookup(true);
+        }
+        assert_eq!(m.cache_hit_ratio.get(), 0.5);
+    }
+}

@@ -1,0 +1,244 @@
+//! The `directory` volume backend: volumes are sparse raw files in one directory
+//! (development, tests, and hosts without LVM).
+
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+
+use super::{VolumeBackend, VolumeError, VolumeInfo};
+
+pub struct DirectoryBackend {
+    dir: PathBuf,
+}
+
+impl DirectoryBackend {
+    /// Uses (and creates) `dir`.
+    pub fn new(dir: &Path) -> Result<DirectoryBackend, VolumeError> {
+        std::fs::create_dir_all(dir).map_err(|e| VolumeError::io(dir, e))?;
+        let dir = dir.canonicalize().map_err(|e| VolumeError::io(dir, e))?;
+        Ok(DirectoryBackend { dir })
+    }
+}
+
+#[async_trait]
+impl VolumeBackend for DirectoryBackend {
+    fn kind(&self) -> &'static str {
+        "directory"
+    }
+
+    fn volume_path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    async fn inspect(&self, name: &str) -> Result<Option<VolumeInfo>, VolumeError> {
+        let path = self.volume_path(name);
+        let meta = match tokio::fs::symlink_metadata(&path).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(VolumeError::io(&path, e)),
+        };
+        let ft = meta.file_type();
+        let reuse_blocker = if ft.is_symlink() {
+            Some("it is a symbolic link".to_string())
+        } else if ft.is_block_device() || !ft.is_file() {
+            Some("it is not a regular file".to_string())
+        } else {
+            let p = path.clone();
+            let holders = tokio::task::spawn_blocking(move || processes_holding(&p))
+                .await
+                .unwrap_or_default();
+            (!holders.is_empty()).then(|| format!("it is open by process {holders:?}"))
+        };
+        Ok(Some(VolumeInfo {
+            name: name.to_string(),
+            path,
+            size_bytes: meta.len(),
+            reuse_blocker,
+        }))
+    }
+
+    async fn create(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo, VolumeError> {
+        let path = self.volume_path(name);
+        let p = path.clone();
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), VolumeError> {
+            let avail = nix::sys::statvfs::statvfs(&dir)
+                .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+                .map_err(|e| VolumeError::io(&dir, e.into()))?;
+            // Sparse files take space only as they are written, but a volume the file system
+            // cannot fill is a trap for the VM later: require the full size to be free.
+            if size_bytes > avail {
+                return Err(VolumeError::InsufficientSpace {
+                    need: size_bytes,
+                    have: avail,
+                    place: dir.display().to_string(),
+                });
+            }
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&p)
+                .map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        VolumeError::Conflict(format!("volume file {} already exists", p.display()))
+                    } else {
+                        VolumeError::io(&p, e)
+                    }
+                })?;
+            file.set_len(size_bytes).map_err(|e| VolumeError::io(&p, e))?;
+            file.sync_all().map_err(|e| VolumeError::io(&p, e))?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| VolumeError::io(&path, std::io::Error::other(e)))??;
+        Ok(VolumeInfo {
+            name: name.to_string(),
+            path,
+            size_bytes,
+            reuse_blocker: None,
+        })
+    }
+
+    async fn prepare_overwrite(
+        &self,
+        volume: &VolumeInfo,
+        _image_size: u64,
+    ) -> Result<(), VolumeError> {
+        // Dropping every block and restoring the size leaves a file that reads as zeros:
+        // nothing of the old content survives, whatever the image covers.
+        let path = volume.path.clone();
+        let size = volume.size_bytes;
+        tokio::task::spawn_blocking(move || -> Result<(), VolumeError> {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&path)
+                .map_err(|e| VolumeError::io(&path, e))?;
+            f.set_len(0).map_err(|e| VolumeError::io(&path, e))?;
+            f.set_len(size).map_err(|e| VolumeError::io(&path, e))?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| VolumeError::io(&volume.path, std::io::Error::other(e)))?
+    }
+
+    async fn flush(&self, volume: &VolumeInfo) -> Result<(), VolumeError> {
+        let path = volume.path.clone();
+        tokio::task::spawn_blocking(move || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| VolumeError::io(&path, e))
+        })
+        .await
+        .map_err(|e| VolumeError::io(&volume.path, std::io::Error::other(e)))?
+    }
+
+    async fn remove(&self, name: &str) -> Result<(), VolumeError> {
+        let path = self.volume_path(name);
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(VolumeError::io(&path, e)),
+        }
+    }
+
+    async fn probe(&self) -> Result<(), VolumeError> {
+        let meta = tokio::fs::metadata(&self.dir)
+            .await
+            .map_err(|e| VolumeError::io(&self.dir, e))?;
+        if meta.is_dir() {
+            Ok(())
+        } else {
+            Err(VolumeError::io(
+                &self.dir,
+                std::io::Error::other("not a directory"),
+            ))
+        }
+    }
+}
+
+/// Processes that have `path` open (from /proc/*/fd), excluding this one.
+fn processes_holding(path: &Path) -> Vec<u32> {
+    let me = std::process::id();
+    let mut pids = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for entry in procs.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        if fds
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == path))
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[tokio::test]
+    async fn create_inspect_overwrite_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = DirectoryBackend::new(dir.path()).unwrap();
+        assert!(b.inspect("v1").await.unwrap().is_none());
+        let v = b.create("v1", 1 << 20).await.unwrap();
+        assert_eq!(v.size_bytes, 1 << 20);
+        assert!(matches!(
+            b.create("v1", 1 << 20).await,
+            Err(VolumeError::Conflict(_))
+        ));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&v.path)
+            .unwrap()
+            .write_all(b"old data")
+            .unwrap();
+        let info = b.inspect("v1").await.unwrap().unwrap();
+        assert_eq!(info.reuse_blocker, None);
+        b.prepare_overwrite(&info, 0).await.unwrap();
+        let bytes = std::fs::read(&v.path).unwrap();
+        assert_eq!(bytes.len(), 1 << 20);
+        assert!(bytes.iter().all(|b| *b == 0), "old content is gone");
+        b.remove("v1").await.unwrap();
+        b.remove("v1").await.unwrap();
+        assert!(b.inspect("v1").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn symlinks_and_open_files_are_not_reusable() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = DirectoryBackend::new(dir.path()).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", dir.path().join("evil")).unwrap();
+        let info = b.inspect("evil").await.unwrap().unwrap();
+        assert!(info.reuse_blocker.unwrap().contains("symbolic link"));
+
+        b.create("busy", 4096).await.unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .stdin(std::fs::File::open(dir.path().join("busy")).unwrap())
+            .spawn()
+            .unwrap();
+        let info = b.inspect("busy").await.unwrap().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(info.reuse_blocker.unwrap().contains("open by process"));
+    }
+}

@@ -1,0 +1,209 @@
+//! Volume backends: the trait LVM and directory volumes implement, the name rules of the API
+//! contract, the shared reuse rule, and selecting the configured backend.
+
+pub mod directory;
+pub mod libvirt;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::config::{Settings, VolumeBackendKind};
+
+pub const GIB: u64 = 1 << 30;
+/// An existing volume is reused when its size is within this fraction of the request.
+pub const REUSE_TOLERANCE: f64 = 0.05;
+
+/// What a backend knows about an existing volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub name: String,
+    /// Path the volume is written through (`/dev/<vg>/<name>` or a file).
+    pub path: PathBuf,
+    pub size_bytes: u64,
+    /// Why this volume can never be reused (open by a VM, a snapshot, not a regular file...).
+    pub reuse_blocker: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("invalid volume name: {0}")]
+    InvalidName(String),
+    /// The volume exists and cannot be used for this request (API: 409).
+    #[error("{0}")]
+    Conflict(String),
+    #[error("not enough space for volume: need {need} bytes, have {have} bytes in {place}")]
+    InsufficientSpace { need: u64, have: u64, place: String },
+    #[error("{command} failed: {detail}")]
+    Command { command: String, detail: String },
+    #[error("volume I/O on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl VolumeError {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> VolumeError {
+        VolumeError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// A place volumes live in. Every method is safe to call for any validated name.
+#[async_trait]
+pub trait VolumeBackend: Send + Sync {
+    /// `lvm` or `directory`.
+    fn kind(&self) -> &'static str;
+
+    /// Backend-specific name rules on top of the contract's (e.g. LVM's reserved names).
+    fn validate_name(&self, _name: &str) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// The path a volume of this name has (whether or not it exists).
+    fn volume_path(&self, name: &str) -> PathBuf;
+
+    /// The volume, if it exists.
+    async fn inspect(&self, name: &str) -> Result<Option<VolumeInfo>, VolumeError>;
+
+    /// Creates a new volume of at least `size_bytes`; fails if it exists.
+    async fn create(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo, VolumeError>;
+
+    /// Makes a reused volume ready to be overwritten completely: everything from
+    /// `image_size` to the end must read as zeros afterwards (the writer covers the rest).
+    async fn prepare_overwrite(
+        &self,
+        volume: &VolumeInfo,
+        image_size: u64,
+    ) -> Result<(), VolumeError>;
+
+    /// Flushes written data to stable storage.
+    async fn flush(&self, volume: &VolumeInfo) -> Result<(), VolumeError>;
+
+    /// Removes a volume; absent is success.
+    async fn remove(&self, name: &str) -> Result<(), VolumeError>;
+
+    /// Whether the backend is usable now (the `lvm` dependency of the readiness probe).
+    async fn probe(&self) -> Result<(), VolumeError>;
+}
+
+/// The backend the settings select.
+pub fn backend_from_settings(settings: &Settings) -> Result<Arc<dyn VolumeBackend>, VolumeError> {
+    match settings.volumes.backend {
+        VolumeBackendKind::Directory => Ok(Arc::new(directory::DirectoryBackend::new(
+            &settings.volumes.directory.path,
+        )?)),
+        VolumeBackendKind::Lvm => Err(VolumeError::Command {
+            command: "volumes.backend = \"lvm\"".into(),
+            detail: "the LVM backend is not built into this version".into(),
+        }),
+    }
+}
+
+/// Volume name rules of the API contract: `[A-Za-z0-9+_.-]`, 1..=127 characters, not `.` or
+/// `..`, no leading `-`.
+pub fn validate_volume_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 127 {
+        return Err(format!(
+            "volume_name must be 1 to 127 characters, got {}",
+            name.len()
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err("volume_name must not be \".\" or \"..\"".into());
+    }
+    if name.starts_with('-') {
+        return Err("volume_name must not start with \"-\"".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "+_.-".contains(*c)))
+    {
+        return Err(format!(
+            "volume_name contains {c:?}; allowed are letters, digits and + _ . -"
+        ));
+    }
+    Ok(())
+}
+
+/// LVM names (volume groups and logical volumes): the contract's rules plus LVM's reserved
+/// prefixes and suffixes.
+pub fn validate_lvm_name(name: &str) -> Result<(), String> {
+    validate_volume_name(name)?;
+    if name.starts_with("snapshot") || name.starts_with("pvmove") {
+        return Err(format!("`{name}`: LVM reserves names starting with snapshot or pvmove"));
+    }
+    for reserved in [
+        "_cdata", "_cmeta", "_corig", "_iorig", "_mimage", "_mlog", "_pmspare", "_rimage",
+        "_rmeta", "_tdata", "_tmeta", "_vdata", "_vorigin", "_wcorig",
+    ] {
+        if name.contains(reserved) {
+            return Err(format!("`{name}`: LVM reserves names containing {reserved}"));
+        }
+    }
+    Ok(())
+}
+
+/// Bytes of a request in GiB.
+pub fn gib_to_bytes(gib: u64) -> Option<u64> {
+    gib.checked_mul(GIB)
+}
+
+/// The reuse rule shared by every backend: within 5% of the requested size and not blocked.
+pub fn check_reusable(volume: &VolumeInfo, requested_bytes: u64) -> Result<(), VolumeError> {
+    if let Some(reason) = &volume.reuse_blocker {
+        return Err(VolumeError::Conflict(format!(
+            "volume {} exists and cannot be reused: {reason}",
+            volume.name
+        )));
+    }
+    let diff = volume.size_bytes.abs_diff(requested_bytes) as f64;
+    if diff > requested_bytes as f64 * REUSE_TOLERANCE {
+        return Err(VolumeError::Conflict(format!(
+            "volume {} exists with {} bytes, not within 5% of the requested {} bytes",
+            volume.name, volume.size_bytes, requested_bytes
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_names() {
+        for ok in ["vm-disk-001", "a", "A.b+c_d-e", &"x".repeat(127)] {
+            assert!(validate_volume_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", "-x", "a/b", "a b", "ä", &"x".repeat(128), "a\0"] {
+            assert!(validate_volume_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_lvm_name("snapshot1").is_err());
+        assert!(validate_lvm_name("x_tmeta").is_err());
+        assert!(validate_lvm_name("vg0").is_ok());
+    }
+
+    #[test]
+    fn reuse_within_five_percent() {
+        let v = |size| VolumeInfo {
+            name: "v".into(),
+            path: "/x".into(),
+            size_bytes: size,
+            reuse_blocker: None,
+        };
+        let req = 100 * GIB;
+        assert!(check_reusable(&v(req), req).is_ok());
+        assert!(check_reusable(&v(req + 5 * GIB), req).is_ok());
+        assert!(check_reusable(&v(req - 5 * GIB), req).is_ok());
+        assert!(check_reusable(&v(req + 5 * GIB + 1), req).is_err());
+        let mut open = v(req);
+        open.reuse_blocker = Some("open by another process".into());
+        let err = check_reusable(&open, req).unwrap_err().to_string();
+        assert!(err.contains("open by another process"), "{err}");
+    }
+}
