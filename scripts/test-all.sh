@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs every test of the project: formatting and lints, unit and integration tests against the
+# real binary, the LVM tests inside a QEMU VM, and the static checks of the Nix files.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+step() { printf '\n== %s ==\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+
+step "cargo test"
+cargo test --all-targets --locked
