@@ -33,8 +33,8 @@ pub async fn serve(source: ConfigSource) -> anyhow::Result<()> {
     let settings = config::load(&source)?;
     // object_store brings rustls' aws-lc-rs provider; make it the process default once.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let _log = telemetry::logs::init(&settings.log, None)
-        .map_err(|e| anyhow::anyhow!("logging: {e}"))?;
+    let _log =
+        telemetry::logs::init(&settings.log, None).map_err(|e| anyhow::anyhow!("logging: {e}"))?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         config = %source.path.display(),
@@ -51,8 +51,12 @@ pub async fn serve(source: ConfigSource) -> anyhow::Result<()> {
 async fn run(settings: Settings) -> anyhow::Result<()> {
     let started = Instant::now();
     let listen = settings.listen_addr();
-    let store = Store::open(&settings.storage.data_dir)
-        .with_context(|| format!("opening job store in {}", settings.storage.data_dir.display()))?;
+    let store = Store::open(&settings.storage.data_dir).with_context(|| {
+        format!(
+            "opening job store in {}",
+            settings.storage.data_dir.display()
+        )
+    })?;
     let sources = Arc::new(SourceClients::new(&settings)?);
     let cache = Arc::new(
         ImageCache::open(&settings.cache.dir, &store, sources)
@@ -71,7 +75,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         .context("starting the job engine")?;
     let health = Arc::new(Health::default());
     health.probe_all(&ctx, &store).await;
-    health.spawn_prober(ctx.clone(), store.clone(), settings.telemetry.probe_interval);
+    health.spawn_prober(
+        ctx.clone(),
+        store.clone(),
+        settings.telemetry.probe_interval,
+    );
     let retention = settings.jobs.retention;
     engine.spawn_pruner(PRUNE_INTERVAL, move || retention);
 

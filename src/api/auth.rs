@@ -51,7 +51,10 @@ impl Authenticator {
     }
 
     fn policy(&self) -> Policy {
-        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Decides on a request from its connection (client certificate).

@@ -85,7 +85,8 @@ impl Reply for ApiError {
             message: &self.message,
             code: self.status.as_u16(),
         };
-        let mut resp = warp::reply::with_status(warp::reply::json(&body), self.status).into_response();
+        let mut resp =
+            warp::reply::with_status(warp::reply::json(&body), self.status).into_response();
         if let Some(secs) = self.retry_after
             && let Ok(v) = secs.to_string().parse()
         {
@@ -102,14 +103,23 @@ pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
     } else if rejection.is_not_found() {
         ApiError::not_found("no such route")
     } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
-        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed on this route",
+        )
     } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
         ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body is too large")
     } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
-        ApiError::new(StatusCode::LENGTH_REQUIRED, "a Content-Length header is required")
+        ApiError::new(
+            StatusCode::LENGTH_REQUIRED,
+            "a Content-Length header is required",
+        )
     } else if rejection.find::<warp::reject::InvalidQuery>().is_some() {
         ApiError::bad_request("invalid query string")
-    } else if rejection.find::<warp::reject::UnsupportedMediaType>().is_some() {
+    } else if rejection
+        .find::<warp::reject::UnsupportedMediaType>()
+        .is_some()
+    {
         ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported media type")
     } else {
         tracing::warn!(?rejection, "unhandled rejection");
@@ -135,6 +145,11 @@ mod tests {
 
     async fn http_body_util_collect(resp: Response) -> Vec<u8> {
         use http_body_util::BodyExt;
-        resp.into_body().collect().await.unwrap().to_bytes().to_vec()
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec()
     }
 }

@@ -55,7 +55,9 @@ pub fn json_body(
                 }
                 let buf = read_limited(body, limit).await?;
                 serde_json::from_slice::<serde_json::Value>(&buf).map_err(|e| {
-                    reject(ApiError::bad_request(format!("body is not valid JSON: {e}")))
+                    reject(ApiError::bad_request(format!(
+                        "body is not valid JSON: {e}"
+                    )))
                 })
             }
         })
@@ -364,7 +366,11 @@ pub async fn list(
     ))
 }
 
-pub async fn status(id: Uuid, _caller: Caller, state: Arc<ApiState>) -> Result<Response, Rejection> {
+pub async fn status(
+    id: Uuid,
+    _caller: Caller,
+    state: Arc<ApiState>,
+) -> Result<Response, Rejection> {
     let job = state
         .engine
         .store()
@@ -391,9 +397,9 @@ pub async fn cancel(id: Uuid, caller: Caller, state: Arc<ApiState>) -> Result<Re
                 StatusCode::OK,
             ))
         }
-        Err(CancelError::NotFound(_)) => Err(reject(ApiError::not_found(format!(
-            "job {id} not found"
-        )))),
+        Err(CancelError::NotFound(_)) => {
+            Err(reject(ApiError::not_found(format!("job {id} not found"))))
+        }
         Err(e @ CancelError::Terminal(_)) => Err(reject(ApiError::bad_request(e.to_string()))),
         Err(e) => Err(reject(ApiError::internal(e.to_string()))),
     }
@@ -408,9 +414,11 @@ pub async fn cache_list(
     let limit = parse_limit(&q, 100).map_err(reject)?;
     let offset = match q.get("offset") {
         None => 0,
-        Some(v) => v
-            .parse::<usize>()
-            .map_err(|_| reject(ApiError::bad_request("offset must be a non-negative integer")))?,
+        Some(v) => v.parse::<usize>().map_err(|_| {
+            reject(ApiError::bad_request(
+                "offset must be a non-negative integer",
+            ))
+        })?,
     };
     let cache = &state.engine.context().cache;
     let entries = cache.entries();
@@ -447,7 +455,11 @@ pub async fn cache_delete(
     caller: Caller,
     state: Arc<ApiState>,
 ) -> Result<Response, Rejection> {
-    if key.len() != 64 || !key.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if key.len() != 64
+        || !key
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return Err(reject(ApiError::bad_request(
             "cache key must be 64 lowercase hex digits",
         )));
@@ -455,7 +467,11 @@ pub async fn cache_delete(
     let cache = &state.engine.context().cache;
     match cache.remove(&key) {
         Ok(_) => {
-            tracing::info!(key, requested_by = caller.identity().unwrap_or(""), "cache entry deleted");
+            tracing::info!(
+                key,
+                requested_by = caller.identity().unwrap_or(""),
+                "cache entry deleted"
+            );
             Ok(json_reply(
                 &json!({"status": "deleted", "key": key}),
                 StatusCode::OK,
@@ -525,7 +541,10 @@ mod tests {
     fn go_style_uptime() {
         assert_eq!(go_duration(Duration::from_secs(52)), "52s");
         assert_eq!(go_duration(Duration::from_secs(14 * 60 + 52)), "14m52s");
-        assert_eq!(go_duration(Duration::from_secs(3 * 3600 + 14 * 60 + 52)), "3h14m52s");
+        assert_eq!(
+            go_duration(Duration::from_secs(3 * 3600 + 14 * 60 + 52)),
+            "3h14m52s"
+        );
         assert_eq!(go_duration(Duration::from_secs(3600)), "1h0m0s");
     }
 

@@ -93,7 +93,13 @@ pub fn routes(
 
     // Open routes.
     let health = get()
-        .and(path("health").or(path("healthz")).unify().or(path("livez")).unify())
+        .and(
+            path("health")
+                .or(path("healthz"))
+                .unify()
+                .or(path("livez"))
+                .unify(),
+        )
         .and(end())
         .and(route("/health"))
         .and(s())

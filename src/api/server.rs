@@ -53,24 +53,21 @@ impl ClientCert {
 pub trait Conn: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn for T {}
 
+/// What a transport handshake yields: the stream and the verified client certificate.
+pub type Accepted =
+    futures::future::BoxFuture<'static, std::io::Result<(Box<dyn Conn>, Option<ClientCert>)>>;
+
 /// Turns accepted TCP connections into served connections (plain, or TLS in `tls.rs`).
 pub trait Transport: Send + Sync + 'static {
     /// Handshake; returns the stream and the verified client certificate, if any.
-    fn accept(
-        &self,
-        tcp: TcpStream,
-    ) -> futures::future::BoxFuture<'static, std::io::Result<(Box<dyn Conn>, Option<ClientCert>)>>;
+    fn accept(&self, tcp: TcpStream) -> Accepted;
 }
 
 /// Plain HTTP.
 pub struct Plain;
 
 impl Transport for Plain {
-    fn accept(
-        &self,
-        tcp: TcpStream,
-    ) -> futures::future::BoxFuture<'static, std::io::Result<(Box<dyn Conn>, Option<ClientCert>)>>
-    {
+    fn accept(&self, tcp: TcpStream) -> Accepted {
         Box::pin(async move { Ok((Box::new(tcp) as Box<dyn Conn>, None)) })
     }
 }

@@ -120,7 +120,10 @@ fn merge_legacy_env(mut figment: Figment) -> Result<Figment, ConfigError> {
         } else {
             host
         };
-        figment = figment.merge(Serialized::default("server.listen", format!("{host}:{port}")));
+        figment = figment.merge(Serialized::default(
+            "server.listen",
+            format!("{host}:{port}"),
+        ));
     }
     Ok(figment)
 }
@@ -198,6 +201,7 @@ pub fn redacted_toml(settings: &Settings) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closure signature
 mod tests {
     use super::*;
     use crate::config::{LogFormat, VolumeBackendKind};
@@ -234,7 +238,10 @@ mod tests {
         Jail::expect_with(|jail| {
             jail.clear_env();
             let err = load(&source("nope.toml", true)).unwrap_err();
-            assert!(err.to_string().contains("nope.toml does not exist"), "{err}");
+            assert!(
+                err.to_string().contains("nope.toml does not exist"),
+                "{err}"
+            );
             Ok(())
         });
     }
@@ -332,7 +339,10 @@ mod tests {
                 ("[jobs]\nmax_concurrent = 0\n", "jobs.max_concurrent"),
                 ("[server]\nlisten = \"localhost\"\n", "server.listen"),
                 ("[jobs]\ntimeout = \"soon\"\n", "timeout"),
-                ("[volumes.lvm]\nvolume_group = \"-bad\"\n", "volumes.lvm.volume_group"),
+                (
+                    "[volumes.lvm]\nvolume_group = \"-bad\"\n",
+                    "volumes.lvm.volume_group",
+                ),
                 ("[log]\nformat = \"xml\"\n", "format"),
                 ("[telemetry]\nsampling_ratio = 1.5\n", "sampling_ratio"),
                 ("[tls]\ncert_file = \"/x.pem\"\n", "tls.cert_file"),

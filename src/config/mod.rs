@@ -431,7 +431,10 @@ impl Settings {
             }
         }
         if self.volumes.lvm.command_timeout.is_zero() {
-            return err("volumes.lvm.command_timeout", "must be greater than 0".into());
+            return err(
+                "volumes.lvm.command_timeout",
+                "must be greater than 0".into(),
+            );
         }
         if self.cache.dir.as_os_str().is_empty() {
             return err("cache.dir", "must not be empty".into());
@@ -487,10 +490,7 @@ impl Settings {
             return err("s3.retries", "must be at most 20".into());
         }
         if self.tls.cert_file.is_empty() != self.tls.key_file.is_empty() {
-            return err(
-                "tls.cert_file/tls.key_file",
-                "set both or neither".into(),
-            );
+            return err("tls.cert_file/tls.key_file", "set both or neither".into());
         }
         if !self.tls.client_ca_file.is_empty() && self.tls.cert_file.is_empty() {
             return err(
@@ -512,7 +512,10 @@ impl Settings {
             );
         }
         if !(0.0..=1.0).contains(&self.telemetry.sampling_ratio) {
-            return err("telemetry.sampling_ratio", "must be between 0.0 and 1.0".into());
+            return err(
+                "telemetry.sampling_ratio",
+                "must be between 0.0 and 1.0".into(),
+            );
         }
         if !self.telemetry.otlp_endpoint.is_empty()
             && url::Url::parse(&self.telemetry.otlp_endpoint).is_err()

@@ -109,7 +109,11 @@ pub async fn convert(
     unsafe {
         cmd.pre_exec(move || {
             use nix::sys::resource::{Resource, setrlimit};
-            setrlimit(Resource::RLIMIT_AS, QEMU_IMG_ADDRESS_SPACE, QEMU_IMG_ADDRESS_SPACE)?;
+            setrlimit(
+                Resource::RLIMIT_AS,
+                QEMU_IMG_ADDRESS_SPACE,
+                QEMU_IMG_ADDRESS_SPACE,
+            )?;
             setrlimit(Resource::RLIMIT_CPU, cpu, cpu)?;
             setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
             Ok(())
@@ -232,7 +236,10 @@ mod tests {
             .status()
             .unwrap();
         assert!(ok.success());
-        std::fs::File::create(&dst).unwrap().set_len(16 << 20).unwrap();
+        std::fs::File::create(&dst)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
         let spec = ConvertSpec {
             source: src,
             format: ImageType::Qcow2,

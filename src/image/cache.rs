@@ -280,8 +280,12 @@ impl ImageCache {
         let key = match &remote.expected_sha256 {
             Some(sum) => sum.clone(),
             None => hex::encode(Sha256::digest(
-                format!("{}\n{}", location.identity(), remote.etag.as_deref().unwrap_or(""))
-                    .as_bytes(),
+                format!(
+                    "{}\n{}",
+                    location.identity(),
+                    remote.etag.as_deref().unwrap_or("")
+                )
+                .as_bytes(),
             )),
         };
         // Hold the entry before looking, so eviction cannot take it between check and use.
@@ -475,11 +479,7 @@ impl Download {
         result
     }
 
-    async fn download(
-        &self,
-        partial: &Path,
-        progress: &watch::Sender<Transfer>,
-    ) -> FlightResult {
+    async fn download(&self, partial: &Path, progress: &watch::Sender<Transfer>) -> FlightResult {
         let started = Instant::now();
         let io = |e: std::io::Error| FetchError::Io(format!("{}: {e}", partial.display()));
         let opts = GetOptions {
@@ -588,8 +588,9 @@ impl Download {
 /// Makes a rename durable.
 async fn sync_dir(dir: &Path) {
     let dir = dir.to_path_buf();
-    let _ = tokio::task::spawn_blocking(move || std::fs::File::open(&dir).and_then(|d| d.sync_all()))
-        .await;
+    let _ =
+        tokio::task::spawn_blocking(move || std::fs::File::open(&dir).and_then(|d| d.sync_all()))
+            .await;
 }
 
 #[cfg(test)]
@@ -599,9 +600,15 @@ mod tests {
     #[test]
     fn checksum_files() {
         let h = "ABCDEF0123456789abcdef0123456789ABCDEF0123456789abcdef0123456789";
-        assert_eq!(parse_checksum_file(h.as_bytes()), Some(h.to_ascii_lowercase()));
+        assert_eq!(
+            parse_checksum_file(h.as_bytes()),
+            Some(h.to_ascii_lowercase())
+        );
         let sum = format!("{h}  ubuntu.qcow2\n");
-        assert_eq!(parse_checksum_file(sum.as_bytes()), Some(h.to_ascii_lowercase()));
+        assert_eq!(
+            parse_checksum_file(sum.as_bytes()),
+            Some(h.to_ascii_lowercase())
+        );
         assert_eq!(parse_checksum_file(b"xyz"), None);
         assert_eq!(parse_checksum_file(b""), None);
     }

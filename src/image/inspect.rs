@@ -158,9 +158,11 @@ fn inspect_qcow2(head: &[u8], file_len: u64) -> Result<Inspection, InspectError>
         let refcount_order = be32(head, 96);
         let header_len = be32(head, 100) as u64;
         if refcount_order > 6 {
-            return Err(impossible(format!("refcount_order {refcount_order} above 6")));
+            return Err(impossible(format!(
+                "refcount_order {refcount_order} above 6"
+            )));
         }
-        if header_len < 104 || header_len % 8 != 0 {
+        if header_len < 104 || !header_len.is_multiple_of(8) {
             return Err(impossible(format!("header_length {header_len}")));
         }
         (header_len, incompatible)
@@ -213,9 +215,11 @@ fn inspect_qcow2(head: &[u8], file_len: u64) -> Result<Inspection, InspectError>
         )));
     }
     if l1_size * 8 > MAX_L1_BYTES {
-        return Err(impossible(format!("L1 table of {l1_size} entries is too large")));
+        return Err(impossible(format!(
+            "L1 table of {l1_size} entries is too large"
+        )));
     }
-    if l1_offset % cluster_size != 0 || !within(l1_offset, l1_size * 8, file_len) {
+    if !l1_offset.is_multiple_of(cluster_size) || !within(l1_offset, l1_size * 8, file_len) {
         return Err(impossible(format!(
             "L1 table at {l1_offset} (+{} bytes) is unaligned or beyond the file ({file_len} bytes)",
             l1_size * 8
@@ -232,7 +236,7 @@ fn inspect_qcow2(head: &[u8], file_len: u64) -> Result<Inspection, InspectError>
             "refcount table of {refcount_clusters} clusters"
         )));
     }
-    if refcount_offset % cluster_size != 0
+    if !refcount_offset.is_multiple_of(cluster_size)
         || refcount_offset < cluster_size
         || !within(refcount_offset, reftable_bytes, file_len)
     {
@@ -244,7 +248,8 @@ fn inspect_qcow2(head: &[u8], file_len: u64) -> Result<Inspection, InspectError>
         return Err(impossible(format!("{nb_snapshots} snapshots")));
     }
     if nb_snapshots > 0
-        && (snapshots_offset % 8 != 0 || !within(snapshots_offset, nb_snapshots * 40, file_len))
+        && (!snapshots_offset.is_multiple_of(8)
+            || !within(snapshots_offset, nb_snapshots * 40, file_len))
     {
         return Err(impossible(format!(
             "snapshot table at {snapshots_offset} lies beyond the file"
@@ -401,11 +406,17 @@ mod tests {
 
         let mut h = header();
         h[24..32].copy_from_slice(&(1u64 << 50).to_be_bytes());
-        assert!(matches!(check(&h), Err(InspectError::Impossible(_))), "L1 too small");
+        assert!(
+            matches!(check(&h), Err(InspectError::Impossible(_))),
+            "L1 too small"
+        );
 
         let mut h = header();
         h[40..48].copy_from_slice(&(1u64 << 40).to_be_bytes());
-        assert!(matches!(check(&h), Err(InspectError::Impossible(_))), "L1 beyond file");
+        assert!(
+            matches!(check(&h), Err(InspectError::Impossible(_))),
+            "L1 beyond file"
+        );
 
         let h = header();
         assert!(matches!(

@@ -76,14 +76,17 @@ fn invalid(msg: impl Into<String>) -> InvalidSource {
 
 /// Host and port of a URL (port defaulted by scheme).
 fn host_port(url: &Url) -> Option<(String, u16)> {
-    Some((url.host_str()?.to_ascii_lowercase(), url.port_or_known_default()?))
+    Some((
+        url.host_str()?.to_ascii_lowercase(),
+        url.port_or_known_default()?,
+    ))
 }
 
 /// Validates and resolves an image URL against the settings. Does not touch the network; file
 /// URLs are canonicalised (so `..` and symlinks cannot escape the roots).
 pub fn resolve(image_url: &str, settings: &Settings) -> Result<Location, InvalidSource> {
-    let url = Url::parse(image_url)
-        .map_err(|e| invalid(format!("image_url is not a valid URL: {e}")))?;
+    let url =
+        Url::parse(image_url).map_err(|e| invalid(format!("image_url is not a valid URL: {e}")))?;
     if !url.username().is_empty() || url.password().is_some() {
         return Err(invalid(
             "image_url must not carry credentials; configure them in [s3]",
@@ -113,7 +116,10 @@ fn decoded_key(raw: &str) -> Result<String, InvalidSource> {
     if key.is_empty() || key.ends_with('/') {
         return Err(invalid("image_url names no object key"));
     }
-    if key.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
+    if key
+        .split('/')
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
         return Err(invalid("image_url key has empty, `.` or `..` segments"));
     }
     Ok(key)
@@ -168,9 +174,9 @@ fn resolve_http(url: Url, settings: &Settings) -> Result<Location, InvalidSource
                 // Path style: https://endpoint/bucket/key
                 let path = url.path().strip_prefix(base).unwrap_or(url.path());
                 let path = path.trim_start_matches('/');
-                let (bucket, key) = path
-                    .split_once('/')
-                    .ok_or_else(|| invalid("image_url must be https://<endpoint>/<bucket>/<key>"))?;
+                let (bucket, key) = path.split_once('/').ok_or_else(|| {
+                    invalid("image_url must be https://<endpoint>/<bucket>/<key>")
+                })?;
                 return s3_location(bucket, &decoded_key(key)?);
             }
             // Virtual-host style: https://bucket.endpoint/key
@@ -204,13 +210,19 @@ fn resolve_file(url: &Url, settings: &Settings) -> Result<Location, InvalidSourc
             "file:// URLs are disabled (sources.file_roots is empty)",
         ));
     }
-    if url.host_str().is_some_and(|h| !h.is_empty() && h != "localhost") {
+    if url
+        .host_str()
+        .is_some_and(|h| !h.is_empty() && h != "localhost")
+    {
         return Err(invalid("file:// URLs must not name a host"));
     }
     let path = url
         .to_file_path()
         .map_err(|_| invalid("file:// URL is not an absolute path"))?;
-    if path.components().any(|c| c == std::path::Component::ParentDir) {
+    if path
+        .components()
+        .any(|c| c == std::path::Component::ParentDir)
+    {
         return Err(invalid("file:// path must not contain `..`"));
     }
     let canonical = path
@@ -227,7 +239,10 @@ fn resolve_file(url: &Url, settings: &Settings) -> Result<Location, InvalidSourc
         )));
     }
     if !canonical.is_file() {
-        return Err(invalid(format!("image {} is not a regular file", path.display())));
+        return Err(invalid(format!(
+            "image {} is not a regular file",
+            path.display()
+        )));
     }
     Ok(Location::File(canonical))
 }
@@ -319,7 +334,10 @@ impl SourceClients {
             }
             Location::Http(url) => {
                 let origin = url.origin().ascii_serialization();
-                (format!("http:{origin}"), ObjectPath::from_url_path(url.path())?)
+                (
+                    format!("http:{origin}"),
+                    ObjectPath::from_url_path(url.path())?,
+                )
             }
             Location::S3 { bucket, key } => (format!("s3:{bucket}"), ObjectPath::parse(key)?),
         };
@@ -440,12 +458,18 @@ mod tests {
         s.sources.file_roots = vec![root.path().to_path_buf()];
         let url = |p: &Path| format!("file://{}", p.display());
         assert!(resolve(&url(&root.path().join("ok.raw")), &s).is_ok());
-        assert!(resolve(&url(&root.path().join("link")), &s).is_err(), "symlink escape");
+        assert!(
+            resolve(&url(&root.path().join("link")), &s).is_err(),
+            "symlink escape"
+        );
         assert!(resolve(&url(&outside.path().join("secret")), &s).is_err());
         let dotdot = format!("file://{}/../x", root.path().display());
         assert!(resolve(&dotdot, &s).is_err());
         assert!(resolve(&url(&root.path().join("missing")), &s).is_err());
         s.sources.file_roots.clear();
-        assert!(resolve(&url(&root.path().join("ok.raw")), &s).is_err(), "disabled");
+        assert!(
+            resolve(&url(&root.path().join("ok.raw")), &s).is_err(),
+            "disabled"
+        );
     }
 }

@@ -238,7 +238,9 @@ impl Engine {
     /// Starts queued jobs while slots are free (called with the state locked).
     fn pump(&self, st: &mut State) {
         while st.accepting && st.running.len() < st.max_concurrent {
-            let Some(id) = st.queue.pop_front() else { break };
+            let Some(id) = st.queue.pop_front() else {
+                break;
+            };
             let cancel = CancellationToken::new();
             let reason = Arc::new(Mutex::new(None));
             let (done_tx, done_rx) = watch::channel(false);
@@ -280,7 +282,11 @@ impl Engine {
             }
         };
         if let Some(job) = job {
-            let timeout = *self.inner.job_timeout.lock().unwrap_or_else(|e| e.into_inner());
+            let timeout = *self
+                .inner
+                .job_timeout
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             let span_name = match job.kind {
                 JobKind::Provision => "runJob",
                 JobKind::CacheFetch => "runCacheJob",
@@ -345,9 +351,10 @@ impl Engine {
         let stop = *reason.lock().unwrap_or_else(|e| e.into_inner());
         let (status, error) = match (outcome, stop) {
             (Ok(()), _) => (JobStatus::Completed, None),
-            (Err(_), Some(StopReason::Cancelled)) => {
-                (JobStatus::Cancelled, Some("cancelled by request".to_string()))
-            }
+            (Err(_), Some(StopReason::Cancelled)) => (
+                JobStatus::Cancelled,
+                Some("cancelled by request".to_string()),
+            ),
             (Err(_), Some(StopReason::TimedOut)) => (
                 JobStatus::Failed,
                 Some(format!(
@@ -481,7 +488,11 @@ impl Engine {
     /// Applies new limits (hot reload): more slots start queued jobs at once; fewer let
     /// running jobs finish.
     pub fn set_limits(&self, max_concurrent: usize, queue_capacity: usize, timeout: Duration) {
-        *self.inner.job_timeout.lock().unwrap_or_else(|e| e.into_inner()) = timeout;
+        *self
+            .inner
+            .job_timeout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = timeout;
         let mut st = self.state();
         st.max_concurrent = max_concurrent;
         st.queue_capacity = queue_capacity;
@@ -490,8 +501,8 @@ impl Engine {
 
     /// Removes finished jobs older than `retention`; never pending or running ones.
     pub fn prune(&self, retention: Duration) -> Result<usize, StoreError> {
-        let cutoff = Utc::now()
-            - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+        let cutoff =
+            Utc::now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
         let mut removed = 0;
         for job in self.inner.store.all_jobs()? {
             if job.status.is_terminal() && job.finished_at.is_some_and(|f| f < cutoff) {

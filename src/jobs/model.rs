@@ -402,15 +402,23 @@ mod tests {
 
     #[test]
     fn terminal_states_are_immutable() {
-        for terminal in [JobStatus::Completed, JobStatus::Failed, JobStatus::Cancelled] {
+        for terminal in [
+            JobStatus::Completed,
+            JobStatus::Failed,
+            JobStatus::Cancelled,
+        ] {
             for to in JobStatus::ALL {
                 assert!(!terminal.can_become(to), "{terminal} -> {to}");
             }
         }
         let mut j = job();
         j.transition(JobStatus::Running, None, Utc::now()).unwrap();
-        j.transition(JobStatus::Cancelled, Some("cancelled by request".into()), Utc::now())
-            .unwrap();
+        j.transition(
+            JobStatus::Cancelled,
+            Some("cancelled by request".into()),
+            Utc::now(),
+        )
+        .unwrap();
         // The worker finishing afterwards must not overwrite the cancellation.
         let err = j
             .transition(JobStatus::Failed, Some("boom".into()), Utc::now())
@@ -418,7 +426,10 @@ mod tests {
         assert_eq!(err.from, JobStatus::Cancelled);
         assert_eq!(j.status, JobStatus::Cancelled);
         assert_eq!(j.error.as_deref(), Some("cancelled by request"));
-        assert!(j.transition(JobStatus::Completed, None, Utc::now()).is_err());
+        assert!(
+            j.transition(JobStatus::Completed, None, Utc::now())
+                .is_err()
+        );
     }
 
     #[test]
@@ -433,8 +444,12 @@ mod tests {
         j.transition(JobStatus::Running, None, Utc::now()).unwrap();
         let s = serde_json::to_value(j.to_status(Some(3))).unwrap();
         assert!(s.get("queue_position").is_none());
-        assert!(s.get("volume_path").is_none(), "only completed jobs show it");
-        j.transition(JobStatus::Completed, None, Utc::now()).unwrap();
+        assert!(
+            s.get("volume_path").is_none(),
+            "only completed jobs show it"
+        );
+        j.transition(JobStatus::Completed, None, Utc::now())
+            .unwrap();
         let s = serde_json::to_value(j.to_status(None)).unwrap();
         assert_eq!(s["volume_path"], "/dev/vg0/v");
         assert_eq!(s["progress"]["percent"], 100.0);

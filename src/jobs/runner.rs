@@ -100,7 +100,10 @@ impl JobHandle {
         m.stage_throughput_bytes_per_second
             .with_label_values(&[stage])
             .set(0.0);
-        if let Err(e) = self.store.record_stage(stage, StageSample { bytes, seconds }) {
+        if let Err(e) = self
+            .store
+            .record_stage(stage, StageSample { bytes, seconds })
+        {
             tracing::warn!(error = %e, stage, "cannot record stage measurement");
         }
     }
@@ -178,7 +181,11 @@ async fn fetch(
     span.record("bytes", image.entry.size);
     h.job.cache_hit = image.hit;
     if !image.hit {
-        h.record_stage("download", image.entry.size, started.elapsed().as_secs_f64());
+        h.record_stage(
+            "download",
+            image.entry.size,
+            started.elapsed().as_secs_f64(),
+        );
     }
     Ok(image)
 }
@@ -208,7 +215,9 @@ async fn provision(
         metrics().image_error("inspect", "too_large");
         return Err(format!(
             "image virtual size {} bytes does not fit the volume of {} bytes ({} GiB)",
-            verdict.virtual_size, size_bytes, spec.volume_size_gb.unwrap_or(0)
+            verdict.virtual_size,
+            size_bytes,
+            spec.volume_size_gb.unwrap_or(0)
         ));
     }
     h.job.image_path = Some(image.path.display().to_string());
@@ -272,7 +281,11 @@ async fn provision(
         metrics().image_error("convert", "qemu_img");
         e.to_string()
     })?;
-    h.record_stage("convert", verdict.virtual_size, started.elapsed().as_secs_f64());
+    h.record_stage(
+        "convert",
+        verdict.virtual_size,
+        started.elapsed().as_secs_f64(),
+    );
 
     // Finalize.
     h.tracker.start_finalize(Instant::now());

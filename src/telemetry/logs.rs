@@ -122,7 +122,12 @@ where
         }
     }
 
-    fn on_record(&self, id: &tracing::span::Id, values: &tracing::span::Record<'_>, ctx: Context<'_, S>) {
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        ctx: Context<'_, S>,
+    ) {
         let Some(span) = ctx.span(id) else { return };
         let mut ext = span.extensions_mut();
         let mut carried = ext.get_mut::<Carried>().cloned().unwrap_or_default();
@@ -146,7 +151,8 @@ impl Visit for EventFields {
         if field.name() == "message" {
             self.message = v;
         } else {
-            self.fields.insert(field.name().to_string(), serde_json::Value::String(v));
+            self.fields
+                .insert(field.name().to_string(), serde_json::Value::String(v));
         }
     }
 
@@ -154,8 +160,10 @@ impl Visit for EventFields {
         if field.name() == "message" {
             self.message = value.to_string();
         } else if !value.is_empty() {
-            self.fields
-                .insert(field.name().to_string(), serde_json::Value::String(value.into()));
+            self.fields.insert(
+                field.name().to_string(),
+                serde_json::Value::String(value.into()),
+            );
         }
     }
 
@@ -287,7 +295,10 @@ mod tests {
 
     #[test]
     fn components() {
-        assert_eq!(component("libvirt_volume_provisioner::jobs::engine"), "jobs");
+        assert_eq!(
+            component("libvirt_volume_provisioner::jobs::engine"),
+            "jobs"
+        );
         assert_eq!(component("libvirt_volume_provisioner"), "provisioner");
         assert_eq!(component("hyper::proto"), "hyper");
     }

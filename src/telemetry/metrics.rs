@@ -100,8 +100,8 @@ fn request_buckets() -> Vec<f64> {
 /// Job and stage durations: 1 s .. ~9 h (jobs run up to hours).
 fn duration_buckets() -> Vec<f64> {
     vec![
-        1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0,
-        7200.0, 10800.0, 21600.0, 32400.0,
+        1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0,
+        10800.0, 21600.0, 32400.0,
     ]
 }
 
@@ -114,8 +114,10 @@ impl Metrics {
     fn new() -> Metrics {
         let r = Registry::new();
         #[cfg(target_os = "linux")]
-        r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
-            .expect("process collector");
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("process collector");
         let m = Metrics {
             requests_total: counter_vec(
                 &r,
@@ -214,7 +216,11 @@ impl Metrics {
                 &["dependency"],
             ),
             build_info: int_gauge_vec(&r, "build_info", "Build information", &["version"]),
-            job_slots: int_gauge(&r, "job_slots", "Configured job slots (jobs.max_concurrent)"),
+            job_slots: int_gauge(
+                &r,
+                "job_slots",
+                "Configured job slots (jobs.max_concurrent)",
+            ),
             queued_jobs: int_gauge(&r, "queued_jobs", "Pending jobs waiting for a slot"),
             auth_failures_total: counter_vec(
                 &r,
@@ -246,7 +252,10 @@ impl Metrics {
             ),
             cache_evictions_total: {
                 let m = CounterVec::new(
-                    Opts::new(name("cache_evictions_total"), "Cache entries evicted by reason"),
+                    Opts::new(
+                        name("cache_evictions_total"),
+                        "Cache entries evicted by reason",
+                    ),
                     &["reason"],
                 )
                 .expect("valid metric");
@@ -288,11 +297,7 @@ impl Metrics {
     }
 
     /// A storage (sled) operation and its result.
-    pub fn storage_op<T, E: std::fmt::Display>(
-        &self,
-        operation: &str,
-        result: &Result<T, E>,
-    ) {
+    pub fn storage_op<T, E: std::fmt::Display>(&self, operation: &str, result: &Result<T, E>) {
         match result {
             Ok(_) => self
                 .storage_operations_total
@@ -354,12 +359,16 @@ mod tests {
     fn every_spec_metric_is_registered() {
         let m = Metrics::new();
         // Vectors appear once they have a label set.
-        m.requests_total.with_label_values(&["GET", "/health", "200"]);
-        m.request_duration_seconds.with_label_values(&["GET", "/health"]);
+        m.requests_total
+            .with_label_values(&["GET", "/health", "200"]);
+        m.request_duration_seconds
+            .with_label_values(&["GET", "/health"]);
         m.job_duration_seconds.with_label_values(&["completed"]);
         m.image_download_size_bytes.with_label_values(&["qcow2"]);
-        m.image_errors_total.with_label_values(&["download", "auth"]);
-        m.storage_operations_total.with_label_values(&["put_job", "success"]);
+        m.image_errors_total
+            .with_label_values(&["download", "auth"]);
+        m.storage_operations_total
+            .with_label_values(&["put_job", "success"]);
         m.storage_errors_total.with_label_values(&["put_job", "io"]);
         m.stage_duration_seconds.with_label_values(&["download"]);
         m.dependencies_up.with_label_values(&["storage"]);

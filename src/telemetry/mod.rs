@@ -39,8 +39,10 @@ pub fn link_to_stored_context(span: &tracing::Span, carrier: &BTreeMap<String, S
     if carrier.is_empty() {
         return;
     }
-    let carrier: std::collections::HashMap<String, String> =
-        carrier.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let carrier: std::collections::HashMap<String, String> = carrier
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let parent = TraceContextPropagator::new().extract(&carrier);
     let _ = span.set_parent(parent);
 }

@@ -64,7 +64,7 @@ impl VolumeBackend for DirectoryBackend {
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || -> Result<(), VolumeError> {
             let avail = nix::sys::statvfs::statvfs(&dir)
-                .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+                .map(|s| s.blocks_available() * s.fragment_size())
                 .map_err(|e| VolumeError::io(&dir, e.into()))?;
             // Sparse files take space only as they are written, but a volume the file system
             // cannot fill is a trap for the VM later: require the full size to be free.
@@ -88,7 +88,8 @@ impl VolumeBackend for DirectoryBackend {
                         VolumeError::io(&p, e)
                     }
                 })?;
-            file.set_len(size_bytes).map_err(|e| VolumeError::io(&p, e))?;
+            file.set_len(size_bytes)
+                .map_err(|e| VolumeError::io(&p, e))?;
             file.sync_all().map_err(|e| VolumeError::io(&p, e))?;
             Ok(())
         })
@@ -170,7 +171,11 @@ fn processes_holding(path: &Path) -> Vec<u32> {
         return pids;
     };
     for entry in procs.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         if pid == me {

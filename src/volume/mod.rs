@@ -135,14 +135,18 @@ pub fn validate_volume_name(name: &str) -> Result<(), String> {
 pub fn validate_lvm_name(name: &str) -> Result<(), String> {
     validate_volume_name(name)?;
     if name.starts_with("snapshot") || name.starts_with("pvmove") {
-        return Err(format!("`{name}`: LVM reserves names starting with snapshot or pvmove"));
+        return Err(format!(
+            "`{name}`: LVM reserves names starting with snapshot or pvmove"
+        ));
     }
     for reserved in [
         "_cdata", "_cmeta", "_corig", "_iorig", "_mimage", "_mlog", "_pmspare", "_rimage",
         "_rmeta", "_tdata", "_tmeta", "_vdata", "_vorigin", "_wcorig",
     ] {
         if name.contains(reserved) {
-            return Err(format!("`{name}`: LVM reserves names containing {reserved}"));
+            return Err(format!(
+                "`{name}`: LVM reserves names containing {reserved}"
+            ));
         }
     }
     Ok(())
@@ -180,7 +184,17 @@ mod tests {
         for ok in ["vm-disk-001", "a", "A.b+c_d-e", &"x".repeat(127)] {
             assert!(validate_volume_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", ".", "..", "-x", "a/b", "a b", "ä", &"x".repeat(128), "a\0"] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "-x",
+            "a/b",
+            "a b",
+            "ä",
+            &"x".repeat(128),
+            "a\0",
+        ] {
             assert!(validate_volume_name(bad).is_err(), "{bad:?}");
         }
         assert!(validate_lvm_name("snapshot1").is_err());
