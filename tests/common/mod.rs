@@ -1,0 +1,429 @@
+//! Test harness shared by the integration tests: a temporary directory with a config file,
+//! the real daemon binary started on a loopback port it picks itself, HTTP helpers, and
+//! image helpers built on the real qemu-img.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_libvirt-volume-provisioner");
+
+/// A TOML configuration built from dotted keys.
+#[derive(Clone)]
+pub struct TestConfig {
+    table: toml::Table,
+}
+
+impl TestConfig {
+    /// Directory volumes, state, cache and file:// root inside `dir`; listens on a free port.
+    pub fn new(dir: &Path) -> TestConfig {
+        let d = dir.display();
+        let text = format!(
+            r#"
+            [server]
+            listen = "127.0.0.1:0"
+            [storage]
+            data_dir = "{d}/state"
+            [volumes]
+            backend = "directory"
+            [volumes.directory]
+            path = "{d}/volumes"
+            [cache]
+            dir = "{d}/cache"
+            [sources]
+            file_roots = ["{d}/images"]
+            [log]
+            format = "json"
+            level = "info,libvirt_volume_provisioner=debug"
+            "#
+        );
+        std::fs::create_dir_all(dir.join("images")).unwrap();
+        TestConfig {
+            table: toml::from_str(&text).unwrap(),
+        }
+    }
+
+    /// Sets `section.key` (dotted) to a TOML value.
+    pub fn set(mut self, key: &str, value: impl Into<toml::Value>) -> TestConfig {
+        let mut parts: Vec<&str> = key.split('.').collect();
+        let last = parts.pop().unwrap();
+        let mut t = &mut self.table;
+        for p in parts {
+            t = t
+                .entry(p)
+                .or_insert_with(|| toml::Value::Table(Default::default()))
+                .as_table_mut()
+                .unwrap();
+        }
+        t.insert(last.to_string(), value.into());
+        self
+    }
+
+    pub fn render(&self) -> String {
+        toml::to_string(&self.table).unwrap()
+    }
+}
+
+/// A running daemon.
+pub struct Daemon {
+    pub child: Child,
+    pub base: String,
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    log: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    /// Writes the config into `dir/config.toml` and starts the daemon with it.
+    pub fn start(dir: &Path, config: &TestConfig) -> Daemon {
+        Self::start_with_env(dir, config, &[])
+    }
+
+    pub fn start_with_env(dir: &Path, config: &TestConfig, env: &[(&str, &str)]) -> Daemon {
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, config.render()).unwrap();
+        Self::spawn(dir, &config_path, env, "http")
+    }
+
+    /// Starts the binary on an existing config file; `scheme` is http or https.
+    pub fn spawn(dir: &Path, config_path: &Path, env: &[(&str, &str)], scheme: &str) -> Daemon {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--config")
+            .arg(config_path)
+            .arg("serve")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for var in [
+            "HOST",
+            "PORT",
+            "DB_PATH",
+            "LOG_LEVEL",
+            "LOG_FORMAT",
+            "MINIO_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ] {
+            cmd.env_remove(var);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start daemon");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut sent = false;
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if !sent
+                        && let Ok(v) = serde_json::from_str::<Value>(&line)
+                        && v["message"]
+                            .as_str()
+                            .is_some_and(|m| m.starts_with("listening"))
+                    {
+                        let _ = tx.send(v["address"].as_str().unwrap_or_default().to_string());
+                        sent = true;
+                    }
+                    let mut l = log.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(200));
+                panic!("daemon did not start; log:\n{}", log.lock().unwrap());
+            }
+        };
+        Daemon {
+            child,
+            base: format!("{scheme}://{addr}"),
+            dir: dir.to_path_buf(),
+            config_path: config_path.to_path_buf(),
+            log,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Everything the daemon wrote to stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for exit.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        Self::term(&mut self.child)
+    }
+
+    fn term(child: &mut Child) -> std::process::ExitStatus {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A plain HTTP client.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+/// GET returning status and JSON.
+pub async fn get(c: &reqwest::Client, url: &str) -> (u16, Value) {
+    let r = c.get(url).send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// POST JSON returning status and JSON.
+pub async fn post(c: &reqwest::Client, url: &str, body: &Value) -> (u16, Value) {
+    let r = c.post(url).json(body).send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// DELETE returning status and JSON.
+pub async fn delete(c: &reqwest::Client, url: &str) -> (u16, Value) {
+    let r = c.delete(url).send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// Submits a provision job and returns its id (asserting 202).
+pub async fn submit(c: &reqwest::Client, d: &Daemon, body: Value) -> String {
+    let (status, v) = post(c, &d.url("/api/v1/jobs"), &body).await;
+    assert_eq!(status, 202, "submit {body}: {v}\nlog:\n{}", d.log());
+    v["job_id"].as_str().unwrap().to_string()
+}
+
+/// Polls a job until it is terminal.
+pub async fn wait_job(c: &reqwest::Client, d: &Daemon, id: &str, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (status, v) = get(c, &d.url(&format!("/api/v1/jobs/{id}"))).await;
+        assert_eq!(status, 200, "{v}");
+        if ["completed", "failed", "cancelled"].contains(&v["status"].as_str().unwrap_or("")) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} not finished in time: {v}\nlog:\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls a job until `pred` holds.
+pub async fn wait_until(
+    c: &reqwest::Client,
+    d: &Daemon,
+    id: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (_, v) = get(c, &d.url(&format!("/api/v1/jobs/{id}"))).await;
+        if pred(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "condition not reached: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs qemu-img, asserting success.
+pub fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A qcow2 of `size` (e.g. "64M") with recognisable data written at a few offsets.
+pub fn make_qcow2(path: &Path, size: &str) {
+    let raw = path.with_extension("src.raw");
+    make_raw(&raw, parse_size(size));
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        path.to_str().unwrap(),
+    ]);
+    std::fs::remove_file(raw).unwrap();
+}
+
+/// A raw image of `size` bytes with recognisable, partly sparse data.
+pub fn make_raw(path: &Path, size: u64) {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    for i in 0..8u64 {
+        let off = i * size / 8;
+        f.seek(SeekFrom::Start(off)).unwrap();
+        let block: Vec<u8> = (0..65536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        f.write_all(&block[..block.len().min((size - off) as usize)])
+            .unwrap();
+    }
+}
+
+pub fn parse_size(s: &str) -> u64 {
+    let (num, unit) = s.split_at(s.len() - 1);
+    let n: u64 = num.parse().unwrap();
+    match unit {
+        "K" => n << 10,
+        "M" => n << 20,
+        "G" => n << 30,
+        _ => s.parse().unwrap(),
+    }
+}
+
+/// The raw bytes an image converts to (reference made by qemu-img).
+pub fn reference_raw(image: &Path, format: &str, out: &Path) {
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        format,
+        "-O",
+        "raw",
+        image.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+}
+
+/// Asserts that `volume` starts with the bytes of `reference` and reads as zeros after them.
+pub fn assert_volume_matches(volume: &Path, reference: &Path) {
+    use std::io::Read;
+    let want = std::fs::read(reference).unwrap();
+    let mut f = std::fs::File::open(volume).unwrap();
+    let mut got = vec![0u8; want.len()];
+    f.read_exact(&mut got).unwrap();
+    // Slice equality is a memcmp, fast even in debug builds.
+    assert!(
+        got == want,
+        "volume {} differs from {}",
+        volume.display(),
+        reference.display()
+    );
+    // Only the data extents of a sparse file need reading (SEEK_DATA/SEEK_HOLE); block
+    // devices do not support that and are read whole.
+    use std::os::unix::fs::FileExt;
+    let len = f.metadata().unwrap().len().max(seek_end(&f));
+    let fd = &f;
+    let mut extents = Vec::new();
+    let mut pos = want.len() as i64;
+    loop {
+        match nix::unistd::lseek(fd, pos, nix::unistd::Whence::SeekData) {
+            Ok(data) => {
+                let hole = nix::unistd::lseek(fd, data, nix::unistd::Whence::SeekHole).unwrap();
+                extents.push((data as u64, hole as u64));
+                pos = hole;
+            }
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(_) => {
+                extents = vec![(want.len() as u64, len)];
+                break;
+            }
+        }
+    }
+    let zeros = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; 1 << 20];
+    for (start, end) in extents {
+        let mut off = start;
+        while off < end {
+            let n = ((end - off) as usize).min(buf.len());
+            f.read_exact_at(&mut buf[..n], off).unwrap();
+            // Slice equality is a memcmp, fast even in debug builds.
+            assert!(
+                buf[..n] == zeros[..n],
+                "volume has non-zero data after the image near offset {off}"
+            );
+            off += n as u64;
+        }
+    }
+}
+
+fn seek_end(f: &std::fs::File) -> u64 {
+    use std::io::Seek;
+    let mut f = f;
+    f.seek(std::io::SeekFrom::End(0)).unwrap_or(0)
+}
+
+pub fn file_url(p: &Path) -> String {
+    format!("file://{}", p.display())
+}
