@@ -3,7 +3,9 @@
 
 use std::sync::{Arc, RwLock};
 
-use warp::{Filter, Rejection};
+use std::convert::Infallible;
+
+use warp::Filter;
 
 use super::error::ApiError;
 use super::server::ConnInfo;
@@ -70,41 +72,39 @@ impl Authenticator {
     }
 }
 
+/// The decision on a request; never rejects (the handler answers the error), so a matched
+/// route cannot fall through to another route.
 fn authorized(
     state: Arc<ApiState>,
     always: bool,
-) -> impl Filter<Extract = (Caller,), Error = Rejection> + Clone {
+) -> impl Filter<Extract = (Result<Caller, ApiError>,), Error = Infallible> + Clone {
     warp::ext::optional::<ConnInfo>()
         .and(warp::ext::optional::<RequestScope>())
         .and(warp::header::headers_cloned())
-        .and_then(
+        .map(
             move |conn: Option<ConnInfo>, scope: Option<RequestScope>, headers: http::HeaderMap| {
-                let state = state.clone();
-                async move {
-                    if !always && !state.auth.policy().protect_metrics {
-                        return Ok(Caller::default());
-                    }
-                    let caller = state
-                        .auth
-                        .authorize(conn.as_ref(), &headers)
-                        .map_err(warp::reject::custom)?;
-                    if let (Some(scope), Some(id)) = (scope, caller.identity()) {
-                        scope.set_caller(id);
-                    }
-                    Ok::<_, Rejection>(caller)
+                if !always && !state.auth.policy().protect_metrics {
+                    return Ok(Caller::default());
                 }
+                let caller = state.auth.authorize(conn.as_ref(), &headers)?;
+                if let (Some(scope), Some(id)) = (scope, caller.identity()) {
+                    scope.set_caller(id);
+                }
+                Ok(caller)
             },
         )
 }
 
 /// Protected routes (everything under `/api/` and `/provision`).
-pub fn caller(state: Arc<ApiState>) -> impl Filter<Extract = (Caller,), Error = Rejection> + Clone {
+pub fn caller(
+    state: Arc<ApiState>,
+) -> impl Filter<Extract = (Result<Caller, ApiError>,), Error = Infallible> + Clone {
     authorized(state, true)
 }
 
 /// `/metrics`: open unless `auth.protect_metrics`.
 pub fn metrics_caller(
     state: Arc<ApiState>,
-) -> impl Filter<Extract = (Caller,), Error = Rejection> + Clone {
+) -> impl Filter<Extract = (Result<Caller, ApiError>,), Error = Infallible> + Clone {
     authorized(state, false)
 }

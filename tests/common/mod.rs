@@ -427,3 +427,50 @@ fn seek_end(f: &std::fs::File) -> u64 {
 pub fn file_url(p: &Path) -> String {
     format!("file://{}", p.display())
 }
+
+/// A directory with a `qemu-img` wrapper first in PATH: `convert` waits `delay_secs` before
+/// running the real qemu-img (so a test can act while a job is converting), everything else
+/// passes straight through. Returns the PATH value to give the daemon.
+pub fn slow_qemu_img_path(dir: &Path, delay_secs: u32) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join("slowbin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let real = String::from_utf8(
+        Command::new("sh")
+            .args(["-c", "command -v qemu-img"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let script = format!(
+        "#!/bin/sh\n# test wrapper: delays conversions\nif [ \"$1\" = convert ]; then sleep {delay_secs}; fi\nexec {} \"$@\"\n",
+        real.trim()
+    );
+    let path = bin.join("qemu-img");
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// Processes whose command line contains `needle`.
+pub fn processes_matching(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline"))
+            && String::from_utf8_lossy(&cmd)
+                .replace('\0', " ")
+                .contains(needle)
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
