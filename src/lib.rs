@@ -27,6 +27,8 @@ use crate::volume::libvirt::PoolRefresher;
 
 /// How often finished jobs past retention are pruned.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
+/// How often the cache's age and size bounds are applied (besides after every download).
+const CACHE_EVICT_INTERVAL: Duration = Duration::from_secs(600);
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn serve(source: ConfigSource) -> anyhow::Result<()> {
@@ -59,9 +61,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     })?;
     let sources = Arc::new(SourceClients::new(&settings)?);
     let cache = Arc::new(
-        ImageCache::open(&settings.cache.dir, &store, sources)
+        ImageCache::open(&settings.cache.dir, &store, sources, &settings)
             .context("opening the image cache")?,
     );
+    cache.evict(None);
+    cache.spawn_evictor(CACHE_EVICT_INTERVAL);
     let volumes = volume::backend_from_settings(&settings).context("volume backend")?;
     let settings = Arc::new(settings);
     let ctx = Arc::new(RunContext {
