@@ -24,7 +24,7 @@ use crate::telemetry::metrics::metrics;
 const STALL_TIMEOUT: Duration = Duration::from_secs(120);
 const WRITE_BUFFER: usize = 4 << 20;
 /// Bytes between checkpoints (fsync of the partial file + saved hash state).
-const CHECKPOINT_BYTES: u64 = 64 << 20;
+const CHECKPOINT_BYTES: u64 = 32 << 20;
 
 /// What the source says about the object.
 #[derive(Clone)]
@@ -175,7 +175,9 @@ impl Download {
         let got = match self.remote.store.get_opts(&self.remote.path, opts).await {
             Ok(g) => g,
             Err(object_store::Error::Precondition { .. }) => {
-                return Err(Attempt::Changed("the object changed (If-Match failed)".into()));
+                return Err(Attempt::Changed(
+                    "the object changed (If-Match failed)".into(),
+                ));
             }
             Err(e) if offset > 0 && is_range_problem(&e) => {
                 return Err(Attempt::Changed(format!("cannot resume: {e}")));
@@ -209,7 +211,9 @@ impl Download {
             .map_err(io)?;
         // Bytes beyond the checkpoint were never hashed: drop them.
         file.set_len(offset).await.map_err(io)?;
-        file.seek(std::io::SeekFrom::Start(offset)).await.map_err(io)?;
+        file.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(io)?;
         let mut out = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file);
         let mut stream = got.into_stream();
         let mut done = offset;

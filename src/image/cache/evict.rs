@@ -60,9 +60,8 @@ impl ImageCache {
         let now = Utc::now();
         let max_age = chrono::Duration::from_std(limits.max_age).unwrap_or(chrono::Duration::MAX);
         let mut entries = self.entries(); // oldest use first
-        entries.retain(|e| {
-            !(now - e.last_used > max_age && self.evict_one(&e.key, EvictReason::Age))
-        });
+        entries
+            .retain(|e| !(now - e.last_used > max_age && self.evict_one(&e.key, EvictReason::Age)));
         let mut total: u64 = entries.iter().map(|e| e.size).sum();
         for e in &entries {
             if total <= limits.max_size_bytes {
