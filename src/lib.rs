@@ -35,18 +35,23 @@ pub async fn serve(source: ConfigSource) -> anyhow::Result<()> {
     let settings = config::load(&source)?;
     // object_store brings rustls' aws-lc-rs provider; make it the process default once.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let _log =
-        telemetry::logs::init(&settings.log, None).map_err(|e| anyhow::anyhow!("logging: {e}"))?;
+    let (traces, trace_layer) = telemetry::traces::Tracing::init(&settings.telemetry)
+        .map_err(|e| anyhow::anyhow!("tracing: {e:#}"))?;
+    let _log = telemetry::logs::init(&settings.log, Some(trace_layer))
+        .map_err(|e| anyhow::anyhow!("logging: {e}"))?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         config = %source.path.display(),
         backend = ?settings.volumes.backend,
+        otlp_endpoint = %settings.telemetry.otlp_endpoint,
         "starting libvirt-volume-provisioner"
     );
     let result = run(settings).await;
     if let Err(e) = &result {
         tracing::error!(error = format!("{e:#}"), "daemon stopped with an error");
     }
+    // Spans still buffered are exported before the runtime ends.
+    traces.shutdown();
     result
 }
 
