@@ -177,7 +177,7 @@ pub async fn serve<F>(
                 HttpProtocol::Http1 => builder.http1_only(),
                 HttpProtocol::Http2 => builder.http2_only(),
             };
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+            let conn = builder.serve_connection(TokioIo::new(io), service);
             if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(%remote, error = %e, "connection ended with an error");
             }
