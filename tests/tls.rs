@@ -542,6 +542,13 @@ async fn optional_client_certificates_and_api_tokens() {
             let (_, status, _) = curl(&["--cacert", &ca, version, "-H", "X-API-Token;", &url]);
             assert_eq!(status, 401, "{version}: empty X-API-Token");
         }
+        // A trailing space: HTTP/1.1 parsing strips whitespace around field values (RFC 9110,
+        // 5.5), so the daemon sees the exact token; HTTP/2 keeps it and the token is refused.
+        let trailing = format!("Authorization: Bearer {TOKEN_CI} ");
+        let (_, status, _) = curl(&["--cacert", &ca, "--http1.1", "-H", &trailing, &url]);
+        assert_eq!(status, 200);
+        let (_, status, _) = curl(&["--cacert", &ca, "--http2", "-H", &trailing, &url]);
+        assert_eq!(status, 401);
         // Protected metrics with a token, as the ServiceMonitor's bearerTokenSecret does.
         let (_, status, body) = curl(&["--cacert", &ca, "-H", &auth, &d.url("/metrics")]);
         assert_eq!(status, 200);
