@@ -56,7 +56,8 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn for T {}
 /// The HTTP version a connection speaks, chosen before the first request is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HttpProtocol {
-    /// HTTP/1.1: the header read timeout applies from the first byte on.
+    /// HTTP/1.1: hyper's header read timeout runs from the start of the connection and again
+    /// while a keep-alive connection waits for its next request.
     Http1,
     /// HTTP/2, negotiated with ALPN `h2`.
     Http2,
