@@ -79,6 +79,9 @@ let
 
   # LVM's own writable paths ("-": no error when one does not exist yet).
   lvmWritablePaths = [ "-/etc/lvm" "-/run/lvm" "-/run/lock/lvm" ];
+  lvmCapabilities = [ "CAP_SYS_ADMIN" "CAP_IPC_LOCK" "CAP_SYS_NICE" ];
+  lvmDeviceAllow = devices: extraAllow:
+    [ "/dev/mapper/control rw" "block-device-mapper rw" ] ++ map (dev: "${dev} rw") devices ++ extraAllow;
 
   # Directories the daemon writes besides LVM's: the job store, the image cache and, for the
   # directory backend, the volumes.
@@ -98,7 +101,7 @@ let
     # Not granted: CAP_DAC_OVERRIDE (every file and device involved is owned by root),
     # CAP_MKNOD (udev creates the /dev/mapper nodes), CAP_SYS_MODULE (dm-mod is loaded at boot),
     # CAP_SYS_RAWIO, CAP_SETUID/SETGID, CAP_CHOWN (nothing changes owners).
-    CapabilityBoundingSet = [ "CAP_SYS_ADMIN" "CAP_IPC_LOCK" "CAP_SYS_NICE" ];
+    CapabilityBoundingSet = lvmCapabilities;
     # No setuid helpers are needed, and no child may gain privileges.
     NoNewPrivileges = true;
     RestrictSUIDSGID = true;
@@ -118,9 +121,7 @@ let
     # physical volumes of the declared volume groups (plus lvm.extraDeviceAllow). LVM's scan of
     # other disks is refused by the kernel (LVM logs "Device open ... failed errno 1" for them).
     DevicePolicy = "closed";
-    DeviceAllow = [ "/dev/mapper/control rw" "block-device-mapper rw" ]
-      ++ map (dev: "${dev} rw") devices
-      ++ extraAllow;
+    DeviceAllow = lvmDeviceAllow devices extraAllow;
     # /proc/sys and /sys stay read-only: LVM and libdevmapper only read sysfs (read-ahead "auto"
     # is applied without writing it).
     ProtectKernelTunables = true;
@@ -407,12 +408,20 @@ in
           StateDirectoryMode = "0700";
           CacheDirectory = "libvirt-volume-provisioner";
           CacheDirectoryMode = "0700";
-        } // lib.mapAttrs (_: lib.mkDefault) (lvmSandbox (lib.optionals usesLvm vgDevices) cfg.lvm.extraDeviceAllow // {
-          # A port below 1024 needs CAP_NET_BIND_SERVICE on top of what LVM needs.
-          CapabilityBoundingSet = [ "CAP_SYS_ADMIN" "CAP_IPC_LOCK" "CAP_SYS_NICE" ]
-            ++ lib.optional (listenPort < 1024) "CAP_NET_BIND_SERVICE";
-          # Besides LVM's paths: the job store, the image cache and directory-backend volumes.
-          ReadWritePaths = lvmWritablePaths ++ writableDirs;
+        } // lib.mapAttrs (_: lib.mkDefault) (lvmSandbox vgDevices cfg.lvm.extraDeviceAllow // {
+          # The LVM privileges only for the lvm backend; a port below 1024 needs
+          # CAP_NET_BIND_SERVICE. With the directory backend no capability is left at all.
+          # An empty list would render no line at all (= every capability); "" clears the set.
+          CapabilityBoundingSet =
+            let
+              capabilities = lib.optionals usesLvm lvmCapabilities
+                ++ lib.optional (listenPort < 1024) "CAP_NET_BIND_SERVICE";
+            in
+            if capabilities == [ ] then "" else capabilities;
+          # The directory backend opens no device: only the standard pseudo devices remain.
+          DeviceAllow = lib.optionals usesLvm (lvmDeviceAllow vgDevices cfg.lvm.extraDeviceAllow);
+          # The job store, the image cache, directory-backend volumes, and LVM's paths.
+          ReadWritePaths = lib.optionals usesLvm lvmWritablePaths ++ writableDirs;
           # AF_INET/AF_INET6 for the API, S3 and OTLP; AF_UNIX for virsh (libvirtd's socket) and
           # the journal. No netlink: nothing here configures or monitors the network or udev.
           RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" ];
