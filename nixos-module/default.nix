@@ -119,14 +119,16 @@ let
     # /dev/mapper/control. Instead the device cgroup allows exactly: the standard pseudo devices
     # (DevicePolicy=closed), /dev/mapper/control, every device-mapper device (the LVs), and the
     # physical volumes of the declared volume groups (plus lvm.extraDeviceAllow). LVM's scan of
-    # other disks is refused by the kernel (LVM logs "Device open ... failed errno 1" for them).
+    # other disks is refused by the kernel; going by LVM's scan code it logs "Device open ...
+    # failed errno 1" for each and goes on (not observed yet: the VM test settles it).
     DevicePolicy = "closed";
     DeviceAllow = lvmDeviceAllow devices extraAllow;
-    # /proc/sys and /sys stay read-only: LVM and libdevmapper only read sysfs (read-ahead "auto"
-    # is applied without writing it).
+    # /proc/sys and /sys stay read-only: LVM and libdevmapper only read sysfs (for LVM's default
+    # read-ahead "auto", libdevmapper sets nothing).
     ProtectKernelTunables = true;
     # dm-mod is loaded at boot (boot.kernelModules), so no module loading is needed.
     ProtectKernelModules = true;
+    # The kernel log, the cgroup tree, the clock and the hostname are never touched.
     ProtectKernelLogs = true;
     ProtectControlGroups = true;
     ProtectClock = true;
@@ -310,10 +312,11 @@ in
         before = [ "libvirt-volume-provisioner.service" ];
         path = [ config.services.lvm.package pkgs.util-linux pkgs.coreutils ];
         serviceConfig = {
+          # Runs once per boot and stays active, so the daemon's Requires= on it holds.
           Type = "oneshot";
           RemainAfterExit = true;
         } // lvmSandbox vg.devices [ ] // {
-          # Creating a volume group needs no network at all.
+          # Creating a volume group needs no network at all; AF_UNIX is for the journal.
           PrivateNetwork = true;
           RestrictAddressFamilies = [ "AF_UNIX" ];
         };
