@@ -52,7 +52,7 @@
           '';
       });
 
-      # The integration tests' S3 server, s3s-fs, is not in nixpkgs: `cargo install --locked
+      # The integration tests' S3 server, s3s-fs, was not found in nixpkgs: `cargo install --locked
       # s3s-fs@0.14.1 --features binary` (as .ci/run does).
       devShells = forAllSystems (pkgs: {
         default = pkgs.mkShell {

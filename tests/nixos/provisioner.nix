@@ -290,7 +290,7 @@ in
           ), out
           for prefix in ["stopping the following units:", "restarting the following units:", "starting the following units:"]:
               assert not any(l.startswith(prefix) and UNIT in l for l in lines), out
-          hypervisor.succeed("grep -Eq '^max_concurrent = 3$' /etc/libvirt-volume-provisioner/config.toml")
+          hypervisor.succeed("grep -Eq '^[[:space:]]*max_concurrent = 3$' /etc/libvirt-volume-provisioner/config.toml")
           deadline = time.monotonic() + 30
           while reload_successes() <= before:
               assert time.monotonic() < deadline, "the daemon did not report a successful reload"
