@@ -77,6 +77,7 @@ let
     coreutils = storePath "coreutils";
     util-linux = storePath "util-linux";
   };
+  # Only "/" → "-" (systemd's \x2d escaping of "-" and other characters is not reproduced).
   utils.escapeSystemdPath = path:
     builtins.replaceStrings [ "/" ] [ "-" ] (builtins.substring 1 (builtins.stringLength path - 1) path);
 
