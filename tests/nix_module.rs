@@ -69,11 +69,34 @@ fn toml_file_as_json(path: &Path) -> Value {
     serde_json::to_value(table).unwrap()
 }
 
-/// A directory holding a dummy file for each credential name, as systemd's LoadCredential would.
+/// A directory holding a file for each credential name, as systemd's LoadCredential would,
+/// with content the daemon accepts: a CA and a server certificate made with rcgen for
+/// certificate names, its key for key names, a token file, a secret otherwise.
 fn credentials_dir(names: &[String]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let server_key = rcgen::KeyPair::generate().unwrap();
+    let server = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&server_key, &issuer)
+        .unwrap();
     for name in names {
-        std::fs::write(dir.path().join(name), "dummy credential\n").unwrap();
+        let content = if name.contains("token") {
+            "ci:0123456789abcdef0123456789abcdef0123\n".to_string()
+        } else if name.ends_with(".key") {
+            server_key.serialize_pem()
+        } else if name.contains("ca") {
+            ca.pem()
+        } else if name.ends_with(".crt") {
+            server.pem()
+        } else {
+            "secret-value\n".to_string()
+        };
+        std::fs::write(dir.path().join(name), content).unwrap();
     }
     dir
 }
