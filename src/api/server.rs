@@ -211,6 +211,7 @@ where
         "http_request",
         otel.name = tracing::field::Empty,
         otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
         http.request.method = %method,
         http.route = tracing::field::Empty,
         http.response.status_code = tracing::field::Empty,
@@ -225,7 +226,18 @@ where
     let route = scope.route();
     let status = resp.status().as_u16();
     let elapsed = started.elapsed().as_secs_f64();
-    span.record("otel.name", format!("{method} {route}"));
+    // The route is known only now; tracing-opentelemetry applies a late `otel.name` only
+    // before the span has started, so rename the OpenTelemetry span directly as well.
+    let name = format!("{method} {route}");
+    span.record("otel.name", name.as_str());
+    {
+        use opentelemetry::trace::TraceContextExt;
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        span.context().span().update_name(name);
+    }
+    if status >= 500 {
+        span.record("otel.status_code", "ERROR");
+    }
     span.record("http.route", route);
     span.record("http.response.status_code", status);
     if let Some(caller) = scope.caller() {

@@ -294,6 +294,8 @@ impl Engine {
             let span = tracing::info_span!(
                 "job",
                 otel.name = span_name,
+                otel.status_code = tracing::field::Empty,
+                otel.status_message = tracing::field::Empty,
                 job_id = %job.id,
                 correlation_id = job.spec.correlation_id.as_deref().unwrap_or(""),
                 image_url = %job.spec.image_url,
@@ -379,6 +381,11 @@ impl Engine {
                 )),
             }
         };
+        if status != JobStatus::Completed {
+            let span = tracing::Span::current();
+            span.record("otel.status_code", "ERROR");
+            span.record("otel.status_message", error.as_deref().unwrap_or(""));
+        }
         if let Err(e) = job.transition(status, error.clone(), Utc::now()) {
             tracing::error!(error = %e, "invalid final transition");
             return;

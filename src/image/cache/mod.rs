@@ -19,6 +19,7 @@ use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use super::inspect::{InspectError, Inspection};
 use super::source::{Location, SourceClients};
@@ -435,11 +436,15 @@ impl ImageCache {
         let reserved = self.reserved.clone();
         // The download runs on its own task: a job cancelled while waiting does not break
         // the download other jobs wait for.
-        let task = tokio::spawn(async move {
-            let r = download.run(tx).await;
-            reserved.fetch_sub(need, Ordering::SeqCst);
-            r
-        });
+        // Its log lines and spans belong to the job that started it.
+        let task = tokio::spawn(
+            async move {
+                let r = download.run(tx).await;
+                reserved.fetch_sub(need, Ordering::SeqCst);
+                r
+            }
+            .instrument(tracing::Span::current()),
+        );
         let result: BoxFuture<'static, FlightResult> = async move {
             match task.await {
                 Ok(r) => r,
