@@ -92,7 +92,27 @@ impl Daemon {
 
     /// Starts the binary on an existing config file; `scheme` is http or https.
     pub fn spawn(dir: &Path, config_path: &Path, env: &[(&str, &str)], scheme: &str) -> Daemon {
-        let mut cmd = Command::new(BIN);
+        Self::spawn_wrapped(dir, config_path, env, scheme, &[])
+    }
+
+    /// As `spawn`, with the daemon started through `wrapper` (a program and its arguments that
+    /// end by exec-ing the daemon's command line, appended after them), e.g. `unshare`. The
+    /// wrapper must exec, so that `pid()` is the daemon's.
+    pub fn spawn_wrapped(
+        dir: &Path,
+        config_path: &Path,
+        env: &[(&str, &str)],
+        scheme: &str,
+        wrapper: &[&str],
+    ) -> Daemon {
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.arg("--config")
             .arg(config_path)
             .arg("serve")
@@ -504,8 +524,12 @@ pub const S3_SECRET_KEY: &str = "test-secret-key-0123456789";
 
 impl S3Server {
     pub fn start(root: &Path) -> S3Server {
+        Self::start_on(root, free_port())
+    }
+
+    /// Starts s3s-fs serving `root` on a given port (e.g. again after `stop`).
+    pub fn start_on(root: &Path, port: u16) -> S3Server {
         std::fs::create_dir_all(root).unwrap();
-        let port = free_port();
         let child = Command::new("s3s-fs")
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
@@ -526,6 +550,21 @@ impl S3Server {
 
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server and waits until its port refuses connections.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "s3s-fs still answers on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Stores an object by writing the file s3s-fs serves.
@@ -605,6 +644,38 @@ pub fn throttled_proxy(target: u16, bytes_per_sec: u64) -> u16 {
     port
 }
 
+/// The daemon's whole /metrics text.
+pub async fn scrape(c: &reqwest::Client, d: &Daemon) -> String {
+    let r = c.get(d.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200, "GET /metrics");
+    r.text().await.unwrap()
+}
+
+/// A metric's value in a /metrics text: the sum over the label sets that contain every
+/// `name="value"` pair of `labels` (comma-separated, any order; "" matches all).
+pub fn metric_in(text: &str, name: &str, labels: &str) -> f64 {
+    let pairs: Vec<String> = labels
+        .split("\",")
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            if p.ends_with('"') {
+                p.to_string()
+            } else {
+                format!("{p}\"")
+            }
+        })
+        .collect();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            let (series, _) = l.rsplit_once(' ').unwrap_or((l, ""));
+            let metric_name = series.split('{').next().unwrap_or("");
+            metric_name == name && pairs.iter().all(|p| series.contains(p.as_str()))
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
 /// A metric's value from the daemon's /metrics (sum over label sets matching `labels`).
 pub async fn metric(c: &reqwest::Client, d: &Daemon, name: &str, labels: &str) -> f64 {
     let text = c
@@ -615,15 +686,7 @@ pub async fn metric(c: &reqwest::Client, d: &Daemon, name: &str, labels: &str) -
         .text()
         .await
         .unwrap();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            let (series, _) = l.rsplit_once(' ').unwrap_or((l, ""));
-            let metric_name = series.split('{').next().unwrap_or("");
-            metric_name == name && series.contains(labels)
-        })
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
+    metric_in(&text, name, labels)
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
