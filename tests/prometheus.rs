@@ -2,7 +2,8 @@
 //! `promtool test rules` (every alert has a firing and a not-firing case), `promtool check
 //! config` on the shipped scrape config, `promtool check metrics` on a scrape taken after a
 //! job, and a real Prometheus server scraping the daemon that evaluates every PromQL
-//! expression of the dashboard and the rule files (read from the files, so they cannot drift).
+//! expression of the dashboard, the rule files and the example queries of docs/monitoring.md
+//! (read from the files, so they cannot drift).
 //! promtool and prometheus come from Debian's `prometheus` package (.ci/run installs it).
 
 mod common;
@@ -290,6 +291,31 @@ fn dashboard_exprs(dashboard: &Value) -> Vec<(String, String)> {
     out
 }
 
+/// The queries in the "Example queries" block of docs/monitoring.md (comment lines dropped,
+/// indented lines continue the previous query).
+fn doc_example_queries() -> Vec<String> {
+    let doc = std::fs::read_to_string(repo("docs/monitoring.md")).unwrap();
+    let section = doc
+        .split_once("### Example queries")
+        .expect("docs/monitoring.md has Example queries")
+        .1;
+    let block = section.split("```").nth(1).expect("a code block");
+    let mut out: Vec<String> = Vec::new();
+    for line in block.lines() {
+        if line.trim().is_empty() || line.trim_start().starts_with('#') {
+            continue;
+        }
+        if line.starts_with(' ') {
+            let last = out.last_mut().expect("continuation after a query");
+            last.push(' ');
+            last.push_str(line.trim());
+        } else {
+            out.push(line.trim().to_string());
+        }
+    }
+    out
+}
+
 /// Vector selectors naming the daemon's metrics or `up`, with their label matchers.
 fn selectors(expr: &str) -> Vec<String> {
     let re = regex::Regex::new(r"\b(up|libvirt_volume_provisioner_[a-z_]+)(\{[^}]*\})?").unwrap();
@@ -404,15 +430,23 @@ async fn prometheus_scrapes_the_daemon_and_evaluates_every_dashboard_and_rule_ex
             r["query"].as_str().unwrap().to_string(),
         )
     });
+    let examples = doc_example_queries();
+    assert!(examples.len() >= 6, "{examples:?}");
+    let example_count = examples.len();
     for (origin, expr) in panel_exprs
         .iter()
         .map(|(t, e)| (format!("panel {t}"), e.clone()))
         .chain(rule_exprs)
+        .chain(
+            examples
+                .into_iter()
+                .map(|e| ("docs example".to_string(), e)),
+        )
     {
         match prom.query(&c, &expr).await {
             Err(e) => failures.push(format!("{origin}: {expr}: {e}")),
-            // A dashboard panel shows data for this daemon.
-            Ok(r) if origin.starts_with("panel") && r.is_empty() => {
+            // A dashboard panel or documented query shows data for this daemon.
+            Ok(r) if !origin.starts_with("rule") && r.is_empty() => {
                 failures.push(format!("{origin}: {expr}: empty result"))
             }
             Ok(_) => {}
@@ -431,8 +465,8 @@ async fn prometheus_scrapes_the_daemon_and_evaluates_every_dashboard_and_rule_ex
         "expressions that fail on a real Prometheus:\n{}",
         failures.join("\n")
     );
-    assert_eq!(checked, panel_exprs.len() + rules.len());
-    assert!(checked >= 18, "{checked} expressions");
+    assert_eq!(checked, panel_exprs.len() + rules.len() + example_count);
+    assert!(checked >= 24, "{checked} expressions");
 
     // Values that mean something after these jobs.
     let success = panel_exprs
