@@ -23,9 +23,13 @@ fn repo(p: &str) -> PathBuf {
     Path::new(REPO).join(p)
 }
 
-/// The tool's path, or a loud message and `None` when Debian's `prometheus` package is absent.
+/// The tool's path, or a loud message and `None` when Debian's `prometheus` package is absent
+/// (on CI, where .ci/run installs it, its absence is a failure).
 fn tool(name: &str) -> Option<PathBuf> {
     let found = prometheus_tool(name);
+    if found.is_none() && std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("`{name}` is not installed on CI (Debian package `prometheus`, see .ci/run)");
+    }
     if found.is_none() {
         eprintln!(
             "\n!!!!!!!! SKIPPED: `{name}` is not installed (Debian package `prometheus`; .ci/run \
