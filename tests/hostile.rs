@@ -24,7 +24,16 @@ async fn hostile_images_are_rejected_without_running_qemu_img() {
     let secret = dir.join("host-secret.txt");
     std::fs::write(&secret, "host secret\n").unwrap();
 
-    create(&["-f", "qcow2", "-b", "/etc/passwd", "-F", "raw", &p("backing.qcow2"), "64M"]);
+    create(&[
+        "-f",
+        "qcow2",
+        "-b",
+        "/etc/passwd",
+        "-F",
+        "raw",
+        &p("backing.qcow2"),
+        "64M",
+    ]);
     create(&[
         "-f",
         "qcow2",
@@ -56,7 +65,11 @@ async fn hostile_images_are_rejected_without_running_qemu_img() {
         ("luks.qcow2", "qcow2", "encrypted"),
         ("truncated.qcow2", "qcow2", "truncated"),
         ("huge.qcow2", "qcow2", "does not fit the volume"),
-        ("valid.qcow2", "raw", "image_type is raw but the image is qcow2"),
+        (
+            "valid.qcow2",
+            "raw",
+            "image_type is raw but the image is qcow2",
+        ),
     ];
     for (i, (file, image_type, reason)) in cases.iter().enumerate() {
         let volume = format!("hostile-{i}");
@@ -70,8 +83,14 @@ async fn hostile_images_are_rejected_without_running_qemu_img() {
         let job = wait_job(&c, &d, &id, Duration::from_secs(60)).await;
         assert_eq!(job["status"], "failed", "{file}: {job}");
         let error = job["error"].as_str().unwrap();
-        assert!(error.contains(reason), "{file}: error {error:?} does not name {reason:?}");
-        assert!(!Path::new(&dir.join("volumes").join(&volume)).exists(), "{file}: no volume");
+        assert!(
+            error.contains(reason),
+            "{file}: error {error:?} does not name {reason:?}"
+        );
+        assert!(
+            !Path::new(&dir.join("volumes").join(&volume)).exists(),
+            "{file}: no volume"
+        );
     }
     let convert_runs = metric(
         &c,
@@ -91,7 +110,10 @@ async fn hostile_images_are_rejected_without_running_qemu_img() {
         .map(|i| i["image_url"].as_str().unwrap())
         .collect();
     for hostile in ["backing", "datafile", "luks", "truncated"] {
-        assert!(!urls.iter().any(|u| u.contains(hostile)), "{hostile} cached: {urls:?}");
+        assert!(
+            !urls.iter().any(|u| u.contains(hostile)),
+            "{hostile} cached: {urls:?}"
+        );
     }
 
     // The same valid image, declared right, converts: the counter moves.
@@ -102,7 +124,10 @@ async fn hostile_images_are_rejected_without_running_qemu_img() {
                "volume_size_gb": 1}),
     )
     .await;
-    assert_eq!(wait_job(&c, &d, &id, Duration::from_secs(60)).await["status"], "completed");
+    assert_eq!(
+        wait_job(&c, &d, &id, Duration::from_secs(60)).await["status"],
+        "completed"
+    );
     let convert_runs = metric(
         &c,
         &d,
