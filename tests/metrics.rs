@@ -669,7 +669,7 @@ async fn process_metrics_and_build_info_describe_the_daemon() {
         start <= now + 1.0 && start > now - 120.0,
         "started at {start}, now {now}"
     );
-    // CPU: the process collector reports whole seconds of user + system time.
+    // CPU: user + system time at microsecond resolution (getrusage), matching /proc's ticks.
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let after_comm = stat.rsplit_once(')').unwrap().1;
     let f: Vec<&str> = after_comm.split_whitespace().collect();
@@ -691,7 +691,11 @@ async fn process_metrics_and_build_info_describe_the_daemon() {
         "{text}"
     );
     assert!(
-        (cpu - (ticks / clk).floor()).abs() <= 1.0,
+        cpu > 0.0,
+        "a daemon that started and answered has used some CPU, below one second: {cpu}"
+    );
+    assert!(
+        (cpu - ticks / clk).abs() <= 0.1,
         "cpu {cpu} s vs /proc {} s",
         ticks / clk
     );
