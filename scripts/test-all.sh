@@ -15,3 +15,6 @@ cargo clippy --all-targets --locked -- -D warnings
 
 step "cargo test"
 cargo test --all-targets --locked
+
+step "Nix files (scripts/check-nix.sh)"
+./scripts/check-nix.sh

@@ -38,8 +38,9 @@ fn json_reply(value: &impl serde::Serialize, status: StatusCode) -> Response {
 }
 
 /// Reads a JSON body within `server.max_body_bytes` (413 beyond, with or without a
-/// Content-Length header). Errors go to the handler, so a matched route cannot fall through
-/// to another one (only a body already taken, which cannot happen here, would reject).
+/// Content-Length header) and `server.body_timeout` (408 beyond: slow-body clients). Errors go
+/// to the handler, so a matched route cannot fall through to another one (only a body already
+/// taken, which cannot happen here, would reject).
 pub fn json_body(
     state: Arc<ApiState>,
 ) -> impl Filter<Extract = (Result<serde_json::Value, ApiError>,), Error = warp::Rejection> + Clone
@@ -47,7 +48,9 @@ pub fn json_body(
     warp::header::headers_cloned()
         .and(warp::body::stream())
         .then(move |headers: http::HeaderMap, body| {
-            let limit = state.settings.current().server.max_body_bytes;
+            let settings = state.settings.current();
+            let limit = settings.server.max_body_bytes;
+            let timeout = settings.server.body_timeout;
             async move {
                 let declared = headers
                     .get("content-length")
@@ -56,7 +59,17 @@ pub fn json_body(
                 if declared.is_some_and(|l| l > limit) {
                     return Err(too_large(limit));
                 }
-                let buf = read_limited(body, limit).await?;
+                let buf = tokio::time::timeout(timeout, read_limited(body, limit))
+                    .await
+                    .map_err(|_| {
+                        ApiError::new(
+                            StatusCode::REQUEST_TIMEOUT,
+                            format!(
+                                "the request body was not received within {}",
+                                humantime::format_duration(timeout)
+                            ),
+                        )
+                    })??;
                 serde_json::from_slice::<serde_json::Value>(&buf)
                     .map_err(|e| ApiError::bad_request(format!("body is not valid JSON: {e}")))
             }

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod error;
 mod handlers;
 pub mod server;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};

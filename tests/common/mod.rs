@@ -90,6 +90,13 @@ impl Daemon {
         Self::spawn(dir, &config_path, env, "http")
     }
 
+    /// Writes the config into `dir/config.toml` and starts the daemon with it, over TLS.
+    pub fn start_https(dir: &Path, config: &TestConfig, env: &[(&str, &str)]) -> Daemon {
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, config.render()).unwrap();
+        Self::spawn(dir, &config_path, env, "https")
+    }
+
     /// Starts the binary on an existing config file; `scheme` is http or https.
     pub fn spawn(dir: &Path, config_path: &Path, env: &[(&str, &str)], scheme: &str) -> Daemon {
         Self::spawn_wrapped(dir, config_path, env, scheme, &[])
