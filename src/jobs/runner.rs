@@ -97,9 +97,6 @@ impl JobHandle {
         m.stage_duration_seconds
             .with_label_values(&[stage])
             .observe(seconds);
-        m.stage_throughput_bytes_per_second
-            .with_label_values(&[stage])
-            .set(0.0);
         if let Err(e) = self
             .store
             .record_stage(stage, StageSample { bytes, seconds })
@@ -170,12 +167,22 @@ async fn fetch(
         h.publish(false);
     });
     tracing::info!(parent: &span, "fetching image");
-    let image = tokio::select! {
-        r = fetch.instrument(span.clone()) => r.map_err(|e| {
+    let outcome = tokio::select! {
+        r = fetch.instrument(span.clone()) => Some(r),
+        _ = cancel.cancelled() => None,
+    };
+    // The stage is over however it ended: no throughput is left standing after a failed or
+    // stopped download.
+    metrics()
+        .stage_throughput_bytes_per_second
+        .with_label_values(&["download"])
+        .set(0.0);
+    let image = match outcome {
+        Some(r) => r.map_err(|e| {
             metrics().image_error("download", e.kind());
             e.to_string()
         })?,
-        _ = cancel.cancelled() => return Err("stopped".into()),
+        None => return Err("stopped".into()),
     };
     span.record("cache_hit", image.hit);
     span.record("bytes", image.entry.size);
@@ -264,7 +271,7 @@ async fn provision(
         image_format = verdict.format.as_str(),
         virtual_size = verdict.virtual_size,
     );
-    convert::convert(&convert_spec, cancel, |fraction| {
+    let converted = convert::convert(&convert_spec, cancel, |fraction| {
         let now = Instant::now();
         h.tracker.update_fraction(fraction, now);
         if let Some(rate) = h.tracker.current_rate(now) {
@@ -276,9 +283,17 @@ async fn provision(
         h.publish(false);
     })
     .instrument(span)
-    .await
-    .map_err(|e| {
-        metrics().image_error("convert", "qemu_img");
+    .await;
+    // As for downloads: the gauge reads 0 once the conversion ended, whatever the outcome.
+    metrics()
+        .stage_throughput_bytes_per_second
+        .with_label_values(&["convert"])
+        .set(0.0);
+    converted.map_err(|e| {
+        // A conversion stopped by cancel, timeout or shutdown is not an image error.
+        if !cancel.is_cancelled() {
+            metrics().image_error("convert", "qemu_img");
+        }
         e.to_string()
     })?;
     h.record_stage(

@@ -153,11 +153,13 @@ impl Store {
         }
     }
 
-    /// A cheap read that proves the database answers (readiness probe).
-    pub fn probe(&self) -> bool {
-        let r = self.db.get(b"__probe__");
+    /// Readiness probe: a small write that must reach disk. A read alone kept answering from
+    /// memory while every write failed (full disk, failed log); this shows such a store as down.
+    pub async fn probe(&self) -> bool {
+        let stamp = chrono::Utc::now().timestamp_millis().to_be_bytes();
+        let r = self.db.insert(b"__probe__", &stamp[..]);
         metrics().storage_op("probe", &r);
-        r.is_ok()
+        r.is_ok() && self.flush().await.is_ok()
     }
 }
 

@@ -34,7 +34,7 @@ impl Health {
     /// Probes every dependency in use once: `storage` always, `lvm` with the LVM backend,
     /// `minio` with an S3 endpoint, `libvirt` with a storage pool to refresh.
     pub async fn probe_all(&self, ctx: &RunContext, store: &Store) {
-        self.set("storage", store.probe());
+        self.set("storage", store.probe().await);
         if ctx.volumes.kind() == "lvm" {
             let up = ctx.volumes.probe().await;
             if let Err(e) = &up {

@@ -99,7 +99,27 @@ impl Daemon {
 
     /// Starts the binary on an existing config file; `scheme` is http or https.
     pub fn spawn(dir: &Path, config_path: &Path, env: &[(&str, &str)], scheme: &str) -> Daemon {
-        let mut cmd = Command::new(BIN);
+        Self::spawn_wrapped(dir, config_path, env, scheme, &[])
+    }
+
+    /// As `spawn`, with the daemon started through `wrapper` (a program and its arguments that
+    /// end by exec-ing the daemon's command line, appended after them), e.g. `unshare`. The
+    /// wrapper must exec, so that `pid()` is the daemon's.
+    pub fn spawn_wrapped(
+        dir: &Path,
+        config_path: &Path,
+        env: &[(&str, &str)],
+        scheme: &str,
+        wrapper: &[&str],
+    ) -> Daemon {
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.arg("--config")
             .arg(config_path)
             .arg("serve")
@@ -511,8 +531,12 @@ pub const S3_SECRET_KEY: &str = "test-secret-key-0123456789";
 
 impl S3Server {
     pub fn start(root: &Path) -> S3Server {
+        Self::start_on(root, free_port())
+    }
+
+    /// Starts s3s-fs serving `root` on a given port (e.g. again after `stop`).
+    pub fn start_on(root: &Path, port: u16) -> S3Server {
         std::fs::create_dir_all(root).unwrap();
-        let port = free_port();
         let child = Command::new("s3s-fs")
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
@@ -533,6 +557,21 @@ impl S3Server {
 
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server and waits until its port refuses connections.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "s3s-fs still answers on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Stores an object by writing the file s3s-fs serves.
@@ -612,6 +651,38 @@ pub fn throttled_proxy(target: u16, bytes_per_sec: u64) -> u16 {
     port
 }
 
+/// The daemon's whole /metrics text.
+pub async fn scrape(c: &reqwest::Client, d: &Daemon) -> String {
+    let r = c.get(d.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200, "GET /metrics");
+    r.text().await.unwrap()
+}
+
+/// A metric's value in a /metrics text: the sum over the label sets that contain every
+/// `name="value"` pair of `labels` (comma-separated, any order; "" matches all).
+pub fn metric_in(text: &str, name: &str, labels: &str) -> f64 {
+    let pairs: Vec<String> = labels
+        .split("\",")
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            if p.ends_with('"') {
+                p.to_string()
+            } else {
+                format!("{p}\"")
+            }
+        })
+        .collect();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            let (series, _) = l.rsplit_once(' ').unwrap_or((l, ""));
+            let metric_name = series.split('{').next().unwrap_or("");
+            metric_name == name && pairs.iter().all(|p| series.contains(p.as_str()))
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
 /// A metric's value from the daemon's /metrics (sum over label sets matching `labels`).
 pub async fn metric(c: &reqwest::Client, d: &Daemon, name: &str, labels: &str) -> f64 {
     let text = c
@@ -622,15 +693,7 @@ pub async fn metric(c: &reqwest::Client, d: &Daemon, name: &str, labels: &str) -
         .text()
         .await
         .unwrap();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            let (series, _) = l.rsplit_once(' ').unwrap_or((l, ""));
-            let metric_name = series.split('{').next().unwrap_or("");
-            metric_name == name && series.contains(labels)
-        })
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
+    metric_in(&text, name, labels)
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -674,4 +737,254 @@ pub fn make_dense_qcow2(path: &Path, data: usize, virtual_size: u64, seed: u64) 
         path.to_str().unwrap(),
     ]);
     std::fs::remove_file(raw).unwrap();
+}
+
+/// Where the tests find promtool and prometheus (Debian package `prometheus`); `None` when not
+/// installed.
+pub fn prometheus_tool(name: &str) -> Option<PathBuf> {
+    let out = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .ok()?;
+    let path = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    (!path.is_empty()).then(|| PathBuf::from(path))
+}
+
+/// Client-certificate settings of a scrape (Prometheus `tls_config`).
+#[derive(Clone, Debug)]
+pub struct ScrapeTls {
+    pub ca_file: PathBuf,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub server_name: Option<String>,
+}
+
+/// One daemon as a Prometheus scrape target. Extend `tls` / `bearer_token_file` for mTLS and
+/// protected metrics; `scrape_config` renders them.
+#[derive(Clone, Debug)]
+pub struct ScrapeTarget {
+    /// host:port
+    pub address: String,
+    pub scheme: String,
+    pub tls: Option<ScrapeTls>,
+    pub bearer_token_file: Option<PathBuf>,
+}
+
+/// A YAML scalar (a JSON string is a valid YAML double-quoted scalar).
+fn yaml_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap()
+}
+
+fn yaml_path(p: &Path) -> String {
+    yaml_str(p.to_str().unwrap())
+}
+
+impl ScrapeTarget {
+    /// The daemon's own address and scheme (from `Daemon::base`), no TLS settings.
+    pub fn daemon(d: &Daemon) -> ScrapeTarget {
+        let (scheme, address) = d.base.split_once("://").unwrap();
+        ScrapeTarget {
+            address: address.to_string(),
+            scheme: scheme.to_string(),
+            tls: None,
+            bearer_token_file: None,
+        }
+    }
+
+    /// A `scrape_configs` entry (YAML, indented for the list) for job `job`.
+    pub fn scrape_config(&self, job: &str, interval: &str) -> String {
+        let mut y = format!(
+            "  - job_name: {}\n    scrape_interval: {}\n    scrape_timeout: {}\n    scheme: {}\n    metrics_path: /metrics\n    static_configs:\n      - targets: [{}]\n",
+            yaml_str(job),
+            yaml_str(interval),
+            yaml_str(interval),
+            yaml_str(&self.scheme),
+            yaml_str(&self.address),
+        );
+        if let Some(tls) = &self.tls {
+            y.push_str("    tls_config:\n");
+            y.push_str(&format!("      ca_file: {}\n", yaml_path(&tls.ca_file)));
+            if let Some(c) = &tls.cert_file {
+                y.push_str(&format!("      cert_file: {}\n", yaml_path(c)));
+            }
+            if let Some(k) = &tls.key_file {
+                y.push_str(&format!("      key_file: {}\n", yaml_path(k)));
+            }
+            if let Some(n) = &tls.server_name {
+                y.push_str(&format!("      server_name: {}\n", yaml_str(n)));
+            }
+        }
+        if let Some(t) = &self.bearer_token_file {
+            y.push_str(&format!(
+                "    authorization:\n      type: Bearer\n      credentials_file: {}\n",
+                yaml_path(t)
+            ));
+        }
+        y
+    }
+}
+
+/// A real Prometheus server (the `prometheus` binary) on a loopback port, with its own TSDB
+/// directory, scraping the given targets every second and loading the given rule files.
+pub struct PrometheusServer {
+    child: Child,
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+impl PrometheusServer {
+    /// Job name every target gets: the one the shipped alert rules and dashboard select.
+    pub const JOB: &'static str = "libvirt-volume-provisioner";
+
+    pub fn start(dir: &Path, targets: &[ScrapeTarget], rule_files: &[PathBuf]) -> PrometheusServer {
+        let bin = prometheus_tool("prometheus").expect("prometheus must be installed");
+        std::fs::create_dir_all(dir.join("tsdb")).unwrap();
+        let mut config = String::from(
+            "# generated by tests/common/mod.rs\nglobal:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n",
+        );
+        if !rule_files.is_empty() {
+            config.push_str("rule_files:\n");
+            for f in rule_files {
+                config.push_str(&format!("  - {}\n", yaml_path(f)));
+            }
+        }
+        config.push_str("scrape_configs:\n");
+        for t in targets {
+            config.push_str(&t.scrape_config(Self::JOB, "1s"));
+        }
+        let config_path = dir.join("prometheus.yml");
+        std::fs::write(&config_path, &config).unwrap();
+        let port = free_port();
+        let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+        let child = Command::new(bin)
+            .arg(format!("--config.file={}", config_path.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start prometheus");
+        let mut server = PrometheusServer {
+            child,
+            port,
+            dir: dir.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready = std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .and_then(|mut s| {
+                    use std::io::{Read, Write};
+                    s.write_all(b"GET /-/ready HTTP/1.0\r\n\r\n").ok()?;
+                    let mut r = String::new();
+                    s.read_to_string(&mut r).ok()?;
+                    Some(r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200"))
+                })
+                .unwrap_or(false);
+            if ready {
+                break;
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!(
+                    "prometheus exited ({status}):\n{}\nconfig:\n{config}",
+                    server.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "prometheus not ready:\n{}",
+                server.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// An instant query through the HTTP API: the result vector, or Prometheus' error.
+    pub async fn query(&self, c: &reqwest::Client, expr: &str) -> Result<Vec<Value>, String> {
+        let url = url::Url::parse_with_params(&self.url("/api/v1/query"), &[("query", expr)])
+            .map_err(|e| e.to_string())?;
+        let r = c
+            .get(url.as_str())
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let v: Value = r.json().await.map_err(|e| e.to_string())?;
+        if v["status"] != "success" {
+            return Err(format!("{}: {}", v["errorType"], v["error"]));
+        }
+        match &v["data"]["result"] {
+            Value::Array(a) => Ok(a.clone()),
+            // scalar or string results
+            other => Ok(vec![other.clone()]),
+        }
+    }
+
+    /// The first sample value of a query (None when the result is empty).
+    pub async fn value(&self, c: &reqwest::Client, expr: &str) -> Option<f64> {
+        let r = self.query(c, expr).await.ok()?;
+        r.first()?["value"][1].as_str()?.parse().ok()
+    }
+
+    /// Waits until `expr`'s first value satisfies `pred`.
+    pub async fn wait_value(
+        &self,
+        c: &reqwest::Client,
+        expr: &str,
+        timeout: Duration,
+        pred: impl Fn(f64) -> bool,
+    ) -> f64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = self.value(c, expr).await
+                && pred(v)
+            {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{expr} = {:?} in time; prometheus log:\n{}",
+                self.value(c, expr).await,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Every rule Prometheus loaded (`/api/v1/rules`): name, query, type, health, lastError.
+    pub async fn rules(&self, c: &reqwest::Client) -> Vec<Value> {
+        let v: Value = c
+            .get(self.url("/api/v1/rules"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["status"], "success", "{v}");
+        v["data"]["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|g| g["rules"].as_array().unwrap().clone())
+            .collect()
+    }
+}
+
+impl Drop for PrometheusServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
