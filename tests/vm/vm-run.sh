@@ -1,5 +1,5 @@
 #!/bin/bash
-# vm-run.sh [-s SHARE_DIR] [-d DISK_SIZE] -- CMD [ARGS...]
+# vm-run.sh [-s SHARE_DIR] [-d DISK_SIZE] [-e VAR]... -- CMD [ARGS...]
 # Runs CMD (a host path: test binary, script, daemon) inside a throwaway QEMU/TCG VM whose kernel
 # HAS device-mapper (the LVM tests need it; the host kernel may not have it).
 # The VM sees the host's whole root file system read-only over 9p (so every host binary and
@@ -7,13 +7,14 @@
 # /dev/vda, tmpfs on /tmp and /run, and loopback networking only. LVM inside is udev-free through
 # LVM_SYSTEM_DIR=/run/lvm-vm; IN_TEST_VM=1 is exported. Returns CMD's exit status (255 when the
 # VM died or timed out before CMD finished).
+# -e VAR passes the host's VAR into the VM (repeatable).
 # Environment: WORK (kernel/initrd cache and disk images, default /tmp/vmrun), VM_MEM (MiB,
 # default 2048), VM_CPUS (default 1), VM_TIMEOUT (seconds, default 600), RUST_LOG (passed in).
 # Origin: ../shared/tools/vm-run.sh; owned here since (per-run disk, locked cache preparation).
 set -euo pipefail
-SHARE=$PWD; DISK=2G
-while [ $# -gt 0 ]; do case $1 in -s) SHARE=$(realpath "$2"); shift 2;; -d) DISK=$2; shift 2;; --) shift; break;; *) break;; esac; done
-[ $# -gt 0 ] || { echo "usage: $0 [-s SHARE_DIR] [-d DISK_SIZE] -- CMD [ARGS...]" >&2; exit 2; }
+SHARE=$PWD; DISK=2G; PASS_ENV="RUST_LOG RUST_BACKTRACE"
+while [ $# -gt 0 ]; do case $1 in -s) SHARE=$(realpath "$2"); shift 2;; -d) DISK=$2; shift 2;; -e) PASS_ENV="$PASS_ENV $2"; shift 2;; --) shift; break;; *) break;; esac; done
+[ $# -gt 0 ] || { echo "usage: $0 [-s SHARE_DIR] [-d DISK_SIZE] [-e VAR]... -- CMD [ARGS...]" >&2; exit 2; }
 for tool in qemu-system-x86_64 busybox apt-cache apt-get dpkg-deb xz gzip flock; do
   command -v "$tool" >/dev/null || { echo "vm-run.sh: $tool is not installed" >&2; exit 3; }
 done
@@ -81,7 +82,7 @@ global { use_lvmpolld = 0 }
 backup { backup_dir = "/run/lvm-vm/backup" archive_dir = "/run/lvm-vm/archive" }
 CONF
 { printf 'export PATH=%q HOME=%q LVM_SYSTEM_DIR=/run/lvm-vm VMRUN_CWD=%q IN_TEST_VM=1\n' "$PATH" "$HOME" "$PWD"
-  for v in RUST_LOG RUST_BACKTRACE; do [ -n "${!v:-}" ] && printf 'export %s=%q\n' "$v" "${!v}"; done; true; } > "$C/env"
+  for v in $PASS_ENV; do [ -n "${!v:-}" ] && printf 'export %s=%q\n' "$v" "${!v}"; done; true; } > "$C/env"
 { echo '#!/bin/sh'; printf 'exec'; printf ' %q' "$@"; echo; } > "$C/cmd"; chmod +x "$C/cmd"
 truncate -s "$DISK" "$DISKIMG"
 set +e
