@@ -11,16 +11,17 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 export PATH="$HOME/.cargo/bin:$PATH"
 
+skip() {
+  printf '\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n' >&2
+  printf '!!! SKIPPED: the LVM VM tests cannot run: %s\n' "$1" >&2
+  printf '!!! Install QEMU from bookworm-backports (see .ci/run) to run them.\n' >&2
+  printf '!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\n' >&2
+  exit 77
+}
 for tool in qemu-system-x86_64 busybox; do
-  if ! command -v "$tool" >/dev/null; then
-    printf '\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n' >&2
-    printf '!!! SKIPPED: the LVM VM tests need %s, which is not installed.\n' "$tool" >&2
-    printf '!!! Install QEMU from bookworm-backports (see .ci/run) to run them.\n' >&2
-    printf '!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\n' >&2
-    exit 77
-  fi
+  command -v "$tool" >/dev/null || skip "$tool is not installed"
 done
-qemu-system-x86_64 --version >/dev/null
+qemu-system-x86_64 --version >/dev/null 2>&1 || skip "qemu-system-x86_64 does not run"
 
 started=$(date +%s)
 echo "== building the test binaries (host) =="
