@@ -16,6 +16,9 @@ cargo clippy --all-targets --locked -- -D warnings
 step "cargo test"
 cargo test --all-targets --locked
 
+step "Nix files (scripts/check-nix.sh)"
+./scripts/check-nix.sh
+
 step "LVM tests in a QEMU VM (scripts/vm-test.sh)"
 # Exit status 77: QEMU is not installed; vm-test.sh has printed a loud SKIPPED banner.
 set +e

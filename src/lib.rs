@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::server::{self, Plain, ServerLimits};
+use crate::api::auth::Authenticator;
+use crate::api::server::{self, Plain, ServerLimits, Transport};
+use crate::api::tls::TlsTransport;
 use crate::config::{ConfigSource, LiveSettings, Settings};
 use crate::image::cache::ImageCache;
 use crate::image::source::SourceClients;
@@ -27,30 +29,55 @@ use crate::volume::libvirt::PoolRefresher;
 
 /// How often finished jobs past retention are pruned.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
+/// How often the cache's age and size bounds are applied (besides after every download).
+const CACHE_EVICT_INTERVAL: Duration = Duration::from_secs(600);
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn serve(source: ConfigSource) -> anyhow::Result<()> {
     let settings = config::load(&source)?;
     // object_store brings rustls' aws-lc-rs provider; make it the process default once.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let _log =
-        telemetry::logs::init(&settings.log, None).map_err(|e| anyhow::anyhow!("logging: {e}"))?;
+    let (traces, trace_layer) = telemetry::traces::Tracing::init(&settings.telemetry)
+        .map_err(|e| anyhow::anyhow!("tracing: {e:#}"))?;
+    let _log = telemetry::logs::init(&settings.log, Some(trace_layer))
+        .map_err(|e| anyhow::anyhow!("logging: {e}"))?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         config = %source.path.display(),
         backend = ?settings.volumes.backend,
+        otlp_endpoint = %settings.telemetry.otlp_endpoint,
         "starting libvirt-volume-provisioner"
     );
     let result = run(settings).await;
     if let Err(e) = &result {
         tracing::error!(error = format!("{e:#}"), "daemon stopped with an error");
     }
+    // Spans still buffered are exported before the runtime ends.
+    traces.shutdown();
     result
+}
+
+/// The listener's TLS transport (when `tls.cert_file` is set) and the access control, built
+/// from the settings. `check-config` calls it too, so certificate, key and token files are
+/// checked there as well.
+pub fn security_from_settings(
+    settings: &Settings,
+) -> anyhow::Result<(Option<Arc<TlsTransport>>, Authenticator)> {
+    let tls = if settings.tls.cert_file.is_empty() {
+        None
+    } else {
+        Some(Arc::new(TlsTransport::new(&settings.tls)?))
+    };
+    let auth = Authenticator::new(settings).map_err(anyhow::Error::msg)?;
+    Ok((tls, auth))
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
     let started = Instant::now();
     let listen = settings.listen_addr();
+    // Certificates and tokens first: a misconfigured listener fails before anything starts.
+    let (tls, auth) = security_from_settings(&settings)?;
+    let auth = Arc::new(auth);
     let store = Store::open(&settings.storage.data_dir).with_context(|| {
         format!(
             "opening job store in {}",
@@ -59,9 +86,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     })?;
     let sources = Arc::new(SourceClients::new(&settings)?);
     let cache = Arc::new(
-        ImageCache::open(&settings.cache.dir, &store, sources)
+        ImageCache::open(&settings.cache.dir, &store, sources, &settings)
             .context("opening the image cache")?,
     );
+    cache.evict(None);
+    cache.spawn_evictor(CACHE_EVICT_INTERVAL);
     let volumes = volume::backend_from_settings(&settings).context("volume backend")?;
     let settings = Arc::new(settings);
     let ctx = Arc::new(RunContext {
@@ -89,18 +118,40 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         settings: live,
         health,
         started,
-        auth: Arc::new(api::auth::Authenticator::new(&settings).map_err(anyhow::Error::msg)?),
+        auth: auth.clone(),
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
-    tracing::info!(address = %listener.local_addr()?, "listening (plain HTTP)");
+    let address = listener.local_addr()?;
+    if auth.is_open() {
+        tracing::warn!(
+            %address,
+            "no client CA and no API tokens are configured: every local process can call the \
+             API (accepted on loopback addresses only)"
+        );
+    }
+    let transport: Arc<dyn Transport> = match &tls {
+        Some(tls) => {
+            tracing::info!(
+                %address,
+                client_auth = api::tls::client_auth_label(&settings.tls),
+                api_tokens = auth.token_count(),
+                "listening (TLS)"
+            );
+            tls.clone()
+        }
+        None => {
+            tracing::info!(%address, api_tokens = auth.token_count(), "listening (plain HTTP)");
+            Arc::new(Plain)
+        }
+    };
 
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(server::serve(
         listener,
         api::routes(state),
-        Arc::new(Plain),
+        transport,
         ServerLimits {
             max_connections: settings.server.max_connections,
             header_timeout: settings.server.header_timeout,

@@ -49,10 +49,16 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::CheckConfig => match config::load(&source) {
-            Ok(settings) => {
-                print!("{}", config::redacted_toml(&settings));
-                ExitCode::SUCCESS
-            }
+            Ok(settings) => match libvirt_volume_provisioner::security_from_settings(&settings) {
+                Ok(_) => {
+                    print!("{}", config::redacted_toml(&settings));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            },
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::FAILURE

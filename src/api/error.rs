@@ -67,6 +67,7 @@ impl ApiError {
             StatusCode::NOT_FOUND => "not found",
             StatusCode::METHOD_NOT_ALLOWED => "method not allowed",
             StatusCode::CONFLICT => "conflict",
+            StatusCode::REQUEST_TIMEOUT => "request timeout",
             StatusCode::LENGTH_REQUIRED => "length required",
             StatusCode::PAYLOAD_TOO_LARGE => "payload too large",
             StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported media type",
@@ -87,6 +88,12 @@ impl Reply for ApiError {
         };
         let mut resp =
             warp::reply::with_status(warp::reply::json(&body), self.status).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                "www-authenticate",
+                warp::http::HeaderValue::from_static("Bearer realm=\"libvirt-volume-provisioner\""),
+            );
+        }
         if let Some(secs) = self.retry_after
             && let Ok(v) = secs.to_string().parse()
         {

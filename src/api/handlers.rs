@@ -13,7 +13,8 @@ use serde_json::json;
 use uuid::Uuid;
 use warp::http::StatusCode;
 use warp::reply::Response;
-use warp::{Filter, Rejection, Reply};
+
+use warp::{Filter, Reply};
 
 use super::ApiState;
 use super::auth::Caller;
@@ -32,45 +33,57 @@ const MAX_LIST_LIMIT: usize = 1000;
 /// How long a cancel request waits for a running job to stop and roll back.
 const CANCEL_WAIT: Duration = Duration::from_secs(60);
 
-fn reject(e: ApiError) -> Rejection {
-    warp::reject::custom(e)
-}
-
 fn json_reply(value: &impl serde::Serialize, status: StatusCode) -> Response {
     warp::reply::with_status(warp::reply::json(value), status).into_response()
 }
 
 /// Reads a JSON body within `server.max_body_bytes` (413 beyond, with or without a
-/// Content-Length header).
+/// Content-Length header) and `server.body_timeout` (408 beyond: slow-body clients). Errors go
+/// to the handler, so a matched route cannot fall through to another one (only a body already
+/// taken, which cannot happen here, would reject).
 pub fn json_body(
     state: Arc<ApiState>,
-) -> impl Filter<Extract = (serde_json::Value,), Error = Rejection> + Clone {
-    warp::header::optional::<u64>("content-length")
+) -> impl Filter<Extract = (Result<serde_json::Value, ApiError>,), Error = warp::Rejection> + Clone
+{
+    warp::header::headers_cloned()
         .and(warp::body::stream())
-        .and_then(move |len: Option<u64>, body| {
-            let limit = state.settings.current().server.max_body_bytes;
+        .then(move |headers: http::HeaderMap, body| {
+            let settings = state.settings.current();
+            let limit = settings.server.max_body_bytes;
+            let timeout = settings.server.body_timeout;
             async move {
-                if len.is_some_and(|l| l > limit) {
+                let declared = headers
+                    .get("content-length")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                if declared.is_some_and(|l| l > limit) {
                     return Err(too_large(limit));
                 }
-                let buf = read_limited(body, limit).await?;
-                serde_json::from_slice::<serde_json::Value>(&buf).map_err(|e| {
-                    reject(ApiError::bad_request(format!(
-                        "body is not valid JSON: {e}"
-                    )))
-                })
+                let buf = tokio::time::timeout(timeout, read_limited(body, limit))
+                    .await
+                    .map_err(|_| {
+                        ApiError::new(
+                            StatusCode::REQUEST_TIMEOUT,
+                            format!(
+                                "the request body was not received within {}",
+                                humantime::format_duration(timeout)
+                            ),
+                        )
+                    })??;
+                serde_json::from_slice::<serde_json::Value>(&buf)
+                    .map_err(|e| ApiError::bad_request(format!("body is not valid JSON: {e}")))
             }
         })
 }
 
-fn too_large(limit: u64) -> Rejection {
-    reject(ApiError::new(
+fn too_large(limit: u64) -> ApiError {
+    ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         format!("request body is larger than {limit} bytes"),
-    ))
+    )
 }
 
-async fn read_limited<S, B>(body: S, limit: u64) -> Result<Vec<u8>, Rejection>
+async fn read_limited<S, B>(body: S, limit: u64) -> Result<Vec<u8>, ApiError>
 where
     S: futures::Stream<Item = Result<B, warp::Error>>,
     B: Buf,
@@ -79,7 +92,7 @@ where
     let mut buf = Vec::new();
     while let Some(chunk) = body.next().await {
         let mut chunk =
-            chunk.map_err(|e| reject(ApiError::bad_request(format!("cannot read body: {e}"))))?;
+            chunk.map_err(|e| ApiError::bad_request(format!("cannot read body: {e}")))?;
         if buf.len() as u64 + chunk.remaining() as u64 > limit {
             return Err(too_large(limit));
         }
@@ -91,6 +104,11 @@ where
         }
     }
     Ok(buf)
+}
+
+/// The route's outcome as a response (errors become their JSON body).
+pub fn respond(result: Result<Response, ApiError>) -> Response {
+    result.unwrap_or_else(|e| e.into_response())
 }
 
 pub fn health(state: Arc<ApiState>) -> Response {
@@ -142,7 +160,10 @@ pub fn ready(state: Arc<ApiState>) -> Response {
     )
 }
 
-pub fn metrics_text(_caller: Caller) -> Response {
+pub fn metrics_text(caller: Result<Caller, ApiError>) -> Response {
+    if let Err(e) = caller {
+        return e.into_response();
+    }
     let mut resp = metrics().render().into_response();
     resp.headers_mut().insert(
         "content-type",
@@ -254,22 +275,23 @@ fn accepted(job_id: Uuid) -> Response {
 }
 
 pub async fn submit(
-    caller: Caller,
-    body: serde_json::Value,
+    caller: Result<Caller, ApiError>,
+    body: Result<serde_json::Value, ApiError>,
     state: Arc<ApiState>,
-) -> Result<Response, Rejection> {
-    let body: ProvisionBody = parse_body(body).map_err(reject)?;
-    let image_url = check_image_url(body.image_url, &state).map_err(reject)?;
+) -> Result<Response, ApiError> {
+    let caller = caller?;
+    let body = body?;
+    let body: ProvisionBody = parse_body(body)?;
+    let image_url = check_image_url(body.image_url, &state)?;
     let volume_name = body
         .volume_name
-        .ok_or_else(|| ApiError::bad_request("volume_name is required"))
-        .map_err(reject)?;
+        .ok_or_else(|| ApiError::bad_request("volume_name is required"))?;
     volume::validate_volume_name(&volume_name)
         .and_then(|_| state.engine.context().volumes.validate_name(&volume_name))
-        .map_err(|e| reject(ApiError::bad_request(e)))?;
-    let size = check_size(body.volume_size_gb).map_err(reject)?;
-    let image_type = check_image_type(body.image_type).map_err(reject)?;
-    let correlation_id = check_correlation_id(body.correlation_id).map_err(reject)?;
+        .map_err(ApiError::bad_request)?;
+    let size = check_size(body.volume_size_gb)?;
+    let image_type = check_image_type(body.image_type)?;
+    let correlation_id = check_correlation_id(body.correlation_id)?;
     let spec = JobSpec {
         image_url,
         image_type,
@@ -281,7 +303,7 @@ pub async fn submit(
         .engine
         .submit(JobKind::Provision, spec, caller.origin())
         .await
-        .map_err(|e| reject(submit_error(e)))?;
+        .map_err(submit_error)?;
     tracing::info!(
         job_id = %job.id,
         correlation_id = job.spec.correlation_id.as_deref().unwrap_or(""),
@@ -294,14 +316,16 @@ pub async fn submit(
 }
 
 pub async fn cache_fetch(
-    caller: Caller,
-    body: serde_json::Value,
+    caller: Result<Caller, ApiError>,
+    body: Result<serde_json::Value, ApiError>,
     state: Arc<ApiState>,
-) -> Result<Response, Rejection> {
-    let body: CacheFetchBody = parse_body(body).map_err(reject)?;
-    let image_url = check_image_url(body.image_url, &state).map_err(reject)?;
-    let image_type = check_image_type(body.image_type).map_err(reject)?;
-    let correlation_id = check_correlation_id(body.correlation_id).map_err(reject)?;
+) -> Result<Response, ApiError> {
+    let caller = caller?;
+    let body = body?;
+    let body: CacheFetchBody = parse_body(body)?;
+    let image_url = check_image_url(body.image_url, &state)?;
+    let image_type = check_image_type(body.image_type)?;
+    let correlation_id = check_correlation_id(body.correlation_id)?;
     let spec = JobSpec {
         image_url,
         image_type,
@@ -313,7 +337,7 @@ pub async fn cache_fetch(
         .engine
         .submit(JobKind::CacheFetch, spec, caller.origin())
         .await
-        .map_err(|e| reject(submit_error(e)))?;
+        .map_err(submit_error)?;
     tracing::info!(job_id = %job.id, image_url = %job.spec.image_url, "cache fetch job accepted");
     Ok(accepted(job.id))
 }
@@ -337,25 +361,26 @@ fn parse_limit(q: &HashMap<String, String>, default: usize) -> Result<usize, Api
 }
 
 pub async fn list(
-    _caller: Caller,
+    caller: Result<Caller, ApiError>,
     raw_query: String,
     state: Arc<ApiState>,
-) -> Result<Response, Rejection> {
+) -> Result<Response, ApiError> {
+    caller?;
     let q = parse_query(&raw_query);
-    let limit = parse_limit(&q, 100).map_err(reject)?;
+    let limit = parse_limit(&q, 100)?;
     let status = match q.get("status") {
         None => None,
         Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
-            reject(ApiError::bad_request(format!(
+            ApiError::bad_request(format!(
                 "status `{s}` is not one of pending, running, completed, failed, cancelled"
-            )))
+            ))
         })?),
     };
     let (jobs, _total) = state
         .engine
         .store()
         .list_jobs(status, limit)
-        .map_err(|e| reject(ApiError::internal(e.to_string())))?;
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     let jobs: Vec<_> = jobs
         .iter()
         .map(|j| j.to_status(state.engine.queue_position(j.id)))
@@ -366,24 +391,38 @@ pub async fn list(
     ))
 }
 
+/// A job id from the path (400 when malformed, not 404).
+fn parse_job_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw)
+        .map_err(|_| ApiError::bad_request(format!("`{raw}` is not a job id (UUID)")))
+}
+
 pub async fn status(
-    id: Uuid,
-    _caller: Caller,
+    raw_id: String,
+    caller: Result<Caller, ApiError>,
     state: Arc<ApiState>,
-) -> Result<Response, Rejection> {
+) -> Result<Response, ApiError> {
+    caller?;
+    let id = parse_job_id(&raw_id)?;
     let job = state
         .engine
         .store()
         .get_job(id)
-        .map_err(|e| reject(ApiError::internal(e.to_string())))?
-        .ok_or_else(|| reject(ApiError::not_found(format!("job {id} not found"))))?;
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
     Ok(json_reply(
         &job.to_status(state.engine.queue_position(id)),
         StatusCode::OK,
     ))
 }
 
-pub async fn cancel(id: Uuid, caller: Caller, state: Arc<ApiState>) -> Result<Response, Rejection> {
+pub async fn cancel(
+    raw_id: String,
+    caller: Result<Caller, ApiError>,
+    state: Arc<ApiState>,
+) -> Result<Response, ApiError> {
+    let caller = caller?;
+    let id = parse_job_id(&raw_id)?;
     match state.engine.cancel(id, CANCEL_WAIT).await {
         Ok(job) => {
             tracing::info!(job_id = %id, requested_by = caller.identity().unwrap_or(""), "job cancel requested");
@@ -397,28 +436,25 @@ pub async fn cancel(id: Uuid, caller: Caller, state: Arc<ApiState>) -> Result<Re
                 StatusCode::OK,
             ))
         }
-        Err(CancelError::NotFound(_)) => {
-            Err(reject(ApiError::not_found(format!("job {id} not found"))))
-        }
-        Err(e @ CancelError::Terminal(_)) => Err(reject(ApiError::bad_request(e.to_string()))),
-        Err(e) => Err(reject(ApiError::internal(e.to_string()))),
+        Err(CancelError::NotFound(_)) => Err(ApiError::not_found(format!("job {id} not found"))),
+        Err(e @ CancelError::Terminal(_)) => Err(ApiError::bad_request(e.to_string())),
+        Err(e) => Err(ApiError::internal(e.to_string())),
     }
 }
 
 pub async fn cache_list(
-    _caller: Caller,
+    caller: Result<Caller, ApiError>,
     raw_query: String,
     state: Arc<ApiState>,
-) -> Result<Response, Rejection> {
+) -> Result<Response, ApiError> {
+    caller?;
     let q = parse_query(&raw_query);
-    let limit = parse_limit(&q, 100).map_err(reject)?;
+    let limit = parse_limit(&q, 100)?;
     let offset = match q.get("offset") {
         None => 0,
-        Some(v) => v.parse::<usize>().map_err(|_| {
-            reject(ApiError::bad_request(
-                "offset must be a non-negative integer",
-            ))
-        })?,
+        Some(v) => v
+            .parse::<usize>()
+            .map_err(|_| ApiError::bad_request("offset must be a non-negative integer"))?,
     };
     let cache = &state.engine.context().cache;
     let entries = cache.entries();
@@ -452,17 +488,18 @@ pub async fn cache_list(
 
 pub async fn cache_delete(
     key: String,
-    caller: Caller,
+    caller: Result<Caller, ApiError>,
     state: Arc<ApiState>,
-) -> Result<Response, Rejection> {
+) -> Result<Response, ApiError> {
+    let caller = caller?;
     if key.len() != 64
         || !key
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     {
-        return Err(reject(ApiError::bad_request(
+        return Err(ApiError::bad_request(
             "cache key must be 64 lowercase hex digits",
-        )));
+        ));
     }
     let cache = &state.engine.context().cache;
     match cache.remove(&key) {
@@ -477,48 +514,49 @@ pub async fn cache_delete(
                 StatusCode::OK,
             ))
         }
-        Err(crate::image::cache::RemoveError::InUse(n)) => Err(reject(ApiError::conflict(
-            format!("cache entry {key} is in use by {n} job(s)"),
+        Err(crate::image::cache::RemoveError::InUse(n)) => Err(ApiError::conflict(format!(
+            "cache entry {key} is in use by {n} job(s)"
         ))),
-        Err(crate::image::cache::RemoveError::NotFound) => Err(reject(ApiError::not_found(
-            format!("cache entry {key} not found"),
-        ))),
-        Err(e) => Err(reject(ApiError::internal(e.to_string()))),
+        Err(crate::image::cache::RemoveError::NotFound) => {
+            Err(ApiError::not_found(format!("cache entry {key} not found")))
+        }
+        Err(e) => Err(ApiError::internal(e.to_string())),
     }
 }
 
 pub async fn volume_delete(
     name: String,
-    caller: Caller,
+    caller: Result<Caller, ApiError>,
     state: Arc<ApiState>,
-) -> Result<Response, Rejection> {
-    let name = percent_decoded(&name).map_err(reject)?;
+) -> Result<Response, ApiError> {
+    let caller = caller?;
+    let name = percent_decoded(&name)?;
     let volumes = &state.engine.context().volumes;
     volume::validate_volume_name(&name)
         .and_then(|_| volumes.validate_name(&name))
-        .map_err(|e| reject(ApiError::bad_request(e)))?;
+        .map_err(ApiError::bad_request)?;
     if let Some(job) = state.engine.volume_busy(&name) {
-        return Err(reject(ApiError::conflict(format!(
+        return Err(ApiError::conflict(format!(
             "volume {name} is in use by job {job}"
-        ))));
+        )));
     }
     match volumes.inspect(&name).await {
         Ok(None) => {}
         Ok(Some(v)) => {
             if let Some(reason) = v.reuse_blocker.filter(|r| r.contains("open")) {
-                return Err(reject(ApiError::conflict(format!(
+                return Err(ApiError::conflict(format!(
                     "volume {name} cannot be deleted: {reason}"
-                ))));
+                )));
             }
             let span = tracing::info_span!("delete_volume", otel.name = "DeleteVolume", volume_name = %name);
             let _g = span.enter();
             volumes.remove(&name).await.map_err(|e| match e {
-                volume::VolumeError::Conflict(reason) => reject(ApiError::conflict(reason)),
-                e => reject(ApiError::internal(e.to_string())),
+                volume::VolumeError::Conflict(reason) => ApiError::conflict(reason),
+                e => ApiError::internal(e.to_string()),
             })?;
             tracing::info!(volume = %name, requested_by = caller.identity().unwrap_or(""), "volume deleted");
         }
-        Err(e) => return Err(reject(ApiError::internal(e.to_string()))),
+        Err(e) => return Err(ApiError::internal(e.to_string())),
     }
     Ok(json_reply(
         &json!({"status": "deleted", "volume": name}),

@@ -6,12 +6,12 @@ pub mod auth;
 pub mod error;
 mod handlers;
 pub mod server;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use uuid::Uuid;
 use warp::Filter;
 use warp::reply::Response;
 
@@ -72,24 +72,22 @@ fn with_state(
     warp::any().map(move || state.clone())
 }
 
-/// A path segment that must be a job id (400 when malformed, not 404).
-fn job_id() -> impl Filter<Extract = (Uuid,), Error = warp::Rejection> + Clone {
-    warp::path::param::<String>().and_then(|raw: String| async move {
-        Uuid::parse_str(&raw).map_err(|_| {
-            warp::reject::custom(error::ApiError::bad_request(format!(
-                "`{raw}` is not a job id (UUID)"
-            )))
-        })
-    })
+/// The raw query string (empty when there is none).
+fn raw_query() -> impl Filter<Extract = (String,), Error = Infallible> + Clone {
+    warp::query::raw().or(warp::any().map(String::new)).unify()
 }
 
-/// Every route. Ends with `recover`, so the filter never rejects.
+/// Every route. Once a route's method and path match, nothing after rejects (handlers answer
+/// errors themselves), so no request falls through to another route; the final `recover`
+/// turns unmatched requests into JSON 404/405.
 pub fn routes(
     state: Arc<ApiState>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+    use handlers::respond;
     use warp::{delete, get, path, path::end, post};
     let s = || with_state(state.clone());
     let caller = || auth::caller(state.clone());
+    let body = || handlers::json_body(state.clone());
 
     // Open routes.
     let health = get()
@@ -116,74 +114,75 @@ pub fn routes(
         .map(handlers::metrics_text);
 
     // Jobs.
-    let submit = post()
-        .and(
-            path!("api" / "v1" / "jobs")
-                .and(route("/api/v1/jobs"))
-                .or(path!("api" / "v1" / "provision").and(route("/api/v1/provision")))
-                .unify()
-                .or(path!("provision").and(route("/provision")))
-                .unify(),
-        )
+    let submit = path!("api" / "v1" / "jobs")
+        .and(post())
+        .and(route("/api/v1/jobs"))
+        .or(path!("api" / "v1" / "provision")
+            .and(post())
+            .and(route("/api/v1/provision")))
+        .unify()
+        .or(path!("provision").and(post()).and(route("/provision")))
+        .unify()
         .and(caller())
-        .and(handlers::json_body(state.clone()))
+        .and(body())
         .and(s())
-        .and_then(handlers::submit);
+        .then(handlers::submit)
+        .map(respond);
     let list = path!("api" / "v1" / "jobs")
         .and(get())
         .and(route("/api/v1/jobs"))
         .and(caller())
-        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(raw_query())
         .and(s())
-        .and_then(handlers::list);
-    let status = get()
-        .and(
-            path!("api" / "v1" / "jobs" / ..)
-                .and(route("/api/v1/jobs/{id}"))
-                .or(path!("api" / "v1" / "status" / ..).and(route("/api/v1/status/{id}")))
-                .unify(),
-        )
-        .and(job_id())
-        .and(end())
+        .then(handlers::list)
+        .map(respond);
+    let status = path!("api" / "v1" / "jobs" / String)
+        .and(get())
+        .and(route("/api/v1/jobs/{id}"))
+        .or(path!("api" / "v1" / "status" / String)
+            .and(get())
+            .and(route("/api/v1/status/{id}")))
+        .unify()
         .and(caller())
         .and(s())
-        .and_then(handlers::status);
-    let cancel = post()
-        .and(path!("api" / "v1" / "jobs" / ..))
-        .and(job_id())
-        .and(path!("cancel"))
+        .then(handlers::status)
+        .map(respond);
+    let cancel = path!("api" / "v1" / "jobs" / String / "cancel")
+        .and(post())
         .and(route("/api/v1/jobs/{id}/cancel"))
-        .or(delete()
-            .and(path!("api" / "v1" / "cancel" / ..))
-            .and(job_id())
-            .and(end())
+        .or(path!("api" / "v1" / "cancel" / String)
+            .and(delete())
             .and(route("/api/v1/cancel/{id}")))
         .unify()
         .and(caller())
         .and(s())
-        .and_then(handlers::cancel);
+        .then(handlers::cancel)
+        .map(respond);
 
     // Cache.
     let cache_list = path!("api" / "v1" / "cache" / "images")
         .and(get())
         .and(route("/api/v1/cache/images"))
         .and(caller())
-        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(raw_query())
         .and(s())
-        .and_then(handlers::cache_list);
+        .then(handlers::cache_list)
+        .map(respond);
     let cache_fetch = path!("api" / "v1" / "cache" / "fetch")
         .and(post())
         .and(route("/api/v1/cache/fetch"))
         .and(caller())
-        .and(handlers::json_body(state.clone()))
+        .and(body())
         .and(s())
-        .and_then(handlers::cache_fetch);
+        .then(handlers::cache_fetch)
+        .map(respond);
     let cache_delete = path!("api" / "v1" / "cache" / "images" / String)
         .and(delete())
         .and(route("/api/v1/cache/images/{key}"))
         .and(caller())
         .and(s())
-        .and_then(handlers::cache_delete);
+        .then(handlers::cache_delete)
+        .map(respond);
 
     // Volumes.
     let volume_delete = path!("api" / "v1" / "volumes" / String)
@@ -191,7 +190,8 @@ pub fn routes(
         .and(route("/api/v1/volumes/{name}"))
         .and(caller())
         .and(s())
-        .and_then(handlers::volume_delete);
+        .then(handlers::volume_delete)
+        .map(respond);
 
     health
         .or(ready)

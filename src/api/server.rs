@@ -53,22 +53,47 @@ impl ClientCert {
 pub trait Conn: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn for T {}
 
-/// What a transport handshake yields: the stream and the verified client certificate.
-pub type Accepted =
-    futures::future::BoxFuture<'static, std::io::Result<(Box<dyn Conn>, Option<ClientCert>)>>;
+/// The HTTP version a connection speaks, chosen before the first request is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpProtocol {
+    /// HTTP/1.1: hyper's header read timeout runs from the start of the connection and again
+    /// while a keep-alive connection waits for its next request.
+    Http1,
+    /// HTTP/2, negotiated with ALPN `h2`.
+    Http2,
+}
+
+/// A connection after the transport handshake.
+pub struct Established {
+    pub io: Box<dyn Conn>,
+    /// The verified client certificate's names, if the client presented one.
+    pub client_cert: Option<ClientCert>,
+    pub protocol: HttpProtocol,
+}
+
+/// What a transport handshake yields.
+pub type Accepted = futures::future::BoxFuture<'static, std::io::Result<Established>>;
 
 /// Turns accepted TCP connections into served connections (plain, or TLS in `tls.rs`).
 pub trait Transport: Send + Sync + 'static {
-    /// Handshake; returns the stream and the verified client certificate, if any.
+    /// Handshake; returns the stream, the verified client certificate and the protocol.
     fn accept(&self, tcp: TcpStream) -> Accepted;
 }
 
-/// Plain HTTP.
+/// Plain HTTP/1.1 (only allowed on loopback addresses unless `tls.allow_insecure_http`).
+/// No h2c: HTTP/2 is offered over TLS only, where ALPN picks the protocol without the
+/// untimed preface sniffing of an auto-detecting connection.
 pub struct Plain;
 
 impl Transport for Plain {
     fn accept(&self, tcp: TcpStream) -> Accepted {
-        Box::pin(async move { Ok((Box::new(tcp) as Box<dyn Conn>, None)) })
+        Box::pin(async move {
+            Ok(Established {
+                io: Box::new(tcp) as Box<dyn Conn>,
+                client_cert: None,
+                protocol: HttpProtocol::Http1,
+            })
+        })
     }
 }
 
@@ -118,7 +143,7 @@ pub async fn serve<F>(
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
-            let (io, cert) =
+            let established =
                 match tokio::time::timeout(limits.handshake_timeout, transport.accept(tcp)).await {
                     Ok(Ok(x)) => x,
                     Ok(Err(e)) => {
@@ -132,8 +157,9 @@ pub async fn serve<F>(
                 };
             let conn = ConnInfo {
                 remote,
-                client_cert: cert.map(Arc::new),
+                client_cert: established.client_cert.map(Arc::new),
             };
+            let io = established.io;
             let service = hyper::service::service_fn(move |req| {
                 handle(warp::service(filter.clone()), conn.clone(), req)
             });
@@ -146,8 +172,13 @@ pub async fn serve<F>(
                 .http2()
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(64)
-                .keep_alive_interval(Some(Duration::from_secs(30)));
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+                .keep_alive_interval(Some(Duration::from_secs(30)))
+                .keep_alive_timeout(Duration::from_secs(20));
+            let builder = match established.protocol {
+                HttpProtocol::Http1 => builder.http1_only(),
+                HttpProtocol::Http2 => builder.http2_only(),
+            };
+            let conn = builder.serve_connection(TokioIo::new(io), service);
             if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(%remote, error = %e, "connection ended with an error");
             }

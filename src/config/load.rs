@@ -281,6 +281,10 @@ mod tests {
     fn legacy_env_names_apply_and_lvp_names_win() {
         Jail::expect_with(|jail| {
             jail.clear_env();
+            // A non-loopback plain-HTTP listener needs an explicit opt-in and authentication.
+            jail.create_file("tokens", "")?;
+            jail.set_env("LVP_TLS__ALLOW_INSECURE_HTTP", "true");
+            jail.set_env("LVP_AUTH__TOKENS_FILE", "tokens");
             jail.set_env("HOST", "0.0.0.0");
             jail.set_env("PORT", "9090");
             jail.set_env("MINIO_ENDPOINT", "https://minio.example.com");
@@ -309,10 +313,65 @@ mod tests {
     fn port_alone_keeps_configured_host() {
         Jail::expect_with(|jail| {
             jail.clear_env();
-            jail.create_file("c.toml", "[server]\nlisten = \"10.1.2.3:8080\"\n")?;
+            jail.create_file("tokens", "")?;
+            jail.create_file(
+                "c.toml",
+                "[server]\nlisten = \"10.1.2.3:8080\"\n[tls]\nallow_insecure_http = true\n\
+                 [auth]\ntokens_file = \"tokens\"\n",
+            )?;
             jail.set_env("PORT", "8443");
             let s = load(&source("c.toml", true)).unwrap();
             assert_eq!(s.server.listen, "10.1.2.3:8443");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn non_loopback_listener_needs_tls_and_authentication() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            for f in ["tokens", "server.crt", "server.key", "ca.crt"] {
+                jail.create_file(f, "")?;
+            }
+            let check = |toml: &str| {
+                std::fs::write("c.toml", toml).unwrap();
+                load(&source("c.toml", true)).map_err(|e| e.to_string())
+            };
+            let public = "[server]\nlisten = \"0.0.0.0:8443\"\n";
+            let tls = "[tls]\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n";
+
+            let err = check(public).unwrap_err();
+            assert!(
+                err.contains("tls.cert_file: the API would be plain HTTP on 0.0.0.0:8443"),
+                "{err}"
+            );
+            let err = check(&format!("{public}{tls}")).unwrap_err();
+            assert!(
+                err.contains("auth: no client authentication is configured"),
+                "{err}"
+            );
+            let err = check(&format!("{public}[tls]\nallow_insecure_http = true\n")).unwrap_err();
+            assert!(err.contains("auth: no client authentication"), "{err}");
+            check(&format!("{public}{tls}client_ca_file = \"ca.crt\"\n")).unwrap();
+            check(&format!("{public}{tls}[auth]\ntokens_file = \"tokens\"\n")).unwrap();
+            check(&format!(
+                "{public}[tls]\nallow_insecure_http = true\n[auth]\ntokens_file = \"tokens\"\n"
+            ))
+            .unwrap();
+            // Loopback: plain HTTP and no authentication are the development default.
+            check("[server]\nlisten = \"127.0.0.1:8080\"\n").unwrap();
+            check("[server]\nlisten = \"[::1]:8080\"\n").unwrap();
+
+            let err = check("[auth]\nallowed_clients = [\"orchestrator\"]\n").unwrap_err();
+            assert!(
+                err.contains("auth.allowed_clients: lists certificate names"),
+                "{err}"
+            );
+            let err = check(&format!(
+                "{tls}client_ca_file = \"ca.crt\"\n[auth]\nallowed_clients = [\"a b\"]\n"
+            ))
+            .unwrap_err();
+            assert!(err.contains("`a b` is not a certificate name"), "{err}");
             Ok(())
         });
     }

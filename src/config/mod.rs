@@ -73,6 +73,9 @@ pub struct ServerSettings {
     /// Time a client has to send the request headers (slowloris guard).
     #[serde(with = "humantime_serde")]
     pub header_timeout: Duration,
+    /// Time a client has to send a request body (JSON bodies; 408 beyond).
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
     /// Time a client has to complete the TLS handshake.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
@@ -295,6 +298,7 @@ impl Settings {
                 listen: "127.0.0.1:8080".into(),
                 max_body_bytes: 1 << 20,
                 header_timeout: Duration::from_secs(10),
+                body_timeout: Duration::from_secs(30),
                 handshake_timeout: Duration::from_secs(10),
                 max_connections: 512,
             },
@@ -368,6 +372,46 @@ impl Settings {
         }
     }
 
+    /// The security posture of the listener: plain HTTP and unauthenticated access are only
+    /// accepted on loopback addresses (see docs/security.md).
+    fn validate_access(&self) -> Result<(), String> {
+        let listen = self.listen_addr();
+        let loopback = listen.ip().is_loopback();
+        let tls = !self.tls.cert_file.is_empty();
+        if !tls && !loopback && !self.tls.allow_insecure_http {
+            return Err(format!(
+                "tls.cert_file: the API would be plain HTTP on {listen}, which is not a loopback \
+                 address; set tls.cert_file and tls.key_file, or tls.allow_insecure_http = true \
+                 to accept that (API tokens then cross the network in clear text)"
+            ));
+        }
+        if self.tls.client_ca_file.is_empty() && self.auth.tokens_file.is_empty() && !loopback {
+            return Err(format!(
+                "auth: no client authentication is configured for {listen}, which is not a \
+                 loopback address; set tls.client_ca_file (client certificates) and/or \
+                 auth.tokens_file (API tokens)"
+            ));
+        }
+        if !self.auth.allowed_clients.is_empty() && self.tls.client_ca_file.is_empty() {
+            return Err(
+                "auth.allowed_clients: lists certificate names, but tls.client_ca_file is not \
+                 set, so no client certificate is ever verified"
+                    .into(),
+            );
+        }
+        if let Some(bad) = self
+            .auth
+            .allowed_clients
+            .iter()
+            .find(|c| c.is_empty() || c.contains(char::is_whitespace))
+        {
+            return Err(format!(
+                "auth.allowed_clients: `{bad}` is not a certificate name (CN, DNS or URI SAN)"
+            ));
+        }
+        Ok(())
+    }
+
     /// The listener address (validated at load, so this cannot fail afterwards).
     pub fn listen_addr(&self) -> SocketAddr {
         self.server
@@ -391,9 +435,12 @@ impl Settings {
         if self.server.max_body_bytes < 1024 {
             return err("server.max_body_bytes", "must be at least 1024".into());
         }
-        if self.server.header_timeout.is_zero() || self.server.handshake_timeout.is_zero() {
+        if self.server.header_timeout.is_zero()
+            || self.server.handshake_timeout.is_zero()
+            || self.server.body_timeout.is_zero()
+        {
             return err(
-                "server.header_timeout/handshake_timeout",
+                "server.header_timeout/body_timeout/handshake_timeout",
                 "must be greater than 0".into(),
             );
         }
@@ -498,6 +545,7 @@ impl Settings {
                 "needs tls.cert_file and tls.key_file (client certificates need TLS)".into(),
             );
         }
+        self.validate_access()?;
         if self.log.level.trim().is_empty()
             || tracing_subscriber::EnvFilter::builder()
                 .parse(&self.log.level)

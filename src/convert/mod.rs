@@ -105,10 +105,13 @@ pub async fn convert(
         .process_group(0)
         .kill_on_drop(true);
     let cpu = spec.cpu_limit.as_secs().max(60);
-    // SAFETY: only async-signal-safe calls (setrlimit) between fork and exec.
+    // SAFETY: only async-signal-safe calls (prctl, setrlimit) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             use nix::sys::resource::{Resource, setrlimit};
+            // If the daemon dies (even by SIGKILL), the conversion dies with it: nothing keeps
+            // writing into a volume that restart recovery is about to remove.
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
             setrlimit(
                 Resource::RLIMIT_AS,
                 QEMU_IMG_ADDRESS_SPACE,

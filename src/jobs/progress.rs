@@ -139,8 +139,12 @@ impl ProgressTracker {
         self.update_bytes(0, now);
     }
 
+    /// Flush and pool refresh; the byte counts of the conversion stay visible.
     pub fn start_finalize(&mut self, now: Instant) {
-        self.enter(Stage::Finalizing, 0, 100.0, now);
+        let (done, total) = (self.progress.bytes_processed, self.progress.bytes_total);
+        self.enter(Stage::Finalizing, total, 100.0, now);
+        self.progress.bytes_processed = done;
+        self.progress.stage_percent = 0.0;
         self.progress.eta_seconds = Some(0.0);
     }
 

@@ -42,6 +42,7 @@ pub struct Metrics {
     pub qemu_img_invocations_total: IntCounterVec,
     pub libvirt_pool_refresh_errors_total: IntCounter,
     pub cache_evictions_total: CounterVec,
+    pub download_bytes_total: IntCounter,
     hit_window: Mutex<VecDeque<bool>>,
 }
 
@@ -262,6 +263,11 @@ impl Metrics {
                 r.register(Box::new(m.clone())).expect("unique metric");
                 m
             },
+            download_bytes_total: int_counter(
+                &r,
+                "download_bytes_total",
+                "Image bytes received from sources (a resumed download counts only what it fetched)",
+            ),
             hit_window: Mutex::new(VecDeque::with_capacity(HIT_RATIO_WINDOW)),
             registry: r,
         };

@@ -4,6 +4,7 @@
 pub mod health;
 pub mod logs;
 pub mod metrics;
+pub mod traces;
 
 use std::collections::BTreeMap;
 

@@ -90,6 +90,13 @@ impl Daemon {
         Self::spawn(dir, &config_path, env, "http")
     }
 
+    /// Writes the config into `dir/config.toml` and starts the daemon with it, over TLS.
+    pub fn start_https(dir: &Path, config: &TestConfig, env: &[(&str, &str)]) -> Daemon {
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, config.render()).unwrap();
+        Self::spawn(dir, &config_path, env, "https")
+    }
+
     /// Starts the binary on an existing config file; `scheme` is http or https.
     pub fn spawn(dir: &Path, config_path: &Path, env: &[(&str, &str)], scheme: &str) -> Daemon {
         let mut cmd = Command::new(BIN);
@@ -426,4 +433,245 @@ fn seek_end(f: &std::fs::File) -> u64 {
 
 pub fn file_url(p: &Path) -> String {
     format!("file://{}", p.display())
+}
+
+/// A directory with a `qemu-img` wrapper first in PATH: `convert` waits `delay_secs` before
+/// running the real qemu-img (so a test can act while a job is converting), everything else
+/// passes straight through. Returns the PATH value to give the daemon.
+pub fn slow_qemu_img_path(dir: &Path, delay_secs: u32) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join("slowbin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let real = String::from_utf8(
+        Command::new("sh")
+            .args(["-c", "command -v qemu-img"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let script = format!(
+        "#!/bin/sh\n# test wrapper: delays conversions\nif [ \"$1\" = convert ]; then sleep {delay_secs}; fi\nexec {} \"$@\"\n",
+        real.trim()
+    );
+    let path = bin.join("qemu-img");
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// Processes whose command line contains `needle`.
+pub fn processes_matching(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline"))
+            && String::from_utf8_lossy(&cmd)
+                .replace('\0', " ")
+                .contains(needle)
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// A free loopback port (bound and released; the caller binds it right away).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The real S3 server `s3s-fs` (SigV4 enforced) serving `root`; buckets are directories.
+pub struct S3Server {
+    child: Child,
+    pub port: u16,
+    pub root: PathBuf,
+}
+
+pub const S3_ACCESS_KEY: &str = "test-access-key";
+pub const S3_SECRET_KEY: &str = "test-secret-key-0123456789";
+
+impl S3Server {
+    pub fn start(root: &Path) -> S3Server {
+        std::fs::create_dir_all(root).unwrap();
+        let port = free_port();
+        let child = Command::new("s3s-fs")
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
+            .arg(root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "s3s-fs must be installed (cargo install --locked s3s-fs@0.14.1 --features binary)",
+            );
+        wait_for_port(port);
+        S3Server {
+            child,
+            port,
+            root: root.to_path_buf(),
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Stores an object by writing the file s3s-fs serves.
+    pub fn put(&self, bucket: &str, key: &str, bytes: &[u8]) {
+        let path = self.root.join(bucket).join(key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    pub fn put_file(&self, bucket: &str, key: &str, src: &Path) {
+        let path = self.root.join(bucket).join(key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::copy(src, path).unwrap();
+    }
+
+    pub fn remove(&self, bucket: &str, key: &str) {
+        let _ = std::fs::remove_file(self.root.join(bucket).join(key));
+    }
+
+    /// Daemon settings for this server.
+    pub fn configure(&self, config: TestConfig) -> TestConfig {
+        config
+            .set("s3.endpoint", self.endpoint())
+            .set("s3.allow_http", true)
+            .set("s3.access_key", S3_ACCESS_KEY)
+            .set("s3.secret_key", S3_SECRET_KEY)
+            .set("s3.bucket", "vm-images")
+            .set("s3.retries", 2)
+            .set("s3.retry_backoff", "100ms")
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP proxy on loopback that forwards to `target` at most `bytes_per_sec` in each
+/// direction (a slow network in front of a real server). Runs until the test ends.
+pub fn throttled_proxy(target: u16, bytes_per_sec: u64) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
+                continue;
+            };
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                std::thread::spawn(move || {
+                    use std::io::{Read, Write};
+                    let chunk = (bytes_per_sec / 20).max(1024) as usize;
+                    let mut buf = vec![0u8; chunk];
+                    loop {
+                        let started = Instant::now();
+                        let n = match from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        let budget = Duration::from_secs_f64(n as f64 / bytes_per_sec as f64);
+                        if let Some(rest) = budget.checked_sub(started.elapsed()) {
+                            std::thread::sleep(rest);
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    port
+}
+
+/// A metric's value from the daemon's /metrics (sum over label sets matching `labels`).
+pub async fn metric(c: &reqwest::Client, d: &Daemon, name: &str, labels: &str) -> f64 {
+    let text = c
+        .get(d.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            let (series, _) = l.rsplit_once(' ').unwrap_or((l, ""));
+            let metric_name = series.split('{').next().unwrap_or("");
+            metric_name == name && series.contains(labels)
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// `size` bytes of incompressible data from `seed` (xorshift, 8 bytes per step).
+pub fn random_bytes(size: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(size + 8);
+    while out.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(size);
+    out
+}
+
+/// A qcow2 whose first `data` bytes are incompressible (so its file is about that large),
+/// in a disk of `virtual_size` bytes.
+pub fn make_dense_qcow2(path: &Path, data: usize, virtual_size: u64, seed: u64) {
+    let raw = path.with_extension("dense.raw");
+    std::fs::write(&raw, random_bytes(data, seed)).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&raw)
+        .unwrap()
+        .set_len(virtual_size)
+        .unwrap();
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        path.to_str().unwrap(),
+    ]);
+    std::fs::remove_file(raw).unwrap();
 }

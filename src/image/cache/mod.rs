@@ -1,30 +1,33 @@
 //! The local image cache: images exactly as downloaded (qcow2 stays compressed), verified
-//! against the `.sha256` object beside them while they are written, inspected once, and indexed
-//! in sled. Downloads are single-flight (jobs wanting the same image share one), land in
-//! `<key>.partial` and are renamed only when complete, verified and synced.
+//! against the `.sha256` object beside them, inspected once, and indexed in sled (key, url,
+//! ETag, size, sha256, inspection verdict, created, last use). Downloads are single-flight,
+//! resumable, and land in `<key>.partial` until complete, verified and synced; entries in use
+//! are never evicted. `download.rs` holds one download, `evict.rs` the eviction rules.
+
+mod download;
+mod evict;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
 use futures::future::{BoxFuture, FutureExt, Shared};
-use object_store::{GetOptions, ObjectStore, ObjectStoreExt};
+use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use super::inspect::{InspectError, Inspection};
 use super::source::{Location, SourceClients};
+use crate::config::Settings;
 use crate::jobs::store::Store;
 use crate::telemetry::metrics::metrics;
+use download::{Download, Remote};
 
-/// A download that delivers nothing for this long is treated as failed.
-const STALL_TIMEOUT: Duration = Duration::from_secs(120);
-const WRITE_BUFFER: usize = 4 << 20;
+pub use evict::EvictReason;
 
 /// One cached image (stored in sled, served by the cache API).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,7 +67,7 @@ pub enum FetchError {
     Transfer(String),
     #[error("cache I/O: {0}")]
     Io(String),
-    #[error("{0}")]
+    #[error("not enough space in the cache: {0}")]
     NoSpace(String),
 }
 
@@ -83,6 +86,12 @@ impl FetchError {
         }
     }
 
+    /// Network trouble worth retrying (404, refused credentials, bad content and local disk
+    /// errors are not).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, FetchError::Transfer(_))
+    }
+
     fn from_store(e: object_store::Error) -> FetchError {
         match e {
             object_store::Error::NotFound { path, .. } => FetchError::NotFound(path),
@@ -90,27 +99,70 @@ impl FetchError {
             | object_store::Error::Unauthenticated { source, .. } => {
                 FetchError::Auth(source.to_string())
             }
-            other => FetchError::Transfer(other.to_string()),
+            other => {
+                // object_store reports some S3 refusals as generic errors with the status.
+                let text = other.to_string();
+                if text.contains("403 Forbidden") || text.contains("AccessDenied") {
+                    FetchError::Auth(text)
+                } else if text.contains("404 Not Found") || text.contains("NoSuchKey") {
+                    FetchError::NotFound(text)
+                } else {
+                    FetchError::Transfer(text)
+                }
+            }
         }
     }
 }
 
-/// Why a cache entry was not removed.
-#[derive(Debug, thiserror::Error)]
-pub enum RemoveError {
-    #[error("cache entry is in use by {0} job(s)")]
-    InUse(usize),
-    #[error("cache entry not found")]
-    NotFound,
-    #[error("cache I/O: {0}")]
-    Io(String),
-}
-
-/// Download progress: bytes so far and the total (0 while unknown).
+/// Download progress: bytes so far (including a resumed prefix) and the total.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Transfer {
     pub done: u64,
     pub total: u64,
+}
+
+/// Retries of a failed download (resuming from the last checkpoint each time).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    pub retries: usize,
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl RetryPolicy {
+    /// Exponential backoff with full jitter: a random delay up to `backoff * 2^(attempt-1)`.
+    pub fn delay(&self, attempt: usize) -> Duration {
+        let exp = self
+            .backoff
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
+            .min(self.max_backoff);
+        let jitter = rand::random_range(0.5..=1.0);
+        exp.mul_f64(jitter)
+    }
+}
+
+/// Size and age bounds of the cache.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CacheLimits {
+    pub max_size_bytes: u64,
+    pub max_age: Duration,
+    pub min_free_bytes: u64,
+}
+
+/// The limits and retry policy a settings value gives the cache.
+pub fn cache_settings(settings: &Settings) -> (CacheLimits, RetryPolicy) {
+    (
+        CacheLimits {
+            max_size_bytes: settings.cache.max_size_bytes,
+            max_age: settings.cache.max_age,
+            min_free_bytes: settings.cache.min_free_bytes,
+        },
+        RetryPolicy {
+            retries: settings.s3.retries,
+            backoff: settings.s3.retry_backoff,
+            max_backoff: settings.s3.retry_max_backoff,
+        },
+    )
 }
 
 type FlightResult = Result<CacheEntry, FetchError>;
@@ -152,44 +204,63 @@ pub struct ImageCache {
     sources: Arc<SourceClients>,
     flights: Mutex<HashMap<String, Flight>>,
     in_use: Arc<Mutex<HashMap<String, usize>>>,
+    limits: RwLock<CacheLimits>,
+    retry: RwLock<RetryPolicy>,
+    /// Bytes that running downloads still have to write (space they will take).
+    reserved: Arc<AtomicU64>,
 }
 
-/// What the source says about the object right now.
-struct Remote {
-    store: Arc<dyn ObjectStore>,
-    path: object_store::path::Path,
-    size: u64,
-    etag: Option<String>,
-    expected_sha256: Option<String>,
+pub(crate) fn image_path(dir: &Path, key: &str) -> PathBuf {
+    dir.join(format!("{key}.img"))
 }
 
 impl ImageCache {
-    pub fn open(dir: &Path, store: &Store, sources: Arc<SourceClients>) -> anyhow::Result<Self> {
+    pub fn open(
+        dir: &Path,
+        store: &Store,
+        sources: Arc<SourceClients>,
+        settings: &Settings,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("cache.dir {}: {e}", dir.display()))?;
         let dir = dir.canonicalize()?;
-        // Leftovers of an interrupted download are never mistaken for images.
-        for entry in std::fs::read_dir(&dir)?.flatten() {
-            let name = entry.file_name();
-            if name.to_string_lossy().ends_with(".partial") {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-        Ok(ImageCache {
-            dir,
+        let (limits, retry) = cache_settings(settings);
+        let cache = ImageCache {
             index: store.tree("cache")?,
+            dir,
             sources,
             flights: Mutex::new(HashMap::new()),
             in_use: Arc::new(Mutex::new(HashMap::new())),
-        })
+            limits: RwLock::new(limits),
+            retry: RwLock::new(retry),
+            reserved: Arc::new(AtomicU64::new(0)),
+        };
+        cache.clean_dir();
+        Ok(cache)
+    }
+
+    /// Applies new limits and retry settings (hot reload); evicts at once if the bound shrank.
+    pub fn set_limits(&self, settings: &Settings) {
+        let (limits, retry) = cache_settings(settings);
+        *self.limits.write().unwrap_or_else(|e| e.into_inner()) = limits;
+        *self.retry.write().unwrap_or_else(|e| e.into_inner()) = retry;
+        self.evict(None);
+    }
+
+    pub fn limits(&self) -> CacheLimits {
+        *self.limits.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn retry_policy(&self) -> RetryPolicy {
+        *self.retry.read().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    fn path_of(&self, key: &str) -> PathBuf {
-        self.dir.join(format!("{key}.img"))
+    pub fn path_of(&self, key: &str) -> PathBuf {
+        image_path(&self.dir, key)
     }
 
     fn mark_in_use(&self, key: &str) -> InUse {
@@ -220,10 +291,6 @@ impl ImageCache {
         r.ok()
             .flatten()
             .and_then(|b| serde_json::from_slice(&b).ok())
-    }
-
-    fn put_entry(&self, entry: &CacheEntry) -> Result<(), FetchError> {
-        put_entry(&self.index, entry)
     }
 
     /// Asks the source for the object's size, ETag and published checksum.
@@ -277,24 +344,19 @@ impl ImageCache {
         mut on_progress: impl FnMut(Transfer),
     ) -> Result<CachedImage, FetchError> {
         let remote = self.remote(location).await?;
+        let identity = location.identity();
         let key = match &remote.expected_sha256 {
             Some(sum) => sum.clone(),
             None => hex::encode(Sha256::digest(
-                format!(
-                    "{}\n{}",
-                    location.identity(),
-                    remote.etag.as_deref().unwrap_or("")
-                )
-                .as_bytes(),
+                format!("{identity}\n{}", remote.etag.as_deref().unwrap_or("")).as_bytes(),
             )),
         };
         // Hold the entry before looking, so eviction cannot take it between check and use.
         let guard = self.mark_in_use(&key);
-        if let Some(entry) = self.valid_entry(&key) {
+        if let Some(mut entry) = self.valid_entry(&key) {
             metrics().cache_lookup(true);
-            let mut entry = entry;
             entry.last_used = Utc::now();
-            self.put_entry(&entry)?;
+            put_entry(&self.index, &entry)?;
             return Ok(CachedImage {
                 path: self.path_of(&key),
                 entry,
@@ -306,43 +368,16 @@ impl ImageCache {
 
         let (mut progress, result) = {
             let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
-            let flight = flights.entry(key.clone()).or_insert_with(|| {
-                let (tx, rx) = watch::channel(Transfer {
-                    done: 0,
-                    total: remote.size,
-                });
-                let download = Download {
-                    dir: self.dir.clone(),
-                    index: self.index.clone(),
-                    key: key.clone(),
-                    image_url: image_url.to_string(),
-                    identity: location.identity(),
-                    remote: Remote {
-                        store: remote.store.clone(),
-                        path: remote.path.clone(),
-                        size: remote.size,
-                        etag: remote.etag.clone(),
-                        expected_sha256: remote.expected_sha256.clone(),
-                    },
-                };
-                // The download runs on its own task: one job's cancellation does not break
-                // the download another job waits for.
-                let task = tokio::spawn(download.run(tx));
-                let result: BoxFuture<'static, FlightResult> = async move {
-                    match task.await {
-                        Ok(r) => r,
-                        Err(e) => Err(FetchError::Io(format!("download task failed: {e}"))),
-                    }
+            match flights.get(&key) {
+                Some(f) => (f.progress.clone(), f.result.clone()),
+                None => {
+                    let f = self.start_download(&key, image_url, &identity, remote)?;
+                    let pair = (f.progress.clone(), f.result.clone());
+                    flights.insert(key.clone(), f);
+                    pair
                 }
-                .boxed();
-                Flight {
-                    progress: rx,
-                    result: result.shared(),
-                }
-            });
-            (flight.progress.clone(), flight.result.clone())
+            }
         };
-
         let mut result = std::pin::pin!(result);
         let outcome = loop {
             tokio::select! {
@@ -354,16 +389,67 @@ impl ImageCache {
                 }
             }
         };
-        {
-            let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
-            flights.remove(&key);
-        }
+        self.flights
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
         let entry = outcome?;
+        // Earlier entries of the same source (older ETag or checksum) are superseded.
+        self.remove_superseded(&identity, &key);
+        self.evict(None);
         Ok(CachedImage {
             path: self.path_of(&key),
             entry,
             hit: false,
             _use: guard,
+        })
+    }
+
+    /// Checks space and starts the download task.
+    fn start_download(
+        &self,
+        key: &str,
+        image_url: &str,
+        identity: &str,
+        remote: Remote,
+    ) -> Result<Flight, FetchError> {
+        let partial_len = std::fs::metadata(download::partial_path(&self.dir, key))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let need = remote.size.saturating_sub(partial_len);
+        self.ensure_space(need)?;
+        self.reserved.fetch_add(need, Ordering::SeqCst);
+        let (tx, rx) = watch::channel(Transfer {
+            done: 0,
+            total: remote.size,
+        });
+        let download = Download {
+            dir: self.dir.clone(),
+            index: self.index.clone(),
+            key: key.to_string(),
+            image_url: image_url.to_string(),
+            identity: identity.to_string(),
+            remote,
+            retry: self.retry_policy(),
+        };
+        let reserved = self.reserved.clone();
+        // The download runs on its own task: a job cancelled while waiting does not break
+        // the download other jobs wait for.
+        let task = tokio::spawn(async move {
+            let r = download.run(tx).await;
+            reserved.fetch_sub(need, Ordering::SeqCst);
+            r
+        });
+        let result: BoxFuture<'static, FlightResult> = async move {
+            match task.await {
+                Ok(r) => r,
+                Err(e) => Err(FetchError::Io(format!("download task failed: {e}"))),
+            }
+        }
+        .boxed();
+        Ok(Flight {
+            progress: rx,
+            result: result.shared(),
         })
     }
 
@@ -381,15 +467,22 @@ impl ImageCache {
             return Err(RemoveError::InUse(in_use));
         }
         let entry = self.get_entry(key).ok_or(RemoveError::NotFound)?;
+        self.drop_entry(&entry.key)
+            .map_err(|e| RemoveError::Io(e.to_string()))?;
+        Ok(entry)
+    }
+
+    /// Deletes the index record, then the file (a crash in between leaves an orphan file,
+    /// which `clean_dir` removes; never an index record without its file being checked).
+    fn drop_entry(&self, key: &str) -> std::io::Result<()> {
         let r = self.index.remove(key.as_bytes());
         metrics().storage_op("cache_remove", &r);
-        r.map_err(|e| RemoveError::Io(e.to_string()))?;
+        r.map_err(std::io::Error::other)?;
         match std::fs::remove_file(self.path_of(key)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(RemoveError::Io(e.to_string())),
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
         }
-        Ok(entry)
     }
 
     /// Whether the S3 endpoint answers with our credentials (the `minio` dependency): a HEAD
@@ -426,6 +519,17 @@ impl ImageCache {
     }
 }
 
+/// Why a cache entry was not removed.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoveError {
+    #[error("cache entry is in use by {0} job(s)")]
+    InUse(usize),
+    #[error("cache entry not found")]
+    NotFound,
+    #[error("cache I/O: {0}")]
+    Io(String),
+}
+
 /// Records an entry durably (the download records it before any waiter sees the result, so a
 /// job arriving after the flight ended finds the entry instead of starting another download).
 fn put_entry(index: &sled::Tree, entry: &CacheEntry) -> Result<(), FetchError> {
@@ -460,131 +564,6 @@ pub fn parse_checksum_file(bytes: &[u8]) -> Option<String> {
         .then(|| token.to_ascii_lowercase())
 }
 
-struct Download {
-    dir: PathBuf,
-    index: sled::Tree,
-    key: String,
-    image_url: String,
-    identity: String,
-    remote: Remote,
-}
-
-impl Download {
-    async fn run(self, progress: watch::Sender<Transfer>) -> FlightResult {
-        let partial = self.dir.join(format!("{}.partial", self.key));
-        let result = self.download(&partial, &progress).await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&partial).await;
-        }
-        result
-    }
-
-    async fn download(&self, partial: &Path, progress: &watch::Sender<Transfer>) -> FlightResult {
-        let started = Instant::now();
-        let io = |e: std::io::Error| FetchError::Io(format!("{}: {e}", partial.display()));
-        let opts = GetOptions {
-            if_match: self.remote.etag.clone(),
-            ..Default::default()
-        };
-        let got = self
-            .remote
-            .store
-            .get_opts(&self.remote.path, opts)
-            .await
-            .map_err(FetchError::from_store)?;
-        if self.remote.etag.is_some() && got.meta.e_tag != self.remote.etag {
-            return Err(FetchError::Transfer(
-                "the object changed while it was being fetched".into(),
-            ));
-        }
-        let total = got.meta.size;
-        let mut stream = got.into_stream();
-        let file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(partial)
-            .await
-            .map_err(io)?;
-        let mut out = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file);
-        let mut hasher = Sha256::new();
-        let mut done = 0u64;
-        loop {
-            let next = tokio::time::timeout(STALL_TIMEOUT, stream.next())
-                .await
-                .map_err(|_| {
-                    FetchError::Transfer(format!(
-                        "no data for {}s after {done} bytes",
-                        STALL_TIMEOUT.as_secs()
-                    ))
-                })?;
-            let Some(chunk) = next else { break };
-            let chunk = chunk.map_err(FetchError::from_store)?;
-            hasher.update(&chunk);
-            out.write_all(&chunk).await.map_err(io)?;
-            done += chunk.len() as u64;
-            progress.send_replace(Transfer { done, total });
-        }
-        if done != total {
-            return Err(FetchError::Transfer(format!(
-                "received {done} of {total} bytes"
-            )));
-        }
-        out.flush().await.map_err(io)?;
-        let file = out.into_inner();
-        file.sync_all().await.map_err(io)?;
-        drop(file);
-
-        let actual = hex::encode(hasher.finalize());
-        if let Some(expected) = &self.remote.expected_sha256
-            && *expected != actual
-        {
-            return Err(FetchError::ChecksumMismatch {
-                expected: expected.clone(),
-                actual,
-            });
-        }
-        let p = partial.to_path_buf();
-        let inspection = tokio::task::spawn_blocking(move || super::inspect::inspect_file(&p))
-            .await
-            .map_err(|e| FetchError::Io(e.to_string()))?
-            .map_err(FetchError::Rejected)?;
-
-        let final_path = self.dir.join(format!("{}.img", self.key));
-        tokio::fs::rename(partial, &final_path).await.map_err(io)?;
-        sync_dir(&self.dir).await;
-        let meta = tokio::fs::metadata(&final_path).await.map_err(io)?;
-        let now = Utc::now();
-        let m = metrics();
-        m.images_downloaded_total.inc();
-        m.image_download_size_bytes
-            .with_label_values(&[inspection.format.as_str()])
-            .observe(total as f64);
-        tracing::info!(
-            key = %self.key,
-            bytes = total,
-            seconds = started.elapsed().as_secs_f64(),
-            "image downloaded into the cache"
-        );
-        let entry = CacheEntry {
-            key: self.key.clone(),
-            image_url: self.image_url.clone(),
-            identity: self.identity.clone(),
-            etag: self.remote.etag.clone(),
-            size: total,
-            sha256: actual,
-            verified: self.remote.expected_sha256.is_some(),
-            inspection,
-            created: now,
-            last_used: now,
-            mtime_ns: mtime_ns(&meta),
-        };
-        put_entry(&self.index, &entry)?;
-        Ok(entry)
-    }
-}
-
 /// Makes a rename durable.
 async fn sync_dir(dir: &Path) {
     let dir = dir.to_path_buf();
@@ -611,5 +590,19 @@ mod tests {
         );
         assert_eq!(parse_checksum_file(b"xyz"), None);
         assert_eq!(parse_checksum_file(b""), None);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_bounded() {
+        let p = RetryPolicy {
+            retries: 5,
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+        };
+        for attempt in 1..10 {
+            let d = p.delay(attempt);
+            let cap = Duration::from_millis(100 * (1 << (attempt - 1))).min(Duration::from_secs(1));
+            assert!(d <= cap && d >= cap / 2, "{attempt}: {d:?} vs {cap:?}");
+        }
     }
 }

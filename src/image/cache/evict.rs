@@ -1,0 +1,171 @@
+//! Keeping the cache within bounds: least-recently-used eviction by total size, eviction by
+//! age, making room before a download (free-space check), superseded entries, and cleaning
+//! leftovers at start-up. Entries in use by a job are never evicted.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use chrono::Utc;
+
+use super::download::{checkpoint_path, partial_path};
+use super::{FetchError, ImageCache};
+use crate::telemetry::metrics::metrics;
+
+/// Why an entry was evicted (`cache_evictions_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvictReason {
+    Age,
+    Size,
+    Space,
+    Superseded,
+}
+
+impl EvictReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            EvictReason::Age => "age",
+            EvictReason::Size => "size",
+            EvictReason::Space => "space",
+            EvictReason::Superseded => "superseded",
+        }
+    }
+}
+
+impl ImageCache {
+    fn evict_one(&self, key: &str, reason: EvictReason) -> bool {
+        if self.in_use_count(key) > 0 {
+            return false;
+        }
+        match self.drop_entry(key) {
+            Ok(()) => {
+                metrics()
+                    .cache_evictions_total
+                    .with_label_values(&[reason.as_str()])
+                    .inc();
+                tracing::info!(key, reason = reason.as_str(), "cache entry evicted");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(key, error = %e, "cannot evict cache entry");
+                false
+            }
+        }
+    }
+
+    /// Applies the age and size bounds; with `want_free`, also evicts (least recently used
+    /// first) until that many bytes are free on the cache file system.
+    pub fn evict(&self, want_free: Option<u64>) {
+        let limits = self.limits();
+        let now = Utc::now();
+        let max_age = chrono::Duration::from_std(limits.max_age).unwrap_or(chrono::Duration::MAX);
+        let mut entries = self.entries(); // oldest use first
+        entries
+            .retain(|e| !(now - e.last_used > max_age && self.evict_one(&e.key, EvictReason::Age)));
+        let mut total: u64 = entries.iter().map(|e| e.size).sum();
+        for e in &entries {
+            if total <= limits.max_size_bytes {
+                break;
+            }
+            if self.evict_one(&e.key, EvictReason::Size) {
+                total -= e.size;
+            }
+        }
+        if let Some(want) = want_free {
+            for e in &entries {
+                if self.free_bytes() >= want {
+                    break;
+                }
+                if self.get_entry(&e.key).is_some() {
+                    self.evict_one(&e.key, EvictReason::Space);
+                }
+            }
+        }
+    }
+
+    /// Free bytes on the cache file system, minus what running downloads will still write.
+    fn free_bytes(&self) -> u64 {
+        let avail = nix::sys::statvfs::statvfs(&self.dir)
+            .map(|s| s.blocks_available() * s.fragment_size())
+            .unwrap_or(0);
+        avail.saturating_sub(self.reserved.load(Ordering::SeqCst))
+    }
+
+    /// Makes sure `need` more bytes fit while `cache.min_free_bytes` stay free, evicting
+    /// unused entries if that helps.
+    pub(super) fn ensure_space(&self, need: u64) -> Result<(), FetchError> {
+        let min_free = self.limits().min_free_bytes;
+        let want = need.saturating_add(min_free);
+        if self.free_bytes() < want {
+            self.evict(Some(want));
+        }
+        let free = self.free_bytes();
+        if free < want {
+            return Err(FetchError::NoSpace(format!(
+                "need {need} bytes plus {min_free} kept free (cache.min_free_bytes), have {free} free in {}",
+                self.dir.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Removes other entries of the same source (an older ETag or checksum).
+    pub(super) fn remove_superseded(&self, identity: &str, current_key: &str) {
+        for e in self.entries() {
+            if e.identity == identity && e.key != current_key {
+                self.evict_one(&e.key, EvictReason::Superseded);
+            }
+        }
+    }
+
+    /// Start-up: removes what no index record or checkpoint explains (files of downloads that
+    /// never reached a checkpoint, orphaned images), index records whose file is gone, and
+    /// partial downloads older than `cache.max_age`.
+    pub(super) fn clean_dir(&self) {
+        let max_age = self.limits().max_age;
+        let Ok(dir) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            let path = entry.path();
+            let remove = if let Some(key) = name.strip_suffix(".partial") {
+                let old = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > max_age);
+                old || !checkpoint_path(&self.dir, key).exists()
+            } else if let Some(key) = name.strip_suffix(".partial.json") {
+                !partial_path(&self.dir, key).exists()
+            } else if let Some(key) = name.strip_suffix(".img") {
+                self.get_entry(key).is_none()
+            } else {
+                name.ends_with(".tmp")
+            };
+            if remove {
+                tracing::info!(file = %path.display(), "removing cache leftover");
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        for e in self.entries() {
+            if !self.path_of(&e.key).exists() {
+                let _ = self.drop_entry(&e.key);
+            }
+        }
+    }
+
+    /// Applies the bounds every `interval` (age-based eviction needs no event).
+    pub fn spawn_evictor(self: &Arc<Self>, interval: Duration) {
+        let cache = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tick.tick().await;
+                let c = cache.clone();
+                let _ = tokio::task::spawn_blocking(move || c.evict(None)).await;
+            }
+        });
+    }
+}
