@@ -550,10 +550,10 @@ pub async fn volume_delete(
             }
             let span = tracing::info_span!("delete_volume", otel.name = "DeleteVolume", volume_name = %name);
             let _g = span.enter();
-            volumes
-                .remove(&name)
-                .await
-                .map_err(|e| ApiError::internal(e.to_string()))?;
+            volumes.remove(&name).await.map_err(|e| match e {
+                volume::VolumeError::Conflict(reason) => ApiError::conflict(reason),
+                e => ApiError::internal(e.to_string()),
+            })?;
             tracing::info!(volume = %name, requested_by = caller.identity().unwrap_or(""), "volume deleted");
         }
         Err(e) => return Err(ApiError::internal(e.to_string())),

@@ -229,13 +229,7 @@ async fn provision(
     }
     h.job.image_path = Some(image.path.display().to_string());
 
-    let target = prepare_volume(ctx, h, &name, size_bytes, verdict.virtual_size).await?;
-    if target.size_bytes < verdict.virtual_size {
-        return Err(format!(
-            "image virtual size {} bytes does not fit volume {name} of {} bytes",
-            verdict.virtual_size, target.size_bytes
-        ));
-    }
+    let target = prepare_volume(ctx, h, &name, size_bytes, verdict.virtual_size, cancel).await?;
     if cancel.is_cancelled() {
         return Err("stopped".into());
     }
@@ -314,15 +308,17 @@ async fn provision(
     Ok(())
 }
 
-/// Creates the volume, or checks and prepares an existing one for a complete overwrite.
-/// Ownership is recorded durably before anything is created, so rollback and restart recovery
-/// know what the job made.
+/// Creates the volume, or checks an existing one, and prepares it for a complete overwrite
+/// (everything past the image zeroed). Ownership is recorded durably before anything is
+/// created, so rollback and restart recovery know what the job made. An existing volume the
+/// image does not fit is refused before anything is written to it.
 async fn prepare_volume(
     ctx: &RunContext,
     h: &mut JobHandle,
     name: &str,
     size_bytes: u64,
     image_size: u64,
+    cancel: &CancellationToken,
 ) -> StepResult<VolumeInfo> {
     let span = tracing::info_span!(
         "create_volume",
@@ -332,34 +328,56 @@ async fn prepare_volume(
         reused = tracing::field::Empty,
     );
     async {
-        match ctx.volumes.inspect(name).await.map_err(|e| e.to_string())? {
+        let target = match ctx.volumes.inspect(name).await.map_err(|e| e.to_string())? {
             Some(existing) => {
                 volume::check_reusable(&existing, size_bytes).map_err(|e| e.to_string())?;
+                if existing.size_bytes < image_size {
+                    return Err(format!(
+                        "image virtual size {image_size} bytes does not fit volume {name} of {} \
+                         bytes; the volume is left untouched",
+                        existing.size_bytes
+                    ));
+                }
                 h.job.volume_ownership = VolumeOwnership::Reused;
                 h.save_durably().await?;
                 tracing::Span::current().record("reused", true);
                 tracing::info!(volume = %existing.path.display(), "reusing existing volume");
-                ctx.volumes
-                    .prepare_overwrite(&existing, image_size)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok(existing)
+                existing
             }
             None => {
                 h.job.volume_ownership = VolumeOwnership::Creating;
                 h.save_durably().await?;
                 tracing::Span::current().record("reused", false);
-                let created = ctx
-                    .volumes
-                    .create(name, size_bytes)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let owner = h.job.id.to_string();
+                let created = match ctx.volumes.create(name, size_bytes, &owner).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        if matches!(e, volume::VolumeError::Conflict(_)) {
+                            // Someone else's volume appeared under this name: not ours.
+                            h.job.volume_ownership = VolumeOwnership::None;
+                            h.save_durably().await?;
+                        }
+                        return Err(e.to_string());
+                    }
+                };
                 h.job.volume_ownership = VolumeOwnership::Created;
                 h.save_durably().await?;
                 tracing::info!(volume = %created.path.display(), bytes = created.size_bytes, "volume created");
-                Ok(created)
+                if created.size_bytes < image_size {
+                    return Err(format!(
+                        "image virtual size {image_size} bytes does not fit the new volume {name} \
+                         of {} bytes",
+                        created.size_bytes
+                    ));
+                }
+                created
             }
-        }
+        };
+        ctx.volumes
+            .prepare_overwrite(&target, image_size, cancel)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(target)
     }
     .instrument(span)
     .await
@@ -376,7 +394,10 @@ pub async fn rollback(ctx: &RunContext, job: &Job) -> Result<(), String> {
     let span = tracing::info_span!("delete_volume", otel.name = "DeleteVolume", volume_name = %name, reason = "rollback");
     async {
         tracing::info!("removing volume created by the failed job");
-        ctx.volumes.remove(name).await.map_err(|e| e.to_string())
+        ctx.volumes
+            .remove_created(name, &job.id.to_string())
+            .await
+            .map_err(|e| e.to_string())
     }
     .instrument(span)
     .await

@@ -5,6 +5,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
 
 use super::{VolumeBackend, VolumeError, VolumeInfo};
 
@@ -58,7 +59,12 @@ impl VolumeBackend for DirectoryBackend {
         }))
     }
 
-    async fn create(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo, VolumeError> {
+    async fn create(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        _owner: &str,
+    ) -> Result<VolumeInfo, VolumeError> {
         let path = self.volume_path(name);
         let p = path.clone();
         let dir = self.dir.clone();
@@ -107,6 +113,7 @@ impl VolumeBackend for DirectoryBackend {
         &self,
         volume: &VolumeInfo,
         _image_size: u64,
+        _cancel: &CancellationToken,
     ) -> Result<(), VolumeError> {
         // Dropping every block and restoring the size leaves a file that reads as zeros:
         // nothing of the old content survives, whatever the image covers.
@@ -146,6 +153,12 @@ impl VolumeBackend for DirectoryBackend {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(VolumeError::io(&path, e)),
         }
+    }
+
+    /// Files carry no owner record: `create` refuses an existing file (`create_new`) and the
+    /// engine's per-volume lock keeps other jobs away, so the job's own file is removed.
+    async fn remove_created(&self, name: &str, _owner: &str) -> Result<(), VolumeError> {
+        self.remove(name).await
     }
 
     async fn probe(&self) -> Result<(), VolumeError> {
@@ -204,10 +217,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let b = DirectoryBackend::new(dir.path()).unwrap();
         assert!(b.inspect("v1").await.unwrap().is_none());
-        let v = b.create("v1", 1 << 20).await.unwrap();
+        let v = b.create("v1", 1 << 20, "job").await.unwrap();
         assert_eq!(v.size_bytes, 1 << 20);
         assert!(matches!(
-            b.create("v1", 1 << 20).await,
+            b.create("v1", 1 << 20, "job").await,
             Err(VolumeError::Conflict(_))
         ));
         std::fs::OpenOptions::new()
@@ -218,7 +231,9 @@ mod tests {
             .unwrap();
         let info = b.inspect("v1").await.unwrap().unwrap();
         assert_eq!(info.reuse_blocker, None);
-        b.prepare_overwrite(&info, 0).await.unwrap();
+        b.prepare_overwrite(&info, 0, &CancellationToken::new())
+            .await
+            .unwrap();
         let bytes = std::fs::read(&v.path).unwrap();
         assert_eq!(bytes.len(), 1 << 20);
         assert!(bytes.iter().all(|b| *b == 0), "old content is gone");
@@ -235,7 +250,7 @@ mod tests {
         let info = b.inspect("evil").await.unwrap().unwrap();
         assert!(info.reuse_blocker.unwrap().contains("symbolic link"));
 
-        b.create("busy", 4096).await.unwrap();
+        b.create("busy", 4096, "job").await.unwrap();
         let mut child = std::process::Command::new("sleep")
             .arg("30")
             .stdin(std::fs::File::open(dir.path().join("busy")).unwrap())

@@ -3,11 +3,13 @@
 
 pub mod directory;
 pub mod libvirt;
+pub mod lvm;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Settings, VolumeBackendKind};
 
@@ -70,22 +72,37 @@ pub trait VolumeBackend: Send + Sync {
     /// The volume, if it exists.
     async fn inspect(&self, name: &str) -> Result<Option<VolumeInfo>, VolumeError>;
 
-    /// Creates a new volume of at least `size_bytes`; fails if it exists.
-    async fn create(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo, VolumeError>;
+    /// Creates a new volume of at least `size_bytes` on behalf of `owner` (a job id), which
+    /// the backend records where it can (LVM: a tag) so that `remove_created` can tell the
+    /// volume from one someone else made under the same name. Fails with `Conflict` if a
+    /// volume of that name exists.
+    async fn create(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        owner: &str,
+    ) -> Result<VolumeInfo, VolumeError>;
 
-    /// Makes a reused volume ready to be overwritten completely: everything from
-    /// `image_size` to the end must read as zeros afterwards (the writer covers the rest).
+    /// Makes a volume (new or reused) ready to be written: everything from `image_size` to
+    /// the end must read as zeros afterwards (the writer covers the rest, zeros included).
+    /// Stops early with an error when `cancel` fires.
     async fn prepare_overwrite(
         &self,
         volume: &VolumeInfo,
         image_size: u64,
+        cancel: &CancellationToken,
     ) -> Result<(), VolumeError>;
 
     /// Flushes written data to stable storage.
     async fn flush(&self, volume: &VolumeInfo) -> Result<(), VolumeError>;
 
-    /// Removes a volume; absent is success.
+    /// Removes a volume; absent is success. `Conflict` when it must not be removed (open, or
+    /// a kind of volume other volumes depend on).
     async fn remove(&self, name: &str) -> Result<(), VolumeError>;
+
+    /// Rollback: removes the volume only if `owner` created it (absent is success). A backend
+    /// that records owners answers `Conflict` for a volume without `owner`'s record.
+    async fn remove_created(&self, name: &str, owner: &str) -> Result<(), VolumeError>;
 
     /// Whether the backend is usable now (the `lvm` dependency of the readiness probe).
     async fn probe(&self) -> Result<(), VolumeError>;
@@ -97,10 +114,10 @@ pub fn backend_from_settings(settings: &Settings) -> Result<Arc<dyn VolumeBacken
         VolumeBackendKind::Directory => Ok(Arc::new(directory::DirectoryBackend::new(
             &settings.volumes.directory.path,
         )?)),
-        VolumeBackendKind::Lvm => Err(VolumeError::Command {
-            command: "volumes.backend = \"lvm\"".into(),
-            detail: "the LVM backend is not built into this version".into(),
-        }),
+        VolumeBackendKind::Lvm => Ok(Arc::new(lvm::LvmBackend::new(
+            &settings.volumes.lvm.volume_group,
+            settings.volumes.lvm.command_timeout,
+        )?)),
     }
 }
 

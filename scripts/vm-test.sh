@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The LVM tests in a VM with device-mapper: builds the test binaries on the host, makes the test
+# images and their reference conversions on the host with qemu-img, then runs the ignored
+# `lvm_vm` test inside a QEMU/TCG VM (tests/vm/vm-run.sh) against the real daemon binary with
+# the lvm backend. Prints one PASS/FAIL line per case; exits non-zero on any FAIL, a missing
+# case, or a VM time-out.
+# Exit status 77 (and a loud message) only when QEMU or busybox is not installed.
+# Environment: VM_TIMEOUT (seconds, default 900), WORK (VM cache, default /tmp/vmrun).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+export PATH="$HOME/.cargo/bin:$PATH"
+
+skip() {
+  printf '\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n' >&2
+  printf '!!! SKIPPED: the LVM VM tests cannot run: %s\n' "$1" >&2
+  printf '!!! Install QEMU from bookworm-backports (see .ci/run) to run them.\n' >&2
+  printf '!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\n' >&2
+  exit 77
+}
+for tool in qemu-system-x86_64 busybox; do
+  command -v "$tool" >/dev/null || skip "$tool is not installed"
+done
+qemu-system-x86_64 --version >/dev/null 2>&1 || skip "qemu-system-x86_64 does not run"
+
+started=$(date +%s)
+echo "== building the test binaries (host) =="
+BIN=$(cargo test --locked --test lvm_vm --no-run --message-format=json 2>/dev/null \
+  | sed -n 's/.*"executable":"\([^"]*lvm_vm[^"]*\)".*/\1/p' | tail -1)
+[ -x "$BIN" ] || { echo "cannot find the lvm_vm test binary" >&2; exit 1; }
+case "$BIN" in /tmp/*) echo "the test binary is under /tmp, which the VM hides (tmpfs): $BIN" >&2; exit 1;; esac
+
+# Test images and the raw bytes qemu-img makes of them on the host (the VM test compares LV
+# contents with these hashes). Regenerated when this script's recipe version changes.
+DATA=$ROOT/target/vm-test
+RECIPE=3
+if [ "$(cat "$DATA/recipe" 2>/dev/null)" != "$RECIPE" ]; then
+  echo "== making test images (host) =="
+  rm -rf "$DATA"; mkdir -p "$DATA"
+  # A sparse raw with random data at a few offsets (and zeros between them).
+  scatter() { # file size_mib
+    truncate -s "$2M" "$1"
+    for off in 0 3 17 $(($2 / 2)) $(($2 - 1)); do
+      head -c 1M /dev/urandom | dd of="$1" bs=1M seek="$off" conv=notrunc status=none
+    done
+  }
+  scatter "$DATA/disk.src" 64
+  qemu-img convert -q -f raw -O qcow2 "$DATA/disk.src" "$DATA/disk.qcow2"; rm "$DATA/disk.src"
+  scatter "$DATA/disk.raw" 24
+  # Fits a 1 GiB request but not an LV of 1008 MiB; and one larger than any request of 1 GiB.
+  qemu-img create -q -f qcow2 "$DATA/tight.qcow2" 1020M
+  qemu-img create -q -f qcow2 "$DATA/toolarge.qcow2" 2G
+  # 1 GiB of compressible non-zero data, compressed: a small download whose conversion takes
+  # long enough under emulation to be cancelled midway.
+  { yes "libvirt-volume-provisioner cancel test pattern" || true; } | head -c 1G > "$DATA/cancel.src"
+  qemu-img convert -q -c -f raw -O qcow2 "$DATA/cancel.src" "$DATA/cancel.qcow2"; rm "$DATA/cancel.src"
+  for img in disk.qcow2:qcow2 disk.raw:raw; do
+    name=${img%%:*}; fmt=${img#*:}
+    qemu-img convert -q -f "$fmt" -O raw "$DATA/$name" "$DATA/$name.ref"
+    printf '%s %s %s\n' "$name" "$(stat -c %s "$DATA/$name.ref")" \
+      "$(sha256sum "$DATA/$name.ref" | cut -d' ' -f1)" >> "$DATA/refs.txt"
+    rm "$DATA/$name.ref"
+  done
+  echo "$RECIPE" > "$DATA/recipe"
+fi
+cat "$DATA/refs.txt"
+
+echo "== running the LVM tests in the VM =="
+export VMTEST_DATA=$DATA
+LOG=$ROOT/target/vm-test.log
+set +e
+VM_TIMEOUT=${VM_TIMEOUT:-900} VM_MEM=${VM_MEM:-2048} tests/vm/vm-run.sh -s "$ROOT" -d 8G -e VMTEST_DATA -- \
+  "$BIN" --ignored --test-threads=1 --nocapture 2>&1 | tee "$LOG"
+rc=${PIPESTATUS[0]}
+set -e
+elapsed=$(( $(date +%s) - started ))
+pass=$(grep -c '^VM-CASE PASS' "$LOG" || true)
+fail=$(grep -c '^VM-CASE FAIL' "$LOG" || true)
+want=$(grep -o 'VM-CASES [0-9]*' "$LOG" | head -1 | cut -d' ' -f2 || true)
+echo "== VM test: $pass passed, $fail failed of ${want:-?} cases, exit status $rc, ${elapsed} s wall time =="
+if [ "$rc" != 0 ] || [ "$fail" != 0 ] || [ -z "$want" ] || [ "$pass" != "$want" ]; then
+  echo "LVM VM test FAILED (log: $LOG)" >&2
+  exit 1
+fi

@@ -1,0 +1,920 @@
+//! The `lvm` volume backend: logical volumes in one volume group, driven through the LVM tools
+//! (`LC_ALL=C`, JSON reports in bytes, a time limit per command, stderr in every error). It owns
+//! the reuse rules read from `lv_attr`, creation rounded to the VG's real extent size and tagged
+//! with the creating job (so rollback never removes an LV it did not make), zeroing of the part
+//! of an LV an image does not cover (`BLKZEROOUT`), and flushing the device.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+use super::{VolumeBackend, VolumeError, VolumeInfo, validate_lvm_name};
+
+/// Options every report command gets: machine-readable JSON, sizes as plain byte counts.
+const REPORT_ARGS: [&str; 5] = ["--reportformat", "json", "--units", "b", "--nosuffix"];
+const VG_FIELDS: &str = "vg_name,vg_extent_size,vg_extent_count,vg_free_count,vg_free,vg_size";
+const LV_FIELDS: &str = "lv_name,vg_name,lv_size,lv_attr,lv_tags,origin,pool_lv,segtype";
+/// Prefix of the tag `lvcreate` puts on an LV a job creates (`lvp_job_<job id>`).
+pub const OWNER_TAG_PREFIX: &str = "lvp_job_";
+/// Bytes zeroed per `BLKZEROOUT` call; cancellation is checked between calls.
+const ZERO_CHUNK: u64 = 256 << 20;
+/// How long a device node may take to appear after activation (udev in production).
+const NODE_WAIT: Duration = Duration::from_secs(10);
+/// How long removal waits for a transient opener (udev's probe after a write) to go away.
+const OPEN_WAIT: Duration = Duration::from_secs(5);
+/// Bytes of a command's stderr kept in an error.
+const STDERR_KEEP: usize = 2048;
+
+// Block-device ioctls (linux/fs.h); BLKGETSIZE64 is declared with size_t, 8 bytes on the 64-bit
+// targets this daemon runs on.
+nix::ioctl_write_ptr_bad!(blkzeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
+nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
+nix::ioctl_read_bad!(
+    blksszget,
+    nix::request_code_none!(0x12, 104),
+    nix::libc::c_int
+);
+
+/// A volume group as `vgs` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VgInfo {
+    pub name: String,
+    pub extent_size: u64,
+    pub free_bytes: u64,
+    pub size_bytes: u64,
+}
+
+/// A logical volume as `lvs` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LvInfo {
+    pub name: String,
+    pub vg: String,
+    pub size_bytes: u64,
+    pub attr: LvAttr,
+    pub tags: Vec<String>,
+    /// Origin of a snapshot (old-style or thin); empty otherwise.
+    pub origin: String,
+    pub pool_lv: String,
+    pub segtype: String,
+}
+
+/// The ten `lv_attr` characters (lvs(8), "lv_attr bits").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LvAttr {
+    pub volume_type: char,
+    pub permissions: char,
+    pub allocation: char,
+    pub fixed_minor: char,
+    pub state: char,
+    pub open: char,
+    pub target_type: char,
+    pub zero: char,
+    pub health: char,
+    pub skip_activation: char,
+}
+
+impl LvAttr {
+    /// Parses `lv_attr`; older LVM versions print fewer than ten characters (missing ones
+    /// read as `-`).
+    pub fn parse(s: &str) -> Result<LvAttr, String> {
+        let c: Vec<char> = s.chars().collect();
+        if c.len() < 6 || c.len() > 10 {
+            return Err(format!("unexpected lv_attr {s:?}"));
+        }
+        let at = |i: usize| c.get(i).copied().unwrap_or('-');
+        Ok(LvAttr {
+            volume_type: at(0),
+            permissions: at(1),
+            allocation: at(2),
+            fixed_minor: at(3),
+            state: at(4),
+            open: at(5),
+            target_type: at(6),
+            zero: at(7),
+            health: at(8),
+            skip_activation: at(9),
+        })
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open == 'o'
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.state == 'a'
+    }
+
+    /// Why an LV of this volume type is not a plain data volume this service may overwrite or
+    /// remove; `None` for linear/striped, thin, cached, mirrored and RAID volumes.
+    pub fn special_type(&self) -> Option<&'static str> {
+        match self.volume_type {
+            '-' | 'V' | 'C' | 'm' | 'M' | 'r' | 'R' => None,
+            'o' | 'O' => Some("it is the origin of snapshots"),
+            's' | 'S' => Some("it is a snapshot"),
+            't' => Some("it is a thin pool"),
+            'T' => Some("it is thin pool data"),
+            'e' => Some("it is RAID or pool metadata"),
+            'd' => Some("it is a VDO pool"),
+            'D' => Some("it is VDO pool data"),
+            'p' => Some("it is a pvmove volume"),
+            'v' => Some("it is a virtual volume"),
+            'i' | 'I' => Some("it is a mirror or RAID image"),
+            'l' => Some("it is a mirror log"),
+            'c' => Some("it is under conversion"),
+            _ => Some("it has an unknown volume type"),
+        }
+    }
+
+    fn state_description(&self) -> Option<&'static str> {
+        match self.state {
+            'a' | '-' => None,
+            's' => Some("suspended"),
+            'I' => Some("an invalid snapshot"),
+            'S' => Some("an invalid suspended snapshot"),
+            'm' | 'M' => Some("a snapshot whose merge failed"),
+            'd' => Some("mapped without tables"),
+            'i' => Some("mapped with an inactive table"),
+            'h' => Some("historical"),
+            'c' | 'C' => Some("a thin pool that needs a check"),
+            'X' => Some("in an unknown state"),
+            _ => Some("in an unexpected state"),
+        }
+    }
+}
+
+impl LvInfo {
+    fn attr_note(&self) -> String {
+        let a = self.attr;
+        format!(
+            "lv_attr {}{}{}{}{}{}{}{}{}{}",
+            a.volume_type,
+            a.permissions,
+            a.allocation,
+            a.fixed_minor,
+            a.state,
+            a.open,
+            a.target_type,
+            a.zero,
+            a.health,
+            a.skip_activation
+        )
+    }
+
+    /// Why this LV must not be overwritten by a job (the API answers 409 with it); `None` when
+    /// it may be reused. An open LV's reason always contains "open".
+    pub fn reuse_blocker(&self) -> Option<String> {
+        let note = self.attr_note();
+        if let Some(kind) = self.attr.special_type() {
+            return Some(format!("{kind} ({note})"));
+        }
+        if !self.origin.is_empty() {
+            return Some(format!("it is a snapshot of {} ({note})", self.origin));
+        }
+        if self.attr.is_open() {
+            return Some(format!(
+                "it is open (in use by a VM or another process; {note})"
+            ));
+        }
+        if self.attr.permissions != 'w' {
+            return Some(format!("it is read-only ({note})"));
+        }
+        if let Some(state) = self.attr.state_description() {
+            return Some(format!("it is {state} ({note})"));
+        }
+        if !matches!(self.attr.health, '-' | 'w' | 'm') {
+            return Some(format!(
+                "its health flag is {:?} (partial, failed or out of space; {note})",
+                self.attr.health
+            ));
+        }
+        if !self.attr.is_active() && self.attr.skip_activation == 'k' {
+            return Some(format!("it has the activation skip flag set ({note})"));
+        }
+        None
+    }
+
+    /// Why `DELETE` must not remove this LV: open, or not a plain data volume (removing a
+    /// thin pool or a snapshot origin would take other volumes with it).
+    pub fn removal_blocker(&self) -> Option<String> {
+        let note = self.attr_note();
+        if let Some(kind) = self.attr.special_type() {
+            return Some(format!("{kind} ({note})"));
+        }
+        if !self.origin.is_empty() {
+            return Some(format!("it is a snapshot of {} ({note})", self.origin));
+        }
+        if self.attr.is_open() {
+            return Some(format!(
+                "it is open (in use by a VM or another process; {note})"
+            ));
+        }
+        None
+    }
+}
+
+#[derive(Deserialize)]
+struct Report {
+    report: Vec<ReportSection>,
+}
+
+#[derive(Deserialize)]
+struct ReportSection {
+    #[serde(default)]
+    vg: Vec<VgRow>,
+    #[serde(default)]
+    lv: Vec<LvRow>,
+}
+
+#[derive(Deserialize)]
+struct VgRow {
+    vg_name: String,
+    vg_extent_size: String,
+    vg_free: String,
+    vg_size: String,
+}
+
+#[derive(Deserialize)]
+struct LvRow {
+    lv_name: String,
+    vg_name: String,
+    lv_size: String,
+    lv_attr: String,
+    #[serde(default)]
+    lv_tags: String,
+    #[serde(default)]
+    origin: String,
+    #[serde(default)]
+    pool_lv: String,
+    #[serde(default)]
+    segtype: String,
+}
+
+fn bytes_field(field: &str, value: &str) -> Result<u64, String> {
+    value
+        .trim()
+        .parse::<u64>()
+        .map_err(|_| format!("{field} is {value:?}, not a byte count"))
+}
+
+fn parse_report(json: &str) -> Result<Vec<ReportSection>, String> {
+    serde_json::from_str::<Report>(json)
+        .map(|r| r.report)
+        .map_err(|e| format!("unexpected LVM JSON report: {e}"))
+}
+
+/// Volume groups of a `vgs --reportformat json --units b --nosuffix` report.
+pub fn parse_vgs(json: &str) -> Result<Vec<VgInfo>, String> {
+    let mut out = Vec::new();
+    for row in parse_report(json)?.into_iter().flat_map(|s| s.vg) {
+        out.push(VgInfo {
+            extent_size: bytes_field("vg_extent_size", &row.vg_extent_size)?,
+            free_bytes: bytes_field("vg_free", &row.vg_free)?,
+            size_bytes: bytes_field("vg_size", &row.vg_size)?,
+            name: row.vg_name,
+        });
+    }
+    Ok(out)
+}
+
+/// Logical volumes of an `lvs --reportformat json --units b --nosuffix` report.
+pub fn parse_lvs(json: &str) -> Result<Vec<LvInfo>, String> {
+    let mut out = Vec::new();
+    for row in parse_report(json)?.into_iter().flat_map(|s| s.lv) {
+        out.push(LvInfo {
+            size_bytes: bytes_field("lv_size", &row.lv_size)?,
+            attr: LvAttr::parse(&row.lv_attr)?,
+            tags: row
+                .lv_tags
+                .split(',')
+                .filter(|t| !t.is_empty())
+                .map(str::to_string)
+                .collect(),
+            name: row.lv_name,
+            vg: row.vg_name,
+            origin: row.origin,
+            pool_lv: row.pool_lv,
+            segtype: row.segtype,
+        });
+    }
+    Ok(out)
+}
+
+/// Extents needed for `size_bytes` (rounded up); `None` for a zero extent size, a zero size,
+/// or overflow.
+pub fn extents_for(size_bytes: u64, extent_size: u64) -> Option<u64> {
+    if extent_size == 0 || size_bytes == 0 {
+        return None;
+    }
+    let extents = size_bytes.div_ceil(extent_size);
+    extents.checked_mul(extent_size).map(|_| extents)
+}
+
+/// The tag marking an LV as created by job `owner`.
+pub fn owner_tag(owner: &str) -> Result<String, VolumeError> {
+    // LVM tags allow [A-Za-z0-9_+.-/=!:#&]; job ids are UUIDs.
+    if owner.is_empty()
+        || owner.len() > 200
+        || !owner
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_+.-".contains(c))
+    {
+        return Err(VolumeError::InvalidName(format!(
+            "volume owner {owner:?} cannot be an LVM tag"
+        )));
+    }
+    Ok(format!("{OWNER_TAG_PREFIX}{owner}"))
+}
+
+/// Logical volumes of one volume group.
+pub struct LvmBackend {
+    vg: String,
+    timeout: Duration,
+}
+
+impl LvmBackend {
+    /// Uses volume group `vg`; every LVM command may take `timeout`. Runs no command.
+    pub fn new(vg: &str, timeout: Duration) -> Result<LvmBackend, VolumeError> {
+        validate_lvm_name(vg).map_err(VolumeError::InvalidName)?;
+        Ok(LvmBackend {
+            vg: vg.to_string(),
+            timeout,
+        })
+    }
+
+    /// Runs an LVM command and returns its stdout; failure, a time-out or a start failure is
+    /// an error naming the command and carrying its stderr.
+    async fn run(&self, program: &str, args: &[&str]) -> Result<String, VolumeError> {
+        let shown = format!("{program} {}", args.join(" "));
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .env("LC_ALL", "C")
+            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        tracing::debug!(command = %shown, "running LVM command");
+        let out = match tokio::time::timeout(self.timeout, cmd.output()).await {
+            Err(_) => {
+                return Err(VolumeError::Command {
+                    command: shown,
+                    detail: format!(
+                        "timed out after {} (volumes.lvm.command_timeout)",
+                        humantime::format_duration(self.timeout)
+                    ),
+                });
+            }
+            Ok(Err(e)) => {
+                return Err(VolumeError::Command {
+                    command: shown,
+                    detail: format!("cannot start {program}: {e}"),
+                });
+            }
+            Ok(Ok(out)) => out,
+        };
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let stderr = stderr.trim();
+            let start = stderr.len().saturating_sub(STDERR_KEEP);
+            let start = (start..=stderr.len())
+                .find(|i| stderr.is_char_boundary(*i))
+                .unwrap_or(0);
+            return Err(VolumeError::Command {
+                command: shown,
+                detail: format!("{}: {}", out.status, &stderr[start..]),
+            });
+        }
+        String::from_utf8(out.stdout).map_err(|_| VolumeError::Command {
+            command: shown,
+            detail: "output is not UTF-8".into(),
+        })
+    }
+
+    fn report_error(command: &str, detail: String) -> VolumeError {
+        VolumeError::Command {
+            command: command.to_string(),
+            detail,
+        }
+    }
+
+    /// The volume group, from `vgs`.
+    pub async fn vg(&self) -> Result<VgInfo, VolumeError> {
+        let mut args = REPORT_ARGS.to_vec();
+        args.extend(["-o", VG_FIELDS, &self.vg]);
+        let out = self.run("vgs", &args).await?;
+        parse_vgs(&out)
+            .map_err(|e| Self::report_error("vgs", e))?
+            .into_iter()
+            .find(|v| v.name == self.vg)
+            .ok_or_else(|| {
+                Self::report_error("vgs", format!("volume group {} is not listed", self.vg))
+            })
+    }
+
+    /// The LV called `name`, if any. Lists the whole VG (a missing LV is then a normal answer,
+    /// not an error to tell apart from others).
+    pub async fn lv(&self, name: &str) -> Result<Option<LvInfo>, VolumeError> {
+        let mut args = REPORT_ARGS.to_vec();
+        args.extend(["-o", LV_FIELDS, &self.vg]);
+        let out = self.run("lvs", &args).await?;
+        Ok(parse_lvs(&out)
+            .map_err(|e| Self::report_error("lvs", e))?
+            .into_iter()
+            .find(|lv| lv.name == name && lv.vg == self.vg))
+    }
+
+    fn lv_arg(&self, name: &str) -> String {
+        format!("{}/{name}", self.vg)
+    }
+
+    fn info(&self, lv: &LvInfo) -> VolumeInfo {
+        VolumeInfo {
+            name: lv.name.clone(),
+            path: self.volume_path(&lv.name),
+            size_bytes: lv.size_bytes,
+            reuse_blocker: lv.reuse_blocker(),
+        }
+    }
+
+    async fn activate(&self, name: &str) -> Result<(), VolumeError> {
+        self.run(
+            "lvchange",
+            &["--activate", "y", "--yes", &self.lv_arg(name)],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Waits until the device node exists (udev creates it in production).
+    async fn wait_for_node(&self, name: &str) -> Result<PathBuf, VolumeError> {
+        let path = self.volume_path(name);
+        let deadline = tokio::time::Instant::now() + NODE_WAIT;
+        loop {
+            if tokio::fs::metadata(&path).await.is_ok() {
+                return Ok(path);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(VolumeError::io(
+                    &path,
+                    std::io::Error::other(format!(
+                        "device node did not appear within {NODE_WAIT:?} after activation"
+                    )),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Creates the LV (tagged with `tag` when given).
+    async fn create_lv(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        tag: Option<&str>,
+    ) -> Result<VolumeInfo, VolumeError> {
+        validate_lvm_name(name).map_err(VolumeError::InvalidName)?;
+        let vg = self.vg().await?;
+        let extents = extents_for(size_bytes, vg.extent_size).ok_or_else(|| {
+            Self::report_error(
+                "lvcreate",
+                format!(
+                    "cannot size {size_bytes} bytes in extents of {} bytes",
+                    vg.extent_size
+                ),
+            )
+        })?;
+        let need = extents * vg.extent_size;
+        if need > vg.free_bytes {
+            return Err(VolumeError::InsufficientSpace {
+                need,
+                have: vg.free_bytes,
+                place: format!("VG {}", vg.name),
+            });
+        }
+        let extents = extents.to_string();
+        let mut args = vec![
+            "--yes",
+            "--wipesignatures",
+            "y",
+            "--zero",
+            "y",
+            "--activate",
+            "y",
+            "--extents",
+            &extents,
+            "--name",
+            name,
+        ];
+        if let Some(tag) = tag {
+            args.extend(["--addtag", tag]);
+        }
+        args.push(&self.vg);
+        if let Err(e) = self.run("lvcreate", &args).await {
+            // An LV of that name that is not ours: someone else's volume, never touched.
+            if let Ok(Some(lv)) = self.lv(name).await
+                && tag.is_none_or(|t| !lv.tags.iter().any(|x| x == t))
+            {
+                return Err(VolumeError::Conflict(format!(
+                    "volume {name} already exists in VG {}",
+                    self.vg
+                )));
+            }
+            return Err(e);
+        }
+        let lv = self.lv(name).await?.ok_or_else(|| {
+            Self::report_error(
+                "lvs",
+                format!("{name} is not listed after lvcreate succeeded"),
+            )
+        })?;
+        self.wait_for_node(name).await?;
+        tracing::info!(
+            volume = %self.lv_arg(name),
+            bytes = lv.size_bytes,
+            extents = %extents,
+            extent_size = vg.extent_size,
+            "logical volume created"
+        );
+        Ok(self.info(&lv))
+    }
+}
+
+/// Zeroes `path` (a block device) from `start` (rounded down to its logical block size) to its
+/// end, checking `cancel` between chunks.
+fn zero_from(path: &Path, start: u64, cancel: &CancellationToken) -> Result<(), VolumeError> {
+    let io = |e: std::io::Error| VolumeError::io(path, e);
+    let errno = |what: &str, e: nix::errno::Errno| {
+        VolumeError::io(
+            path,
+            std::io::Error::other(format!("{what}: {}", std::io::Error::from(e))),
+        )
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io)?;
+    let fd = file.as_raw_fd();
+    let mut size = 0u64;
+    // SAFETY: fd is open for the duration of the call; the kernel writes one u64.
+    unsafe { blkgetsize64(fd, &mut size) }.map_err(|e| errno("BLKGETSIZE64", e))?;
+    let mut sector: nix::libc::c_int = 0;
+    // SAFETY: as above; the kernel writes one int.
+    unsafe { blksszget(fd, &mut sector) }.map_err(|e| errno("BLKSSZGET", e))?;
+    let sector = u64::try_from(sector).unwrap_or(512).max(512);
+    let mut off = start / sector * sector;
+    while off < size {
+        if cancel.is_cancelled() {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "zeroing stopped",
+            )));
+        }
+        let len = ZERO_CHUNK.min(size - off);
+        let range = [off, len];
+        // SAFETY: range is a valid [start, length] pair for the duration of the call.
+        unsafe { blkzeroout(fd, &range) }.map_err(|e| errno("BLKZEROOUT", e))?;
+        off += len;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl VolumeBackend for LvmBackend {
+    fn kind(&self) -> &'static str {
+        "lvm"
+    }
+
+    fn validate_name(&self, name: &str) -> Result<(), String> {
+        validate_lvm_name(name)
+    }
+
+    fn volume_path(&self, name: &str) -> PathBuf {
+        PathBuf::from("/dev").join(&self.vg).join(name)
+    }
+
+    async fn inspect(&self, name: &str) -> Result<Option<VolumeInfo>, VolumeError> {
+        validate_lvm_name(name).map_err(VolumeError::InvalidName)?;
+        Ok(self.lv(name).await?.map(|lv| self.info(&lv)))
+    }
+
+    async fn create(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        owner: &str,
+    ) -> Result<VolumeInfo, VolumeError> {
+        let tag = owner_tag(owner)?;
+        self.create_lv(name, size_bytes, Some(&tag)).await
+    }
+
+    async fn prepare_overwrite(
+        &self,
+        volume: &VolumeInfo,
+        image_size: u64,
+        cancel: &CancellationToken,
+    ) -> Result<(), VolumeError> {
+        // Fresh state: the LV may have changed since it was inspected.
+        let lv = self.lv(&volume.name).await?.ok_or_else(|| {
+            VolumeError::Conflict(format!("volume {} no longer exists", volume.name))
+        })?;
+        if let Some(reason) = lv.reuse_blocker() {
+            return Err(VolumeError::Conflict(format!(
+                "volume {} cannot be overwritten: {reason}",
+                volume.name
+            )));
+        }
+        if lv.size_bytes != volume.size_bytes {
+            return Err(VolumeError::Conflict(format!(
+                "volume {} changed size from {} to {} bytes",
+                volume.name, volume.size_bytes, lv.size_bytes
+            )));
+        }
+        if !lv.attr.is_active() {
+            tracing::info!(volume = %self.lv_arg(&lv.name), "activating logical volume");
+            self.activate(&lv.name).await?;
+        }
+        let path = self.wait_for_node(&lv.name).await?;
+        let cancel = cancel.clone();
+        let started = std::time::Instant::now();
+        let p = path.clone();
+        tokio::task::spawn_blocking(move || zero_from(&p, image_size, &cancel))
+            .await
+            .map_err(|e| VolumeError::io(&path, std::io::Error::other(e)))??;
+        tracing::info!(
+            volume = %path.display(),
+            from = image_size,
+            bytes = lv.size_bytes.saturating_sub(image_size),
+            seconds = started.elapsed().as_secs_f64(),
+            "zeroed the part of the volume the image does not cover"
+        );
+        Ok(())
+    }
+
+    async fn flush(&self, volume: &VolumeInfo) -> Result<(), VolumeError> {
+        let path = volume.path.clone();
+        tokio::task::spawn_blocking(move || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::libc::O_CLOEXEC)
+                .open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| VolumeError::io(&path, e))
+        })
+        .await
+        .map_err(|e| VolumeError::io(&volume.path, std::io::Error::other(e)))?
+    }
+
+    async fn remove(&self, name: &str) -> Result<(), VolumeError> {
+        validate_lvm_name(name).map_err(VolumeError::InvalidName)?;
+        let deadline = tokio::time::Instant::now() + OPEN_WAIT;
+        loop {
+            let Some(lv) = self.lv(name).await? else {
+                return Ok(());
+            };
+            match lv.removal_blocker() {
+                // udev probes a device briefly after it was written; wait that out.
+                Some(_) if lv.attr.is_open() && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue;
+                }
+                Some(reason) => {
+                    return Err(VolumeError::Conflict(format!(
+                        "volume {name} is not removed: {reason}"
+                    )));
+                }
+                None => {}
+            }
+            return match self.run("lvremove", &["--yes", &self.lv_arg(name)]).await {
+                Ok(_) => {
+                    tracing::info!(volume = %self.lv_arg(name), "logical volume removed");
+                    Ok(())
+                }
+                // Removed by someone else in between: the goal is reached.
+                Err(_) if matches!(self.lv(name).await, Ok(None)) => Ok(()),
+                Err(e) => Err(e),
+            };
+        }
+    }
+
+    async fn remove_created(&self, name: &str, owner: &str) -> Result<(), VolumeError> {
+        let tag = owner_tag(owner)?;
+        match self.lv(name).await? {
+            None => Ok(()),
+            Some(lv) if lv.tags.contains(&tag) => self.remove(name).await,
+            Some(_) => Err(VolumeError::Conflict(format!(
+                "volume {name} does not carry tag {tag}: it was not created by this job and is \
+                 left in place"
+            ))),
+        }
+    }
+
+    async fn probe(&self) -> Result<(), VolumeError> {
+        self.vg().await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/lvm")
+            .join(name);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    fn lvs() -> Vec<LvInfo> {
+        parse_lvs(&fixture("lvs.json")).unwrap()
+    }
+
+    fn lv(name: &str) -> LvInfo {
+        lvs().into_iter().find(|l| l.name == name).unwrap()
+    }
+
+    #[test]
+    fn parses_recorded_vgs_report() {
+        let vgs = parse_vgs(&fixture("vgs.json")).unwrap();
+        assert_eq!(
+            vgs,
+            vec![VgInfo {
+                name: "vgfix".into(),
+                extent_size: 8 << 20,
+                free_bytes: 1_644_167_168,
+                size_bytes: 2_139_095_040,
+            }]
+        );
+        // 196 free extents of 8 MiB.
+        assert_eq!(vgs[0].free_bytes, 196 * (8 << 20));
+        assert!(parse_vgs(&fixture("vgs-missing.json")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn parses_recorded_lvs_report() {
+        let all = lvs();
+        assert_eq!(all.len(), 11);
+        let plain = lv("plain");
+        assert_eq!(plain.vg, "vgfix");
+        // Created with 13 extents of 8 MiB.
+        assert_eq!(plain.size_bytes, 13 * (8 << 20));
+        assert_eq!(
+            plain.tags,
+            vec!["lvp_job_00000000-0000-0000-0000-000000000001".to_string()]
+        );
+        assert_eq!(plain.segtype, "linear");
+        assert!(lv("busy").tags.is_empty());
+        assert_eq!(lv("snap1").origin, "origin");
+        assert_eq!(lv("thinvol").pool_lv, "pool");
+        let one = parse_lvs(&fixture("lvs-one.json")).unwrap();
+        assert_eq!(one, vec![plain]);
+        assert!(parse_lvs(&fixture("lvs-missing.json")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn rejects_reports_without_byte_units() {
+        let human = r#"{"report":[{"vg":[{"vg_name":"v","vg_extent_size":"4.00m",
+            "vg_free":"1.00g","vg_size":"2.00g"}]}]}"#;
+        assert!(parse_vgs(human).unwrap_err().contains("not a byte count"));
+        assert!(parse_lvs("not json").is_err());
+        let bad_attr = r#"{"report":[{"lv":[{"lv_name":"a","vg_name":"v","lv_size":"1",
+            "lv_attr":"-w"}]}]}"#;
+        assert!(parse_lvs(bad_attr).unwrap_err().contains("lv_attr"));
+    }
+
+    #[test]
+    fn decodes_recorded_attrs() {
+        let plain = lv("plain").attr;
+        assert_eq!(plain.volume_type, '-');
+        assert_eq!(plain.permissions, 'w');
+        assert!(plain.is_active());
+        assert!(!plain.is_open());
+        assert!(lv("busy").attr.is_open());
+        assert!(!lv("inactive").attr.is_active());
+        assert_eq!(lv("pool").attr.volume_type, 't');
+        assert_eq!(lv("pool").attr.zero, 'z');
+        assert_eq!(lv("thinsnap").attr.skip_activation, 'k');
+        assert_eq!(lv("thinvol").attr.target_type, 't');
+        let short = LvAttr::parse("-wi-ao").unwrap();
+        assert!(short.is_open());
+        assert_eq!(short.skip_activation, '-');
+    }
+
+    #[test]
+    fn reuse_rules_on_recorded_volumes() {
+        assert_eq!(lv("plain").reuse_blocker(), None);
+        assert_eq!(lv("inactive").reuse_blocker(), None, "activated before use");
+        assert_eq!(lv("thinvol").reuse_blocker(), None);
+        let blocked = |name: &str, want: &str| {
+            let reason = lv(name).reuse_blocker().unwrap_or_default();
+            assert!(reason.contains(want), "{name}: {reason:?} lacks {want:?}");
+        };
+        blocked("busy", "open");
+        blocked("origin", "origin of snapshots");
+        blocked("snap1", "snapshot");
+        blocked("pool", "thin pool");
+        blocked("thinsnap", "snapshot of thinvol");
+        blocked("[pool_tmeta]", "metadata");
+        blocked("busy", "lv_attr -wi-ao----");
+    }
+
+    #[test]
+    fn removal_rules_on_recorded_volumes() {
+        assert_eq!(lv("plain").removal_blocker(), None);
+        assert_eq!(lv("inactive").removal_blocker(), None);
+        assert_eq!(lv("thinvol").removal_blocker(), None);
+        for name in ["busy", "origin", "snap1", "pool", "thinsnap"] {
+            assert!(lv(name).removal_blocker().is_some(), "{name}");
+        }
+    }
+
+    #[test]
+    fn other_attr_states_block_reuse() {
+        let mut v = lv("plain");
+        v.attr.permissions = 'r';
+        assert!(v.reuse_blocker().unwrap().contains("read-only"));
+        let mut v = lv("plain");
+        v.attr.state = 's';
+        assert!(v.reuse_blocker().unwrap().contains("suspended"));
+        let mut v = lv("plain");
+        v.attr.health = 'p';
+        assert!(v.reuse_blocker().unwrap().contains("health"));
+        let mut v = lv("inactive");
+        v.attr.skip_activation = 'k';
+        assert!(v.reuse_blocker().unwrap().contains("activation skip"));
+    }
+
+    #[test]
+    fn extent_rounding_uses_the_real_extent_size() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(extents_for(1 << 30, 4 * MIB), Some(256));
+        assert_eq!(extents_for(1 << 30, 8 * MIB), Some(128));
+        // 100 MiB in the recorded VG's 8 MiB extents: 13 extents (the `plain` LV above).
+        assert_eq!(extents_for(100 * MIB, 8 * MIB), Some(13));
+        assert_eq!(extents_for(1, 8 * MIB), Some(1));
+        assert_eq!(extents_for((1 << 30) + 1, 4 * MIB), Some(257));
+        // An extent larger than the request rounds up to one whole extent.
+        assert_eq!(extents_for(1 << 30, 2 << 30), Some(1));
+        assert_eq!(extents_for(0, 4 * MIB), None);
+        assert_eq!(extents_for(1 << 30, 0), None);
+        assert_eq!(extents_for(u64::MAX, 2), None, "rounded size overflows");
+    }
+
+    #[test]
+    fn owner_tags() {
+        assert_eq!(
+            owner_tag("6f1c7a3e-0000-4000-8000-000000000000").unwrap(),
+            "lvp_job_6f1c7a3e-0000-4000-8000-000000000000"
+        );
+        assert!(owner_tag("").is_err());
+        assert!(owner_tag("a b").is_err());
+        assert!(owner_tag("a,b").is_err());
+    }
+
+    #[test]
+    fn names_are_validated_before_any_command() {
+        let b = LvmBackend::new("vg0", Duration::from_secs(1)).unwrap();
+        assert_eq!(b.volume_path("vm-1"), PathBuf::from("/dev/vg0/vm-1"));
+        assert!(b.validate_name("snapshot-x").is_err());
+        assert!(LvmBackend::new("../x", Duration::from_secs(1)).is_err());
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        // These would fail differently (a command error) if a command ran.
+        let err = rt.block_on(b.inspect("a/b")).unwrap_err();
+        assert!(matches!(err, VolumeError::InvalidName(_)), "{err}");
+        let err = rt.block_on(b.remove("x_tmeta")).unwrap_err();
+        assert!(matches!(err, VolumeError::InvalidName(_)), "{err}");
+        let err = rt.block_on(b.create("-x", 1 << 30, "job")).unwrap_err();
+        assert!(matches!(err, VolumeError::InvalidName(_)), "{err}");
+    }
+
+    #[test]
+    fn command_errors_carry_stderr_and_time_out() {
+        let b = LvmBackend::new("vg0", Duration::from_millis(300)).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let err = rt
+            .block_on(b.run(
+                "sh",
+                &["-c", "echo 'Volume group \"vg0\" not found' >&2; exit 5"],
+            ))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("Volume group \"vg0\" not found"), "{err}");
+        assert!(err.contains("exit status: 5"), "{err}");
+        let err = rt.block_on(b.run("sleep", &["5"])).unwrap_err().to_string();
+        assert!(err.contains("timed out"), "{err}");
+        let err = rt
+            .block_on(b.run("/nonexistent/lvs", &[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot start"), "{err}");
+        let env = rt.block_on(b.run("sh", &["-c", "echo $LC_ALL"])).unwrap();
+        assert_eq!(env.trim(), "C");
+    }
+}
