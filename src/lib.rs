@@ -39,7 +39,7 @@ pub async fn serve(source: ConfigSource) -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let (traces, trace_layer) = telemetry::traces::Tracing::init(&settings.telemetry)
         .map_err(|e| anyhow::anyhow!("tracing: {e:#}"))?;
-    let _log = telemetry::logs::init(&settings.log, Some(trace_layer))
+    let log_control = telemetry::logs::init(&settings.log, Some(trace_layer))
         .map_err(|e| anyhow::anyhow!("logging: {e}"))?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -48,7 +48,11 @@ pub async fn serve(source: ConfigSource) -> anyhow::Result<()> {
         otlp_endpoint = %settings.telemetry.otlp_endpoint,
         "starting libvirt-volume-provisioner"
     );
-    let result = run(settings).await;
+    let live = LiveControls {
+        log: log_control,
+        sampling: traces.sampling(),
+    };
+    let result = run(settings, source, live).await;
     if let Err(e) = &result {
         tracing::error!(error = format!("{e:#}"), "daemon stopped with an error");
     }
@@ -72,7 +76,56 @@ pub fn security_from_settings(
     Ok((tls, auth))
 }
 
-async fn run(settings: Settings) -> anyhow::Result<()> {
+/// Live controls created before the daemon runs (logging and tracing are set up first).
+struct LiveControls {
+    log: telemetry::logs::LogControl,
+    sampling: telemetry::traces::SamplingRatio,
+}
+
+/// Everything that takes settings live on reload.
+struct LiveComponents {
+    engine: Engine,
+    cache: Arc<ImageCache>,
+    auth: Arc<Authenticator>,
+    tls: Option<Arc<TlsTransport>>,
+    controls: LiveControls,
+}
+
+impl config::reload::LiveTarget for LiveComponents {
+    fn apply(&self, old: &Settings, new: &Settings) -> Result<(), String> {
+        // What can fail goes first, each undone if a later one fails: never half-applied.
+        if let Some(tls) = &self.tls {
+            tls.reload(&new.tls).map_err(|e| e.to_string())?;
+        }
+        if let Err(e) = self.auth.reload(new) {
+            if let Some(tls) = &self.tls {
+                let _ = tls.reload(&old.tls);
+            }
+            return Err(e);
+        }
+        if let Err(e) = self.controls.log.apply(&new.log) {
+            let _ = self.auth.reload(old);
+            if let Some(tls) = &self.tls {
+                let _ = tls.reload(&old.tls);
+            }
+            return Err(e);
+        }
+        self.controls.sampling.set(new.telemetry.sampling_ratio);
+        self.engine.set_limits(
+            new.jobs.max_concurrent,
+            new.jobs.queue_capacity,
+            new.jobs.timeout,
+        );
+        self.cache.set_limits(new);
+        Ok(())
+    }
+}
+
+async fn run(
+    settings: Settings,
+    source: ConfigSource,
+    controls: LiveControls,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let listen = settings.listen_addr();
     // Certificates and tokens first: a misconfigured listener fails before anything starts.
@@ -92,9 +145,9 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     cache.evict(None);
     cache.spawn_evictor(CACHE_EVICT_INTERVAL);
     let volumes = volume::backend_from_settings(&settings).context("volume backend")?;
-    let settings = Arc::new(settings);
+    let (settings_tx, live) = LiveSettings::new(settings.clone());
     let ctx = Arc::new(RunContext {
-        settings: settings.clone(),
+        settings: live.clone(),
         cache,
         volumes,
         libvirt: PoolRefresher::new(&settings.libvirt.uri, &settings.libvirt.pool),
@@ -109,16 +162,30 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         store.clone(),
         settings.telemetry.probe_interval,
     );
-    let retention = settings.jobs.retention;
-    engine.spawn_pruner(PRUNE_INTERVAL, move || retention);
+    let pruner_settings = live.clone();
+    engine.spawn_pruner(PRUNE_INTERVAL, move || {
+        pruner_settings.current().jobs.retention
+    });
 
-    let (_settings_tx, live) = LiveSettings::new((*settings).clone());
+    let reloader = config::reload::Reloader::new(
+        source,
+        settings_tx,
+        Box::new(LiveComponents {
+            engine: engine.clone(),
+            cache: ctx.cache.clone(),
+            auth: auth.clone(),
+            tls: tls.clone(),
+            controls,
+        }),
+    );
+    reloader.spawn().context("starting configuration reload")?;
     let state = Arc::new(api::ApiState {
         engine: engine.clone(),
-        settings: live,
+        settings: live.clone(),
         health,
         started,
         auth: auth.clone(),
+        reloader,
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -163,7 +230,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     wait_for_stop_signal().await?;
     tracing::info!("shutting down");
     shutdown.cancel();
-    engine.shutdown(settings.jobs.shutdown_grace).await;
+    engine.shutdown(live.current().jobs.shutdown_grace).await;
     let _ = server.await;
     store.flush().await.context("flushing the job store")?;
     tracing::info!("stopped");

@@ -1,5 +1,5 @@
 //! Documentation stays true: docs/configuration.md names every settings key with its
-//! environment variable.
+//! environment variable and whether it reloads live or needs a restart.
 
 use libvirt_volume_provisioner::config::Settings;
 

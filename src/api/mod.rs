@@ -26,6 +26,7 @@ pub struct ApiState {
     pub health: Arc<Health>,
     pub started: Instant,
     pub auth: Arc<auth::Authenticator>,
+    pub reloader: Arc<crate::config::reload::Reloader>,
 }
 
 /// Values a request collects on its way through the filters, read by the server afterwards
@@ -184,6 +185,15 @@ pub fn routes(
         .then(handlers::cache_delete)
         .map(respond);
 
+    // Effective configuration (new).
+    let config = path!("api" / "v1" / "config")
+        .and(get())
+        .and(route("/api/v1/config"))
+        .and(caller())
+        .and(s())
+        .then(handlers::config)
+        .map(respond);
+
     // Volumes.
     let volume_delete = path!("api" / "v1" / "volumes" / String)
         .and(delete())
@@ -213,6 +223,8 @@ pub fn routes(
         .or(cache_delete)
         .unify()
         .or(volume_delete)
+        .unify()
+        .or(config)
         .unify()
         .recover(error::recover)
         .unify()

@@ -4,6 +4,7 @@
 //! (`shared/reference/api-contract.md`, "Settings names"): never rename them.
 
 mod load;
+pub mod reload;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -61,6 +62,18 @@ pub struct Settings {
     pub log: LogSettings,
     /// OpenTelemetry and dependency probes.
     pub telemetry: TelemetrySettings,
+    /// Hot reload of this configuration.
+    pub reload: ReloadSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadSettings {
+    /// Reload when the config, tokens or TLS files change (SIGHUP always reloads).
+    pub watch_files: bool,
+    /// File events closer together than this count as one change.
+    #[serde(with = "humantime_serde")]
+    pub debounce: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -369,6 +382,10 @@ impl Settings {
                 otlp_ca_file: String::new(),
                 probe_interval: Duration::from_secs(30),
             },
+            reload: ReloadSettings {
+                watch_files: true,
+                debounce: Duration::from_millis(500),
+            },
         }
     }
 
@@ -575,6 +592,11 @@ impl Settings {
         }
         if self.telemetry.service_name.is_empty() {
             return err("telemetry.service_name", "must not be empty".into());
+        }
+        if self.reload.debounce < Duration::from_millis(50)
+            || self.reload.debounce > Duration::from_secs(30)
+        {
+            return err("reload.debounce", "must be between 50ms and 30s".into());
         }
         if self.telemetry.probe_interval < Duration::from_secs(1) {
             return err("telemetry.probe_interval", "must be at least 1s".into());

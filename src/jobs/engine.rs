@@ -95,7 +95,7 @@ struct Inner {
 impl Engine {
     /// Starts the engine: recovers jobs left by a previous run, then starts queued ones.
     pub async fn start(store: Store, ctx: Arc<RunContext>) -> Result<Engine, StoreError> {
-        let settings = ctx.settings.clone();
+        let settings = ctx.settings.current();
         let engine = Engine {
             inner: Arc::new(Inner {
                 store,

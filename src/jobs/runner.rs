@@ -12,7 +12,7 @@ use tracing::Instrument;
 use super::model::{Job, JobKind, JobSpec, VolumeOwnership};
 use super::progress::{ProgressTracker, StageRates, StageSample};
 use super::store::Store;
-use crate::config::Settings;
+use crate::config::LiveSettings;
 use crate::convert::{self, ConvertSpec};
 use crate::image::cache::{CachedImage, ImageCache, Transfer};
 use crate::image::inspect;
@@ -25,7 +25,8 @@ const PROGRESS_PERSIST_INTERVAL: std::time::Duration = std::time::Duration::from
 
 /// Everything jobs use.
 pub struct RunContext {
-    pub settings: Arc<Settings>,
+    /// The current settings (hot reload replaces them; a running job keeps what it read).
+    pub settings: LiveSettings,
     pub cache: Arc<ImageCache>,
     pub volumes: Arc<dyn VolumeBackend>,
     pub libvirt: crate::volume::libvirt::PoolRefresher,
@@ -140,7 +141,8 @@ async fn fetch(
     cancel: &CancellationToken,
 ) -> StepResult<CachedImage> {
     let spec = h.job.spec.clone();
-    let location = source::resolve(&spec.image_url, &ctx.settings).map_err(|e| e.to_string())?;
+    let location =
+        source::resolve(&spec.image_url, &ctx.settings.current()).map_err(|e| e.to_string())?;
     let span = tracing::info_span!(
         "download",
         otel.name = "DownloadImageToPath",
@@ -254,7 +256,7 @@ async fn provision(
         target: target.path.clone(),
         direct_io,
         coroutines: 8,
-        cpu_limit: ctx.settings.jobs.timeout,
+        cpu_limit: ctx.settings.current().jobs.timeout,
     };
     let span = tracing::info_span!(
         "populate",

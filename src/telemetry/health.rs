@@ -42,7 +42,7 @@ impl Health {
             }
             self.set("lvm", up.is_ok());
         }
-        if !ctx.settings.s3.endpoint.is_empty() {
+        if !ctx.settings.current().s3.endpoint.is_empty() {
             let up = ctx.cache.probe_s3().await;
             if let Err(e) = &up {
                 tracing::warn!(error = %e, "minio dependency is down");

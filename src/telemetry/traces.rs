@@ -86,6 +86,16 @@ impl<E: SpanExporter + 'static> SpanExporter for RuntimeExporter<E> {
     }
 }
 
+/// The live sampling ratio of new traces.
+#[derive(Debug, Clone)]
+pub struct SamplingRatio(Arc<AtomicU64>);
+
+impl SamplingRatio {
+    pub fn set(&self, ratio: f64) {
+        self.0.store(ratio.to_bits(), Ordering::Relaxed);
+    }
+}
+
 /// The tracer provider and what it needs to live.
 pub struct Tracing {
     provider: SdkTracerProvider,
@@ -156,9 +166,9 @@ impl Tracing {
         ))
     }
 
-    /// Changes the share of new traces sampled (hot reload).
-    pub fn set_sampling_ratio(&self, ratio: f64) {
-        self.ratio.store(ratio.to_bits(), Ordering::Relaxed);
+    /// A handle that changes the share of new traces sampled (hot reload).
+    pub fn sampling(&self) -> SamplingRatio {
+        SamplingRatio(self.ratio.clone())
     }
 
     /// Exports what is buffered and stops. Runs on a plain thread: the provider blocks while
