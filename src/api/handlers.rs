@@ -571,6 +571,30 @@ fn percent_decoded(s: &str) -> Result<String, ApiError> {
         .ok_or_else(|| ApiError::bad_request("bad volume name"))
 }
 
+/// `GET /api/v1/config`: the effective configuration (secrets redacted), the last reload and
+/// the changed keys that wait for a restart.
+pub async fn config(
+    caller: Result<Caller, ApiError>,
+    state: Arc<ApiState>,
+) -> Result<Response, ApiError> {
+    caller?;
+    let settings = state.settings.current();
+    let rendered = crate::config::redacted_toml(&settings);
+    let effective: toml::Value =
+        toml::from_str(&rendered).map_err(|e| ApiError::internal(e.to_string()))?;
+    let status = state.reloader.status();
+    Ok(json_reply(
+        &json!({
+            "config": effective,
+            "last_reload": status.last_reload.map(rfc3339),
+            "last_reload_result": status.last_result,
+            "last_reload_error": status.last_error,
+            "pending_restart": status.pending_restart,
+        }),
+        StatusCode::OK,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -594,28 +618,4 @@ mod tests {
         }
         assert!(check_size(None).is_err());
     }
-}
-
-/// `GET /api/v1/config`: the effective configuration (secrets redacted), the last reload and
-/// the changed keys that wait for a restart.
-pub async fn config(
-    caller: Result<Caller, ApiError>,
-    state: Arc<ApiState>,
-) -> Result<Response, ApiError> {
-    caller?;
-    let settings = state.settings.current();
-    let rendered = crate::config::redacted_toml(&settings);
-    let effective: toml::Value =
-        toml::from_str(&rendered).map_err(|e| ApiError::internal(e.to_string()))?;
-    let status = state.reloader.status();
-    Ok(json_reply(
-        &json!({
-            "config": effective,
-            "last_reload": status.last_reload.map(rfc3339),
-            "last_reload_result": status.last_result,
-            "last_reload_error": status.last_error,
-            "pending_restart": status.pending_restart,
-        }),
-        StatusCode::OK,
-    ))
 }
