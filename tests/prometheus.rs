@@ -197,6 +197,32 @@ async fn daemon_with_images(dir: &Path, config: TestConfig) -> (Daemon, reqwest:
     (d, c)
 }
 
+/// As `daemon_with_images`, served over TLS with required client certificates.
+async fn mtls_daemon_with_images(
+    dir: &Path,
+    config: TestConfig,
+    pki: &TestPki,
+) -> (Daemon, reqwest::Client) {
+    let plain = dir.join("images");
+    std::fs::create_dir_all(&plain).unwrap();
+    make_qcow2(&plain.join("ok.qcow2"), "32M");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "/etc/passwd",
+        "-F",
+        "raw",
+        plain.join("backing.qcow2").to_str().unwrap(),
+        "32M",
+    ]);
+    let config = pki.configure(config, &["orchestrator", "prometheus"]);
+    let d = Daemon::start_https(dir, &config, &[]);
+    (d, pki.client("orchestrator"))
+}
+
 async fn run_jobs(c: &reqwest::Client, d: &Daemon, dir: &Path) {
     let images = dir.join("images");
     for (file, volume, want) in [
@@ -344,17 +370,31 @@ async fn prometheus_scrapes_the_daemon_and_evaluates_every_dashboard_and_rule_ex
         .set("s3.bucket", "vm-images")
         .set("s3.retries", 1)
         .set("s3.retry_backoff", "100ms")
-        .set("telemetry.probe_interval", "1s");
-    let (d, c) = daemon_with_images(dir, config).await;
+        .set("telemetry.probe_interval", "1s")
+        .set("auth.protect_metrics", true);
+    // Prometheus scrapes over mutual TLS with its own client certificate, as in production.
+    let pki = TestPki::create(&dir.join("pki"), &["orchestrator", "prometheus"]);
+    let (d, c) = mtls_daemon_with_images(dir, config, &pki).await;
+    let unauthenticated = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap()])
+        .build()
+        .unwrap();
+    assert!(
+        unauthenticated.get(d.url("/metrics")).send().await.is_err(),
+        "no client certificate, no TLS session"
+    );
+    let mut target = ScrapeTarget::daemon(&d);
+    target.tls = Some(ScrapeTls {
+        ca_file: pki.path("ca.crt"),
+        cert_file: Some(pki.path("prometheus.crt")),
+        key_file: Some(pki.path("prometheus.key")),
+        server_name: Some("localhost".into()),
+    });
     let rule_files = vec![
         repo("deploy/prometheus/alerts.yml"),
         repo("deploy/prometheus/recording-rules.yml"),
     ];
-    let prom = PrometheusServer::start(
-        &dir.join("prometheus"),
-        &[ScrapeTarget::daemon(&d)],
-        &rule_files,
-    );
+    let prom = PrometheusServer::start(&dir.join("prometheus"), &[target], &rule_files);
     let up = prom
         .wait_value(&c, r#"up{job="libvirt-volume-provisioner"}"#, MINUTE, |v| {
             v == 1.0
