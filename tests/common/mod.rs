@@ -1010,7 +1010,7 @@ impl TestPki {
         let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
         let issuer = Issuer::new(ca_params, ca_key);
         std::fs::write(dir.join("ca.crt"), &ca_pem).unwrap();
-        let mut issue = |file: &str, cn: &str, sans: Vec<String>| {
+        let issue = |file: &str, cn: &str, sans: Vec<String>| {
             let key = KeyPair::generate().unwrap();
             let mut params = CertificateParams::new(sans).unwrap();
             params.distinguished_name.push(DnType::CommonName, cn);
