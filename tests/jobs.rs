@@ -323,3 +323,50 @@ async fn sigkill_mid_job_then_restart_recovers() {
         r
     });
 }
+
+#[tokio::test]
+async fn timeout_counts_from_running_and_rolls_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let url = image(dir);
+    let path = slow_qemu_img_path(dir, 30);
+    let config = TestConfig::new(dir)
+        .set("jobs.max_concurrent", 1)
+        .set("jobs.timeout", "3s");
+    let d = Daemon::start_with_env(dir, &config, &[("PATH", &path)]);
+    let c = client();
+    let first = submit(
+        &c,
+        &d,
+        json!({"image_url": url, "volume_name": "slow-1", "volume_size_gb": 1}),
+    )
+    .await;
+    let second = submit(
+        &c,
+        &d,
+        json!({"image_url": url, "volume_name": "slow-2", "volume_size_gb": 1}),
+    )
+    .await;
+    let a = wait_job(&c, &d, &first, MINUTE).await;
+    assert_eq!(a["status"], "failed");
+    assert_eq!(a["error"], "timed out after 3s (jobs.timeout)");
+    assert!(
+        !dir.join("volumes/slow-1").exists(),
+        "the timed-out job's volume is removed"
+    );
+    // The second job waited about 3 s in the queue; its own 3 s start when it runs.
+    let b = wait_job(&c, &d, &second, MINUTE).await;
+    assert_eq!(b["error"], "timed out after 3s (jobs.timeout)");
+    let started = chrono::DateTime::parse_from_rfc3339(b["started_at"].as_str().unwrap()).unwrap();
+    let finished =
+        chrono::DateTime::parse_from_rfc3339(b["finished_at"].as_str().unwrap()).unwrap();
+    let created = chrono::DateTime::parse_from_rfc3339(b["created_at"].as_str().unwrap()).unwrap();
+    assert!(
+        (started - created).num_milliseconds() >= 2500,
+        "it was queued first: {b}"
+    );
+    assert!(
+        (finished - started).num_milliseconds() >= 2900,
+        "the full timeout after start: {b}"
+    );
+}

@@ -583,3 +583,44 @@ async fn cache_api_routes() {
     .await;
     assert_eq!(status, 400, "{v}");
 }
+
+#[tokio::test]
+async fn a_dropped_connection_is_retried_and_the_download_completes() {
+    let s = setup();
+    let img = s.dir.join("flaky.qcow2");
+    make_dense_qcow2(&img, 12 << 20, 32 << 20, 99);
+    let bytes = std::fs::read(&img).unwrap();
+    let reference = s.dir.join("flaky.ref.raw");
+    reference_raw(&img, "qcow2", &reference);
+    s.s3.put("vm-images", "flaky.qcow2", &bytes);
+    s.s3.put(
+        "vm-images",
+        "flaky.qcow2.sha256",
+        sha256_hex(&bytes).as_bytes(),
+    );
+    // The first two connections break after 3 MB of response.
+    let proxy = flaky_proxy(s.s3.port, 3_000_000, 2);
+    let config =
+        s.s3.configure(TestConfig::new(&s.dir))
+            .set("s3.endpoint", format!("http://127.0.0.1:{proxy}"))
+            .set("s3.retries", 4);
+    let d = Daemon::start(&s.dir, &config);
+    let c = client();
+    let url = format!("http://127.0.0.1:{proxy}/vm-images/flaky.qcow2");
+    let id = submit(
+        &c,
+        &d,
+        json!({"image_url": url, "volume_name": "flaky", "volume_size_gb": 1}),
+    )
+    .await;
+    let job = wait_job(&c, &d, &id, MINUTE).await;
+    assert_eq!(job["status"], "completed", "{job}\n{}", d.log());
+    assert_volume_matches(&s.dir.join("volumes/flaky"), &reference);
+    let images = cache_images(&c, &d).await;
+    assert_eq!(
+        images[0]["checksum"],
+        sha256_hex(&bytes),
+        "the retried download verifies"
+    );
+    assert_eq!(images[0]["checksum_verified"], true);
+}

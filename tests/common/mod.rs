@@ -1062,3 +1062,59 @@ impl TestPki {
             .unwrap()
     }
 }
+
+/// A TCP proxy on loopback in front of `target` whose first `failures` connections are cut
+/// after `cut_after` bytes from the server (a network that drops mid-download); later
+/// connections pass through. Returns the proxy's port.
+pub fn flaky_proxy(target: u16, cut_after: usize, failures: usize) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut cut_left = failures;
+        for client in listener.incoming().flatten() {
+            let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
+                continue;
+            };
+            let limit = if cut_left > 0 {
+                cut_left -= 1;
+                Some(cut_after)
+            } else {
+                None
+            };
+            let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let (mut from, mut to) = (c2, s2);
+                let _ = std::io::copy(&mut from, &mut to);
+                let _ = to.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let (mut from, mut to) = (server, client);
+                let mut sent = 0usize;
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let n = match from.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let n = match limit {
+                        Some(l) if sent + n >= l => {
+                            let _ = to.write_all(&buf[..l - sent]);
+                            // Drop the connection in the middle of the body.
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                            let _ = from.shutdown(std::net::Shutdown::Both);
+                            return;
+                        }
+                        _ => n,
+                    };
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    sent += n;
+                }
+                let _ = to.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    port
+}
