@@ -175,8 +175,8 @@ fn promtool_checks_the_rules_runs_their_unit_tests_and_checks_the_scrape_config(
     }
 }
 
-/// A daemon with a good image and one with a backing file (rejected) in its file root.
-async fn daemon_with_images(dir: &Path, config: TestConfig) -> (Daemon, reqwest::Client) {
+/// A good image and one with a backing file (rejected) in the daemon's file root.
+fn make_images(dir: &Path) {
     let images = dir.join("images");
     std::fs::create_dir_all(&images).unwrap();
     make_qcow2(&images.join("ok.qcow2"), "32M");
@@ -192,9 +192,12 @@ async fn daemon_with_images(dir: &Path, config: TestConfig) -> (Daemon, reqwest:
         images.join("backing.qcow2").to_str().unwrap(),
         "32M",
     ]);
-    let d = Daemon::start(dir, &config);
-    let c = client();
-    (d, c)
+}
+
+/// A daemon (plain HTTP) with the images of `make_images`.
+async fn daemon_with_images(dir: &Path, config: TestConfig) -> (Daemon, reqwest::Client) {
+    make_images(dir);
+    (Daemon::start(dir, &config), client())
 }
 
 /// As `daemon_with_images`, served over TLS with required client certificates.
@@ -203,21 +206,7 @@ async fn mtls_daemon_with_images(
     config: TestConfig,
     pki: &TestPki,
 ) -> (Daemon, reqwest::Client) {
-    let plain = dir.join("images");
-    std::fs::create_dir_all(&plain).unwrap();
-    make_qcow2(&plain.join("ok.qcow2"), "32M");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "/etc/passwd",
-        "-F",
-        "raw",
-        plain.join("backing.qcow2").to_str().unwrap(),
-        "32M",
-    ]);
+    make_images(dir);
     let config = pki.configure(config, &["orchestrator", "prometheus"]);
     let d = Daemon::start_https(dir, &config, &[]);
     (d, pki.client("orchestrator"))
