@@ -510,14 +510,7 @@ impl Engine {
     pub fn prune(&self, retention: Duration) -> Result<usize, StoreError> {
         let cutoff =
             Utc::now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
-        let mut removed = 0;
-        for job in self.inner.store.all_jobs()? {
-            if job.status.is_terminal() && job.finished_at.is_some_and(|f| f < cutoff) {
-                self.inner.store.delete_job(job.id)?;
-                removed += 1;
-            }
-        }
-        Ok(removed)
+        self.inner.store.prune_finished(cutoff)
     }
 
     /// Stops accepting work; gives running jobs `grace` to finish, then stops and rolls them

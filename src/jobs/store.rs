@@ -132,6 +132,21 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes terminal jobs that finished before `cutoff`; pending and running jobs stay.
+    pub fn prune_finished(
+        &self,
+        cutoff: chrono::DateTime<chrono::Utc>,
+    ) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for job in self.all_jobs()? {
+            if job.status.is_terminal() && job.finished_at.is_some_and(|f| f < cutoff) {
+                self.delete_job(job.id)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Appends a stage measurement, keeping the last `HISTORY_LEN`.
     pub fn record_stage(&self, stage: &str, sample: StageSample) -> Result<(), StoreError> {
         let mut samples = self.stage_samples(stage)?;
@@ -206,6 +221,46 @@ mod tests {
         assert_eq!(newest[0].id, ids[1]);
         assert!(store.get_job(ids[0]).unwrap().is_some());
         assert!(store.next_seq().unwrap() > all[1].seq);
+    }
+
+    #[tokio::test]
+    async fn pruning_removes_only_old_finished_jobs() {
+        use crate::jobs::model::JobStatus;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let long_ago = Utc::now() - chrono::Duration::days(30);
+        let mut old_done = job(1);
+        old_done
+            .transition(JobStatus::Running, None, long_ago)
+            .unwrap();
+        old_done
+            .transition(JobStatus::Completed, None, long_ago)
+            .unwrap();
+        let mut old_running = job(2);
+        old_running.created_at = long_ago;
+        old_running
+            .transition(JobStatus::Running, None, long_ago)
+            .unwrap();
+        let mut old_pending = job(3);
+        old_pending.created_at = long_ago;
+        let mut recent_failed = job(4);
+        recent_failed
+            .transition(JobStatus::Running, None, Utc::now())
+            .unwrap();
+        recent_failed
+            .transition(JobStatus::Failed, Some("x".into()), Utc::now())
+            .unwrap();
+        for j in [&old_done, &old_running, &old_pending, &recent_failed] {
+            store.put_job(j, false).await.unwrap();
+        }
+        let removed = store
+            .prune_finished(Utc::now() - chrono::Duration::days(7))
+            .unwrap();
+        assert_eq!(removed, 1);
+        assert!(store.get_job(old_done.id).unwrap().is_none());
+        for kept in [&old_running, &old_pending, &recent_failed] {
+            assert!(store.get_job(kept.id).unwrap().is_some());
+        }
     }
 
     #[test]
