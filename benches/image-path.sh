@@ -62,10 +62,29 @@ rate() { python3 -c "print(f'{$1/($3-$2)/1e6:8.1f} MB/s  ({$3-$2:.2f} s)')"; }
 echo "== 1. download from s3s-fs ($OBJ_BYTES bytes)"
 # Warm the page cache for the object so both readers see the same server side.
 cat "$W/s3/bench/image.qcow2" >/dev/null
+s3curl() { curl -fs --aws-sigv4 "aws:amz:us-east-1:s3" --user "$AK:$SK" -H 'x-amz-content-sha256: UNSIGNED-PAYLOAD' "$@"; }
 T0=$(now)
-curl -fs --aws-sigv4 "aws:amz:us-east-1:s3" --user "$AK:$SK" -H 'x-amz-content-sha256: UNSIGNED-PAYLOAD' -o /dev/null "$URL"
+s3curl -o /dev/null "$URL"
 T1=$(now)
-echo "   curl (baseline, to /dev/null):       $(rate "$OBJ_BYTES" "$T0" "$T1")"
+echo "   curl GET (baseline, to /dev/null):    $(rate "$OBJ_BYTES" "$T0" "$T1")"
+# The daemon also asks for the object's metadata (HEAD) and its .sha256 before the GET;
+# s3s-fs computes the ETag (MD5 of the whole object) on every HEAD, MinIO stores it.
+T0=$(now)
+s3curl -I -o /dev/null "$URL"
+s3curl -o /dev/null "$URL.sha256" || true
+s3curl -o /dev/null "$URL"
+T1=$(now)
+echo "   curl HEAD + .sha256 + GET (same requests as the daemon): $(rate "$OBJ_BYTES" "$T0" "$T1")"
+T0=$(now); s3curl -I -o /dev/null "$URL"; T1=$(now)
+python3 -c "print(f'   of which HEAD alone:                  {$T1-$T0:.2f} s')"
+T0=$(now)
+s3curl -I -o /dev/null "$URL"
+s3curl -o /dev/null "$URL.sha256" || true
+s3curl -o "$W/curl-copy" "$URL"
+sync -f "$W/curl-copy"
+T1=$(now)
+rm -f "$W/curl-copy"
+echo "   curl HEAD + .sha256 + GET to a file + sync:               $(rate "$OBJ_BYTES" "$T0" "$T1")"
 T0=$(now)
 JOB=$(curl -fs -X POST "$B/api/v1/cache/fetch" -d "{\"image_url\":\"$URL\"}" | sed -E 's/.*"job_id":"([^"]+)".*/\1/')
 wait_job "$JOB"
