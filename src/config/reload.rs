@@ -71,6 +71,15 @@ fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<(String, toml::Value)>) 
     }
 }
 
+/// Every settings key, dotted (`jobs.max_concurrent`), in section order.
+pub fn setting_keys(settings: &Settings) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(v) = toml::Value::try_from(settings) {
+        flatten("", &v, &mut out);
+    }
+    out.into_iter().map(|(k, _)| k).collect()
+}
+
 fn set_dotted(table: &mut toml::Table, key: &str, value: toml::Value) {
     let mut parts: Vec<&str> = key.split('.').collect();
     let last = parts.pop().expect("non-empty key");
