@@ -170,18 +170,11 @@ impl LvInfo {
     /// Why this LV must not be overwritten by a job (the API answers 409 with it); `None` when
     /// it may be reused. An open LV's reason always contains "open".
     pub fn reuse_blocker(&self) -> Option<String> {
+        // Whatever forbids removal also forbids overwriting.
+        if let Some(reason) = self.removal_blocker() {
+            return Some(reason);
+        }
         let note = self.attr_note();
-        if let Some(kind) = self.attr.special_type() {
-            return Some(format!("{kind} ({note})"));
-        }
-        if !self.origin.is_empty() {
-            return Some(format!("it is a snapshot of {} ({note})", self.origin));
-        }
-        if self.attr.is_open() {
-            return Some(format!(
-                "it is open (in use by a VM or another process; {note})"
-            ));
-        }
         if self.attr.permissions != 'w' {
             return Some(format!("it is read-only ({note})"));
         }
