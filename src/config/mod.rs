@@ -145,6 +145,9 @@ pub struct LvmSettings {
     /// Time limit of one LVM command.
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
+    /// The volume group's physical volumes: when not empty, every LVM command gets
+    /// `--devices <path>` for each, so LVM opens (and scans) only these. Empty: no narrowing.
+    pub devices: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -328,6 +331,7 @@ impl Settings {
                 lvm: LvmSettings {
                     volume_group: "vg0".into(),
                     command_timeout: Duration::from_secs(120),
+                    devices: vec![],
                 },
                 directory: DirectorySettings { path: volumes_dir },
             },
@@ -498,6 +502,16 @@ impl Settings {
             return err(
                 "volumes.lvm.command_timeout",
                 "must be greater than 0".into(),
+            );
+        }
+        if let Some(bad) =
+            self.volumes.lvm.devices.iter().find(|d| {
+                !d.starts_with("/dev/") || d.contains(',') || d.contains(char::is_whitespace)
+            })
+        {
+            return err(
+                "volumes.lvm.devices",
+                format!("`{bad}` is not a device path (/dev/..., without commas or spaces)"),
             );
         }
         if self.cache.dir.as_os_str().is_empty() {

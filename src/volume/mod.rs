@@ -114,10 +114,13 @@ pub fn backend_from_settings(settings: &Settings) -> Result<Arc<dyn VolumeBacken
         VolumeBackendKind::Directory => Ok(Arc::new(directory::DirectoryBackend::new(
             &settings.volumes.directory.path,
         )?)),
-        VolumeBackendKind::Lvm => Ok(Arc::new(lvm::LvmBackend::new(
-            &settings.volumes.lvm.volume_group,
-            settings.volumes.lvm.command_timeout,
-        )?)),
+        VolumeBackendKind::Lvm => Ok(Arc::new(
+            lvm::LvmBackend::new(
+                &settings.volumes.lvm.volume_group,
+                settings.volumes.lvm.command_timeout,
+            )?
+            .with_devices(&settings.volumes.lvm.devices),
+        )),
     }
 }
 
