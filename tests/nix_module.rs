@@ -444,6 +444,17 @@ fn module_computes_the_hardened_unit_for_the_example() {
     assert_eq!(example["firewallPorts"], serde_json::json!([8443]));
     assert_eq!(example["kernelModules"], serde_json::json!(["dm_mod"]));
 
+    // The daemon's LVM commands are narrowed to the group's devices.
+    assert_eq!(
+        example["settings"]["volumes"]["lvm"]["devices"],
+        serde_json::json!(["/dev/vdb"])
+    );
+    assert_eq!(
+        example["moduleSettings"]["volumes"]["lvm"]["devices"],
+        serde_json::json!(["/dev/vdb"])
+    );
+    assert_eq!(example["typeErrors"], Value::Array(vec![]));
+
     let vg = &example["volumeGroupUnits"]["libvirt-volume-provisioner-vg-vg_vms"];
     assert_eq!(
         strings(&vg["before"]),
@@ -452,6 +463,17 @@ fn module_computes_the_hardened_unit_for_the_example() {
     assert_eq!(strings(&vg["requires"]), ["dev-vdb.device"]);
     assert_eq!(vg["serviceConfig"]["Type"], "oneshot");
     assert_eq!(vg["serviceConfig"]["PrivateNetwork"], true);
+    // Read access to every block device (the check for a group of the same name must see all
+    // disks), write access to the declared ones only.
+    assert_eq!(
+        strings(&vg["serviceConfig"]["DeviceAllow"]),
+        [
+            "/dev/mapper/control rw",
+            "block-device-mapper rw",
+            "/dev/vdb rw",
+            "block-* r"
+        ]
+    );
     let script = vg["script"].as_str().unwrap();
     let syntax = Command::new("bash")
         .args(["-n", "-c", script])
@@ -462,37 +484,86 @@ fn module_computes_the_hardened_unit_for_the_example() {
         "volume-group script: {}",
         String::from_utf8_lossy(&syntax.stderr)
     );
-    assert!(script.contains("blkid -p"), "probes for signatures");
-    // Nothing that destroys data: no wiping or formatting command, no forced or auto-confirmed
-    // pvcreate/vgcreate.
-    for line in script.lines().map(str::trim) {
-        let command = line.split_whitespace().next().unwrap_or("");
-        for destructive in [
-            "wipefs",
-            "dd",
-            "sfdisk",
-            "sgdisk",
-            "blkdiscard",
-            "lvremove",
-            "vgremove",
-            "pvremove",
-        ] {
-            assert_ne!(command, destructive, "volume-group script runs {line:?}");
+    assert!(
+        script.starts_with("set -euo pipefail\nvg='vg_vms'\ndevices=('/dev/vdb')\n"),
+        "{script}"
+    );
+    assert_script_never_destroys(script);
+}
+
+/// Static check of the volume-group script (comments skipped): no command that writes to a
+/// device except one non-forced `vgcreate`; `wipefs` only as a listing (`--no-act`, no `--all`
+/// or `--offset`); `dd` only reading. tests `volume_group_script_on_loop_devices` checks the
+/// commands it really runs.
+fn assert_script_never_destroys(script: &str) {
+    // Quoted text is message text, unless it holds a command substitution.
+    let unquoted = |line: &str| -> String {
+        let mut out = String::new();
+        let mut rest = line;
+        while let Some(i) = rest.find(['"', '\'']) {
+            out.push_str(&rest[..i]);
+            let quote = rest.as_bytes()[i] as char;
+            let body = &rest[i + 1..];
+            let end = body.find(quote).unwrap_or(body.len());
+            if body[..end].contains("$(") {
+                out.push_str(&body[..end]);
+            }
+            rest = body.get(end + 1..).unwrap_or("");
         }
-        assert!(
-            !command.starts_with("mkfs"),
-            "volume-group script runs {line:?}"
-        );
-        if command == "pvcreate" || command == "vgcreate" {
-            for flag in line.split_whitespace() {
-                assert!(
-                    !["-f", "-ff", "--force", "-y", "--yes"].contains(&flag),
-                    "volume-group script runs {line:?}"
-                );
+        out.push_str(rest);
+        out
+    };
+    let words = |line: &str| -> Vec<String> {
+        unquoted(line)
+            .split(|c: char| c.is_whitespace() || "$();|&".contains(c))
+            .filter(|w| !w.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let mut vgcreate = 0;
+    for line in script
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+    {
+        let w = words(line);
+        for (i, word) in w.iter().enumerate() {
+            let args = &w[i + 1..];
+            match word.as_str() {
+                "pvcreate" | "pvremove" | "vgremove" | "lvremove" | "lvcreate" | "vgextend"
+                | "sfdisk" | "sgdisk" | "blkdiscard" | "pvmove" => {
+                    panic!("volume-group script runs {line:?}")
+                }
+                w if w.starts_with("mkfs") => panic!("volume-group script runs {line:?}"),
+                "wipefs" => assert!(
+                    args.first().is_some_and(|a| a == "--no-act")
+                        && !args.iter().any(|a| {
+                            ["-a", "--all", "-o", "--offset", "-f", "--force", "-b"]
+                                .contains(&a.as_str())
+                        }),
+                    "wipefs that is not a listing: {line:?}"
+                ),
+                "dd" => assert!(
+                    !args.iter().any(|a| a.starts_with("of=")),
+                    "dd that writes: {line:?}"
+                ),
+                "vgcreate" => {
+                    vgcreate += 1;
+                    assert!(
+                        !args.iter().any(|a| {
+                            ["-f", "-ff", "--force", "-y", "--yes"].contains(&a.as_str())
+                        }),
+                        "forced vgcreate: {line:?}"
+                    );
+                }
+                _ => {}
             }
         }
     }
-    assert!(script.contains("pvcreate ") && script.contains("vgcreate "));
+    assert_eq!(
+        vgcreate, 1,
+        "one vgcreate creates the group and its physical volumes"
+    );
 }
 
 #[test]
@@ -521,7 +592,12 @@ fn module_refuses_secrets_in_the_store() {
 fn module_grants_lvm_privileges_only_for_the_lvm_backend() {
     let smoke = module_smoke();
     let directory = &smoke["directory"]["daemon"]["serviceConfig"];
-    assert_eq!(directory["CapabilityBoundingSet"], "", "empty bounding set");
+    // Only what the "volume is open" check needs (see
+    // `directory_backend_sees_volumes_other_users_hold_open`).
+    assert_eq!(
+        strings(&directory["CapabilityBoundingSet"]),
+        ["CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"]
+    );
     assert_eq!(directory["DeviceAllow"], Value::Array(vec![]));
     assert!(strings(&directory["ReadWritePaths"]).contains(&"/srv/volumes"));
     assert_eq!(
@@ -542,4 +618,68 @@ fn module_grants_lvm_privileges_only_for_the_lvm_backend() {
             "libvirt-volume-provisioner-vg-vg_slow.service"
         ]
     );
+    // The group in use is the first one; the daemon's LVM commands see only its devices.
+    let lvm = &privileged["settings"]["volumes"]["lvm"];
+    assert_eq!(lvm["volume_group"], "vg_fast");
+    assert_eq!(
+        lvm["devices"],
+        serde_json::json!(["/dev/disk/by-id/nvme-a", "/dev/disk/by-id/nvme-b"])
+    );
+    assert_eq!(privileged["moduleSettings"]["volumes"]["lvm"], *lvm);
+}
+
+#[test]
+fn module_has_no_meta_doc_and_the_flake_builds_the_manual() {
+    // meta.doc hands docs/nixos.md to the NixOS manual build, whose nixos-render-docs refuses it.
+    assert_eq!(module_smoke()["example"]["hasMetaDoc"], false);
+    // The flake check that would catch this class of breakage: a full nixosSystem with the
+    // module and the documentation on, its manual built (it runs with `nix flake check`, which
+    // needs nixpkgs and cannot run here).
+    let flake = std::fs::read_to_string(repo().join("flake.nix")).unwrap();
+    for needle in [
+        "nixos-manual =",
+        "lib.nixosSystem",
+        "documentation.nixos.enable = true;",
+        "config.system.build.manual.manualHTML",
+        "config.system.build.toplevel.drvPath",
+    ] {
+        assert!(flake.contains(needle), "flake.nix lacks {needle:?}");
+    }
+}
+
+#[test]
+fn module_names_an_invalid_volume_group_instead_of_defaulting_to_it() {
+    let smoke = &module_smoke()["invalidFirst"];
+    let failed: Vec<&str> = smoke["assertions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["assertion"] != true)
+        .map(|a| a["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(failed[0].contains("lvm.volumeGroups.-bad:"), "{failed:?}");
+    // "-bad" sorts first, but the default is the first valid name, so no typed setting fails
+    // its type (which nixpkgs would report before any assertion).
+    assert_eq!(
+        smoke["moduleSettings"]["volumes"]["lvm"]["volume_group"],
+        "good"
+    );
+    assert_eq!(smoke["settings"]["volumes"]["lvm"]["volume_group"], "good");
+    assert_eq!(smoke["typeErrors"], Value::Array(vec![]));
+}
+
+#[test]
+fn host_additions_to_device_allow_and_read_write_paths_are_merged() {
+    let example = &module_smoke()["example"]["daemon"]["serviceConfig"];
+    let added = &module_smoke()["hostAdditions"]["daemon"]["serviceConfig"];
+    let mut want = strings(&example["DeviceAllow"]);
+    want.push("/dev/md0 rw");
+    assert_eq!(strings(&added["DeviceAllow"]), want);
+    let mut want = strings(&example["ReadWritePaths"]);
+    want.push("/srv/extra");
+    assert_eq!(strings(&added["ReadWritePaths"]), want);
+    // Scalars stay mkDefault: the host's value replaces the module's.
+    assert_eq!(example["ProtectProc"], "invisible");
+    assert_eq!(added["ProtectProc"], "default");
 }
