@@ -6,7 +6,9 @@
 //!   typed option's default must be the daemon's default (no drift);
 //! - docs/nixos.md must list every module option with its default, and show the example;
 //! - the module function, evaluated with stand-ins for nixpkgs' lib (nix/module-smoke.nix), must
-//!   compute the expected unit, assertions and volume-group script.
+//!   compute the expected unit, assertions and volume-group script;
+//! - as root: the volume-group script, as the module renders it, run against loop devices, and
+//!   the directory backend's open check under the module's capabilities and ProtectProc.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
