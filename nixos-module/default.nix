@@ -96,13 +96,8 @@ let
   daemonSandbox = lvmSandbox vgDevices cfg.lvm.extraDeviceAllow // {
     # The LVM privileges only for the lvm backend, what the "volume is open" check needs for the
     # directory backend; a port below 1024 needs CAP_NET_BIND_SERVICE.
-    # An empty list would render no line at all (= every capability); "" clears the set.
-    CapabilityBoundingSet =
-      let
-        capabilities = (if usesLvm then lvmCapabilities else directoryCapabilities)
-          ++ lib.optional (listenPort < 1024) "CAP_NET_BIND_SERVICE";
-      in
-      if capabilities == [ ] then "" else capabilities;
+    CapabilityBoundingSet = (if usesLvm then lvmCapabilities else directoryCapabilities)
+      ++ lib.optional (listenPort < 1024) "CAP_NET_BIND_SERVICE";
     # The directory backend opens no device: only the standard pseudo devices remain.
     DeviceAllow = lib.optionals usesLvm (lvmDeviceAllow vgDevices cfg.lvm.extraDeviceAllow);
     # The job store, the image cache, directory-backend volumes, and LVM's paths.
@@ -148,8 +143,9 @@ let
     # /dev/mapper/control. Instead the device cgroup allows exactly: the standard pseudo devices
     # (DevicePolicy=closed), /dev/mapper/control, every device-mapper device (the LVs), and the
     # physical volumes of the declared volume groups (plus lvm.extraDeviceAllow). The daemon's
-    # LVM commands are narrowed to the group's devices (settings.volumes.lvm.devices), so LVM does
-    # not try to open the other disks at all.
+    # LVM commands are narrowed to its group's devices (settings.volumes.lvm.devices), so LVM does
+    # not try to open other disks; the volume-group units may read them all (see
+    # allBlockDevicesReadOnly).
     DevicePolicy = "closed";
     DeviceAllow = lvmDeviceAllow devices extraAllow;
     # /proc/sys and /sys stay read-only: LVM and libdevmapper only read sysfs (for LVM's default
