@@ -1,13 +1,14 @@
 //! libvirt-volume-provisioner: wires configuration, the job store, the image cache, volume
 //! backends, the job engine, telemetry and the HTTP API into the daemon.
 
-pub mod api;
+mod api;
+mod command;
 pub mod config;
-pub mod convert;
+mod convert;
 pub mod image;
-pub mod jobs;
-pub mod telemetry;
-pub mod volume;
+mod jobs;
+mod telemetry;
+mod volume;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,14 +19,17 @@ use tokio_util::sync::CancellationToken;
 use crate::api::auth::Authenticator;
 use crate::api::server::{self, Plain, ServerLimits, Transport};
 use crate::api::tls::TlsTransport;
-use crate::config::{ConfigSource, LiveSettings, Settings};
+use crate::config::{ConfigSource, LiveSettings, Settings, VolumeBackendKind};
 use crate::image::cache::ImageCache;
 use crate::image::source::SourceClients;
 use crate::jobs::engine::Engine;
 use crate::jobs::runner::RunContext;
 use crate::jobs::store::Store;
-use crate::telemetry::health::Health;
+use crate::telemetry::health::{Health, Probe};
+use crate::volume::directory::DirectoryBackend;
 use crate::volume::libvirt::PoolRefresher;
+use crate::volume::lvm::LvmBackend;
+use crate::volume::{VolumeBackend, VolumeError};
 
 /// How often finished jobs past retention are pruned.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
@@ -61,10 +65,15 @@ pub async fn serve(source: ConfigSource) -> anyhow::Result<()> {
     result
 }
 
+/// Checks what `serve` would build from the security settings (certificate, key, client CA and
+/// token files), for `check-config`.
+pub fn check_security(settings: &Settings) -> anyhow::Result<()> {
+    security_from_settings(settings).map(|_| ())
+}
+
 /// The listener's TLS transport (when `tls.cert_file` is set) and the access control, built
-/// from the settings. `check-config` calls it too, so certificate, key and token files are
-/// checked there as well.
-pub fn security_from_settings(
+/// from the settings.
+fn security_from_settings(
     settings: &Settings,
 ) -> anyhow::Result<(Option<Arc<TlsTransport>>, Authenticator)> {
     let tls = if settings.tls.cert_file.is_empty() {
@@ -74,6 +83,52 @@ pub fn security_from_settings(
     };
     let auth = Authenticator::new(settings).map_err(anyhow::Error::msg)?;
     Ok((tls, auth))
+}
+
+/// The volume backend the settings select.
+fn backend_from_settings(settings: &Settings) -> Result<Arc<dyn VolumeBackend>, VolumeError> {
+    Ok(match settings.volumes.backend {
+        VolumeBackendKind::Directory => {
+            Arc::new(DirectoryBackend::new(&settings.volumes.directory.path)?)
+        }
+        VolumeBackendKind::Lvm => Arc::new(LvmBackend::new(
+            &settings.volumes.lvm.volume_group,
+            settings.volumes.lvm.command_timeout,
+        )?),
+    })
+}
+
+/// The dependencies in use, as probes: `storage` always, `lvm` with the LVM backend, `minio`
+/// with an S3 endpoint, `libvirt` with a storage pool to refresh.
+fn probes(settings: &Settings, ctx: &Arc<RunContext>, store: &Store) -> Vec<Probe> {
+    let mut probes = Vec::new();
+    let store = store.clone();
+    probes.push(Probe::new("storage", move || {
+        let store = store.clone();
+        async move { store.probe().await }
+    }));
+    if settings.volumes.backend == VolumeBackendKind::Lvm {
+        let volumes = ctx.volumes.clone();
+        probes.push(Probe::new("lvm", move || {
+            let volumes = volumes.clone();
+            async move { volumes.probe().await.map_err(|e| e.to_string()) }
+        }));
+    }
+    if !settings.s3.endpoint.is_empty() {
+        let cache = ctx.cache.clone();
+        probes.push(Probe::new("minio", move || {
+            let cache = cache.clone();
+            async move { cache.probe_s3().await }
+        }));
+    }
+    if ctx.libvirt.enabled() {
+        let libvirt = ctx.libvirt.clone();
+        probes.push(Probe::new("libvirt", move || {
+            let libvirt = libvirt.clone();
+            async move { libvirt.probe().await }
+        }));
+    }
+    probes
 }
 
 /// Live controls created before the daemon runs (logging and tracing are set up first).
@@ -139,12 +194,17 @@ async fn run(
     })?;
     let sources = Arc::new(SourceClients::new(&settings)?);
     let cache = Arc::new(
-        ImageCache::open(&settings.cache.dir, &store, sources, &settings)
-            .context("opening the image cache")?,
+        ImageCache::open(
+            &settings.cache.dir,
+            store.tree("cache")?,
+            sources,
+            &settings,
+        )
+        .context("opening the image cache")?,
     );
     cache.evict(None);
     cache.spawn_evictor(CACHE_EVICT_INTERVAL);
-    let volumes = volume::backend_from_settings(&settings).context("volume backend")?;
+    let volumes = backend_from_settings(&settings).context("volume backend")?;
     let (settings_tx, live) = LiveSettings::new(settings.clone());
     let ctx = Arc::new(RunContext {
         settings: live.clone(),
@@ -155,13 +215,9 @@ async fn run(
     let engine = Engine::start(store.clone(), ctx.clone())
         .await
         .context("starting the job engine")?;
-    let health = Arc::new(Health::default());
-    health.probe_all(&ctx, &store).await;
-    health.spawn_prober(
-        ctx.clone(),
-        store.clone(),
-        settings.telemetry.probe_interval,
-    );
+    let health = Arc::new(Health::new(probes(&settings, &ctx, &store)));
+    health.probe_all().await;
+    health.spawn_prober(settings.telemetry.probe_interval);
     let pruner_settings = live.clone();
     engine.spawn_pruner(PRUNE_INTERVAL, move || {
         pruner_settings.current().jobs.retention
@@ -181,6 +237,8 @@ async fn run(
     reloader.spawn().context("starting configuration reload")?;
     let state = Arc::new(api::ApiState {
         engine: engine.clone(),
+        cache: ctx.cache.clone(),
+        volumes: ctx.volumes.clone(),
         settings: live.clone(),
         health,
         started,

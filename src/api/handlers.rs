@@ -19,9 +19,11 @@ use warp::{Filter, Reply};
 use super::ApiState;
 use super::auth::Caller;
 use super::error::ApiError;
+use super::views::{StatusResponse, rfc3339};
+use crate::image::ImageType;
 use crate::image::source;
 use crate::jobs::engine::{CancelError, SubmitError};
-use crate::jobs::model::{ImageType, JobKind, JobSpec, JobStatus, rfc3339};
+use crate::jobs::model::{JobKind, JobSpec, JobStatus};
 use crate::telemetry::metrics::metrics;
 use crate::volume;
 
@@ -41,7 +43,7 @@ fn json_reply(value: &impl serde::Serialize, status: StatusCode) -> Response {
 /// Content-Length header) and `server.body_timeout` (408 beyond: slow-body clients). Errors go
 /// to the handler, so a matched route cannot fall through to another one (only a body already
 /// taken, which cannot happen here, would reject).
-pub fn json_body(
+pub(crate) fn json_body(
     state: Arc<ApiState>,
 ) -> impl Filter<Extract = (Result<serde_json::Value, ApiError>,), Error = warp::Rejection> + Clone
 {
@@ -107,11 +109,11 @@ where
 }
 
 /// The route's outcome as a response (errors become their JSON body).
-pub fn respond(result: Result<Response, ApiError>) -> Response {
+pub(crate) fn respond(result: Result<Response, ApiError>) -> Response {
     result.unwrap_or_else(|e| e.into_response())
 }
 
-pub fn health(state: Arc<ApiState>) -> Response {
+pub(crate) fn health(state: Arc<ApiState>) -> Response {
     let (running, slots) = state.engine.load();
     let status = if running >= slots {
         "degraded"
@@ -131,7 +133,7 @@ pub fn health(state: Arc<ApiState>) -> Response {
 }
 
 /// A duration as Go prints it, to whole seconds: `52s`, `14m52s`, `3h14m52s`.
-pub fn go_duration(d: Duration) -> String {
+pub(crate) fn go_duration(d: Duration) -> String {
     let s = d.as_secs();
     let (h, m, s) = (s / 3600, (s / 60) % 60, s % 60);
     if h > 0 {
@@ -143,7 +145,7 @@ pub fn go_duration(d: Duration) -> String {
     }
 }
 
-pub fn ready(state: Arc<ApiState>) -> Response {
+pub(crate) fn ready(state: Arc<ApiState>) -> Response {
     let deps = state.health.snapshot();
     let all_up = deps.values().all(|up| *up);
     let status = if all_up {
@@ -160,7 +162,7 @@ pub fn ready(state: Arc<ApiState>) -> Response {
     )
 }
 
-pub fn metrics_text(caller: Result<Caller, ApiError>) -> Response {
+pub(crate) fn metrics_text(caller: Result<Caller, ApiError>) -> Response {
     if let Err(e) = caller {
         return e.into_response();
     }
@@ -259,7 +261,7 @@ fn submit_error(e: SubmitError) -> ApiError {
             retry_after: Some(30),
         },
         SubmitError::ShuttingDown => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        SubmitError::Store(_) | SubmitError::Internal(_) => ApiError::internal(e.to_string()),
+        SubmitError::Store(_) => ApiError::internal(e.to_string()),
     }
 }
 
@@ -274,7 +276,7 @@ fn accepted(job_id: Uuid) -> Response {
     resp
 }
 
-pub async fn submit(
+pub(crate) async fn submit(
     caller: Result<Caller, ApiError>,
     body: Result<serde_json::Value, ApiError>,
     state: Arc<ApiState>,
@@ -287,7 +289,7 @@ pub async fn submit(
         .volume_name
         .ok_or_else(|| ApiError::bad_request("volume_name is required"))?;
     volume::validate_volume_name(&volume_name)
-        .and_then(|_| state.engine.context().volumes.validate_name(&volume_name))
+        .and_then(|_| state.volumes.validate_name(&volume_name))
         .map_err(ApiError::bad_request)?;
     let size = check_size(body.volume_size_gb)?;
     let image_type = check_image_type(body.image_type)?;
@@ -315,7 +317,7 @@ pub async fn submit(
     Ok(accepted(job.id))
 }
 
-pub async fn cache_fetch(
+pub(crate) async fn cache_fetch(
     caller: Result<Caller, ApiError>,
     body: Result<serde_json::Value, ApiError>,
     state: Arc<ApiState>,
@@ -360,7 +362,7 @@ fn parse_limit(q: &HashMap<String, String>, default: usize) -> Result<usize, Api
     }
 }
 
-pub async fn list(
+pub(crate) async fn list(
     caller: Result<Caller, ApiError>,
     raw_query: String,
     state: Arc<ApiState>,
@@ -383,7 +385,7 @@ pub async fn list(
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let jobs: Vec<_> = jobs
         .iter()
-        .map(|j| j.to_status(state.engine.queue_position(j.id)))
+        .map(|j| StatusResponse::from_job(j, state.engine.queue_position(j.id)))
         .collect();
     Ok(json_reply(
         &json!({"count": jobs.len(), "jobs": jobs}),
@@ -397,7 +399,7 @@ fn parse_job_id(raw: &str) -> Result<Uuid, ApiError> {
         .map_err(|_| ApiError::bad_request(format!("`{raw}` is not a job id (UUID)")))
 }
 
-pub async fn status(
+pub(crate) async fn status(
     raw_id: String,
     caller: Result<Caller, ApiError>,
     state: Arc<ApiState>,
@@ -411,12 +413,12 @@ pub async fn status(
         .map_err(|e| ApiError::internal(e.to_string()))?
         .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
     Ok(json_reply(
-        &job.to_status(state.engine.queue_position(id)),
+        &StatusResponse::from_job(&job, state.engine.queue_position(id)),
         StatusCode::OK,
     ))
 }
 
-pub async fn cancel(
+pub(crate) async fn cancel(
     raw_id: String,
     caller: Result<Caller, ApiError>,
     state: Arc<ApiState>,
@@ -442,7 +444,7 @@ pub async fn cancel(
     }
 }
 
-pub async fn cache_list(
+pub(crate) async fn cache_list(
     caller: Result<Caller, ApiError>,
     raw_query: String,
     state: Arc<ApiState>,
@@ -456,7 +458,7 @@ pub async fn cache_list(
             .parse::<usize>()
             .map_err(|_| ApiError::bad_request("offset must be a non-negative integer"))?,
     };
-    let cache = &state.engine.context().cache;
+    let cache = &state.cache;
     let entries = cache.entries();
     let total = entries.len();
     let images: Vec<_> = entries
@@ -486,7 +488,7 @@ pub async fn cache_list(
     ))
 }
 
-pub async fn cache_delete(
+pub(crate) async fn cache_delete(
     key: String,
     caller: Result<Caller, ApiError>,
     state: Arc<ApiState>,
@@ -501,7 +503,7 @@ pub async fn cache_delete(
             "cache key must be 64 lowercase hex digits",
         ));
     }
-    let cache = &state.engine.context().cache;
+    let cache = &state.cache;
     match cache.remove(&key) {
         Ok(_) => {
             tracing::info!(
@@ -524,14 +526,17 @@ pub async fn cache_delete(
     }
 }
 
-pub async fn volume_delete(
+pub(crate) async fn volume_delete(
     name: String,
     caller: Result<Caller, ApiError>,
     state: Arc<ApiState>,
 ) -> Result<Response, ApiError> {
     let caller = caller?;
-    let name = percent_decoded(&name)?;
-    let volumes = &state.engine.context().volumes;
+    let name = percent_encoding::percent_decode_str(&name)
+        .decode_utf8()
+        .map_err(|_| ApiError::bad_request("volume name is not UTF-8 once decoded"))?
+        .into_owned();
+    let volumes = &state.volumes;
     volume::validate_volume_name(&name)
         .and_then(|_| volumes.validate_name(&name))
         .map_err(ApiError::bad_request)?;
@@ -564,16 +569,9 @@ pub async fn volume_delete(
     ))
 }
 
-fn percent_decoded(s: &str) -> Result<String, ApiError> {
-    url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .ok_or_else(|| ApiError::bad_request("bad volume name"))
-}
-
 /// `GET /api/v1/config`: the effective configuration (secrets redacted), the last reload and
 /// the changed keys that wait for a restart.
-pub async fn config(
+pub(crate) async fn config(
     caller: Result<Caller, ApiError>,
     state: Arc<ApiState>,
 ) -> Result<Response, ApiError> {

@@ -175,7 +175,7 @@ fn check_secret_files(settings: &Settings) -> Result<(), ConfigError> {
 
 /// A secret file setting: an absolute path, or a name looked up in systemd's
 /// `$CREDENTIALS_DIRECTORY` (`LoadCredential=`) when that is set, else relative to the cwd.
-pub fn resolve_credential(value: &str) -> PathBuf {
+pub(crate) fn resolve_credential(value: &str) -> PathBuf {
     let path = Path::new(value);
     if path.is_absolute() {
         return path.to_path_buf();

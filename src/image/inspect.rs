@@ -8,11 +8,11 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::jobs::model::ImageType;
+use crate::image::ImageType;
 
 pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 /// Largest header area read: one cluster at the largest accepted cluster size (2 MiB).
-pub const MAX_HEADER_READ: usize = 1 << 21;
+pub(crate) const MAX_HEADER_READ: usize = 1 << 21;
 /// QEMU's own limit of the L1 table (QCOW_MAX_L1_SIZE).
 const MAX_L1_BYTES: u64 = 32 << 20;
 /// QEMU's own limit of the refcount table (QCOW_MAX_REFTABLE_SIZE).
@@ -66,7 +66,7 @@ pub enum InspectError {
 
 impl InspectError {
     /// Short label for metrics (`image_errors_total{error_type}`).
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             InspectError::Truncated { .. } => "truncated",
             InspectError::Version(_) => "unsupported_version",
@@ -304,7 +304,10 @@ fn check_extensions(
 }
 
 /// Checks the detected format against what the request declared.
-pub fn check_requested(found: &Inspection, requested: ImageType) -> Result<(), InspectError> {
+pub(crate) fn check_requested(
+    found: &Inspection,
+    requested: ImageType,
+) -> Result<(), InspectError> {
     if found.format != requested {
         return Err(InspectError::FormatMismatch {
             requested,
@@ -315,7 +318,7 @@ pub fn check_requested(found: &Inspection, requested: ImageType) -> Result<(), I
 }
 
 /// Inspects an image file (reads at most `MAX_HEADER_READ` bytes; blocking).
-pub fn inspect_file(path: &Path) -> Result<Inspection, InspectError> {
+pub(crate) fn inspect_file(path: &Path) -> Result<Inspection, InspectError> {
     let file = std::fs::File::open(path).map_err(|e| InspectError::Io(e.to_string()))?;
     let len = file
         .metadata()

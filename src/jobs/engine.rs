@@ -13,14 +13,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::model::{Job, JobKind, JobSpec, JobStatus, VolumeOwnership};
+use super::model::{Job, JobKind, JobSpec, JobStatus};
 use super::runner::{self, RunContext};
 use super::store::{Store, StoreError};
 use crate::telemetry::metrics::metrics;
 
 /// Why a running job is being stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopReason {
+pub(crate) enum StopReason {
     Cancelled,
     TimedOut,
     Shutdown,
@@ -28,7 +28,7 @@ pub enum StopReason {
 
 /// A refused submission.
 #[derive(Debug, thiserror::Error)]
-pub enum SubmitError {
+pub(crate) enum SubmitError {
     #[error("volume {volume} is busy with job {job}")]
     VolumeBusy { volume: String, job: Uuid },
     #[error("{0}")]
@@ -39,13 +39,11 @@ pub enum SubmitError {
     ShuttingDown,
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("{0}")]
-    Internal(String),
 }
 
 /// A refused cancellation.
 #[derive(Debug, thiserror::Error)]
-pub enum CancelError {
+pub(crate) enum CancelError {
     #[error("job {0} not found")]
     NotFound(Uuid),
     #[error("cannot cancel job in '{0}' status")]
@@ -56,9 +54,9 @@ pub enum CancelError {
 
 /// Who submitted a job and in which trace.
 #[derive(Debug, Clone, Default)]
-pub struct Origin {
-    pub requested_by: Option<String>,
-    pub trace_context: BTreeMap<String, String>,
+pub(crate) struct Origin {
+    pub(crate) requested_by: Option<String>,
+    pub(crate) trace_context: BTreeMap<String, String>,
 }
 
 struct Running {
@@ -81,7 +79,7 @@ struct State {
 
 /// Handle to the engine (cheap to clone).
 #[derive(Clone)]
-pub struct Engine {
+pub(crate) struct Engine {
     inner: Arc<Inner>,
 }
 
@@ -94,7 +92,7 @@ struct Inner {
 
 impl Engine {
     /// Starts the engine: recovers jobs left by a previous run, then starts queued ones.
-    pub async fn start(store: Store, ctx: Arc<RunContext>) -> Result<Engine, StoreError> {
+    pub(crate) async fn start(store: Store, ctx: Arc<RunContext>) -> Result<Engine, StoreError> {
         let settings = ctx.settings.current();
         let engine = Engine {
             inner: Arc::new(Inner {
@@ -116,12 +114,8 @@ impl Engine {
         Ok(engine)
     }
 
-    pub fn store(&self) -> &Store {
+    pub(crate) fn store(&self) -> &Store {
         &self.inner.store
-    }
-
-    pub fn context(&self) -> &Arc<RunContext> {
-        &self.inner.ctx
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -164,7 +158,7 @@ impl Engine {
     }
 
     /// Accepts a job: checks the volume lock and queue capacity, stores it durably, queues it.
-    pub async fn submit(
+    pub(crate) async fn submit(
         &self,
         kind: JobKind,
         spec: JobSpec,
@@ -345,7 +339,7 @@ impl Engine {
                 cancel.cancel();
             })
         };
-        let mut handle = runner::JobHandle::new(store.clone(), job, &self.inner.ctx);
+        let mut handle = runner::JobHandle::new(store.clone(), job);
         let outcome = runner::execute(&self.inner.ctx, &mut handle, &cancel).await;
         timer.abort();
         let mut job = handle.into_job();
@@ -414,7 +408,7 @@ impl Engine {
 
     /// Cancels a job: a pending one at once; a running one is stopped, rolled back, and this
     /// returns once it is terminal (or after `wait`).
-    pub async fn cancel(&self, id: Uuid, wait: Duration) -> Result<Job, CancelError> {
+    pub(crate) async fn cancel(&self, id: Uuid, wait: Duration) -> Result<Job, CancelError> {
         let running_done = {
             let mut st = self.state();
             if let Some(pos) = st.queue.iter().position(|j| *j == id) {
@@ -472,7 +466,7 @@ impl Engine {
     }
 
     /// 1-based position of a pending job in the queue.
-    pub fn queue_position(&self, id: Uuid) -> Option<usize> {
+    pub(crate) fn queue_position(&self, id: Uuid) -> Option<usize> {
         let st = self.state();
         st.queue
             .iter()
@@ -482,19 +476,24 @@ impl Engine {
     }
 
     /// Whether a volume is held by a pending or running job.
-    pub fn volume_busy(&self, name: &str) -> Option<Uuid> {
+    pub(crate) fn volume_busy(&self, name: &str) -> Option<Uuid> {
         self.state().volumes.get(name).copied()
     }
 
     /// Running jobs and slots.
-    pub fn load(&self) -> (usize, usize) {
+    pub(crate) fn load(&self) -> (usize, usize) {
         let st = self.state();
         (st.running.len(), st.max_concurrent)
     }
 
     /// Applies new limits (hot reload): more slots start queued jobs at once; fewer let
     /// running jobs finish.
-    pub fn set_limits(&self, max_concurrent: usize, queue_capacity: usize, timeout: Duration) {
+    pub(crate) fn set_limits(
+        &self,
+        max_concurrent: usize,
+        queue_capacity: usize,
+        timeout: Duration,
+    ) {
         *self
             .inner
             .job_timeout
@@ -507,7 +506,7 @@ impl Engine {
     }
 
     /// Removes finished jobs older than `retention`; never pending or running ones.
-    pub fn prune(&self, retention: Duration) -> Result<usize, StoreError> {
+    pub(crate) fn prune(&self, retention: Duration) -> Result<usize, StoreError> {
         let cutoff =
             Utc::now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
         self.inner.store.prune_finished(cutoff)
@@ -515,7 +514,7 @@ impl Engine {
 
     /// Stops accepting work; gives running jobs `grace` to finish, then stops and rolls them
     /// back. Pending jobs stay stored and run at the next start.
-    pub async fn shutdown(&self, grace: Duration) {
+    pub(crate) async fn shutdown(&self, grace: Duration) {
         let waits: Vec<watch::Receiver<bool>> = {
             let mut st = self.state();
             st.accepting = false;
@@ -548,7 +547,11 @@ impl Engine {
     }
 
     /// Periodic retention pruning.
-    pub fn spawn_pruner(&self, every: Duration, retention: impl Fn() -> Duration + Send + 'static) {
+    pub(crate) fn spawn_pruner(
+        &self,
+        every: Duration,
+        retention: impl Fn() -> Duration + Send + 'static,
+    ) {
         let engine = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -562,12 +565,4 @@ impl Engine {
             }
         });
     }
-}
-
-/// Whether a job's volume was made by the job (rollback may remove it).
-pub fn owns_volume(job: &Job) -> bool {
-    matches!(
-        job.volume_ownership,
-        VolumeOwnership::Creating | VolumeOwnership::Created
-    )
 }

@@ -24,17 +24,17 @@ use crate::volume::{self, VolumeBackend, VolumeInfo};
 const PROGRESS_PERSIST_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Everything jobs use.
-pub struct RunContext {
+pub(crate) struct RunContext {
     /// The current settings (hot reload replaces them; a running job keeps what it read).
-    pub settings: LiveSettings,
-    pub cache: Arc<ImageCache>,
-    pub volumes: Arc<dyn VolumeBackend>,
-    pub libvirt: crate::volume::libvirt::PoolRefresher,
+    pub(crate) settings: LiveSettings,
+    pub(crate) cache: Arc<ImageCache>,
+    pub(crate) volumes: Arc<dyn VolumeBackend>,
+    pub(crate) libvirt: crate::volume::libvirt::PoolRefresher,
 }
 
 /// A running job's record plus its progress tracker; persists progress (throttled) and state
 /// that matters for recovery (volume ownership) durably.
-pub struct JobHandle {
+pub(crate) struct JobHandle {
     store: Store,
     job: Job,
     tracker: ProgressTracker,
@@ -42,7 +42,7 @@ pub struct JobHandle {
 }
 
 impl JobHandle {
-    pub fn new(store: Store, job: Job, _ctx: &RunContext) -> JobHandle {
+    pub(crate) fn new(store: Store, job: Job) -> JobHandle {
         let download = store.stage_samples("download").unwrap_or_default();
         let convert = store.stage_samples("convert").unwrap_or_default();
         let with_convert = job.kind == JobKind::Provision;
@@ -58,13 +58,9 @@ impl JobHandle {
         }
     }
 
-    pub fn into_job(mut self) -> Job {
+    pub(crate) fn into_job(mut self) -> Job {
         self.job.progress = self.tracker.progress().clone();
         self.job
-    }
-
-    pub fn job(&self) -> &Job {
-        &self.job
     }
 
     /// Copies the tracker into the job and writes it if enough time passed (or `force`).
@@ -111,7 +107,7 @@ type StepResult<T> = Result<T, String>;
 
 /// Runs the job's steps. Returns when done, failed, or stopped through `cancel` (child
 /// processes are gone by then).
-pub async fn execute(
+pub(crate) async fn execute(
     ctx: &RunContext,
     h: &mut JobHandle,
     cancel: &CancellationToken,
@@ -386,8 +382,8 @@ async fn prepare_volume(
 }
 
 /// Removes the job's volume if (and only if) the job created it.
-pub async fn rollback(ctx: &RunContext, job: &Job) -> Result<(), String> {
-    if !super::engine::owns_volume(job) {
+pub(crate) async fn rollback(ctx: &RunContext, job: &Job) -> Result<(), String> {
+    if !job.owns_volume() {
         return Ok(());
     }
     let Some(name) = &job.spec.volume_name else {
@@ -406,7 +402,7 @@ pub async fn rollback(ctx: &RunContext, job: &Job) -> Result<(), String> {
 }
 
 /// Submission-time check: an existing volume of this name must be reusable (else 409).
-pub async fn check_volume_usable(ctx: &RunContext, spec: &JobSpec) -> Result<(), String> {
+pub(crate) async fn check_volume_usable(ctx: &RunContext, spec: &JobSpec) -> Result<(), String> {
     let (Some(name), Some(gb)) = (&spec.volume_name, spec.volume_size_gb) else {
         return Ok(());
     };

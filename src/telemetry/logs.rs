@@ -23,20 +23,20 @@ use crate::config::{LogFormat, LogSettings};
 const CARRIED_FIELDS: &[&str] = &["job_id", "correlation_id", "volume_name"];
 
 /// The trace layer (OpenTelemetry), first on the registry.
-pub type TraceLayer =
+pub(crate) type TraceLayer =
     tracing_opentelemetry::OpenTelemetryLayer<Registry, opentelemetry_sdk::trace::Tracer>;
 type WithTrace = Layered<Option<TraceLayer>, Registry>;
 
 /// Live control of logging (hot reload).
 #[derive(Clone)]
-pub struct LogControl {
+pub(crate) struct LogControl {
     filter: reload::Handle<EnvFilter, WithTrace>,
     json: Arc<AtomicBool>,
 }
 
 impl LogControl {
     /// Applies a new level/format; returns an error for an invalid filter.
-    pub fn apply(&self, log: &LogSettings) -> Result<(), String> {
+    pub(crate) fn apply(&self, log: &LogSettings) -> Result<(), String> {
         let filter = build_filter(&log.level)?;
         self.filter.reload(filter).map_err(|e| e.to_string())?;
         self.json
@@ -58,7 +58,10 @@ fn build_filter(level: &str) -> Result<EnvFilter, String> {
 
 /// Installs the global subscriber: trace layer, level filter, field capture, formatter
 /// (to stderr, which journald collects).
-pub fn init(log: &LogSettings, trace_layer: Option<TraceLayer>) -> Result<LogControl, String> {
+pub(crate) fn init(
+    log: &LogSettings,
+    trace_layer: Option<TraceLayer>,
+) -> Result<LogControl, String> {
     let (filter, handle) = reload::Layer::new(build_filter(&log.level)?);
     let json = Arc::new(AtomicBool::new(log.format == LogFormat::Json));
     let fmt = tracing_subscriber::fmt::layer()
@@ -101,7 +104,7 @@ impl Visit for Carried {
 }
 
 /// Layer that keeps the carried fields of each span in its extensions.
-pub struct FieldCapture;
+pub(crate) struct FieldCapture;
 
 impl<S> Layer<S> for FieldCapture
 where
@@ -197,7 +200,7 @@ fn component(target: &str) -> &str {
 }
 
 /// The monitoring spec's line formats.
-pub struct SpecFormat {
+pub(crate) struct SpecFormat {
     json: Arc<AtomicBool>,
 }
 

@@ -88,25 +88,24 @@ impl<E: SpanExporter + 'static> SpanExporter for RuntimeExporter<E> {
 
 /// The live sampling ratio of new traces.
 #[derive(Debug, Clone)]
-pub struct SamplingRatio(Arc<AtomicU64>);
+pub(crate) struct SamplingRatio(Arc<AtomicU64>);
 
 impl SamplingRatio {
-    pub fn set(&self, ratio: f64) {
+    pub(crate) fn set(&self, ratio: f64) {
         self.0.store(ratio.to_bits(), Ordering::Relaxed);
     }
 }
 
 /// The tracer provider and what it needs to live.
-pub struct Tracing {
+pub(crate) struct Tracing {
     provider: SdkTracerProvider,
     ratio: Arc<AtomicU64>,
     runtime: Option<tokio::runtime::Runtime>,
-    pub exporting: bool,
 }
 
 impl Tracing {
     /// Builds the provider (with the OTLP exporter when configured) and the tracing layer.
-    pub fn init(settings: &TelemetrySettings) -> anyhow::Result<(Tracing, TraceLayer)> {
+    pub(crate) fn init(settings: &TelemetrySettings) -> anyhow::Result<(Tracing, TraceLayer)> {
         let ratio = Arc::new(AtomicU64::new(settings.sampling_ratio.to_bits()));
         let resource = Resource::builder()
             .with_service_name(settings.service_name.clone())
@@ -159,7 +158,6 @@ impl Tracing {
             Tracing {
                 provider,
                 ratio,
-                exporting: runtime.is_some(),
                 runtime,
             },
             layer,
@@ -167,13 +165,13 @@ impl Tracing {
     }
 
     /// A handle that changes the share of new traces sampled (hot reload).
-    pub fn sampling(&self) -> SamplingRatio {
+    pub(crate) fn sampling(&self) -> SamplingRatio {
         SamplingRatio(self.ratio.clone())
     }
 
     /// Exports what is buffered and stops. Runs on a plain thread: the provider blocks while
     /// the export runtime finishes, and a runtime must not be dropped inside async code.
-    pub fn shutdown(self) {
+    pub(crate) fn shutdown(self) {
         let Tracing {
             provider, runtime, ..
         } = self;

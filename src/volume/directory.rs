@@ -9,13 +9,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::{VolumeBackend, VolumeError, VolumeInfo};
 
-pub struct DirectoryBackend {
+pub(crate) struct DirectoryBackend {
     dir: PathBuf,
 }
 
 impl DirectoryBackend {
     /// Uses (and creates) `dir`.
-    pub fn new(dir: &Path) -> Result<DirectoryBackend, VolumeError> {
+    pub(crate) fn new(dir: &Path) -> Result<DirectoryBackend, VolumeError> {
         std::fs::create_dir_all(dir).map_err(|e| VolumeError::io(dir, e))?;
         let dir = dir.canonicalize().map_err(|e| VolumeError::io(dir, e))?;
         Ok(DirectoryBackend { dir })
@@ -24,10 +24,6 @@ impl DirectoryBackend {
 
 #[async_trait]
 impl VolumeBackend for DirectoryBackend {
-    fn kind(&self) -> &'static str {
-        "directory"
-    }
-
     fn volume_path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }

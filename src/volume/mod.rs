@@ -1,35 +1,32 @@
 //! Volume backends: the trait LVM and directory volumes implement, the name rules of the API
 //! contract, the shared reuse rule, and selecting the configured backend.
 
-pub mod directory;
-pub mod libvirt;
-pub mod lvm;
+pub(crate) mod directory;
+pub(crate) mod libvirt;
+pub(crate) mod lvm;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Settings, VolumeBackendKind};
-
-pub const GIB: u64 = 1 << 30;
+pub(crate) const GIB: u64 = 1 << 30;
 /// An existing volume is reused when its size is within this fraction of the request.
-pub const REUSE_TOLERANCE: f64 = 0.05;
+pub(crate) const REUSE_TOLERANCE: f64 = 0.05;
 
 /// What a backend knows about an existing volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VolumeInfo {
-    pub name: String,
+pub(crate) struct VolumeInfo {
+    pub(crate) name: String,
     /// Path the volume is written through (`/dev/<vg>/<name>` or a file).
-    pub path: PathBuf,
-    pub size_bytes: u64,
+    pub(crate) path: PathBuf,
+    pub(crate) size_bytes: u64,
     /// Why this volume can never be reused (open by a VM, a snapshot, not a regular file...).
-    pub reuse_blocker: Option<String>,
+    pub(crate) reuse_blocker: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum VolumeError {
+pub(crate) enum VolumeError {
     #[error("invalid volume name: {0}")]
     InvalidName(String),
     /// The volume exists and cannot be used for this request (API: 409).
@@ -37,8 +34,12 @@ pub enum VolumeError {
     Conflict(String),
     #[error("not enough space for volume: need {need} bytes, have {have} bytes in {place}")]
     InsufficientSpace { need: u64, have: u64, place: String },
-    #[error("{command} failed: {detail}")]
-    Command { command: String, detail: String },
+    /// An LVM command failed, timed out or could not start.
+    #[error(transparent)]
+    Command(#[from] crate::command::CommandError),
+    /// An LVM command succeeded but its report is not what was expected.
+    #[error("{command}: {detail}")]
+    Report { command: String, detail: String },
     #[error("volume I/O on {path}: {source}")]
     Io {
         path: PathBuf,
@@ -47,7 +48,7 @@ pub enum VolumeError {
 }
 
 impl VolumeError {
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> VolumeError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> VolumeError {
         VolumeError::Io {
             path: path.into(),
             source,
@@ -57,10 +58,7 @@ impl VolumeError {
 
 /// A place volumes live in. Every method is safe to call for any validated name.
 #[async_trait]
-pub trait VolumeBackend: Send + Sync {
-    /// `lvm` or `directory`.
-    fn kind(&self) -> &'static str;
-
+pub(crate) trait VolumeBackend: Send + Sync {
     /// Backend-specific name rules on top of the contract's (e.g. LVM's reserved names).
     fn validate_name(&self, _name: &str) -> Result<(), String> {
         Ok(())
@@ -108,22 +106,9 @@ pub trait VolumeBackend: Send + Sync {
     async fn probe(&self) -> Result<(), VolumeError>;
 }
 
-/// The backend the settings select.
-pub fn backend_from_settings(settings: &Settings) -> Result<Arc<dyn VolumeBackend>, VolumeError> {
-    match settings.volumes.backend {
-        VolumeBackendKind::Directory => Ok(Arc::new(directory::DirectoryBackend::new(
-            &settings.volumes.directory.path,
-        )?)),
-        VolumeBackendKind::Lvm => Ok(Arc::new(lvm::LvmBackend::new(
-            &settings.volumes.lvm.volume_group,
-            settings.volumes.lvm.command_timeout,
-        )?)),
-    }
-}
-
 /// Volume name rules of the API contract: `[A-Za-z0-9+_.-]`, 1..=127 characters, not `.` or
 /// `..`, no leading `-`.
-pub fn validate_volume_name(name: &str) -> Result<(), String> {
+pub(crate) fn validate_volume_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 127 {
         return Err(format!(
             "volume_name must be 1 to 127 characters, got {}",
@@ -149,7 +134,7 @@ pub fn validate_volume_name(name: &str) -> Result<(), String> {
 
 /// LVM names (volume groups and logical volumes): the contract's rules plus LVM's reserved
 /// prefixes and suffixes.
-pub fn validate_lvm_name(name: &str) -> Result<(), String> {
+pub(crate) fn validate_lvm_name(name: &str) -> Result<(), String> {
     validate_volume_name(name)?;
     if name.starts_with("snapshot") || name.starts_with("pvmove") {
         return Err(format!(
@@ -170,12 +155,12 @@ pub fn validate_lvm_name(name: &str) -> Result<(), String> {
 }
 
 /// Bytes of a request in GiB.
-pub fn gib_to_bytes(gib: u64) -> Option<u64> {
+pub(crate) fn gib_to_bytes(gib: u64) -> Option<u64> {
     gib.checked_mul(GIB)
 }
 
 /// The reuse rule shared by every backend: within 5% of the requested size and not blocked.
-pub fn check_reusable(volume: &VolumeInfo, requested_bytes: u64) -> Result<(), VolumeError> {
+pub(crate) fn check_reusable(volume: &VolumeInfo, requested_bytes: u64) -> Result<(), VolumeError> {
     if let Some(reason) = &volume.reuse_blocker {
         return Err(VolumeError::Conflict(format!(
             "volume {} exists and cannot be reused: {reason}",
