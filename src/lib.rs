@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::auth::Authenticator;
 use crate::api::server::{self, Plain, ServerLimits, Transport};
 use crate::api::tls::TlsTransport;
-use crate::config::{ConfigSource, LiveSettings, Settings, VolumeBackendKind};
+use crate::config::{ConfigSource, LiveSettings, LogFormat, Settings, VolumeBackendKind};
 use crate::image::cache::ImageCache;
 use crate::image::source::SourceClients;
 use crate::jobs::engine::Engine;
@@ -41,10 +41,14 @@ pub async fn serve(source: ConfigSource) -> anyhow::Result<()> {
     let settings = config::load(&source)?;
     // object_store brings rustls' aws-lc-rs provider; make it the process default once.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let (traces, trace_layer) = telemetry::traces::Tracing::init(&settings.telemetry)
+    let (traces, trace_layer) = telemetry::traces::Tracing::init(&trace_export(&settings))
         .map_err(|e| anyhow::anyhow!("tracing: {e:#}"))?;
-    let log_control = telemetry::logs::init(&settings.log, Some(trace_layer))
-        .map_err(|e| anyhow::anyhow!("logging: {e}"))?;
+    let log_control = telemetry::logs::init(
+        &settings.log.level,
+        settings.log.format == LogFormat::Json,
+        Some(trace_layer),
+    )
+    .map_err(|e| anyhow::anyhow!("logging: {e}"))?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         config = %source.path.display(),
@@ -63,6 +67,17 @@ pub async fn serve(source: ConfigSource) -> anyhow::Result<()> {
     // Spans still buffered are exported before the runtime ends.
     traces.shutdown();
     result
+}
+
+/// Trace export as `telemetry.*` asks for it.
+fn trace_export(settings: &Settings) -> telemetry::traces::TraceExport {
+    let t = &settings.telemetry;
+    telemetry::traces::TraceExport {
+        endpoint: t.otlp_endpoint.clone(),
+        service_name: t.service_name.clone(),
+        sampling_ratio: t.sampling_ratio,
+        ca_file: (!t.otlp_ca_file.is_empty()).then(|| config::resolve_credential(&t.otlp_ca_file)),
+    }
 }
 
 /// Checks what `serve` would build from the security settings (certificate, key, client CA and
@@ -158,7 +173,11 @@ impl config::reload::LiveTarget for LiveComponents {
             }
             return Err(e);
         }
-        if let Err(e) = self.controls.log.apply(&new.log) {
+        if let Err(e) = self
+            .controls
+            .log
+            .apply(&new.log.level, new.log.format == LogFormat::Json)
+        {
             let _ = self.auth.reload(old);
             if let Some(tls) = &self.tls {
                 let _ = tls.reload(&old.tls);

@@ -17,8 +17,6 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
-use crate::config::{LogFormat, LogSettings};
-
 /// Span fields copied onto every log line written inside the span.
 const CARRIED_FIELDS: &[&str] = &["job_id", "correlation_id", "volume_name"];
 
@@ -35,12 +33,12 @@ pub(crate) struct LogControl {
 }
 
 impl LogControl {
-    /// Applies a new level/format; returns an error for an invalid filter.
-    pub(crate) fn apply(&self, log: &LogSettings) -> Result<(), String> {
-        let filter = build_filter(&log.level)?;
+    /// Applies a new level (`log.level`) and format (`json` or text); returns an error for
+    /// an invalid filter.
+    pub(crate) fn apply(&self, level: &str, json: bool) -> Result<(), String> {
+        let filter = build_filter(level)?;
         self.filter.reload(filter).map_err(|e| e.to_string())?;
-        self.json
-            .store(log.format == LogFormat::Json, Ordering::Relaxed);
+        self.json.store(json, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -59,11 +57,12 @@ fn build_filter(level: &str) -> Result<EnvFilter, String> {
 /// Installs the global subscriber: trace layer, level filter, field capture, formatter
 /// (to stderr, which journald collects).
 pub(crate) fn init(
-    log: &LogSettings,
+    level: &str,
+    json: bool,
     trace_layer: Option<TraceLayer>,
 ) -> Result<LogControl, String> {
-    let (filter, handle) = reload::Layer::new(build_filter(&log.level)?);
-    let json = Arc::new(AtomicBool::new(log.format == LogFormat::Json));
+    let (filter, handle) = reload::Layer::new(build_filter(level)?);
+    let json = Arc::new(AtomicBool::new(json));
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .event_format(SpecFormat { json: json.clone() });
