@@ -39,6 +39,7 @@ const CACHE_EVICT_INTERVAL: Duration = Duration::from_secs(600);
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn serve(source: ConfigSource) -> anyhow::Result<()> {
     let settings = config::load(&source)?;
+    preset_metric_labels();
     // object_store brings rustls' aws-lc-rs provider; make it the process default once.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let (traces, trace_layer) = telemetry::traces::Tracing::init(&trace_export(&settings))
@@ -98,6 +99,28 @@ fn security_from_settings(
     };
     let auth = Authenticator::new(settings).map_err(anyhow::Error::msg)?;
     Ok((tls, auth))
+}
+
+/// Creates the series of labelled counters whose label values are known, so that `rate()`
+/// and alerts work from the first scrape (they would otherwise appear only at the first event).
+fn preset_metric_labels() {
+    let m = telemetry::metrics::metrics();
+    for reason in api::auth::FAILURE_REASONS {
+        m.auth_failures_total.with_label_values(&[reason]);
+    }
+    for reason in image::cache::EvictReason::ALL {
+        m.cache_evictions_total
+            .with_label_values(&[reason.as_str()]);
+    }
+    for kind in image::inspect::InspectError::KINDS {
+        m.image_errors_total.with_label_values(&["download", kind]);
+    }
+    for kind in ["format_mismatch", "too_large"] {
+        m.image_errors_total.with_label_values(&["inspect", kind]);
+    }
+    m.image_errors_total
+        .with_label_values(&["convert", "qemu_img"]);
+    m.qemu_img_invocations_total.with_label_values(&["convert"]);
 }
 
 /// The volume backend the settings select.

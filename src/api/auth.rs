@@ -194,6 +194,17 @@ fn parse_tokens(path: &Path, text: &str) -> Result<Vec<TokenEntry>, String> {
     Ok(entries)
 }
 
+/// Every `auth_failures_total{reason}` label, here and in the TLS transport (so the series
+/// exist from the start).
+pub(crate) const FAILURE_REASONS: [&str; 6] = [
+    "malformed_credentials",
+    "invalid_token",
+    "client_not_allowed",
+    "missing_credentials",
+    "no_client_certificate",
+    "invalid_client_certificate",
+];
+
 /// A refused call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct AuthFailure {

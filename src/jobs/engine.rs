@@ -13,10 +13,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use super::error::JobError;
+use super::handle::JobHandle;
 use super::model::{Job, JobKind, JobSpec, JobStatus};
 use super::runner::{self, RunContext};
 use super::store::{Store, StoreError};
 use crate::telemetry::metrics::metrics;
+use crate::volume::VolumeError;
 
 /// Why a running job is being stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,13 +29,35 @@ pub(crate) enum StopReason {
     Shutdown,
 }
 
+/// What holds a volume name, so that no second job (or deletion) uses it meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Holder {
+    /// A submission that is being stored.
+    Submitting,
+    /// A pending or running job.
+    Job(Uuid),
+    /// `DELETE /api/v1/volumes/{name}` is removing it.
+    Deleting,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Holder::Submitting => f.write_str("a job being submitted"),
+            Holder::Job(id) => write!(f, "job {id}"),
+            Holder::Deleting => f.write_str("its deletion"),
+        }
+    }
+}
+
 /// A refused submission.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SubmitError {
-    #[error("volume {volume} is busy with job {job}")]
-    VolumeBusy { volume: String, job: Uuid },
-    #[error("{0}")]
-    VolumeUnusable(String),
+    #[error("volume {volume} is busy with {holder}")]
+    VolumeBusy { volume: String, holder: Holder },
+    /// The volume exists and cannot be reused for this request.
+    #[error(transparent)]
+    VolumeUnusable(VolumeError),
     #[error("job queue is full ({0} jobs waiting)")]
     QueueFull(usize),
     #[error("the daemon is shutting down")]
@@ -65,13 +90,14 @@ struct Running {
     done: watch::Receiver<bool>,
 }
 
-struct State {
+/// The engine's mutable state, behind one lock.
+pub(super) struct State {
     queue: VecDeque<Uuid>,
     /// Jobs accepted but not yet stored; they count against the queue capacity.
     reserved: usize,
     running: HashMap<Uuid, Running>,
-    /// Volume names held by pending or running jobs.
-    volumes: HashMap<String, Uuid>,
+    /// Volume names held by submissions, pending or running jobs and deletions.
+    pub(super) volumes: HashMap<String, Holder>,
     max_concurrent: usize,
     queue_capacity: usize,
     accepting: bool,
@@ -83,6 +109,7 @@ pub(crate) struct Engine {
     inner: Arc<Inner>,
 }
 
+/// What every clone of the engine shares.
 struct Inner {
     store: Store,
     ctx: Arc<RunContext>,
@@ -118,7 +145,11 @@ impl Engine {
         &self.inner.store
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+    pub(super) fn context(&self) -> &RunContext {
+        &self.inner.ctx
+    }
+
+    pub(super) fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -128,11 +159,14 @@ impl Engine {
         for mut job in self.inner.store.all_jobs()? {
             match job.status {
                 JobStatus::Running => {
-                    let rollback = runner::rollback(&self.inner.ctx, &job).await;
-                    let mut reason = "interrupted by daemon restart".to_string();
-                    if let Err(e) = rollback {
-                        reason.push_str(&format!("; rollback failed: {e}"));
+                    let reason = match runner::rollback(&self.inner.ctx, &job).await {
+                        Ok(()) => JobError::Restarted,
+                        Err(rollback) => JobError::RollbackFailed {
+                            error: Box::new(JobError::Restarted),
+                            rollback,
+                        },
                     }
+                    .to_string();
                     tracing::warn!(job_id = %job.id, %reason, "recovering interrupted job");
                     job.transition(JobStatus::Failed, Some(reason), Utc::now())
                         .expect("running -> failed is allowed");
@@ -142,7 +176,7 @@ impl Engine {
                 JobStatus::Pending => {
                     let mut st = self.state();
                     if let Some(v) = &job.spec.volume_name {
-                        st.volumes.insert(v.clone(), job.id);
+                        st.volumes.insert(v.clone(), Holder::Job(job.id));
                     }
                     st.queue.push_back(job.id);
                 }
@@ -165,18 +199,17 @@ impl Engine {
         origin: Origin,
     ) -> Result<Job, SubmitError> {
         let volume = spec.volume_name.clone();
-        let placeholder = Uuid::new_v4();
         {
             let mut st = self.state();
             if !st.accepting {
                 return Err(SubmitError::ShuttingDown);
             }
             if let Some(v) = &volume
-                && let Some(job) = st.volumes.get(v)
+                && let Some(holder) = st.volumes.get(v)
             {
                 return Err(SubmitError::VolumeBusy {
                     volume: v.clone(),
-                    job: *job,
+                    holder: *holder,
                 });
             }
             let in_system = st.running.len() + st.queue.len() + st.reserved;
@@ -185,7 +218,7 @@ impl Engine {
             }
             st.reserved += 1;
             if let Some(v) = &volume {
-                st.volumes.insert(v.clone(), placeholder);
+                st.volumes.insert(v.clone(), Holder::Submitting);
             }
         }
         let result = self.store_new(kind, spec, origin).await;
@@ -194,7 +227,7 @@ impl Engine {
         match result {
             Ok(job) => {
                 if let Some(v) = &volume {
-                    st.volumes.insert(v.clone(), job.id);
+                    st.volumes.insert(v.clone(), Holder::Job(job.id));
                 }
                 st.queue.push_back(job.id);
                 metrics().queued_jobs.set(st.queue.len() as i64);
@@ -304,7 +337,7 @@ impl Engine {
         }
         let mut st = self.state();
         st.running.remove(&id);
-        st.volumes.retain(|_, j| *j != id);
+        st.volumes.retain(|_, h| *h != Holder::Job(id));
         self.pump(&mut st);
     }
 
@@ -339,42 +372,27 @@ impl Engine {
                 cancel.cancel();
             })
         };
-        let mut handle = runner::JobHandle::new(store.clone(), job);
+        let mut handle = JobHandle::new(store.clone(), job, cancel.clone());
         let outcome = runner::execute(&self.inner.ctx, &mut handle, &cancel).await;
         timer.abort();
-        let mut job = handle.into_job();
+        let (mut job, store_error) = handle.finish();
 
         let stop = *reason.lock().unwrap_or_else(|e| e.into_inner());
-        let (status, error) = match (outcome, stop) {
-            (Ok(()), _) => (JobStatus::Completed, None),
-            (Err(_), Some(StopReason::Cancelled)) => (
-                JobStatus::Cancelled,
-                Some("cancelled by request".to_string()),
-            ),
-            (Err(_), Some(StopReason::TimedOut)) => (
-                JobStatus::Failed,
-                Some(format!(
-                    "timed out after {} (jobs.timeout)",
-                    humantime::format_duration(timeout)
-                )),
-            ),
-            (Err(_), Some(StopReason::Shutdown)) => (
-                JobStatus::Failed,
-                Some("interrupted by daemon shutdown".to_string()),
-            ),
-            (Err(e), None) => (JobStatus::Failed, Some(e)),
+        let (status, error) = match outcome {
+            Ok(()) => (JobStatus::Completed, None),
+            Err(e) => final_error(e, stop, store_error, timeout),
         };
-        let error = if status == JobStatus::Completed {
-            None
-        } else {
-            match runner::rollback(&self.inner.ctx, &job).await {
-                Ok(()) => error,
-                Err(e) => Some(format!(
-                    "{}; rollback failed: {e}",
-                    error.unwrap_or_default()
-                )),
-            }
+        let error = match error {
+            None => None,
+            Some(error) => match runner::rollback(&self.inner.ctx, &job).await {
+                Ok(()) => Some(error),
+                Err(rollback) => Some(JobError::RollbackFailed {
+                    error: Box::new(error),
+                    rollback,
+                }),
+            },
         };
+        let error = error.map(|e| e.to_string());
         if status != JobStatus::Completed {
             let span = tracing::Span::current();
             span.record("otel.status_code", "ERROR");
@@ -413,7 +431,7 @@ impl Engine {
             let mut st = self.state();
             if let Some(pos) = st.queue.iter().position(|j| *j == id) {
                 st.queue.remove(pos);
-                st.volumes.retain(|_, j| *j != id);
+                st.volumes.retain(|_, h| *h != Holder::Job(id));
                 metrics().queued_jobs.set(st.queue.len() as i64);
                 None
             } else if let Some(r) = st.running.get(&id) {
@@ -473,11 +491,6 @@ impl Engine {
             .position(|j| *j == id)
             .map(|p| p + 1)
             .or(Some(st.queue.len() + st.reserved))
-    }
-
-    /// Whether a volume is held by a pending or running job.
-    pub(crate) fn volume_busy(&self, name: &str) -> Option<Uuid> {
-        self.state().volumes.get(name).copied()
     }
 
     /// Running jobs and slots.
@@ -565,4 +578,24 @@ impl Engine {
             }
         });
     }
+}
+
+/// A failed job's status and error: the stop reason wins over what the step reported (a
+/// stopped step only says "stopped"), then a refused store write.
+fn final_error(
+    step: JobError,
+    stop: Option<StopReason>,
+    store_error: Option<StoreError>,
+    timeout: Duration,
+) -> (JobStatus, Option<JobError>) {
+    let error = match (stop, store_error) {
+        (Some(StopReason::Cancelled), _) => {
+            return (JobStatus::Cancelled, Some(JobError::Cancelled));
+        }
+        (Some(StopReason::TimedOut), _) => JobError::TimedOut(timeout),
+        (Some(StopReason::Shutdown), _) => JobError::Shutdown,
+        (None, Some(e)) => JobError::Store(e),
+        (None, None) => step,
+    };
+    (JobStatus::Failed, Some(error))
 }

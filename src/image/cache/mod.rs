@@ -7,6 +7,8 @@
 mod download;
 mod evict;
 
+pub(crate) use evict::EvictReason;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
