@@ -49,3 +49,142 @@ impl Engine {
         Ok(true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use async_trait::async_trait;
+    use tokio::sync::Notify;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::config::{LiveSettings, Settings};
+    use crate::image::ImageType;
+    use crate::image::cache::ImageCache;
+    use crate::image::source::SourceClients;
+    use crate::jobs::engine::{Origin, SubmitError};
+    use crate::jobs::model::{JobKind, JobSpec};
+    use crate::jobs::runner::RunContext;
+    use crate::jobs::store::Store;
+    use crate::volume::directory::DirectoryBackend;
+    use crate::volume::libvirt::PoolRefresher;
+    use crate::volume::{VolumeBackend, VolumeInfo};
+
+    /// A directory backend whose `remove` waits until the test lets it go: the only way to
+    /// hold a real removal open long enough to race a submission against it.
+    struct GatedRemoval {
+        inner: DirectoryBackend,
+        started: Notify,
+        release: Notify,
+    }
+
+    #[async_trait]
+    impl VolumeBackend for GatedRemoval {
+        fn volume_path(&self, name: &str) -> PathBuf {
+            self.inner.volume_path(name)
+        }
+        async fn inspect(&self, name: &str) -> Result<Option<VolumeInfo>, VolumeError> {
+            self.inner.inspect(name).await
+        }
+        async fn create(&self, n: &str, s: u64, o: &str) -> Result<VolumeInfo, VolumeError> {
+            self.inner.create(n, s, o).await
+        }
+        async fn prepare_overwrite(
+            &self,
+            v: &VolumeInfo,
+            i: u64,
+            c: &CancellationToken,
+        ) -> Result<(), VolumeError> {
+            self.inner.prepare_overwrite(v, i, c).await
+        }
+        async fn flush(&self, v: &VolumeInfo) -> Result<(), VolumeError> {
+            self.inner.flush(v).await
+        }
+        async fn remove(&self, name: &str) -> Result<(), VolumeError> {
+            self.started.notify_one();
+            self.release.notified().await;
+            self.inner.remove(name).await
+        }
+        async fn remove_created(&self, name: &str, owner: &str) -> Result<(), VolumeError> {
+            self.inner.remove_created(name, owner).await
+        }
+        async fn probe(&self) -> Result<(), VolumeError> {
+            self.inner.probe().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_submission_during_a_deletion_gets_the_lock_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = Settings::default();
+        settings.cache.dir = dir.path().join("cache");
+        settings.volumes.directory.path = dir.path().join("volumes");
+        settings.sources.file_roots = vec![dir.path().to_path_buf()];
+        let store = Store::open(&dir.path().join("state")).unwrap();
+        let sources = Arc::new(SourceClients::new(&settings).unwrap());
+        let cache = ImageCache::open(
+            &settings.cache.dir,
+            store.tree("cache").unwrap(),
+            sources,
+            &settings,
+        )
+        .unwrap();
+        let backend = Arc::new(GatedRemoval {
+            inner: DirectoryBackend::new(&settings.volumes.directory.path).unwrap(),
+            started: Notify::new(),
+            release: Notify::new(),
+        });
+        backend
+            .inner
+            .create("vm-1", 1 << 20, "someone")
+            .await
+            .unwrap();
+        let image = dir.path().join("i.raw");
+        std::fs::write(&image, vec![1u8; 4096]).unwrap();
+        let (_tx, live) = LiveSettings::new(settings);
+        let ctx = Arc::new(RunContext {
+            settings: live,
+            cache: Arc::new(cache),
+            volumes: backend.clone(),
+            libvirt: PoolRefresher::new("qemu:///system", ""),
+        });
+        let engine = Engine::start(store, ctx).await.unwrap();
+
+        let deleting = tokio::spawn({
+            let engine = engine.clone();
+            async move { engine.delete_volume("vm-1").await }
+        });
+        backend.started.notified().await;
+        let spec = JobSpec {
+            image_url: format!("file://{}", image.display()),
+            image_type: ImageType::Raw,
+            volume_name: Some("vm-1".into()),
+            volume_size_gb: Some(1),
+            correlation_id: None,
+        };
+        let refused = engine
+            .submit(JobKind::Provision, spec.clone(), Origin::default())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                SubmitError::VolumeBusy {
+                    holder: Holder::Deleting,
+                    ..
+                }
+            ),
+            "{refused}"
+        );
+        assert_eq!(refused.to_string(), "volume vm-1 is busy with its deletion");
+        backend.release.notify_one();
+        assert!(deleting.await.unwrap().unwrap(), "the volume existed");
+        // The lock is released with the deletion.
+        engine
+            .submit(JobKind::Provision, spec, Origin::default())
+            .await
+            .unwrap();
+    }
+}

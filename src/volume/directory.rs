@@ -237,13 +237,18 @@ fn processes_holding(path: &Path) -> Result<Vec<u32>, String> {
 /// one (no CAP_SYS_PTRACE); `None` when every process is visible.
 fn proc_hides_processes() -> Option<String> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let option = mountinfo
+    let option = hidepid_option(&mountinfo)?;
+    (!has_cap_sys_ptrace()).then_some(option)
+}
+
+/// The `hidepid=` option of the mount at /proc in a mountinfo text, unless it hides nothing.
+fn hidepid_option(mountinfo: &str) -> Option<String> {
+    mountinfo
         .lines()
         .filter(|line| line.split(' ').nth(4) == Some("/proc"))
         .flat_map(|line| line.split([' ', ',']))
-        .find(|opt| opt.starts_with("hidepid=") && !matches!(*opt, "hidepid=0" | "hidepid=off"))?
-        .to_string();
-    (!has_cap_sys_ptrace()).then_some(option)
+        .find(|opt| opt.starts_with("hidepid=") && !matches!(*opt, "hidepid=0" | "hidepid=off"))
+        .map(str::to_string)
 }
 
 /// Whether the effective capabilities include CAP_SYS_PTRACE (bit 19).
@@ -290,6 +295,25 @@ mod tests {
         b.remove("v1").await.unwrap();
         b.remove("v1").await.unwrap();
         assert!(b.inspect("v1").await.unwrap().is_none());
+    }
+
+    #[test]
+    fn hidden_processes_are_detected_from_the_proc_mount() {
+        // As systemd's ProtectProc=invisible mounts it, and as a plain host has it.
+        let hidden = "22 1 0:21 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw,hidepid=invisible\n";
+        let plain = "22 1 0:21 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw\n";
+        let old = "22 1 0:21 / /proc rw,relatime - proc proc rw,hidepid=2\n";
+        let off = "22 1 0:21 / /proc rw,relatime - proc proc rw,hidepid=0\n";
+        assert_eq!(hidepid_option(hidden).as_deref(), Some("hidepid=invisible"));
+        assert_eq!(hidepid_option(old).as_deref(), Some("hidepid=2"));
+        assert_eq!(hidepid_option(plain), None);
+        assert_eq!(hidepid_option(off), None);
+        let elsewhere = "30 22 0:40 / /run/x rw - proc proc rw,hidepid=invisible\n";
+        assert_eq!(
+            hidepid_option(elsewhere),
+            None,
+            "only the mount at /proc counts"
+        );
     }
 
     #[tokio::test]
