@@ -54,7 +54,8 @@ pub async fn serve(source: ConfigSource) -> anyhow::Result<()> {
         version = env!("CARGO_PKG_VERSION"),
         config = %source.path.display(),
         backend = ?settings.volumes.backend,
-        otlp_endpoint = %settings.telemetry.otlp_endpoint,
+        otlp_endpoint = %config::redact_url(&settings.telemetry.otlp_endpoint),
+        s3_endpoint = %config::redact_url(&settings.s3.endpoint),
         "starting libvirt-volume-provisioner"
     );
     let live = LiveControls {

@@ -127,3 +127,41 @@ async fn reuse_is_refused_when_open_files_cannot_be_seen() {
         "untouched"
     );
 }
+
+/// Userinfo in `s3.endpoint` / `telemetry.otlp_endpoint` showed in check-config, in
+/// `GET /api/v1/config` and in the start-up log line.
+#[tokio::test]
+async fn credentials_in_endpoint_urls_are_redacted_everywhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let config = TestConfig::new(dir)
+        .set("s3.endpoint", "http://s3user:s3-pass-SECRET@127.0.0.1:9")
+        .set("s3.allow_http", true)
+        .set("telemetry.otlp_endpoint", "http://otel:otel-pass-SECRET@127.0.0.1:9");
+    let config_path = dir.join("config.toml");
+    std::fs::write(&config_path, config.render()).unwrap();
+    let out = std::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&config_path)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{printed}");
+    assert!(!printed.contains("SECRET"), "{printed}");
+    assert!(printed.contains("http://<redacted>@127.0.0.1:9"), "{printed}");
+
+    let d = Daemon::start(dir, &config);
+    let c = client();
+    let (status, body) = get(&c, &d.url("/api/v1/config")).await;
+    assert_eq!(status, 200);
+    assert!(!body.to_string().contains("SECRET"), "{body}");
+    assert_eq!(body["config"]["s3"]["endpoint"], "http://<redacted>@127.0.0.1:9");
+    // The first probe of the (unreachable) endpoint has run and logged its error by now.
+    let deadline = std::time::Instant::now() + MINUTE;
+    while !d.log().contains("dependency is down") {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!d.log().contains("SECRET"), "{}", d.log());
+}
