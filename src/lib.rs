@@ -186,28 +186,24 @@ struct LiveComponents {
 }
 
 impl config::reload::LiveTarget for LiveComponents {
-    fn apply(&self, old: &Settings, new: &Settings) -> Result<(), String> {
-        // What can fail goes first, each undone if a later one fails: never half-applied.
-        if let Some(tls) = &self.tls {
-            tls.reload(&new.tls).map_err(|e| e.to_string())?;
+    /// Prepare, then commit: everything that can fail (certificates, the tokens file, the log
+    /// filter) is built first; only when all of it succeeded is it swapped in, by steps that
+    /// cannot fail. A refused reload therefore changes nothing.
+    fn apply(&self, new: &Settings) -> Result<(), String> {
+        let tls = match &self.tls {
+            Some(_) => Some(api::tls::server_config(&new.tls).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let policy = Authenticator::prepare(new)?;
+        let filter = telemetry::logs::LogControl::prepare(&new.log.level)?;
+
+        if let (Some(transport), Some(config)) = (&self.tls, tls) {
+            transport.install(config);
         }
-        if let Err(e) = self.auth.reload(new) {
-            if let Some(tls) = &self.tls {
-                let _ = tls.reload(&old.tls);
-            }
-            return Err(e);
-        }
-        if let Err(e) = self
-            .controls
+        self.auth.install(policy);
+        self.controls
             .log
-            .apply(&new.log.level, new.log.format == LogFormat::Json)
-        {
-            let _ = self.auth.reload(old);
-            if let Some(tls) = &self.tls {
-                let _ = tls.reload(&old.tls);
-            }
-            return Err(e);
-        }
+            .install(filter, new.log.format == LogFormat::Json);
         self.controls.sampling.set(new.telemetry.sampling_ratio);
         self.engine.set_limits(
             new.jobs.max_concurrent,

@@ -137,7 +137,10 @@ async fn credentials_in_endpoint_urls_are_redacted_everywhere() {
     let config = TestConfig::new(dir)
         .set("s3.endpoint", "http://s3user:s3-pass-SECRET@127.0.0.1:9")
         .set("s3.allow_http", true)
-        .set("telemetry.otlp_endpoint", "http://otel:otel-pass-SECRET@127.0.0.1:9");
+        .set(
+            "telemetry.otlp_endpoint",
+            "http://otel:otel-pass-SECRET@127.0.0.1:9",
+        );
     let config_path = dir.join("config.toml");
     std::fs::write(&config_path, config.render()).unwrap();
     let out = std::process::Command::new(BIN)
@@ -149,14 +152,20 @@ async fn credentials_in_endpoint_urls_are_redacted_everywhere() {
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{printed}");
     assert!(!printed.contains("SECRET"), "{printed}");
-    assert!(printed.contains("http://<redacted>@127.0.0.1:9"), "{printed}");
+    assert!(
+        printed.contains("http://<redacted>@127.0.0.1:9"),
+        "{printed}"
+    );
 
     let d = Daemon::start(dir, &config);
     let c = client();
     let (status, body) = get(&c, &d.url("/api/v1/config")).await;
     assert_eq!(status, 200);
     assert!(!body.to_string().contains("SECRET"), "{body}");
-    assert_eq!(body["config"]["s3"]["endpoint"], "http://<redacted>@127.0.0.1:9");
+    assert_eq!(
+        body["config"]["s3"]["endpoint"],
+        "http://<redacted>@127.0.0.1:9"
+    );
     // The first probe of the (unreachable) endpoint has run and logged its error by now.
     let deadline = std::time::Instant::now() + MINUTE;
     while !d.log().contains("dependency is down") {
