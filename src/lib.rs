@@ -1,13 +1,14 @@
 //! libvirt-volume-provisioner: wires configuration, the job store, the image cache, volume
 //! backends, the job engine, telemetry and the HTTP API into the daemon.
 
-pub mod api;
+mod api;
+mod command;
 pub mod config;
-pub mod convert;
+mod convert;
 pub mod image;
-pub mod jobs;
-pub mod telemetry;
-pub mod volume;
+mod jobs;
+mod telemetry;
+mod volume;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,14 +19,17 @@ use tokio_util::sync::CancellationToken;
 use crate::api::auth::Authenticator;
 use crate::api::server::{self, Plain, ServerLimits, Transport};
 use crate::api::tls::TlsTransport;
-use crate::config::{ConfigSource, LiveSettings, Settings};
+use crate::config::{ConfigSource, LiveSettings, LogFormat, Settings, VolumeBackendKind};
 use crate::image::cache::ImageCache;
 use crate::image::source::SourceClients;
 use crate::jobs::engine::Engine;
 use crate::jobs::runner::RunContext;
 use crate::jobs::store::Store;
-use crate::telemetry::health::Health;
+use crate::telemetry::health::{Health, Probe};
+use crate::volume::directory::DirectoryBackend;
 use crate::volume::libvirt::PoolRefresher;
+use crate::volume::lvm::LvmBackend;
+use crate::volume::{VolumeBackend, VolumeError};
 
 /// How often finished jobs past retention are pruned.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
@@ -35,17 +39,23 @@ const CACHE_EVICT_INTERVAL: Duration = Duration::from_secs(600);
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn serve(source: ConfigSource) -> anyhow::Result<()> {
     let settings = config::load(&source)?;
+    preset_metric_labels();
     // object_store brings rustls' aws-lc-rs provider; make it the process default once.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let (traces, trace_layer) = telemetry::traces::Tracing::init(&settings.telemetry)
+    let (traces, trace_layer) = telemetry::traces::Tracing::init(&trace_export(&settings))
         .map_err(|e| anyhow::anyhow!("tracing: {e:#}"))?;
-    let log_control = telemetry::logs::init(&settings.log, Some(trace_layer))
-        .map_err(|e| anyhow::anyhow!("logging: {e}"))?;
+    let log_control = telemetry::logs::init(
+        &settings.log.level,
+        settings.log.format == LogFormat::Json,
+        Some(trace_layer),
+    )
+    .map_err(|e| anyhow::anyhow!("logging: {e}"))?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         config = %source.path.display(),
         backend = ?settings.volumes.backend,
-        otlp_endpoint = %settings.telemetry.otlp_endpoint,
+        otlp_endpoint = %config::redact_url(&settings.telemetry.otlp_endpoint),
+        s3_endpoint = %config::redact_url(&settings.s3.endpoint),
         "starting libvirt-volume-provisioner"
     );
     let live = LiveControls {
@@ -61,10 +71,26 @@ pub async fn serve(source: ConfigSource) -> anyhow::Result<()> {
     result
 }
 
+/// Trace export as `telemetry.*` asks for it.
+fn trace_export(settings: &Settings) -> telemetry::traces::TraceExport {
+    let t = &settings.telemetry;
+    telemetry::traces::TraceExport {
+        endpoint: t.otlp_endpoint.clone(),
+        service_name: t.service_name.clone(),
+        sampling_ratio: t.sampling_ratio,
+        ca_file: (!t.otlp_ca_file.is_empty()).then(|| config::resolve_credential(&t.otlp_ca_file)),
+    }
+}
+
+/// Checks what `serve` would build from the security settings (certificate, key, client CA and
+/// token files), for `check-config`.
+pub fn check_security(settings: &Settings) -> anyhow::Result<()> {
+    security_from_settings(settings).map(|_| ())
+}
+
 /// The listener's TLS transport (when `tls.cert_file` is set) and the access control, built
-/// from the settings. `check-config` calls it too, so certificate, key and token files are
-/// checked there as well.
-pub fn security_from_settings(
+/// from the settings.
+fn security_from_settings(
     settings: &Settings,
 ) -> anyhow::Result<(Option<Arc<TlsTransport>>, Authenticator)> {
     let tls = if settings.tls.cert_file.is_empty() {
@@ -74,6 +100,77 @@ pub fn security_from_settings(
     };
     let auth = Authenticator::new(settings).map_err(anyhow::Error::msg)?;
     Ok((tls, auth))
+}
+
+/// Creates the series of labelled counters whose label values are known, so that `rate()`
+/// and alerts work from the first scrape (they would otherwise appear only at the first event).
+fn preset_metric_labels() {
+    let m = telemetry::metrics::metrics();
+    for reason in api::auth::FAILURE_REASONS {
+        m.auth_failures_total.with_label_values(&[reason]);
+    }
+    for reason in image::cache::EvictReason::ALL {
+        m.cache_evictions_total
+            .with_label_values(&[reason.as_str()]);
+    }
+    for kind in image::inspect::InspectError::KINDS {
+        m.image_errors_total.with_label_values(&["download", kind]);
+    }
+    for kind in ["format_mismatch", "too_large"] {
+        m.image_errors_total.with_label_values(&["inspect", kind]);
+    }
+    m.image_errors_total
+        .with_label_values(&["convert", "qemu_img"]);
+    m.qemu_img_invocations_total.with_label_values(&["convert"]);
+}
+
+/// The volume backend the settings select.
+fn backend_from_settings(settings: &Settings) -> Result<Arc<dyn VolumeBackend>, VolumeError> {
+    Ok(match settings.volumes.backend {
+        VolumeBackendKind::Directory => {
+            Arc::new(DirectoryBackend::new(&settings.volumes.directory.path)?)
+        }
+        VolumeBackendKind::Lvm => Arc::new(
+            LvmBackend::new(
+                &settings.volumes.lvm.volume_group,
+                settings.volumes.lvm.command_timeout,
+            )?
+            .with_devices(&settings.volumes.lvm.devices),
+        ),
+    })
+}
+
+/// The dependencies in use, as probes: `storage` always, `lvm` with the LVM backend, `minio`
+/// with an S3 endpoint, `libvirt` with a storage pool to refresh.
+fn probes(settings: &Settings, ctx: &Arc<RunContext>, store: &Store) -> Vec<Probe> {
+    let mut probes = Vec::new();
+    let store = store.clone();
+    probes.push(Probe::new("storage", move || {
+        let store = store.clone();
+        async move { store.probe().await }
+    }));
+    if settings.volumes.backend == VolumeBackendKind::Lvm {
+        let volumes = ctx.volumes.clone();
+        probes.push(Probe::new("lvm", move || {
+            let volumes = volumes.clone();
+            async move { volumes.probe().await.map_err(|e| e.to_string()) }
+        }));
+    }
+    if !settings.s3.endpoint.is_empty() {
+        let cache = ctx.cache.clone();
+        probes.push(Probe::new("minio", move || {
+            let cache = cache.clone();
+            async move { cache.probe_s3().await }
+        }));
+    }
+    if ctx.libvirt.enabled() {
+        let libvirt = ctx.libvirt.clone();
+        probes.push(Probe::new("libvirt", move || {
+            let libvirt = libvirt.clone();
+            async move { libvirt.probe().await }
+        }));
+    }
+    probes
 }
 
 /// Live controls created before the daemon runs (logging and tracing are set up first).
@@ -92,24 +189,24 @@ struct LiveComponents {
 }
 
 impl config::reload::LiveTarget for LiveComponents {
-    fn apply(&self, old: &Settings, new: &Settings) -> Result<(), String> {
-        // What can fail goes first, each undone if a later one fails: never half-applied.
-        if let Some(tls) = &self.tls {
-            tls.reload(&new.tls).map_err(|e| e.to_string())?;
+    /// Prepare, then commit: everything that can fail (certificates, the tokens file, the log
+    /// filter) is built first; only when all of it succeeded is it swapped in, by steps that
+    /// cannot fail. A refused reload therefore changes nothing.
+    fn apply(&self, new: &Settings) -> Result<(), String> {
+        let tls = match &self.tls {
+            Some(_) => Some(api::tls::server_config(&new.tls).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let policy = Authenticator::prepare(new)?;
+        let filter = telemetry::logs::LogControl::prepare(&new.log.level)?;
+
+        if let (Some(transport), Some(config)) = (&self.tls, tls) {
+            transport.install(config);
         }
-        if let Err(e) = self.auth.reload(new) {
-            if let Some(tls) = &self.tls {
-                let _ = tls.reload(&old.tls);
-            }
-            return Err(e);
-        }
-        if let Err(e) = self.controls.log.apply(&new.log) {
-            let _ = self.auth.reload(old);
-            if let Some(tls) = &self.tls {
-                let _ = tls.reload(&old.tls);
-            }
-            return Err(e);
-        }
+        self.auth.install(policy);
+        self.controls
+            .log
+            .install(filter, new.log.format == LogFormat::Json);
         self.controls.sampling.set(new.telemetry.sampling_ratio);
         self.engine.set_limits(
             new.jobs.max_concurrent,
@@ -139,12 +236,17 @@ async fn run(
     })?;
     let sources = Arc::new(SourceClients::new(&settings)?);
     let cache = Arc::new(
-        ImageCache::open(&settings.cache.dir, &store, sources, &settings)
-            .context("opening the image cache")?,
+        ImageCache::open(
+            &settings.cache.dir,
+            store.tree("cache")?,
+            sources,
+            &settings,
+        )
+        .context("opening the image cache")?,
     );
     cache.evict(None);
     cache.spawn_evictor(CACHE_EVICT_INTERVAL);
-    let volumes = volume::backend_from_settings(&settings).context("volume backend")?;
+    let volumes = backend_from_settings(&settings).context("volume backend")?;
     let (settings_tx, live) = LiveSettings::new(settings.clone());
     let ctx = Arc::new(RunContext {
         settings: live.clone(),
@@ -155,13 +257,9 @@ async fn run(
     let engine = Engine::start(store.clone(), ctx.clone())
         .await
         .context("starting the job engine")?;
-    let health = Arc::new(Health::default());
-    health.probe_all(&ctx, &store).await;
-    health.spawn_prober(
-        ctx.clone(),
-        store.clone(),
-        settings.telemetry.probe_interval,
-    );
+    let health = Arc::new(Health::new(probes(&settings, &ctx, &store)));
+    health.probe_all().await;
+    health.spawn_prober(settings.telemetry.probe_interval);
     let pruner_settings = live.clone();
     engine.spawn_pruner(PRUNE_INTERVAL, move || {
         pruner_settings.current().jobs.retention
@@ -181,6 +279,8 @@ async fn run(
     reloader.spawn().context("starting configuration reload")?;
     let state = Arc::new(api::ApiState {
         engine: engine.clone(),
+        cache: ctx.cache.clone(),
+        volumes: ctx.volumes.clone(),
         settings: live.clone(),
         health,
         started,

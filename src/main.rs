@@ -49,7 +49,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::CheckConfig => match config::load(&source) {
-            Ok(settings) => match libvirt_volume_provisioner::security_from_settings(&settings) {
+            Ok(settings) => match libvirt_volume_provisioner::check_security(&settings) {
                 Ok(_) => {
                     print!("{}", config::redacted_toml(&settings));
                     ExitCode::SUCCESS

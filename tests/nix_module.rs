@@ -1214,17 +1214,27 @@ fn bounding_set(value: &Value) -> String {
 
 /// Runs the real daemon (directory backend) under the sandbox pieces its "volume is open" check
 /// depends on: /proc mounted as ProtectProc= mounts it, the capability bounding set, no new
-/// privileges; `DELETE`s a volume that a process of another user (nobody, as QEMU runs as its
-/// own user) holds open. Returns the status and body.
-async fn delete_held_volume(bounding: &str, protect_proc: &str) -> (u16, Value, bool, u64) {
+/// privileges; `DELETE`s a volume, which a process of another user (nobody, as QEMU runs as its
+/// own user) holds open when `held`. Returns the status, the body, whether the volume is still
+/// there, and the daemon's bounding set.
+async fn delete_volume_under(
+    bounding: &str,
+    protect_proc: &str,
+    held: bool,
+) -> (u16, Value, bool, u64) {
     let work = tempfile::tempdir().unwrap();
     let dir = work.path();
     let config = common::TestConfig::new(dir);
     let volumes = dir.join("volumes");
     std::fs::create_dir_all(&volumes).unwrap();
-    let volume = volumes.join("held");
+    let volume = volumes.join("vm-1");
     std::fs::write(&volume, vec![0u8; 1 << 20]).unwrap();
-    // The holder gets the open file as its stdin, then becomes nobody.
+    // Another user's process in either case (holding the volume as its stdin, or /dev/null).
+    let stdin = if held {
+        std::fs::File::open(&volume).unwrap()
+    } else {
+        std::fs::File::open("/dev/null").unwrap()
+    };
     let mut holder = Command::new("setpriv")
         .args([
             "--reuid=65534",
@@ -1234,17 +1244,12 @@ async fn delete_held_volume(bounding: &str, protect_proc: &str) -> (u16, Value, 
             "sleep",
             "300",
         ])
-        .stdin(std::fs::File::open(&volume).unwrap())
+        .stdin(stdin)
         .spawn()
         .unwrap();
-    let (fd0, status) = (
-        format!("/proc/{}/fd/0", holder.id()),
-        format!("/proc/{}/status", holder.id()),
-    );
+    let status = format!("/proc/{}/status", holder.id());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::fs::read_link(&fd0).ok().as_deref() != Some(volume.as_path())
-        || !std::fs::read_to_string(&status).is_ok_and(|s| s.contains("Uid:\t65534\t"))
-    {
+    while !std::fs::read_to_string(&status).is_ok_and(|s| s.contains("Uid:\t65534\t")) {
         assert!(std::time::Instant::now() < deadline, "holder did not start");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
@@ -1280,7 +1285,7 @@ async fn delete_held_volume(bounding: &str, protect_proc: &str) -> (u16, Value, 
         hidepid.is_empty() || mounts.contains(&format!("hidepid={protect_proc}")),
         "{mounts}"
     );
-    let (code, body) = common::delete(&common::client(), &d.url("/api/v1/volumes/held")).await;
+    let (code, body) = common::delete(&common::client(), &d.url("/api/v1/volumes/vm-1")).await;
     let still_there = volume.exists();
     drop(d);
     let _ = holder.kill();
@@ -1293,11 +1298,12 @@ async fn delete_held_volume(bounding: &str, protect_proc: &str) -> (u16, Value, 
     (code, body, still_there, bnd)
 }
 
-/// The directory backend refuses to delete or overwrite a volume another process holds open; on
-/// a NixOS host that process is QEMU, running as its own user. Under the module's sandbox for
-/// the directory backend (its CapabilityBoundingSet and ProtectProc, from nix/module-smoke.nix)
-/// the daemon must still see that holder. Control: with an empty bounding set (the module's
-/// value before) it does not, and deletes the volume from under the holder.
+/// The directory backend refuses to delete or overwrite a volume another process holds open, and
+/// refuses when it cannot tell; on a NixOS host that process is QEMU, running as its own user.
+/// Under the module's sandbox for the directory backend (its CapabilityBoundingSet and
+/// ProtectProc, from nix/module-smoke.nix) the daemon must see that holder, and delete a volume
+/// nobody holds. Controls: with the module's former empty bounding set, or with CAP_SYS_PTRACE
+/// alone, it cannot see other users' open files, so it refuses every volume.
 #[tokio::test]
 async fn directory_backend_sees_volumes_other_users_hold_open() {
     if root_checks_unavailable(&["setpriv", "unshare", "mount", "sleep"]).is_some() {
@@ -1306,26 +1312,25 @@ async fn directory_backend_sees_volumes_other_users_hold_open() {
     let sc = &module_smoke()["directory"]["daemon"]["serviceConfig"];
     let protect_proc = sc["ProtectProc"].as_str().unwrap();
     let bounding = bounding_set(&sc["CapabilityBoundingSet"]);
-    assert!(bounding.starts_with("-all,+"), "{bounding}");
 
-    let (code, body, still_there, bnd) = delete_held_volume(&bounding, protect_proc).await;
+    let (code, body, still_there, bnd) = delete_volume_under(&bounding, protect_proc, true).await;
     // CAP_DAC_READ_SEARCH (2) and CAP_SYS_PTRACE (19), nothing else.
     assert_eq!(bnd, (1 << 2) | (1 << 19), "bounding set {bnd:#x}");
     assert_eq!(code, 409, "{body}");
-    assert!(
-        body["message"]
-            .as_str()
-            .unwrap()
-            .contains("open by process"),
-        "{body}"
-    );
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("open by process"), "{body}");
     assert!(still_there);
+    let (code, body, still_there, _) = delete_volume_under(&bounding, protect_proc, false).await;
+    assert_eq!((code, still_there), (200, false), "{body}");
 
-    let (code, body, still_there, bnd) = delete_held_volume("-all", protect_proc).await;
-    assert_eq!(bnd, 0);
-    assert_eq!(
-        (code, still_there),
-        (200, false),
-        "without capabilities the check was expected to miss the holder: {body}"
-    );
+    for control in ["-all", "-all,+sys_ptrace"] {
+        let (code, body, still_there, _) = delete_volume_under(control, protect_proc, false).await;
+        assert_eq!(code, 409, "{control}: {body}");
+        let message = body["message"].as_str().unwrap();
+        assert!(
+            message.contains("cannot tell whether another process has it open"),
+            "{control}: {body}"
+        );
+        assert!(still_there);
+    }
 }

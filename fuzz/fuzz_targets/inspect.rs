@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use libvirt_volume_provisioner::image::inspect::{QCOW2_MAGIC, inspect_bytes};
-use libvirt_volume_provisioner::jobs::model::ImageType;
+use libvirt_volume_provisioner::image::ImageType;
 
 fuzz_target!(|data: &[u8]| {
     // The first 8 bytes pick the claimed file length (shorter or longer than the data).

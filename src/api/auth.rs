@@ -23,7 +23,7 @@ use crate::jobs::engine::Origin;
 use crate::telemetry::metrics::metrics;
 
 /// Shortest accepted API token, in characters.
-pub const MIN_TOKEN_LEN: usize = 32;
+pub(crate) const MIN_TOKEN_LEN: usize = 32;
 /// Longest name of a `name:token` line.
 const MAX_TOKEN_NAME_LEN: usize = 64;
 const BEARER_PREFIX: &[u8] = b"Bearer ";
@@ -31,17 +31,17 @@ const TOKEN_HEADER: &str = "x-api-token";
 
 /// An authorised caller.
 #[derive(Debug, Clone, Default)]
-pub struct Caller {
+pub(crate) struct Caller {
     identity: Option<String>,
 }
 
 impl Caller {
-    pub fn identity(&self) -> Option<&str> {
+    pub(crate) fn identity(&self) -> Option<&str> {
         self.identity.as_deref()
     }
 
     /// Where a job comes from: the caller and the current trace.
-    pub fn origin(&self) -> Origin {
+    pub(crate) fn origin(&self) -> Origin {
         Origin {
             requested_by: self.identity.clone(),
             trace_context: crate::telemetry::current_trace_context(),
@@ -194,15 +194,26 @@ fn parse_tokens(path: &Path, text: &str) -> Result<Vec<TokenEntry>, String> {
     Ok(entries)
 }
 
+/// Every `auth_failures_total{reason}` label, here and in the TLS transport (so the series
+/// exist from the start).
+pub(crate) const FAILURE_REASONS: [&str; 6] = [
+    "malformed_credentials",
+    "invalid_token",
+    "client_not_allowed",
+    "missing_credentials",
+    "no_client_certificate",
+    "invalid_client_certificate",
+];
+
 /// A refused call.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuthFailure {
+pub(crate) struct AuthFailure {
     /// 401 (no valid credential) or 403 (valid certificate, not allowed).
-    pub status: StatusCode,
+    pub(crate) status: StatusCode,
     /// Label of `auth_failures_total`: a fixed, short word.
-    pub reason: &'static str,
+    pub(crate) reason: &'static str,
     /// Identity of the verified client certificate, if one was presented.
-    pub certificate: Option<String>,
+    pub(crate) certificate: Option<String>,
 }
 
 impl AuthFailure {
@@ -215,7 +226,7 @@ impl AuthFailure {
     }
 
     /// The error answered to the client; it never contains the presented credential.
-    pub fn to_api_error(&self) -> ApiError {
+    pub(crate) fn to_api_error(&self) -> ApiError {
         if self.status == StatusCode::FORBIDDEN {
             ApiError::new(
                 StatusCode::FORBIDDEN,
@@ -259,25 +270,30 @@ fn presented_token(headers: &http::HeaderMap) -> PresentedToken<'_> {
     }
 }
 
+/// A policy built from settings, not yet in force (see `Authenticator::prepare`).
+pub(crate) struct PreparedPolicy(Arc<Policy>);
+
 /// The API's access control.
-pub struct Authenticator {
+pub(crate) struct Authenticator {
     policy: RwLock<Arc<Policy>>,
 }
 
 impl Authenticator {
     /// Reads the tokens file; errors name the file and line, never a token.
-    pub fn new(settings: &Settings) -> Result<Authenticator, String> {
+    pub(crate) fn new(settings: &Settings) -> Result<Authenticator, String> {
         Ok(Authenticator {
             policy: RwLock::new(Arc::new(Policy::from_settings(settings)?)),
         })
     }
 
-    /// Replaces the policy (allowed clients, tokens, metrics protection); on error the
-    /// current one stays in force.
-    pub fn reload(&self, settings: &Settings) -> Result<(), String> {
-        let fresh = Arc::new(Policy::from_settings(settings)?);
-        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = fresh;
-        Ok(())
+    /// Builds the policy `settings` ask for (reads the tokens file) without applying it.
+    pub(crate) fn prepare(settings: &Settings) -> Result<PreparedPolicy, String> {
+        Ok(PreparedPolicy(Arc::new(Policy::from_settings(settings)?)))
+    }
+
+    /// Puts a prepared policy in force; cannot fail.
+    pub(crate) fn install(&self, prepared: PreparedPolicy) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = prepared.0;
     }
 
     fn policy(&self) -> Arc<Policy> {
@@ -288,12 +304,12 @@ impl Authenticator {
     }
 
     /// Every caller gets in (no client CA, no tokens; loopback listeners only).
-    pub fn is_open(&self) -> bool {
+    pub(crate) fn is_open(&self) -> bool {
         self.policy().is_open()
     }
 
     /// How many API tokens are loaded.
-    pub fn token_count(&self) -> usize {
+    pub(crate) fn token_count(&self) -> usize {
         self.policy().tokens.len()
     }
 
@@ -302,7 +318,7 @@ impl Authenticator {
     /// A presented token must be valid (else 401, even with a good certificate). An allowed
     /// certificate, or else a valid token, authorises the call; a verified certificate that is
     /// not in `auth.allowed_clients` and no token is 403; nothing at all is 401.
-    pub fn authorize(
+    pub(crate) fn authorize(
         &self,
         conn: Option<&ConnInfo>,
         headers: &http::HeaderMap,
@@ -403,14 +419,14 @@ fn authorized(
 }
 
 /// Protected routes (everything under `/api/` and `/provision`).
-pub fn caller(
+pub(crate) fn caller(
     state: Arc<ApiState>,
 ) -> impl Filter<Extract = (Result<Caller, ApiError>,), Error = Infallible> + Clone {
     authorized(state, true)
 }
 
 /// `/metrics`: open unless `auth.protect_metrics`.
-pub fn metrics_caller(
+pub(crate) fn metrics_caller(
     state: Arc<ApiState>,
 ) -> impl Filter<Extract = (Result<Caller, ApiError>,), Error = Infallible> + Clone {
     authorized(state, false)
@@ -419,6 +435,12 @@ pub fn metrics_caller(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reload as the daemon does it: prepare, then install.
+    fn reload(auth: &Authenticator, settings: &Settings) -> Result<(), String> {
+        auth.install(Authenticator::prepare(settings)?);
+        Ok(())
+    }
 
     const T1: &str = "0123456789abcdef0123456789abcdef";
     const T2: &str = "ffffffffffffffffffffffffffffffff-2";
@@ -622,8 +644,7 @@ mod tests {
         );
 
         // Empty allowed_clients: any verified certificate, named by CN or first SAN.
-        auth.reload(&settings_with(dir.path(), None, true, &[]))
-            .unwrap();
+        reload(&auth, &settings_with(dir.path(), None, true, &[])).unwrap();
         assert_eq!(
             auth.authorize(Some(&stranger), &none).unwrap().identity(),
             Some("intruder")
@@ -651,17 +672,17 @@ mod tests {
                 .is_none()
         );
 
-        auth.reload(&settings_with(
-            dir.path(),
-            Some(&format!("{T1}\n")),
-            false,
-            &[],
-        ))
+        reload(
+            &auth,
+            &settings_with(dir.path(), Some(&format!("{T1}\n")), false, &[]),
+        )
         .unwrap();
         assert!(!auth.is_open());
-        let err = auth
-            .reload(&settings_with(dir.path(), Some("short\n"), false, &[]))
-            .unwrap_err();
+        let err = reload(
+            &auth,
+            &settings_with(dir.path(), Some("short\n"), false, &[]),
+        )
+        .unwrap_err();
         assert!(
             err.starts_with("auth.tokens_file: ") && err.contains("line 1"),
             "{err}"

@@ -10,11 +10,11 @@ use warp::{Rejection, Reply};
 
 /// An error answered to a client.
 #[derive(Debug, Clone)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub message: String,
+pub(crate) struct ApiError {
+    pub(crate) status: StatusCode,
+    pub(crate) message: String,
     /// Seconds for a `Retry-After` header (429).
-    pub retry_after: Option<u64>,
+    pub(crate) retry_after: Option<u64>,
 }
 
 impl warp::reject::Reject for ApiError {}
@@ -27,7 +27,7 @@ struct ErrorBody<'a> {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             message: message.into(),
@@ -35,23 +35,23 @@ impl ApiError {
         }
     }
 
-    pub fn bad_request(message: impl Into<String>) -> ApiError {
+    pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, message)
     }
 
-    pub fn not_found(message: impl Into<String>) -> ApiError {
+    pub(crate) fn not_found(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, message)
     }
 
-    pub fn conflict(message: impl Into<String>) -> ApiError {
+    pub(crate) fn conflict(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::CONFLICT, message)
     }
 
-    pub fn internal(message: impl Into<String>) -> ApiError {
+    pub(crate) fn internal(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
     }
 
-    pub fn unauthorized() -> ApiError {
+    pub(crate) fn unauthorized() -> ApiError {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
             "a valid client certificate or API token is required",
@@ -59,7 +59,7 @@ impl ApiError {
     }
 
     /// The short code of the body's `error` field.
-    pub fn short_code(&self) -> &'static str {
+    pub(crate) fn short_code(&self) -> &'static str {
         match self.status {
             StatusCode::BAD_REQUEST => "invalid request",
             StatusCode::UNAUTHORIZED => "authentication required",
@@ -104,7 +104,7 @@ impl Reply for ApiError {
 }
 
 /// Turns any rejection into the JSON error body (ends every filter chain).
-pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
+pub(crate) async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
     let err = if let Some(e) = rejection.find::<ApiError>() {
         e.clone()
     } else if rejection.is_not_found() {

@@ -19,11 +19,15 @@ use warp::{Filter, Reply};
 use super::ApiState;
 use super::auth::Caller;
 use super::error::ApiError;
+use super::views::{StatusResponse, rfc3339};
+use crate::image::ImageType;
 use crate::image::source;
+use crate::jobs::delete::DeleteError;
 use crate::jobs::engine::{CancelError, SubmitError};
-use crate::jobs::model::{ImageType, JobKind, JobSpec, JobStatus, rfc3339};
+use crate::jobs::model::{JobKind, JobSpec, JobStatus};
 use crate::telemetry::metrics::metrics;
-use crate::volume;
+use crate::volume::{self, VolumeError};
+use tracing::Instrument;
 
 const MAX_URL_LEN: usize = 4096;
 const MAX_CORRELATION_ID_LEN: usize = 256;
@@ -41,7 +45,7 @@ fn json_reply(value: &impl serde::Serialize, status: StatusCode) -> Response {
 /// Content-Length header) and `server.body_timeout` (408 beyond: slow-body clients). Errors go
 /// to the handler, so a matched route cannot fall through to another one (only a body already
 /// taken, which cannot happen here, would reject).
-pub fn json_body(
+pub(crate) fn json_body(
     state: Arc<ApiState>,
 ) -> impl Filter<Extract = (Result<serde_json::Value, ApiError>,), Error = warp::Rejection> + Clone
 {
@@ -107,11 +111,11 @@ where
 }
 
 /// The route's outcome as a response (errors become their JSON body).
-pub fn respond(result: Result<Response, ApiError>) -> Response {
+pub(crate) fn respond(result: Result<Response, ApiError>) -> Response {
     result.unwrap_or_else(|e| e.into_response())
 }
 
-pub fn health(state: Arc<ApiState>) -> Response {
+pub(crate) fn health(state: Arc<ApiState>) -> Response {
     let (running, slots) = state.engine.load();
     let status = if running >= slots {
         "degraded"
@@ -131,7 +135,7 @@ pub fn health(state: Arc<ApiState>) -> Response {
 }
 
 /// A duration as Go prints it, to whole seconds: `52s`, `14m52s`, `3h14m52s`.
-pub fn go_duration(d: Duration) -> String {
+pub(crate) fn go_duration(d: Duration) -> String {
     let s = d.as_secs();
     let (h, m, s) = (s / 3600, (s / 60) % 60, s % 60);
     if h > 0 {
@@ -143,7 +147,7 @@ pub fn go_duration(d: Duration) -> String {
     }
 }
 
-pub fn ready(state: Arc<ApiState>) -> Response {
+pub(crate) fn ready(state: Arc<ApiState>) -> Response {
     let deps = state.health.snapshot();
     let all_up = deps.values().all(|up| *up);
     let status = if all_up {
@@ -160,7 +164,7 @@ pub fn ready(state: Arc<ApiState>) -> Response {
     )
 }
 
-pub fn metrics_text(caller: Result<Caller, ApiError>) -> Response {
+pub(crate) fn metrics_text(caller: Result<Caller, ApiError>) -> Response {
     if let Err(e) = caller {
         return e.into_response();
     }
@@ -259,7 +263,7 @@ fn submit_error(e: SubmitError) -> ApiError {
             retry_after: Some(30),
         },
         SubmitError::ShuttingDown => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        SubmitError::Store(_) | SubmitError::Internal(_) => ApiError::internal(e.to_string()),
+        SubmitError::Store(_) => ApiError::internal(e.to_string()),
     }
 }
 
@@ -274,7 +278,7 @@ fn accepted(job_id: Uuid) -> Response {
     resp
 }
 
-pub async fn submit(
+pub(crate) async fn submit(
     caller: Result<Caller, ApiError>,
     body: Result<serde_json::Value, ApiError>,
     state: Arc<ApiState>,
@@ -287,7 +291,7 @@ pub async fn submit(
         .volume_name
         .ok_or_else(|| ApiError::bad_request("volume_name is required"))?;
     volume::validate_volume_name(&volume_name)
-        .and_then(|_| state.engine.context().volumes.validate_name(&volume_name))
+        .and_then(|_| state.volumes.validate_name(&volume_name))
         .map_err(ApiError::bad_request)?;
     let size = check_size(body.volume_size_gb)?;
     let image_type = check_image_type(body.image_type)?;
@@ -315,7 +319,7 @@ pub async fn submit(
     Ok(accepted(job.id))
 }
 
-pub async fn cache_fetch(
+pub(crate) async fn cache_fetch(
     caller: Result<Caller, ApiError>,
     body: Result<serde_json::Value, ApiError>,
     state: Arc<ApiState>,
@@ -360,7 +364,7 @@ fn parse_limit(q: &HashMap<String, String>, default: usize) -> Result<usize, Api
     }
 }
 
-pub async fn list(
+pub(crate) async fn list(
     caller: Result<Caller, ApiError>,
     raw_query: String,
     state: Arc<ApiState>,
@@ -383,7 +387,7 @@ pub async fn list(
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let jobs: Vec<_> = jobs
         .iter()
-        .map(|j| j.to_status(state.engine.queue_position(j.id)))
+        .map(|j| StatusResponse::from_job(j, state.engine.queue_position(j.id)))
         .collect();
     Ok(json_reply(
         &json!({"count": jobs.len(), "jobs": jobs}),
@@ -397,7 +401,7 @@ fn parse_job_id(raw: &str) -> Result<Uuid, ApiError> {
         .map_err(|_| ApiError::bad_request(format!("`{raw}` is not a job id (UUID)")))
 }
 
-pub async fn status(
+pub(crate) async fn status(
     raw_id: String,
     caller: Result<Caller, ApiError>,
     state: Arc<ApiState>,
@@ -411,12 +415,12 @@ pub async fn status(
         .map_err(|e| ApiError::internal(e.to_string()))?
         .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
     Ok(json_reply(
-        &job.to_status(state.engine.queue_position(id)),
+        &StatusResponse::from_job(&job, state.engine.queue_position(id)),
         StatusCode::OK,
     ))
 }
 
-pub async fn cancel(
+pub(crate) async fn cancel(
     raw_id: String,
     caller: Result<Caller, ApiError>,
     state: Arc<ApiState>,
@@ -442,7 +446,7 @@ pub async fn cancel(
     }
 }
 
-pub async fn cache_list(
+pub(crate) async fn cache_list(
     caller: Result<Caller, ApiError>,
     raw_query: String,
     state: Arc<ApiState>,
@@ -456,7 +460,7 @@ pub async fn cache_list(
             .parse::<usize>()
             .map_err(|_| ApiError::bad_request("offset must be a non-negative integer"))?,
     };
-    let cache = &state.engine.context().cache;
+    let cache = &state.cache;
     let entries = cache.entries();
     let total = entries.len();
     let images: Vec<_> = entries
@@ -486,7 +490,7 @@ pub async fn cache_list(
     ))
 }
 
-pub async fn cache_delete(
+pub(crate) async fn cache_delete(
     key: String,
     caller: Result<Caller, ApiError>,
     state: Arc<ApiState>,
@@ -501,7 +505,7 @@ pub async fn cache_delete(
             "cache key must be 64 lowercase hex digits",
         ));
     }
-    let cache = &state.engine.context().cache;
+    let cache = &state.cache;
     match cache.remove(&key) {
         Ok(_) => {
             tracing::info!(
@@ -524,39 +528,34 @@ pub async fn cache_delete(
     }
 }
 
-pub async fn volume_delete(
+pub(crate) async fn volume_delete(
     name: String,
     caller: Result<Caller, ApiError>,
     state: Arc<ApiState>,
 ) -> Result<Response, ApiError> {
     let caller = caller?;
-    let name = percent_decoded(&name)?;
-    let volumes = &state.engine.context().volumes;
+    let name = percent_encoding::percent_decode_str(&name)
+        .decode_utf8()
+        .map_err(|_| ApiError::bad_request("volume name is not UTF-8 once decoded"))?
+        .into_owned();
     volume::validate_volume_name(&name)
-        .and_then(|_| volumes.validate_name(&name))
+        .and_then(|_| state.volumes.validate_name(&name))
         .map_err(ApiError::bad_request)?;
-    if let Some(job) = state.engine.volume_busy(&name) {
-        return Err(ApiError::conflict(format!(
-            "volume {name} is in use by job {job}"
-        )));
-    }
-    match volumes.inspect(&name).await {
-        Ok(None) => {}
-        Ok(Some(v)) => {
-            if let Some(reason) = v.reuse_blocker.filter(|r| r.contains("open")) {
-                return Err(ApiError::conflict(format!(
-                    "volume {name} cannot be deleted: {reason}"
-                )));
-            }
-            let span = tracing::info_span!("delete_volume", otel.name = "DeleteVolume", volume_name = %name);
-            let _g = span.enter();
-            volumes.remove(&name).await.map_err(|e| match e {
-                volume::VolumeError::Conflict(reason) => ApiError::conflict(reason),
-                e => ApiError::internal(e.to_string()),
-            })?;
-            tracing::info!(volume = %name, requested_by = caller.identity().unwrap_or(""), "volume deleted");
-        }
-        Err(e) => return Err(ApiError::internal(e.to_string())),
+    let span =
+        tracing::info_span!("delete_volume", otel.name = "DeleteVolume", volume_name = %name);
+    let deleted = state
+        .engine
+        .delete_volume(&name)
+        .instrument(span)
+        .await
+        .map_err(|e| match e {
+            DeleteError::Busy { .. }
+            | DeleteError::Blocked { .. }
+            | DeleteError::Volume(VolumeError::Conflict(_)) => ApiError::conflict(e.to_string()),
+            DeleteError::Volume(_) => ApiError::internal(e.to_string()),
+        })?;
+    if deleted {
+        tracing::info!(volume = %name, requested_by = caller.identity().unwrap_or(""), "volume deleted");
     }
     Ok(json_reply(
         &json!({"status": "deleted", "volume": name}),
@@ -564,16 +563,9 @@ pub async fn volume_delete(
     ))
 }
 
-fn percent_decoded(s: &str) -> Result<String, ApiError> {
-    url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .ok_or_else(|| ApiError::bad_request("bad volume name"))
-}
-
 /// `GET /api/v1/config`: the effective configuration (secrets redacted), the last reload and
 /// the changed keys that wait for a restart.
-pub async fn config(
+pub(crate) async fn config(
     caller: Result<Caller, ApiError>,
     state: Arc<ApiState>,
 ) -> Result<Response, ApiError> {

@@ -2,11 +2,12 @@
 //! legacy paths), the shared state handlers use, and request-scoped values (route template,
 //! connection identity) the server puts into each request.
 
-pub mod auth;
-pub mod error;
+pub(crate) mod auth;
+pub(crate) mod error;
 mod handlers;
-pub mod server;
-pub mod tls;
+pub(crate) mod server;
+pub(crate) mod tls;
+mod views;
 
 use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
@@ -16,23 +17,29 @@ use warp::Filter;
 use warp::reply::Response;
 
 use crate::config::LiveSettings;
+use crate::image::cache::ImageCache;
 use crate::jobs::engine::Engine;
 use crate::telemetry::health::Health;
+use crate::volume::VolumeBackend;
 
 /// What handlers share.
-pub struct ApiState {
-    pub engine: Engine,
-    pub settings: LiveSettings,
-    pub health: Arc<Health>,
-    pub started: Instant,
-    pub auth: Arc<auth::Authenticator>,
-    pub reloader: Arc<crate::config::reload::Reloader>,
+pub(crate) struct ApiState {
+    pub(crate) engine: Engine,
+    /// The image cache (listing and deleting entries).
+    pub(crate) cache: Arc<ImageCache>,
+    /// The volume backend (name rules).
+    pub(crate) volumes: Arc<dyn VolumeBackend>,
+    pub(crate) settings: LiveSettings,
+    pub(crate) health: Arc<Health>,
+    pub(crate) started: Instant,
+    pub(crate) auth: Arc<auth::Authenticator>,
+    pub(crate) reloader: Arc<crate::config::reload::Reloader>,
 }
 
 /// Values a request collects on its way through the filters, read by the server afterwards
 /// for metrics, the request span and the request log line.
 #[derive(Clone, Default)]
-pub struct RequestScope(Arc<ScopeInner>);
+pub(crate) struct RequestScope(Arc<ScopeInner>);
 
 #[derive(Default)]
 struct ScopeInner {
@@ -43,15 +50,15 @@ struct ScopeInner {
 }
 
 impl RequestScope {
-    pub fn route(&self) -> &'static str {
+    pub(crate) fn route(&self) -> &'static str {
         self.0.route.get().copied().unwrap_or("unmatched")
     }
 
-    pub fn caller(&self) -> Option<&str> {
+    pub(crate) fn caller(&self) -> Option<&str> {
         self.0.caller.get().map(String::as_str)
     }
 
-    pub fn set_caller(&self, identity: &str) {
+    pub(crate) fn set_caller(&self, identity: &str) {
         let _ = self.0.caller.set(identity.to_string());
     }
 }
@@ -81,7 +88,7 @@ fn raw_query() -> impl Filter<Extract = (String,), Error = Infallible> + Clone {
 /// Every route. Once a route's method and path match, nothing after rejects (handlers answer
 /// errors themselves), so no request falls through to another route; the final `recover`
 /// turns unmatched requests into JSON 404/405.
-pub fn routes(
+pub(crate) fn routes(
     state: Arc<ApiState>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     use handlers::respond;

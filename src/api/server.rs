@@ -26,22 +26,22 @@ use crate::telemetry::metrics::metrics;
 
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone)]
-pub struct ConnInfo {
-    pub remote: SocketAddr,
+pub(crate) struct ConnInfo {
+    pub(crate) remote: SocketAddr,
     /// Identities from a verified client certificate (subject CN, DNS and URI SANs).
-    pub client_cert: Option<Arc<ClientCert>>,
+    pub(crate) client_cert: Option<Arc<ClientCert>>,
 }
 
 /// A verified client certificate's names.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClientCert {
-    pub common_name: Option<String>,
-    pub sans: Vec<String>,
+pub(crate) struct ClientCert {
+    pub(crate) common_name: Option<String>,
+    pub(crate) sans: Vec<String>,
 }
 
 impl ClientCert {
     /// The name used as identity in logs and `requested_by`.
-    pub fn identity(&self) -> String {
+    pub(crate) fn identity(&self) -> String {
         self.common_name
             .clone()
             .or_else(|| self.sans.first().cloned())
@@ -50,12 +50,12 @@ impl ClientCert {
 }
 
 /// A connection after the transport handshake.
-pub trait Conn: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+pub(crate) trait Conn: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn for T {}
 
 /// The HTTP version a connection speaks, chosen before the first request is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HttpProtocol {
+pub(crate) enum HttpProtocol {
     /// HTTP/1.1: hyper's header read timeout runs from the start of the connection and again
     /// while a keep-alive connection waits for its next request.
     Http1,
@@ -64,18 +64,18 @@ pub enum HttpProtocol {
 }
 
 /// A connection after the transport handshake.
-pub struct Established {
-    pub io: Box<dyn Conn>,
+pub(crate) struct Established {
+    pub(crate) io: Box<dyn Conn>,
     /// The verified client certificate's names, if the client presented one.
-    pub client_cert: Option<ClientCert>,
-    pub protocol: HttpProtocol,
+    pub(crate) client_cert: Option<ClientCert>,
+    pub(crate) protocol: HttpProtocol,
 }
 
 /// What a transport handshake yields.
-pub type Accepted = futures::future::BoxFuture<'static, std::io::Result<Established>>;
+pub(crate) type Accepted = futures::future::BoxFuture<'static, std::io::Result<Established>>;
 
 /// Turns accepted TCP connections into served connections (plain, or TLS in `tls.rs`).
-pub trait Transport: Send + Sync + 'static {
+pub(crate) trait Transport: Send + Sync + 'static {
     /// Handshake; returns the stream, the verified client certificate and the protocol.
     fn accept(&self, tcp: TcpStream) -> Accepted;
 }
@@ -83,7 +83,7 @@ pub trait Transport: Send + Sync + 'static {
 /// Plain HTTP/1.1 (only allowed on loopback addresses unless `tls.allow_insecure_http`).
 /// No h2c: HTTP/2 is offered over TLS only, where ALPN picks the protocol without the
 /// untimed preface sniffing of an auto-detecting connection.
-pub struct Plain;
+pub(crate) struct Plain;
 
 impl Transport for Plain {
     fn accept(&self, tcp: TcpStream) -> Accepted {
@@ -99,15 +99,15 @@ impl Transport for Plain {
 
 /// Listener limits.
 #[derive(Debug, Clone)]
-pub struct ServerLimits {
-    pub max_connections: usize,
-    pub header_timeout: Duration,
-    pub handshake_timeout: Duration,
+pub(crate) struct ServerLimits {
+    pub(crate) max_connections: usize,
+    pub(crate) header_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
 }
 
 /// Serves `filter` on `listener` until `shutdown` fires, then lets open requests finish
 /// (up to 10 s).
-pub async fn serve<F>(
+pub(crate) async fn serve<F>(
     listener: TcpListener,
     filter: F,
     transport: Arc<dyn Transport>,

@@ -27,7 +27,7 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// Why the TLS configuration could not be built. Messages name the setting and the file.
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
+pub(crate) enum TlsError {
     #[error("{key}: cannot read {}: {source}", path.display())]
     Read {
         key: &'static str,
@@ -45,7 +45,7 @@ pub enum TlsError {
 }
 
 /// What `tls.*` asks for, in words for the start-up log line.
-pub fn client_auth_label(tls: &TlsSettings) -> &'static str {
+pub(crate) fn client_auth_label(tls: &TlsSettings) -> &'static str {
     if tls.client_ca_file.is_empty() {
         "none"
     } else {
@@ -57,24 +57,21 @@ pub fn client_auth_label(tls: &TlsSettings) -> &'static str {
 }
 
 /// TLS on the API listener. Holds the current `ServerConfig`; `reload` swaps it.
-pub struct TlsTransport {
+pub(crate) struct TlsTransport {
     config: RwLock<Arc<ServerConfig>>,
 }
 
 impl TlsTransport {
-    pub fn new(tls: &TlsSettings) -> Result<TlsTransport, TlsError> {
+    pub(crate) fn new(tls: &TlsSettings) -> Result<TlsTransport, TlsError> {
         Ok(TlsTransport {
             config: RwLock::new(server_config(tls)?),
         })
     }
 
-    /// Rebuilds the configuration from `tls`; on error the current one stays in use.
-    /// Handshakes that start afterwards use the new certificates; established connections
-    /// keep the ones they were made with.
-    pub fn reload(&self, tls: &TlsSettings) -> Result<(), TlsError> {
-        let fresh = server_config(tls)?;
-        *self.config.write().unwrap_or_else(|e| e.into_inner()) = fresh;
-        Ok(())
+    /// Makes `config` (from `server_config`) the one new handshakes use; cannot fail, so a
+    /// reload can build everything first and then swap it all in.
+    pub(crate) fn install(&self, config: Arc<ServerConfig>) {
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = config;
     }
 
     fn current(&self) -> Arc<ServerConfig> {
@@ -193,7 +190,7 @@ fn record_handshake_failure(remote: Option<std::net::SocketAddr>, err: &std::io:
 }
 
 /// The names of a (verified) client certificate: first subject CN, DNS and URI SANs.
-pub fn client_cert_names(der: &CertificateDer<'_>) -> Result<ClientCert, String> {
+pub(crate) fn client_cert_names(der: &CertificateDer<'_>) -> Result<ClientCert, String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
         .map_err(|e| format!("cannot parse the client certificate: {e}"))?;
     let common_name = cert
@@ -219,7 +216,7 @@ pub fn client_cert_names(der: &CertificateDer<'_>) -> Result<ClientCert, String>
 
 /// Builds the rustls server configuration from `tls.*` (files resolved through systemd
 /// credentials). TLS 1.2 and 1.3 only, ALPN h2 then http/1.1.
-pub fn server_config(tls: &TlsSettings) -> Result<Arc<ServerConfig>, TlsError> {
+pub(crate) fn server_config(tls: &TlsSettings) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let chain = read_certs("tls.cert_file", &tls.cert_file)?;
     warn_if_expired(&tls.cert_file, &chain[0]);
@@ -361,9 +358,7 @@ mod tests {
             vec![b"h2".to_vec(), b"http/1.1".to_vec()]
         );
         let transport = TlsTransport::new(&settings(&cert_file, &key_file, "")).unwrap();
-        transport
-            .reload(&settings(&cert_file, &key_file, &ca_file))
-            .unwrap();
+        transport.install(server_config(&settings(&cert_file, &key_file, &ca_file)).unwrap());
 
         // A key that belongs to another certificate.
         let other_key = write(
@@ -377,12 +372,6 @@ mod tests {
         assert!(
             err.starts_with("tls.key_file: ") && err.contains("other.key"),
             "{err}"
-        );
-        // A failed reload keeps the old configuration.
-        assert!(
-            transport
-                .reload(&settings(&cert_file, &other_key, ""))
-                .is_err()
         );
 
         let empty = write(dir.path(), "empty.pem", "");

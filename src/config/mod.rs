@@ -12,14 +12,15 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use load::{ConfigError, ConfigSource, Profile, load, redacted_toml, resolve_credential};
+pub use load::{ConfigError, ConfigSource, Profile, load, redacted_toml};
+pub(crate) use load::{redact_url, resolve_credential, without_userinfo};
 
 /// The current settings, replaced as a whole when the configuration is reloaded.
 #[derive(Clone)]
-pub struct LiveSettings(tokio::sync::watch::Receiver<std::sync::Arc<Settings>>);
+pub(crate) struct LiveSettings(tokio::sync::watch::Receiver<std::sync::Arc<Settings>>);
 
 impl LiveSettings {
-    pub fn new(
+    pub(crate) fn new(
         settings: Settings,
     ) -> (
         tokio::sync::watch::Sender<std::sync::Arc<Settings>>,
@@ -29,7 +30,7 @@ impl LiveSettings {
         (tx, LiveSettings(rx))
     }
 
-    pub fn current(&self) -> std::sync::Arc<Settings> {
+    pub(crate) fn current(&self) -> std::sync::Arc<Settings> {
         self.0.borrow().clone()
     }
 }
@@ -39,179 +40,179 @@ impl LiveSettings {
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// HTTP(S) listener.
-    pub server: ServerSettings,
+    pub(crate) server: ServerSettings,
     /// Durable state (the sled job store).
-    pub storage: StorageSettings,
+    pub(crate) storage: StorageSettings,
     /// Job engine limits.
-    pub jobs: JobsSettings,
+    pub(crate) jobs: JobsSettings,
     /// Where volumes are created.
-    pub volumes: VolumesSettings,
+    pub(crate) volumes: VolumesSettings,
     /// Local image cache.
-    pub cache: CacheSettings,
+    pub(crate) cache: CacheSettings,
     /// Which image URLs are accepted.
-    pub sources: SourcesSettings,
+    pub(crate) sources: SourcesSettings,
     /// S3 / MinIO image source.
-    pub s3: S3Settings,
+    pub(crate) s3: S3Settings,
     /// TLS on the API listener.
-    pub tls: TlsSettings,
+    pub(crate) tls: TlsSettings,
     /// Client authorisation (certificate identities, API tokens).
-    pub auth: AuthSettings,
+    pub(crate) auth: AuthSettings,
     /// libvirt integration (storage pool refresh).
-    pub libvirt: LibvirtSettings,
+    pub(crate) libvirt: LibvirtSettings,
     /// Logging.
-    pub log: LogSettings,
+    pub(crate) log: LogSettings,
     /// OpenTelemetry and dependency probes.
-    pub telemetry: TelemetrySettings,
+    pub(crate) telemetry: TelemetrySettings,
     /// Hot reload of this configuration.
-    pub reload: ReloadSettings,
+    pub(crate) reload: ReloadSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ReloadSettings {
+pub(crate) struct ReloadSettings {
     /// Reload when the config, tokens or TLS files change (SIGHUP always reloads).
-    pub watch_files: bool,
+    pub(crate) watch_files: bool,
     /// File events closer together than this count as one change.
     #[serde(with = "humantime_serde")]
-    pub debounce: Duration,
+    pub(crate) debounce: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ServerSettings {
+pub(crate) struct ServerSettings {
     /// Address and port of the API listener, `host:port`.
-    pub listen: String,
+    pub(crate) listen: String,
     /// Largest accepted request body in bytes (JSON requests are small).
-    pub max_body_bytes: u64,
+    pub(crate) max_body_bytes: u64,
     /// Time a client has to send the request headers (slowloris guard).
     #[serde(with = "humantime_serde")]
-    pub header_timeout: Duration,
+    pub(crate) header_timeout: Duration,
     /// Time a client has to send a request body (JSON bodies; 408 beyond).
     #[serde(with = "humantime_serde")]
-    pub body_timeout: Duration,
+    pub(crate) body_timeout: Duration,
     /// Time a client has to complete the TLS handshake.
     #[serde(with = "humantime_serde")]
-    pub handshake_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
     /// Open connections beyond this number wait in the kernel backlog.
-    pub max_connections: usize,
+    pub(crate) max_connections: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct StorageSettings {
+pub(crate) struct StorageSettings {
     /// Directory of the sled database (jobs, cache index, stage history).
-    pub data_dir: PathBuf,
+    pub(crate) data_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct JobsSettings {
+pub(crate) struct JobsSettings {
     /// Jobs running at once (1..=64).
-    pub max_concurrent: usize,
+    pub(crate) max_concurrent: usize,
     /// Pending jobs waiting for a slot; beyond this a request gets 429.
-    pub queue_capacity: usize,
+    pub(crate) queue_capacity: usize,
     /// Per-job time limit, counted from the moment the job starts running.
     #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// Finished jobs older than this are pruned from the store.
     #[serde(with = "humantime_serde")]
-    pub retention: Duration,
+    pub(crate) retention: Duration,
     /// On shutdown, running jobs get this long to finish before they are stopped and rolled back.
     #[serde(with = "humantime_serde")]
-    pub shutdown_grace: Duration,
+    pub(crate) shutdown_grace: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum VolumeBackendKind {
+pub(crate) enum VolumeBackendKind {
     Lvm,
     Directory,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct VolumesSettings {
+pub(crate) struct VolumesSettings {
     /// `lvm` (production) or `directory` (sparse files; development and tests).
-    pub backend: VolumeBackendKind,
-    pub lvm: LvmSettings,
-    pub directory: DirectorySettings,
+    pub(crate) backend: VolumeBackendKind,
+    pub(crate) lvm: LvmSettings,
+    pub(crate) directory: DirectorySettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LvmSettings {
+pub(crate) struct LvmSettings {
     /// Volume group the logical volumes are created in.
-    pub volume_group: String,
+    pub(crate) volume_group: String,
     /// Time limit of one LVM command.
     #[serde(with = "humantime_serde")]
-    pub command_timeout: Duration,
+    pub(crate) command_timeout: Duration,
     /// The volume group's physical volumes: when not empty, every LVM command gets
     /// `--devices <path>` for each, so LVM opens (and scans) only these. Empty: no narrowing.
-    pub devices: Vec<String>,
+    pub(crate) devices: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DirectorySettings {
+pub(crate) struct DirectorySettings {
     /// Directory holding the volumes as sparse raw files.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CacheSettings {
+pub(crate) struct CacheSettings {
     /// Directory holding downloaded images exactly as downloaded.
-    pub dir: PathBuf,
+    pub(crate) dir: PathBuf,
     /// Upper bound of the cache size; least recently used entries are evicted beyond it.
-    pub max_size_bytes: u64,
+    pub(crate) max_size_bytes: u64,
     /// Entries unused for longer than this are evicted.
     #[serde(with = "humantime_serde")]
-    pub max_age: Duration,
+    pub(crate) max_age: Duration,
     /// Free space that must remain on the cache file system after a download.
-    pub min_free_bytes: u64,
+    pub(crate) min_free_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SourcesSettings {
+pub(crate) struct SourcesSettings {
     /// Hosts (besides the S3 endpoint's) that image URLs may name.
-    pub allowed_hosts: Vec<String>,
+    pub(crate) allowed_hosts: Vec<String>,
     /// `file://` URLs are accepted only below these directories; empty disables `file://`.
-    pub file_roots: Vec<PathBuf>,
+    pub(crate) file_roots: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct S3Settings {
+pub(crate) struct S3Settings {
     /// S3 / MinIO endpoint URL, e.g. `https://minio.example.com:9000`. Empty: no S3 source.
-    pub endpoint: String,
-    pub region: String,
-    pub access_key: String,
-    pub secret_key: String,
+    pub(crate) endpoint: String,
+    pub(crate) region: String,
+    pub(crate) access_key: String,
+    pub(crate) secret_key: String,
     /// File holding the secret key (relative names are looked up in `$CREDENTIALS_DIRECTORY`).
-    pub secret_key_file: String,
+    pub(crate) secret_key_file: String,
     /// Bucket used when an image URL names only a key.
-    pub bucket: String,
+    pub(crate) bucket: String,
     /// PEM file with CA certificates trusted for the endpoint, besides the system roots.
-    pub ca_file: String,
+    pub(crate) ca_file: String,
     /// Allow an `http://` endpoint.
-    pub allow_http: bool,
+    pub(crate) allow_http: bool,
     /// Retries of transient errors (network, 5xx) per request.
-    pub retries: usize,
+    pub(crate) retries: usize,
     /// First retry delay; doubled per retry, with jitter.
     #[serde(with = "humantime_serde")]
-    pub retry_backoff: Duration,
+    pub(crate) retry_backoff: Duration,
     /// Upper bound of one retry delay.
     #[serde(with = "humantime_serde")]
-    pub retry_max_backoff: Duration,
+    pub(crate) retry_max_backoff: Duration,
     /// Connect timeout of one request.
     #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum ClientAuthMode {
+pub(crate) enum ClientAuthMode {
     /// The handshake fails without a client certificate signed by `client_ca_file`.
     Required,
     /// A client certificate is verified when presented; otherwise an API token is needed.
@@ -220,65 +221,65 @@ pub enum ClientAuthMode {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TlsSettings {
+pub(crate) struct TlsSettings {
     /// Server certificate chain (PEM). With `key_file`, the API is served over TLS.
-    pub cert_file: String,
+    pub(crate) cert_file: String,
     /// Server private key (PEM).
-    pub key_file: String,
+    pub(crate) key_file: String,
     /// CA certificates (PEM) that client certificates are verified against.
-    pub client_ca_file: String,
-    pub client_auth: ClientAuthMode,
+    pub(crate) client_ca_file: String,
+    pub(crate) client_auth: ClientAuthMode,
     /// Permit plain HTTP on a non-loopback address.
-    pub allow_insecure_http: bool,
+    pub(crate) allow_insecure_http: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AuthSettings {
+pub(crate) struct AuthSettings {
     /// File of API tokens, one per line (`token` or `name:token`).
-    pub tokens_file: String,
+    pub(crate) tokens_file: String,
     /// Certificate subject CNs or DNS/URI SANs allowed to call the API; empty = any cert the CA signed.
-    pub allowed_clients: Vec<String>,
+    pub(crate) allowed_clients: Vec<String>,
     /// Require a client certificate or token for `/metrics`.
-    pub protect_metrics: bool,
+    pub(crate) protect_metrics: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LibvirtSettings {
-    pub uri: String,
+pub(crate) struct LibvirtSettings {
+    pub(crate) uri: String,
     /// Storage pool refreshed after a volume is written; empty = none.
-    pub pool: String,
+    pub(crate) pool: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     Json,
     Text,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LogSettings {
+pub(crate) struct LogSettings {
     /// `error`, `warn`, `info`, `debug`, `trace`, or a full `RUST_LOG` filter.
-    pub level: String,
-    pub format: LogFormat,
+    pub(crate) level: String,
+    pub(crate) format: LogFormat,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TelemetrySettings {
+pub(crate) struct TelemetrySettings {
     /// OTLP/gRPC collector, e.g. `https://otel-collector:4317`. Empty: no trace export.
-    pub otlp_endpoint: String,
-    pub service_name: String,
+    pub(crate) otlp_endpoint: String,
+    pub(crate) service_name: String,
     /// Fraction of new traces sampled (0.0..=1.0).
-    pub sampling_ratio: f64,
+    pub(crate) sampling_ratio: f64,
     /// CA certificates (PEM) trusted for the collector.
-    pub otlp_ca_file: String,
+    pub(crate) otlp_ca_file: String,
     /// How often dependencies (S3, LVM, libvirt, storage) are probed.
     #[serde(with = "humantime_serde")]
-    pub probe_interval: Duration,
+    pub(crate) probe_interval: Duration,
 }
 
 const GIB: u64 = 1 << 30;
@@ -292,7 +293,7 @@ impl Default for Settings {
 impl Settings {
     /// Built-in defaults of a profile: `Host` is a production hypervisor, `Embedded` runs
     /// from the current directory without root (directory volumes, state under `./var`).
-    pub fn for_profile(profile: Profile) -> Self {
+    pub(crate) fn for_profile(profile: Profile) -> Self {
         let (data_dir, volumes_dir, cache_dir, backend, file_roots) = match profile {
             Profile::Host => (
                 PathBuf::from("/var/lib/libvirt-volume-provisioner"),
@@ -434,7 +435,7 @@ impl Settings {
     }
 
     /// The listener address (validated at load, so this cannot fail afterwards).
-    pub fn listen_addr(&self) -> SocketAddr {
+    pub(crate) fn listen_addr(&self) -> SocketAddr {
         self.server
             .listen
             .parse()
@@ -442,7 +443,7 @@ impl Settings {
     }
 
     /// Checks every setting; the first problem is returned with the key it concerns.
-    pub fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         let err = |key: &str, msg: String| Err(format!("{key}: {msg}"));
         if self.server.listen.parse::<SocketAddr>().is_err() {
             return err(

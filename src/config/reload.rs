@@ -17,7 +17,7 @@ use super::{ConfigSource, Settings, load, resolve_credential};
 use crate::telemetry::metrics::metrics;
 
 /// Keys whose change needs a restart (dotted; a trailing `.` covers a whole section).
-pub const RESTART_KEYS: &[&str] = &[
+pub(crate) const RESTART_KEYS: &[&str] = &[
     "server.listen",
     "server.header_timeout",
     "server.handshake_timeout",
@@ -95,7 +95,10 @@ fn set_dotted(table: &mut toml::Table, key: &str, value: toml::Value) {
 
 /// The settings to run with after a reload: `new` for live keys, `old` for keys that need a
 /// restart; plus the restart keys that changed. Turning TLS on or off also needs a restart.
-pub fn split_changes(old: &Settings, new: &Settings) -> Result<(Settings, Vec<String>), String> {
+pub(crate) fn split_changes(
+    old: &Settings,
+    new: &Settings,
+) -> Result<(Settings, Vec<String>), String> {
     let old_v = toml::Value::try_from(old).map_err(|e| e.to_string())?;
     let new_v = toml::Value::try_from(new).map_err(|e| e.to_string())?;
     let (mut old_keys, mut new_keys) = (Vec::new(), Vec::new());
@@ -128,29 +131,29 @@ pub fn split_changes(old: &Settings, new: &Settings) -> Result<(Settings, Vec<St
 
 /// What the API shows about reloads.
 #[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct ReloadStatus {
-    pub last_reload: Option<DateTime<Utc>>,
-    pub last_result: Option<&'static str>,
-    pub last_error: Option<String>,
+pub(crate) struct ReloadStatus {
+    pub(crate) last_reload: Option<DateTime<Utc>>,
+    pub(crate) last_result: Option<&'static str>,
+    pub(crate) last_error: Option<String>,
     /// Keys changed in the file but still running with their old value until a restart.
-    pub pending_restart: Vec<String>,
+    pub(crate) pending_restart: Vec<String>,
 }
 
 /// The daemon's components that take live settings.
-pub trait LiveTarget: Send + Sync {
+pub(crate) trait LiveTarget: Send + Sync {
     /// Applies `new` (already split; restart-only keys hold the running values). An error
-    /// leaves the component as it was.
-    fn apply(&self, old: &Settings, new: &Settings) -> Result<(), String>;
+    /// leaves every component as it was.
+    fn apply(&self, new: &Settings) -> Result<(), String>;
 }
 
 /// Why a reload ran.
 #[derive(Debug, Clone, Copy)]
-pub enum Trigger {
+pub(crate) enum Trigger {
     Signal,
     FileChange,
 }
 
-pub struct Reloader {
+pub(crate) struct Reloader {
     source: ConfigSource,
     current: watch::Sender<Arc<Settings>>,
     status: Mutex<ReloadStatus>,
@@ -160,7 +163,7 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    pub fn new(
+    pub(crate) fn new(
         source: ConfigSource,
         current: watch::Sender<Arc<Settings>>,
         target: Box<dyn LiveTarget>,
@@ -180,19 +183,19 @@ impl Reloader {
         })
     }
 
-    pub fn status(&self) -> ReloadStatus {
+    pub(crate) fn status(&self) -> ReloadStatus {
         self.status
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
 
-    pub fn settings(&self) -> Arc<Settings> {
+    pub(crate) fn settings(&self) -> Arc<Settings> {
         self.current.borrow().clone()
     }
 
     /// Loads, validates and applies; on any error the running configuration stays.
-    pub async fn reload(&self, trigger: Trigger) -> Result<(), String> {
+    pub(crate) async fn reload(&self, trigger: Trigger) -> Result<(), String> {
         let _one_at_a_time = self.running.lock().await;
         let old = self.settings();
         let source = self.source.clone();
@@ -202,7 +205,7 @@ impl Reloader {
             .and_then(|r| r.map_err(|e| e.to_string()));
         let outcome = loaded.and_then(|new| {
             let (effective, pending) = split_changes(&old, &new)?;
-            self.target.apply(&old, &effective)?;
+            self.target.apply(&effective)?;
             Ok((effective, pending))
         });
         let now = Utc::now();
@@ -245,7 +248,7 @@ impl Reloader {
 
     /// Reloads on SIGHUP, and on changes of the watched files unless `reload.watch_files` is
     /// false. Runs until the process ends.
-    pub fn spawn(self: &Arc<Self>) -> anyhow::Result<()> {
+    pub(crate) fn spawn(self: &Arc<Self>) -> anyhow::Result<()> {
         let (tx, mut rx) = mpsc::unbounded_channel::<Trigger>();
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         let sig_tx = tx.clone();

@@ -10,7 +10,7 @@ use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-use crate::jobs::model::ImageType;
+use crate::image::ImageType;
 use crate::telemetry::metrics::metrics;
 
 /// Address-space limit of a qemu-img child (image-safety checklist item 6).
@@ -20,23 +20,23 @@ const STDERR_KEEP: usize = 4096;
 
 /// One conversion.
 #[derive(Debug, Clone)]
-pub struct ConvertSpec {
+pub(crate) struct ConvertSpec {
     /// The cached image (a path the daemon generated).
-    pub source: PathBuf,
+    pub(crate) source: PathBuf,
     /// Format decided by the inspector.
-    pub format: ImageType,
+    pub(crate) format: ImageType,
     /// The volume.
-    pub target: PathBuf,
+    pub(crate) target: PathBuf,
     /// Write with O_DIRECT (`-t none`); false falls back to the page cache (`-t writeback`).
-    pub direct_io: bool,
+    pub(crate) direct_io: bool,
     /// Parallel coroutines (`-m`).
-    pub coroutines: u8,
+    pub(crate) coroutines: u8,
     /// CPU seconds the child may use.
-    pub cpu_limit: Duration,
+    pub(crate) cpu_limit: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ConvertError {
+pub(crate) enum ConvertError {
     #[error("cannot start qemu-img: {0}")]
     Spawn(std::io::Error),
     #[error("qemu-img convert failed ({status}): {stderr}")]
@@ -46,7 +46,7 @@ pub enum ConvertError {
 }
 
 /// The argument list (without the program name).
-pub fn convert_args(spec: &ConvertSpec) -> Vec<String> {
+pub(crate) fn convert_args(spec: &ConvertSpec) -> Vec<String> {
     let mut args = vec![
         "convert".to_string(),
         "-p".into(),
@@ -67,7 +67,7 @@ pub fn convert_args(spec: &ConvertSpec) -> Vec<String> {
 }
 
 /// Whether `path` accepts O_DIRECT writes (tmpfs and some file systems do not).
-pub fn supports_direct_io(path: &Path) -> bool {
+pub(crate) fn supports_direct_io(path: &Path) -> bool {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .write(true)
@@ -78,7 +78,7 @@ pub fn supports_direct_io(path: &Path) -> bool {
 
 /// Parses the last progress value in a chunk of `qemu-img -p` output (`    (12.34/100%)\r`),
 /// as a fraction 0..=1.
-pub fn parse_progress(chunk: &str) -> Option<f64> {
+pub(crate) fn parse_progress(chunk: &str) -> Option<f64> {
     chunk
         .split(['\r', '\n'])
         .filter_map(|line| {
@@ -91,7 +91,7 @@ pub fn parse_progress(chunk: &str) -> Option<f64> {
 }
 
 /// Runs the conversion; `on_progress` gets fractions as qemu-img reports them.
-pub async fn convert(
+pub(crate) async fn convert(
     spec: &ConvertSpec,
     cancel: &CancellationToken,
     mut on_progress: impl FnMut(f64),
@@ -134,8 +134,7 @@ pub async fn convert(
     let stderr_task = tokio::spawn(async move {
         let mut buf = Vec::new();
         let _ = stderr.read_to_end(&mut buf).await;
-        let start = buf.len().saturating_sub(STDERR_KEEP);
-        String::from_utf8_lossy(&buf[start..]).trim().to_string()
+        crate::command::stderr_tail(&buf, STDERR_KEEP)
     });
 
     let mut buf = [0u8; 512];

@@ -1,5 +1,8 @@
 //! Images: where they come from (sources), the local verified cache, and header inspection.
 
-pub mod cache;
+pub(crate) mod cache;
+mod format;
 pub mod inspect;
-pub mod source;
+pub(crate) mod source;
+
+pub use format::ImageType;

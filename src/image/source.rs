@@ -4,7 +4,7 @@
 //! and conditional GETs.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use crate::config::Settings;
 
 /// Where an image comes from, after validation.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Location {
+pub(crate) enum Location {
     /// A local file below one of `sources.file_roots` (canonical path).
     File(PathBuf),
     /// A plain HTTP(S) URL on an allowed host.
@@ -27,7 +27,7 @@ pub enum Location {
 
 impl Location {
     /// A stable identity of the object (independent of URL spelling), used for cache keys.
-    pub fn identity(&self) -> String {
+    pub(crate) fn identity(&self) -> String {
         match self {
             Location::File(p) => format!("file://{}", p.display()),
             Location::Http(u) => u.to_string(),
@@ -35,17 +35,8 @@ impl Location {
         }
     }
 
-    /// `s3`, `http` or `file` (metrics and logs).
-    pub fn scheme(&self) -> &'static str {
-        match self {
-            Location::File(_) => "file",
-            Location::Http(_) => "http",
-            Location::S3 { .. } => "s3",
-        }
-    }
-
     /// The location of the `.sha256` object beside this one.
-    pub fn checksum_location(&self) -> Location {
+    pub(crate) fn checksum_location(&self) -> Location {
         match self {
             Location::File(p) => {
                 let mut s = p.clone().into_os_string();
@@ -68,7 +59,7 @@ impl Location {
 /// A request's image URL was refused (API: 400).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct InvalidSource(pub String);
+pub(crate) struct InvalidSource(pub(crate) String);
 
 fn invalid(msg: impl Into<String>) -> InvalidSource {
     InvalidSource(msg.into())
@@ -84,7 +75,7 @@ fn host_port(url: &Url) -> Option<(String, u16)> {
 
 /// Validates and resolves an image URL against the settings. Does not touch the network; file
 /// URLs are canonicalised (so `..` and symlinks cannot escape the roots).
-pub fn resolve(image_url: &str, settings: &Settings) -> Result<Location, InvalidSource> {
+pub(crate) fn resolve(image_url: &str, settings: &Settings) -> Result<Location, InvalidSource> {
     let url =
         Url::parse(image_url).map_err(|e| invalid(format!("image_url is not a valid URL: {e}")))?;
     if !url.username().is_empty() || url.password().is_some() {
@@ -112,7 +103,9 @@ pub fn resolve(image_url: &str, settings: &Settings) -> Result<Location, Invalid
 }
 
 fn decoded_key(raw: &str) -> Result<String, InvalidSource> {
-    let key = percent_decode(raw)?;
+    let key = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| invalid("image_url key is not UTF-8 once decoded"))?;
     if key.is_empty() || key.ends_with('/') {
         return Err(invalid("image_url names no object key"));
     }
@@ -122,27 +115,7 @@ fn decoded_key(raw: &str) -> Result<String, InvalidSource> {
     {
         return Err(invalid("image_url key has empty, `.` or `..` segments"));
     }
-    Ok(key)
-}
-
-fn percent_decode(s: &str) -> Result<String, InvalidSource> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| invalid("image_url has a bad percent escape"))?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| invalid("image_url key is not UTF-8"))
+    Ok(key.into_owned())
 }
 
 fn s3_location(bucket: &str, key: &str) -> Result<Location, InvalidSource> {
@@ -249,7 +222,7 @@ fn resolve_file(url: &Url, settings: &Settings) -> Result<Location, InvalidSourc
 
 /// object_store clients for locations, built once per S3 bucket or HTTP origin and reused
 /// (connection pools survive between jobs).
-pub struct SourceClients {
+pub(crate) struct SourceClients {
     s3: crate::config::S3Settings,
     secret_key: String,
     client_options: ClientOptions,
@@ -259,7 +232,7 @@ pub struct SourceClients {
 }
 
 impl SourceClients {
-    pub fn new(settings: &Settings) -> anyhow::Result<SourceClients> {
+    pub(crate) fn new(settings: &Settings) -> anyhow::Result<SourceClients> {
         let s = &settings.s3;
         let mut client_options = ClientOptions::new()
             .with_connect_timeout(s.connect_timeout)
@@ -305,12 +278,12 @@ impl SourceClients {
     }
 
     /// The bucket image URLs without one use (`s3.bucket`).
-    pub fn default_bucket(&self) -> &str {
+    pub(crate) fn default_bucket(&self) -> &str {
         &self.s3.bucket
     }
 
     /// Whether the S3 endpoint accepts TCP connections (used when no bucket is configured).
-    pub async fn probe_endpoint(&self) -> Result<(), String> {
+    pub(crate) async fn probe_endpoint(&self) -> Result<(), String> {
         let url = Url::parse(&self.s3.endpoint).map_err(|e| e.to_string())?;
         let (host, port) = host_port(&url).ok_or("s3.endpoint has no host")?;
         tokio::time::timeout(
@@ -324,7 +297,7 @@ impl SourceClients {
     }
 
     /// The store and object path for a location.
-    pub fn store_for(
+    pub(crate) fn store_for(
         &self,
         location: &Location,
     ) -> anyhow::Result<(Arc<dyn ObjectStore>, ObjectPath)> {
@@ -355,7 +328,9 @@ impl SourceClients {
             ),
             Location::S3 { bucket, .. } => Arc::new(
                 object_store::aws::AmazonS3Builder::new()
-                    .with_endpoint(self.s3.endpoint.trim_end_matches('/'))
+                    .with_endpoint(
+                        crate::config::without_userinfo(&self.s3.endpoint).trim_end_matches('/'),
+                    )
                     .with_region(&self.s3.region)
                     .with_bucket_name(bucket)
                     .with_access_key_id(&self.s3.access_key)
@@ -370,14 +345,6 @@ impl SourceClients {
         };
         stores.insert(cache_key, store.clone());
         Ok((store, path))
-    }
-}
-
-/// Path of a file location (for tests and logs).
-pub fn file_path(location: &Location) -> Option<&Path> {
-    match location {
-        Location::File(p) => Some(p),
-        _ => None,
     }
 }
 
@@ -456,7 +423,7 @@ mod tests {
             .unwrap();
         let mut s = Settings::default();
         s.sources.file_roots = vec![root.path().to_path_buf()];
-        let url = |p: &Path| format!("file://{}", p.display());
+        let url = |p: &std::path::Path| format!("file://{}", p.display());
         assert!(resolve(&url(&root.path().join("ok.raw")), &s).is_ok());
         assert!(
             resolve(&url(&root.path().join("link")), &s).is_err(),

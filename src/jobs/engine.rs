@@ -13,39 +13,62 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::model::{Job, JobKind, JobSpec, JobStatus, VolumeOwnership};
+use super::error::JobError;
+use super::handle::JobHandle;
+use super::model::{Job, JobKind, JobSpec, JobStatus};
 use super::runner::{self, RunContext};
 use super::store::{Store, StoreError};
 use crate::telemetry::metrics::metrics;
+use crate::volume::VolumeError;
 
 /// Why a running job is being stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopReason {
+pub(crate) enum StopReason {
     Cancelled,
     TimedOut,
     Shutdown,
 }
 
+/// What holds a volume name, so that no second job (or deletion) uses it meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Holder {
+    /// A submission that is being stored.
+    Submitting,
+    /// A pending or running job.
+    Job(Uuid),
+    /// `DELETE /api/v1/volumes/{name}` is removing it.
+    Deleting,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Holder::Submitting => f.write_str("a job being submitted"),
+            Holder::Job(id) => write!(f, "job {id}"),
+            Holder::Deleting => f.write_str("its deletion"),
+        }
+    }
+}
+
 /// A refused submission.
 #[derive(Debug, thiserror::Error)]
-pub enum SubmitError {
-    #[error("volume {volume} is busy with job {job}")]
-    VolumeBusy { volume: String, job: Uuid },
-    #[error("{0}")]
-    VolumeUnusable(String),
+pub(crate) enum SubmitError {
+    #[error("volume {volume} is busy with {holder}")]
+    VolumeBusy { volume: String, holder: Holder },
+    /// The volume exists and cannot be reused for this request.
+    #[error(transparent)]
+    VolumeUnusable(VolumeError),
     #[error("job queue is full ({0} jobs waiting)")]
     QueueFull(usize),
     #[error("the daemon is shutting down")]
     ShuttingDown,
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("{0}")]
-    Internal(String),
 }
 
 /// A refused cancellation.
 #[derive(Debug, thiserror::Error)]
-pub enum CancelError {
+pub(crate) enum CancelError {
     #[error("job {0} not found")]
     NotFound(Uuid),
     #[error("cannot cancel job in '{0}' status")]
@@ -56,9 +79,9 @@ pub enum CancelError {
 
 /// Who submitted a job and in which trace.
 #[derive(Debug, Clone, Default)]
-pub struct Origin {
-    pub requested_by: Option<String>,
-    pub trace_context: BTreeMap<String, String>,
+pub(crate) struct Origin {
+    pub(crate) requested_by: Option<String>,
+    pub(crate) trace_context: BTreeMap<String, String>,
 }
 
 struct Running {
@@ -67,13 +90,14 @@ struct Running {
     done: watch::Receiver<bool>,
 }
 
-struct State {
+/// The engine's mutable state, behind one lock.
+pub(super) struct State {
     queue: VecDeque<Uuid>,
     /// Jobs accepted but not yet stored; they count against the queue capacity.
     reserved: usize,
     running: HashMap<Uuid, Running>,
-    /// Volume names held by pending or running jobs.
-    volumes: HashMap<String, Uuid>,
+    /// Volume names held by submissions, pending or running jobs and deletions.
+    pub(super) volumes: HashMap<String, Holder>,
     max_concurrent: usize,
     queue_capacity: usize,
     accepting: bool,
@@ -81,10 +105,11 @@ struct State {
 
 /// Handle to the engine (cheap to clone).
 #[derive(Clone)]
-pub struct Engine {
+pub(crate) struct Engine {
     inner: Arc<Inner>,
 }
 
+/// What every clone of the engine shares.
 struct Inner {
     store: Store,
     ctx: Arc<RunContext>,
@@ -94,7 +119,7 @@ struct Inner {
 
 impl Engine {
     /// Starts the engine: recovers jobs left by a previous run, then starts queued ones.
-    pub async fn start(store: Store, ctx: Arc<RunContext>) -> Result<Engine, StoreError> {
+    pub(crate) async fn start(store: Store, ctx: Arc<RunContext>) -> Result<Engine, StoreError> {
         let settings = ctx.settings.current();
         let engine = Engine {
             inner: Arc::new(Inner {
@@ -116,15 +141,15 @@ impl Engine {
         Ok(engine)
     }
 
-    pub fn store(&self) -> &Store {
+    pub(crate) fn store(&self) -> &Store {
         &self.inner.store
     }
 
-    pub fn context(&self) -> &Arc<RunContext> {
+    pub(super) fn context(&self) -> &RunContext {
         &self.inner.ctx
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+    pub(super) fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -134,11 +159,14 @@ impl Engine {
         for mut job in self.inner.store.all_jobs()? {
             match job.status {
                 JobStatus::Running => {
-                    let rollback = runner::rollback(&self.inner.ctx, &job).await;
-                    let mut reason = "interrupted by daemon restart".to_string();
-                    if let Err(e) = rollback {
-                        reason.push_str(&format!("; rollback failed: {e}"));
+                    let reason = match runner::rollback(&self.inner.ctx, &job).await {
+                        Ok(()) => JobError::Restarted,
+                        Err(rollback) => JobError::RollbackFailed {
+                            error: Box::new(JobError::Restarted),
+                            rollback,
+                        },
                     }
+                    .to_string();
                     tracing::warn!(job_id = %job.id, %reason, "recovering interrupted job");
                     job.transition(JobStatus::Failed, Some(reason), Utc::now())
                         .expect("running -> failed is allowed");
@@ -148,7 +176,7 @@ impl Engine {
                 JobStatus::Pending => {
                     let mut st = self.state();
                     if let Some(v) = &job.spec.volume_name {
-                        st.volumes.insert(v.clone(), job.id);
+                        st.volumes.insert(v.clone(), Holder::Job(job.id));
                     }
                     st.queue.push_back(job.id);
                 }
@@ -164,25 +192,24 @@ impl Engine {
     }
 
     /// Accepts a job: checks the volume lock and queue capacity, stores it durably, queues it.
-    pub async fn submit(
+    pub(crate) async fn submit(
         &self,
         kind: JobKind,
         spec: JobSpec,
         origin: Origin,
     ) -> Result<Job, SubmitError> {
         let volume = spec.volume_name.clone();
-        let placeholder = Uuid::new_v4();
         {
             let mut st = self.state();
             if !st.accepting {
                 return Err(SubmitError::ShuttingDown);
             }
             if let Some(v) = &volume
-                && let Some(job) = st.volumes.get(v)
+                && let Some(holder) = st.volumes.get(v)
             {
                 return Err(SubmitError::VolumeBusy {
                     volume: v.clone(),
-                    job: *job,
+                    holder: *holder,
                 });
             }
             let in_system = st.running.len() + st.queue.len() + st.reserved;
@@ -191,7 +218,7 @@ impl Engine {
             }
             st.reserved += 1;
             if let Some(v) = &volume {
-                st.volumes.insert(v.clone(), placeholder);
+                st.volumes.insert(v.clone(), Holder::Submitting);
             }
         }
         let result = self.store_new(kind, spec, origin).await;
@@ -200,7 +227,7 @@ impl Engine {
         match result {
             Ok(job) => {
                 if let Some(v) = &volume {
-                    st.volumes.insert(v.clone(), job.id);
+                    st.volumes.insert(v.clone(), Holder::Job(job.id));
                 }
                 st.queue.push_back(job.id);
                 metrics().queued_jobs.set(st.queue.len() as i64);
@@ -310,7 +337,7 @@ impl Engine {
         }
         let mut st = self.state();
         st.running.remove(&id);
-        st.volumes.retain(|_, j| *j != id);
+        st.volumes.retain(|_, h| *h != Holder::Job(id));
         self.pump(&mut st);
     }
 
@@ -345,42 +372,27 @@ impl Engine {
                 cancel.cancel();
             })
         };
-        let mut handle = runner::JobHandle::new(store.clone(), job, &self.inner.ctx);
+        let mut handle = JobHandle::new(store.clone(), job, cancel.clone());
         let outcome = runner::execute(&self.inner.ctx, &mut handle, &cancel).await;
         timer.abort();
-        let mut job = handle.into_job();
+        let (mut job, store_error) = handle.finish();
 
         let stop = *reason.lock().unwrap_or_else(|e| e.into_inner());
-        let (status, error) = match (outcome, stop) {
-            (Ok(()), _) => (JobStatus::Completed, None),
-            (Err(_), Some(StopReason::Cancelled)) => (
-                JobStatus::Cancelled,
-                Some("cancelled by request".to_string()),
-            ),
-            (Err(_), Some(StopReason::TimedOut)) => (
-                JobStatus::Failed,
-                Some(format!(
-                    "timed out after {} (jobs.timeout)",
-                    humantime::format_duration(timeout)
-                )),
-            ),
-            (Err(_), Some(StopReason::Shutdown)) => (
-                JobStatus::Failed,
-                Some("interrupted by daemon shutdown".to_string()),
-            ),
-            (Err(e), None) => (JobStatus::Failed, Some(e)),
+        let (status, error) = match outcome {
+            Ok(()) => (JobStatus::Completed, None),
+            Err(e) => final_error(e, stop, store_error, timeout),
         };
-        let error = if status == JobStatus::Completed {
-            None
-        } else {
-            match runner::rollback(&self.inner.ctx, &job).await {
-                Ok(()) => error,
-                Err(e) => Some(format!(
-                    "{}; rollback failed: {e}",
-                    error.unwrap_or_default()
-                )),
-            }
+        let error = match error {
+            None => None,
+            Some(error) => match runner::rollback(&self.inner.ctx, &job).await {
+                Ok(()) => Some(error),
+                Err(rollback) => Some(JobError::RollbackFailed {
+                    error: Box::new(error),
+                    rollback,
+                }),
+            },
         };
+        let error = error.map(|e| e.to_string());
         if status != JobStatus::Completed {
             let span = tracing::Span::current();
             span.record("otel.status_code", "ERROR");
@@ -414,12 +426,12 @@ impl Engine {
 
     /// Cancels a job: a pending one at once; a running one is stopped, rolled back, and this
     /// returns once it is terminal (or after `wait`).
-    pub async fn cancel(&self, id: Uuid, wait: Duration) -> Result<Job, CancelError> {
+    pub(crate) async fn cancel(&self, id: Uuid, wait: Duration) -> Result<Job, CancelError> {
         let running_done = {
             let mut st = self.state();
             if let Some(pos) = st.queue.iter().position(|j| *j == id) {
                 st.queue.remove(pos);
-                st.volumes.retain(|_, j| *j != id);
+                st.volumes.retain(|_, h| *h != Holder::Job(id));
                 metrics().queued_jobs.set(st.queue.len() as i64);
                 None
             } else if let Some(r) = st.running.get(&id) {
@@ -472,7 +484,7 @@ impl Engine {
     }
 
     /// 1-based position of a pending job in the queue.
-    pub fn queue_position(&self, id: Uuid) -> Option<usize> {
+    pub(crate) fn queue_position(&self, id: Uuid) -> Option<usize> {
         let st = self.state();
         st.queue
             .iter()
@@ -481,20 +493,20 @@ impl Engine {
             .or(Some(st.queue.len() + st.reserved))
     }
 
-    /// Whether a volume is held by a pending or running job.
-    pub fn volume_busy(&self, name: &str) -> Option<Uuid> {
-        self.state().volumes.get(name).copied()
-    }
-
     /// Running jobs and slots.
-    pub fn load(&self) -> (usize, usize) {
+    pub(crate) fn load(&self) -> (usize, usize) {
         let st = self.state();
         (st.running.len(), st.max_concurrent)
     }
 
     /// Applies new limits (hot reload): more slots start queued jobs at once; fewer let
     /// running jobs finish.
-    pub fn set_limits(&self, max_concurrent: usize, queue_capacity: usize, timeout: Duration) {
+    pub(crate) fn set_limits(
+        &self,
+        max_concurrent: usize,
+        queue_capacity: usize,
+        timeout: Duration,
+    ) {
         *self
             .inner
             .job_timeout
@@ -507,7 +519,7 @@ impl Engine {
     }
 
     /// Removes finished jobs older than `retention`; never pending or running ones.
-    pub fn prune(&self, retention: Duration) -> Result<usize, StoreError> {
+    pub(crate) fn prune(&self, retention: Duration) -> Result<usize, StoreError> {
         let cutoff =
             Utc::now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
         self.inner.store.prune_finished(cutoff)
@@ -515,7 +527,7 @@ impl Engine {
 
     /// Stops accepting work; gives running jobs `grace` to finish, then stops and rolls them
     /// back. Pending jobs stay stored and run at the next start.
-    pub async fn shutdown(&self, grace: Duration) {
+    pub(crate) async fn shutdown(&self, grace: Duration) {
         let waits: Vec<watch::Receiver<bool>> = {
             let mut st = self.state();
             st.accepting = false;
@@ -548,7 +560,11 @@ impl Engine {
     }
 
     /// Periodic retention pruning.
-    pub fn spawn_pruner(&self, every: Duration, retention: impl Fn() -> Duration + Send + 'static) {
+    pub(crate) fn spawn_pruner(
+        &self,
+        every: Duration,
+        retention: impl Fn() -> Duration + Send + 'static,
+    ) {
         let engine = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -564,10 +580,22 @@ impl Engine {
     }
 }
 
-/// Whether a job's volume was made by the job (rollback may remove it).
-pub fn owns_volume(job: &Job) -> bool {
-    matches!(
-        job.volume_ownership,
-        VolumeOwnership::Creating | VolumeOwnership::Created
-    )
+/// A failed job's status and error: the stop reason wins over what the step reported (a
+/// stopped step only says "stopped"), then a refused store write.
+fn final_error(
+    step: JobError,
+    stop: Option<StopReason>,
+    store_error: Option<StoreError>,
+    timeout: Duration,
+) -> (JobStatus, Option<JobError>) {
+    let error = match (stop, store_error) {
+        (Some(StopReason::Cancelled), _) => {
+            return (JobStatus::Cancelled, Some(JobError::Cancelled));
+        }
+        (Some(StopReason::TimedOut), _) => JobError::TimedOut(timeout),
+        (Some(StopReason::Shutdown), _) => JobError::Shutdown,
+        (None, Some(e)) => JobError::Store(e),
+        (None, None) => step,
+    };
+    (JobStatus::Failed, Some(error))
 }

@@ -1,8 +1,12 @@
 //! Jobs: the model and state machine, progress estimation, the durable store, the engine
-//! (queue, slots, cancel, recovery) and the runner (what a job does).
+//! (queue, slots, cancel, recovery), deleting volumes under its locks, and the runner (what a
+//! job does).
 
-pub mod engine;
-pub mod model;
-pub mod progress;
-pub mod runner;
-pub mod store;
+pub(crate) mod delete;
+pub(crate) mod engine;
+mod error;
+mod handle;
+pub(crate) mod model;
+pub(crate) mod progress;
+pub(crate) mod runner;
+pub(crate) mod store;

@@ -9,10 +9,10 @@ use serde::{Deserialize, Serialize};
 use super::model::{Progress, Stage};
 
 /// Default rates when a stage has no history (monitoring spec): 100 MB/s download, 200 MB/s convert.
-pub const DEFAULT_DOWNLOAD_BPS: f64 = 100e6;
-pub const DEFAULT_CONVERT_BPS: f64 = 200e6;
+pub(crate) const DEFAULT_DOWNLOAD_BPS: f64 = 100e6;
+pub(crate) const DEFAULT_CONVERT_BPS: f64 = 200e6;
 /// Measurements kept per stage.
-pub const HISTORY_LEN: usize = 20;
+pub(crate) const HISTORY_LEN: usize = 20;
 /// Overall percent reserved for the finalizing stage (flush, pool refresh).
 const FINALIZE_SHARE: f64 = 1.0;
 /// Below this much elapsed stage time the historical rate is used for the ETA.
@@ -20,14 +20,14 @@ const MIN_OBSERVATION_SECS: f64 = 1.0;
 
 /// One finished stage: how many bytes it moved in how long.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct StageSample {
-    pub bytes: u64,
-    pub seconds: f64,
+pub(crate) struct StageSample {
+    pub(crate) bytes: u64,
+    pub(crate) seconds: f64,
 }
 
 /// Throughput from samples (total bytes over total seconds, so short runs do not dominate),
 /// or `default` without usable history.
-pub fn stage_rate(samples: &[StageSample], default: f64) -> f64 {
+pub(crate) fn stage_rate(samples: &[StageSample], default: f64) -> f64 {
     let recent = &samples[samples.len().saturating_sub(HISTORY_LEN)..];
     let bytes: f64 = recent.iter().map(|s| s.bytes as f64).sum();
     let secs: f64 = recent.iter().map(|s| s.seconds).sum();
@@ -40,9 +40,9 @@ pub fn stage_rate(samples: &[StageSample], default: f64) -> f64 {
 
 /// Expected throughput of the two measured stages.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StageRates {
-    pub download_bps: f64,
-    pub convert_bps: f64,
+pub(crate) struct StageRates {
+    pub(crate) download_bps: f64,
+    pub(crate) convert_bps: f64,
 }
 
 impl Default for StageRates {
@@ -55,7 +55,7 @@ impl Default for StageRates {
 }
 
 impl StageRates {
-    pub fn from_history(download: &[StageSample], convert: &[StageSample]) -> StageRates {
+    pub(crate) fn from_history(download: &[StageSample], convert: &[StageSample]) -> StageRates {
         StageRates {
             download_bps: stage_rate(download, DEFAULT_DOWNLOAD_BPS),
             convert_bps: stage_rate(convert, DEFAULT_CONVERT_BPS),
@@ -64,7 +64,7 @@ impl StageRates {
 
     /// Share (0..=1) of the job's time expected in the download, from the bytes to download and
     /// the bytes to convert (the virtual size for qcow2).
-    pub fn download_share(&self, download_bytes: u64, convert_bytes: u64) -> f64 {
+    pub(crate) fn download_share(&self, download_bytes: u64, convert_bytes: u64) -> f64 {
         let d = download_bytes as f64 / self.download_bps;
         let c = convert_bytes as f64 / self.convert_bps;
         if d + c <= 0.0 { 0.5 } else { d / (d + c) }
@@ -73,7 +73,7 @@ impl StageRates {
 
 /// Tracks one job's progress through its stages.
 #[derive(Debug, Clone)]
-pub struct ProgressTracker {
+pub(crate) struct ProgressTracker {
     progress: Progress,
     rates: StageRates,
     /// Overall percent where the current stage started, and how much it may add.
@@ -87,7 +87,7 @@ pub struct ProgressTracker {
 }
 
 impl ProgressTracker {
-    pub fn new(rates: StageRates, with_convert: bool, now: Instant) -> ProgressTracker {
+    pub(crate) fn new(rates: StageRates, with_convert: bool, now: Instant) -> ProgressTracker {
         ProgressTracker {
             progress: Progress::default(),
             rates,
@@ -99,11 +99,11 @@ impl ProgressTracker {
         }
     }
 
-    pub fn progress(&self) -> &Progress {
+    pub(crate) fn progress(&self) -> &Progress {
         &self.progress
     }
 
-    pub fn stage_elapsed(&self, now: Instant) -> f64 {
+    pub(crate) fn stage_elapsed(&self, now: Instant) -> f64 {
         now.duration_since(self.stage_started).as_secs_f64()
     }
 
@@ -119,7 +119,7 @@ impl ProgressTracker {
 
     /// Download of `total` bytes begins; `expected_convert_bytes` is the best guess of what the
     /// convert stage will process (refined by `start_convert`).
-    pub fn start_download(&mut self, total: u64, expected_convert_bytes: u64, now: Instant) {
+    pub(crate) fn start_download(&mut self, total: u64, expected_convert_bytes: u64, now: Instant) {
         self.convert_bytes = expected_convert_bytes;
         let share = if self.with_convert {
             self.rates.download_share(total, expected_convert_bytes)
@@ -133,14 +133,14 @@ impl ProgressTracker {
 
     /// Conversion of an image of `virtual_size` bytes begins; it spans what is left up to the
     /// finalizing share (all of 0..99 on a cache hit).
-    pub fn start_convert(&mut self, virtual_size: u64, now: Instant) {
+    pub(crate) fn start_convert(&mut self, virtual_size: u64, now: Instant) {
         self.convert_bytes = virtual_size;
         self.enter(Stage::Converting, virtual_size, 100.0 - FINALIZE_SHARE, now);
         self.update_bytes(0, now);
     }
 
     /// Flush and pool refresh; the byte counts of the conversion stay visible.
-    pub fn start_finalize(&mut self, now: Instant) {
+    pub(crate) fn start_finalize(&mut self, now: Instant) {
         let (done, total) = (self.progress.bytes_processed, self.progress.bytes_total);
         self.enter(Stage::Finalizing, total, 100.0, now);
         self.progress.bytes_processed = done;
@@ -149,7 +149,7 @@ impl ProgressTracker {
     }
 
     /// Bytes done in the current stage.
-    pub fn update_bytes(&mut self, done: u64, now: Instant) {
+    pub(crate) fn update_bytes(&mut self, done: u64, now: Instant) {
         let total = self.progress.bytes_total;
         let done = if total > 0 { done.min(total) } else { done };
         self.progress.bytes_processed = self.progress.bytes_processed.max(done);
@@ -162,7 +162,7 @@ impl ProgressTracker {
     }
 
     /// Fraction (0..=1) of the current stage done, for stages that report a percentage (qemu-img).
-    pub fn update_fraction(&mut self, fraction: f64, now: Instant) {
+    pub(crate) fn update_fraction(&mut self, fraction: f64, now: Instant) {
         let fraction = fraction.clamp(0.0, 1.0);
         let bytes = (self.progress.bytes_total as f64 * fraction) as u64;
         self.progress.bytes_processed = self.progress.bytes_processed.max(bytes);
@@ -178,7 +178,7 @@ impl ProgressTracker {
     }
 
     /// Current stage throughput in bytes per second, once measurable.
-    pub fn current_rate(&self, now: Instant) -> Option<f64> {
+    pub(crate) fn current_rate(&self, now: Instant) -> Option<f64> {
         let elapsed = self.stage_elapsed(now);
         let done = self.progress.bytes_processed as f64;
         (elapsed >= MIN_OBSERVATION_SECS && done > 0.0).then(|| done / elapsed)

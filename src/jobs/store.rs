@@ -11,7 +11,7 @@ use super::progress::{HISTORY_LEN, StageSample};
 use crate::telemetry::metrics::metrics;
 
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub(crate) enum StoreError {
     #[error("job store: {0}")]
     Sled(#[from] sled::Error),
     #[error("job store: cannot (de)serialize record: {0}")]
@@ -20,7 +20,7 @@ pub enum StoreError {
 
 /// The sled database and its trees.
 #[derive(Clone)]
-pub struct Store {
+pub(crate) struct Store {
     db: sled::Db,
     jobs: sled::Tree,
     history: sled::Tree,
@@ -28,7 +28,7 @@ pub struct Store {
 
 impl Store {
     /// Opens (or creates) the database in `dir`.
-    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+    pub(crate) fn open(dir: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(sled::Error::Io)?;
         let result = sled::Config::new()
             .path(dir.join("db"))
@@ -44,12 +44,12 @@ impl Store {
     }
 
     /// Another tree of the same database (e.g. the cache index).
-    pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+    pub(crate) fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
         Ok(self.db.open_tree(name)?)
     }
 
     /// A number that grows with every call, across restarts (submission order).
-    pub fn next_seq(&self) -> Result<u64, StoreError> {
+    pub(crate) fn next_seq(&self) -> Result<u64, StoreError> {
         let r = self.db.generate_id();
         metrics().storage_op("generate_id", &r);
         Ok(r?)
@@ -57,7 +57,7 @@ impl Store {
 
     /// Writes a job record. `durable`: wait until it is on disk (state changes); progress
     /// updates pass `false` and reach disk with sled's periodic flush.
-    pub async fn put_job(&self, job: &Job, durable: bool) -> Result<(), StoreError> {
+    pub(crate) async fn put_job(&self, job: &Job, durable: bool) -> Result<(), StoreError> {
         self.put_job_nowait(job)?;
         if durable {
             self.flush().await?;
@@ -66,7 +66,7 @@ impl Store {
     }
 
     /// Writes a job record without waiting for disk (progress; sled flushes every 200 ms).
-    pub fn put_job_nowait(&self, job: &Job) -> Result<(), StoreError> {
+    pub(crate) fn put_job_nowait(&self, job: &Job) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(job)?;
         let r = self.jobs.insert(job.id.as_bytes(), bytes);
         metrics().storage_op("put_job", &r);
@@ -74,14 +74,14 @@ impl Store {
         Ok(())
     }
 
-    pub async fn flush(&self) -> Result<(), StoreError> {
+    pub(crate) async fn flush(&self) -> Result<(), StoreError> {
         let r = self.db.flush_async().await;
         metrics().storage_op("flush", &r);
         r?;
         Ok(())
     }
 
-    pub fn get_job(&self, id: Uuid) -> Result<Option<Job>, StoreError> {
+    pub(crate) fn get_job(&self, id: Uuid) -> Result<Option<Job>, StoreError> {
         let r = self.jobs.get(id.as_bytes());
         metrics().storage_op("get_job", &r);
         match r? {
@@ -97,7 +97,7 @@ impl Store {
     }
 
     /// All jobs, oldest submission first.
-    pub fn all_jobs(&self) -> Result<Vec<Job>, StoreError> {
+    pub(crate) fn all_jobs(&self) -> Result<Vec<Job>, StoreError> {
         let mut jobs = Vec::new();
         for item in self.jobs.iter() {
             metrics().storage_op("scan_jobs", &item);
@@ -109,7 +109,7 @@ impl Store {
     }
 
     /// Jobs newest first, optionally of one status, at most `limit`.
-    pub fn list_jobs(
+    pub(crate) fn list_jobs(
         &self,
         status: Option<JobStatus>,
         limit: usize,
@@ -125,7 +125,7 @@ impl Store {
         Ok((jobs, total))
     }
 
-    pub fn delete_job(&self, id: Uuid) -> Result<(), StoreError> {
+    pub(crate) fn delete_job(&self, id: Uuid) -> Result<(), StoreError> {
         let r = self.jobs.remove(id.as_bytes());
         metrics().storage_op("delete_job", &r);
         r?;
@@ -133,7 +133,7 @@ impl Store {
     }
 
     /// Deletes terminal jobs that finished before `cutoff`; pending and running jobs stay.
-    pub fn prune_finished(
+    pub(crate) fn prune_finished(
         &self,
         cutoff: chrono::DateTime<chrono::Utc>,
     ) -> Result<usize, StoreError> {
@@ -148,7 +148,7 @@ impl Store {
     }
 
     /// Appends a stage measurement, keeping the last `HISTORY_LEN`.
-    pub fn record_stage(&self, stage: &str, sample: StageSample) -> Result<(), StoreError> {
+    pub(crate) fn record_stage(&self, stage: &str, sample: StageSample) -> Result<(), StoreError> {
         let mut samples = self.stage_samples(stage)?;
         samples.push(sample);
         let start = samples.len().saturating_sub(HISTORY_LEN);
@@ -159,7 +159,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn stage_samples(&self, stage: &str) -> Result<Vec<StageSample>, StoreError> {
+    pub(crate) fn stage_samples(&self, stage: &str) -> Result<Vec<StageSample>, StoreError> {
         let r = self.history.get(stage.as_bytes());
         metrics().storage_op("get_stage_history", &r);
         match r? {
@@ -170,11 +170,12 @@ impl Store {
 
     /// Readiness probe: a small write that must reach disk. A read alone kept answering from
     /// memory while every write failed (full disk, failed log); this shows such a store as down.
-    pub async fn probe(&self) -> bool {
+    pub(crate) async fn probe(&self) -> Result<(), String> {
         let stamp = chrono::Utc::now().timestamp_millis().to_be_bytes();
         let r = self.db.insert(b"__probe__", &stamp[..]);
         metrics().storage_op("probe", &r);
-        r.is_ok() && self.flush().await.is_ok()
+        r.map_err(|e| format!("job store: {e}"))?;
+        self.flush().await.map_err(|e| e.to_string())
     }
 }
 

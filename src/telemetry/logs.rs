@@ -17,31 +17,34 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
-use crate::config::{LogFormat, LogSettings};
-
 /// Span fields copied onto every log line written inside the span.
 const CARRIED_FIELDS: &[&str] = &["job_id", "correlation_id", "volume_name"];
 
 /// The trace layer (OpenTelemetry), first on the registry.
-pub type TraceLayer =
+pub(crate) type TraceLayer =
     tracing_opentelemetry::OpenTelemetryLayer<Registry, opentelemetry_sdk::trace::Tracer>;
 type WithTrace = Layered<Option<TraceLayer>, Registry>;
 
 /// Live control of logging (hot reload).
 #[derive(Clone)]
-pub struct LogControl {
+pub(crate) struct LogControl {
     filter: reload::Handle<EnvFilter, WithTrace>,
     json: Arc<AtomicBool>,
 }
 
 impl LogControl {
-    /// Applies a new level/format; returns an error for an invalid filter.
-    pub fn apply(&self, log: &LogSettings) -> Result<(), String> {
-        let filter = build_filter(&log.level)?;
-        self.filter.reload(filter).map_err(|e| e.to_string())?;
-        self.json
-            .store(log.format == LogFormat::Json, Ordering::Relaxed);
-        Ok(())
+    /// The filter `level` asks for (or `RUST_LOG`), not yet in force.
+    pub(crate) fn prepare(level: &str) -> Result<EnvFilter, String> {
+        build_filter(level)
+    }
+
+    /// Puts a prepared filter and the format in force; cannot fail (the reload handle only
+    /// refuses once the subscriber is gone, at exit).
+    pub(crate) fn install(&self, filter: EnvFilter, json: bool) {
+        if let Err(e) = self.filter.reload(filter) {
+            eprintln!("cannot change the log filter: {e}");
+        }
+        self.json.store(json, Ordering::Relaxed);
     }
 }
 
@@ -58,9 +61,13 @@ fn build_filter(level: &str) -> Result<EnvFilter, String> {
 
 /// Installs the global subscriber: trace layer, level filter, field capture, formatter
 /// (to stderr, which journald collects).
-pub fn init(log: &LogSettings, trace_layer: Option<TraceLayer>) -> Result<LogControl, String> {
-    let (filter, handle) = reload::Layer::new(build_filter(&log.level)?);
-    let json = Arc::new(AtomicBool::new(log.format == LogFormat::Json));
+pub(crate) fn init(
+    level: &str,
+    json: bool,
+    trace_layer: Option<TraceLayer>,
+) -> Result<LogControl, String> {
+    let (filter, handle) = reload::Layer::new(build_filter(level)?);
+    let json = Arc::new(AtomicBool::new(json));
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .event_format(SpecFormat { json: json.clone() });
@@ -101,7 +108,7 @@ impl Visit for Carried {
 }
 
 /// Layer that keeps the carried fields of each span in its extensions.
-pub struct FieldCapture;
+pub(crate) struct FieldCapture;
 
 impl<S> Layer<S> for FieldCapture
 where
@@ -197,7 +204,7 @@ fn component(target: &str) -> &str {
 }
 
 /// The monitoring spec's line formats.
-pub struct SpecFormat {
+pub(crate) struct SpecFormat {
     json: Arc<AtomicBool>,
 }
 

@@ -14,35 +14,35 @@ const NS: &str = "libvirt_volume_provisioner";
 const HIT_RATIO_WINDOW: usize = 100;
 
 /// Every metric the daemon exports.
-pub struct Metrics {
-    pub registry: Registry,
-    pub requests_total: IntCounterVec,
-    pub request_duration_seconds: HistogramVec,
-    pub active_jobs: IntGauge,
-    pub jobs_total: IntCounterVec,
-    pub job_duration_seconds: HistogramVec,
-    pub cache_hits_total: IntCounter,
-    pub cache_misses_total: IntCounter,
-    pub cache_hit_ratio: Gauge,
-    pub images_downloaded_total: IntCounter,
-    pub image_download_size_bytes: HistogramVec,
-    pub image_errors_total: IntCounterVec,
-    pub storage_operations_total: IntCounterVec,
-    pub storage_errors_total: IntCounterVec,
-    pub stage_duration_seconds: HistogramVec,
-    pub stage_throughput_bytes_per_second: GaugeVec,
-    pub health_status: IntGauge,
-    pub dependencies_up: IntGaugeVec,
-    pub build_info: IntGaugeVec,
-    pub job_slots: IntGauge,
-    pub queued_jobs: IntGauge,
-    pub auth_failures_total: IntCounterVec,
-    pub config_reload_total: IntCounterVec,
-    pub config_last_reload_success_timestamp_seconds: Gauge,
-    pub qemu_img_invocations_total: IntCounterVec,
-    pub libvirt_pool_refresh_errors_total: IntCounter,
-    pub cache_evictions_total: CounterVec,
-    pub download_bytes_total: IntCounter,
+pub(crate) struct Metrics {
+    pub(crate) registry: Registry,
+    pub(crate) requests_total: IntCounterVec,
+    pub(crate) request_duration_seconds: HistogramVec,
+    pub(crate) active_jobs: IntGauge,
+    pub(crate) jobs_total: IntCounterVec,
+    pub(crate) job_duration_seconds: HistogramVec,
+    pub(crate) cache_hits_total: IntCounter,
+    pub(crate) cache_misses_total: IntCounter,
+    pub(crate) cache_hit_ratio: Gauge,
+    pub(crate) images_downloaded_total: IntCounter,
+    pub(crate) image_download_size_bytes: HistogramVec,
+    pub(crate) image_errors_total: IntCounterVec,
+    pub(crate) storage_operations_total: IntCounterVec,
+    pub(crate) storage_errors_total: IntCounterVec,
+    pub(crate) stage_duration_seconds: HistogramVec,
+    pub(crate) stage_throughput_bytes_per_second: GaugeVec,
+    pub(crate) health_status: IntGauge,
+    pub(crate) dependencies_up: IntGaugeVec,
+    pub(crate) build_info: IntGaugeVec,
+    pub(crate) job_slots: IntGauge,
+    pub(crate) queued_jobs: IntGauge,
+    pub(crate) auth_failures_total: IntCounterVec,
+    pub(crate) config_reload_total: IntCounterVec,
+    pub(crate) config_last_reload_success_timestamp_seconds: Gauge,
+    pub(crate) qemu_img_invocations_total: IntCounterVec,
+    pub(crate) libvirt_pool_refresh_errors_total: IntCounter,
+    pub(crate) cache_evictions_total: CounterVec,
+    pub(crate) download_bytes_total: IntCounter,
     hit_window: Mutex<VecDeque<bool>>,
 }
 
@@ -285,7 +285,7 @@ impl Metrics {
     }
 
     /// A cache lookup: counts it and updates the rolling hit ratio.
-    pub fn cache_lookup(&self, hit: bool) {
+    pub(crate) fn cache_lookup(&self, hit: bool) {
         if hit {
             self.cache_hits_total.inc();
         } else {
@@ -301,7 +301,11 @@ impl Metrics {
     }
 
     /// A storage (sled) operation and its result.
-    pub fn storage_op<T, E: std::fmt::Display>(&self, operation: &str, result: &Result<T, E>) {
+    pub(crate) fn storage_op<T, E: StorageErrorKind>(
+        &self,
+        operation: &str,
+        result: &Result<T, E>,
+    ) {
         match result {
             Ok(_) => self
                 .storage_operations_total
@@ -312,20 +316,20 @@ impl Metrics {
                     .with_label_values(&[operation, "error"])
                     .inc();
                 self.storage_errors_total
-                    .with_label_values(&[operation, storage_error_type(&e.to_string())])
+                    .with_label_values(&[operation, e.error_type()])
                     .inc();
             }
         }
     }
 
-    pub fn image_error(&self, operation: &str, error_type: &str) {
+    pub(crate) fn image_error(&self, operation: &str, error_type: &str) {
         self.image_errors_total
             .with_label_values(&[operation, error_type])
             .inc();
     }
 
     /// Prometheus text exposition of everything.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut buf = Vec::new();
         let encoder = TextEncoder::new();
         if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
@@ -395,23 +399,33 @@ impl prometheus::core::Collector for ProcessMetrics {
     }
 }
 
-fn storage_error_type(msg: &str) -> &'static str {
-    let m = msg.to_ascii_lowercase();
-    if m.contains("corrupt") {
-        "corruption"
-    } else if m.contains("serial") || m.contains("json") {
+/// The `error_type` label of a failed storage operation, from the error's variant.
+pub(crate) trait StorageErrorKind {
+    fn error_type(&self) -> &'static str;
+}
+
+impl StorageErrorKind for sled::Error {
+    fn error_type(&self) -> &'static str {
+        match self {
+            sled::Error::Io(_) => "io",
+            sled::Error::Corruption { .. } => "corruption",
+            sled::Error::CollectionNotFound(_) => "not_found",
+            sled::Error::Unsupported(_) => "unsupported",
+            sled::Error::ReportableBug(_) => "bug",
+        }
+    }
+}
+
+impl StorageErrorKind for serde_json::Error {
+    fn error_type(&self) -> &'static str {
         "serialization"
-    } else if m.contains("io") {
-        "io"
-    } else {
-        "other"
     }
 }
 
 /// The process-wide metrics.
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+pub(crate) static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
-pub fn metrics() -> &'static Metrics {
+pub(crate) fn metrics() -> &'static Metrics {
     &METRICS
 }
 

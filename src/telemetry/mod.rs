@@ -1,10 +1,10 @@
 //! Observability: metrics, logs, traces, and the health/dependency state. This file holds the
 //! W3C trace-context helpers that tie a request's trace to the jobs it creates.
 
-pub mod health;
-pub mod logs;
-pub mod metrics;
-pub mod traces;
+pub(crate) mod health;
+pub(crate) mod logs;
+pub(crate) mod metrics;
+pub(crate) mod traces;
 
 use std::collections::BTreeMap;
 
@@ -13,7 +13,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// Makes `span` a child of the trace named in the request's `traceparent` header, if any.
-pub fn extract_remote_parent(span: &tracing::Span, headers: &http::HeaderMap) {
+pub(crate) fn extract_remote_parent(span: &tracing::Span, headers: &http::HeaderMap) {
     let carrier: BTreeMap<String, String> = ["traceparent", "tracestate"]
         .iter()
         .filter_map(|k| {
@@ -27,7 +27,7 @@ pub fn extract_remote_parent(span: &tracing::Span, headers: &http::HeaderMap) {
 }
 
 /// The current span's trace context (`traceparent`, `tracestate`), to store with a job.
-pub fn current_trace_context() -> BTreeMap<String, String> {
+pub(crate) fn current_trace_context() -> BTreeMap<String, String> {
     let mut carrier = std::collections::HashMap::new();
     let cx = tracing::Span::current().context();
     TraceContextPropagator::new().inject_context(&cx, &mut carrier);
@@ -36,7 +36,7 @@ pub fn current_trace_context() -> BTreeMap<String, String> {
 
 /// Makes `span` a child of a stored trace context (a job's spans under the request that
 /// created it, also after a restart).
-pub fn link_to_stored_context(span: &tracing::Span, carrier: &BTreeMap<String, String>) {
+pub(crate) fn link_to_stored_context(span: &tracing::Span, carrier: &BTreeMap<String, String>) {
     if carrier.is_empty() {
         return;
     }

@@ -16,7 +16,6 @@ use opentelemetry_sdk::trace::{
     Sampler, SamplingResult, SdkTracerProvider, ShouldSample, SpanData, SpanExporter,
 };
 
-use crate::config::TelemetrySettings;
 use crate::telemetry::logs::TraceLayer;
 
 /// A ratio sampler whose ratio can change at runtime; children follow their parent's decision
@@ -88,25 +87,34 @@ impl<E: SpanExporter + 'static> SpanExporter for RuntimeExporter<E> {
 
 /// The live sampling ratio of new traces.
 #[derive(Debug, Clone)]
-pub struct SamplingRatio(Arc<AtomicU64>);
+pub(crate) struct SamplingRatio(Arc<AtomicU64>);
 
 impl SamplingRatio {
-    pub fn set(&self, ratio: f64) {
+    pub(crate) fn set(&self, ratio: f64) {
         self.0.store(ratio.to_bits(), Ordering::Relaxed);
     }
 }
 
+/// Where and how traces are exported (from `telemetry.*`).
+pub(crate) struct TraceExport {
+    /// OTLP/gRPC collector URL; empty: traces are not exported.
+    pub(crate) endpoint: String,
+    pub(crate) service_name: String,
+    pub(crate) sampling_ratio: f64,
+    /// PEM file of CA certificates trusted for an `https://` collector.
+    pub(crate) ca_file: Option<std::path::PathBuf>,
+}
+
 /// The tracer provider and what it needs to live.
-pub struct Tracing {
+pub(crate) struct Tracing {
     provider: SdkTracerProvider,
     ratio: Arc<AtomicU64>,
     runtime: Option<tokio::runtime::Runtime>,
-    pub exporting: bool,
 }
 
 impl Tracing {
     /// Builds the provider (with the OTLP exporter when configured) and the tracing layer.
-    pub fn init(settings: &TelemetrySettings) -> anyhow::Result<(Tracing, TraceLayer)> {
+    pub(crate) fn init(settings: &TraceExport) -> anyhow::Result<(Tracing, TraceLayer)> {
         let ratio = Arc::new(AtomicU64::new(settings.sampling_ratio.to_bits()));
         let resource = Resource::builder()
             .with_service_name(settings.service_name.clone())
@@ -118,7 +126,7 @@ impl Tracing {
             })
             .with_resource(resource);
         let mut runtime = None;
-        if !settings.otlp_endpoint.is_empty() {
+        if !settings.endpoint.is_empty() {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .thread_name("otlp-export")
@@ -128,16 +136,15 @@ impl Tracing {
                 let _enter = rt.enter();
                 let mut b = opentelemetry_otlp::SpanExporter::builder()
                     .with_tonic()
-                    .with_endpoint(settings.otlp_endpoint.clone())
+                    .with_endpoint(settings.endpoint.clone())
                     .with_timeout(Duration::from_secs(10));
-                if settings.otlp_endpoint.starts_with("https://") {
+                if settings.endpoint.starts_with("https://") {
                     use opentelemetry_otlp::tonic_types::transport::{
                         Certificate, ClientTlsConfig,
                     };
                     let mut tls = ClientTlsConfig::new().with_native_roots();
-                    if !settings.otlp_ca_file.is_empty() {
-                        let path = crate::config::resolve_credential(&settings.otlp_ca_file);
-                        let pem = std::fs::read(&path).map_err(|e| {
+                    if let Some(path) = &settings.ca_file {
+                        let pem = std::fs::read(path).map_err(|e| {
                             anyhow::anyhow!("telemetry.otlp_ca_file {}: {e}", path.display())
                         })?;
                         tls = tls.ca_certificate(Certificate::from_pem(pem));
@@ -159,7 +166,6 @@ impl Tracing {
             Tracing {
                 provider,
                 ratio,
-                exporting: runtime.is_some(),
                 runtime,
             },
             layer,
@@ -167,13 +173,13 @@ impl Tracing {
     }
 
     /// A handle that changes the share of new traces sampled (hot reload).
-    pub fn sampling(&self) -> SamplingRatio {
+    pub(crate) fn sampling(&self) -> SamplingRatio {
         SamplingRatio(self.ratio.clone())
     }
 
     /// Exports what is buffered and stops. Runs on a plain thread: the provider blocks while
     /// the export runtime finishes, and a runtime must not be dropped inside async code.
-    pub fn shutdown(self) {
+    pub(crate) fn shutdown(self) {
         let Tracing {
             provider, runtime, ..
         } = self;

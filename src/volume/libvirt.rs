@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tokio::process::Command;
+use crate::command::{self, CommandError};
 
 use crate::telemetry::metrics::metrics;
 
@@ -11,47 +11,34 @@ const VIRSH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs `virsh pool-refresh` for `libvirt.pool` (nothing when no pool is configured).
 #[derive(Debug, Clone)]
-pub struct PoolRefresher {
+pub(crate) struct PoolRefresher {
     uri: String,
     pool: String,
 }
 
 impl PoolRefresher {
-    pub fn new(uri: &str, pool: &str) -> PoolRefresher {
+    pub(crate) fn new(uri: &str, pool: &str) -> PoolRefresher {
         PoolRefresher {
             uri: uri.to_string(),
             pool: pool.to_string(),
         }
     }
 
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         !self.pool.is_empty()
     }
 
-    async fn virsh(&self, subcommand: &str) -> Result<(), String> {
-        let run = Command::new("virsh")
-            .args(["-c", &self.uri, subcommand, &self.pool])
-            .env("LC_ALL", "C")
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(VIRSH_TIMEOUT, run)
-            .await
-            .map_err(|_| format!("virsh {subcommand} timed out after {VIRSH_TIMEOUT:?}"))?
-            .map_err(|e| format!("cannot run virsh: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "virsh {subcommand} {} failed ({}): {}",
-                self.pool,
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+    async fn virsh(&self, subcommand: &str) -> Result<(), CommandError> {
+        let limit = command::Limit {
+            timeout: VIRSH_TIMEOUT,
+            setting: None,
+        };
+        command::run("virsh", &["-c", &self.uri, subcommand, &self.pool], limit).await?;
+        Ok(())
     }
 
     /// Refreshes the pool; errors are logged and counted.
-    pub async fn refresh(&self) {
+    pub(crate) async fn refresh(&self) {
         if !self.enabled() {
             return;
         }
@@ -62,7 +49,7 @@ impl PoolRefresher {
     }
 
     /// Whether libvirt answers for the pool.
-    pub async fn probe(&self) -> Result<(), String> {
-        self.virsh("pool-info").await
+    pub(crate) async fn probe(&self) -> Result<(), String> {
+        self.virsh("pool-info").await.map_err(|e| e.to_string())
     }
 }

@@ -7,30 +7,27 @@
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Deserialize;
-use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-use super::{VolumeBackend, VolumeError, VolumeInfo, validate_lvm_name};
+use super::{Blocker, BlockerKind, VolumeBackend, VolumeError, VolumeInfo, validate_lvm_name};
+use crate::command;
 
 /// Options every report command gets: machine-readable JSON, sizes as plain byte counts.
 const REPORT_ARGS: [&str; 5] = ["--reportformat", "json", "--units", "b", "--nosuffix"];
 const VG_FIELDS: &str = "vg_name,vg_extent_size,vg_extent_count,vg_free_count,vg_free,vg_size";
 const LV_FIELDS: &str = "lv_name,vg_name,lv_size,lv_attr,lv_tags,origin,pool_lv,segtype";
 /// Prefix of the tag `lvcreate` puts on an LV a job creates (`lvp_job_<job id>`).
-pub const OWNER_TAG_PREFIX: &str = "lvp_job_";
+pub(crate) const OWNER_TAG_PREFIX: &str = "lvp_job_";
 /// Bytes zeroed per `BLKZEROOUT` call; cancellation is checked between calls.
 const ZERO_CHUNK: u64 = 256 << 20;
 /// How long a device node may take to appear after activation (udev in production).
 const NODE_WAIT: Duration = Duration::from_secs(10);
 /// How long removal waits for a transient opener (udev's probe after a write) to go away.
 const OPEN_WAIT: Duration = Duration::from_secs(5);
-/// Bytes of a command's stderr kept in an error.
-const STDERR_KEEP: usize = 2048;
 
 // Block-device ioctls (linux/fs.h); BLKGETSIZE64 is declared with size_t, 8 bytes on the 64-bit
 // targets this daemon runs on.
@@ -44,46 +41,46 @@ nix::ioctl_read_bad!(
 
 /// A volume group as `vgs` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VgInfo {
-    pub name: String,
-    pub extent_size: u64,
-    pub free_bytes: u64,
-    pub size_bytes: u64,
+pub(crate) struct VgInfo {
+    pub(crate) name: String,
+    pub(crate) extent_size: u64,
+    pub(crate) free_bytes: u64,
+    pub(crate) size_bytes: u64,
 }
 
 /// A logical volume as `lvs` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LvInfo {
-    pub name: String,
-    pub vg: String,
-    pub size_bytes: u64,
-    pub attr: LvAttr,
-    pub tags: Vec<String>,
+pub(crate) struct LvInfo {
+    pub(crate) name: String,
+    pub(crate) vg: String,
+    pub(crate) size_bytes: u64,
+    pub(crate) attr: LvAttr,
+    pub(crate) tags: Vec<String>,
     /// Origin of a snapshot (old-style or thin); empty otherwise.
-    pub origin: String,
-    pub pool_lv: String,
-    pub segtype: String,
+    pub(crate) origin: String,
+    pub(crate) pool_lv: String,
+    pub(crate) segtype: String,
 }
 
 /// The ten `lv_attr` characters (lvs(8), "lv_attr bits").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LvAttr {
-    pub volume_type: char,
-    pub permissions: char,
-    pub allocation: char,
-    pub fixed_minor: char,
-    pub state: char,
-    pub open: char,
-    pub target_type: char,
-    pub zero: char,
-    pub health: char,
-    pub skip_activation: char,
+pub(crate) struct LvAttr {
+    pub(crate) volume_type: char,
+    pub(crate) permissions: char,
+    pub(crate) allocation: char,
+    pub(crate) fixed_minor: char,
+    pub(crate) state: char,
+    pub(crate) open: char,
+    pub(crate) target_type: char,
+    pub(crate) zero: char,
+    pub(crate) health: char,
+    pub(crate) skip_activation: char,
 }
 
 impl LvAttr {
     /// Parses `lv_attr`; older LVM versions print fewer than ten characters (missing ones
     /// read as `-`).
-    pub fn parse(s: &str) -> Result<LvAttr, String> {
+    pub(crate) fn parse(s: &str) -> Result<LvAttr, String> {
         let c: Vec<char> = s.chars().collect();
         if c.len() < 6 || c.len() > 10 {
             return Err(format!("unexpected lv_attr {s:?}"));
@@ -103,17 +100,17 @@ impl LvAttr {
         })
     }
 
-    pub fn is_open(&self) -> bool {
+    pub(crate) fn is_open(&self) -> bool {
         self.open == 'o'
     }
 
-    pub fn is_active(&self) -> bool {
+    pub(crate) fn is_active(&self) -> bool {
         self.state == 'a'
     }
 
     /// Why an LV of this volume type is not a plain data volume this service may overwrite or
     /// remove; `None` for linear/striped, thin, cached, mirrored and RAID volumes.
-    pub fn special_type(&self) -> Option<&'static str> {
+    pub(crate) fn special_type(&self) -> Option<&'static str> {
         match self.volume_type {
             '-' | 'V' | 'C' | 'm' | 'M' | 'r' | 'R' => None,
             'o' | 'O' => Some("it is the origin of snapshots"),
@@ -168,44 +165,52 @@ impl LvInfo {
     }
 
     /// Why this LV must not be overwritten by a job (the API answers 409 with it); `None` when
-    /// it may be reused. An open LV's reason always contains "open".
-    pub fn reuse_blocker(&self) -> Option<String> {
+    /// it may be reused.
+    pub(crate) fn reuse_blocker(&self) -> Option<Blocker> {
         // Whatever forbids removal also forbids overwriting.
-        if let Some(reason) = self.removal_blocker() {
-            return Some(reason);
+        if let Some(blocker) = self.removal_blocker() {
+            return Some(blocker);
         }
         let note = self.attr_note();
+        let unwritable = |reason: String| Some(Blocker::new(BlockerKind::Unwritable, reason));
         if self.attr.permissions != 'w' {
-            return Some(format!("it is read-only ({note})"));
+            return unwritable(format!("it is read-only ({note})"));
         }
         if let Some(state) = self.attr.state_description() {
-            return Some(format!("it is {state} ({note})"));
+            return unwritable(format!("it is {state} ({note})"));
         }
         if !matches!(self.attr.health, '-' | 'w' | 'm') {
-            return Some(format!(
+            return unwritable(format!(
                 "its health flag is {:?} (partial, failed or out of space; {note})",
                 self.attr.health
             ));
         }
         if !self.attr.is_active() && self.attr.skip_activation == 'k' {
-            return Some(format!("it has the activation skip flag set ({note})"));
+            return unwritable(format!("it has the activation skip flag set ({note})"));
         }
         None
     }
 
     /// Why `DELETE` must not remove this LV: open, or not a plain data volume (removing a
     /// thin pool or a snapshot origin would take other volumes with it).
-    pub fn removal_blocker(&self) -> Option<String> {
+    pub(crate) fn removal_blocker(&self) -> Option<Blocker> {
         let note = self.attr_note();
         if let Some(kind) = self.attr.special_type() {
-            return Some(format!("{kind} ({note})"));
+            return Some(Blocker::new(
+                BlockerKind::NotAVolume,
+                format!("{kind} ({note})"),
+            ));
         }
         if !self.origin.is_empty() {
-            return Some(format!("it is a snapshot of {} ({note})", self.origin));
+            return Some(Blocker::new(
+                BlockerKind::NotAVolume,
+                format!("it is a snapshot of {} ({note})", self.origin),
+            ));
         }
         if self.attr.is_open() {
-            return Some(format!(
-                "it is open (in use by a VM or another process; {note})"
+            return Some(Blocker::new(
+                BlockerKind::Open,
+                format!("it is open (in use by a VM or another process; {note})"),
             ));
         }
         None
@@ -263,7 +268,7 @@ fn parse_report(json: &str) -> Result<Vec<ReportSection>, String> {
 }
 
 /// Volume groups of a `vgs --reportformat json --units b --nosuffix` report.
-pub fn parse_vgs(json: &str) -> Result<Vec<VgInfo>, String> {
+pub(crate) fn parse_vgs(json: &str) -> Result<Vec<VgInfo>, String> {
     let mut out = Vec::new();
     for row in parse_report(json)?.into_iter().flat_map(|s| s.vg) {
         out.push(VgInfo {
@@ -277,7 +282,7 @@ pub fn parse_vgs(json: &str) -> Result<Vec<VgInfo>, String> {
 }
 
 /// Logical volumes of an `lvs --reportformat json --units b --nosuffix` report.
-pub fn parse_lvs(json: &str) -> Result<Vec<LvInfo>, String> {
+pub(crate) fn parse_lvs(json: &str) -> Result<Vec<LvInfo>, String> {
     let mut out = Vec::new();
     for row in parse_report(json)?.into_iter().flat_map(|s| s.lv) {
         out.push(LvInfo {
@@ -301,7 +306,7 @@ pub fn parse_lvs(json: &str) -> Result<Vec<LvInfo>, String> {
 
 /// Extents needed for `size_bytes` (rounded up); `None` for a zero extent size, a zero size,
 /// or overflow.
-pub fn extents_for(size_bytes: u64, extent_size: u64) -> Option<u64> {
+pub(crate) fn extents_for(size_bytes: u64, extent_size: u64) -> Option<u64> {
     if extent_size == 0 || size_bytes == 0 {
         return None;
     }
@@ -310,7 +315,7 @@ pub fn extents_for(size_bytes: u64, extent_size: u64) -> Option<u64> {
 }
 
 /// The tag marking an LV as created by job `owner`.
-pub fn owner_tag(owner: &str) -> Result<String, VolumeError> {
+pub(crate) fn owner_tag(owner: &str) -> Result<String, VolumeError> {
     // LVM tags allow [A-Za-z0-9_+.-/=!:#&]; job ids are UUIDs.
     if owner.is_empty()
         || owner.len() > 200
@@ -326,7 +331,7 @@ pub fn owner_tag(owner: &str) -> Result<String, VolumeError> {
 }
 
 /// Logical volumes of one volume group.
-pub struct LvmBackend {
+pub(crate) struct LvmBackend {
     vg: String,
     timeout: Duration,
     /// `volumes.lvm.devices`: when not empty, LVM may open only these devices.
@@ -335,7 +340,7 @@ pub struct LvmBackend {
 
 impl LvmBackend {
     /// Uses volume group `vg`; every LVM command may take `timeout`. Runs no command.
-    pub fn new(vg: &str, timeout: Duration) -> Result<LvmBackend, VolumeError> {
+    pub(crate) fn new(vg: &str, timeout: Duration) -> Result<LvmBackend, VolumeError> {
         validate_lvm_name(vg).map_err(VolumeError::InvalidName)?;
         Ok(LvmBackend {
             vg: vg.to_string(),
@@ -346,7 +351,7 @@ impl LvmBackend {
 
     /// Narrows every LVM command to `devices` (`--devices <path>` each, lvm2 >= 2.03.12): LVM
     /// then opens and scans only these, and the devices file is not used. Empty: no narrowing.
-    pub fn with_devices(mut self, devices: &[String]) -> LvmBackend {
+    pub(crate) fn with_devices(mut self, devices: &[String]) -> LvmBackend {
         self.devices = devices.to_vec();
         self
     }
@@ -362,65 +367,25 @@ impl LvmBackend {
         all
     }
 
-    /// Runs an LVM command and returns its stdout; failure, a time-out or a start failure is
-    /// an error naming the command and carrying its stderr.
+    /// Runs an LVM command within `volumes.lvm.command_timeout` and returns its stdout.
     async fn run(&self, program: &str, args: &[&str]) -> Result<String, VolumeError> {
         let args = self.command_args(args);
-        let shown = format!("{program} {}", args.join(" "));
-        let mut cmd = Command::new(program);
-        cmd.args(&args)
-            .env("LC_ALL", "C")
-            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        tracing::debug!(command = %shown, "running LVM command");
-        let out = match tokio::time::timeout(self.timeout, cmd.output()).await {
-            Err(_) => {
-                return Err(VolumeError::Command {
-                    command: shown,
-                    detail: format!(
-                        "timed out after {} (volumes.lvm.command_timeout)",
-                        humantime::format_duration(self.timeout)
-                    ),
-                });
-            }
-            Ok(Err(e)) => {
-                return Err(VolumeError::Command {
-                    command: shown,
-                    detail: format!("cannot start {program}: {e}"),
-                });
-            }
-            Ok(Ok(out)) => out,
+        let limit = command::Limit {
+            timeout: self.timeout,
+            setting: Some("volumes.lvm.command_timeout"),
         };
-        if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let stderr = stderr.trim();
-            let start = stderr.len().saturating_sub(STDERR_KEEP);
-            let start = (start..=stderr.len())
-                .find(|i| stderr.is_char_boundary(*i))
-                .unwrap_or(0);
-            return Err(VolumeError::Command {
-                command: shown,
-                detail: format!("{}: {}", out.status, &stderr[start..]),
-            });
-        }
-        String::from_utf8(out.stdout).map_err(|_| VolumeError::Command {
-            command: shown,
-            detail: "output is not UTF-8".into(),
-        })
+        Ok(command::run(program, &args, limit).await?)
     }
 
     fn report_error(command: &str, detail: String) -> VolumeError {
-        VolumeError::Command {
+        VolumeError::Report {
             command: command.to_string(),
             detail,
         }
     }
 
     /// The volume group, from `vgs`.
-    pub async fn vg(&self) -> Result<VgInfo, VolumeError> {
+    pub(crate) async fn vg(&self) -> Result<VgInfo, VolumeError> {
         let mut args = REPORT_ARGS.to_vec();
         args.extend(["-o", VG_FIELDS, &self.vg]);
         let out = self.run("vgs", &args).await?;
@@ -435,7 +400,7 @@ impl LvmBackend {
 
     /// The LV called `name`, if any. Lists the whole VG (a missing LV is then a normal answer,
     /// not an error to tell apart from others).
-    pub async fn lv(&self, name: &str) -> Result<Option<LvInfo>, VolumeError> {
+    pub(crate) async fn lv(&self, name: &str) -> Result<Option<LvInfo>, VolumeError> {
         let mut args = REPORT_ARGS.to_vec();
         args.extend(["-o", LV_FIELDS, &self.vg]);
         let out = self.run("lvs", &args).await?;
@@ -603,10 +568,6 @@ fn zero_from(path: &Path, start: u64, cancel: &CancellationToken) -> Result<(), 
 
 #[async_trait]
 impl VolumeBackend for LvmBackend {
-    fn kind(&self) -> &'static str {
-        "lvm"
-    }
-
     fn validate_name(&self, name: &str) -> Result<(), String> {
         validate_lvm_name(name)
     }
@@ -828,10 +789,18 @@ mod tests {
         assert_eq!(lv("inactive").reuse_blocker(), None, "activated before use");
         assert_eq!(lv("thinvol").reuse_blocker(), None);
         let blocked = |name: &str, want: &str| {
-            let reason = lv(name).reuse_blocker().unwrap_or_default();
+            let reason = lv(name)
+                .reuse_blocker()
+                .map(|b| b.to_string())
+                .unwrap_or_default();
             assert!(reason.contains(want), "{name}: {reason:?} lacks {want:?}");
         };
         blocked("busy", "open");
+        assert_eq!(lv("busy").reuse_blocker().unwrap().kind, BlockerKind::Open);
+        assert_eq!(
+            lv("pool").reuse_blocker().unwrap().kind,
+            BlockerKind::NotAVolume
+        );
         blocked("origin", "origin of snapshots");
         blocked("snap1", "snapshot");
         blocked("pool", "thin pool");
@@ -854,16 +823,21 @@ mod tests {
     fn other_attr_states_block_reuse() {
         let mut v = lv("plain");
         v.attr.permissions = 'r';
-        assert!(v.reuse_blocker().unwrap().contains("read-only"));
+        assert!(v.reuse_blocker().unwrap().to_string().contains("read-only"));
         let mut v = lv("plain");
         v.attr.state = 's';
-        assert!(v.reuse_blocker().unwrap().contains("suspended"));
+        assert!(v.reuse_blocker().unwrap().to_string().contains("suspended"));
         let mut v = lv("plain");
         v.attr.health = 'p';
-        assert!(v.reuse_blocker().unwrap().contains("health"));
+        assert!(v.reuse_blocker().unwrap().to_string().contains("health"));
         let mut v = lv("inactive");
         v.attr.skip_activation = 'k';
-        assert!(v.reuse_blocker().unwrap().contains("activation skip"));
+        assert!(
+            v.reuse_blocker()
+                .unwrap()
+                .to_string()
+                .contains("activation skip")
+        );
     }
 
     #[test]
@@ -907,30 +881,6 @@ mod tests {
         assert!(matches!(err, VolumeError::InvalidName(_)), "{err}");
         let err = rt.block_on(b.create("-x", 1 << 30, "job")).unwrap_err();
         assert!(matches!(err, VolumeError::InvalidName(_)), "{err}");
-    }
-
-    #[test]
-    fn command_errors_carry_stderr_and_time_out() {
-        let b = LvmBackend::new("vg0", Duration::from_millis(300)).unwrap();
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let err = rt
-            .block_on(b.run(
-                "sh",
-                &["-c", "echo 'Volume group \"vg0\" not found' >&2; exit 5"],
-            ))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("Volume group \"vg0\" not found"), "{err}");
-        assert!(err.contains("exit status: 5"), "{err}");
-        let err = rt.block_on(b.run("sleep", &["5"])).unwrap_err().to_string();
-        assert!(err.contains("timed out"), "{err}");
-        let err = rt
-            .block_on(b.run("/nonexistent/lvs", &[]))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("cannot start"), "{err}");
-        let env = rt.block_on(b.run("sh", &["-c", "echo $LC_ALL"])).unwrap();
-        assert_eq!(env.trim(), "C");
     }
 
     #[test]

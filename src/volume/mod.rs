@@ -1,35 +1,70 @@
 //! Volume backends: the trait LVM and directory volumes implement, the name rules of the API
 //! contract, the shared reuse rule, and selecting the configured backend.
 
-pub mod directory;
-pub mod libvirt;
-pub mod lvm;
+pub(crate) mod directory;
+pub(crate) mod libvirt;
+pub(crate) mod lvm;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Settings, VolumeBackendKind};
-
-pub const GIB: u64 = 1 << 30;
+pub(crate) const GIB: u64 = 1 << 30;
 /// An existing volume is reused when its size is within this fraction of the request.
-pub const REUSE_TOLERANCE: f64 = 0.05;
+pub(crate) const REUSE_TOLERANCE: f64 = 0.05;
 
 /// What a backend knows about an existing volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VolumeInfo {
-    pub name: String,
+pub(crate) struct VolumeInfo {
+    pub(crate) name: String,
     /// Path the volume is written through (`/dev/<vg>/<name>` or a file).
-    pub path: PathBuf,
-    pub size_bytes: u64,
-    /// Why this volume can never be reused (open by a VM, a snapshot, not a regular file...).
-    pub reuse_blocker: Option<String>,
+    pub(crate) path: PathBuf,
+    pub(crate) size_bytes: u64,
+    /// Why this volume must not be overwritten (open by a VM, a snapshot, not a regular
+    /// file...); `None` when it may be reused.
+    pub(crate) reuse_blocker: Option<Blocker>,
+}
+
+/// What kind of reason keeps a volume from being reused; decides whether it may be deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BlockerKind {
+    /// Something has it open (a running VM, another process): neither reused nor deleted.
+    Open,
+    /// Whether something has it open cannot be determined: neither reused nor deleted.
+    Unknown,
+    /// Not a plain data volume (a symbolic link, a directory, a snapshot, a thin pool...):
+    /// never touched.
+    NotAVolume,
+    /// A plain volume that cannot be written now (read-only, suspended, unhealthy...): it may
+    /// still be deleted.
+    Unwritable,
+}
+
+/// Why an existing volume is not reused; its `Display` is the reason the API shows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub(crate) struct Blocker {
+    pub(crate) kind: BlockerKind,
+    pub(crate) reason: String,
+}
+
+impl Blocker {
+    pub(crate) fn new(kind: BlockerKind, reason: impl Into<String>) -> Blocker {
+        Blocker {
+            kind,
+            reason: reason.into(),
+        }
+    }
+
+    /// Whether `DELETE` must refuse the volume too.
+    pub(crate) fn forbids_removal(&self) -> bool {
+        self.kind != BlockerKind::Unwritable
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum VolumeError {
+pub(crate) enum VolumeError {
     #[error("invalid volume name: {0}")]
     InvalidName(String),
     /// The volume exists and cannot be used for this request (API: 409).
@@ -37,8 +72,12 @@ pub enum VolumeError {
     Conflict(String),
     #[error("not enough space for volume: need {need} bytes, have {have} bytes in {place}")]
     InsufficientSpace { need: u64, have: u64, place: String },
-    #[error("{command} failed: {detail}")]
-    Command { command: String, detail: String },
+    /// An LVM command failed, timed out or could not start.
+    #[error(transparent)]
+    Command(#[from] crate::command::CommandError),
+    /// An LVM command succeeded but its report is not what was expected.
+    #[error("{command}: {detail}")]
+    Report { command: String, detail: String },
     #[error("volume I/O on {path}: {source}")]
     Io {
         path: PathBuf,
@@ -47,7 +86,7 @@ pub enum VolumeError {
 }
 
 impl VolumeError {
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> VolumeError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> VolumeError {
         VolumeError::Io {
             path: path.into(),
             source,
@@ -57,10 +96,7 @@ impl VolumeError {
 
 /// A place volumes live in. Every method is safe to call for any validated name.
 #[async_trait]
-pub trait VolumeBackend: Send + Sync {
-    /// `lvm` or `directory`.
-    fn kind(&self) -> &'static str;
-
+pub(crate) trait VolumeBackend: Send + Sync {
     /// Backend-specific name rules on top of the contract's (e.g. LVM's reserved names).
     fn validate_name(&self, _name: &str) -> Result<(), String> {
         Ok(())
@@ -108,25 +144,9 @@ pub trait VolumeBackend: Send + Sync {
     async fn probe(&self) -> Result<(), VolumeError>;
 }
 
-/// The backend the settings select.
-pub fn backend_from_settings(settings: &Settings) -> Result<Arc<dyn VolumeBackend>, VolumeError> {
-    match settings.volumes.backend {
-        VolumeBackendKind::Directory => Ok(Arc::new(directory::DirectoryBackend::new(
-            &settings.volumes.directory.path,
-        )?)),
-        VolumeBackendKind::Lvm => Ok(Arc::new(
-            lvm::LvmBackend::new(
-                &settings.volumes.lvm.volume_group,
-                settings.volumes.lvm.command_timeout,
-            )?
-            .with_devices(&settings.volumes.lvm.devices),
-        )),
-    }
-}
-
 /// Volume name rules of the API contract: `[A-Za-z0-9+_.-]`, 1..=127 characters, not `.` or
 /// `..`, no leading `-`.
-pub fn validate_volume_name(name: &str) -> Result<(), String> {
+pub(crate) fn validate_volume_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 127 {
         return Err(format!(
             "volume_name must be 1 to 127 characters, got {}",
@@ -152,7 +172,7 @@ pub fn validate_volume_name(name: &str) -> Result<(), String> {
 
 /// LVM names (volume groups and logical volumes): the contract's rules plus LVM's reserved
 /// prefixes and suffixes.
-pub fn validate_lvm_name(name: &str) -> Result<(), String> {
+pub(crate) fn validate_lvm_name(name: &str) -> Result<(), String> {
     validate_volume_name(name)?;
     if name.starts_with("snapshot") || name.starts_with("pvmove") {
         return Err(format!(
@@ -173,12 +193,12 @@ pub fn validate_lvm_name(name: &str) -> Result<(), String> {
 }
 
 /// Bytes of a request in GiB.
-pub fn gib_to_bytes(gib: u64) -> Option<u64> {
+pub(crate) fn gib_to_bytes(gib: u64) -> Option<u64> {
     gib.checked_mul(GIB)
 }
 
 /// The reuse rule shared by every backend: within 5% of the requested size and not blocked.
-pub fn check_reusable(volume: &VolumeInfo, requested_bytes: u64) -> Result<(), VolumeError> {
+pub(crate) fn check_reusable(volume: &VolumeInfo, requested_bytes: u64) -> Result<(), VolumeError> {
     if let Some(reason) = &volume.reuse_blocker {
         return Err(VolumeError::Conflict(format!(
             "volume {} exists and cannot be reused: {reason}",
@@ -236,7 +256,7 @@ mod tests {
         assert!(check_reusable(&v(req - 5 * GIB), req).is_ok());
         assert!(check_reusable(&v(req + 5 * GIB + 1), req).is_err());
         let mut open = v(req);
-        open.reuse_blocker = Some("open by another process".into());
+        open.reuse_blocker = Some(Blocker::new(BlockerKind::Open, "open by another process"));
         let err = check_reusable(&open, req).unwrap_err().to_string();
         assert!(err.contains("open by another process"), "{err}");
     }

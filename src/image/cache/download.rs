@@ -28,12 +28,12 @@ const CHECKPOINT_BYTES: u64 = 32 << 20;
 
 /// What the source says about the object.
 #[derive(Clone)]
-pub struct Remote {
-    pub store: Arc<dyn ObjectStore>,
-    pub path: object_store::path::Path,
-    pub size: u64,
-    pub etag: Option<String>,
-    pub expected_sha256: Option<String>,
+pub(crate) struct Remote {
+    pub(crate) store: Arc<dyn ObjectStore>,
+    pub(crate) path: object_store::path::Path,
+    pub(crate) size: u64,
+    pub(crate) etag: Option<String>,
+    pub(crate) expected_sha256: Option<String>,
 }
 
 /// Saved next to `<key>.partial`: how far the synced prefix goes and the hash state there.
@@ -45,28 +45,31 @@ struct Checkpoint {
     sha256_state: String,
 }
 
-pub struct Download {
-    pub dir: PathBuf,
-    pub index: sled::Tree,
-    pub key: String,
-    pub image_url: String,
-    pub identity: String,
-    pub remote: Remote,
-    pub retry: RetryPolicy,
+pub(crate) struct Download {
+    pub(crate) dir: PathBuf,
+    pub(crate) index: sled::Tree,
+    pub(crate) key: String,
+    pub(crate) image_url: String,
+    pub(crate) identity: String,
+    pub(crate) remote: Remote,
+    pub(crate) retry: RetryPolicy,
 }
 
 /// Paths of a download's files.
-pub fn partial_path(dir: &Path, key: &str) -> PathBuf {
+pub(crate) fn partial_path(dir: &Path, key: &str) -> PathBuf {
     dir.join(format!("{key}.partial"))
 }
 
-pub fn checkpoint_path(dir: &Path, key: &str) -> PathBuf {
+pub(crate) fn checkpoint_path(dir: &Path, key: &str) -> PathBuf {
     dir.join(format!("{key}.partial.json"))
 }
 
 impl Download {
     /// Runs the download with retries; the entry is recorded in the index before this returns.
-    pub async fn run(self, progress: watch::Sender<Transfer>) -> Result<CacheEntry, FetchError> {
+    pub(crate) async fn run(
+        self,
+        progress: watch::Sender<Transfer>,
+    ) -> Result<CacheEntry, FetchError> {
         let started = Instant::now();
         let mut attempt = 0;
         loop {

@@ -14,7 +14,7 @@ use crate::telemetry::metrics::metrics;
 
 /// Why an entry was evicted (`cache_evictions_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EvictReason {
+pub(crate) enum EvictReason {
     Age,
     Size,
     Space,
@@ -22,7 +22,15 @@ pub enum EvictReason {
 }
 
 impl EvictReason {
-    fn as_str(self) -> &'static str {
+    /// Every reason (so the metric's series exist from the start).
+    pub(crate) const ALL: [EvictReason; 4] = [
+        EvictReason::Age,
+        EvictReason::Size,
+        EvictReason::Space,
+        EvictReason::Superseded,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             EvictReason::Age => "age",
             EvictReason::Size => "size",
@@ -55,7 +63,7 @@ impl ImageCache {
 
     /// Applies the age and size bounds; with `want_free`, also evicts (least recently used
     /// first) until that many bytes are free on the cache file system.
-    pub fn evict(&self, want_free: Option<u64>) {
+    pub(crate) fn evict(&self, want_free: Option<u64>) {
         let limits = self.limits();
         let now = Utc::now();
         let max_age = chrono::Duration::from_std(limits.max_age).unwrap_or(chrono::Duration::MAX);
@@ -157,7 +165,7 @@ impl ImageCache {
     }
 
     /// Applies the bounds every `interval` (age-based eviction needs no event).
-    pub fn spawn_evictor(self: &Arc<Self>, interval: Duration) {
+    pub(crate) fn spawn_evictor(self: &Arc<Self>, interval: Duration) {
         let cache = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);

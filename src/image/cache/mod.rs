@@ -7,6 +7,8 @@
 mod download;
 mod evict;
 
+pub(crate) use evict::EvictReason;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,36 +26,33 @@ use tracing::Instrument;
 use super::inspect::{InspectError, Inspection};
 use super::source::{Location, SourceClients};
 use crate::config::Settings;
-use crate::jobs::store::Store;
 use crate::telemetry::metrics::metrics;
 use download::{Download, Remote};
 
-pub use evict::EvictReason;
-
 /// One cached image (stored in sled, served by the cache API).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CacheEntry {
+pub(crate) struct CacheEntry {
     /// 64 lowercase hex: the content SHA-256 when the source publishes one, else
     /// SHA-256 of the source identity and ETag.
-    pub key: String,
-    pub image_url: String,
-    pub identity: String,
-    pub etag: Option<String>,
-    pub size: u64,
+    pub(crate) key: String,
+    pub(crate) image_url: String,
+    pub(crate) identity: String,
+    pub(crate) etag: Option<String>,
+    pub(crate) size: u64,
     /// SHA-256 of the content, computed while downloading.
-    pub sha256: String,
+    pub(crate) sha256: String,
     /// Whether `sha256` was checked against a published `.sha256`.
-    pub verified: bool,
-    pub inspection: Inspection,
-    pub created: DateTime<Utc>,
-    pub last_used: DateTime<Utc>,
+    pub(crate) verified: bool,
+    pub(crate) inspection: Inspection,
+    pub(crate) created: DateTime<Utc>,
+    pub(crate) last_used: DateTime<Utc>,
     /// Modification time of the file when it entered the cache (detects tampering).
-    pub mtime_ns: i128,
+    pub(crate) mtime_ns: i128,
 }
 
 /// Why an image could not be made available.
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum FetchError {
+pub(crate) enum FetchError {
     #[error("image not found: {0}")]
     NotFound(String),
     #[error("access to the image was refused: {0}")]
@@ -74,7 +73,7 @@ pub enum FetchError {
 
 impl FetchError {
     /// Label for `image_errors_total{error_type}`.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             FetchError::NotFound(_) => "not_found",
             FetchError::Auth(_) => "auth",
@@ -89,7 +88,7 @@ impl FetchError {
 
     /// Network trouble worth retrying (404, refused credentials, bad content and local disk
     /// errors are not).
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         matches!(self, FetchError::Transfer(_))
     }
 
@@ -117,22 +116,22 @@ impl FetchError {
 
 /// Download progress: bytes so far (including a resumed prefix) and the total.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Transfer {
-    pub done: u64,
-    pub total: u64,
+pub(crate) struct Transfer {
+    pub(crate) done: u64,
+    pub(crate) total: u64,
 }
 
 /// Retries of a failed download (resuming from the last checkpoint each time).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RetryPolicy {
-    pub retries: usize,
-    pub backoff: Duration,
-    pub max_backoff: Duration,
+pub(crate) struct RetryPolicy {
+    pub(crate) retries: usize,
+    pub(crate) backoff: Duration,
+    pub(crate) max_backoff: Duration,
 }
 
 impl RetryPolicy {
     /// Exponential backoff with full jitter: a random delay up to `backoff * 2^(attempt-1)`.
-    pub fn delay(&self, attempt: usize) -> Duration {
+    pub(crate) fn delay(&self, attempt: usize) -> Duration {
         let exp = self
             .backoff
             .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
@@ -144,14 +143,14 @@ impl RetryPolicy {
 
 /// Size and age bounds of the cache.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct CacheLimits {
-    pub max_size_bytes: u64,
-    pub max_age: Duration,
-    pub min_free_bytes: u64,
+pub(crate) struct CacheLimits {
+    pub(crate) max_size_bytes: u64,
+    pub(crate) max_age: Duration,
+    pub(crate) min_free_bytes: u64,
 }
 
 /// The limits and retry policy a settings value gives the cache.
-pub fn cache_settings(settings: &Settings) -> (CacheLimits, RetryPolicy) {
+pub(crate) fn cache_settings(settings: &Settings) -> (CacheLimits, RetryPolicy) {
     (
         CacheLimits {
             max_size_bytes: settings.cache.max_size_bytes,
@@ -174,10 +173,10 @@ struct Flight {
 }
 
 /// A cached image handed to a job; the entry cannot be evicted while this lives.
-pub struct CachedImage {
-    pub entry: CacheEntry,
-    pub path: PathBuf,
-    pub hit: bool,
+pub(crate) struct CachedImage {
+    pub(crate) entry: CacheEntry,
+    pub(crate) path: PathBuf,
+    pub(crate) hit: bool,
     _use: InUse,
 }
 
@@ -199,7 +198,7 @@ impl Drop for InUse {
 }
 
 /// The image cache.
-pub struct ImageCache {
+pub(crate) struct ImageCache {
     dir: PathBuf,
     index: sled::Tree,
     sources: Arc<SourceClients>,
@@ -216,9 +215,10 @@ pub(crate) fn image_path(dir: &Path, key: &str) -> PathBuf {
 }
 
 impl ImageCache {
-    pub fn open(
+    /// Opens the cache in `dir`, indexed in `index` (a tree of the daemon's sled database).
+    pub(crate) fn open(
         dir: &Path,
-        store: &Store,
+        index: sled::Tree,
         sources: Arc<SourceClients>,
         settings: &Settings,
     ) -> anyhow::Result<Self> {
@@ -227,7 +227,7 @@ impl ImageCache {
         let dir = dir.canonicalize()?;
         let (limits, retry) = cache_settings(settings);
         let cache = ImageCache {
-            index: store.tree("cache")?,
+            index,
             dir,
             sources,
             flights: Mutex::new(HashMap::new()),
@@ -241,14 +241,14 @@ impl ImageCache {
     }
 
     /// Applies new limits and retry settings (hot reload); evicts at once if the bound shrank.
-    pub fn set_limits(&self, settings: &Settings) {
+    pub(crate) fn set_limits(&self, settings: &Settings) {
         let (limits, retry) = cache_settings(settings);
         *self.limits.write().unwrap_or_else(|e| e.into_inner()) = limits;
         *self.retry.write().unwrap_or_else(|e| e.into_inner()) = retry;
         self.evict(None);
     }
 
-    pub fn limits(&self) -> CacheLimits {
+    pub(crate) fn limits(&self) -> CacheLimits {
         *self.limits.read().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -256,11 +256,11 @@ impl ImageCache {
         *self.retry.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
-    pub fn path_of(&self, key: &str) -> PathBuf {
+    pub(crate) fn path_of(&self, key: &str) -> PathBuf {
         image_path(&self.dir, key)
     }
 
@@ -277,7 +277,7 @@ impl ImageCache {
         }
     }
 
-    pub fn in_use_count(&self, key: &str) -> usize {
+    pub(crate) fn in_use_count(&self, key: &str) -> usize {
         self.in_use
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -338,7 +338,7 @@ impl ImageCache {
 
     /// Makes the image of `location` available locally, downloading it unless a valid entry
     /// exists. `on_progress` sees download progress (also when another job leads the download).
-    pub async fn fetch(
+    pub(crate) async fn fetch(
         &self,
         location: &Location,
         image_url: &str,
@@ -466,7 +466,7 @@ impl ImageCache {
     }
 
     /// Removes an entry and its file; refused while a job uses it.
-    pub fn remove(&self, key: &str) -> Result<CacheEntry, RemoveError> {
+    pub(crate) fn remove(&self, key: &str) -> Result<CacheEntry, RemoveError> {
         let in_use = self.in_use_count(key);
         if in_use > 0 {
             return Err(RemoveError::InUse(in_use));
@@ -492,7 +492,7 @@ impl ImageCache {
 
     /// Whether the S3 endpoint answers with our credentials (the `minio` dependency): a HEAD
     /// of an object that need not exist; 404 counts as up, refused credentials as down.
-    pub async fn probe_s3(&self) -> Result<(), String> {
+    pub(crate) async fn probe_s3(&self) -> Result<(), String> {
         let bucket = self.sources.default_bucket();
         if bucket.is_empty() {
             return self.sources.probe_endpoint().await;
@@ -512,7 +512,7 @@ impl ImageCache {
     }
 
     /// All entries (for the cache API), oldest use first.
-    pub fn entries(&self) -> Vec<CacheEntry> {
+    pub(crate) fn entries(&self) -> Vec<CacheEntry> {
         let mut v: Vec<CacheEntry> = self
             .index
             .iter()
@@ -526,7 +526,7 @@ impl ImageCache {
 
 /// Why a cache entry was not removed.
 #[derive(Debug, thiserror::Error)]
-pub enum RemoveError {
+pub(crate) enum RemoveError {
     #[error("cache entry is in use by {0} job(s)")]
     InUse(usize),
     #[error("cache entry not found")]
@@ -562,7 +562,7 @@ fn checksum_or_error(bytes: &[u8], name: &str) -> Result<String, FetchError> {
 }
 
 /// The hex digest of a `.sha256` file: raw hex or `sha256sum` output, any case.
-pub fn parse_checksum_file(bytes: &[u8]) -> Option<String> {
+pub(crate) fn parse_checksum_file(bytes: &[u8]) -> Option<String> {
     let text = std::str::from_utf8(bytes).ok()?;
     let token = text.split_whitespace().next()?;
     (token.len() == 64 && token.bytes().all(|b| b.is_ascii_hexdigit()))
