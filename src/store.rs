@@ -19,6 +19,7 @@ pub(crate) struct Db {
     inner: Arc<DbInner>,
 }
 
+/// What every clone of a `Db` shares.
 struct DbInner {
     /// The database directory (`<storage.data_dir>/db`).
     path: PathBuf,
