@@ -7,6 +7,7 @@ pub mod config;
 mod convert;
 pub mod image;
 mod jobs;
+mod store;
 mod telemetry;
 mod volume;
 
@@ -236,13 +237,8 @@ async fn run(
     })?;
     let sources = Arc::new(SourceClients::new(&settings)?);
     let cache = Arc::new(
-        ImageCache::open(
-            &settings.cache.dir,
-            store.tree("cache")?,
-            sources,
-            &settings,
-        )
-        .context("opening the image cache")?,
+        ImageCache::open(&settings.cache.dir, store.tree("cache"), sources, &settings)
+            .context("opening the image cache")?,
     );
     cache.evict(None);
     cache.spawn_evictor(CACHE_EVICT_INTERVAL);

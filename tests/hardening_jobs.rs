@@ -174,3 +174,121 @@ async fn credentials_in_endpoint_urls_are_redacted_everywhere() {
     }
     assert!(!d.log().contains("SECRET"), "{}", d.log());
 }
+
+/// The state directory fills up while a job runs: before, every later job got 500 even after
+/// space was freed (sled keeps refusing after its first write error), the running job stayed
+/// `running` forever, and health said all was well. Now the running job is stopped and shown
+/// failed, readiness reports storage down, and once space is back the store recovers: the
+/// probe reopens it, storage is up again and new jobs are accepted and complete.
+#[tokio::test]
+async fn a_full_state_store_recovers_when_space_returns() {
+    use std::path::Path;
+    let ok = std::process::Command::new("unshare")
+        .args(["-rm", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "this test needs `unshare -rm` (user and mount namespaces)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let config = TestConfig::new(dir).set("telemetry.probe_interval", "1s");
+    let image = dir.join("images/a.qcow2");
+    make_qcow2(&image, "16M");
+    let config_path = dir.join("config.toml");
+    std::fs::write(&config_path, config.render()).unwrap();
+    let path = slow_qemu_img_path(dir, 8);
+    let d = Daemon::spawn_wrapped(
+        dir,
+        &config_path,
+        &[("PATH", path.as_str())],
+        "http",
+        &[
+            "unshare",
+            "-rm",
+            "sh",
+            "-c",
+            r#"mount -t tmpfs -o size=16m tmpfs "$0" && exec "$@""#,
+            state.to_str().unwrap(),
+        ],
+    );
+    let c = client();
+    let body = |name: &str| json!({"image_url": file_url(&image), "volume_name": name, "volume_size_gb": 1});
+    let first = submit(&c, &d, body("during")).await;
+    wait_until(&c, &d, &first, MINUTE, |j| j["status"] == "running").await;
+
+    // Fill the tmpfs the daemon sees, then make sled need new space.
+    let inside = format!("/proc/{}/root{}", d.pid(), state.display());
+    let filler = Path::new(&inside).join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0xa5u8; 1 << 20];
+        let mut written = 0;
+        while f.write_all(&block).is_ok() {
+            written += 1;
+            assert!(written < 64, "the tmpfs did not fill up");
+        }
+    }
+    let storage = r#"dependency="storage""#;
+    let m = |n: &str| format!("libvirt_volume_provisioner_{n}");
+    let deadline = std::time::Instant::now() + 2 * MINUTE;
+    while metric(&c, &d, &m("dependencies_up"), storage).await != 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "storage still up:\n{}",
+            d.log()
+        );
+        let _ = post(
+            &c,
+            &d.url("/api/v1/cache/fetch"),
+            &json!({"image_url": file_url(&image)}),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, ready) = get(&c, &d.url("/readyz")).await;
+    assert_eq!(status, 503, "{ready}");
+    assert_eq!(ready["dependencies"]["storage"], false);
+
+    // The running job ends (failed: its state could not be recorded), it is not left running.
+    let job = wait_until(&c, &d, &first, 2 * MINUTE, |j| {
+        j["status"] != "running" && j["status"] != "pending"
+    })
+    .await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(
+        job["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be recorded"),
+        "{job}"
+    );
+    assert!(!dir.join("volumes/during").exists(), "rolled back");
+
+    // Space comes back: the store recovers without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = std::time::Instant::now() + MINUTE;
+    while metric(&c, &d, &m("dependencies_up"), storage).await != 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "storage still down:\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(d.log().contains("job store reopened after a write failure"));
+    let (status, ready) = get(&c, &d.url("/readyz")).await;
+    assert_eq!(status, 200, "{ready}");
+    let after = submit(&c, &d, body("after")).await;
+    let job = wait_job(&c, &d, &after, 2 * MINUTE).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    let (_, old) = get(&c, &d.url(&format!("/api/v1/jobs/{first}"))).await;
+    assert_eq!(
+        old["status"], "failed",
+        "the failure was written once space came back"
+    );
+}

@@ -30,6 +30,7 @@ impl ConfigSource {
     pub const DEFAULT_PATH: &'static str = "/etc/libvirt-volume-provisioner/config.toml";
 }
 
+/// Why the configuration could not be loaded (the message names the file or key).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("configuration file {0} does not exist")]

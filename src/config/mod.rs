@@ -67,6 +67,7 @@ pub struct Settings {
     pub(crate) reload: ReloadSettings,
 }
 
+/// `[reload]`: when the configuration is re-read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ReloadSettings {
@@ -77,6 +78,7 @@ pub(crate) struct ReloadSettings {
     pub(crate) debounce: Duration,
 }
 
+/// `[server]`: the API listener and its request limits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ServerSettings {
@@ -97,6 +99,7 @@ pub(crate) struct ServerSettings {
     pub(crate) max_connections: usize,
 }
 
+/// `[storage]`: where durable state lives.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct StorageSettings {
@@ -104,6 +107,7 @@ pub(crate) struct StorageSettings {
     pub(crate) data_dir: PathBuf,
 }
 
+/// `[jobs]`: how many jobs run, wait, and for how long.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct JobsSettings {
@@ -122,6 +126,7 @@ pub(crate) struct JobsSettings {
     pub(crate) shutdown_grace: Duration,
 }
 
+/// Which backend holds the volumes (`volumes.backend`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum VolumeBackendKind {
@@ -129,6 +134,7 @@ pub(crate) enum VolumeBackendKind {
     Directory,
 }
 
+/// `[volumes]`: the backend and its settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct VolumesSettings {
@@ -138,6 +144,7 @@ pub(crate) struct VolumesSettings {
     pub(crate) directory: DirectorySettings,
 }
 
+/// `[volumes.lvm]`: the LVM backend.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct LvmSettings {
@@ -151,6 +158,7 @@ pub(crate) struct LvmSettings {
     pub(crate) devices: Vec<String>,
 }
 
+/// `[volumes.directory]`: the directory backend.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct DirectorySettings {
@@ -158,6 +166,7 @@ pub(crate) struct DirectorySettings {
     pub(crate) path: PathBuf,
 }
 
+/// `[cache]`: the local image cache and its bounds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CacheSettings {
@@ -172,6 +181,7 @@ pub(crate) struct CacheSettings {
     pub(crate) min_free_bytes: u64,
 }
 
+/// `[sources]`: which image URLs are accepted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SourcesSettings {
@@ -181,6 +191,7 @@ pub(crate) struct SourcesSettings {
     pub(crate) file_roots: Vec<PathBuf>,
 }
 
+/// `[s3]`: the S3/MinIO source and its client.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct S3Settings {
@@ -210,6 +221,7 @@ pub(crate) struct S3Settings {
     pub(crate) connect_timeout: Duration,
 }
 
+/// Whether a client certificate is required (`tls.client_auth`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum ClientAuthMode {
@@ -219,6 +231,7 @@ pub(crate) enum ClientAuthMode {
     Optional,
 }
 
+/// `[tls]`: TLS on the API listener.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TlsSettings {
@@ -233,6 +246,7 @@ pub(crate) struct TlsSettings {
     pub(crate) allow_insecure_http: bool,
 }
 
+/// `[auth]`: who may call the API.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct AuthSettings {
@@ -244,6 +258,7 @@ pub(crate) struct AuthSettings {
     pub(crate) protect_metrics: bool,
 }
 
+/// `[libvirt]`: libvirt integration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct LibvirtSettings {
@@ -252,6 +267,7 @@ pub(crate) struct LibvirtSettings {
     pub(crate) pool: String,
 }
 
+/// Log line format (`log.format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum LogFormat {
@@ -259,6 +275,7 @@ pub(crate) enum LogFormat {
     Text,
 }
 
+/// `[log]`: level and format of the log (stderr, which journald collects).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct LogSettings {
@@ -267,6 +284,7 @@ pub(crate) struct LogSettings {
     pub(crate) format: LogFormat,
 }
 
+/// `[telemetry]`: trace export and dependency probes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TelemetrySettings {

@@ -35,6 +35,7 @@ pub(crate) struct ConvertSpec {
     pub(crate) cpu_limit: Duration,
 }
 
+/// Why a conversion did not finish.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ConvertError {
     #[error("cannot start qemu-img: {0}")]

@@ -124,13 +124,8 @@ mod tests {
         settings.sources.file_roots = vec![dir.path().to_path_buf()];
         let store = Store::open(&dir.path().join("state")).unwrap();
         let sources = Arc::new(SourceClients::new(&settings).unwrap());
-        let cache = ImageCache::open(
-            &settings.cache.dir,
-            store.tree("cache").unwrap(),
-            sources,
-            &settings,
-        )
-        .unwrap();
+        let cache =
+            ImageCache::open(&settings.cache.dir, store.tree("cache"), sources, &settings).unwrap();
         let backend = Arc::new(GatedRemoval {
             inner: DirectoryBackend::new(&settings.volumes.directory.path).unwrap(),
             started: Notify::new(),

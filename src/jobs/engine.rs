@@ -84,6 +84,7 @@ pub(crate) struct Origin {
     pub(crate) trace_context: BTreeMap<String, String>,
 }
 
+/// A running job, as the engine tracks it.
 struct Running {
     cancel: CancellationToken,
     reason: Arc<Mutex<Option<StopReason>>>,
@@ -258,7 +259,7 @@ impl Engine {
         let mut job = Job::new(Uuid::new_v4(), seq, kind, spec, Utc::now());
         job.requested_by = origin.requested_by;
         job.trace_context = origin.trace_context;
-        self.inner.store.put_job(&job, true).await?;
+        self.inner.store.put_job_confirmed(&job).await?;
         Ok(job)
     }
 
@@ -354,7 +355,11 @@ impl Engine {
             return;
         }
         if let Err(e) = store.put_job(&job, true).await {
-            tracing::error!(error = %e, "cannot record job start");
+            tracing::error!(error = %e, "cannot record the job's start; failing it");
+            metrics().jobs_total.with_label_values(&["failed"]).inc();
+            self.settle(job, JobStatus::Failed, Some(JobError::Store(e)))
+                .await;
+            return;
         }
         tracing::info!("job started");
         let started = Instant::now();
@@ -375,35 +380,18 @@ impl Engine {
         let mut handle = JobHandle::new(store.clone(), job, cancel.clone());
         let outcome = runner::execute(&self.inner.ctx, &mut handle, &cancel).await;
         timer.abort();
-        let (mut job, store_error) = handle.finish();
+        let (job, store_error) = handle.finish();
 
         let stop = *reason.lock().unwrap_or_else(|e| e.into_inner());
         let (status, error) = match outcome {
             Ok(()) => (JobStatus::Completed, None),
             Err(e) => final_error(e, stop, store_error, timeout),
         };
-        let error = match error {
-            None => None,
-            Some(error) => match runner::rollback(&self.inner.ctx, &job).await {
-                Ok(()) => Some(error),
-                Err(rollback) => Some(JobError::RollbackFailed {
-                    error: Box::new(error),
-                    rollback,
-                }),
-            },
-        };
-        let error = error.map(|e| e.to_string());
+        let (job, status, error) = self.settle(job, status, error).await;
         if status != JobStatus::Completed {
             let span = tracing::Span::current();
             span.record("otel.status_code", "ERROR");
             span.record("otel.status_message", error.as_deref().unwrap_or(""));
-        }
-        if let Err(e) = job.transition(status, error.clone(), Utc::now()) {
-            tracing::error!(error = %e, "invalid final transition");
-            return;
-        }
-        if let Err(e) = store.put_job(&job, true).await {
-            tracing::error!(error = %e, "cannot record job result");
         }
         let m = metrics();
         m.jobs_total.with_label_values(&[status.as_str()]).inc();
@@ -421,6 +409,68 @@ impl Engine {
                 error = error.as_deref().unwrap_or(""),
                 "job did not complete"
             ),
+        }
+    }
+
+    /// Rolls a failed job back and records its terminal state. A job is only ever shown as
+    /// completed once that is on disk: when the store refuses it, the work is rolled back (as
+    /// restart recovery would do after a crash) and the job fails with the store's error. A
+    /// refused write of a failed state is kept in memory by the store and written later.
+    async fn settle(
+        &self,
+        running: Job,
+        status: JobStatus,
+        error: Option<JobError>,
+    ) -> (Job, JobStatus, Option<String>) {
+        let store = &self.inner.store;
+        let error = match error {
+            Some(e) => Some(self.rolled_back(&running, e).await),
+            None => None,
+        };
+        let mut job = running.clone();
+        let message = error.map(|e| e.to_string());
+        if let Err(e) = job.transition(status, message.clone(), Utc::now()) {
+            tracing::error!(error = %e, "invalid final transition");
+            return (running, JobStatus::Running, None);
+        }
+        let refused = if status == JobStatus::Completed {
+            store.put_job_confirmed(&job).await.err()
+        } else {
+            store.put_job(&job, true).await.err()
+        };
+        match refused {
+            None => (job, status, message),
+            Some(e) if status == JobStatus::Completed => {
+                tracing::error!(error = %e, "cannot record the completed job; rolling it back");
+                // Readers see it running (not completed) while it is rolled back.
+                let _ = store.put_job_nowait(&running);
+                let error = self
+                    .rolled_back(&running, JobError::Store(e))
+                    .await
+                    .to_string();
+                let mut job = running;
+                job.transition(JobStatus::Failed, Some(error.clone()), Utc::now())
+                    .expect("running -> failed is allowed");
+                if let Err(e) = store.put_job(&job, true).await {
+                    tracing::error!(error = %e, "cannot record the job's failure; kept in memory");
+                }
+                (job, JobStatus::Failed, Some(error))
+            }
+            Some(e) => {
+                tracing::error!(error = %e, "cannot record the job's result; kept in memory");
+                (job, status, message)
+            }
+        }
+    }
+
+    /// `error`, after removing what the job created (and saying so if that failed too).
+    async fn rolled_back(&self, job: &Job, error: JobError) -> JobError {
+        match runner::rollback(&self.inner.ctx, job).await {
+            Ok(()) => error,
+            Err(rollback) => JobError::RollbackFailed {
+                error: Box::new(error),
+                rollback,
+            },
         }
     }
 

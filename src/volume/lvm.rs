@@ -217,11 +217,13 @@ impl LvInfo {
     }
 }
 
+/// An LVM JSON report (`--reportformat json`).
 #[derive(Deserialize)]
 struct Report {
     report: Vec<ReportSection>,
 }
 
+/// One section of a report: the rows of `vgs` or `lvs`.
 #[derive(Deserialize)]
 struct ReportSection {
     #[serde(default)]
@@ -230,6 +232,7 @@ struct ReportSection {
     lv: Vec<LvRow>,
 }
 
+/// A `vgs` row (sizes as byte strings).
 #[derive(Deserialize)]
 struct VgRow {
     vg_name: String,
@@ -238,6 +241,7 @@ struct VgRow {
     vg_size: String,
 }
 
+/// An `lvs` row (sizes as byte strings).
 #[derive(Deserialize)]
 struct LvRow {
     lv_name: String,
