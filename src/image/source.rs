@@ -198,24 +198,34 @@ fn resolve_file(url: &Url, settings: &Settings) -> Result<Location, InvalidSourc
     {
         return Err(invalid("file:// path must not contain `..`"));
     }
-    let canonical = path
-        .canonicalize()
-        .map_err(|e| invalid(format!("image {} cannot be opened: {e}", path.display())))?;
-    let inside = settings.sources.file_roots.iter().any(|root| {
-        root.canonicalize()
-            .is_ok_and(|root| canonical.starts_with(&root))
-    });
-    if !inside {
-        return Err(invalid(format!(
-            "image {} is not below any of sources.file_roots",
+    // The roots are checked on the path as written before the file system is asked anything,
+    // and every refusal reads the same, so a caller learns nothing about paths outside the
+    // roots (whether they exist, are files, or are symlinks).
+    let not_found = || {
+        invalid(format!(
+            "image {} is not a regular file below sources.file_roots",
             path.display()
-        )));
+        ))
+    };
+    let roots: Vec<PathBuf> = settings
+        .sources
+        .file_roots
+        .iter()
+        .filter_map(|root| root.canonicalize().ok())
+        .collect();
+    let lexically_inside = roots.iter().any(|root| path.starts_with(root))
+        || settings
+            .sources
+            .file_roots
+            .iter()
+            .any(|root| root.is_absolute() && path.starts_with(root));
+    if !lexically_inside {
+        return Err(not_found());
     }
-    if !canonical.is_file() {
-        return Err(invalid(format!(
-            "image {} is not a regular file",
-            path.display()
-        )));
+    // Below a root: symlinks are resolved, and the target must still be below a root.
+    let canonical = path.canonicalize().map_err(|_| not_found())?;
+    if !roots.iter().any(|root| canonical.starts_with(root)) || !canonical.is_file() {
+        return Err(not_found());
     }
     Ok(Location::File(canonical))
 }
@@ -431,6 +441,21 @@ mod tests {
         let dotdot = format!("file://{}/../x", root.path().display());
         assert!(resolve(&dotdot, &s).is_err());
         assert!(resolve(&url(&root.path().join("missing")), &s).is_err());
+        // Outside the roots, an existing and a missing file get the same answer.
+        let message = |p: &std::path::Path| {
+            resolve(&url(p), &s)
+                .unwrap_err()
+                .0
+                .replace(&p.display().to_string(), "PATH")
+        };
+        assert_eq!(
+            message(&outside.path().join("secret")),
+            message(&outside.path().join("no-such-file"))
+        );
+        assert_eq!(
+            message(&root.path().join("link")),
+            message(&outside.path().join("no-such-file"))
+        );
         s.sources.file_roots.clear();
         assert!(
             resolve(&url(&root.path().join("ok.raw")), &s).is_err(),
