@@ -8,10 +8,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use object_store::client::{HttpClient, HttpConnector};
 use object_store::path::Path as ObjectPath;
 use object_store::{ClientOptions, ObjectStore, RetryConfig};
 use url::Url;
 
+use super::client::{self, AllowList, LiveAllowList, host_port};
 use crate::config::Settings;
 
 /// Where an image comes from, after validation.
@@ -63,14 +65,6 @@ pub(crate) struct InvalidSource(pub(crate) String);
 
 fn invalid(msg: impl Into<String>) -> InvalidSource {
     InvalidSource(msg.into())
-}
-
-/// Host and port of a URL (port defaulted by scheme).
-fn host_port(url: &Url) -> Option<(String, u16)> {
-    Some((
-        url.host_str()?.to_ascii_lowercase(),
-        url.port_or_known_default()?,
-    ))
 }
 
 /// Validates and resolves an image URL against the settings. Does not touch the network; file
@@ -161,13 +155,7 @@ fn resolve_http(url: Url, settings: &Settings) -> Result<Location, InvalidSource
             }
         }
     }
-    let allowed = settings.sources.allowed_hosts.iter().any(|entry| {
-        let entry = entry.to_ascii_lowercase();
-        match entry.rsplit_once(':') {
-            Some((h, p)) if p.parse::<u16>().is_ok() => h == host && p == port.to_string(),
-            _ => entry == host,
-        }
-    });
+    let allowed = AllowList::from_settings(settings).lists(&host, port);
     if !allowed {
         return Err(invalid(format!(
             "host `{host}` is neither the S3 endpoint nor listed in sources.allowed_hosts"
@@ -235,30 +223,47 @@ fn resolve_file(url: &Url, settings: &Settings) -> Result<Location, InvalidSourc
 pub(crate) struct SourceClients {
     s3: crate::config::S3Settings,
     secret_key: String,
-    client_options: ClientOptions,
+    /// The one HTTP client every store sends through (its redirect policy guards the hosts).
+    connector: Connector,
+    /// Hosts redirects may lead to (replaced on reload).
+    allow: LiveAllowList,
     retry: RetryConfig,
     file: Arc<dyn ObjectStore>,
     stores: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
 }
 
+/// Hands object_store our reqwest client instead of the one it would build (which follows
+/// any redirect).
+#[derive(Debug, Clone)]
+struct Connector(reqwest::Client);
+
+impl HttpConnector for Connector {
+    fn connect(&self, _options: &ClientOptions) -> object_store::Result<HttpClient> {
+        Ok(HttpClient::new(self.0.clone()))
+    }
+}
+
 impl SourceClients {
     pub(crate) fn new(settings: &Settings) -> anyhow::Result<SourceClients> {
         let s = &settings.s3;
-        let mut client_options = ClientOptions::new()
-            .with_connect_timeout(s.connect_timeout)
-            // Downloads take as long as they take; stalls are caught per chunk by the reader.
-            .with_timeout_disabled()
-            .with_allow_http(s.allow_http);
-        if !s.ca_file.is_empty() {
+        let ca_pem = if s.ca_file.is_empty() {
+            None
+        } else {
             let path = crate::config::resolve_credential(&s.ca_file);
             let pem = std::fs::read(&path)
                 .map_err(|e| anyhow::anyhow!("s3.ca_file {}: {e}", path.display()))?;
-            for cert in object_store::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| anyhow::anyhow!("s3.ca_file {}: {e}", path.display()))?
-            {
-                client_options = client_options.with_root_certificate(cert);
-            }
-        }
+            Some(pem)
+        };
+        let allow = LiveAllowList::default();
+        allow.set(AllowList::from_settings(settings));
+        let http = client::build(
+            &client::ClientSettings {
+                connect_timeout: s.connect_timeout,
+                ca_pem,
+            },
+            allow.clone(),
+        )
+        .map_err(|e| anyhow::anyhow!("s3.ca_file: {e}"))?;
         let secret_key = if s.secret_key_file.is_empty() {
             s.secret_key.clone()
         } else {
@@ -280,11 +285,17 @@ impl SourceClients {
         Ok(SourceClients {
             s3: s.clone(),
             secret_key,
-            client_options,
+            connector: Connector(http),
+            allow,
             retry,
             file: Arc::new(object_store::local::LocalFileSystem::new()),
             stores: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Applies reloaded settings: the hosts redirects may lead to.
+    pub(crate) fn apply(&self, settings: &Settings) {
+        self.allow.set(AllowList::from_settings(settings));
     }
 
     /// The bucket image URLs without one use (`s3.bucket`).
@@ -332,7 +343,8 @@ impl SourceClients {
             Location::Http(url) => Arc::new(
                 object_store::http::HttpBuilder::new()
                     .with_url(url.origin().ascii_serialization())
-                    .with_client_options(self.client_options.clone().with_allow_http(true))
+                    .with_client_options(ClientOptions::new().with_allow_http(true))
+                    .with_http_connector(self.connector.clone())
                     .with_retry(self.retry.clone())
                     .build()?,
             ),
@@ -345,7 +357,7 @@ impl SourceClients {
                     .with_secret_access_key(&self.secret_key)
                     .with_virtual_hosted_style_request(false)
                     .with_allow_http(self.s3.allow_http)
-                    .with_client_options(self.client_options.clone())
+                    .with_http_connector(self.connector.clone())
                     .with_retry(self.retry.clone())
                     .build()?,
             ),

@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use super::client::{RedirectRefused, redirect_refused};
 use super::inspect::{InspectError, Inspection};
 use super::source::{Location, SourceClients};
 use crate::config::Settings;
@@ -63,6 +64,8 @@ pub(crate) enum FetchError {
     Rejected(InspectError),
     #[error("download failed: {0}")]
     Transfer(String),
+    #[error("download refused: {0}; list the host in sources.allowed_hosts if it is trusted")]
+    Redirect(RedirectRefused),
     #[error("cache I/O: {0}")]
     Io(String),
     #[error("not enough space in the cache: {0}")]
@@ -79,6 +82,7 @@ impl FetchError {
             FetchError::BadChecksumFile(_) => "bad_checksum_file",
             FetchError::Rejected(e) => e.kind(),
             FetchError::Transfer(_) => "transfer",
+            FetchError::Redirect(_) => "redirect_refused",
             FetchError::Io(_) => "io",
             FetchError::NoSpace(_) => "no_space",
         }
@@ -91,6 +95,9 @@ impl FetchError {
     }
 
     fn from_store(e: object_store::Error) -> FetchError {
+        if let Some(refused) = redirect_refused(&e) {
+            return FetchError::Redirect(refused);
+        }
         match e {
             object_store::Error::NotFound { path, .. } => FetchError::NotFound(path),
             object_store::Error::PermissionDenied { source, .. }
@@ -243,6 +250,7 @@ impl ImageCache {
         let (limits, retry) = cache_settings(settings);
         *self.limits.write().unwrap_or_else(|e| e.into_inner()) = limits;
         *self.retry.write().unwrap_or_else(|e| e.into_inner()) = retry;
+        self.sources.apply(settings);
         self.evict(None);
     }
 

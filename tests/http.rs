@@ -1,0 +1,125 @@
+//! The image path against a real HTTP server (nginx started by the test with its own
+//! configuration): redirects are followed only to allowed hosts.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+struct Site {
+    _tmp: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    nginx: Nginx,
+    /// The image the allowed server publishes.
+    image: Vec<u8>,
+}
+
+/// nginx serving `www/` on `port` (the allowed host) and `foreign/` on `port2` (a host the
+/// daemon must not reach), plus `extra` inside the first server block.
+fn site(extra: &str) -> Site {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let image = random_bytes(4 << 20, 7);
+    for (sub, bytes) in [("www", &image), ("foreign", &random_bytes(4 << 20, 8))] {
+        for path in ["img.raw", "getonly/img.raw"] {
+            let p = dir.join(sub).join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, bytes).unwrap();
+        }
+    }
+    let servers = format!(
+        "server {{ listen 127.0.0.1:{{port}}; root {www}; {extra} }}\n\
+         server {{ listen 127.0.0.1:{{port2}}; root {foreign}; }}",
+        www = dir.join("www").display(),
+        foreign = dir.join("foreign").display(),
+    );
+    let nginx = Nginx::start(&dir.join("nginx"), &servers);
+    Site {
+        _tmp: tmp,
+        dir,
+        nginx,
+        image,
+    }
+}
+
+fn daemon(s: &Site) -> Daemon {
+    let config = TestConfig::new(&s.dir).set(
+        "sources.allowed_hosts",
+        toml::Value::Array(vec![format!("127.0.0.1:{}", s.nginx.port).into()]),
+    );
+    Daemon::start(&s.dir, &config)
+}
+
+async fn cache_images(c: &reqwest::Client, d: &Daemon) -> Vec<Value> {
+    let (status, v) = get(c, &d.url("/api/v1/cache/images?limit=1000")).await;
+    assert_eq!(status, 200, "{v}");
+    v["images"].as_array().unwrap().clone()
+}
+
+#[tokio::test]
+async fn redirects_to_hosts_outside_the_allow_list_are_not_followed() {
+    let s = site(
+        "location /r301/ { return 301 http://127.0.0.1:{port2}/img.raw; }
+         location /r302/ { return 302 http://127.0.0.1:{port2}/img.raw; }
+         location /r307/ { return 307 http://127.0.0.1:{port2}/img.raw; }
+         location /r308/ { return 308 http://127.0.0.1:{port2}/img.raw; }
+         location /getonly/ { if ($request_method = GET) { return 302 http://127.0.0.1:{port2}/img.raw; } }
+         location /hop/ { rewrite ^/hop/(.*)$ http://127.0.0.1:{port}/$1 redirect; }
+         location /loop/ { return 302 http://127.0.0.1:{port}/loop/img.raw; }",
+    );
+    let d = daemon(&s);
+    let c = client();
+    let refused = ["r301", "r302", "r307", "r308", "getonly", "loop"];
+    for (i, prefix) in refused.iter().enumerate() {
+        let url = s.nginx.url(&format!("/{prefix}/img.raw"));
+        let volume = format!("redirected-{i}");
+        let id = submit(
+            &c,
+            &d,
+            json!({"image_url": url, "volume_name": volume, "volume_size_gb": 1, "image_type": "raw"}),
+        )
+        .await;
+        let job = wait_job(&c, &d, &id, MINUTE).await;
+        assert_eq!(job["status"], "failed", "{prefix}: {job}");
+        let error = job["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("redirect") && error.contains("refused"),
+            "{prefix}: a clear error: {error}"
+        );
+        if *prefix != "loop" {
+            assert!(error.contains("sources.allowed_hosts"), "{prefix}: {error}");
+        }
+        assert!(
+            !s.dir.join("volumes").join(&volume).exists(),
+            "{prefix}: no volume"
+        );
+    }
+    assert_eq!(
+        s.nginx.requests(s.nginx.port2, "/"),
+        Vec::<String>::new(),
+        "the foreign host was never asked"
+    );
+    assert!(cache_images(&c, &d).await.is_empty(), "nothing was cached");
+    let leftovers: Vec<_> = std::fs::read_dir(s.dir.join("cache"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(leftovers.is_empty(), "cache files: {leftovers:?}");
+
+    // A redirect to an allowed host is followed.
+    let id = submit(
+        &c,
+        &d,
+        json!({"image_url": s.nginx.url("/hop/img.raw"), "volume_name": "hop", "volume_size_gb": 1, "image_type": "raw"}),
+    )
+    .await;
+    let job = wait_job(&c, &d, &id, MINUTE).await;
+    assert_eq!(job["status"], "completed", "{job}\n{}", d.log());
+    let volume = std::fs::read(s.dir.join("volumes/hop")).unwrap();
+    assert!(volume[..s.image.len()] == s.image[..], "the allowed bytes");
+}
