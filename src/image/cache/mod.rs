@@ -94,6 +94,8 @@ impl FetchError {
         matches!(self, FetchError::Transfer(_))
     }
 
+    /// The failure an object_store error stands for, decided by its variant (and, for generic
+    /// errors, by whether a transport error or our refused redirect is in its source chain).
     fn from_store(e: object_store::Error) -> FetchError {
         if let Some(refused) = redirect_refused(&e) {
             return FetchError::Redirect(refused);
@@ -104,19 +106,23 @@ impl FetchError {
             | object_store::Error::Unauthenticated { source, .. } => {
                 FetchError::Auth(source.to_string())
             }
-            other => {
-                // object_store reports some S3 refusals as generic errors with the status.
-                let text = other.to_string();
-                if text.contains("403 Forbidden") || text.contains("AccessDenied") {
-                    FetchError::Auth(text)
-                } else if text.contains("404 Not Found") || text.contains("NoSuchKey") {
-                    FetchError::NotFound(text)
-                } else {
-                    FetchError::Transfer(text)
-                }
-            }
+            // Everything else (network errors, 5xx, malformed answers) is worth another try.
+            other => FetchError::Transfer(other.to_string()),
         }
     }
+}
+
+/// Whether a store error is a network failure (the request did not complete), as opposed to
+/// an answer from the server.
+pub(crate) fn is_transport_error(e: &object_store::Error) -> bool {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = current {
+        if err.is::<object_store::client::HttpError>() {
+            return true;
+        }
+        current = err.source();
+    }
+    false
 }
 
 /// Download progress: bytes so far (including a resumed prefix) and the total.
@@ -575,17 +581,76 @@ pub(crate) fn parse_checksum_file(bytes: &[u8]) -> Option<String> {
         .then(|| token.to_ascii_lowercase())
 }
 
-/// Makes a rename durable.
-async fn sync_dir(dir: &Path) {
+/// Makes a rename durable (an error is the download's error: the entry might not survive a
+/// crash).
+async fn sync_dir(dir: &Path) -> Result<(), FetchError> {
     let dir = dir.to_path_buf();
-    let _ =
-        tokio::task::spawn_blocking(move || std::fs::File::open(&dir).and_then(|d| d.sync_all()))
-            .await;
+    let shown = dir.display().to_string();
+    tokio::task::spawn_blocking(move || std::fs::File::open(&dir).and_then(|d| d.sync_all()))
+        .await
+        .map_err(|e| FetchError::Io(format!("syncing {shown}: {e}")))?
+        .map_err(|e| FetchError::Io(format!("syncing {shown}: {e}")))
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A cache in `dir` with its own temporary sled database and default settings.
+    pub(crate) fn test_cache(dir: &Path) -> ImageCache {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let settings = Settings::default();
+        let sources = Arc::new(SourceClients::new(&settings).unwrap());
+        ImageCache::open(dir, db.open_tree("cache").unwrap(), sources, &settings).unwrap()
+    }
+
+    /// Records an entry with a file of `size` bytes.
+    pub(crate) fn add_entry(cache: &ImageCache, key: &str, size: usize) -> CacheEntry {
+        let path = cache.path_of(key);
+        std::fs::write(&path, vec![0u8; size]).unwrap();
+        let now = Utc::now();
+        let entry = CacheEntry {
+            key: key.to_string(),
+            image_url: format!("file:///images/{key}"),
+            identity: format!("file:///images/{key}"),
+            etag: None,
+            size: size as u64,
+            sha256: String::new(),
+            verified: false,
+            inspection: Inspection {
+                format: crate::image::ImageType::Raw,
+                virtual_size: size as u64,
+            },
+            created: now,
+            last_used: now,
+            mtime_ns: mtime_ns(&std::fs::metadata(&path).unwrap()),
+        };
+        put_entry(&cache.index, &entry).unwrap();
+        entry
+    }
+
+    #[test]
+    fn unreadable_free_space_is_an_error_and_evicts_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = test_cache(&tmp.path().join("cache"));
+        add_entry(&cache, "a", 10);
+        // statvfs on a directory that is gone fails (ENOENT).
+        std::fs::rename(tmp.path().join("cache"), tmp.path().join("moved")).unwrap();
+        let e = cache.ensure_space(1).unwrap_err();
+        assert!(
+            matches!(&e, FetchError::Io(m) if m.contains("free space")),
+            "{e}"
+        );
+        assert!(cache.get_entry("a").is_some(), "nothing evicted");
+    }
+
+    #[tokio::test]
+    async fn directory_sync_errors_are_returned() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert!(sync_dir(tmp.path()).await.is_ok());
+        let e = sync_dir(&tmp.path().join("gone")).await.unwrap_err();
+        assert!(matches!(e, FetchError::Io(_)), "{e}");
+    }
 
     #[test]
     fn checksum_files() {
