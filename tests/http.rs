@@ -123,3 +123,52 @@ async fn redirects_to_hosts_outside_the_allow_list_are_not_followed() {
     let volume = std::fs::read(s.dir.join("volumes/hop")).unwrap();
     assert!(volume[..s.image.len()] == s.image[..], "the allowed bytes");
 }
+
+#[tokio::test]
+async fn one_retry_layer_each_attempt_is_one_request() {
+    // HEAD answers; every GET of the image gets 503 (its .sha256 is a plain 404).
+    let s = site(
+        "location = /down/img.raw { if ($request_method = GET) { return 503; } }
+         location = /sum503/img.raw.sha256 { return 503; }",
+    );
+    for p in ["down/img.raw", "sum503/img.raw"] {
+        std::fs::create_dir_all(s.dir.join("www").join(p).parent().unwrap()).unwrap();
+        std::fs::write(s.dir.join("www").join(p), &s.image).unwrap();
+    }
+    let config = TestConfig::new(&s.dir)
+        .set(
+            "sources.allowed_hosts",
+            toml::Value::Array(vec![format!("127.0.0.1:{}", s.nginx.port).into()]),
+        )
+        .set("s3.retries", 2)
+        .set("s3.retry_backoff", "20ms")
+        .set("s3.retry_max_backoff", "50ms");
+    let d = Daemon::start(&s.dir, &config);
+    let c = client();
+    for (path, uri) in [
+        ("/down/img.raw", "/down/img.raw"),
+        ("/sum503/img.raw", "/sum503/img.raw.sha256"),
+    ] {
+        let (status, v) = post(
+            &c,
+            &d.url("/api/v1/cache/fetch"),
+            &json!({"image_url": s.nginx.url(path)}),
+        )
+        .await;
+        assert_eq!(status, 202, "{v}");
+        let id = v["job_id"].as_str().unwrap();
+        let job = wait_job(&c, &d, id, MINUTE).await;
+        assert_eq!(job["status"], "failed", "{job}");
+        let gets: Vec<String> = s
+            .nginx
+            .requests(s.nginx.port, uri)
+            .into_iter()
+            .filter(|l| l.contains(" GET ") && l.split(' ').nth(3) == Some(uri))
+            .collect();
+        assert_eq!(
+            gets.len(),
+            3,
+            "s3.retries = 2: three requests in all: {gets:?}"
+        );
+    }
+}

@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use object_store::client::{HttpClient, HttpConnector};
 use object_store::path::Path as ObjectPath;
@@ -273,14 +272,11 @@ impl SourceClients {
                 .trim()
                 .to_string()
         };
+        // One retry layer: ours (per download attempt, see cache/download.rs). object_store
+        // would otherwise retry inside each of our attempts, up to (n+1)^2 requests.
         let retry = RetryConfig {
-            max_retries: s.retries,
-            retry_timeout: Duration::from_secs(600),
-            backoff: object_store::BackoffConfig {
-                init_backoff: s.retry_backoff,
-                max_backoff: s.retry_max_backoff,
-                base: 2.0,
-            },
+            max_retries: 0,
+            ..RetryConfig::default()
         };
         Ok(SourceClients {
             s3: s.clone(),

@@ -141,14 +141,35 @@ pub(crate) struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// Exponential backoff with full jitter: a random delay up to `backoff * 2^(attempt-1)`.
+    /// Exponential backoff with full jitter: a delay drawn uniformly from zero up to
+    /// `min(backoff * 2^(attempt-1), max_backoff)`, so that many clients retrying the same
+    /// server spread out instead of coming back in waves.
     pub(crate) fn delay(&self, attempt: usize) -> Duration {
-        let exp = self
+        let cap = self
             .backoff
             .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
             .min(self.max_backoff);
-        let jitter = rand::random_range(0.5..=1.0);
-        exp.mul_f64(jitter)
+        cap.mul_f64(rand::random_range(0.0..=1.0))
+    }
+
+    /// Runs `op` until it succeeds, fails with a permanent error, or the retries are spent.
+    pub(crate) async fn run<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, FetchError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, FetchError>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match op().await {
+                Err(e) if e.is_transient() && attempt < self.retries => {
+                    attempt += 1;
+                    let delay = self.delay(attempt);
+                    tracing::warn!(error = %e, attempt, retry_in = ?delay, "{what} failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                other => return other,
+            }
+        }
     }
 }
 
@@ -356,7 +377,10 @@ impl ImageCache {
         image_url: &str,
         mut on_progress: impl FnMut(Transfer),
     ) -> Result<CachedImage, FetchError> {
-        let remote = self.remote(location).await?;
+        let remote = self
+            .retry_policy()
+            .run("asking the source for the image", || self.remote(location))
+            .await?;
         let identity = location.identity();
         let key = match &remote.expected_sha256 {
             Some(sum) => sum.clone(),
@@ -676,9 +700,17 @@ pub(crate) mod tests {
             max_backoff: Duration::from_secs(1),
         };
         for attempt in 1..10 {
-            let d = p.delay(attempt);
             let cap = Duration::from_millis(100 * (1 << (attempt - 1))).min(Duration::from_secs(1));
-            assert!(d <= cap && d >= cap / 2, "{attempt}: {d:?} vs {cap:?}");
+            let delays: Vec<Duration> = (0..200).map(|_| p.delay(attempt)).collect();
+            assert!(
+                delays.iter().all(|d| *d <= cap),
+                "{attempt}: {delays:?} vs {cap:?}"
+            );
+            // Full jitter: delays spread over the whole range, down to near zero.
+            assert!(
+                delays.iter().any(|d| *d < cap / 4),
+                "{attempt}: {delays:?} vs {cap:?}"
+            );
         }
     }
 }
