@@ -159,16 +159,110 @@ async fn one_retry_layer_each_attempt_is_one_request() {
         let id = v["job_id"].as_str().unwrap();
         let job = wait_job(&c, &d, id, MINUTE).await;
         assert_eq!(job["status"], "failed", "{job}");
-        let gets: Vec<String> = s
-            .nginx
-            .requests(s.nginx.port, uri)
-            .into_iter()
-            .filter(|l| l.contains(" GET ") && l.split(' ').nth(3) == Some(uri))
-            .collect();
+        let gets = s.nginx.gets(s.nginx.port, uri);
         assert_eq!(
             gets.len(),
             3,
             "s3.retries = 2: three requests in all: {gets:?}"
         );
     }
+}
+
+/// Starts the daemon with its cache directory on a `size_mib` tmpfs of its own (a private
+/// mount namespace), so that free space is small and exact.
+fn daemon_with_small_cache(s: &Site, config: TestConfig, size_mib: u32) -> Daemon {
+    let cache = s.dir.join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let config_path = s.dir.join("config.toml");
+    std::fs::write(&config_path, config.render()).unwrap();
+    let mount = format!(r#"mount -t tmpfs -o size={size_mib}m tmpfs "$0" && exec "$@""#);
+    Daemon::spawn_wrapped(
+        &s.dir,
+        &config_path,
+        &[],
+        "http",
+        &[
+            "unshare",
+            "-rm",
+            "sh",
+            "-c",
+            &mount,
+            cache.to_str().unwrap(),
+        ],
+    )
+}
+
+async fn prefetch(c: &reqwest::Client, d: &Daemon, url: &str) -> String {
+    let (status, v) = post(
+        c,
+        &d.url("/api/v1/cache/fetch"),
+        &json!({"image_url": url, "image_type": "raw"}),
+    )
+    .await;
+    assert_eq!(status, 202, "{v}");
+    v["job_id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn cancelling_the_only_job_stops_its_download_and_frees_its_space() {
+    // slow.raw comes at 4 MB/s (6 s in all); big.raw at full speed.
+    let s = site("location = /slow.raw { limit_rate 4m; }");
+    let slow = random_bytes(24 << 20, 11);
+    let big = random_bytes(44 << 20, 12);
+    std::fs::write(s.dir.join("www/slow.raw"), &slow).unwrap();
+    std::fs::write(s.dir.join("www/big.raw"), &big).unwrap();
+    let config = TestConfig::new(&s.dir)
+        .set(
+            "sources.allowed_hosts",
+            toml::Value::Array(vec![format!("127.0.0.1:{}", s.nginx.port).into()]),
+        )
+        .set("cache.min_free_bytes", 0);
+    // 64 MiB: the 24 MiB download's reservation and the 44 MiB one do not fit together.
+    let d = daemon_with_small_cache(&s, config, 64);
+    let c = client();
+
+    let id = prefetch(&c, &d, &s.nginx.url("/slow.raw")).await;
+    wait_until(&c, &d, &id, MINUTE, |v| {
+        v["progress"]["bytes_processed"].as_u64().unwrap_or(0) > (2 << 20)
+    })
+    .await;
+    let (status, v) = post(&c, &d.url(&format!("/api/v1/jobs/{id}/cancel")), &json!({})).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(wait_job(&c, &d, &id, MINUTE).await["status"], "cancelled");
+
+    // The server sees the connection go within a moment, long before the 6 s it would take.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let sent = loop {
+        if let Some(line) = s.nginx.gets(s.nginx.port, "/slow.raw").first() {
+            break line.rsplit(' ').next().unwrap().parse::<u64>().unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the download still runs: nginx has not finished the request\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        sent < slow.len() as u64 / 2,
+        "nginx sent {sent} of {} bytes",
+        slow.len()
+    );
+
+    // Its reservation is gone: the 44 MiB prefetch fits.
+    let id = prefetch(&c, &d, &s.nginx.url("/big.raw")).await;
+    let job = wait_job(&c, &d, &id, MINUTE).await;
+    assert_eq!(job["status"], "completed", "{job}\n{}", d.log());
+
+    // The next job for the stopped key downloads afresh and succeeds.
+    let id = prefetch(&c, &d, &s.nginx.url("/slow.raw")).await;
+    let job = wait_job(&c, &d, &id, MINUTE).await;
+    assert_eq!(job["status"], "completed", "{job}\n{}", d.log());
+    let images = cache_images(&c, &d).await;
+    let entry = images
+        .iter()
+        .find(|i| i["image_url"] == s.nginx.url("/slow.raw"))
+        .expect("slow.raw cached");
+    assert_eq!(entry["checksum"], sha256_hex(&slow));
+    assert_eq!(s.nginx.gets(s.nginx.port, "/slow.raw").len(), 2);
 }

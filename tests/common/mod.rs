@@ -1226,6 +1226,17 @@ impl Nginx {
             .collect()
     }
 
+    /// Access log lines of GETs to `port` of exactly `uri`.
+    pub fn gets(&self, port: u16, uri: &str) -> Vec<String> {
+        self.requests(port, uri)
+            .into_iter()
+            .filter(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                f.get(2) == Some(&"GET") && f.get(3) == Some(&uri)
+            })
+            .collect()
+    }
+
     /// Stops nginx (SIGTERM to the master, then waits).
     pub fn stop(&mut self) {
         let _ = nix::sys::signal::kill(

@@ -6,6 +6,7 @@
 
 mod download;
 mod evict;
+mod flight;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
-use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::future::{BoxFuture, FutureExt};
 use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -27,6 +28,7 @@ use super::source::{Location, SourceClients};
 use crate::config::Settings;
 use crate::telemetry::metrics::metrics;
 use download::{Download, Remote};
+use flight::FlightResult;
 
 /// One cached image (stored in sled, served by the cache API).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,6 +72,8 @@ pub(crate) enum FetchError {
     Io(String),
     #[error("not enough space in the cache: {0}")]
     NoSpace(String),
+    #[error("download stopped: no job waits for it any more")]
+    Stopped,
 }
 
 impl FetchError {
@@ -85,6 +89,7 @@ impl FetchError {
             FetchError::Redirect(_) => "redirect_refused",
             FetchError::Io(_) => "io",
             FetchError::NoSpace(_) => "no_space",
+            FetchError::Stopped => "stopped",
         }
     }
 
@@ -197,13 +202,6 @@ pub(crate) fn cache_settings(settings: &Settings) -> (CacheLimits, RetryPolicy) 
     )
 }
 
-type FlightResult = Result<CacheEntry, FetchError>;
-
-struct Flight {
-    progress: watch::Receiver<Transfer>,
-    result: Shared<BoxFuture<'static, FlightResult>>,
-}
-
 /// A cached image handed to a job; the entry cannot be evicted while this lives.
 pub(crate) struct CachedImage {
     pub(crate) entry: CacheEntry,
@@ -229,12 +227,35 @@ impl Drop for InUse {
     }
 }
 
+/// Space a running download will still take, counted against the free space until the
+/// download task ends (however it ends).
+struct Reservation {
+    reserved: Arc<AtomicU64>,
+    bytes: u64,
+}
+
+impl Reservation {
+    fn take(reserved: &Arc<AtomicU64>, bytes: u64) -> Reservation {
+        reserved.fetch_add(bytes, Ordering::SeqCst);
+        Reservation {
+            reserved: reserved.clone(),
+            bytes,
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.reserved.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
+}
+
 /// The image cache.
 pub(crate) struct ImageCache {
     dir: PathBuf,
     index: sled::Tree,
     sources: Arc<SourceClients>,
-    flights: Mutex<HashMap<String, Flight>>,
+    flights: flight::Flights,
     in_use: Arc<Mutex<HashMap<String, usize>>>,
     limits: RwLock<CacheLimits>,
     retry: RwLock<RetryPolicy>,
@@ -262,7 +283,7 @@ impl ImageCache {
             index,
             dir,
             sources,
-            flights: Mutex::new(HashMap::new()),
+            flights: flight::Flights::default(),
             in_use: Arc::new(Mutex::new(HashMap::new())),
             limits: RwLock::new(limits),
             retry: RwLock::new(retry),
@@ -403,19 +424,11 @@ impl ImageCache {
         }
         metrics().cache_lookup(false);
 
-        let (mut progress, result) = {
-            let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
-            match flights.get(&key) {
-                Some(f) => (f.progress.clone(), f.result.clone()),
-                None => {
-                    let f = self.start_download(&key, image_url, &identity, remote)?;
-                    let pair = (f.progress.clone(), f.result.clone());
-                    flights.insert(key.clone(), f);
-                    pair
-                }
-            }
-        };
-        let mut result = std::pin::pin!(result);
+        let waiter = self.flights.join(&key, |start| {
+            self.start_download(&key, image_url, &identity, remote, start)
+        })?;
+        let mut progress = waiter.progress.clone();
+        let mut result = std::pin::pin!(waiter.result.clone());
         let outcome = loop {
             tokio::select! {
                 r = &mut result => break r,
@@ -426,10 +439,8 @@ impl ImageCache {
                 }
             }
         };
-        self.flights
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&key);
+        waiter.finished();
+        drop(waiter);
         let entry = outcome?;
         // Earlier entries of the same source (older ETag or checksum) are superseded.
         self.remove_superseded(&identity, &key);
@@ -442,20 +453,22 @@ impl ImageCache {
         })
     }
 
-    /// Checks space and starts the download task.
+    /// Checks space and starts the download task. The task ends when the download does or
+    /// when `start.stop` is cancelled; either way its space reservation is released.
     fn start_download(
         &self,
         key: &str,
         image_url: &str,
         identity: &str,
         remote: Remote,
-    ) -> Result<Flight, FetchError> {
+        start: flight::Start,
+    ) -> Result<(watch::Receiver<Transfer>, BoxFuture<'static, FlightResult>), FetchError> {
         let partial_len = std::fs::metadata(download::partial_path(&self.dir, key))
             .map(|m| m.len())
             .unwrap_or(0);
         let need = remote.size.saturating_sub(partial_len);
         self.ensure_space(need)?;
-        self.reserved.fetch_add(need, Ordering::SeqCst);
+        let reservation = Reservation::take(&self.reserved, need);
         let (tx, rx) = watch::channel(Transfer {
             done: 0,
             total: remote.size,
@@ -469,15 +482,18 @@ impl ImageCache {
             remote,
             retry: self.retry_policy(),
         };
-        let reserved = self.reserved.clone();
-        // The download runs on its own task: a job cancelled while waiting does not break
-        // the download other jobs wait for.
-        // Its log lines and spans belong to the job that started it.
+        // The download runs on its own task: a job cancelled while others wait does not break
+        // it. Its log lines and spans belong to the job that started it.
         let task = tokio::spawn(
             async move {
-                let r = download.run(tx).await;
-                reserved.fetch_sub(need, Ordering::SeqCst);
-                r
+                let _reservation = reservation;
+                if let Some(previous) = start.previous {
+                    let _ = previous.await;
+                }
+                tokio::select! {
+                    r = download.run(tx) => r,
+                    _ = start.stop.cancelled() => Err(FetchError::Stopped),
+                }
             }
             .instrument(tracing::Span::current()),
         );
@@ -488,10 +504,7 @@ impl ImageCache {
             }
         }
         .boxed();
-        Ok(Flight {
-            progress: rx,
-            result: result.shared(),
-        })
+        Ok((rx, result))
     }
 
     /// The entry of `key` if its file is still what was recorded (size and mtime; no re-hash).
