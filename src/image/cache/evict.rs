@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::Utc;
 
 use super::download::{checkpoint_path, partial_path};
-use super::{FetchError, ImageCache};
+use super::{FetchError, ImageCache, Removal};
 use crate::telemetry::metrics::metrics;
 
 /// Why an entry was evicted (`cache_evictions_total{reason}`).
@@ -44,6 +44,7 @@ impl ImageCache {
                     .with_label_values(&[reason.as_str()])
                     .inc();
                 tracing::info!(key, reason = reason.as_str(), "cache entry evicted");
+                self.removed(key, Removal::Evicted(reason));
                 true
             }
             Err(e) => {

@@ -28,6 +28,7 @@ use super::source::{Location, SourceClients};
 use crate::config::Settings;
 use crate::telemetry::metrics::metrics;
 use download::{Download, Remote};
+pub(crate) use evict::EvictReason;
 use flight::FlightResult;
 
 /// One cached image (stored in sled, served by the cache API).
@@ -261,7 +262,20 @@ pub(crate) struct ImageCache {
     retry: RwLock<RetryPolicy>,
     /// Bytes that running downloads still have to write (space they will take).
     reserved: Arc<AtomicU64>,
+    /// Called after an entry left the cache (see `on_remove`).
+    removal_hooks: RwLock<Vec<RemovalHook>>,
 }
+
+/// Why an entry left the cache (given to removal hooks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Removal {
+    Evicted(EvictReason),
+    /// `DELETE /api/v1/cache/images/{key}`.
+    Deleted,
+}
+
+/// A callback run with the key of every entry that left the cache.
+pub(crate) type RemovalHook = Arc<dyn Fn(&str, Removal) + Send + Sync>;
 
 pub(crate) fn image_path(dir: &Path, key: &str) -> PathBuf {
     dir.join(format!("{key}.img"))
@@ -288,6 +302,7 @@ impl ImageCache {
             limits: RwLock::new(limits),
             retry: RwLock::new(retry),
             reserved: Arc::new(AtomicU64::new(0)),
+            removal_hooks: RwLock::new(Vec::new()),
         };
         cache.clean_dir();
         Ok(cache)
@@ -523,7 +538,31 @@ impl ImageCache {
         let entry = self.get_entry(key).ok_or(RemoveError::NotFound)?;
         self.drop_entry(&entry.key)
             .map_err(|e| RemoveError::Io(e.to_string()))?;
+        self.removed(&entry.key, Removal::Deleted);
         Ok(entry)
+    }
+
+    /// Registers `hook` to run after an entry is evicted or deleted, with its key (so what was
+    /// made from the image elsewhere, e.g. a golden volume, can go too). Hooks run on the
+    /// thread that removed the entry and must not block: spawn the work.
+    // Registered by the wiring in lib.rs once golden volumes exist (issue 13).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn on_remove(&self, hook: impl Fn(&str, Removal) + Send + Sync + 'static) {
+        self.removal_hooks
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::new(hook));
+    }
+
+    fn removed(&self, key: &str, why: Removal) {
+        let hooks = self
+            .removal_hooks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for hook in hooks {
+            hook(key, why);
+        }
     }
 
     /// Deletes the index record, then the file (a crash in between leaves an orphan file,
@@ -679,6 +718,28 @@ pub(crate) mod tests {
             "{e}"
         );
         assert!(cache.get_entry("a").is_some(), "nothing evicted");
+    }
+
+    #[test]
+    fn removal_hooks_see_evicted_and_deleted_keys() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = test_cache(&tmp.path().join("cache"));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        cache.on_remove(move |key, why| s.lock().unwrap().push((key.to_string(), why)));
+        add_entry(&cache, "old", 10);
+        add_entry(&cache, "new", 10);
+        let mut settings = Settings::default();
+        settings.cache.max_size_bytes = 15;
+        cache.set_limits(&settings);
+        cache.remove("new").unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![
+                ("old".to_string(), Removal::Evicted(EvictReason::Size)),
+                ("new".to_string(), Removal::Deleted)
+            ]
+        );
     }
 
     #[tokio::test]
