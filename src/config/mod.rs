@@ -208,9 +208,9 @@ pub(crate) struct S3Settings {
     pub(crate) ca_file: String,
     /// Allow an `http://` endpoint.
     pub(crate) allow_http: bool,
-    /// Retries of transient errors (network, 5xx) per request.
+    /// Retries of a request that failed transiently (network, 5xx); the only retry layer.
     pub(crate) retries: usize,
-    /// First retry delay; doubled per retry, with jitter.
+    /// Bound of the first retry delay; doubled per retry; the delay is drawn below it.
     #[serde(with = "humantime_serde")]
     pub(crate) retry_backoff: Duration,
     /// Upper bound of one retry delay.
