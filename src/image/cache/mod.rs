@@ -30,7 +30,6 @@ use super::source::{Location, SourceClients};
 use crate::config::Settings;
 use crate::telemetry::metrics::metrics;
 use download::{Download, Remote};
-pub(crate) use evict::EvictReason;
 use flight::FlightResult;
 
 /// One cached image (stored in sled, served by the cache API).
@@ -676,10 +675,10 @@ pub(crate) mod tests {
 
     /// A cache in `dir` with its own temporary sled database and default settings.
     pub(crate) fn test_cache(dir: &Path) -> ImageCache {
-        let db = sled::Config::new().temporary(true).open().unwrap();
+        let db = crate::store::Db::open(&dir.join("index.db")).unwrap();
         let settings = Settings::default();
         let sources = Arc::new(SourceClients::new(&settings).unwrap());
-        ImageCache::open(dir, db.open_tree("cache").unwrap(), sources, &settings).unwrap()
+        ImageCache::open(dir, db.tree("cache"), sources, &settings).unwrap()
     }
 
     /// Records an entry with a file of `size` bytes.
