@@ -22,10 +22,12 @@ use super::error::ApiError;
 use super::views::{StatusResponse, rfc3339};
 use crate::image::ImageType;
 use crate::image::source;
+use crate::jobs::delete::DeleteError;
 use crate::jobs::engine::{CancelError, SubmitError};
 use crate::jobs::model::{JobKind, JobSpec, JobStatus};
 use crate::telemetry::metrics::metrics;
-use crate::volume;
+use crate::volume::{self, VolumeError};
+use tracing::Instrument;
 
 const MAX_URL_LEN: usize = 4096;
 const MAX_CORRELATION_ID_LEN: usize = 256;
@@ -561,32 +563,24 @@ pub(crate) async fn volume_delete(
         .decode_utf8()
         .map_err(|_| ApiError::bad_request("volume name is not UTF-8 once decoded"))?
         .into_owned();
-    let volumes = &state.volumes;
     volume::validate_volume_name(&name)
-        .and_then(|_| volumes.validate_name(&name))
+        .and_then(|_| state.volumes.validate_name(&name))
         .map_err(ApiError::bad_request)?;
-    if let Some(job) = state.engine.volume_busy(&name) {
-        return Err(ApiError::conflict(format!(
-            "volume {name} is in use by job {job}"
-        )));
-    }
-    match volumes.inspect(&name).await {
-        Ok(None) => {}
-        Ok(Some(v)) => {
-            if let Some(reason) = v.reuse_blocker.filter(|r| r.contains("open")) {
-                return Err(ApiError::conflict(format!(
-                    "volume {name} cannot be deleted: {reason}"
-                )));
-            }
-            let span = tracing::info_span!("delete_volume", otel.name = "DeleteVolume", volume_name = %name);
-            let _g = span.enter();
-            volumes.remove(&name).await.map_err(|e| match e {
-                volume::VolumeError::Conflict(reason) => ApiError::conflict(reason),
-                e => ApiError::internal(e.to_string()),
-            })?;
-            tracing::info!(volume = %name, requested_by = caller.identity().unwrap_or(""), "volume deleted");
-        }
-        Err(e) => return Err(ApiError::internal(e.to_string())),
+    let span =
+        tracing::info_span!("delete_volume", otel.name = "DeleteVolume", volume_name = %name);
+    let deleted = state
+        .engine
+        .delete_volume(&name)
+        .instrument(span)
+        .await
+        .map_err(|e| match e {
+            DeleteError::Busy { .. }
+            | DeleteError::Blocked { .. }
+            | DeleteError::Volume(VolumeError::Conflict(_)) => ApiError::conflict(e.to_string()),
+            DeleteError::Volume(_) => ApiError::internal(e.to_string()),
+        })?;
+    if deleted {
+        tracing::info!(volume = %name, requested_by = caller.identity().unwrap_or(""), "volume deleted");
     }
     Ok(json_reply(
         &json!({"status": "deleted", "volume": name}),

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub(crate) use load::resolve_credential;
 pub use load::{ConfigError, ConfigSource, Profile, load, redacted_toml};
+pub(crate) use load::{redact_url, resolve_credential, without_userinfo};
 
 /// The current settings, replaced as a whole when the configuration is reloaded.
 #[derive(Clone)]

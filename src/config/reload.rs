@@ -145,8 +145,8 @@ pub(crate) struct ReloadStatus {
 /// The daemon's components that take live settings.
 pub(crate) trait LiveTarget: Send + Sync {
     /// Applies `new` (already split; restart-only keys hold the running values). An error
-    /// leaves the component as it was.
-    fn apply(&self, old: &Settings, new: &Settings) -> Result<(), String>;
+    /// leaves every component as it was.
+    fn apply(&self, new: &Settings) -> Result<(), String>;
 }
 
 /// Why a reload ran.
@@ -208,7 +208,7 @@ impl Reloader {
             .and_then(|r| r.map_err(|e| e.to_string()));
         let outcome = loaded.and_then(|new| {
             let (effective, pending) = split_changes(&old, &new)?;
-            self.target.apply(&old, &effective)?;
+            self.target.apply(&effective)?;
             Ok((effective, pending))
         });
         let now = Utc::now();

@@ -33,13 +33,18 @@ pub(crate) struct LogControl {
 }
 
 impl LogControl {
-    /// Applies a new level (`log.level`) and format (`json` or text); returns an error for
-    /// an invalid filter.
-    pub(crate) fn apply(&self, level: &str, json: bool) -> Result<(), String> {
-        let filter = build_filter(level)?;
-        self.filter.reload(filter).map_err(|e| e.to_string())?;
+    /// The filter `level` asks for (or `RUST_LOG`), not yet in force.
+    pub(crate) fn prepare(level: &str) -> Result<EnvFilter, String> {
+        build_filter(level)
+    }
+
+    /// Puts a prepared filter and the format in force; cannot fail (the reload handle only
+    /// refuses once the subscriber is gone, at exit).
+    pub(crate) fn install(&self, filter: EnvFilter, json: bool) {
+        if let Err(e) = self.filter.reload(filter) {
+            eprintln!("cannot change the log filter: {e}");
+        }
         self.json.store(json, Ordering::Relaxed);
-        Ok(())
     }
 }
 

@@ -313,7 +313,7 @@ impl Metrics {
     }
 
     /// A storage (sled) operation and its result.
-    pub(crate) fn storage_op<T, E: std::fmt::Display>(
+    pub(crate) fn storage_op<T, E: StorageErrorKind>(
         &self,
         operation: &str,
         result: &Result<T, E>,
@@ -328,7 +328,7 @@ impl Metrics {
                     .with_label_values(&[operation, "error"])
                     .inc();
                 self.storage_errors_total
-                    .with_label_values(&[operation, storage_error_type(&e.to_string())])
+                    .with_label_values(&[operation, e.error_type()])
                     .inc();
             }
         }
@@ -411,16 +411,26 @@ impl prometheus::core::Collector for ProcessMetrics {
     }
 }
 
-fn storage_error_type(msg: &str) -> &'static str {
-    let m = msg.to_ascii_lowercase();
-    if m.contains("corrupt") {
-        "corruption"
-    } else if m.contains("serial") || m.contains("json") {
+/// The `error_type` label of a failed storage operation, from the error's variant.
+pub(crate) trait StorageErrorKind {
+    fn error_type(&self) -> &'static str;
+}
+
+impl StorageErrorKind for sled::Error {
+    fn error_type(&self) -> &'static str {
+        match self {
+            sled::Error::Io(_) => "io",
+            sled::Error::Corruption { .. } => "corruption",
+            sled::Error::CollectionNotFound(_) => "not_found",
+            sled::Error::Unsupported(_) => "unsupported",
+            sled::Error::ReportableBug(_) => "bug",
+        }
+    }
+}
+
+impl StorageErrorKind for serde_json::Error {
+    fn error_type(&self) -> &'static str {
         "serialization"
-    } else if m.contains("io") {
-        "io"
-    } else {
-        "other"
     }
 }
 

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use super::{VolumeBackend, VolumeError, VolumeInfo, validate_lvm_name};
+use super::{Blocker, BlockerKind, VolumeBackend, VolumeError, VolumeInfo, validate_lvm_name};
 use crate::command;
 
 /// Options every report command gets: machine-readable JSON, sizes as plain byte counts.
@@ -165,44 +165,52 @@ impl LvInfo {
     }
 
     /// Why this LV must not be overwritten by a job (the API answers 409 with it); `None` when
-    /// it may be reused. An open LV's reason always contains "open".
-    pub(crate) fn reuse_blocker(&self) -> Option<String> {
+    /// it may be reused.
+    pub(crate) fn reuse_blocker(&self) -> Option<Blocker> {
         // Whatever forbids removal also forbids overwriting.
-        if let Some(reason) = self.removal_blocker() {
-            return Some(reason);
+        if let Some(blocker) = self.removal_blocker() {
+            return Some(blocker);
         }
         let note = self.attr_note();
+        let unwritable = |reason: String| Some(Blocker::new(BlockerKind::Unwritable, reason));
         if self.attr.permissions != 'w' {
-            return Some(format!("it is read-only ({note})"));
+            return unwritable(format!("it is read-only ({note})"));
         }
         if let Some(state) = self.attr.state_description() {
-            return Some(format!("it is {state} ({note})"));
+            return unwritable(format!("it is {state} ({note})"));
         }
         if !matches!(self.attr.health, '-' | 'w' | 'm') {
-            return Some(format!(
+            return unwritable(format!(
                 "its health flag is {:?} (partial, failed or out of space; {note})",
                 self.attr.health
             ));
         }
         if !self.attr.is_active() && self.attr.skip_activation == 'k' {
-            return Some(format!("it has the activation skip flag set ({note})"));
+            return unwritable(format!("it has the activation skip flag set ({note})"));
         }
         None
     }
 
     /// Why `DELETE` must not remove this LV: open, or not a plain data volume (removing a
     /// thin pool or a snapshot origin would take other volumes with it).
-    pub(crate) fn removal_blocker(&self) -> Option<String> {
+    pub(crate) fn removal_blocker(&self) -> Option<Blocker> {
         let note = self.attr_note();
         if let Some(kind) = self.attr.special_type() {
-            return Some(format!("{kind} ({note})"));
+            return Some(Blocker::new(
+                BlockerKind::NotAVolume,
+                format!("{kind} ({note})"),
+            ));
         }
         if !self.origin.is_empty() {
-            return Some(format!("it is a snapshot of {} ({note})", self.origin));
+            return Some(Blocker::new(
+                BlockerKind::NotAVolume,
+                format!("it is a snapshot of {} ({note})", self.origin),
+            ));
         }
         if self.attr.is_open() {
-            return Some(format!(
-                "it is open (in use by a VM or another process; {note})"
+            return Some(Blocker::new(
+                BlockerKind::Open,
+                format!("it is open (in use by a VM or another process; {note})"),
             ));
         }
         None
@@ -759,10 +767,18 @@ mod tests {
         assert_eq!(lv("inactive").reuse_blocker(), None, "activated before use");
         assert_eq!(lv("thinvol").reuse_blocker(), None);
         let blocked = |name: &str, want: &str| {
-            let reason = lv(name).reuse_blocker().unwrap_or_default();
+            let reason = lv(name)
+                .reuse_blocker()
+                .map(|b| b.to_string())
+                .unwrap_or_default();
             assert!(reason.contains(want), "{name}: {reason:?} lacks {want:?}");
         };
         blocked("busy", "open");
+        assert_eq!(lv("busy").reuse_blocker().unwrap().kind, BlockerKind::Open);
+        assert_eq!(
+            lv("pool").reuse_blocker().unwrap().kind,
+            BlockerKind::NotAVolume
+        );
         blocked("origin", "origin of snapshots");
         blocked("snap1", "snapshot");
         blocked("pool", "thin pool");
@@ -785,16 +801,21 @@ mod tests {
     fn other_attr_states_block_reuse() {
         let mut v = lv("plain");
         v.attr.permissions = 'r';
-        assert!(v.reuse_blocker().unwrap().contains("read-only"));
+        assert!(v.reuse_blocker().unwrap().to_string().contains("read-only"));
         let mut v = lv("plain");
         v.attr.state = 's';
-        assert!(v.reuse_blocker().unwrap().contains("suspended"));
+        assert!(v.reuse_blocker().unwrap().to_string().contains("suspended"));
         let mut v = lv("plain");
         v.attr.health = 'p';
-        assert!(v.reuse_blocker().unwrap().contains("health"));
+        assert!(v.reuse_blocker().unwrap().to_string().contains("health"));
         let mut v = lv("inactive");
         v.attr.skip_activation = 'k';
-        assert!(v.reuse_blocker().unwrap().contains("activation skip"));
+        assert!(
+            v.reuse_blocker()
+                .unwrap()
+                .to_string()
+                .contains("activation skip")
+        );
     }
 
     #[test]

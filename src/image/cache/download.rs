@@ -47,7 +47,7 @@ struct Checkpoint {
 
 pub(crate) struct Download {
     pub(crate) dir: PathBuf,
-    pub(crate) index: sled::Tree,
+    pub(crate) index: crate::store::Tree,
     pub(crate) key: String,
     pub(crate) image_url: String,
     pub(crate) identity: String,

@@ -7,6 +7,8 @@
 mod download;
 mod evict;
 
+pub(crate) use evict::EvictReason;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -198,7 +200,7 @@ impl Drop for InUse {
 /// The image cache.
 pub(crate) struct ImageCache {
     dir: PathBuf,
-    index: sled::Tree,
+    index: crate::store::Tree,
     sources: Arc<SourceClients>,
     flights: Mutex<HashMap<String, Flight>>,
     in_use: Arc<Mutex<HashMap<String, usize>>>,
@@ -216,7 +218,7 @@ impl ImageCache {
     /// Opens the cache in `dir`, indexed in `index` (a tree of the daemon's sled database).
     pub(crate) fn open(
         dir: &Path,
-        index: sled::Tree,
+        index: crate::store::Tree,
         sources: Arc<SourceClients>,
         settings: &Settings,
     ) -> anyhow::Result<Self> {
@@ -535,7 +537,7 @@ pub(crate) enum RemoveError {
 
 /// Records an entry durably (the download records it before any waiter sees the result, so a
 /// job arriving after the flight ended finds the entry instead of starting another download).
-fn put_entry(index: &sled::Tree, entry: &CacheEntry) -> Result<(), FetchError> {
+fn put_entry(index: &crate::store::Tree, entry: &CacheEntry) -> Result<(), FetchError> {
     let bytes = serde_json::to_vec(entry).map_err(|e| FetchError::Io(e.to_string()))?;
     let r = index.insert(entry.key.as_bytes(), bytes);
     metrics().storage_op("cache_put", &r);
