@@ -595,11 +595,13 @@ pub(crate) async fn config(
     state: Arc<ApiState>,
 ) -> Result<Response, ApiError> {
     caller?;
+    // The status first: a reload publishes its settings before (under the status lock) it
+    // reports success, so the settings read next are at least as new as the status.
+    let status = state.reloader.status();
     let settings = state.settings.current();
     let rendered = crate::config::redacted_toml(&settings);
     let effective: toml::Value =
         toml::from_str(&rendered).map_err(|e| ApiError::internal(e.to_string()))?;
-    let status = state.reloader.status();
     Ok(json_reply(
         &json!({
             "config": effective,
