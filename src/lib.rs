@@ -131,10 +131,13 @@ fn backend_from_settings(settings: &Settings) -> Result<Arc<dyn VolumeBackend>, 
         VolumeBackendKind::Directory => {
             Arc::new(DirectoryBackend::new(&settings.volumes.directory.path)?)
         }
-        VolumeBackendKind::Lvm => Arc::new(LvmBackend::new(
-            &settings.volumes.lvm.volume_group,
-            settings.volumes.lvm.command_timeout,
-        )?),
+        VolumeBackendKind::Lvm => Arc::new(
+            LvmBackend::new(
+                &settings.volumes.lvm.volume_group,
+                settings.volumes.lvm.command_timeout,
+            )?
+            .with_devices(&settings.volumes.lvm.devices),
+        ),
     })
 }
 

@@ -30,6 +30,7 @@ impl ConfigSource {
     pub const DEFAULT_PATH: &'static str = "/etc/libvirt-volume-provisioner/config.toml";
 }
 
+/// Why the configuration could not be loaded (the message names the file or key).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("configuration file {0} does not exist")]
@@ -439,11 +440,42 @@ mod tests {
                 ("[telemetry]\nsampling_ratio = 1.5\n", "sampling_ratio"),
                 ("[tls]\ncert_file = \"/x.pem\"\n", "tls.cert_file"),
                 ("[s3]\nendpoint = \"http://m:9000\"\n", "allow_http"),
+                (
+                    "[volumes.lvm]\ndevices = [\"/dev/vdb,/dev/vdc\"]\n",
+                    "volumes.lvm.devices",
+                ),
+                (
+                    "[volumes.lvm]\ndevices = [\"vdb\"]\n",
+                    "volumes.lvm.devices",
+                ),
             ] {
                 jail.create_file("c.toml", toml)?;
                 let err = load(&source("c.toml", true)).unwrap_err().to_string();
                 assert!(err.contains(needle), "{toml}: {err}");
             }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn lvm_devices_from_file_and_environment() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file("c.toml", "")?;
+            let s = load(&source("c.toml", true)).unwrap();
+            assert!(s.volumes.lvm.devices.is_empty(), "default: no narrowing");
+            jail.create_file(
+                "c.toml",
+                "[volumes.lvm]\ndevices = [\"/dev/disk/by-id/nvme-a\", \"/dev/vdb\"]\n",
+            )?;
+            let s = load(&source("c.toml", true)).unwrap();
+            assert_eq!(
+                s.volumes.lvm.devices,
+                ["/dev/disk/by-id/nvme-a", "/dev/vdb"]
+            );
+            jail.set_env("LVP_VOLUMES__LVM__DEVICES", "[\"/dev/vdc\"]");
+            let s = load(&source("c.toml", true)).unwrap();
+            assert_eq!(s.volumes.lvm.devices, ["/dev/vdc"]);
             Ok(())
         });
     }

@@ -67,6 +67,7 @@ pub struct Settings {
     pub(crate) reload: ReloadSettings,
 }
 
+/// `[reload]`: when the configuration is re-read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ReloadSettings {
@@ -77,6 +78,7 @@ pub(crate) struct ReloadSettings {
     pub(crate) debounce: Duration,
 }
 
+/// `[server]`: the API listener and its request limits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ServerSettings {
@@ -108,6 +110,7 @@ pub(crate) struct ServerSettings {
     pub(crate) first_request_timeout: Duration,
 }
 
+/// `[storage]`: where durable state lives.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct StorageSettings {
@@ -115,6 +118,7 @@ pub(crate) struct StorageSettings {
     pub(crate) data_dir: PathBuf,
 }
 
+/// `[jobs]`: how many jobs run, wait, and for how long.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct JobsSettings {
@@ -133,6 +137,7 @@ pub(crate) struct JobsSettings {
     pub(crate) shutdown_grace: Duration,
 }
 
+/// Which backend holds the volumes (`volumes.backend`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum VolumeBackendKind {
@@ -140,6 +145,7 @@ pub(crate) enum VolumeBackendKind {
     Directory,
 }
 
+/// `[volumes]`: the backend and its settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct VolumesSettings {
@@ -149,6 +155,7 @@ pub(crate) struct VolumesSettings {
     pub(crate) directory: DirectorySettings,
 }
 
+/// `[volumes.lvm]`: the LVM backend.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct LvmSettings {
@@ -157,8 +164,12 @@ pub(crate) struct LvmSettings {
     /// Time limit of one LVM command.
     #[serde(with = "humantime_serde")]
     pub(crate) command_timeout: Duration,
+    /// The volume group's physical volumes: when not empty, every LVM command gets
+    /// `--devices <path>` for each, so LVM opens (and scans) only these. Empty: no narrowing.
+    pub(crate) devices: Vec<String>,
 }
 
+/// `[volumes.directory]`: the directory backend.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct DirectorySettings {
@@ -166,6 +177,7 @@ pub(crate) struct DirectorySettings {
     pub(crate) path: PathBuf,
 }
 
+/// `[cache]`: the local image cache and its bounds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CacheSettings {
@@ -180,6 +192,7 @@ pub(crate) struct CacheSettings {
     pub(crate) min_free_bytes: u64,
 }
 
+/// `[sources]`: which image URLs are accepted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SourcesSettings {
@@ -189,6 +202,7 @@ pub(crate) struct SourcesSettings {
     pub(crate) file_roots: Vec<PathBuf>,
 }
 
+/// `[s3]`: the S3/MinIO source and its client.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct S3Settings {
@@ -218,6 +232,7 @@ pub(crate) struct S3Settings {
     pub(crate) connect_timeout: Duration,
 }
 
+/// Whether a client certificate is required (`tls.client_auth`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum ClientAuthMode {
@@ -227,6 +242,7 @@ pub(crate) enum ClientAuthMode {
     Optional,
 }
 
+/// `[tls]`: TLS on the API listener.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TlsSettings {
@@ -241,6 +257,7 @@ pub(crate) struct TlsSettings {
     pub(crate) allow_insecure_http: bool,
 }
 
+/// `[auth]`: who may call the API.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct AuthSettings {
@@ -252,6 +269,7 @@ pub(crate) struct AuthSettings {
     pub(crate) protect_metrics: bool,
 }
 
+/// `[libvirt]`: libvirt integration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct LibvirtSettings {
@@ -260,6 +278,7 @@ pub(crate) struct LibvirtSettings {
     pub(crate) pool: String,
 }
 
+/// Log line format (`log.format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum LogFormat {
@@ -267,6 +286,7 @@ pub(crate) enum LogFormat {
     Text,
 }
 
+/// `[log]`: level and format of the log (stderr, which journald collects).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct LogSettings {
@@ -275,6 +295,7 @@ pub(crate) struct LogSettings {
     pub(crate) format: LogFormat,
 }
 
+/// `[telemetry]`: trace export and dependency probes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TelemetrySettings {
@@ -343,6 +364,7 @@ impl Settings {
                 lvm: LvmSettings {
                     volume_group: "vg0".into(),
                     command_timeout: Duration::from_secs(120),
+                    devices: vec![],
                 },
                 directory: DirectorySettings { path: volumes_dir },
             },
@@ -524,6 +546,16 @@ impl Settings {
             return err(
                 "volumes.lvm.command_timeout",
                 "must be greater than 0".into(),
+            );
+        }
+        if let Some(bad) =
+            self.volumes.lvm.devices.iter().find(|d| {
+                !d.starts_with("/dev/") || d.contains(',') || d.contains(char::is_whitespace)
+            })
+        {
+            return err(
+                "volumes.lvm.devices",
+                format!("`{bad}` is not a device path (/dev/..., without commas or spaces)"),
             );
         }
         if self.cache.dir.as_os_str().is_empty() {

@@ -156,6 +156,7 @@ pub(crate) enum Trigger {
     FileChange,
 }
 
+/// Re-runs the configuration on demand and hands the result to the live components.
 pub(crate) struct Reloader {
     source: ConfigSource,
     current: watch::Sender<Arc<Settings>>,

@@ -84,6 +84,7 @@ pub(crate) struct Origin {
     pub(crate) trace_context: BTreeMap<String, String>,
 }
 
+/// A running job, as the engine tracks it.
 struct Running {
     cancel: CancellationToken,
     reason: Arc<Mutex<Option<StopReason>>>,

@@ -29,6 +29,7 @@ pub(crate) struct RunContext {
     pub(crate) libvirt: crate::volume::libvirt::PoolRefresher,
 }
 
+/// A step's outcome.
 type StepResult<T> = Result<T, JobError>;
 
 /// `Stopped` once cancel, timeout or shutdown fired.

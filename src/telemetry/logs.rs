@@ -23,6 +23,7 @@ const CARRIED_FIELDS: &[&str] = &["job_id", "correlation_id", "volume_name"];
 /// The trace layer (OpenTelemetry), first on the registry.
 pub(crate) type TraceLayer =
     tracing_opentelemetry::OpenTelemetryLayer<Registry, opentelemetry_sdk::trace::Tracer>;
+/// The subscriber below the reloadable filter (the trace layer on the registry).
 type WithTrace = Layered<Option<TraceLayer>, Registry>;
 
 /// Live control of logging (hot reload).

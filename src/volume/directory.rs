@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Blocker, BlockerKind, VolumeBackend, VolumeError, VolumeInfo};
 
+/// Volumes as sparse raw files in one directory.
 pub(crate) struct DirectoryBackend {
     dir: PathBuf,
 }

@@ -63,6 +63,7 @@ impl Blocker {
     }
 }
 
+/// Why a volume operation failed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum VolumeError {
     #[error("invalid volume name: {0}")]
