@@ -315,11 +315,7 @@ async fn run(
         listener,
         api::routes(state),
         transport,
-        ServerLimits {
-            max_connections: settings.server.max_connections,
-            header_timeout: settings.server.header_timeout,
-            handshake_timeout: settings.server.handshake_timeout,
-        },
+        ServerLimits::from_settings(&settings.server),
         shutdown.clone(),
     ));
 

@@ -97,6 +97,17 @@ pub(crate) struct ServerSettings {
     pub(crate) handshake_timeout: Duration,
     /// Open connections beyond this number wait in the kernel backlog.
     pub(crate) max_connections: usize,
+    /// Connections one client address (IPv6: one /64) may hold open at once; further ones
+    /// from it are closed at once, so one host cannot take every slot before authentication.
+    pub(crate) max_connections_per_peer: usize,
+    /// An HTTP/2 connection with no request in progress for this long is closed (GOAWAY),
+    /// even while it answers pings.
+    #[serde(with = "humantime_serde")]
+    pub(crate) h2_idle_timeout: Duration,
+    /// Time from accepting a connection until its first request's headers have arrived
+    /// (TLS handshake included); a connection that sends none is closed.
+    #[serde(with = "humantime_serde")]
+    pub(crate) first_request_timeout: Duration,
 }
 
 /// `[storage]`: where durable state lives.
@@ -336,6 +347,9 @@ impl Settings {
                 body_timeout: Duration::from_secs(30),
                 handshake_timeout: Duration::from_secs(10),
                 max_connections: 512,
+                max_connections_per_peer: 64,
+                h2_idle_timeout: Duration::from_secs(30),
+                first_request_timeout: Duration::from_secs(15),
             },
             storage: StorageSettings { data_dir },
             jobs: JobsSettings {
@@ -475,17 +489,28 @@ impl Settings {
         if self.server.max_body_bytes < 1024 {
             return err("server.max_body_bytes", "must be at least 1024".into());
         }
-        if self.server.header_timeout.is_zero()
-            || self.server.handshake_timeout.is_zero()
-            || self.server.body_timeout.is_zero()
-        {
-            return err(
-                "server.header_timeout/body_timeout/handshake_timeout",
-                "must be greater than 0".into(),
-            );
+        for (key, value) in [
+            ("server.header_timeout", self.server.header_timeout),
+            ("server.body_timeout", self.server.body_timeout),
+            ("server.handshake_timeout", self.server.handshake_timeout),
+            ("server.h2_idle_timeout", self.server.h2_idle_timeout),
+            (
+                "server.first_request_timeout",
+                self.server.first_request_timeout,
+            ),
+        ] {
+            if value.is_zero() {
+                return err(key, "must be greater than 0".into());
+            }
         }
         if self.server.max_connections == 0 {
             return err("server.max_connections", "must be at least 1".into());
+        }
+        if self.server.max_connections_per_peer == 0 {
+            return err(
+                "server.max_connections_per_peer",
+                "must be at least 1".into(),
+            );
         }
         if self.storage.data_dir.as_os_str().is_empty() {
             return err("storage.data_dir", "must not be empty".into());
