@@ -37,6 +37,7 @@ let
     mapAttrs = builtins.mapAttrs;
     toInt = str: builtins.fromJSON str;
     last = list: builtins.elemAt list (builtins.length list - 1);
+    any = builtins.any;
     optional = cond: x: if cond then [ x ] else [ ];
     optionals = cond: xs: if cond then xs else [ ];
     unique = foldl' (acc: x: if builtins.elem x acc then acc else acc ++ [ x ]) [ ];

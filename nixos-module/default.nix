@@ -27,6 +27,8 @@ let
     positiveInt = types.ints.positive;
     duration = types.strMatching "[0-9]+ ?[a-zA-Z]+( ?[0-9]+ ?[a-zA-Z]+)*";
     backend = types.enum [ "lvm" "directory" ];
+    bool = types.bool;
+    percent = types.ints.between 1 100;
     lvmName = types.strMatching "[A-Za-z0-9_+.][A-Za-z0-9_+.-]*";
     clientAuth = types.enum [ "required" "optional" ];
     logFormat = types.enum [ "json" "text" ];
@@ -71,6 +73,12 @@ let
   vgUnitName = name: "libvirt-volume-provisioner-vg-${name}";
   vgUnits = map (name: "${vgUnitName name}.service") (lib.attrNames volumeGroups);
   vgDevices = lib.concatMap (vg: vg.devices) (lib.attrValues volumeGroups);
+  thinPoolsOf = vg: vg.thinPools or { };
+  usesThinPools = lib.any (vg: thinPoolsOf vg != { }) (lib.attrValues volumeGroups);
+  # The volume-group script's `thin_pools` entries: name|size|chunk size (empty: LVM's default).
+  thinPoolSpecs = vg: lib.mapAttrsToList
+    (pool: t: "${pool}|${t.size}|${if (t.chunkSize or null) == null then "" else t.chunkSize}")
+    (thinPoolsOf vg);
   defaultVolumeGroup = data.defaultVolumeGroup cfg;
 
   usesLvm = cfg.settings.volumes.backend == "lvm";
@@ -210,6 +218,31 @@ in
 
     lvm.volumeGroups = mkOption {
       type = types.attrsOf (types.submodule {
+        options.thinPools = mkOption {
+          type = types.attrsOf (types.submodule {
+            options.size = mkOption {
+              type = types.strMatching "[0-9]+(\\.[0-9]+)?[bBsSkKmMgGtTpPeE]?";
+              example = "500G";
+              description = "Size of the pool's data (`lvcreate --size` syntax, e.g. `500G`).";
+            };
+            options.chunkSize = mkOption {
+              type = types.nullOr (types.strMatching "[0-9]+[kKmMgG]?");
+              default = null;
+              example = "128K";
+              description = "Chunk size of the pool (`lvcreate --chunksize`); null: LVM's default.";
+            };
+          });
+          default = { };
+          example = lib.literalExpression ''{ pool.size = "500G"; }'';
+          description = ''
+            Thin pools in the group, created by the group's unit when no LV of that name exists
+            (never converted, resized or re-chunked; an LV of that name that is not a thin pool,
+            or too little free space, fails the unit and the daemon does not start). The first in
+            attribute-name order of the group in use is the default for
+            `settings.volumes.lvm.thin_pool`: new volumes are then thin LVs, and with
+            `settings.volumes.lvm.golden_images` thin snapshots of golden images.
+          '';
+        };
         options.devices = mkOption {
           type = types.nonEmptyListOf (types.strMatching "/dev/.+");
           example = [ "/dev/disk/by-id/nvme-SAMSUNG_MZQL23T8HCLS-00A07_S64HNE0T512345" ];
@@ -325,8 +358,12 @@ in
       })
       {
         volumes.lvm.devices = lib.mkDefault (data.volumeGroupDevices cfg cfg.settings.volumes.lvm.volume_group);
+        volumes.lvm.thin_pool = lib.mkDefault (data.defaultThinPool cfg cfg.settings.volumes.lvm.volume_group);
       }
     ];
+
+    # LVM's thin pool support (thin_check and friends in lvm.conf, and at boot).
+    services.lvm.boot.thin.enable = lib.mkIf usesThinPools (lib.mkDefault true);
 
     environment.etc."libvirt-volume-provisioner/config.toml".source = configFile;
     # For `libvirt-volume-provisioner --config ... check-config` by operators.
@@ -346,7 +383,8 @@ in
         requires = map (dev: "${utils.escapeSystemdPath dev}.device") vg.devices;
         after = map (dev: "${utils.escapeSystemdPath dev}.device") vg.devices;
         before = [ "libvirt-volume-provisioner.service" ];
-        path = [ config.services.lvm.package pkgs.util-linux pkgs.coreutils ];
+        # thin-provisioning-tools: LVM runs thin_check when it activates a thin pool.
+        path = [ config.services.lvm.package pkgs.util-linux pkgs.coreutils pkgs.thin-provisioning-tools ];
         serviceConfig = {
           # Runs once per boot and stays active, so the daemon's Requires= on it holds.
           Type = "oneshot";
@@ -361,6 +399,7 @@ in
           set -euo pipefail
           vg=${lib.escapeShellArg name}
           devices=(${lib.escapeShellArgs vg.devices})
+          thin_pools=(${lib.escapeShellArgs (thinPoolSpecs vg)})
         '' + builtins.readFile ./volume-group.sh;
       })
       volumeGroups // {
@@ -376,7 +415,9 @@ in
         # The host's LVM tools (matching its udev rules and lvm.conf) and libvirt client come
         # first; the package's wrapper appends its own qemu-img, LVM and virsh as a fallback.
         path = lib.optional config.services.lvm.enable config.services.lvm.package
-          ++ lib.optional config.virtualisation.libvirtd.enable config.virtualisation.libvirtd.package;
+          ++ lib.optional config.virtualisation.libvirtd.enable config.virtualisation.libvirtd.package
+          # LVM runs thin_check when it activates a thin pool (e.g. a golden image's origin).
+          ++ lib.optional usesLvm pkgs.thin-provisioning-tools;
         serviceConfig = {
           Type = "exec";
           ExecStart = "${lib.getExe cfg.package} --config ${configPath} serve";

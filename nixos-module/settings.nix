@@ -89,6 +89,30 @@ rec {
       description = "Physical volumes LVM may open: every LVM command of the daemon gets `--devices <path>` for each, so LVM scans only these (empty: no narrowing). Defaults to the devices of the group in `volumes.lvm.volume_group` when it is one of `lvm.volumeGroups`.";
     }
     {
+      path = [ "volumes" "lvm" "thin_pool" ];
+      type = "str";
+      default = "";
+      description = "An existing thin pool in `volumes.lvm.volume_group`: new volumes are thin LVs in it (empty: linear LVs). Defaults to the first of `lvm.volumeGroups.<group in use>.thinPools` (in attribute-name order) when any is declared.";
+    }
+    {
+      path = [ "volumes" "lvm" "golden_images" ];
+      type = "bool";
+      default = true;
+      description = "With a thin pool: each cached image is written once into a read-only golden thin LV, and new volumes are thin snapshots of it.";
+    }
+    {
+      path = [ "volumes" "lvm" "golden_max_bytes" ];
+      type = "positiveInt";
+      default = 107374182400;
+      description = "Pool data (bytes) all golden LVs together may hold; the least recently used are removed to make room, an image that cannot fit is copied instead.";
+    }
+    {
+      path = [ "volumes" "lvm" "thin_pool_max_percent" ];
+      type = "percent";
+      default = 90;
+      description = "Nothing is created in the thin pool while its data or metadata use is above this percent (1-100).";
+    }
+    {
       path = [ "volumes" "directory" "path" ];
       type = "absolutePath";
       default = "/var/lib/libvirt-volume-provisioner/volumes";
@@ -272,6 +296,15 @@ rec {
     let groups = getPath [ "lvm" "volumeGroups" ] cfg;
     in if groups != null && builtins.hasAttr volume_group groups then groups.${volume_group}.devices else [ ];
 
+  # The first thin pool (attribute names are sorted) of the volume group in use when it is one of
+  # `lvm.volumeGroups`, otherwise "": the default of `settings.volumes.lvm.thin_pool`.
+  defaultThinPool = cfg: volume_group:
+    let
+      groups = getPath [ "lvm" "volumeGroups" ] cfg;
+      pools = if groups != null && builtins.hasAttr volume_group groups then groups.${volume_group}.thinPools or { } else { };
+    in
+    if pools == { } then "" else builtins.head (builtins.attrNames pools);
+
   typedDefaults = mergeAll (map (o: setPath o.path o.default) typedSettings);
 
   # What the module renders to config.toml for option values `cfg` (the same shape as the module's
@@ -288,6 +321,7 @@ rec {
     mergeAll [
       defaults
       (setPath [ "volumes" "lvm" "devices" ] (volumeGroupDevices cfg inUse))
+      (setPath [ "volumes" "lvm" "thin_pool" ] (defaultThinPool cfg inUse))
       userSettings
       (credentialSettings cfg)
       (mappedSettings cfg)

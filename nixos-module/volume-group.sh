@@ -1,8 +1,10 @@
 # Body of libvirt-volume-provisioner-vg-<name>.service (nixos-module/default.nix puts `set -euo
-# pipefail`, `vg=<name>` and `devices=(<declared devices>)` in front of it). It creates the volume
-# group "$vg" from the declared devices when no group of that name exists, and never destroys
-# data: it wipes nothing, forces nothing, and refuses loudly (non-zero exit, the daemon does not
-# start) whenever it cannot be sure. Tested for real on loop devices by tests/nix_module.rs.
+# pipefail`, `vg=<name>`, `devices=(<declared devices>)` and `thin_pools=(<name|size|chunk>...)`
+# in front of it). It creates the volume group "$vg" from the declared devices when no group of
+# that name exists, then each declared thin pool that does not exist, and never destroys data: it
+# wipes nothing, forces nothing, and refuses loudly (non-zero exit, the daemon does not start)
+# whenever it cannot be sure. Tested for real on loop devices by tests/nix_module.rs (the group)
+# and inside the test VM by tests/thin_vm.rs (thin pools need device-mapper).
 #
 # The unit may read every block device and write only the declared ones (DeviceAllow), so the
 # survey below sees groups on any disk, while creation is narrowed to the declared devices.
@@ -212,3 +214,45 @@ else
 fi
 # From here on the group exists and consists of declared devices only. Whatever is created in it
 # later (thin pools) follows the same rules: never destroy data, refuse loudly when unsure.
+
+# --- Thin pools: a declared pool is created only when the group has no LV of that name; an LV of
+# that name must already be a thin pool (it is never converted, resized or re-chunked). lvcreate
+# runs without --yes and with stdin closed: should it want to wipe a signature it finds, it gets
+# no answer and refuses, and so does this unit.
+lvm_narrow=()
+if [ ! -e "$devicesfile" ]; then
+  for dev in "${devices[@]}"; do
+    lvm_narrow+=(--devices "$dev")
+  done
+fi
+
+create_thin_pool() {
+  local pool=$1 size=$2 chunk=$3 report name seg found="" args=()
+  report=$(lvs "${lvm_narrow[@]}" --noheadings --separator '|' -o lv_name,segtype "$vg") ||
+    fail "thin pool $vg/$pool: cannot list the logical volumes of $vg (lvs failed, see above); nothing was written"
+  while IFS='|' read -r name seg; do
+    if [ "$(trim "$name")" = "$pool" ]; then
+      found=$(trim "$seg")
+    fi
+  done <<<"$report"
+  if [ "$found" = thin-pool ]; then
+    echo "thin pool $vg/$pool exists; nothing to create"
+    return
+  fi
+  if [ -n "$found" ]; then
+    fail "$vg/$pool exists but is not a thin pool (segment type $found). Refusing to touch it: rename that LV or declare another pool name in lvm.volumeGroups.$vg.thinPools. Nothing was written."
+  fi
+  args=(--type thin-pool --size "$size" --name "$pool")
+  if [ -n "$chunk" ]; then
+    args+=(--chunksize "$chunk")
+  fi
+  if ! lvcreate "${lvm_narrow[@]}" "${args[@]}" "$vg" </dev/null; then
+    fail "refusing to create thin pool $vg/$pool of $size: lvcreate failed (see above: not enough free space in $vg, or it found a signature to wipe). Nothing was created."
+  fi
+  echo "created thin pool $vg/$pool ($size${chunk:+, chunks of $chunk})"
+}
+
+for spec in "${thin_pools[@]}"; do
+  IFS='|' read -r pool size chunk <<<"$spec"
+  create_thin_pool "$pool" "$size" "$chunk"
+done

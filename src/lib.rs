@@ -28,8 +28,9 @@ use crate::jobs::runner::RunContext;
 use crate::jobs::store::Store;
 use crate::telemetry::health::{Health, Probe};
 use crate::volume::directory::DirectoryBackend;
+use crate::volume::golden::GoldenImages;
 use crate::volume::libvirt::PoolRefresher;
-use crate::volume::lvm::LvmBackend;
+use crate::volume::lvm::{LvmBackend, ThinPool};
 use crate::volume::{VolumeBackend, VolumeError};
 
 /// How often finished jobs past retention are pruned.
@@ -123,27 +124,104 @@ fn preset_metric_labels() {
     m.image_errors_total
         .with_label_values(&["convert", "qemu_img"]);
     m.qemu_img_invocations_total.with_label_values(&["convert"]);
+    for method in jobs::model::VolumeMethod::ALL {
+        m.volumes_created_total
+            .with_label_values(&[method.as_str()]);
+    }
 }
 
-/// The volume backend the settings select.
-fn backend_from_settings(settings: &Settings) -> Result<Arc<dyn VolumeBackend>, VolumeError> {
+/// The volume backend the settings select, and the LVM backend itself when it is that one
+/// (its thin pool and golden images need more than the trait).
+type Backends = (Arc<dyn VolumeBackend>, Option<Arc<LvmBackend>>);
+
+fn backend_from_settings(settings: &Settings) -> Result<Backends, VolumeError> {
+    let lvm_settings = &settings.volumes.lvm;
     Ok(match settings.volumes.backend {
-        VolumeBackendKind::Directory => {
-            Arc::new(DirectoryBackend::new(&settings.volumes.directory.path)?)
-        }
-        VolumeBackendKind::Lvm => Arc::new(
-            LvmBackend::new(
-                &settings.volumes.lvm.volume_group,
-                settings.volumes.lvm.command_timeout,
-            )?
-            .with_devices(&settings.volumes.lvm.devices),
+        VolumeBackendKind::Directory => (
+            Arc::new(DirectoryBackend::new(&settings.volumes.directory.path)?),
+            None,
         ),
+        VolumeBackendKind::Lvm => {
+            let mut lvm =
+                LvmBackend::new(&lvm_settings.volume_group, lvm_settings.command_timeout)?
+                    .with_devices(&lvm_settings.devices);
+            if !lvm_settings.thin_pool.is_empty() {
+                lvm = lvm.with_thin_pool(ThinPool {
+                    name: lvm_settings.thin_pool.clone(),
+                    max_percent: lvm_settings.thin_pool_max_percent,
+                })?;
+            }
+            let lvm = Arc::new(lvm);
+            (lvm.clone(), Some(lvm))
+        }
     })
 }
 
-/// The dependencies in use, as probes: `storage` always, `lvm` with the LVM backend, `minio`
-/// with an S3 endpoint, `libvirt` with a storage pool to refresh.
-fn probes(settings: &Settings, ctx: &Arc<RunContext>, store: &Store) -> Vec<Probe> {
+/// Golden images, when the LVM backend has a thin pool and `volumes.lvm.golden_images` is on.
+fn golden_from_settings(
+    settings: &Settings,
+    lvm: Option<&Arc<LvmBackend>>,
+) -> Option<Arc<GoldenImages>> {
+    let lvm = lvm.filter(|l| l.thin_pool().is_some())?;
+    settings.volumes.lvm.golden_images.then(|| {
+        Arc::new(GoldenImages::new(
+            lvm.clone(),
+            settings.volumes.lvm.golden_max_bytes,
+        ))
+    })
+}
+
+/// Start-up of the thin pool: its use (a warning when it does not zero new chunks), golden
+/// images left by an interrupted build or without a cache entry removed, and golden images
+/// made to follow the cache (removed with their entry). Runs before any job.
+async fn start_thin_pool(lvm: &LvmBackend, golden: Option<&Arc<GoldenImages>>, cache: &ImageCache) {
+    let pool = lvm.pool_arg();
+    match lvm.pool_use().await {
+        Ok(usage) => {
+            telemetry::metrics::metrics().thin_pool_use(usage.data_percent, usage.metadata_percent);
+            if !usage.zeroes {
+                tracing::warn!(
+                    thin_pool = %pool,
+                    "thin pool {pool} does not zero newly provisioned chunks (lvs -o zero): the \
+                     parts of a chunk a volume has not written may show data of deleted volumes \
+                     to its VM. Images are written in full (no --target-is-zero); turn zeroing \
+                     on with `lvchange --zero y {pool}`"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(thin_pool = %pool, error = %e, "thin pool is not usable"),
+    }
+    let Some(golden) = golden else {
+        return;
+    };
+    let keys = cache.entries().into_iter().map(|e| e.key).collect();
+    if let Err(e) = golden.recover(&keys).await {
+        tracing::warn!(error = %e, "cannot recover golden images");
+    }
+    let runtime = tokio::runtime::Handle::current();
+    let golden = golden.clone();
+    cache.on_remove(move |key, why| {
+        let golden = golden.clone();
+        let key = key.to_string();
+        runtime.spawn(async move {
+            match golden.remove(&key).await {
+                Ok(true) => tracing::info!(key, reason = ?why, "golden image removed with its cache entry"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(key, error = %e, "cannot remove the golden image of a removed cache entry (removed at the next start)"),
+            }
+        });
+    });
+}
+
+/// The dependencies in use, as probes: `storage` always, `lvm` with the LVM backend,
+/// `thin_pool` with a thin pool (down above `volumes.lvm.thin_pool_max_percent`), `minio` with
+/// an S3 endpoint, `libvirt` with a storage pool to refresh.
+fn probes(
+    settings: &Settings,
+    ctx: &Arc<RunContext>,
+    store: &Store,
+    lvm: Option<&Arc<LvmBackend>>,
+) -> Vec<Probe> {
     let mut probes = Vec::new();
     let store = store.clone();
     probes.push(Probe::new("storage", move || {
@@ -155,6 +233,23 @@ fn probes(settings: &Settings, ctx: &Arc<RunContext>, store: &Store) -> Vec<Prob
         probes.push(Probe::new("lvm", move || {
             let volumes = volumes.clone();
             async move { volumes.probe().await.map_err(|e| e.to_string()) }
+        }));
+    }
+    if let Some(lvm) = lvm.filter(|l| l.thin_pool().is_some()) {
+        let lvm = lvm.clone();
+        let golden = ctx.golden.clone();
+        probes.push(Probe::new("thin_pool", move || {
+            let lvm = lvm.clone();
+            let golden = golden.clone();
+            async move {
+                if let Some(golden) = golden {
+                    golden.refresh_metrics().await;
+                }
+                lvm.check_pool()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
         }));
     }
     if !settings.s3.endpoint.is_empty() {
@@ -241,19 +336,24 @@ async fn run(
             .context("opening the image cache")?,
     );
     cache.evict(None);
+    let (volumes, lvm) = backend_from_settings(&settings).context("volume backend")?;
+    let golden = golden_from_settings(&settings, lvm.as_ref());
+    if let Some(lvm) = lvm.as_ref().filter(|l| l.thin_pool().is_some()) {
+        start_thin_pool(lvm, golden.as_ref(), &cache).await;
+    }
     cache.spawn_evictor(CACHE_EVICT_INTERVAL);
-    let volumes = backend_from_settings(&settings).context("volume backend")?;
     let (settings_tx, live) = LiveSettings::new(settings.clone());
     let ctx = Arc::new(RunContext {
         settings: live.clone(),
         cache,
         volumes,
+        golden,
         libvirt: PoolRefresher::new(&settings.libvirt.uri, &settings.libvirt.pool),
     });
     let engine = Engine::start(store.clone(), ctx.clone())
         .await
         .context("starting the job engine")?;
-    let health = Arc::new(Health::new(probes(&settings, &ctx, &store)));
+    let health = Arc::new(Health::new(probes(&settings, &ctx, &store, lvm.as_ref())));
     health.probe_all().await;
     health.spawn_prober(settings.telemetry.probe_interval);
     let pruner_settings = live.clone();

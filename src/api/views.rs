@@ -6,7 +6,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::image::ImageType;
-use crate::jobs::model::{Job, JobKind, JobStatus, Stage};
+use crate::jobs::model::{Job, JobKind, JobStatus, Stage, VolumeMethod};
 
 fn round1(v: f64) -> f64 {
     (v * 10.0).round() / 10.0
@@ -54,6 +54,9 @@ pub(crate) struct StatusResponse {
     pub(crate) image_path: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) volume_path: Option<String>,
+    /// How the volume got its content (`thin-snapshot` or `copy`), once the job chose.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) method: Option<VolumeMethod>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) requested_by: Option<String>,
     pub(crate) created_at: String,
@@ -99,6 +102,7 @@ impl StatusResponse {
             volume_path: (job.status == JobStatus::Completed && job.kind == JobKind::Provision)
                 .then(|| job.volume_path.clone())
                 .flatten(),
+            method: job.method,
             requested_by: job.requested_by.clone(),
             created_at: rfc3339(job.created_at),
             updated_at: rfc3339(job.updated_at),
@@ -149,6 +153,10 @@ mod tests {
             .unwrap();
         let s = serde_json::to_value(StatusResponse::from_job(&j, None)).unwrap();
         assert_eq!(s["volume_path"], "/dev/vg0/v");
+        assert!(s.get("method").is_none());
+        j.method = Some(VolumeMethod::Copy);
+        let s = serde_json::to_value(StatusResponse::from_job(&j, None)).unwrap();
+        assert_eq!(s["method"], "copy");
         assert_eq!(s["progress"]["percent"], 100.0);
         assert_eq!(s["progress"]["overall_percent"], 100.0);
     }

@@ -167,6 +167,17 @@ pub(crate) struct LvmSettings {
     /// The volume group's physical volumes: when not empty, every LVM command gets
     /// `--devices <path>` for each, so LVM opens (and scans) only these. Empty: no narrowing.
     pub(crate) devices: Vec<String>,
+    /// An existing thin pool in `volume_group`: new volumes are thin LVs in it. Empty: thick
+    /// (linear) LVs.
+    pub(crate) thin_pool: String,
+    /// With a thin pool: each cached image is written once into a read-only golden thin LV,
+    /// and new volumes are thin snapshots of it.
+    pub(crate) golden_images: bool,
+    /// Pool data (bytes) all golden LVs together may hold; the least recently used ones are
+    /// removed to make room, and an image that cannot fit is copied instead.
+    pub(crate) golden_max_bytes: u64,
+    /// Nothing is created in the thin pool while its data or metadata use is above this percent.
+    pub(crate) thin_pool_max_percent: u8,
 }
 
 /// `[volumes.directory]`: the directory backend.
@@ -365,6 +376,10 @@ impl Settings {
                     volume_group: "vg0".into(),
                     command_timeout: Duration::from_secs(120),
                     devices: vec![],
+                    thin_pool: String::new(),
+                    golden_images: true,
+                    golden_max_bytes: 100 * GIB,
+                    thin_pool_max_percent: 90,
                 },
                 directory: DirectorySettings { path: volumes_dir },
             },
@@ -466,6 +481,30 @@ impl Settings {
         Ok(())
     }
 
+    /// `volumes.lvm.thin_pool` and the settings that go with it.
+    fn validate_thin_pool(&self) -> Result<(), String> {
+        let lvm = &self.volumes.lvm;
+        if !lvm.thin_pool.is_empty()
+            && let Err(e) = crate::volume::validate_lvm_name(&lvm.thin_pool)
+        {
+            return Err(format!("volumes.lvm.thin_pool: {e}"));
+        }
+        if lvm.golden_max_bytes == 0 {
+            return Err(
+                "volumes.lvm.golden_max_bytes: must be greater than 0 (turn golden \
+                 images off with volumes.lvm.golden_images = false)"
+                    .into(),
+            );
+        }
+        if !(1..=100).contains(&lvm.thin_pool_max_percent) {
+            return Err(format!(
+                "volumes.lvm.thin_pool_max_percent: must be between 1 and 100, got {}",
+                lvm.thin_pool_max_percent
+            ));
+        }
+        Ok(())
+    }
+
     /// The listener address (validated at load, so this cannot fail afterwards).
     pub(crate) fn listen_addr(&self) -> SocketAddr {
         self.server
@@ -558,6 +597,7 @@ impl Settings {
                 format!("`{bad}` is not a device path (/dev/..., without commas or spaces)"),
             );
         }
+        self.validate_thin_pool()?;
         if self.cache.dir.as_os_str().is_empty() {
             return err("cache.dir", "must not be empty".into());
         }

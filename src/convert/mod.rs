@@ -1,6 +1,8 @@
 //! Writing images into volumes with `qemu-img convert`: always an explicit `-f` (never format
-//! probing), `-O raw -n` onto the existing volume, resource limits and a process group for the
-//! child, cancellation that kills it, and progress parsed from `-p` output.
+//! probing), `-O raw -n` onto the existing volume (`--target-is-zero` only onto a volume that
+//! is known to read zeros), resource limits and a process group for the child, cancellation
+//! that kills it, and progress parsed from `-p` output. Also how much data an image holds
+//! (`qemu-img map`).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -31,6 +33,9 @@ pub(crate) struct ConvertSpec {
     pub(crate) direct_io: bool,
     /// Parallel coroutines (`-m`).
     pub(crate) coroutines: u8,
+    /// The target reads zeros everywhere (a new thin LV in a pool that zeroes new chunks):
+    /// `--target-is-zero`, so only data is written. Never for a volume that held data.
+    pub(crate) target_is_zero: bool,
     /// CPU seconds the child may use.
     pub(crate) cpu_limit: Duration,
 }
@@ -62,9 +67,71 @@ pub(crate) fn convert_args(spec: &ConvertSpec) -> Vec<String> {
         "-t".into(),
         if spec.direct_io { "none" } else { "writeback" }.into(),
     ];
+    if spec.target_is_zero {
+        args.push("--target-is-zero".into());
+    }
     args.push(spec.source.display().to_string());
     args.push(spec.target.display().to_string());
     args
+}
+
+/// One extent of `qemu-img map --output=json`.
+#[derive(serde::Deserialize)]
+struct MapExtent {
+    length: u64,
+    data: bool,
+    #[serde(default)]
+    zero: bool,
+}
+
+/// Bytes of an image's virtual disk that hold data (not holes or zero clusters), from
+/// `qemu-img map` (reads only the image's metadata), each extent rounded out to `granule`
+/// bytes (the thin pool's chunk: that much is provisioned for any write into it).
+pub(crate) async fn data_bytes(
+    source: &Path,
+    format: ImageType,
+    granule: u64,
+) -> Result<u64, ConvertError> {
+    let source = source.display().to_string();
+    let args = [
+        "map",
+        "-f",
+        format.as_str(),
+        "--output=json",
+        source.as_str(),
+    ];
+    let limit = crate::command::Limit {
+        timeout: Duration::from_secs(300),
+        setting: None,
+    };
+    let out = crate::command::run("qemu-img", &args, limit)
+        .await
+        .map_err(|e| ConvertError::Failed {
+            status: "qemu-img map".into(),
+            stderr: e.to_string(),
+        })?;
+    let extents: Vec<MapExtent> = serde_json::from_str(&out).map_err(|e| ConvertError::Failed {
+        status: "qemu-img map".into(),
+        stderr: format!("unexpected output: {e}"),
+    })?;
+    Ok(sum_data(&extents, granule))
+}
+
+fn sum_data(extents: &[MapExtent], granule: u64) -> u64 {
+    let granule = granule.max(1);
+    let mut offset = 0u64;
+    let mut total = 0u64;
+    let mut last_end = 0u64;
+    for e in extents {
+        if e.data && !e.zero && e.length > 0 {
+            let start = (offset / granule * granule).max(last_end);
+            let end = (offset + e.length).div_ceil(granule) * granule;
+            total += end.saturating_sub(start);
+            last_end = last_end.max(end);
+        }
+        offset += e.length;
+    }
+    total
 }
 
 /// Whether `path` accepts O_DIRECT writes (tmpfs and some file systems do not).
@@ -225,6 +292,7 @@ mod tests {
             direct_io: true,
             coroutines: 8,
             cpu_limit: Duration::from_secs(3600),
+            target_is_zero: false,
         };
         let args = convert_args(&spec);
         let joined = args.join(" ");
@@ -233,6 +301,55 @@ mod tests {
             "convert -p -f raw -O raw -n -W -m 8 -t none /c/k.img /dev/vg0/v"
         );
         assert!(!joined.contains("target-is-zero"));
+        let zeroed = ConvertSpec {
+            target_is_zero: true,
+            ..spec
+        };
+        assert_eq!(
+            convert_args(&zeroed).join(" "),
+            "convert -p -f raw -O raw -n -W -m 8 -t none --target-is-zero /c/k.img /dev/vg0/v"
+        );
+    }
+
+    #[test]
+    fn data_is_counted_in_whole_granules() {
+        let e = |length, data| MapExtent {
+            length,
+            data,
+            zero: false,
+        };
+        // 4 KiB of data at 0, a hole, 4 KiB at 1 MiB + 4 KiB: two 64 KiB chunks.
+        let map = [
+            e(4096, true),
+            e((1 << 20) - 4096 + 4096, false),
+            e(4096, true),
+            e(1 << 20, false),
+        ];
+        assert_eq!(sum_data(&map, 64 << 10), 128 << 10);
+        // Adjacent extents in one chunk count once.
+        let map = [e(4096, true), e(4096, true)];
+        assert_eq!(sum_data(&map, 64 << 10), 64 << 10);
+        assert_eq!(sum_data(&[e(1 << 20, false)], 64 << 10), 0);
+    }
+
+    #[tokio::test]
+    async fn data_bytes_of_a_sparse_qcow2() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("s.raw");
+        let f = std::fs::File::create(&raw).unwrap();
+        f.set_len(64 << 20).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[7u8; 1 << 20], 8 << 20).unwrap();
+        let qcow = dir.path().join("s.qcow2");
+        let ok = std::process::Command::new("qemu-img")
+            .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&qcow)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let bytes = data_bytes(&qcow, ImageType::Qcow2, 64 << 10).await.unwrap();
+        assert_eq!(bytes, 1 << 20);
     }
 
     #[tokio::test]
@@ -258,6 +375,7 @@ mod tests {
             direct_io: supports_direct_io(&dst),
             coroutines: 4,
             cpu_limit: Duration::from_secs(60),
+            target_is_zero: false,
         };
         let mut seen = Vec::new();
         convert(&spec, &CancellationToken::new(), |f| seen.push(f))
@@ -281,6 +399,7 @@ mod tests {
             direct_io: false,
             coroutines: 1,
             cpu_limit: Duration::from_secs(60),
+            target_is_zero: false,
         };
         let err = convert(&spec, &CancellationToken::new(), |_| {})
             .await

@@ -143,6 +143,7 @@ mod tests {
             settings: live,
             cache: Arc::new(cache),
             volumes: backend.clone(),
+            golden: None,
             libvirt: PoolRefresher::new("qemu:///system", ""),
         });
         let engine = Engine::start(store, ctx).await.unwrap();

@@ -145,6 +145,28 @@ pub(crate) enum VolumeOwnership {
     Reused,
 }
 
+/// How a provision job gave its volume the image's content (`method` in the job status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum VolumeMethod {
+    /// A thin snapshot of the image's golden LV (`volumes.lvm.golden_images`).
+    ThinSnapshot,
+    /// `qemu-img convert` into the volume (new or reused).
+    Copy,
+}
+
+impl VolumeMethod {
+    pub(crate) const ALL: [VolumeMethod; 2] = [VolumeMethod::ThinSnapshot, VolumeMethod::Copy];
+
+    /// The `method` label of `volumes_created_total`.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            VolumeMethod::ThinSnapshot => "thin-snapshot",
+            VolumeMethod::Copy => "copy",
+        }
+    }
+}
+
 /// The stored job record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Job {
@@ -160,6 +182,9 @@ pub(crate) struct Job {
     pub(crate) image_path: Option<String>,
     pub(crate) volume_path: Option<String>,
     pub(crate) volume_ownership: VolumeOwnership,
+    /// How the volume got its content, once the job chose (records of older versions: none).
+    #[serde(default)]
+    pub(crate) method: Option<VolumeMethod>,
     /// Identity of the authenticated caller.
     pub(crate) requested_by: Option<String>,
     /// W3C trace context of the request that created the job.
@@ -193,6 +218,7 @@ impl Job {
             image_path: None,
             volume_path: None,
             volume_ownership: VolumeOwnership::None,
+            method: None,
             requested_by: None,
             trace_context: BTreeMap::new(),
             created_at: now,
@@ -263,6 +289,22 @@ mod tests {
             },
             Utc::now(),
         )
+    }
+
+    #[test]
+    fn records_without_a_method_load() {
+        let mut j = job();
+        let mut v = serde_json::to_value(&j).unwrap();
+        v.as_object_mut().unwrap().remove("method");
+        let old: Job = serde_json::from_value(v).unwrap();
+        assert_eq!(old.method, None);
+        j.method = Some(VolumeMethod::ThinSnapshot);
+        let v = serde_json::to_value(&j).unwrap();
+        assert_eq!(v["method"], "thin-snapshot");
+        assert_eq!(
+            serde_json::to_value(VolumeMethod::Copy).unwrap(),
+            VolumeMethod::Copy.as_str()
+        );
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! What a job does, step by step: fetch the image into the cache, check it against the request
-//! and the volume, create or reuse the volume, write the image into it, flush; plus rollback
-//! of what a failed job created. Progress is recorded through the job's handle as it goes.
+//! and the volume, then either make the volume a thin snapshot of the image's golden LV
+//! (building that first if needed) or create or reuse the volume and write the image into it;
+//! flush; plus rollback of what a failed job created. Progress is recorded through the job's
+//! handle as it goes.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,14 +12,19 @@ use tracing::Instrument;
 
 use super::error::JobError;
 use super::handle::JobHandle;
-use super::model::{Job, JobKind, JobSpec, VolumeOwnership};
+use super::model::{Job, JobKind, JobSpec, Stage, VolumeMethod, VolumeOwnership};
 use crate::config::LiveSettings;
 use crate::convert::{self, ConvertSpec};
 use crate::image::cache::{CachedImage, ImageCache, Transfer};
 use crate::image::inspect::{self, Inspection};
 use crate::image::source;
 use crate::telemetry::metrics::metrics;
+use crate::volume::golden::{GoldenImages, GoldenSource};
 use crate::volume::{self, VolumeBackend, VolumeError, VolumeInfo};
+
+/// Granule in which the thin pool provisions data, for estimating a golden image's pool use
+/// (LVM's smallest and usual chunk size).
+const POOL_CHUNK: u64 = 64 << 10;
 
 /// Everything jobs use.
 pub(crate) struct RunContext {
@@ -25,6 +32,9 @@ pub(crate) struct RunContext {
     pub(crate) settings: LiveSettings,
     pub(crate) cache: Arc<ImageCache>,
     pub(crate) volumes: Arc<dyn VolumeBackend>,
+    /// Golden images on the thin pool (`volumes.lvm.golden_images`); `None`: every volume is
+    /// a copy.
+    pub(crate) golden: Option<Arc<GoldenImages>>,
     /// Refreshes libvirt's storage pool after a volume is written.
     pub(crate) libvirt: crate::volume::libvirt::PoolRefresher,
 }
@@ -137,10 +147,90 @@ async fn provision(
     let image = fetch(ctx, h, cancel).await?;
     let verdict = check_image(&image.entry.inspection, &spec, size_bytes)?;
     h.job.image_path = Some(image.path.display().to_string());
+    if let Some(golden) = &ctx.golden
+        && let Some(target) =
+            from_golden(ctx, h, golden, &image, &verdict, &name, size_bytes, cancel).await?
+    {
+        return finalize(ctx, h, &target).await;
+    }
+    check_stop(cancel)?;
+    h.job.method = Some(VolumeMethod::Copy);
     let target = prepare_volume(ctx, h, &name, size_bytes, verdict.virtual_size, cancel).await?;
     check_stop(cancel)?;
     populate(ctx, h, &image, &verdict, &target, cancel).await?;
     finalize(ctx, h, &target).await
+}
+
+/// The thin-snapshot path: the image's golden LV (built now, by this job, if there is none),
+/// then the volume as a thin snapshot of it. `None` when the path does not apply and the job
+/// copies instead: the volume exists (reuse stays a full overwrite), or the image gets no
+/// golden LV (see `GoldenImages::ensure`).
+#[allow(clippy::too_many_arguments)]
+async fn from_golden(
+    ctx: &RunContext,
+    h: &mut JobHandle,
+    golden: &GoldenImages,
+    image: &CachedImage,
+    verdict: &Inspection,
+    name: &str,
+    size_bytes: u64,
+    cancel: &CancellationToken,
+) -> StepResult<Option<VolumeInfo>> {
+    if ctx.volumes.inspect(name).await?.is_some() {
+        return Ok(None);
+    }
+    let data_bytes = convert::data_bytes(&image.path, verdict.format, POOL_CHUNK).await?;
+    let source = GoldenSource {
+        key: &image.entry.key,
+        virtual_size: verdict.virtual_size,
+        data_bytes,
+    };
+    let builder = &mut *h;
+    let built = golden
+        .ensure(&source, cancel, |target: VolumeInfo| async move {
+            populate(ctx, builder, image, verdict, &target, cancel).await
+        })
+        .await?;
+    let Some(golden_lv) = built else {
+        return Ok(None);
+    };
+    check_stop(cancel)?;
+    h.job.method = Some(VolumeMethod::ThinSnapshot);
+    h.job.volume_ownership = VolumeOwnership::Creating;
+    h.save_durably().await?;
+    let owner = h.job.id.to_string();
+    let span = tracing::info_span!(
+        "create_volume",
+        otel.name = "CreateVolume",
+        volume_name = %name,
+        volume_size_bytes = size_bytes,
+        origin = %golden_lv.name,
+    );
+    let clone = match golden
+        .clone_to(&golden_lv, name, size_bytes, &owner)
+        .instrument(span)
+        .await
+    {
+        Ok(v) => v,
+        Err(e) => {
+            if matches!(e, VolumeError::Conflict(_)) {
+                h.job.volume_ownership = VolumeOwnership::None;
+                h.save_durably().await?;
+            }
+            return Err(e.into());
+        }
+    };
+    h.job.volume_ownership = VolumeOwnership::Created;
+    h.save_durably().await?;
+    // The volume holds the image now: the convert stage is complete (when this job built the
+    // golden LV, it already is).
+    let now = Instant::now();
+    if h.tracker.progress().stage != Stage::Converting {
+        h.tracker.start_convert(verdict.virtual_size, now);
+    }
+    h.tracker.update_fraction(1.0, now);
+    h.publish(true);
+    Ok(Some(clone))
 }
 
 /// The volume a provision job writes: its name and size in bytes.
@@ -204,6 +294,7 @@ async fn populate(
         direct_io,
         coroutines: 8,
         cpu_limit: ctx.settings.current().jobs.timeout,
+        target_is_zero: target.reads_zeros,
     };
     let span = tracing::info_span!(
         "populate",
@@ -213,6 +304,7 @@ async fn populate(
         volume_size_bytes = target.size_bytes,
         image_format = verdict.format.as_str(),
         virtual_size = verdict.virtual_size,
+        target_is_zero = target.reads_zeros,
     );
     let converted = convert::convert(&convert_spec, cancel, |fraction| {
         let now = Instant::now();
@@ -261,6 +353,12 @@ async fn finalize(ctx: &RunContext, h: &mut JobHandle, target: &VolumeInfo) -> S
         })?;
     ctx.libvirt.refresh().await;
     h.job.volume_path = Some(target.path.display().to_string());
+    if let Some(method) = h.job.method {
+        metrics()
+            .volumes_created_total
+            .with_label_values(&[method.as_str()])
+            .inc();
+    }
     Ok(())
 }
 

@@ -43,6 +43,16 @@ pub(crate) struct Metrics {
     pub(crate) libvirt_pool_refresh_errors_total: IntCounter,
     pub(crate) cache_evictions_total: CounterVec,
     pub(crate) download_bytes_total: IntCounter,
+    /// Thin pool data use, 0.0-1.0 (`volumes.lvm.thin_pool`).
+    pub(crate) thin_pool_data_ratio: Gauge,
+    /// Thin pool metadata use, 0.0-1.0.
+    pub(crate) thin_pool_metadata_ratio: Gauge,
+    /// Complete golden image LVs.
+    pub(crate) golden_images: IntGauge,
+    /// Pool data the golden image LVs hold.
+    pub(crate) golden_image_bytes: IntGauge,
+    /// Provision jobs completed, by how the volume got its content (`thin-snapshot`, `copy`).
+    pub(crate) volumes_created_total: IntCounterVec,
     hit_window: Mutex<VecDeque<bool>>,
 }
 
@@ -278,6 +288,28 @@ impl Metrics {
                 "download_bytes_total",
                 "Image bytes received from sources (a resumed download counts only what it fetched)",
             ),
+            thin_pool_data_ratio: gauge(
+                &r,
+                "thin_pool_data_ratio",
+                "Data use of the thin pool (volumes.lvm.thin_pool), 0.0-1.0",
+            ),
+            thin_pool_metadata_ratio: gauge(
+                &r,
+                "thin_pool_metadata_ratio",
+                "Metadata use of the thin pool, 0.0-1.0",
+            ),
+            golden_images: int_gauge(&r, "golden_images", "Complete golden image LVs"),
+            golden_image_bytes: int_gauge(
+                &r,
+                "golden_image_bytes",
+                "Thin pool data held by golden image LVs (bounded by volumes.lvm.golden_max_bytes)",
+            ),
+            volumes_created_total: counter_vec(
+                &r,
+                "volumes_created_total",
+                "Provisioned volumes by method: thin-snapshot (of a golden image) or copy (qemu-img)",
+                &["method"],
+            ),
             hit_window: Mutex::new(VecDeque::with_capacity(HIT_RATIO_WINDOW)),
             registry: r,
         };
@@ -332,6 +364,12 @@ impl Metrics {
                     .inc();
             }
         }
+    }
+
+    /// The thin pool's use (percent) as last read.
+    pub(crate) fn thin_pool_use(&self, data_percent: f64, metadata_percent: f64) {
+        self.thin_pool_data_ratio.set(data_percent / 100.0);
+        self.thin_pool_metadata_ratio.set(metadata_percent / 100.0);
     }
 
     pub(crate) fn image_error(&self, operation: &str, error_type: &str) {

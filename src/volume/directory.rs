@@ -60,6 +60,7 @@ impl VolumeBackend for DirectoryBackend {
             path,
             size_bytes: meta.len(),
             reuse_blocker,
+            reads_zeros: false,
         }))
     }
 
@@ -110,6 +111,7 @@ impl VolumeBackend for DirectoryBackend {
             path,
             size_bytes,
             reuse_blocker: None,
+            reads_zeros: false,
         })
     }
 

@@ -2,7 +2,9 @@
 //! (`LC_ALL=C`, JSON reports in bytes, a time limit per command, stderr in every error). It owns
 //! the reuse rules read from `lv_attr`, creation rounded to the VG's real extent size and tagged
 //! with the creating job (so rollback never removes an LV it did not make), zeroing of the part
-//! of an LV an image does not cover (`BLKZEROOUT`), and flushing the device.
+//! of an LV an image does not cover (`BLKZEROOUT`), and flushing the device. With
+//! `volumes.lvm.thin_pool`, new LVs are thin LVs in that pool, created only while the pool's
+//! use is below `volumes.lvm.thin_pool_max_percent` (golden images: `golden.rs`).
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
@@ -19,9 +21,14 @@ use crate::command;
 /// Options every report command gets: machine-readable JSON, sizes as plain byte counts.
 const REPORT_ARGS: [&str; 5] = ["--reportformat", "json", "--units", "b", "--nosuffix"];
 const VG_FIELDS: &str = "vg_name,vg_extent_size,vg_extent_count,vg_free_count,vg_free,vg_size";
-const LV_FIELDS: &str = "lv_name,vg_name,lv_size,lv_attr,lv_tags,origin,pool_lv,segtype";
+const LV_FIELDS: &str = "lv_name,vg_name,lv_size,lv_attr,lv_tags,origin,pool_lv,segtype,\
+                         data_percent,metadata_percent,zero";
 /// Prefix of the tag `lvcreate` puts on an LV a job creates (`lvp_job_<job id>`).
 pub(crate) const OWNER_TAG_PREFIX: &str = "lvp_job_";
+/// Tag of every golden image LV (`golden.rs`).
+pub(crate) const GOLDEN_TAG: &str = "lvp_golden";
+/// Prefix of golden image LV names (`lvp-golden-<16 hex of the cache key>`); reserved.
+pub(crate) const GOLDEN_PREFIX: &str = "lvp-golden-";
 /// Bytes zeroed per `BLKZEROOUT` call; cancellation is checked between calls.
 const ZERO_CHUNK: u64 = 256 << 20;
 /// How long a device node may take to appear after activation (udev in production).
@@ -49,7 +56,7 @@ pub(crate) struct VgInfo {
 }
 
 /// A logical volume as `lvs` reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct LvInfo {
     pub(crate) name: String,
     pub(crate) vg: String,
@@ -60,6 +67,13 @@ pub(crate) struct LvInfo {
     pub(crate) origin: String,
     pub(crate) pool_lv: String,
     pub(crate) segtype: String,
+    /// Thin pools and thin LVs: percent of the data (pool) or of the virtual size (thin LV)
+    /// that is provisioned; `None` for other LVs.
+    pub(crate) data_percent: Option<f64>,
+    /// Thin pools: percent of the metadata that is used.
+    pub(crate) metadata_percent: Option<f64>,
+    /// Thin pools (and their thin LVs): newly provisioned chunks are zeroed (`lvs -o zero`).
+    pub(crate) zero: bool,
 }
 
 /// The ten `lv_attr` characters (lvs(8), "lv_attr bits").
@@ -164,6 +178,27 @@ impl LvInfo {
         )
     }
 
+    /// Whether this is a golden image LV (`golden.rs`), and its cache key (the `lvp_image_`
+    /// tag; the name when the tag is missing).
+    pub(crate) fn golden_key(&self) -> Option<String> {
+        if !self.tags.iter().any(|t| t == GOLDEN_TAG) {
+            return None;
+        }
+        let key = self
+            .tags
+            .iter()
+            .find_map(|t| t.strip_prefix(super::golden::KEY_TAG_PREFIX))
+            .unwrap_or(&self.name);
+        Some(key.to_string())
+    }
+
+    /// A thin snapshot of a golden image: it shares the golden LV's blocks but does not depend
+    /// on it (dm-thin keeps shared blocks until the last user is gone), so it is a plain thin
+    /// volume that may be overwritten or removed.
+    fn is_golden_clone(&self) -> bool {
+        self.segtype == "thin" && self.origin.starts_with(GOLDEN_PREFIX)
+    }
+
     /// Why this LV must not be overwritten by a job (the API answers 409 with it); `None` when
     /// it may be reused.
     pub(crate) fn reuse_blocker(&self) -> Option<Blocker> {
@@ -195,13 +230,22 @@ impl LvInfo {
     /// thin pool or a snapshot origin would take other volumes with it).
     pub(crate) fn removal_blocker(&self) -> Option<Blocker> {
         let note = self.attr_note();
+        if let Some(key) = self.golden_key() {
+            return Some(Blocker::new(
+                BlockerKind::Golden,
+                format!(
+                    "it is the golden image of cache entry {key}; it is removed with that entry \
+                     (DELETE /api/v1/cache/images/{key}), never as a volume"
+                ),
+            ));
+        }
         if let Some(kind) = self.attr.special_type() {
             return Some(Blocker::new(
                 BlockerKind::NotAVolume,
                 format!("{kind} ({note})"),
             ));
         }
-        if !self.origin.is_empty() {
+        if !self.origin.is_empty() && !self.is_golden_clone() {
             return Some(Blocker::new(
                 BlockerKind::NotAVolume,
                 format!("it is a snapshot of {} ({note})", self.origin),
@@ -256,6 +300,12 @@ struct LvRow {
     pool_lv: String,
     #[serde(default)]
     segtype: String,
+    #[serde(default)]
+    data_percent: String,
+    #[serde(default)]
+    metadata_percent: String,
+    #[serde(default)]
+    zero: String,
 }
 
 fn bytes_field(field: &str, value: &str) -> Result<u64, String> {
@@ -263,6 +313,18 @@ fn bytes_field(field: &str, value: &str) -> Result<u64, String> {
         .trim()
         .parse::<u64>()
         .map_err(|_| format!("{field} is {value:?}, not a byte count"))
+}
+
+/// A percent column: empty for LVs it does not apply to.
+fn percent_field(field: &str, value: &str) -> Result<Option<f64>, String> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Ok(None);
+    }
+    value
+        .parse::<f64>()
+        .map(Some)
+        .map_err(|_| format!("{field} is {value:?}, not a percent"))
 }
 
 fn parse_report(json: &str) -> Result<Vec<ReportSection>, String> {
@@ -303,6 +365,9 @@ pub(crate) fn parse_lvs(json: &str) -> Result<Vec<LvInfo>, String> {
             origin: row.origin,
             pool_lv: row.pool_lv,
             segtype: row.segtype,
+            data_percent: percent_field("data_percent", &row.data_percent)?,
+            metadata_percent: percent_field("metadata_percent", &row.metadata_percent)?,
+            zero: row.zero == "zero",
         });
     }
     Ok(out)
@@ -334,12 +399,33 @@ pub(crate) fn owner_tag(owner: &str) -> Result<String, VolumeError> {
     Ok(format!("{OWNER_TAG_PREFIX}{owner}"))
 }
 
+/// The thin pool new LVs are created in (`volumes.lvm.thin_pool`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ThinPool {
+    /// The pool's LV name in the backend's VG.
+    pub(crate) name: String,
+    /// `volumes.lvm.thin_pool_max_percent`.
+    pub(crate) max_percent: u8,
+}
+
+/// A thin pool's use, from `lvs`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct PoolUse {
+    pub(crate) data_percent: f64,
+    pub(crate) metadata_percent: f64,
+    /// The pool zeroes newly provisioned chunks (`lvs -o zero`).
+    pub(crate) zeroes: bool,
+    pub(crate) size_bytes: u64,
+}
+
 /// Logical volumes of one volume group.
 pub(crate) struct LvmBackend {
     vg: String,
     timeout: Duration,
     /// `volumes.lvm.devices`: when not empty, LVM may open only these devices.
     devices: Vec<String>,
+    /// New LVs are thin LVs in this pool; `None`: linear LVs.
+    thin: Option<ThinPool>,
 }
 
 impl LvmBackend {
@@ -350,7 +436,77 @@ impl LvmBackend {
             vg: vg.to_string(),
             timeout,
             devices: Vec::new(),
+            thin: None,
         })
+    }
+
+    /// Creates new LVs as thin LVs in `pool` (an existing thin pool of the VG). Runs no command.
+    pub(crate) fn with_thin_pool(mut self, pool: ThinPool) -> Result<LvmBackend, VolumeError> {
+        validate_lvm_name(&pool.name).map_err(VolumeError::InvalidName)?;
+        self.thin = Some(pool);
+        Ok(self)
+    }
+
+    pub(crate) fn thin_pool(&self) -> Option<&ThinPool> {
+        self.thin.as_ref()
+    }
+
+    /// `vg/name` of the thin pool, for messages.
+    pub(crate) fn pool_arg(&self) -> String {
+        self.lv_arg(self.thin.as_ref().map_or("", |p| p.name.as_str()))
+    }
+
+    /// The thin pool's use. Fails when the pool is missing or not a thin pool.
+    pub(crate) async fn pool_use(&self) -> Result<PoolUse, VolumeError> {
+        let Some(pool) = &self.thin else {
+            return Err(Self::report_error(
+                "lvs",
+                "no thin pool is configured (volumes.lvm.thin_pool)".into(),
+            ));
+        };
+        let lv = self.lv(&pool.name).await?.ok_or_else(|| {
+            Self::report_error(
+                "lvs",
+                format!(
+                    "thin pool {} does not exist (volumes.lvm.thin_pool)",
+                    self.pool_arg()
+                ),
+            )
+        })?;
+        if lv.segtype != "thin-pool" {
+            return Err(Self::report_error(
+                "lvs",
+                format!(
+                    "{} is a {} LV, not a thin pool (volumes.lvm.thin_pool)",
+                    self.pool_arg(),
+                    lv.segtype
+                ),
+            ));
+        }
+        Ok(PoolUse {
+            data_percent: lv.data_percent.unwrap_or(0.0),
+            metadata_percent: lv.metadata_percent.unwrap_or(0.0),
+            zeroes: lv.zero,
+            size_bytes: lv.size_bytes,
+        })
+    }
+
+    /// Pool safety, before anything is created in the pool: its use, or `PoolOverThreshold`
+    /// when data or metadata use is above `volumes.lvm.thin_pool_max_percent`.
+    pub(crate) async fn check_pool(&self) -> Result<PoolUse, VolumeError> {
+        let usage = self.pool_use().await?;
+        let max = self.thin.as_ref().map_or(100, |p| p.max_percent);
+        crate::telemetry::metrics::metrics()
+            .thin_pool_use(usage.data_percent, usage.metadata_percent);
+        if usage.data_percent > f64::from(max) || usage.metadata_percent > f64::from(max) {
+            return Err(VolumeError::PoolOverThreshold {
+                pool: self.pool_arg(),
+                data_percent: usage.data_percent,
+                metadata_percent: usage.metadata_percent,
+                max_percent: max,
+            });
+        }
+        Ok(usage)
     }
 
     /// Narrows every LVM command to `devices` (`--devices <path>` each, lvm2 >= 2.03.12): LVM
@@ -372,7 +528,7 @@ impl LvmBackend {
     }
 
     /// Runs an LVM command within `volumes.lvm.command_timeout` and returns its stdout.
-    async fn run(&self, program: &str, args: &[&str]) -> Result<String, VolumeError> {
+    pub(super) async fn run(&self, program: &str, args: &[&str]) -> Result<String, VolumeError> {
         let args = self.command_args(args);
         let limit = command::Limit {
             timeout: self.timeout,
@@ -381,7 +537,7 @@ impl LvmBackend {
         Ok(command::run(program, &args, limit).await?)
     }
 
-    fn report_error(command: &str, detail: String) -> VolumeError {
+    pub(super) fn report_error(command: &str, detail: String) -> VolumeError {
         VolumeError::Report {
             command: command.to_string(),
             detail,
@@ -405,29 +561,40 @@ impl LvmBackend {
     /// The LV called `name`, if any. Lists the whole VG (a missing LV is then a normal answer,
     /// not an error to tell apart from others).
     pub(crate) async fn lv(&self, name: &str) -> Result<Option<LvInfo>, VolumeError> {
+        Ok(self.lvs().await?.into_iter().find(|lv| lv.name == name))
+    }
+
+    /// Every LV of the VG.
+    pub(super) async fn lvs(&self) -> Result<Vec<LvInfo>, VolumeError> {
         let mut args = REPORT_ARGS.to_vec();
         args.extend(["-o", LV_FIELDS, &self.vg]);
         let out = self.run("lvs", &args).await?;
         Ok(parse_lvs(&out)
             .map_err(|e| Self::report_error("lvs", e))?
             .into_iter()
-            .find(|lv| lv.name == name && lv.vg == self.vg))
+            .filter(|lv| lv.vg == self.vg)
+            .collect())
     }
 
-    fn lv_arg(&self, name: &str) -> String {
+    pub(super) fn vg_name(&self) -> &str {
+        &self.vg
+    }
+
+    pub(super) fn lv_arg(&self, name: &str) -> String {
         format!("{}/{name}", self.vg)
     }
 
-    fn info(&self, lv: &LvInfo) -> VolumeInfo {
+    pub(super) fn info(&self, lv: &LvInfo) -> VolumeInfo {
         VolumeInfo {
             name: lv.name.clone(),
             path: self.volume_path(&lv.name),
             size_bytes: lv.size_bytes,
             reuse_blocker: lv.reuse_blocker(),
+            reads_zeros: false,
         }
     }
 
-    async fn activate(&self, name: &str) -> Result<(), VolumeError> {
+    pub(super) async fn activate(&self, name: &str) -> Result<(), VolumeError> {
         self.run(
             "lvchange",
             &["--activate", "y", "--yes", &self.lv_arg(name)],
@@ -437,7 +604,7 @@ impl LvmBackend {
     }
 
     /// Waits until the device node exists (udev creates it in production).
-    async fn wait_for_node(&self, name: &str) -> Result<PathBuf, VolumeError> {
+    pub(super) async fn wait_for_node(&self, name: &str) -> Result<PathBuf, VolumeError> {
         let path = self.volume_path(name);
         let deadline = tokio::time::Instant::now() + NODE_WAIT;
         loop {
@@ -456,15 +623,20 @@ impl LvmBackend {
         }
     }
 
-    /// Creates the LV (tagged with `tag` when given).
-    async fn create_lv(
+    /// Creates the LV (tagged with `tags`): a thin LV in the thin pool when one is configured
+    /// (after the pool safety check), else a linear LV (after the free-space check).
+    pub(super) async fn create_lv(
         &self,
         name: &str,
         size_bytes: u64,
-        tag: Option<&str>,
+        tags: &[&str],
     ) -> Result<VolumeInfo, VolumeError> {
         validate_lvm_name(name).map_err(VolumeError::InvalidName)?;
         let vg = self.vg().await?;
+        let pool = match &self.thin {
+            Some(_) => Some(self.check_pool().await?),
+            None => None,
+        };
         let extents = extents_for(size_bytes, vg.extent_size).ok_or_else(|| {
             Self::report_error(
                 "lvcreate",
@@ -475,7 +647,7 @@ impl LvmBackend {
             )
         })?;
         let need = extents * vg.extent_size;
-        if need > vg.free_bytes {
+        if pool.is_none() && need > vg.free_bytes {
             return Err(VolumeError::InsufficientSpace {
                 need,
                 have: vg.free_bytes,
@@ -483,6 +655,7 @@ impl LvmBackend {
             });
         }
         let extents = extents.to_string();
+        let virtual_size = format!("{need}b");
         let mut args = vec![
             "--yes",
             "--wipesignatures",
@@ -491,19 +664,33 @@ impl LvmBackend {
             "y",
             "--activate",
             "y",
-            "--extents",
-            &extents,
             "--name",
             name,
         ];
-        if let Some(tag) = tag {
+        let pool_arg = self.pool_arg();
+        if pool.is_some() {
+            // Thin LVs never get the activation skip flag: a VM's disk must activate at boot.
+            args.extend([
+                "--setactivationskip",
+                "n",
+                "--virtualsize",
+                &virtual_size,
+                "--thinpool",
+                &pool_arg,
+            ]);
+        } else {
+            args.extend(["--extents", &extents]);
+        }
+        for tag in tags {
             args.extend(["--addtag", tag]);
         }
-        args.push(&self.vg);
+        if pool.is_none() {
+            args.push(&self.vg);
+        }
         if let Err(e) = self.run("lvcreate", &args).await {
             // An LV of that name that is not ours: someone else's volume, never touched.
             if let Ok(Some(lv)) = self.lv(name).await
-                && tag.is_none_or(|t| !lv.tags.iter().any(|x| x == t))
+                && (tags.is_empty() || !tags.iter().all(|t| lv.tags.iter().any(|x| x == t)))
             {
                 return Err(VolumeError::Conflict(format!(
                     "volume {name} already exists in VG {}",
@@ -524,15 +711,22 @@ impl LvmBackend {
             bytes = lv.size_bytes,
             extents = %extents,
             extent_size = vg.extent_size,
+            thin_pool = pool.map(|_| pool_arg.as_str()).unwrap_or(""),
             "logical volume created"
         );
-        Ok(self.info(&lv))
+        let mut info = self.info(&lv);
+        info.reads_zeros = pool.is_some_and(|p| p.zeroes);
+        Ok(info)
     }
 }
 
 /// Zeroes `path` (a block device) from `start` (rounded down to its logical block size) to its
 /// end, checking `cancel` between chunks.
-fn zero_from(path: &Path, start: u64, cancel: &CancellationToken) -> Result<(), VolumeError> {
+pub(super) fn zero_from(
+    path: &Path,
+    start: u64,
+    cancel: &CancellationToken,
+) -> Result<(), VolumeError> {
     let io = |e: std::io::Error| VolumeError::io(path, e);
     let errno = |what: &str, e: nix::errno::Errno| {
         VolumeError::io(
@@ -592,7 +786,13 @@ impl VolumeBackend for LvmBackend {
         owner: &str,
     ) -> Result<VolumeInfo, VolumeError> {
         let tag = owner_tag(owner)?;
-        self.create_lv(name, size_bytes, Some(&tag)).await
+        if name.starts_with(GOLDEN_PREFIX) {
+            return Err(VolumeError::Conflict(format!(
+                "volume names starting with {GOLDEN_PREFIX} are reserved for golden images; \
+                 choose another volume_name"
+            )));
+        }
+        self.create_lv(name, size_bytes, &[&tag]).await
     }
 
     async fn prepare_overwrite(
@@ -622,6 +822,11 @@ impl VolumeBackend for LvmBackend {
             self.activate(&lv.name).await?;
         }
         let path = self.wait_for_node(&lv.name).await?;
+        if volume.reads_zeros {
+            // A new thin LV in a zeroing pool: everything the image does not cover is
+            // unprovisioned and reads zeros. Writing zeros would provision it all.
+            return Ok(());
+        }
         let cancel = cancel.clone();
         let started = std::time::Instant::now();
         let p = path.clone();

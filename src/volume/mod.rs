@@ -2,6 +2,7 @@
 //! contract, the shared reuse rule, and selecting the configured backend.
 
 pub(crate) mod directory;
+pub(crate) mod golden;
 pub(crate) mod libvirt;
 pub(crate) mod lvm;
 
@@ -24,6 +25,10 @@ pub(crate) struct VolumeInfo {
     /// Why this volume must not be overwritten (open by a VM, a snapshot, not a regular
     /// file...); `None` when it may be reused.
     pub(crate) reuse_blocker: Option<Blocker>,
+    /// Every block reads zeros until written: set by `create` for a thin LV in a pool that
+    /// zeroes newly provisioned chunks (the writer may then skip zeros, and nothing past the
+    /// image needs zeroing). Never set for an existing volume.
+    pub(crate) reads_zeros: bool,
 }
 
 /// What kind of reason keeps a volume from being reused; decides whether it may be deleted.
@@ -39,6 +44,9 @@ pub(crate) enum BlockerKind {
     /// A plain volume that cannot be written now (read-only, suspended, unhealthy...): it may
     /// still be deleted.
     Unwritable,
+    /// A golden image (read-only origin of thin snapshots): it goes with its cache entry,
+    /// never through the volumes API.
+    Golden,
 }
 
 /// Why an existing volume is not reused; its `Display` is the reason the API shows.
@@ -73,6 +81,18 @@ pub(crate) enum VolumeError {
     Conflict(String),
     #[error("not enough space for volume: need {need} bytes, have {have} bytes in {place}")]
     InsufficientSpace { need: u64, have: u64, place: String },
+    /// The thin pool's data or metadata use is above `volumes.lvm.thin_pool_max_percent`.
+    #[error(
+        "thin pool {pool} is too full to create anything in: data {data_percent:.2}% and \
+         metadata {metadata_percent:.2}% used, above volumes.lvm.thin_pool_max_percent = \
+         {max_percent}%; extend the pool (lvextend) or remove volumes"
+    )]
+    PoolOverThreshold {
+        pool: String,
+        data_percent: f64,
+        metadata_percent: f64,
+        max_percent: u8,
+    },
     /// An LVM command failed, timed out or could not start.
     #[error(transparent)]
     Command(#[from] crate::command::CommandError),
@@ -250,6 +270,7 @@ mod tests {
             path: "/x".into(),
             size_bytes: size,
             reuse_blocker: None,
+            reads_zeros: false,
         };
         let req = 100 * GIB;
         assert!(check_reusable(&v(req), req).is_ok());

@@ -546,8 +546,7 @@ impl ImageCache {
     /// Registers `hook` to run after an entry is evicted or deleted, with its key (so what was
     /// made from the image elsewhere, e.g. a golden volume, can go too). Hooks run on the
     /// thread that removed the entry and must not block: spawn the work.
-    // Registered by the wiring in lib.rs once golden volumes exist (issue 13).
-    #[cfg_attr(not(test), allow(dead_code))]
+    // Registered by the wiring in lib.rs: golden images go with their entry.
     pub(crate) fn on_remove(&self, hook: impl Fn(&str, Removal) + Send + Sync + 'static) {
         self.removal_hooks
             .write()

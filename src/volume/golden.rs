@@ -1,0 +1,499 @@
+//! Golden images on the thin pool: one read-only thin LV per cache entry, written once, from
+//! which every new volume of that image is a thin snapshot (metadata only: no data is written,
+//! blocks are shared until the VM writes them). It owns the golden LVs' names and tags, building
+//! one per key at most once at a time (single flight), sealing it (flush, read-only, activation
+//! skip, then the `complete` tag), the snapshot that becomes a job's volume, the bound on the
+//! pool data golden LVs hold (`volumes.lvm.golden_max_bytes`), removal with the cache entry, and
+//! restart recovery (incomplete or orphaned golden LVs are removed). Writing the image is the
+//! caller's: `ensure` is handed the writer.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+
+use super::lvm::{
+    GOLDEN_PREFIX, GOLDEN_TAG, LvInfo, LvmBackend, extents_for, owner_tag, zero_from,
+};
+use super::{VolumeBackend, VolumeError, VolumeInfo, validate_lvm_name};
+use crate::telemetry::metrics::metrics;
+
+/// Prefix of the tag naming a golden LV's cache key (`lvp_image_<64 hex>`).
+pub(crate) const KEY_TAG_PREFIX: &str = "lvp_image_";
+/// Tag a golden LV gets once it is written, flushed and read-only; without it, it is never used.
+pub(crate) const COMPLETE_TAG: &str = "lvp_golden_complete";
+/// Hex digits of the cache key in a golden LV's name.
+const NAME_KEY_DIGITS: usize = 16;
+
+/// The image a golden LV is made from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GoldenSource<'a> {
+    /// The cache key (64 lowercase hex).
+    pub(crate) key: &'a str,
+    /// The image's virtual size: the golden LV's size (rounded up to extents).
+    pub(crate) virtual_size: u64,
+    /// Bytes of data the image holds (what the golden LV will take from the pool).
+    pub(crate) data_bytes: u64,
+}
+
+/// What an LV of a golden image's name is.
+#[derive(Debug, PartialEq, Eq)]
+enum GoldenState {
+    /// Written, flushed and sealed: usable.
+    Complete,
+    /// A build that did not finish (failure, cancel, crash): never used, removed.
+    Incomplete,
+    /// Not a golden LV of this key (someone else's LV, or another key with the same prefix).
+    Foreign,
+}
+
+/// The golden images of one thin pool.
+pub(crate) struct GoldenImages {
+    lvm: Arc<LvmBackend>,
+    /// `volumes.lvm.golden_max_bytes`.
+    max_bytes: u64,
+    /// One lock per cache key: a build, a use and a removal of the same key never overlap.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// When this process last used each key's golden LV (eviction order for the bound; keys
+    /// not used since start-up come first).
+    last_use: Mutex<HashMap<String, Instant>>,
+}
+
+/// The golden LV name of cache key `key`.
+pub(crate) fn golden_name(key: &str) -> String {
+    format!("{GOLDEN_PREFIX}{}", &key[..key.len().min(NAME_KEY_DIGITS)])
+}
+
+fn key_tag(key: &str) -> String {
+    format!("{KEY_TAG_PREFIX}{key}")
+}
+
+fn check_key(key: &str) -> Result<(), VolumeError> {
+    if key.len() == 64 && key.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        Ok(())
+    } else {
+        Err(VolumeError::InvalidName(format!(
+            "cache key {key:?} is not 64 lowercase hex digits"
+        )))
+    }
+}
+
+fn state_of(lv: &LvInfo, key: &str) -> GoldenState {
+    if lv.golden_key().as_deref() != Some(key) {
+        GoldenState::Foreign
+    } else if lv.tags.iter().any(|t| t == COMPLETE_TAG) && lv.attr.permissions == 'r' {
+        GoldenState::Complete
+    } else {
+        GoldenState::Incomplete
+    }
+}
+
+/// Pool data a thin LV holds (its provisioned share of its virtual size).
+fn data_bytes_of(lv: &LvInfo) -> u64 {
+    (lv.data_percent.unwrap_or(0.0) / 100.0 * lv.size_bytes as f64) as u64
+}
+
+impl GoldenImages {
+    /// Golden images in `lvm`'s thin pool, holding at most `max_bytes` of pool data.
+    pub(crate) fn new(lvm: Arc<LvmBackend>, max_bytes: u64) -> GoldenImages {
+        GoldenImages {
+            lvm,
+            max_bytes,
+            locks: Mutex::new(HashMap::new()),
+            last_use: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock_of(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn touch(&self, key: &str) {
+        self.last_use
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_string(), Instant::now());
+    }
+
+    /// The complete golden LV of `source.key`, built with `write` first when there is none
+    /// (`write` gets the new, empty LV and must fill `0..virtual_size`; its `reads_zeros` says
+    /// whether zeros may be skipped). Jobs wanting the same key wait for one build. `None`:
+    /// no golden image for this image (it does not fit `volumes.lvm.golden_max_bytes`, its
+    /// name is taken by another LV, or `cancel` fired while waiting) and the caller copies.
+    /// A build that fails removes its LV and returns the error.
+    pub(crate) async fn ensure<E, F, Fut>(
+        &self,
+        source: &GoldenSource<'_>,
+        cancel: &CancellationToken,
+        write: F,
+    ) -> Result<Option<VolumeInfo>, E>
+    where
+        E: From<VolumeError>,
+        F: FnOnce(VolumeInfo) -> Fut,
+        Fut: Future<Output = Result<(), E>>,
+    {
+        check_key(source.key)?;
+        let name = golden_name(source.key);
+        let lock = self.lock_of(source.key);
+        let _held = tokio::select! {
+            held = lock.lock() => held,
+            _ = cancel.cancelled() => return Ok(None),
+        };
+        let all = self.lvm.lvs().await?;
+        if let Some(lv) = all.iter().find(|l| l.name == name) {
+            match state_of(lv, source.key) {
+                GoldenState::Complete => {
+                    self.touch(source.key);
+                    return Ok(Some(self.lvm.info(lv)));
+                }
+                GoldenState::Incomplete => {
+                    tracing::warn!(volume = %self.lvm.lv_arg(&name), "removing a golden image whose build did not finish");
+                    self.remove_lv(&name).await?;
+                }
+                GoldenState::Foreign => {
+                    tracing::warn!(
+                        volume = %self.lvm.lv_arg(&name),
+                        key = source.key,
+                        "an LV that is not this image's golden image has its name; copying instead"
+                    );
+                    return Ok(None);
+                }
+            }
+        }
+        if !self.make_room(&all, source).await? {
+            return Ok(None);
+        }
+        let tags = [GOLDEN_TAG.to_string(), key_tag(source.key)];
+        let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+        let golden = self
+            .lvm
+            .create_lv(&name, source.virtual_size, &tags)
+            .await?;
+        tracing::info!(volume = %golden.path.display(), key = source.key, "building golden image");
+        let built = async {
+            write(golden.clone()).await?;
+            self.seal(&golden, source.virtual_size).await?;
+            Ok::<(), E>(())
+        }
+        .await;
+        if let Err(e) = built {
+            if let Err(removal) = self.remove_lv(&name).await {
+                tracing::error!(error = %removal, volume = %golden.path.display(), "cannot remove the unfinished golden image (restart recovery removes it)");
+            }
+            return Err(e);
+        }
+        self.touch(source.key);
+        tracing::info!(volume = %golden.path.display(), key = source.key, "golden image complete");
+        self.refresh_metrics().await;
+        Ok(Some(golden))
+    }
+
+    /// Makes the written golden LV permanent: zeros past the image (unless the LV reads zeros
+    /// there already), flush, read-only with activation skip, and only then the `complete` tag.
+    async fn seal(&self, golden: &VolumeInfo, virtual_size: u64) -> Result<(), VolumeError> {
+        if !golden.reads_zeros {
+            let path = golden.path.clone();
+            tokio::task::spawn_blocking(move || {
+                zero_from(&path, virtual_size, &CancellationToken::new())
+            })
+            .await
+            .map_err(|e| VolumeError::io(&golden.path, std::io::Error::other(e)))??;
+        }
+        self.lvm.flush(golden).await?;
+        let lv = self.lvm.lv_arg(&golden.name);
+        self.lvm
+            .run(
+                "lvchange",
+                &[
+                    "--yes",
+                    "--permission",
+                    "r",
+                    "--setactivationskip",
+                    "y",
+                    &lv,
+                ],
+            )
+            .await?;
+        self.lvm
+            .run("lvchange", &["--addtag", COMPLETE_TAG, &lv])
+            .await?;
+        Ok(())
+    }
+
+    /// Whether `source` fits the bound: removes the least recently used golden LVs of other
+    /// keys (none that is being built or used) until it does; `false` when it cannot fit.
+    async fn make_room(
+        &self,
+        all: &[LvInfo],
+        source: &GoldenSource<'_>,
+    ) -> Result<bool, VolumeError> {
+        if source.data_bytes > self.max_bytes {
+            tracing::warn!(
+                key = source.key,
+                data_bytes = source.data_bytes,
+                golden_max_bytes = self.max_bytes,
+                "the image holds more data than volumes.lvm.golden_max_bytes; copying it instead of making a golden image"
+            );
+            return Ok(false);
+        }
+        let mut others: Vec<(String, String, u64)> = all
+            .iter()
+            .filter_map(|lv| {
+                let key = lv.golden_key()?;
+                (key != source.key).then(|| (key, lv.name.clone(), data_bytes_of(lv)))
+            })
+            .collect();
+        let mut used: u64 = others.iter().map(|(_, _, b)| b).sum();
+        {
+            let last = self.last_use.lock().unwrap_or_else(|e| e.into_inner());
+            others.sort_by_key(|(key, _, _)| last.get(key).copied());
+        }
+        for (key, name, bytes) in others {
+            if used + source.data_bytes <= self.max_bytes {
+                break;
+            }
+            let lock = self.lock_of(&key);
+            let Ok(_held) = lock.try_lock() else {
+                continue;
+            };
+            tracing::info!(volume = %self.lvm.lv_arg(&name), bytes, "removing the least recently used golden image (volumes.lvm.golden_max_bytes)");
+            self.remove_lv(&name).await?;
+            used = used.saturating_sub(bytes);
+        }
+        let fits = used + source.data_bytes <= self.max_bytes;
+        if !fits {
+            tracing::warn!(
+                key = source.key,
+                used,
+                golden_max_bytes = self.max_bytes,
+                "no room for another golden image (the others are in use); copying instead"
+            );
+        }
+        Ok(fits)
+    }
+
+    /// A new volume `name` of at least `size_bytes`: a thin snapshot of `golden`, activated
+    /// (no activation skip), writable, extended to the size, tagged as created by `owner`.
+    /// Checks the pool first. `Conflict` when an LV of that name exists.
+    pub(crate) async fn clone_to(
+        &self,
+        golden: &VolumeInfo,
+        name: &str,
+        size_bytes: u64,
+        owner: &str,
+    ) -> Result<VolumeInfo, VolumeError> {
+        validate_lvm_name(name).map_err(VolumeError::InvalidName)?;
+        let tag = owner_tag(owner)?;
+        self.lvm.check_pool().await?;
+        let origin = self.lvm.lv_arg(&golden.name);
+        let created = self
+            .lvm
+            .run(
+                "lvcreate",
+                &[
+                    "--yes",
+                    "--snapshot",
+                    "--setactivationskip",
+                    "n",
+                    "--activate",
+                    "y",
+                    "--name",
+                    name,
+                    "--addtag",
+                    &tag,
+                    &origin,
+                ],
+            )
+            .await;
+        if let Err(e) = created {
+            if let Ok(Some(lv)) = self.lvm.lv(name).await
+                && !lv.tags.contains(&tag)
+            {
+                return Err(VolumeError::Conflict(format!(
+                    "volume {name} already exists in VG {}",
+                    self.lvm.vg_name()
+                )));
+            }
+            return Err(e);
+        }
+        let vg = self.lvm.vg().await?;
+        let extents = extents_for(size_bytes, vg.extent_size).ok_or_else(|| {
+            LvmBackend::report_error(
+                "lvextend",
+                format!(
+                    "cannot size {size_bytes} bytes in extents of {}",
+                    vg.extent_size
+                ),
+            )
+        })?;
+        let volume = self.lvm.lv_arg(name);
+        if extents * vg.extent_size > golden.size_bytes {
+            let extents = extents.to_string();
+            self.lvm
+                .run("lvextend", &["--yes", "--extents", &extents, &volume])
+                .await?;
+        }
+        let lv = self.lvm.lv(name).await?.ok_or_else(|| {
+            LvmBackend::report_error("lvs", format!("{name} is not listed after lvcreate"))
+        })?;
+        if lv.attr.skip_activation == 'k' {
+            self.lvm
+                .run("lvchange", &["--setactivationskip", "n", &volume])
+                .await?;
+        }
+        if !lv.attr.is_active() {
+            self.lvm.activate(name).await?;
+        }
+        if lv.attr.permissions != 'w' {
+            self.lvm
+                .run("lvchange", &["--permission", "rw", &volume])
+                .await?;
+        }
+        self.lvm.wait_for_node(name).await?;
+        tracing::info!(volume = %volume, origin = %origin, bytes = lv.size_bytes, "thin snapshot of the golden image created");
+        Ok(self.lvm.info(&lv))
+    }
+
+    /// Removes the golden LV of `key` (its cache entry is gone); `true` when there was one.
+    /// Snapshots made from it stay intact: they do not depend on their origin.
+    pub(crate) async fn remove(&self, key: &str) -> Result<bool, VolumeError> {
+        check_key(key)?;
+        let lock = self.lock_of(key);
+        let _held = lock.lock().await;
+        let name = golden_name(key);
+        let removed = match self.lvm.lv(&name).await? {
+            Some(lv) if lv.golden_key().as_deref() == Some(key) => {
+                self.remove_lv(&name).await?;
+                true
+            }
+            _ => false,
+        };
+        self.last_use
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+        if removed {
+            self.refresh_metrics().await;
+        }
+        Ok(removed)
+    }
+
+    async fn remove_lv(&self, name: &str) -> Result<(), VolumeError> {
+        self.lvm
+            .run("lvremove", &["--yes", &self.lvm.lv_arg(name)])
+            .await?;
+        tracing::info!(volume = %self.lvm.lv_arg(name), "golden image removed");
+        Ok(())
+    }
+
+    /// Start-up (no build runs yet): removes golden LVs whose build did not finish and those
+    /// whose cache entry (`cached_keys`) is gone.
+    pub(crate) async fn recover(&self, cached_keys: &HashSet<String>) -> Result<(), VolumeError> {
+        for lv in self.lvm.lvs().await? {
+            let Some(key) = lv.golden_key() else {
+                continue;
+            };
+            let reason = if state_of(&lv, &key) != GoldenState::Complete {
+                "its build did not finish"
+            } else if !cached_keys.contains(&key) {
+                "its cache entry is gone"
+            } else {
+                continue;
+            };
+            tracing::warn!(volume = %self.lvm.lv_arg(&lv.name), key, reason, "removing golden image");
+            self.remove_lv(&lv.name).await?;
+        }
+        self.refresh_metrics().await;
+        Ok(())
+    }
+
+    /// Updates the golden image count and bytes metrics from `lvs`.
+    pub(crate) async fn refresh_metrics(&self) {
+        let Ok(all) = self.lvm.lvs().await else {
+            return;
+        };
+        let complete: Vec<&LvInfo> = all
+            .iter()
+            .filter(|lv| {
+                lv.golden_key()
+                    .is_some_and(|k| state_of(lv, &k) == GoldenState::Complete)
+            })
+            .collect();
+        let m = metrics();
+        m.golden_images.set(complete.len() as i64);
+        m.golden_image_bytes
+            .set(complete.iter().map(|lv| data_bytes_of(lv)).sum::<u64>() as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::lvm::parse_lvs;
+
+    const KEY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn golden_lv(tags: &str, attr: &str) -> LvInfo {
+        let json = format!(
+            r#"{{"report":[{{"lv":[{{"lv_name":"lvp-golden-0123456789abcdef","vg_name":"v",
+            "lv_size":"1073741824","lv_attr":"{attr}","lv_tags":"{tags}","origin":"",
+            "pool_lv":"pool","segtype":"thin","data_percent":"25.00","metadata_percent":"",
+            "zero":"zero"}}]}}]}}"#
+        );
+        parse_lvs(&json).unwrap().remove(0)
+    }
+
+    #[test]
+    fn names_and_states() {
+        assert_eq!(golden_name(KEY), "lvp-golden-0123456789abcdef");
+        assert!(check_key(KEY).is_ok());
+        assert!(check_key("ABC").is_err());
+        assert!(check_key(&KEY.to_uppercase()).is_err());
+        let complete = golden_lv(
+            &format!("lvp_golden,lvp_image_{KEY},lvp_golden_complete"),
+            "Vri-a-tz-k",
+        );
+        assert_eq!(state_of(&complete, KEY), GoldenState::Complete);
+        assert_eq!(data_bytes_of(&complete), 1 << 28);
+        // Without the complete tag, or still writable (sealing stopped halfway): not usable.
+        let half = golden_lv(&format!("lvp_golden,lvp_image_{KEY}"), "Vwi-a-tz--");
+        assert_eq!(state_of(&half, KEY), GoldenState::Incomplete);
+        let unsealed = golden_lv(
+            &format!("lvp_golden,lvp_image_{KEY},lvp_golden_complete"),
+            "Vwi-a-tz--",
+        );
+        assert_eq!(state_of(&unsealed, KEY), GoldenState::Incomplete);
+        let other_key = KEY.replace("ef01", "ff01");
+        assert_eq!(state_of(&complete, &other_key), GoldenState::Foreign);
+        let plain = golden_lv("", "Vwi-a-tz--");
+        assert_eq!(state_of(&plain, KEY), GoldenState::Foreign);
+    }
+
+    #[test]
+    fn golden_lvs_are_never_removed_or_reused_as_volumes() {
+        let lv = golden_lv(
+            &format!("lvp_golden,lvp_image_{KEY},lvp_golden_complete"),
+            "Vri-a-tz-k",
+        );
+        let blocker = lv.removal_blocker().expect("golden LVs are blocked");
+        assert_eq!(blocker.kind, crate::volume::BlockerKind::Golden);
+        assert!(blocker.forbids_removal());
+        assert!(
+            blocker
+                .reason
+                .contains(&format!("DELETE /api/v1/cache/images/{KEY}")),
+            "{blocker}"
+        );
+        assert_eq!(
+            lv.reuse_blocker().unwrap().kind,
+            crate::volume::BlockerKind::Golden
+        );
+    }
+}
