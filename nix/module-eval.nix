@@ -80,6 +80,7 @@ let
     };
     coreutils = storePath "coreutils";
     util-linux = storePath "util-linux";
+    thin-provisioning-tools = storePath "thin-provisioning-tools";
   };
   # Only "/" → "-" (systemd's \x2d escaping of "-" and other characters is not reproduced).
   utils.escapeSystemdPath = path:

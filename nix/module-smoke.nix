@@ -41,6 +41,21 @@ in
       good.devices = [ "/dev/vdb" ];
     };
   };
+  # Thin pools in the default (first) group: the first pool becomes settings.volumes.lvm.thin_pool,
+  # the group's unit creates them, LVM's thin tools are on the units' PATH.
+  thinPools = evaluate {
+    enable = true;
+    lvm.volumeGroups = {
+      vg_b.devices = [ "/dev/vdc" ];
+      vg_a = {
+        devices = [ "/dev/vdb" ];
+        thinPools = {
+          zpool.size = "10G";
+          apool = { size = "100G"; chunkSize = "128K"; };
+        };
+      };
+    };
+  };
   # A host adding its own entries to the daemon's unit: the lists are merged with the module's,
   # a scalar replaces the module's mkDefault.
   hostAdditions = evaluateWith (import ../nixos-module/example.nix) {

@@ -300,10 +300,19 @@ fn expected_options() -> Vec<(String, String)> {
         };
         options.push((name, value));
     }
-    // The volume groups' submodule option.
+    // The volume groups' submodule options.
     options.push((
         "lvm.volumeGroups.<name>.devices".into(),
         "(required)".into(),
+    ));
+    options.push(("lvm.volumeGroups.<name>.thinPools".into(), "{ }".into()));
+    options.push((
+        "lvm.volumeGroups.<name>.thinPools.<name>.size".into(),
+        "(required)".into(),
+    ));
+    options.push((
+        "lvm.volumeGroups.<name>.thinPools.<name>.chunkSize".into(),
+        "null".into(),
     ));
     options
 }
@@ -525,6 +534,7 @@ fn assert_script_never_destroys(script: &str) {
             .collect()
     };
     let mut vgcreate = 0;
+    let mut lvcreate = 0;
     for line in script
         .lines()
         .map(str::trim)
@@ -534,9 +544,23 @@ fn assert_script_never_destroys(script: &str) {
         for (i, word) in w.iter().enumerate() {
             let args = &w[i + 1..];
             match word.as_str() {
-                "pvcreate" | "pvremove" | "vgremove" | "lvremove" | "lvcreate" | "vgextend"
-                | "sfdisk" | "sgdisk" | "blkdiscard" | "pvmove" => {
+                "pvcreate" | "pvremove" | "vgremove" | "lvremove" | "vgextend" | "lvconvert"
+                | "lvresize" | "lvextend" | "sfdisk" | "sgdisk" | "blkdiscard" | "pvmove" => {
                     panic!("volume-group script runs {line:?}")
+                }
+                // Thin pools only (the arguments are built in `args=(--type thin-pool ...)`),
+                // never forced, and with stdin closed so that no prompt to wipe is answered.
+                "lvcreate" => {
+                    lvcreate += 1;
+                    assert!(
+                        line.contains("\"${args[@]}\"")
+                            && line.contains("</dev/null")
+                            && !args.iter().any(|a| {
+                                ["-f", "-ff", "--force", "-y", "--yes", "-W", "--wipesignatures"]
+                                    .contains(&a.as_str())
+                            }),
+                        "lvcreate that is not the thin pool's: {line:?}"
+                    );
                 }
                 w if w.starts_with("mkfs") => panic!("volume-group script runs {line:?}"),
                 "wipefs" => assert!(
@@ -567,6 +591,47 @@ fn assert_script_never_destroys(script: &str) {
     assert_eq!(
         vgcreate, 1,
         "one vgcreate creates the group and its physical volumes"
+    );
+    assert_eq!(lvcreate, 1, "one lvcreate, for thin pools");
+    assert!(
+        script.contains("args=(--type thin-pool --size \"$size\" --name \"$pool\")"),
+        "lvcreate makes anything but thin pools"
+    );
+}
+
+#[test]
+fn module_creates_declared_thin_pools_and_defaults_to_the_first() {
+    let thin = &module_smoke()["thinPools"];
+    assert_eq!(thin["typeErrors"], Value::Array(vec![]));
+    assert_eq!(thin["settings"]["volumes"]["lvm"]["volume_group"], "vg_a");
+    assert_eq!(thin["settings"]["volumes"]["lvm"]["thin_pool"], "apool");
+    assert_eq!(thin["moduleSettings"]["volumes"]["lvm"]["thin_pool"], "apool");
+    let unit = &thin["volumeGroupUnits"]["libvirt-volume-provisioner-vg-vg_a"];
+    let script = unit["script"].as_str().unwrap();
+    assert!(
+        script.contains("\nthin_pools=('apool|100G|128K' 'zpool|10G|')\n"),
+        "{script}"
+    );
+    assert!(
+        script.contains("\nthin_pools=()\n")
+            || thin["volumeGroupUnits"]["libvirt-volume-provisioner-vg-vg_b"]["script"]
+                .as_str()
+                .unwrap()
+                .contains("\nthin_pools=()\n"),
+        "a group without pools gets an empty list"
+    );
+    assert_script_never_destroys(script);
+    assert!(
+        strings(&thin["daemon"]["path"])
+            .iter()
+            .any(|p| p.ends_with("-thin-provisioning-tools")),
+        "daemon PATH: {}",
+        thin["daemon"]["path"]
+    );
+    // Without pools the default stays empty (linear LVs).
+    assert_eq!(
+        module_smoke()["example"]["settings"]["volumes"]["lvm"]["thin_pool"],
+        ""
     );
 }
 
