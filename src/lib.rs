@@ -176,7 +176,15 @@ fn golden_from_settings(
 /// made to follow the cache (removed with their entry). Runs before any job.
 async fn start_thin_pool(lvm: &LvmBackend, golden: Option<&Arc<GoldenImages>>, cache: &ImageCache) {
     let pool = lvm.pool_arg();
-    match lvm.pool_use().await {
+    // One listing for all of it: under emulation (the VM tests) every LVM command costs seconds.
+    let all = match lvm.lvs().await {
+        Ok(all) => all,
+        Err(e) => {
+            tracing::warn!(thin_pool = %pool, error = %e, "cannot list the volume group");
+            Vec::new()
+        }
+    };
+    match lvm.pool_use_in(&all) {
         Ok(usage) => {
             telemetry::metrics::metrics().thin_pool_use(usage.data_percent, usage.metadata_percent);
             if !usage.zeroes {
@@ -195,7 +203,7 @@ async fn start_thin_pool(lvm: &LvmBackend, golden: Option<&Arc<GoldenImages>>, c
         return;
     };
     let keys = cache.entries().into_iter().map(|e| e.key).collect();
-    if let Err(e) = golden.recover(&keys).await {
+    if let Err(e) = golden.recover(&all, &keys).await {
         tracing::warn!(error = %e, "cannot recover golden images");
     }
     let runtime = tokio::runtime::Handle::current();

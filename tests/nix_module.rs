@@ -556,8 +556,16 @@ fn assert_script_never_destroys(script: &str) {
                         line.contains("\"${args[@]}\"")
                             && line.contains("</dev/null")
                             && !args.iter().any(|a| {
-                                ["-f", "-ff", "--force", "-y", "--yes", "-W", "--wipesignatures"]
-                                    .contains(&a.as_str())
+                                [
+                                    "-f",
+                                    "-ff",
+                                    "--force",
+                                    "-y",
+                                    "--yes",
+                                    "-W",
+                                    "--wipesignatures",
+                                ]
+                                .contains(&a.as_str())
                             }),
                         "lvcreate that is not the thin pool's: {line:?}"
                     );
@@ -605,7 +613,10 @@ fn module_creates_declared_thin_pools_and_defaults_to_the_first() {
     assert_eq!(thin["typeErrors"], Value::Array(vec![]));
     assert_eq!(thin["settings"]["volumes"]["lvm"]["volume_group"], "vg_a");
     assert_eq!(thin["settings"]["volumes"]["lvm"]["thin_pool"], "apool");
-    assert_eq!(thin["moduleSettings"]["volumes"]["lvm"]["thin_pool"], "apool");
+    assert_eq!(
+        thin["moduleSettings"]["volumes"]["lvm"]["thin_pool"],
+        "apool"
+    );
     let unit = &thin["volumeGroupUnits"]["libvirt-volume-provisioner-vg-vg_a"];
     let script = unit["script"].as_str().unwrap();
     assert!(

@@ -427,7 +427,7 @@ fn run_case<'a>(
 }
 
 /// Prints the daemon's last log lines when a case fails (the error is returned as it was).
-fn with_log(d: &Daemon, r: CaseResult) -> CaseResult {
+fn with_log<T>(d: &Daemon, r: Result<T, String>) -> Result<T, String> {
     r.map_err(|e| {
         let log = d.log();
         let tail: Vec<&str> = log.lines().rev().take(40).collect();

@@ -448,6 +448,22 @@ mod tests {
                     "[volumes.lvm]\ndevices = [\"vdb\"]\n",
                     "volumes.lvm.devices",
                 ),
+                (
+                    "[volumes.lvm]\nthin_pool = \"pool/x\"\n",
+                    "volumes.lvm.thin_pool",
+                ),
+                (
+                    "[volumes.lvm]\nthin_pool_max_percent = 0\n",
+                    "volumes.lvm.thin_pool_max_percent",
+                ),
+                (
+                    "[volumes.lvm]\nthin_pool_max_percent = 101\n",
+                    "volumes.lvm.thin_pool_max_percent",
+                ),
+                (
+                    "[volumes.lvm]\ngolden_max_bytes = 0\n",
+                    "volumes.lvm.golden_images = false",
+                ),
             ] {
                 jail.create_file("c.toml", toml)?;
                 let err = load(&source("c.toml", true)).unwrap_err().to_string();

@@ -393,44 +393,55 @@ impl GoldenImages {
         Ok(())
     }
 
-    /// Start-up (no build runs yet): removes golden LVs whose build did not finish and those
-    /// whose cache entry (`cached_keys`) is gone.
-    pub(crate) async fn recover(&self, cached_keys: &HashSet<String>) -> Result<(), VolumeError> {
-        for lv in self.lvm.lvs().await? {
+    /// Start-up (no build runs yet), on the listing `all` (the VG's LVs): removes golden LVs
+    /// whose build did not finish and those whose cache entry (`cached_keys`) is gone, and sets
+    /// the golden metrics.
+    pub(crate) async fn recover(
+        &self,
+        all: &[LvInfo],
+        cached_keys: &HashSet<String>,
+    ) -> Result<(), VolumeError> {
+        let mut kept = Vec::new();
+        for lv in all {
             let Some(key) = lv.golden_key() else {
                 continue;
             };
-            let reason = if state_of(&lv, &key) != GoldenState::Complete {
+            let reason = if state_of(lv, &key) != GoldenState::Complete {
                 "its build did not finish"
             } else if !cached_keys.contains(&key) {
                 "its cache entry is gone"
             } else {
+                kept.push(lv.clone());
                 continue;
             };
             tracing::warn!(volume = %self.lvm.lv_arg(&lv.name), key, reason, "removing golden image");
             self.remove_lv(&lv.name).await?;
         }
-        self.refresh_metrics().await;
+        set_metrics(&kept);
         Ok(())
     }
 
     /// Updates the golden image count and bytes metrics from `lvs`.
     pub(crate) async fn refresh_metrics(&self) {
-        let Ok(all) = self.lvm.lvs().await else {
-            return;
-        };
-        let complete: Vec<&LvInfo> = all
-            .iter()
-            .filter(|lv| {
-                lv.golden_key()
-                    .is_some_and(|k| state_of(lv, &k) == GoldenState::Complete)
-            })
-            .collect();
-        let m = metrics();
-        m.golden_images.set(complete.len() as i64);
-        m.golden_image_bytes
-            .set(complete.iter().map(|lv| data_bytes_of(lv)).sum::<u64>() as i64);
+        if let Ok(all) = self.lvm.lvs().await {
+            set_metrics(&all);
+        }
     }
+}
+
+/// The golden image count and bytes metrics, from a listing of the VG's LVs.
+pub(crate) fn set_metrics(all: &[LvInfo]) {
+    let complete: Vec<&LvInfo> = all
+        .iter()
+        .filter(|lv| {
+            lv.golden_key()
+                .is_some_and(|k| state_of(lv, &k) == GoldenState::Complete)
+        })
+        .collect();
+    let m = metrics();
+    m.golden_images.set(complete.len() as i64);
+    m.golden_image_bytes
+        .set(complete.iter().map(|lv| data_bytes_of(lv)).sum::<u64>() as i64);
 }
 
 #[cfg(test)]
@@ -474,6 +485,30 @@ mod tests {
         assert_eq!(state_of(&complete, &other_key), GoldenState::Foreign);
         let plain = golden_lv("", "Vwi-a-tz--");
         assert_eq!(state_of(&plain, KEY), GoldenState::Foreign);
+    }
+
+    /// A thin snapshot of a golden LV is a plain thin volume (reusable, removable); other
+    /// snapshots stay protected.
+    #[test]
+    fn clones_of_golden_images_are_plain_volumes() {
+        let lvs = |origin: &str| {
+            let json = format!(
+                r#"{{"report":[{{"lv":[{{"lv_name":"vm-1","vg_name":"v","lv_size":"1073741824",
+                "lv_attr":"Vwi-a-tz--","lv_tags":"lvp_job_x","origin":"{origin}",
+                "pool_lv":"pool","segtype":"thin","data_percent":"0.50","metadata_percent":"",
+                "zero":"zero"}}]}}]}}"#
+            );
+            parse_lvs(&json).unwrap().remove(0)
+        };
+        let clone = lvs("lvp-golden-0123456789abcdef");
+        assert_eq!(clone.removal_blocker(), None);
+        assert_eq!(clone.reuse_blocker(), None);
+        assert_eq!(clone.data_percent, Some(0.5));
+        assert_eq!(clone.metadata_percent, None);
+        assert!(clone.zero);
+        let snapshot = lvs("vm-0");
+        let blocker = snapshot.removal_blocker().unwrap();
+        assert!(blocker.reason.contains("snapshot of vm-0"), "{blocker}");
     }
 
     #[test]

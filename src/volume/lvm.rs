@@ -426,6 +426,8 @@ pub(crate) struct LvmBackend {
     devices: Vec<String>,
     /// New LVs are thin LVs in this pool; `None`: linear LVs.
     thin: Option<ThinPool>,
+    /// The VG's extent size, once read.
+    extent: std::sync::OnceLock<u64>,
 }
 
 impl LvmBackend {
@@ -437,6 +439,7 @@ impl LvmBackend {
             timeout,
             devices: Vec::new(),
             thin: None,
+            extent: std::sync::OnceLock::new(),
         })
     }
 
@@ -456,15 +459,16 @@ impl LvmBackend {
         self.lv_arg(self.thin.as_ref().map_or("", |p| p.name.as_str()))
     }
 
-    /// The thin pool's use. Fails when the pool is missing or not a thin pool.
-    pub(crate) async fn pool_use(&self) -> Result<PoolUse, VolumeError> {
+    /// The thin pool's use in the listing `all` (the VG's LVs). Fails when the pool is missing
+    /// or not a thin pool.
+    pub(crate) fn pool_use_in(&self, all: &[LvInfo]) -> Result<PoolUse, VolumeError> {
         let Some(pool) = &self.thin else {
             return Err(Self::report_error(
                 "lvs",
                 "no thin pool is configured (volumes.lvm.thin_pool)".into(),
             ));
         };
-        let lv = self.lv(&pool.name).await?.ok_or_else(|| {
+        let lv = all.iter().find(|l| l.name == pool.name).ok_or_else(|| {
             Self::report_error(
                 "lvs",
                 format!(
@@ -494,7 +498,12 @@ impl LvmBackend {
     /// Pool safety, before anything is created in the pool: its use, or `PoolOverThreshold`
     /// when data or metadata use is above `volumes.lvm.thin_pool_max_percent`.
     pub(crate) async fn check_pool(&self) -> Result<PoolUse, VolumeError> {
-        let usage = self.pool_use().await?;
+        self.check_pool_in(&self.lvs().await?)
+    }
+
+    /// As `check_pool`, on the listing `all` (the VG's LVs, just read).
+    pub(crate) fn check_pool_in(&self, all: &[LvInfo]) -> Result<PoolUse, VolumeError> {
+        let usage = self.pool_use_in(all)?;
         let max = self.thin.as_ref().map_or(100, |p| p.max_percent);
         crate::telemetry::metrics::metrics()
             .thin_pool_use(usage.data_percent, usage.metadata_percent);
@@ -507,6 +516,15 @@ impl LvmBackend {
             });
         }
         Ok(usage)
+    }
+
+    /// The VG's extent size (read once: it does not change).
+    pub(super) async fn extent_size(&self) -> Result<u64, VolumeError> {
+        if let Some(size) = self.extent.get() {
+            return Ok(*size);
+        }
+        let size = self.vg().await?.extent_size;
+        Ok(*self.extent.get_or_init(|| size))
     }
 
     /// Narrows every LVM command to `devices` (`--devices <path>` each, lvm2 >= 2.03.12): LVM
@@ -565,7 +583,7 @@ impl LvmBackend {
     }
 
     /// Every LV of the VG.
-    pub(super) async fn lvs(&self) -> Result<Vec<LvInfo>, VolumeError> {
+    pub(crate) async fn lvs(&self) -> Result<Vec<LvInfo>, VolumeError> {
         let mut args = REPORT_ARGS.to_vec();
         args.extend(["-o", LV_FIELDS, &self.vg]);
         let out = self.run("lvs", &args).await?;
@@ -632,22 +650,25 @@ impl LvmBackend {
         tags: &[&str],
     ) -> Result<VolumeInfo, VolumeError> {
         validate_lvm_name(name).map_err(VolumeError::InvalidName)?;
-        let vg = self.vg().await?;
-        let pool = match &self.thin {
-            Some(_) => Some(self.check_pool().await?),
-            None => None,
+        // Thin LVs take pool space (checked here), linear ones VG space (checked below).
+        let (pool, vg) = match &self.thin {
+            Some(_) => (Some(self.check_pool().await?), None),
+            None => (None, Some(self.vg().await?)),
         };
-        let extents = extents_for(size_bytes, vg.extent_size).ok_or_else(|| {
+        let extent_size = match &vg {
+            Some(vg) => *self.extent.get_or_init(|| vg.extent_size),
+            None => self.extent_size().await?,
+        };
+        let extents = extents_for(size_bytes, extent_size).ok_or_else(|| {
             Self::report_error(
                 "lvcreate",
-                format!(
-                    "cannot size {size_bytes} bytes in extents of {} bytes",
-                    vg.extent_size
-                ),
+                format!("cannot size {size_bytes} bytes in extents of {extent_size} bytes"),
             )
         })?;
-        let need = extents * vg.extent_size;
-        if pool.is_none() && need > vg.free_bytes {
+        let need = extents * extent_size;
+        if let Some(vg) = &vg
+            && need > vg.free_bytes
+        {
             return Err(VolumeError::InsufficientSpace {
                 need,
                 have: vg.free_bytes,
@@ -710,7 +731,7 @@ impl LvmBackend {
             volume = %self.lv_arg(name),
             bytes = lv.size_bytes,
             extents = %extents,
-            extent_size = vg.extent_size,
+            extent_size,
             thin_pool = pool.map(|_| pool_arg.as_str()).unwrap_or(""),
             "logical volume created"
         );
@@ -1063,6 +1084,69 @@ mod tests {
         assert_eq!(extents_for(0, 4 * MIB), None);
         assert_eq!(extents_for(1 << 30, 0), None);
         assert_eq!(extents_for(u64::MAX, 2), None, "rounded size overflows");
+    }
+
+    #[test]
+    fn pool_safety_reads_the_pools_use() {
+        let json = |data: &str, meta: &str, zero: &str| {
+            format!(
+                r#"{{"report":[{{"lv":[{{"lv_name":"pool","vg_name":"vg0","lv_size":"4294967296",
+                "lv_attr":"twi-aotz--","segtype":"thin-pool","data_percent":"{data}",
+                "metadata_percent":"{meta}","zero":"{zero}"}},{{"lv_name":"lin","vg_name":"vg0",
+                "lv_size":"8388608","lv_attr":"-wi-a-----","segtype":"linear"}}]}}]}}"#
+            )
+        };
+        let b = LvmBackend::new("vg0", Duration::from_secs(1))
+            .unwrap()
+            .with_thin_pool(ThinPool {
+                name: "pool".into(),
+                max_percent: 90,
+            })
+            .unwrap();
+        let all = parse_lvs(&json("12.50", "3.00", "zero")).unwrap();
+        let usage = b.check_pool_in(&all).unwrap();
+        assert_eq!(usage.data_percent, 12.5);
+        assert!(usage.zeroes);
+        assert!(
+            !b.pool_use_in(&parse_lvs(&json("1", "1", "")).unwrap())
+                .unwrap()
+                .zeroes
+        );
+        for (data, meta) in [("90.01", "1.00"), ("10.00", "95.00")] {
+            let err = b
+                .check_pool_in(&parse_lvs(&json(data, meta, "zero")).unwrap())
+                .unwrap_err();
+            assert!(
+                matches!(err, VolumeError::PoolOverThreshold { .. }),
+                "{err}"
+            );
+            let text = err.to_string();
+            assert!(
+                text.contains("thin pool vg0/pool")
+                    && text.contains(&format!("data {data}% and metadata {meta}% used"))
+                    && text.contains("volumes.lvm.thin_pool_max_percent = 90%"),
+                "{text}"
+            );
+        }
+        assert!(
+            b.check_pool_in(&parse_lvs(&json("90.00", "90.00", "zero")).unwrap())
+                .is_ok()
+        );
+        // Missing, or not a thin pool.
+        let lin = b
+            .with_thin_pool(ThinPool {
+                name: "lin".into(),
+                max_percent: 90,
+            })
+            .unwrap();
+        let err = lin.check_pool_in(&all).unwrap_err().to_string();
+        assert!(err.contains("not a thin pool"), "{err}");
+        assert!(
+            lin.check_pool_in(&[])
+                .unwrap_err()
+                .to_string()
+                .contains("does not exist")
+        );
     }
 
     #[test]

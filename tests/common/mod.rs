@@ -164,7 +164,13 @@ impl Daemon {
                 }
             });
         }
-        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+        // Inside the test VM (emulated CPU) every LVM command at start-up costs seconds.
+        let start_timeout = if std::env::var("IN_TEST_VM").is_ok_and(|v| v == "1") {
+            Duration::from_secs(120)
+        } else {
+            Duration::from_secs(30)
+        };
+        let addr = match rx.recv_timeout(start_timeout) {
             Ok(a) => a,
             Err(_) => {
                 let _ = child.kill();
