@@ -19,6 +19,7 @@ pub(crate) struct ApiError {
 
 impl warp::reject::Reject for ApiError {}
 
+/// The JSON body of every error answer.
 #[derive(Serialize)]
 struct ErrorBody<'a> {
     error: &'a str,

@@ -201,6 +201,7 @@ pub(crate) fn metrics_text(caller: Result<Caller, ApiError>) -> Response {
     resp
 }
 
+/// The body of `POST /api/v1/jobs` as sent (fields optional here, so a missing one gets a precise 400).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ProvisionBody {
@@ -211,6 +212,7 @@ struct ProvisionBody {
     correlation_id: Option<String>,
 }
 
+/// The body of `POST /api/v1/cache/fetch` as sent.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CacheFetchBody {
