@@ -677,20 +677,12 @@ impl LvmBackend {
         }
         let extents = extents.to_string();
         let virtual_size = format!("{need}b");
-        let mut args = vec![
-            "--yes",
-            "--wipesignatures",
-            "y",
-            "--zero",
-            "y",
-            "--activate",
-            "y",
-            "--name",
-            name,
-        ];
+        let mut args = vec!["--yes", "--activate", "y", "--name", name];
         let pool_arg = self.pool_arg();
         if pool.is_some() {
-            // Thin LVs never get the activation skip flag: a VM's disk must activate at boot.
+            // Unprovisioned thin blocks read zeros: nothing to wipe (and lvcreate refuses
+            // `--zero` here). Thin LVs never get the activation skip flag: a VM's disk must
+            // activate at boot.
             args.extend([
                 "--setactivationskip",
                 "n",
@@ -700,7 +692,7 @@ impl LvmBackend {
                 &pool_arg,
             ]);
         } else {
-            args.extend(["--extents", &extents]);
+            args.extend(["--wipesignatures", "y", "--zero", "y", "--extents", &extents]);
         }
         for tag in tags {
             args.extend(["--addtag", tag]);
