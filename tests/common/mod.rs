@@ -587,6 +587,25 @@ impl S3Server {
         std::fs::copy(src, path).unwrap();
     }
 
+    /// Stores an object with a real SigV4 PUT (curl), so that s3s-fs records its ETag instead
+    /// of computing an MD5 of the whole file on every request.
+    pub fn put_object(&self, bucket: &str, key: &str, src: &Path) {
+        std::fs::create_dir_all(self.root.join(bucket)).unwrap();
+        let out = Command::new("curl")
+            .args(["-fsS", "--aws-sigv4", "aws:amz:us-east-1:s3", "--user"])
+            .arg(format!("{S3_ACCESS_KEY}:{S3_SECRET_KEY}"))
+            .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD", "-T"])
+            .arg(src)
+            .arg(format!("{}/{bucket}/{key}", self.endpoint()))
+            .output()
+            .expect("curl");
+        assert!(
+            out.status.success(),
+            "PUT {bucket}/{key}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn remove(&self, bucket: &str, key: &str) {
         let _ = std::fs::remove_file(self.root.join(bucket).join(key));
     }

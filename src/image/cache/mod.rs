@@ -192,7 +192,7 @@ impl RetryPolicy {
                 Err(e) if e.is_transient() && attempt < self.retries => {
                     attempt += 1;
                     let delay = self.delay(attempt);
-                    tracing::warn!(error = %e, attempt, retry_in = ?delay, "{what} failed; retrying");
+                    tracing::warn!(error = %e, attempt, retry_in_ms = delay.as_millis() as u64, "{what} failed; retrying");
                     tokio::time::sleep(delay).await;
                 }
                 other => return other,
