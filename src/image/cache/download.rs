@@ -103,7 +103,8 @@ impl Download {
             } else {
                 meta.size.max(1)
             },
-            ranged: meta.ranges,
+            // An empty object has no byte range to ask for.
+            ranged: meta.ranges && meta.size > 0,
         };
         let progress = Arc::new(progress);
         let mut restarts = 0;
@@ -308,6 +309,8 @@ impl Download {
         let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut dirty = false;
+        // Set when the hasher thread ended (its frontier channel closed).
+        let mut hasher_gone = false;
         // At most one checkpoint is being written; parts go on arriving meanwhile.
         let mut saving: Option<tokio::task::JoinHandle<std::io::Result<()>>> = None;
         loop {
@@ -338,7 +341,7 @@ impl Download {
                     done.insert(index);
                     dirty = true;
                 }
-                _ = frontier.changed() => {}
+                changed = frontier.changed(), if !hasher_gone => hasher_gone = changed.is_err(),
                 _ = tick.tick(), if dirty && plan.ranged && saving.is_none() => {
                     dirty = false;
                     saving = self.checkpoint(&shared.file, done, hasher, plan);

@@ -409,6 +409,20 @@ impl ImageCache {
             .and_then(|b| serde_json::from_slice(&b).ok())
     }
 
+    /// `request`, failed as transient when it takes longer than `sources.stall_timeout`.
+    async fn within_stall_timeout<T>(
+        &self,
+        request: impl std::future::Future<Output = Result<T, FetchError>>,
+    ) -> Result<T, FetchError> {
+        let limit = self.tuning().stall_timeout;
+        tokio::time::timeout(limit, request).await.unwrap_or_else(|_| {
+            Err(FetchError::Transfer(format!(
+                "the source did not answer within {}s (sources.stall_timeout)",
+                limit.as_secs()
+            )))
+        })
+    }
+
     /// Asks the source for the object's size, ETag and published checksum.
     async fn remote(&self, location: &Location) -> Result<Remote, FetchError> {
         let object = self
@@ -548,12 +562,12 @@ impl ImageCache {
             .retry_policy()
             .run("revalidating the cache entry", || {
                 let (object, etag) = (object.clone(), etag.clone());
-                async move {
+                self.within_stall_timeout(async move {
                     object
                         .head(etag.as_deref())
                         .await
                         .map_err(FetchError::from_source)
-                }
+                })
             })
             .await?;
         Ok(match answer {
@@ -571,7 +585,9 @@ impl ImageCache {
     ) -> Result<CachedImage, FetchError> {
         let remote = self
             .retry_policy()
-            .run("asking the source for the image", || self.remote(location))
+            .run("asking the source for the image", || {
+                self.within_stall_timeout(self.remote(location))
+            })
             .await?;
         let identity = location.identity();
         let key = match &remote.expected_sha256 {

@@ -139,10 +139,18 @@ impl Part<'_> {
     async fn receive(&mut self) -> Result<(), Receive> {
         let s = self.shared;
         let want = self.received..self.end;
-        let reply = s
-            .object
-            .get(s.ranged.then(|| want.clone()), s.etag.as_deref())
-            .await?;
+        let reply = tokio::time::timeout(
+            s.stall_timeout,
+            s.object.get(s.ranged.then(|| want.clone()), s.etag.as_deref()),
+        )
+        .await
+        .map_err(|_| {
+            SourceError::Transient(format!(
+                "no answer to the request for part {} within {}s (sources.stall_timeout)",
+                self.index,
+                s.stall_timeout.as_secs()
+            ))
+        })??;
         if s.ranged {
             s.requests.fetch_add(1, Ordering::Relaxed);
             metrics().download_ranged_requests_total.inc();
