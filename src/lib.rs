@@ -7,6 +7,7 @@ pub mod config;
 mod convert;
 pub mod image;
 mod jobs;
+mod store;
 mod telemetry;
 mod volume;
 
@@ -39,6 +40,7 @@ const CACHE_EVICT_INTERVAL: Duration = Duration::from_secs(600);
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn serve(source: ConfigSource) -> anyhow::Result<()> {
     let settings = config::load(&source)?;
+    preset_metric_labels();
     // object_store brings rustls' aws-lc-rs provider; make it the process default once.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let (traces, trace_layer) = telemetry::traces::Tracing::init(&trace_export(&settings))
@@ -53,7 +55,8 @@ pub async fn serve(source: ConfigSource) -> anyhow::Result<()> {
         version = env!("CARGO_PKG_VERSION"),
         config = %source.path.display(),
         backend = ?settings.volumes.backend,
-        otlp_endpoint = %settings.telemetry.otlp_endpoint,
+        otlp_endpoint = %config::redact_url(&settings.telemetry.otlp_endpoint),
+        s3_endpoint = %config::redact_url(&settings.s3.endpoint),
         "starting libvirt-volume-provisioner"
     );
     let live = LiveControls {
@@ -100,16 +103,41 @@ fn security_from_settings(
     Ok((tls, auth))
 }
 
+/// Creates the series of labelled counters whose label values are known, so that `rate()`
+/// and alerts work from the first scrape (they would otherwise appear only at the first event).
+fn preset_metric_labels() {
+    let m = telemetry::metrics::metrics();
+    for reason in api::auth::FAILURE_REASONS {
+        m.auth_failures_total.with_label_values(&[reason]);
+    }
+    for reason in image::cache::EvictReason::ALL {
+        m.cache_evictions_total
+            .with_label_values(&[reason.as_str()]);
+    }
+    for kind in image::inspect::InspectError::KINDS {
+        m.image_errors_total.with_label_values(&["download", kind]);
+    }
+    for kind in ["format_mismatch", "too_large"] {
+        m.image_errors_total.with_label_values(&["inspect", kind]);
+    }
+    m.image_errors_total
+        .with_label_values(&["convert", "qemu_img"]);
+    m.qemu_img_invocations_total.with_label_values(&["convert"]);
+}
+
 /// The volume backend the settings select.
 fn backend_from_settings(settings: &Settings) -> Result<Arc<dyn VolumeBackend>, VolumeError> {
     Ok(match settings.volumes.backend {
         VolumeBackendKind::Directory => {
             Arc::new(DirectoryBackend::new(&settings.volumes.directory.path)?)
         }
-        VolumeBackendKind::Lvm => Arc::new(LvmBackend::new(
-            &settings.volumes.lvm.volume_group,
-            settings.volumes.lvm.command_timeout,
-        )?),
+        VolumeBackendKind::Lvm => Arc::new(
+            LvmBackend::new(
+                &settings.volumes.lvm.volume_group,
+                settings.volumes.lvm.command_timeout,
+            )?
+            .with_devices(&settings.volumes.lvm.devices),
+        ),
     })
 }
 
@@ -162,28 +190,24 @@ struct LiveComponents {
 }
 
 impl config::reload::LiveTarget for LiveComponents {
-    fn apply(&self, old: &Settings, new: &Settings) -> Result<(), String> {
-        // What can fail goes first, each undone if a later one fails: never half-applied.
-        if let Some(tls) = &self.tls {
-            tls.reload(&new.tls).map_err(|e| e.to_string())?;
+    /// Prepare, then commit: everything that can fail (certificates, the tokens file, the log
+    /// filter) is built first; only when all of it succeeded is it swapped in, by steps that
+    /// cannot fail. A refused reload therefore changes nothing.
+    fn apply(&self, new: &Settings) -> Result<(), String> {
+        let tls = match &self.tls {
+            Some(_) => Some(api::tls::server_config(&new.tls).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let policy = Authenticator::prepare(new)?;
+        let filter = telemetry::logs::LogControl::prepare(&new.log.level)?;
+
+        if let (Some(transport), Some(config)) = (&self.tls, tls) {
+            transport.install(config);
         }
-        if let Err(e) = self.auth.reload(new) {
-            if let Some(tls) = &self.tls {
-                let _ = tls.reload(&old.tls);
-            }
-            return Err(e);
-        }
-        if let Err(e) = self
-            .controls
+        self.auth.install(policy);
+        self.controls
             .log
-            .apply(&new.log.level, new.log.format == LogFormat::Json)
-        {
-            let _ = self.auth.reload(old);
-            if let Some(tls) = &self.tls {
-                let _ = tls.reload(&old.tls);
-            }
-            return Err(e);
-        }
+            .install(filter, new.log.format == LogFormat::Json);
         self.controls.sampling.set(new.telemetry.sampling_ratio);
         self.engine.set_limits(
             new.jobs.max_concurrent,
@@ -213,13 +237,8 @@ async fn run(
     })?;
     let sources = Arc::new(SourceClients::new(&settings)?);
     let cache = Arc::new(
-        ImageCache::open(
-            &settings.cache.dir,
-            store.tree("cache")?,
-            sources,
-            &settings,
-        )
-        .context("opening the image cache")?,
+        ImageCache::open(&settings.cache.dir, store.tree("cache"), sources, &settings)
+            .context("opening the image cache")?,
     );
     cache.evict(None);
     cache.spawn_evictor(CACHE_EVICT_INTERVAL);
@@ -296,11 +315,7 @@ async fn run(
         listener,
         api::routes(state),
         transport,
-        ServerLimits {
-            max_connections: settings.server.max_connections,
-            header_timeout: settings.server.header_timeout,
-            handshake_timeout: settings.server.handshake_timeout,
-        },
+        ServerLimits::from_settings(&settings.server),
         shutdown.clone(),
     ));
 

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use libvirt_volume_provisioner::config::{self, ConfigSource, Profile};
 
+/// The command line.
 #[derive(Parser)]
 #[command(name = "libvirt-volume-provisioner", version, about)]
 struct Cli {
@@ -20,6 +21,7 @@ struct Cli {
     command: Command,
 }
 
+/// What to do.
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon.

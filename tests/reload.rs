@@ -431,3 +431,68 @@ async fn restart_only_changes_are_reported_not_applied() {
     let (status, _) = get(&c, &d.url("/health")).await;
     assert_eq!(status, 200, "still serving on the old address");
 }
+
+/// A reload whose new certificate is fine but whose tokens file is refused changes nothing:
+/// before, the certificate was swapped in first and "undone" by re-reading the very files that
+/// had just changed, so the daemon kept serving the new certificate after a failed reload.
+#[tokio::test]
+async fn a_reload_refused_by_the_tokens_file_keeps_the_old_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (issuer, ca_pem) = ca();
+    let ca_file = dir.join("ca.crt");
+    std::fs::write(&ca_file, &ca_pem).unwrap();
+    let (cert, key) = server_cert(&issuer, 1001);
+    let (cert_file, key_file) = (dir.join("server.crt"), dir.join("server.key"));
+    std::fs::write(&cert_file, cert).unwrap();
+    std::fs::write(&key_file, key).unwrap();
+    let tokens = dir.join("tokens");
+    std::fs::write(&tokens, format!("ci:{OLD_TOKEN}\n")).unwrap();
+    let config = TestConfig::new(dir)
+        .set("tls.cert_file", cert_file.display().to_string())
+        .set("tls.key_file", key_file.display().to_string())
+        .set("auth.tokens_file", tokens.display().to_string())
+        .set("reload.watch_files", false);
+    let d = Daemon::start_https(dir, &config, &[]);
+    let port: u16 = d.base.rsplit(':').next().unwrap().parse().unwrap();
+    assert_eq!(presented_serial(port, &ca_file), "serial=03E9");
+    let c = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap()])
+        .build()
+        .unwrap();
+
+    let (cert, key) = server_cert(&issuer, 2002);
+    replace(&key_file, &key);
+    replace(&cert_file, &cert);
+    replace(&tokens, "ci:too-short\n");
+    sighup(&d);
+    within(Duration::from_secs(5), "refused reload", || async {
+        metric(
+            &c,
+            &d,
+            &format!("{M}_config_reload_total"),
+            "result=\"error\"",
+        )
+        .await
+            >= 1.0
+    })
+    .await;
+    assert_eq!(
+        presented_serial(port, &ca_file),
+        "serial=03E9",
+        "the old certificate is still served"
+    );
+    assert_eq!(
+        status_with(&c, &d.url("/api/v1/jobs"), OLD_TOKEN).await,
+        200
+    );
+    let view = config_view(&c, &d, Some(OLD_TOKEN)).await;
+    assert_eq!(view["last_reload_result"], "error", "{view}");
+    assert!(
+        view["last_reload_error"]
+            .as_str()
+            .unwrap()
+            .contains("auth.tokens_file"),
+        "{view}"
+    );
+}

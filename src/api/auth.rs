@@ -194,6 +194,17 @@ fn parse_tokens(path: &Path, text: &str) -> Result<Vec<TokenEntry>, String> {
     Ok(entries)
 }
 
+/// Every `auth_failures_total{reason}` label, here and in the TLS transport (so the series
+/// exist from the start).
+pub(crate) const FAILURE_REASONS: [&str; 6] = [
+    "malformed_credentials",
+    "invalid_token",
+    "client_not_allowed",
+    "missing_credentials",
+    "no_client_certificate",
+    "invalid_client_certificate",
+];
+
 /// A refused call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct AuthFailure {
@@ -259,6 +270,9 @@ fn presented_token(headers: &http::HeaderMap) -> PresentedToken<'_> {
     }
 }
 
+/// A policy built from settings, not yet in force (see `Authenticator::prepare`).
+pub(crate) struct PreparedPolicy(Arc<Policy>);
+
 /// The API's access control.
 pub(crate) struct Authenticator {
     policy: RwLock<Arc<Policy>>,
@@ -272,12 +286,14 @@ impl Authenticator {
         })
     }
 
-    /// Replaces the policy (allowed clients, tokens, metrics protection); on error the
-    /// current one stays in force.
-    pub(crate) fn reload(&self, settings: &Settings) -> Result<(), String> {
-        let fresh = Arc::new(Policy::from_settings(settings)?);
-        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = fresh;
-        Ok(())
+    /// Builds the policy `settings` ask for (reads the tokens file) without applying it.
+    pub(crate) fn prepare(settings: &Settings) -> Result<PreparedPolicy, String> {
+        Ok(PreparedPolicy(Arc::new(Policy::from_settings(settings)?)))
+    }
+
+    /// Puts a prepared policy in force; cannot fail.
+    pub(crate) fn install(&self, prepared: PreparedPolicy) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = prepared.0;
     }
 
     fn policy(&self) -> Arc<Policy> {
@@ -419,6 +435,12 @@ pub(crate) fn metrics_caller(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reload as the daemon does it: prepare, then install.
+    fn reload(auth: &Authenticator, settings: &Settings) -> Result<(), String> {
+        auth.install(Authenticator::prepare(settings)?);
+        Ok(())
+    }
 
     const T1: &str = "0123456789abcdef0123456789abcdef";
     const T2: &str = "ffffffffffffffffffffffffffffffff-2";
@@ -622,8 +644,7 @@ mod tests {
         );
 
         // Empty allowed_clients: any verified certificate, named by CN or first SAN.
-        auth.reload(&settings_with(dir.path(), None, true, &[]))
-            .unwrap();
+        reload(&auth, &settings_with(dir.path(), None, true, &[])).unwrap();
         assert_eq!(
             auth.authorize(Some(&stranger), &none).unwrap().identity(),
             Some("intruder")
@@ -651,17 +672,17 @@ mod tests {
                 .is_none()
         );
 
-        auth.reload(&settings_with(
-            dir.path(),
-            Some(&format!("{T1}\n")),
-            false,
-            &[],
-        ))
+        reload(
+            &auth,
+            &settings_with(dir.path(), Some(&format!("{T1}\n")), false, &[]),
+        )
         .unwrap();
         assert!(!auth.is_open());
-        let err = auth
-            .reload(&settings_with(dir.path(), Some("short\n"), false, &[]))
-            .unwrap_err();
+        let err = reload(
+            &auth,
+            &settings_with(dir.path(), Some("short\n"), false, &[]),
+        )
+        .unwrap_err();
         assert!(
             err.starts_with("auth.tokens_file: ") && err.contains("line 1"),
             "{err}"

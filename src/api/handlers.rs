@@ -22,10 +22,12 @@ use super::error::ApiError;
 use super::views::{StatusResponse, rfc3339};
 use crate::image::ImageType;
 use crate::image::source;
+use crate::jobs::delete::DeleteError;
 use crate::jobs::engine::{CancelError, SubmitError};
 use crate::jobs::model::{JobKind, JobSpec, JobStatus};
 use crate::telemetry::metrics::metrics;
-use crate::volume;
+use crate::volume::{self, VolumeError};
+use tracing::Instrument;
 
 const MAX_URL_LEN: usize = 4096;
 const MAX_CORRELATION_ID_LEN: usize = 256;
@@ -39,10 +41,12 @@ fn json_reply(value: &impl serde::Serialize, status: StatusCode) -> Response {
     warp::reply::with_status(warp::reply::json(value), status).into_response()
 }
 
-/// Reads a JSON body within `server.max_body_bytes` (413 beyond, with or without a
-/// Content-Length header) and `server.body_timeout` (408 beyond: slow-body clients). Errors go
-/// to the handler, so a matched route cannot fall through to another one (only a body already
-/// taken, which cannot happen here, would reject).
+/// Reads a JSON body: `Content-Type: application/json` (415 otherwise: an HTML form or a
+/// `text/plain` fetch from another site cannot send one without a CORS preflight, which the
+/// API never grants), within `server.max_body_bytes` (413 beyond, with or without a
+/// Content-Length header) and `server.body_timeout` (408 beyond: slow-body clients), with no
+/// key repeated in any object (400). Errors go to the handler, so a matched route cannot fall
+/// through to another one (only a body already taken, which cannot happen here, would reject).
 pub(crate) fn json_body(
     state: Arc<ApiState>,
 ) -> impl Filter<Extract = (Result<serde_json::Value, ApiError>,), Error = warp::Rejection> + Clone
@@ -54,6 +58,7 @@ pub(crate) fn json_body(
             let limit = settings.server.max_body_bytes;
             let timeout = settings.server.body_timeout;
             async move {
+                require_json_content_type(&headers)?;
                 let declared = headers
                     .get("content-length")
                     .and_then(|v| v.to_str().ok())
@@ -72,10 +77,32 @@ pub(crate) fn json_body(
                             ),
                         )
                     })??;
-                serde_json::from_slice::<serde_json::Value>(&buf)
+                super::strict_json::from_slice(&buf)
                     .map_err(|e| ApiError::bad_request(format!("body is not valid JSON: {e}")))
             }
         })
+}
+
+/// The body's media type must be `application/json` (parameters such as `charset` allowed).
+fn require_json_content_type(headers: &http::HeaderMap) -> Result<(), ApiError> {
+    let value = headers
+        .get(http::header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let essence = value
+        .as_deref()
+        .and_then(|v| v.split(';').next())
+        .map(str::trim);
+    if essence.is_some_and(|e| e.eq_ignore_ascii_case("application/json")) {
+        return Ok(());
+    }
+    let got = match value {
+        Some(v) => format!("`{}`", v.chars().take(100).collect::<String>()),
+        None => "none".into(),
+    };
+    Err(ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        format!("request bodies must be sent with `Content-Type: application/json` (got {got})"),
+    ))
 }
 
 fn too_large(limit: u64) -> ApiError {
@@ -536,32 +563,24 @@ pub(crate) async fn volume_delete(
         .decode_utf8()
         .map_err(|_| ApiError::bad_request("volume name is not UTF-8 once decoded"))?
         .into_owned();
-    let volumes = &state.volumes;
     volume::validate_volume_name(&name)
-        .and_then(|_| volumes.validate_name(&name))
+        .and_then(|_| state.volumes.validate_name(&name))
         .map_err(ApiError::bad_request)?;
-    if let Some(job) = state.engine.volume_busy(&name) {
-        return Err(ApiError::conflict(format!(
-            "volume {name} is in use by job {job}"
-        )));
-    }
-    match volumes.inspect(&name).await {
-        Ok(None) => {}
-        Ok(Some(v)) => {
-            if let Some(reason) = v.reuse_blocker.filter(|r| r.contains("open")) {
-                return Err(ApiError::conflict(format!(
-                    "volume {name} cannot be deleted: {reason}"
-                )));
-            }
-            let span = tracing::info_span!("delete_volume", otel.name = "DeleteVolume", volume_name = %name);
-            let _g = span.enter();
-            volumes.remove(&name).await.map_err(|e| match e {
-                volume::VolumeError::Conflict(reason) => ApiError::conflict(reason),
-                e => ApiError::internal(e.to_string()),
-            })?;
-            tracing::info!(volume = %name, requested_by = caller.identity().unwrap_or(""), "volume deleted");
-        }
-        Err(e) => return Err(ApiError::internal(e.to_string())),
+    let span =
+        tracing::info_span!("delete_volume", otel.name = "DeleteVolume", volume_name = %name);
+    let deleted = state
+        .engine
+        .delete_volume(&name)
+        .instrument(span)
+        .await
+        .map_err(|e| match e {
+            DeleteError::Busy { .. }
+            | DeleteError::Blocked { .. }
+            | DeleteError::Volume(VolumeError::Conflict(_)) => ApiError::conflict(e.to_string()),
+            DeleteError::Volume(_) => ApiError::internal(e.to_string()),
+        })?;
+    if deleted {
+        tracing::info!(volume = %name, requested_by = caller.identity().unwrap_or(""), "volume deleted");
     }
     Ok(json_reply(
         &json!({"status": "deleted", "volume": name}),
@@ -576,11 +595,13 @@ pub(crate) async fn config(
     state: Arc<ApiState>,
 ) -> Result<Response, ApiError> {
     caller?;
+    // The status first: a reload publishes its settings before (under the status lock) it
+    // reports success, so the settings read next are at least as new as the status.
+    let status = state.reloader.status();
     let settings = state.settings.current();
     let rendered = crate::config::redacted_toml(&settings);
     let effective: toml::Value =
         toml::from_str(&rendered).map_err(|e| ApiError::internal(e.to_string()))?;
-    let status = state.reloader.status();
     Ok(json_reply(
         &json!({
             "config": effective,

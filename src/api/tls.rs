@@ -68,13 +68,10 @@ impl TlsTransport {
         })
     }
 
-    /// Rebuilds the configuration from `tls`; on error the current one stays in use.
-    /// Handshakes that start afterwards use the new certificates; established connections
-    /// keep the ones they were made with.
-    pub(crate) fn reload(&self, tls: &TlsSettings) -> Result<(), TlsError> {
-        let fresh = server_config(tls)?;
-        *self.config.write().unwrap_or_else(|e| e.into_inner()) = fresh;
-        Ok(())
+    /// Makes `config` (from `server_config`) the one new handshakes use; cannot fail, so a
+    /// reload can build everything first and then swap it all in.
+    pub(crate) fn install(&self, config: Arc<ServerConfig>) {
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = config;
     }
 
     fn current(&self) -> Arc<ServerConfig> {
@@ -86,6 +83,10 @@ impl TlsTransport {
 }
 
 impl Transport for TlsTransport {
+    fn scheme(&self) -> &'static str {
+        "https"
+    }
+
     fn accept(&self, tcp: TcpStream) -> Accepted {
         let acceptor = TlsAcceptor::from(self.current());
         Box::pin(async move {
@@ -361,9 +362,7 @@ mod tests {
             vec![b"h2".to_vec(), b"http/1.1".to_vec()]
         );
         let transport = TlsTransport::new(&settings(&cert_file, &key_file, "")).unwrap();
-        transport
-            .reload(&settings(&cert_file, &key_file, &ca_file))
-            .unwrap();
+        transport.install(server_config(&settings(&cert_file, &key_file, &ca_file)).unwrap());
 
         // A key that belongs to another certificate.
         let other_key = write(
@@ -377,12 +376,6 @@ mod tests {
         assert!(
             err.starts_with("tls.key_file: ") && err.contains("other.key"),
             "{err}"
-        );
-        // A failed reload keeps the old configuration.
-        assert!(
-            transport
-                .reload(&settings(&cert_file, &other_key, ""))
-                .is_err()
         );
 
         let empty = write(dir.path(), "empty.pem", "");

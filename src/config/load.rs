@@ -30,6 +30,7 @@ impl ConfigSource {
     pub const DEFAULT_PATH: &'static str = "/etc/libvirt-volume-provisioner/config.toml";
 }
 
+/// Why the configuration could not be loaded (the message names the file or key).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("configuration file {0} does not exist")]
@@ -189,7 +190,8 @@ pub(crate) fn resolve_credential(value: &str) -> PathBuf {
     path.to_path_buf()
 }
 
-/// The effective settings as TOML, with secrets replaced by `<redacted>`.
+/// The effective settings as TOML, with secrets replaced by `<redacted>` (keys, and
+/// credentials written into endpoint URLs).
 pub fn redacted_toml(settings: &Settings) -> String {
     let mut s = settings.clone();
     for secret in [&mut s.s3.secret_key, &mut s.s3.access_key] {
@@ -197,7 +199,39 @@ pub fn redacted_toml(settings: &Settings) -> String {
             *secret = "<redacted>".into();
         }
     }
+    for url in [&mut s.s3.endpoint, &mut s.telemetry.otlp_endpoint] {
+        *url = redact_url(url);
+    }
     toml::to_string_pretty(&s).unwrap_or_else(|e| format!("# cannot render settings: {e}\n"))
+}
+
+/// The URL with its userinfo (`user:password@`) replaced by `<redacted>`, for logs and
+/// displays; anything without userinfo is returned as is.
+pub(crate) fn redact_url(url: &str) -> String {
+    match userinfo_span(url) {
+        Some((start, end)) => format!("{}<redacted>{}", &url[..start], &url[end..]),
+        None => url.to_string(),
+    }
+}
+
+/// The URL without its userinfo (for clients that authenticate otherwise, e.g. S3 with SigV4,
+/// so no request URL and no error message ever carries it).
+pub(crate) fn without_userinfo(url: &str) -> String {
+    match userinfo_span(url) {
+        // Drop the `@` too.
+        Some((start, end)) => format!("{}{}", &url[..start], &url[end + 1..]),
+        None => url.to_string(),
+    }
+}
+
+/// Byte range of the userinfo of `scheme://userinfo@host...` (without the `@`).
+fn userinfo_span(url: &str) -> Option<(usize, usize)> {
+    let start = url.find("://")? + 3;
+    let authority_end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| start + i);
+    let at = url[start..authority_end].rfind('@')? + start;
+    Some((start, at))
 }
 
 #[cfg(test)]
@@ -406,6 +440,14 @@ mod tests {
                 ("[telemetry]\nsampling_ratio = 1.5\n", "sampling_ratio"),
                 ("[tls]\ncert_file = \"/x.pem\"\n", "tls.cert_file"),
                 ("[s3]\nendpoint = \"http://m:9000\"\n", "allow_http"),
+                (
+                    "[volumes.lvm]\ndevices = [\"/dev/vdb,/dev/vdc\"]\n",
+                    "volumes.lvm.devices",
+                ),
+                (
+                    "[volumes.lvm]\ndevices = [\"vdb\"]\n",
+                    "volumes.lvm.devices",
+                ),
             ] {
                 jail.create_file("c.toml", toml)?;
                 let err = load(&source("c.toml", true)).unwrap_err().to_string();
@@ -413,6 +455,55 @@ mod tests {
             }
             Ok(())
         });
+    }
+
+    #[test]
+    fn lvm_devices_from_file_and_environment() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file("c.toml", "")?;
+            let s = load(&source("c.toml", true)).unwrap();
+            assert!(s.volumes.lvm.devices.is_empty(), "default: no narrowing");
+            jail.create_file(
+                "c.toml",
+                "[volumes.lvm]\ndevices = [\"/dev/disk/by-id/nvme-a\", \"/dev/vdb\"]\n",
+            )?;
+            let s = load(&source("c.toml", true)).unwrap();
+            assert_eq!(
+                s.volumes.lvm.devices,
+                ["/dev/disk/by-id/nvme-a", "/dev/vdb"]
+            );
+            jail.set_env("LVP_VOLUMES__LVM__DEVICES", "[\"/dev/vdc\"]");
+            let s = load(&source("c.toml", true)).unwrap();
+            assert_eq!(s.volumes.lvm.devices, ["/dev/vdc"]);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn credentials_in_urls_are_redacted() {
+        assert_eq!(
+            redact_url("https://user:pa%40ss@minio.example.com:9000/x"),
+            "https://<redacted>@minio.example.com:9000/x"
+        );
+        assert_eq!(
+            without_userinfo("https://user:pass@minio.example.com:9000"),
+            "https://minio.example.com:9000"
+        );
+        assert_eq!(
+            redact_url("https://minio.example.com/a@b"),
+            "https://minio.example.com/a@b"
+        );
+        assert_eq!(redact_url(""), "");
+        let mut s = Settings::default();
+        s.s3.endpoint = "https://ak:sk-secret@minio.example.com".into();
+        s.telemetry.otlp_endpoint = "https://otel:tok-secret@collector:4317".into();
+        let out = redacted_toml(&s);
+        assert!(
+            !out.contains("sk-secret") && !out.contains("tok-secret"),
+            "{out}"
+        );
+        assert!(out.contains("https://<redacted>@collector:4317"), "{out}");
     }
 
     #[test]

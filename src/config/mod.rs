@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub(crate) use load::resolve_credential;
 pub use load::{ConfigError, ConfigSource, Profile, load, redacted_toml};
+pub(crate) use load::{redact_url, resolve_credential, without_userinfo};
 
 /// The current settings, replaced as a whole when the configuration is reloaded.
 #[derive(Clone)]
@@ -67,6 +67,7 @@ pub struct Settings {
     pub(crate) reload: ReloadSettings,
 }
 
+/// `[reload]`: when the configuration is re-read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ReloadSettings {
@@ -77,6 +78,7 @@ pub(crate) struct ReloadSettings {
     pub(crate) debounce: Duration,
 }
 
+/// `[server]`: the API listener and its request limits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ServerSettings {
@@ -95,8 +97,20 @@ pub(crate) struct ServerSettings {
     pub(crate) handshake_timeout: Duration,
     /// Open connections beyond this number wait in the kernel backlog.
     pub(crate) max_connections: usize,
+    /// Connections one client address (IPv6: one /64) may hold open at once; further ones
+    /// from it are closed at once, so one host cannot take every slot before authentication.
+    pub(crate) max_connections_per_peer: usize,
+    /// An HTTP/2 connection with no request in progress for this long is closed (GOAWAY),
+    /// even while it answers pings.
+    #[serde(with = "humantime_serde")]
+    pub(crate) h2_idle_timeout: Duration,
+    /// Time from accepting a connection until its first request's headers have arrived
+    /// (TLS handshake included); a connection that sends none is closed.
+    #[serde(with = "humantime_serde")]
+    pub(crate) first_request_timeout: Duration,
 }
 
+/// `[storage]`: where durable state lives.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct StorageSettings {
@@ -104,6 +118,7 @@ pub(crate) struct StorageSettings {
     pub(crate) data_dir: PathBuf,
 }
 
+/// `[jobs]`: how many jobs run, wait, and for how long.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct JobsSettings {
@@ -122,6 +137,7 @@ pub(crate) struct JobsSettings {
     pub(crate) shutdown_grace: Duration,
 }
 
+/// Which backend holds the volumes (`volumes.backend`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum VolumeBackendKind {
@@ -129,6 +145,7 @@ pub(crate) enum VolumeBackendKind {
     Directory,
 }
 
+/// `[volumes]`: the backend and its settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct VolumesSettings {
@@ -138,6 +155,7 @@ pub(crate) struct VolumesSettings {
     pub(crate) directory: DirectorySettings,
 }
 
+/// `[volumes.lvm]`: the LVM backend.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct LvmSettings {
@@ -146,8 +164,12 @@ pub(crate) struct LvmSettings {
     /// Time limit of one LVM command.
     #[serde(with = "humantime_serde")]
     pub(crate) command_timeout: Duration,
+    /// The volume group's physical volumes: when not empty, every LVM command gets
+    /// `--devices <path>` for each, so LVM opens (and scans) only these. Empty: no narrowing.
+    pub(crate) devices: Vec<String>,
 }
 
+/// `[volumes.directory]`: the directory backend.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct DirectorySettings {
@@ -155,6 +177,7 @@ pub(crate) struct DirectorySettings {
     pub(crate) path: PathBuf,
 }
 
+/// `[cache]`: the local image cache and its bounds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CacheSettings {
@@ -173,6 +196,7 @@ pub(crate) struct CacheSettings {
     pub(crate) revalidate_interval: Duration,
 }
 
+/// `[sources]`: which image URLs are accepted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SourcesSettings {
@@ -192,6 +216,7 @@ pub(crate) struct SourcesSettings {
     pub(crate) max_bytes_per_second: u64,
 }
 
+/// `[s3]`: the S3/MinIO source and its client.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct S3Settings {
@@ -221,6 +246,7 @@ pub(crate) struct S3Settings {
     pub(crate) connect_timeout: Duration,
 }
 
+/// Whether a client certificate is required (`tls.client_auth`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum ClientAuthMode {
@@ -230,6 +256,7 @@ pub(crate) enum ClientAuthMode {
     Optional,
 }
 
+/// `[tls]`: TLS on the API listener.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TlsSettings {
@@ -244,6 +271,7 @@ pub(crate) struct TlsSettings {
     pub(crate) allow_insecure_http: bool,
 }
 
+/// `[auth]`: who may call the API.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct AuthSettings {
@@ -255,6 +283,7 @@ pub(crate) struct AuthSettings {
     pub(crate) protect_metrics: bool,
 }
 
+/// `[libvirt]`: libvirt integration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct LibvirtSettings {
@@ -263,6 +292,7 @@ pub(crate) struct LibvirtSettings {
     pub(crate) pool: String,
 }
 
+/// Log line format (`log.format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum LogFormat {
@@ -270,6 +300,7 @@ pub(crate) enum LogFormat {
     Text,
 }
 
+/// `[log]`: level and format of the log (stderr, which journald collects).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct LogSettings {
@@ -278,6 +309,7 @@ pub(crate) struct LogSettings {
     pub(crate) format: LogFormat,
 }
 
+/// `[telemetry]`: trace export and dependency probes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TelemetrySettings {
@@ -330,6 +362,9 @@ impl Settings {
                 body_timeout: Duration::from_secs(30),
                 handshake_timeout: Duration::from_secs(10),
                 max_connections: 512,
+                max_connections_per_peer: 64,
+                h2_idle_timeout: Duration::from_secs(30),
+                first_request_timeout: Duration::from_secs(15),
             },
             storage: StorageSettings { data_dir },
             jobs: JobsSettings {
@@ -344,6 +379,7 @@ impl Settings {
                 lvm: LvmSettings {
                     volume_group: "vg0".into(),
                     command_timeout: Duration::from_secs(120),
+                    devices: vec![],
                 },
                 directory: DirectorySettings { path: volumes_dir },
             },
@@ -473,17 +509,28 @@ impl Settings {
         if self.server.max_body_bytes < 1024 {
             return err("server.max_body_bytes", "must be at least 1024".into());
         }
-        if self.server.header_timeout.is_zero()
-            || self.server.handshake_timeout.is_zero()
-            || self.server.body_timeout.is_zero()
-        {
-            return err(
-                "server.header_timeout/body_timeout/handshake_timeout",
-                "must be greater than 0".into(),
-            );
+        for (key, value) in [
+            ("server.header_timeout", self.server.header_timeout),
+            ("server.body_timeout", self.server.body_timeout),
+            ("server.handshake_timeout", self.server.handshake_timeout),
+            ("server.h2_idle_timeout", self.server.h2_idle_timeout),
+            (
+                "server.first_request_timeout",
+                self.server.first_request_timeout,
+            ),
+        ] {
+            if value.is_zero() {
+                return err(key, "must be greater than 0".into());
+            }
         }
         if self.server.max_connections == 0 {
             return err("server.max_connections", "must be at least 1".into());
+        }
+        if self.server.max_connections_per_peer == 0 {
+            return err(
+                "server.max_connections_per_peer",
+                "must be at least 1".into(),
+            );
         }
         if self.storage.data_dir.as_os_str().is_empty() {
             return err("storage.data_dir", "must not be empty".into());
@@ -519,6 +566,16 @@ impl Settings {
             return err(
                 "volumes.lvm.command_timeout",
                 "must be greater than 0".into(),
+            );
+        }
+        if let Some(bad) =
+            self.volumes.lvm.devices.iter().find(|d| {
+                !d.starts_with("/dev/") || d.contains(',') || d.contains(char::is_whitespace)
+            })
+        {
+            return err(
+                "volumes.lvm.devices",
+                format!("`{bad}` is not a device path (/dev/..., without commas or spaces)"),
             );
         }
         if self.cache.dir.as_os_str().is_empty() {

@@ -23,6 +23,9 @@ pub(crate) const RESTART_KEYS: &[&str] = &[
     "server.handshake_timeout",
     "server.body_timeout",
     "server.max_connections",
+    "server.max_connections_per_peer",
+    "server.h2_idle_timeout",
+    "server.first_request_timeout",
     "storage.",
     "volumes.",
     "cache.dir",
@@ -142,8 +145,8 @@ pub(crate) struct ReloadStatus {
 /// The daemon's components that take live settings.
 pub(crate) trait LiveTarget: Send + Sync {
     /// Applies `new` (already split; restart-only keys hold the running values). An error
-    /// leaves the component as it was.
-    fn apply(&self, old: &Settings, new: &Settings) -> Result<(), String>;
+    /// leaves every component as it was.
+    fn apply(&self, new: &Settings) -> Result<(), String>;
 }
 
 /// Why a reload ran.
@@ -153,6 +156,7 @@ pub(crate) enum Trigger {
     FileChange,
 }
 
+/// Re-runs the configuration on demand and hands the result to the live components.
 pub(crate) struct Reloader {
     source: ConfigSource,
     current: watch::Sender<Arc<Settings>>,
@@ -205,7 +209,7 @@ impl Reloader {
             .and_then(|r| r.map_err(|e| e.to_string()));
         let outcome = loaded.and_then(|new| {
             let (effective, pending) = split_changes(&old, &new)?;
-            self.target.apply(&old, &effective)?;
+            self.target.apply(&effective)?;
             Ok((effective, pending))
         });
         let now = Utc::now();

@@ -39,6 +39,9 @@ pub struct Inspection {
 /// Why an image is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InspectError {
+    /// A 0-byte file: it would become an all-zero volume, which no one asks for.
+    #[error("image is empty (0 bytes)")]
+    Empty,
     #[error("qcow2 header is truncated: the file has {len} bytes, the header needs {need}")]
     Truncated { len: u64, need: u64 },
     #[error("unsupported qcow2 version {0} (only 2 and 3 are accepted)")]
@@ -65,9 +68,25 @@ pub enum InspectError {
 }
 
 impl InspectError {
+    /// Every `kind` label (so the metric's series exist from the start).
+    pub(crate) const KINDS: [&'static str; 11] = [
+        "empty",
+        "truncated",
+        "unsupported_version",
+        "backing_file",
+        "data_file",
+        "encrypted",
+        "corrupt",
+        "incompatible_features",
+        "impossible_header",
+        "format_mismatch",
+        "io",
+    ];
+
     /// Short label for metrics (`image_errors_total{error_type}`).
     pub(crate) fn kind(&self) -> &'static str {
         match self {
+            InspectError::Empty => "empty",
             InspectError::Truncated { .. } => "truncated",
             InspectError::Version(_) => "unsupported_version",
             InspectError::BackingFile => "backing_file",
@@ -93,6 +112,9 @@ fn be64(b: &[u8], off: usize) -> u64 {
 /// Inspects the start of an image (`head`: the first bytes, up to `MAX_HEADER_READ`) of a
 /// file of `file_len` bytes.
 pub fn inspect_bytes(head: &[u8], file_len: u64) -> Result<Inspection, InspectError> {
+    if file_len == 0 {
+        return Err(InspectError::Empty);
+    }
     if head.len() < 4 || head[..4] != QCOW2_MAGIC {
         return Ok(Inspection {
             format: ImageType::Raw,
@@ -369,7 +391,13 @@ mod tests {
         let i = inspect_bytes(b"KDMV....", 4096).unwrap();
         assert_eq!(i.format, ImageType::Raw);
         assert_eq!(i.virtual_size, 4096);
-        assert_eq!(inspect_bytes(b"", 0).unwrap().format, ImageType::Raw);
+        assert_eq!(inspect_bytes(b"x", 1).unwrap().format, ImageType::Raw);
+    }
+
+    #[test]
+    fn empty_images_are_refused() {
+        assert_eq!(inspect_bytes(b"", 0), Err(InspectError::Empty));
+        assert_eq!(InspectError::Empty.to_string(), "image is empty (0 bytes)");
     }
 
     #[test]

@@ -13,10 +13,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use super::error::JobError;
+use super::handle::JobHandle;
 use super::model::{Job, JobKind, JobSpec, JobStatus};
 use super::runner::{self, RunContext};
 use super::store::{Store, StoreError};
 use crate::telemetry::metrics::metrics;
+use crate::volume::VolumeError;
 
 /// Why a running job is being stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,13 +29,35 @@ pub(crate) enum StopReason {
     Shutdown,
 }
 
+/// What holds a volume name, so that no second job (or deletion) uses it meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Holder {
+    /// A submission that is being stored.
+    Submitting,
+    /// A pending or running job.
+    Job(Uuid),
+    /// `DELETE /api/v1/volumes/{name}` is removing it.
+    Deleting,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Holder::Submitting => f.write_str("a job being submitted"),
+            Holder::Job(id) => write!(f, "job {id}"),
+            Holder::Deleting => f.write_str("its deletion"),
+        }
+    }
+}
+
 /// A refused submission.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SubmitError {
-    #[error("volume {volume} is busy with job {job}")]
-    VolumeBusy { volume: String, job: Uuid },
-    #[error("{0}")]
-    VolumeUnusable(String),
+    #[error("volume {volume} is busy with {holder}")]
+    VolumeBusy { volume: String, holder: Holder },
+    /// The volume exists and cannot be reused for this request.
+    #[error(transparent)]
+    VolumeUnusable(VolumeError),
     #[error("job queue is full ({0} jobs waiting)")]
     QueueFull(usize),
     #[error("the daemon is shutting down")]
@@ -59,19 +84,21 @@ pub(crate) struct Origin {
     pub(crate) trace_context: BTreeMap<String, String>,
 }
 
+/// A running job, as the engine tracks it.
 struct Running {
     cancel: CancellationToken,
     reason: Arc<Mutex<Option<StopReason>>>,
     done: watch::Receiver<bool>,
 }
 
-struct State {
+/// The engine's mutable state, behind one lock.
+pub(super) struct State {
     queue: VecDeque<Uuid>,
     /// Jobs accepted but not yet stored; they count against the queue capacity.
     reserved: usize,
     running: HashMap<Uuid, Running>,
-    /// Volume names held by pending or running jobs.
-    volumes: HashMap<String, Uuid>,
+    /// Volume names held by submissions, pending or running jobs and deletions.
+    pub(super) volumes: HashMap<String, Holder>,
     max_concurrent: usize,
     queue_capacity: usize,
     accepting: bool,
@@ -83,6 +110,7 @@ pub(crate) struct Engine {
     inner: Arc<Inner>,
 }
 
+/// What every clone of the engine shares.
 struct Inner {
     store: Store,
     ctx: Arc<RunContext>,
@@ -118,7 +146,11 @@ impl Engine {
         &self.inner.store
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+    pub(super) fn context(&self) -> &RunContext {
+        &self.inner.ctx
+    }
+
+    pub(super) fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -128,11 +160,14 @@ impl Engine {
         for mut job in self.inner.store.all_jobs()? {
             match job.status {
                 JobStatus::Running => {
-                    let rollback = runner::rollback(&self.inner.ctx, &job).await;
-                    let mut reason = "interrupted by daemon restart".to_string();
-                    if let Err(e) = rollback {
-                        reason.push_str(&format!("; rollback failed: {e}"));
+                    let reason = match runner::rollback(&self.inner.ctx, &job).await {
+                        Ok(()) => JobError::Restarted,
+                        Err(rollback) => JobError::RollbackFailed {
+                            error: Box::new(JobError::Restarted),
+                            rollback,
+                        },
                     }
+                    .to_string();
                     tracing::warn!(job_id = %job.id, %reason, "recovering interrupted job");
                     job.transition(JobStatus::Failed, Some(reason), Utc::now())
                         .expect("running -> failed is allowed");
@@ -142,7 +177,7 @@ impl Engine {
                 JobStatus::Pending => {
                     let mut st = self.state();
                     if let Some(v) = &job.spec.volume_name {
-                        st.volumes.insert(v.clone(), job.id);
+                        st.volumes.insert(v.clone(), Holder::Job(job.id));
                     }
                     st.queue.push_back(job.id);
                 }
@@ -165,18 +200,17 @@ impl Engine {
         origin: Origin,
     ) -> Result<Job, SubmitError> {
         let volume = spec.volume_name.clone();
-        let placeholder = Uuid::new_v4();
         {
             let mut st = self.state();
             if !st.accepting {
                 return Err(SubmitError::ShuttingDown);
             }
             if let Some(v) = &volume
-                && let Some(job) = st.volumes.get(v)
+                && let Some(holder) = st.volumes.get(v)
             {
                 return Err(SubmitError::VolumeBusy {
                     volume: v.clone(),
-                    job: *job,
+                    holder: *holder,
                 });
             }
             let in_system = st.running.len() + st.queue.len() + st.reserved;
@@ -185,7 +219,7 @@ impl Engine {
             }
             st.reserved += 1;
             if let Some(v) = &volume {
-                st.volumes.insert(v.clone(), placeholder);
+                st.volumes.insert(v.clone(), Holder::Submitting);
             }
         }
         let result = self.store_new(kind, spec, origin).await;
@@ -194,7 +228,7 @@ impl Engine {
         match result {
             Ok(job) => {
                 if let Some(v) = &volume {
-                    st.volumes.insert(v.clone(), job.id);
+                    st.volumes.insert(v.clone(), Holder::Job(job.id));
                 }
                 st.queue.push_back(job.id);
                 metrics().queued_jobs.set(st.queue.len() as i64);
@@ -225,7 +259,7 @@ impl Engine {
         let mut job = Job::new(Uuid::new_v4(), seq, kind, spec, Utc::now());
         job.requested_by = origin.requested_by;
         job.trace_context = origin.trace_context;
-        self.inner.store.put_job(&job, true).await?;
+        self.inner.store.put_job_confirmed(&job).await?;
         Ok(job)
     }
 
@@ -304,7 +338,7 @@ impl Engine {
         }
         let mut st = self.state();
         st.running.remove(&id);
-        st.volumes.retain(|_, j| *j != id);
+        st.volumes.retain(|_, h| *h != Holder::Job(id));
         self.pump(&mut st);
     }
 
@@ -321,7 +355,11 @@ impl Engine {
             return;
         }
         if let Err(e) = store.put_job(&job, true).await {
-            tracing::error!(error = %e, "cannot record job start");
+            tracing::error!(error = %e, "cannot record the job's start; failing it");
+            metrics().jobs_total.with_label_values(&["failed"]).inc();
+            self.settle(job, JobStatus::Failed, Some(JobError::Store(e)))
+                .await;
+            return;
         }
         tracing::info!("job started");
         let started = Instant::now();
@@ -339,53 +377,21 @@ impl Engine {
                 cancel.cancel();
             })
         };
-        let mut handle = runner::JobHandle::new(store.clone(), job);
+        let mut handle = JobHandle::new(store.clone(), job, cancel.clone());
         let outcome = runner::execute(&self.inner.ctx, &mut handle, &cancel).await;
         timer.abort();
-        let mut job = handle.into_job();
+        let (job, store_error) = handle.finish();
 
         let stop = *reason.lock().unwrap_or_else(|e| e.into_inner());
-        let (status, error) = match (outcome, stop) {
-            (Ok(()), _) => (JobStatus::Completed, None),
-            (Err(_), Some(StopReason::Cancelled)) => (
-                JobStatus::Cancelled,
-                Some("cancelled by request".to_string()),
-            ),
-            (Err(_), Some(StopReason::TimedOut)) => (
-                JobStatus::Failed,
-                Some(format!(
-                    "timed out after {} (jobs.timeout)",
-                    humantime::format_duration(timeout)
-                )),
-            ),
-            (Err(_), Some(StopReason::Shutdown)) => (
-                JobStatus::Failed,
-                Some("interrupted by daemon shutdown".to_string()),
-            ),
-            (Err(e), None) => (JobStatus::Failed, Some(e)),
+        let (status, error) = match outcome {
+            Ok(()) => (JobStatus::Completed, None),
+            Err(e) => final_error(e, stop, store_error, timeout),
         };
-        let error = if status == JobStatus::Completed {
-            None
-        } else {
-            match runner::rollback(&self.inner.ctx, &job).await {
-                Ok(()) => error,
-                Err(e) => Some(format!(
-                    "{}; rollback failed: {e}",
-                    error.unwrap_or_default()
-                )),
-            }
-        };
+        let (job, status, error) = self.settle(job, status, error).await;
         if status != JobStatus::Completed {
             let span = tracing::Span::current();
             span.record("otel.status_code", "ERROR");
             span.record("otel.status_message", error.as_deref().unwrap_or(""));
-        }
-        if let Err(e) = job.transition(status, error.clone(), Utc::now()) {
-            tracing::error!(error = %e, "invalid final transition");
-            return;
-        }
-        if let Err(e) = store.put_job(&job, true).await {
-            tracing::error!(error = %e, "cannot record job result");
         }
         let m = metrics();
         m.jobs_total.with_label_values(&[status.as_str()]).inc();
@@ -406,6 +412,68 @@ impl Engine {
         }
     }
 
+    /// Rolls a failed job back and records its terminal state. A job is only ever shown as
+    /// completed once that is on disk: when the store refuses it, the work is rolled back (as
+    /// restart recovery would do after a crash) and the job fails with the store's error. A
+    /// refused write of a failed state is kept in memory by the store and written later.
+    async fn settle(
+        &self,
+        running: Job,
+        status: JobStatus,
+        error: Option<JobError>,
+    ) -> (Job, JobStatus, Option<String>) {
+        let store = &self.inner.store;
+        let error = match error {
+            Some(e) => Some(self.rolled_back(&running, e).await),
+            None => None,
+        };
+        let mut job = running.clone();
+        let message = error.map(|e| e.to_string());
+        if let Err(e) = job.transition(status, message.clone(), Utc::now()) {
+            tracing::error!(error = %e, "invalid final transition");
+            return (running, JobStatus::Running, None);
+        }
+        let refused = if status == JobStatus::Completed {
+            store.put_job_confirmed(&job).await.err()
+        } else {
+            store.put_job(&job, true).await.err()
+        };
+        match refused {
+            None => (job, status, message),
+            Some(e) if status == JobStatus::Completed => {
+                tracing::error!(error = %e, "cannot record the completed job; rolling it back");
+                // Readers see it running (not completed) while it is rolled back.
+                let _ = store.put_job_nowait(&running);
+                let error = self
+                    .rolled_back(&running, JobError::Store(e))
+                    .await
+                    .to_string();
+                let mut job = running;
+                job.transition(JobStatus::Failed, Some(error.clone()), Utc::now())
+                    .expect("running -> failed is allowed");
+                if let Err(e) = store.put_job(&job, true).await {
+                    tracing::error!(error = %e, "cannot record the job's failure; kept in memory");
+                }
+                (job, JobStatus::Failed, Some(error))
+            }
+            Some(e) => {
+                tracing::error!(error = %e, "cannot record the job's result; kept in memory");
+                (job, status, message)
+            }
+        }
+    }
+
+    /// `error`, after removing what the job created (and saying so if that failed too).
+    async fn rolled_back(&self, job: &Job, error: JobError) -> JobError {
+        match runner::rollback(&self.inner.ctx, job).await {
+            Ok(()) => error,
+            Err(rollback) => JobError::RollbackFailed {
+                error: Box::new(error),
+                rollback,
+            },
+        }
+    }
+
     /// Cancels a job: a pending one at once; a running one is stopped, rolled back, and this
     /// returns once it is terminal (or after `wait`).
     pub(crate) async fn cancel(&self, id: Uuid, wait: Duration) -> Result<Job, CancelError> {
@@ -413,7 +481,7 @@ impl Engine {
             let mut st = self.state();
             if let Some(pos) = st.queue.iter().position(|j| *j == id) {
                 st.queue.remove(pos);
-                st.volumes.retain(|_, j| *j != id);
+                st.volumes.retain(|_, h| *h != Holder::Job(id));
                 metrics().queued_jobs.set(st.queue.len() as i64);
                 None
             } else if let Some(r) = st.running.get(&id) {
@@ -473,11 +541,6 @@ impl Engine {
             .position(|j| *j == id)
             .map(|p| p + 1)
             .or(Some(st.queue.len() + st.reserved))
-    }
-
-    /// Whether a volume is held by a pending or running job.
-    pub(crate) fn volume_busy(&self, name: &str) -> Option<Uuid> {
-        self.state().volumes.get(name).copied()
     }
 
     /// Running jobs and slots.
@@ -565,4 +628,24 @@ impl Engine {
             }
         });
     }
+}
+
+/// A failed job's status and error: the stop reason wins over what the step reported (a
+/// stopped step only says "stopped"), then a refused store write.
+fn final_error(
+    step: JobError,
+    stop: Option<StopReason>,
+    store_error: Option<StoreError>,
+    timeout: Duration,
+) -> (JobStatus, Option<JobError>) {
+    let error = match (stop, store_error) {
+        (Some(StopReason::Cancelled), _) => {
+            return (JobStatus::Cancelled, Some(JobError::Cancelled));
+        }
+        (Some(StopReason::TimedOut), _) => JobError::TimedOut(timeout),
+        (Some(StopReason::Shutdown), _) => JobError::Shutdown,
+        (None, Some(e)) => JobError::Store(e),
+        (None, None) => step,
+    };
+    (JobStatus::Failed, Some(error))
 }

@@ -71,6 +71,7 @@ impl fmt::Display for JobStatus {
     }
 }
 
+/// What a job does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum JobKind {

@@ -1,27 +1,23 @@
 //! What a job does, step by step: fetch the image into the cache, check it against the request
 //! and the volume, create or reuse the volume, write the image into it, flush; plus rollback
-//! of what a failed job created. Progress is recorded in the job as it goes.
+//! of what a failed job created. Progress is recorded through the job's handle as it goes.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::error::JobError;
+use super::handle::JobHandle;
 use super::model::{Job, JobKind, JobSpec, VolumeOwnership};
-use super::progress::{ProgressTracker, StageRates, StageSample};
-use super::store::Store;
 use crate::config::LiveSettings;
 use crate::convert::{self, ConvertSpec};
 use crate::image::cache::{CachedImage, ImageCache, Transfer};
-use crate::image::inspect;
+use crate::image::inspect::{self, Inspection};
 use crate::image::source;
 use crate::telemetry::metrics::metrics;
-use crate::volume::{self, VolumeBackend, VolumeInfo};
-
-/// How often a running job's progress is written to the store.
-const PROGRESS_PERSIST_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+use crate::volume::{self, VolumeBackend, VolumeError, VolumeInfo};
 
 /// Everything jobs use.
 pub(crate) struct RunContext {
@@ -29,81 +25,21 @@ pub(crate) struct RunContext {
     pub(crate) settings: LiveSettings,
     pub(crate) cache: Arc<ImageCache>,
     pub(crate) volumes: Arc<dyn VolumeBackend>,
+    /// Refreshes libvirt's storage pool after a volume is written.
     pub(crate) libvirt: crate::volume::libvirt::PoolRefresher,
 }
 
-/// A running job's record plus its progress tracker; persists progress (throttled) and state
-/// that matters for recovery (volume ownership) durably.
-pub(crate) struct JobHandle {
-    store: Store,
-    job: Job,
-    tracker: ProgressTracker,
-    last_persist: Instant,
-}
+/// A step's outcome.
+type StepResult<T> = Result<T, JobError>;
 
-impl JobHandle {
-    pub(crate) fn new(store: Store, job: Job) -> JobHandle {
-        let download = store.stage_samples("download").unwrap_or_default();
-        let convert = store.stage_samples("convert").unwrap_or_default();
-        let with_convert = job.kind == JobKind::Provision;
-        JobHandle {
-            tracker: ProgressTracker::new(
-                StageRates::from_history(&download, &convert),
-                with_convert,
-                Instant::now(),
-            ),
-            store,
-            job,
-            last_persist: Instant::now(),
-        }
-    }
-
-    pub(crate) fn into_job(mut self) -> Job {
-        self.job.progress = self.tracker.progress().clone();
-        self.job
-    }
-
-    /// Copies the tracker into the job and writes it if enough time passed (or `force`).
-    fn publish(&mut self, force: bool) {
-        let now = Instant::now();
-        if !force && now.duration_since(self.last_persist) < PROGRESS_PERSIST_INTERVAL {
-            return;
-        }
-        self.last_persist = now;
-        self.job.progress = self.tracker.progress().clone();
-        self.job.updated_at = Utc::now();
-        if let Err(e) = self.store.put_job_nowait(&self.job) {
-            tracing::warn!(error = %e, "cannot record progress");
-        }
-    }
-
-    async fn save_durably(&mut self) -> Result<(), String> {
-        self.job.progress = self.tracker.progress().clone();
-        self.job.updated_at = Utc::now();
-        self.store
-            .put_job(&self.job, true)
-            .await
-            .map_err(|e| e.to_string())
-    }
-
-    fn record_stage(&self, stage: &str, bytes: u64, seconds: f64) {
-        if bytes == 0 || seconds <= 0.0 {
-            return;
-        }
-        let m = metrics();
-        m.stage_duration_seconds
-            .with_label_values(&[stage])
-            .observe(seconds);
-        if let Err(e) = self
-            .store
-            .record_stage(stage, StageSample { bytes, seconds })
-        {
-            tracing::warn!(error = %e, stage, "cannot record stage measurement");
-        }
+/// `Stopped` once cancel, timeout or shutdown fired.
+fn check_stop(cancel: &CancellationToken) -> StepResult<()> {
+    if cancel.is_cancelled() {
+        Err(JobError::Stopped)
+    } else {
+        Ok(())
     }
 }
-
-type StepResult<T> = Result<T, String>;
 
 /// Runs the job's steps. Returns when done, failed, or stopped through `cancel` (child
 /// processes are gone by then).
@@ -137,8 +73,7 @@ async fn fetch(
     cancel: &CancellationToken,
 ) -> StepResult<CachedImage> {
     let spec = h.job.spec.clone();
-    let location =
-        source::resolve(&spec.image_url, &ctx.settings.current()).map_err(|e| e.to_string())?;
+    let location = source::resolve(&spec.image_url, &ctx.settings.current())?;
     let span = tracing::info_span!(
         "download",
         otel.name = "DownloadImageToPath",
@@ -179,11 +114,8 @@ async fn fetch(
         .with_label_values(&["download"])
         .set(0.0);
     let image = match outcome {
-        Some(r) => r.map_err(|e| {
-            metrics().image_error("download", e.kind());
-            e.to_string()
-        })?,
-        None => return Err("stopped".into()),
+        Some(r) => r.inspect_err(|e| metrics().image_error("download", e.kind()))?,
+        None => return Err(JobError::Stopped),
     };
     span.record("cache_hit", image.hit);
     span.record("bytes", image.entry.size);
@@ -205,38 +137,57 @@ async fn provision(
     cancel: &CancellationToken,
 ) -> StepResult<()> {
     let spec = h.job.spec.clone();
+    let (name, size_bytes) = target_of(&spec)?;
+    let image = fetch(ctx, h, cancel).await?;
+    let verdict = check_image(&image.entry.inspection, &spec, size_bytes)?;
+    h.job.image_path = Some(image.path.display().to_string());
+    let target = prepare_volume(ctx, h, &name, size_bytes, verdict.virtual_size, cancel).await?;
+    check_stop(cancel)?;
+    populate(ctx, h, &image, &verdict, &target, cancel).await?;
+    finalize(ctx, h, &target).await
+}
+
+/// The volume a provision job writes: its name and size in bytes.
+fn target_of(spec: &JobSpec) -> StepResult<(String, u64)> {
     let name = spec
         .volume_name
         .clone()
-        .ok_or("provision job without volume_name")?;
-    let size_bytes = spec
-        .volume_size_gb
-        .and_then(volume::gib_to_bytes)
-        .ok_or("provision job without a valid volume_size_gb")?;
+        .ok_or(JobError::InvalidSpec("provision job without volume_name"))?;
+    let size_bytes =
+        spec.volume_size_gb
+            .and_then(volume::gib_to_bytes)
+            .ok_or(JobError::InvalidSpec(
+                "provision job without a valid volume_size_gb",
+            ))?;
+    Ok((name, size_bytes))
+}
 
-    let image = fetch(ctx, h, cancel).await?;
-    let verdict = image.entry.inspection;
-    if let Err(e) = inspect::check_requested(&verdict, spec.image_type) {
+/// The image must be of the requested format and fit the requested size.
+fn check_image(verdict: &Inspection, spec: &JobSpec, size_bytes: u64) -> StepResult<Inspection> {
+    if let Err(e) = inspect::check_requested(verdict, spec.image_type) {
         metrics().image_error("inspect", e.kind());
-        return Err(format!("image rejected: {e}"));
+        return Err(e.into());
     }
     if verdict.virtual_size > size_bytes {
         metrics().image_error("inspect", "too_large");
-        return Err(format!(
-            "image virtual size {} bytes does not fit the volume of {} bytes ({} GiB)",
-            verdict.virtual_size,
-            size_bytes,
-            spec.volume_size_gb.unwrap_or(0)
-        ));
+        return Err(JobError::TooLarge {
+            virtual_size: verdict.virtual_size,
+            volume_bytes: size_bytes,
+            volume_gb: spec.volume_size_gb.unwrap_or(0),
+        });
     }
-    h.job.image_path = Some(image.path.display().to_string());
+    Ok(*verdict)
+}
 
-    let target = prepare_volume(ctx, h, &name, size_bytes, verdict.virtual_size, cancel).await?;
-    if cancel.is_cancelled() {
-        return Err("stopped".into());
-    }
-
-    // Convert.
+/// Writes the image into the volume with qemu-img, reporting its progress.
+async fn populate(
+    ctx: &RunContext,
+    h: &mut JobHandle,
+    image: &CachedImage,
+    verdict: &Inspection,
+    target: &VolumeInfo,
+    cancel: &CancellationToken,
+) -> StepResult<()> {
     let started = Instant::now();
     h.tracker.start_convert(verdict.virtual_size, started);
     h.publish(true);
@@ -261,7 +212,7 @@ async fn provision(
     let span = tracing::info_span!(
         "populate",
         otel.name = "PopulateVolume",
-        volume_name = %name,
+        volume_name = %target.name,
         volume_path = %target.path.display(),
         volume_size_bytes = target.size_bytes,
         image_format = verdict.format.as_str(),
@@ -285,26 +236,33 @@ async fn provision(
         .stage_throughput_bytes_per_second
         .with_label_values(&["convert"])
         .set(0.0);
-    converted.map_err(|e| {
+    if let Err(e) = converted {
         // A conversion stopped by cancel, timeout or shutdown is not an image error.
-        if !cancel.is_cancelled() {
-            metrics().image_error("convert", "qemu_img");
+        if cancel.is_cancelled() {
+            return Err(JobError::Stopped);
         }
-        e.to_string()
-    })?;
+        metrics().image_error("convert", "qemu_img");
+        return Err(e.into());
+    }
     h.record_stage(
         "convert",
         verdict.virtual_size,
         started.elapsed().as_secs_f64(),
     );
+    Ok(())
+}
 
-    // Finalize.
+/// Flushes the volume to stable storage and tells libvirt about it.
+async fn finalize(ctx: &RunContext, h: &mut JobHandle, target: &VolumeInfo) -> StepResult<()> {
     h.tracker.start_finalize(Instant::now());
     h.publish(true);
     ctx.volumes
-        .flush(&target)
+        .flush(target)
         .await
-        .map_err(|e| format!("flushing volume {name}: {e}"))?;
+        .map_err(|source| JobError::Flush {
+            volume: target.name.clone(),
+            source,
+        })?;
     ctx.libvirt.refresh().await;
     h.job.volume_path = Some(target.path.display().to_string());
     Ok(())
@@ -330,15 +288,15 @@ async fn prepare_volume(
         reused = tracing::field::Empty,
     );
     async {
-        let target = match ctx.volumes.inspect(name).await.map_err(|e| e.to_string())? {
+        let target = match ctx.volumes.inspect(name).await? {
             Some(existing) => {
-                volume::check_reusable(&existing, size_bytes).map_err(|e| e.to_string())?;
+                volume::check_reusable(&existing, size_bytes)?;
                 if existing.size_bytes < image_size {
-                    return Err(format!(
-                        "image virtual size {image_size} bytes does not fit volume {name} of {} \
-                         bytes; the volume is left untouched",
-                        existing.size_bytes
-                    ));
+                    return Err(JobError::VolumeTooSmall {
+                        virtual_size: image_size,
+                        volume: name.to_string(),
+                        volume_bytes: existing.size_bytes,
+                    });
                 }
                 h.job.volume_ownership = VolumeOwnership::Reused;
                 h.save_durably().await?;
@@ -354,31 +312,30 @@ async fn prepare_volume(
                 let created = match ctx.volumes.create(name, size_bytes, &owner).await {
                     Ok(v) => v,
                     Err(e) => {
-                        if matches!(e, volume::VolumeError::Conflict(_)) {
+                        if matches!(e, VolumeError::Conflict(_)) {
                             // Someone else's volume appeared under this name: not ours.
                             h.job.volume_ownership = VolumeOwnership::None;
                             h.save_durably().await?;
                         }
-                        return Err(e.to_string());
+                        return Err(e.into());
                     }
                 };
                 h.job.volume_ownership = VolumeOwnership::Created;
                 h.save_durably().await?;
                 tracing::info!(volume = %created.path.display(), bytes = created.size_bytes, "volume created");
                 if created.size_bytes < image_size {
-                    return Err(format!(
-                        "image virtual size {image_size} bytes does not fit the new volume {name} \
-                         of {} bytes",
-                        created.size_bytes
-                    ));
+                    return Err(JobError::VolumeTooSmall {
+                        virtual_size: image_size,
+                        volume: name.to_string(),
+                        volume_bytes: created.size_bytes,
+                    });
                 }
                 created
             }
         };
         ctx.volumes
             .prepare_overwrite(&target, image_size, cancel)
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         Ok(target)
     }
     .instrument(span)
@@ -386,7 +343,7 @@ async fn prepare_volume(
 }
 
 /// Removes the job's volume if (and only if) the job created it.
-pub(crate) async fn rollback(ctx: &RunContext, job: &Job) -> Result<(), String> {
+pub(crate) async fn rollback(ctx: &RunContext, job: &Job) -> Result<(), VolumeError> {
     if !job.owns_volume() {
         return Ok(());
     }
@@ -396,24 +353,24 @@ pub(crate) async fn rollback(ctx: &RunContext, job: &Job) -> Result<(), String> 
     let span = tracing::info_span!("delete_volume", otel.name = "DeleteVolume", volume_name = %name, reason = "rollback");
     async {
         tracing::info!("removing volume created by the failed job");
-        ctx.volumes
-            .remove_created(name, &job.id.to_string())
-            .await
-            .map_err(|e| e.to_string())
+        ctx.volumes.remove_created(name, &job.id.to_string()).await
     }
     .instrument(span)
     .await
 }
 
 /// Submission-time check: an existing volume of this name must be reusable (else 409).
-pub(crate) async fn check_volume_usable(ctx: &RunContext, spec: &JobSpec) -> Result<(), String> {
+pub(crate) async fn check_volume_usable(
+    ctx: &RunContext,
+    spec: &JobSpec,
+) -> Result<(), VolumeError> {
     let (Some(name), Some(gb)) = (&spec.volume_name, spec.volume_size_gb) else {
         return Ok(());
     };
-    let size = volume::gib_to_bytes(gb).ok_or("volume_size_gb is too large")?;
-    match ctx.volumes.inspect(name).await {
-        Ok(Some(existing)) => volume::check_reusable(&existing, size).map_err(|e| e.to_string()),
-        Ok(None) => Ok(()),
-        Err(e) => Err(e.to_string()),
+    // The API bounds volume_size_gb far below an overflow.
+    let size = volume::gib_to_bytes(gb).unwrap_or(u64::MAX);
+    match ctx.volumes.inspect(name).await? {
+        Some(existing) => volume::check_reusable(&existing, size),
+        None => Ok(()),
     }
 }

@@ -1,15 +1,23 @@
-//! Durable job store on sled: job records, the per-stage throughput history, and the handle
-//! other modules (the image cache index) open their own trees from. Every sled call goes
-//! through here or `Store::tree`, so storage metrics see all of them.
+//! Durable job store: job records and the per-stage throughput history, in the daemon's sled
+//! database (`crate::store`), which also hands out the trees of other modules (the image cache
+//! index). Every call records storage metrics.
+//!
+//! A record that cannot be written (full disk) is kept in memory as the job's latest state and
+//! shown by reads, so a job never appears stuck in a state it has left; the storage probe
+//! reopens the database once writes work again and writes those records then.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use uuid::Uuid;
 
 use super::model::{Job, JobStatus};
 use super::progress::{HISTORY_LEN, StageSample};
+use crate::store::{Db, Tree};
 use crate::telemetry::metrics::metrics;
 
+/// Why the store refused an operation.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum StoreError {
     #[error("job store: {0}")]
@@ -18,55 +26,81 @@ pub(crate) enum StoreError {
     Serde(#[from] serde_json::Error),
 }
 
-/// The sled database and its trees.
+/// The job records and stage history (cheap to clone; clones share everything).
 #[derive(Clone)]
 pub(crate) struct Store {
-    db: sled::Db,
-    jobs: sled::Tree,
-    history: sled::Tree,
+    db: Db,
+    jobs: Tree,
+    history: Tree,
+    /// Latest records of existing jobs that could not be written, by job id.
+    unsaved: Arc<Mutex<HashMap<Uuid, Job>>>,
 }
 
 impl Store {
     /// Opens (or creates) the database in `dir`.
     pub(crate) fn open(dir: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(sled::Error::Io)?;
-        let result = sled::Config::new()
-            .path(dir.join("db"))
-            .flush_every_ms(Some(200))
-            .open();
+        let result = Db::open(&dir.join("db"));
         metrics().storage_op("open", &result);
         let db = result?;
         Ok(Store {
-            jobs: db.open_tree("jobs")?,
-            history: db.open_tree("stage_history")?,
+            jobs: db.tree("jobs"),
+            history: db.tree("stage_history"),
+            unsaved: Arc::new(Mutex::new(HashMap::new())),
             db,
         })
     }
 
     /// Another tree of the same database (e.g. the cache index).
-    pub(crate) fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
-        Ok(self.db.open_tree(name)?)
+    pub(crate) fn tree(&self, name: &'static str) -> Tree {
+        self.db.tree(name)
     }
 
     /// A number that grows with every call, across restarts (submission order).
     pub(crate) fn next_seq(&self) -> Result<u64, StoreError> {
-        let r = self.db.generate_id();
+        let r = self.db.current().and_then(|db| db.generate_id());
         metrics().storage_op("generate_id", &r);
         Ok(r?)
     }
 
+    fn unsaved(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Job>> {
+        self.unsaved.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes a record and waits until it is on disk; when that fails, nothing is kept in
+    /// memory (a refused submission, or a completion that must not be shown unless durable).
+    pub(crate) async fn put_job_confirmed(&self, job: &Job) -> Result<(), StoreError> {
+        self.write(job)?;
+        self.flush().await
+    }
+
     /// Writes a job record. `durable`: wait until it is on disk (state changes); progress
-    /// updates pass `false` and reach disk with sled's periodic flush.
+    /// updates pass `false` and reach disk with sled's periodic flush. On failure the record
+    /// is still what reads show (see the module comment).
     pub(crate) async fn put_job(&self, job: &Job, durable: bool) -> Result<(), StoreError> {
         self.put_job_nowait(job)?;
-        if durable {
-            self.flush().await?;
+        if durable && let Err(e) = self.flush().await {
+            self.unsaved().insert(job.id, job.clone());
+            return Err(e);
         }
         Ok(())
     }
 
     /// Writes a job record without waiting for disk (progress; sled flushes every 200 ms).
     pub(crate) fn put_job_nowait(&self, job: &Job) -> Result<(), StoreError> {
+        match self.write(job) {
+            Ok(()) => {
+                self.unsaved().remove(&job.id);
+                Ok(())
+            }
+            Err(e) => {
+                self.unsaved().insert(job.id, job.clone());
+                Err(e)
+            }
+        }
+    }
+
+    fn write(&self, job: &Job) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(job)?;
         let r = self.jobs.insert(job.id.as_bytes(), bytes);
         metrics().storage_op("put_job", &r);
@@ -75,13 +109,19 @@ impl Store {
     }
 
     pub(crate) async fn flush(&self) -> Result<(), StoreError> {
-        let r = self.db.flush_async().await;
+        let r = match self.db.current() {
+            Ok(db) => db.flush_async().await,
+            Err(e) => Err(e),
+        };
         metrics().storage_op("flush", &r);
         r?;
         Ok(())
     }
 
     pub(crate) fn get_job(&self, id: Uuid) -> Result<Option<Job>, StoreError> {
+        if let Some(job) = self.unsaved().get(&id) {
+            return Ok(Some(job.clone()));
+        }
         let r = self.jobs.get(id.as_bytes());
         metrics().storage_op("get_job", &r);
         match r? {
@@ -98,12 +138,17 @@ impl Store {
 
     /// All jobs, oldest submission first.
     pub(crate) fn all_jobs(&self) -> Result<Vec<Job>, StoreError> {
-        let mut jobs = Vec::new();
-        for item in self.jobs.iter() {
-            metrics().storage_op("scan_jobs", &item);
-            let (_, v) = item?;
-            jobs.push(self.decode(&v)?);
+        let r = self.jobs.entries();
+        metrics().storage_op("scan_jobs", &r);
+        let mut jobs = HashMap::new();
+        for (_, v) in r? {
+            let job = self.decode(&v)?;
+            jobs.insert(job.id, job);
         }
+        for (id, job) in self.unsaved().iter() {
+            jobs.insert(*id, job.clone());
+        }
+        let mut jobs: Vec<Job> = jobs.into_values().collect();
         jobs.sort_by_key(|j| j.seq);
         Ok(jobs)
     }
@@ -168,14 +213,54 @@ impl Store {
         }
     }
 
-    /// Readiness probe: a small write that must reach disk. A read alone kept answering from
-    /// memory while every write failed (full disk, failed log); this shows such a store as down.
+    /// Readiness probe: a small write that must reach disk (a read alone kept answering from
+    /// memory while every write failed). When it fails, the database is reopened (sled keeps
+    /// refusing after a write error, see `crate::store`) and probed again; once it works, the
+    /// records kept in memory are written.
     pub(crate) async fn probe(&self) -> Result<(), String> {
+        if self.probe_write().await.is_err() {
+            let r = self.db.reopen().await;
+            metrics().storage_op("reopen", &r);
+            r.map_err(|e| format!("job store: reopening after a write failure: {e}"))?;
+            tracing::warn!("job store reopened after a write failure");
+        }
+        self.probe_write().await.map_err(|e| e.to_string())?;
+        self.write_unsaved().await.map_err(|e| e.to_string())
+    }
+
+    async fn probe_write(&self) -> Result<(), StoreError> {
         let stamp = chrono::Utc::now().timestamp_millis().to_be_bytes();
-        let r = self.db.insert(b"__probe__", &stamp[..]);
+        let r = self
+            .db
+            .current()
+            .and_then(|db| db.insert(b"__probe__", &stamp[..]));
         metrics().storage_op("probe", &r);
-        r.map_err(|e| format!("job store: {e}"))?;
-        self.flush().await.map_err(|e| e.to_string())
+        r?;
+        self.flush().await
+    }
+
+    /// Writes the records that could not be written before.
+    async fn write_unsaved(&self) -> Result<(), StoreError> {
+        let pending: Vec<Job> = self.unsaved().values().cloned().collect();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        for job in &pending {
+            self.write(job)?;
+        }
+        self.flush().await?;
+        let mut unsaved = self.unsaved();
+        for job in pending {
+            // Only if no newer version was kept meanwhile.
+            if unsaved
+                .get(&job.id)
+                .is_some_and(|j| j.updated_at == job.updated_at)
+            {
+                unsaved.remove(&job.id);
+            }
+        }
+        tracing::info!("job records kept in memory were written to the store");
+        Ok(())
     }
 }
 

@@ -23,6 +23,7 @@ const CARRIED_FIELDS: &[&str] = &["job_id", "correlation_id", "volume_name"];
 /// The trace layer (OpenTelemetry), first on the registry.
 pub(crate) type TraceLayer =
     tracing_opentelemetry::OpenTelemetryLayer<Registry, opentelemetry_sdk::trace::Tracer>;
+/// The subscriber below the reloadable filter (the trace layer on the registry).
 type WithTrace = Layered<Option<TraceLayer>, Registry>;
 
 /// Live control of logging (hot reload).
@@ -33,13 +34,18 @@ pub(crate) struct LogControl {
 }
 
 impl LogControl {
-    /// Applies a new level (`log.level`) and format (`json` or text); returns an error for
-    /// an invalid filter.
-    pub(crate) fn apply(&self, level: &str, json: bool) -> Result<(), String> {
-        let filter = build_filter(level)?;
-        self.filter.reload(filter).map_err(|e| e.to_string())?;
+    /// The filter `level` asks for (or `RUST_LOG`), not yet in force.
+    pub(crate) fn prepare(level: &str) -> Result<EnvFilter, String> {
+        build_filter(level)
+    }
+
+    /// Puts a prepared filter and the format in force; cannot fail (the reload handle only
+    /// refuses once the subscriber is gone, at exit).
+    pub(crate) fn install(&self, filter: EnvFilter, json: bool) {
+        if let Err(e) = self.filter.reload(filter) {
+            eprintln!("cannot change the log filter: {e}");
+        }
         self.json.store(json, Ordering::Relaxed);
-        Ok(())
     }
 }
 

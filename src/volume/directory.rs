@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::{VolumeBackend, VolumeError, VolumeInfo};
+use super::{Blocker, BlockerKind, VolumeBackend, VolumeError, VolumeInfo};
 
+/// Volumes as sparse raw files in one directory.
 pub(crate) struct DirectoryBackend {
     dir: PathBuf,
 }
@@ -37,15 +38,22 @@ impl VolumeBackend for DirectoryBackend {
         };
         let ft = meta.file_type();
         let reuse_blocker = if ft.is_symlink() {
-            Some("it is a symbolic link".to_string())
+            Some(Blocker::new(
+                BlockerKind::NotAVolume,
+                "it is a symbolic link",
+            ))
+        } else if ft.is_dir() {
+            Some(Blocker::new(BlockerKind::NotAVolume, "it is a directory"))
         } else if ft.is_block_device() || !ft.is_file() {
-            Some("it is not a regular file".to_string())
+            Some(Blocker::new(
+                BlockerKind::NotAVolume,
+                "it is not a regular file",
+            ))
         } else {
             let p = path.clone();
-            let holders = tokio::task::spawn_blocking(move || processes_holding(&p))
+            tokio::task::spawn_blocking(move || open_blocker(&p))
                 .await
-                .unwrap_or_default();
-            (!holders.is_empty()).then(|| format!("it is open by process {holders:?}"))
+                .unwrap_or_else(|e| Some(Blocker::new(BlockerKind::Unknown, e.to_string())))
         };
         Ok(Some(VolumeInfo {
             name: name.to_string(),
@@ -172,13 +180,35 @@ impl VolumeBackend for DirectoryBackend {
     }
 }
 
-/// Processes that have `path` open (from /proc/*/fd), excluding this one.
-fn processes_holding(path: &Path) -> Vec<u32> {
+/// Why `path` must not be reused because of other processes: open by one, or no way to know.
+fn open_blocker(path: &Path) -> Option<Blocker> {
+    match processes_holding(path) {
+        Ok(pids) if pids.is_empty() => None,
+        Ok(pids) => Some(Blocker::new(
+            BlockerKind::Open,
+            format!("it is open by process {pids:?}"),
+        )),
+        Err(why) => Some(Blocker::new(
+            BlockerKind::Unknown,
+            format!("cannot tell whether another process has it open: {why}"),
+        )),
+    }
+}
+
+/// Processes other than this one that have `path` open (from /proc/*/fd). An error when some
+/// process's open files cannot be seen: /proc unreadable, mounted with `hidepid` (systemd's
+/// `ProtectProc=invisible`) without CAP_SYS_PTRACE, or another user's process.
+fn processes_holding(path: &Path) -> Result<Vec<u32>, String> {
+    if let Some(option) = proc_hides_processes() {
+        return Err(format!(
+            "/proc is mounted with {option} and this process lacks CAP_SYS_PTRACE, so other \
+             users' processes are invisible (reading their open files needs CAP_SYS_PTRACE and \
+             CAP_DAC_READ_SEARCH)"
+        ));
+    }
     let me = std::process::id();
+    let procs = std::fs::read_dir("/proc").map_err(|e| format!("cannot list /proc: {e}"))?;
     let mut pids = Vec::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return pids;
-    };
     for entry in procs.flatten() {
         let Some(pid) = entry
             .file_name()
@@ -190,8 +220,17 @@ fn processes_holding(path: &Path) -> Vec<u32> {
         if pid == me {
             continue;
         }
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
-            continue;
+        let fds = match std::fs::read_dir(entry.path().join("fd")) {
+            Ok(fds) => fds,
+            // The process ended meanwhile.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(format!(
+                    "cannot read the open files of process {pid}: {e} (seeing other users' \
+                     processes needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH)"
+                ));
+            }
+            Err(e) => return Err(format!("cannot read the open files of process {pid}: {e}")),
         };
         if fds
             .flatten()
@@ -200,7 +239,36 @@ fn processes_holding(path: &Path) -> Vec<u32> {
             pids.push(pid);
         }
     }
-    pids
+    Ok(pids)
+}
+
+/// The `hidepid=` option of the /proc mount when it hides other users' processes from this
+/// one (no CAP_SYS_PTRACE); `None` when every process is visible.
+fn proc_hides_processes() -> Option<String> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let option = hidepid_option(&mountinfo)?;
+    (!has_cap_sys_ptrace()).then_some(option)
+}
+
+/// The `hidepid=` option of the mount at /proc in a mountinfo text, unless it hides nothing.
+fn hidepid_option(mountinfo: &str) -> Option<String> {
+    mountinfo
+        .lines()
+        .filter(|line| line.split(' ').nth(4) == Some("/proc"))
+        .flat_map(|line| line.split([' ', ',']))
+        .find(|opt| opt.starts_with("hidepid=") && !matches!(*opt, "hidepid=0" | "hidepid=off"))
+        .map(str::to_string)
+}
+
+/// Whether the effective capabilities include CAP_SYS_PTRACE (bit 19).
+fn has_cap_sys_ptrace() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << 19) != 0)
 }
 
 #[cfg(test)]
@@ -238,13 +306,32 @@ mod tests {
         assert!(b.inspect("v1").await.unwrap().is_none());
     }
 
+    #[test]
+    fn hidden_processes_are_detected_from_the_proc_mount() {
+        // As systemd's ProtectProc=invisible mounts it, and as a plain host has it.
+        let hidden = "22 1 0:21 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw,hidepid=invisible\n";
+        let plain = "22 1 0:21 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw\n";
+        let old = "22 1 0:21 / /proc rw,relatime - proc proc rw,hidepid=2\n";
+        let off = "22 1 0:21 / /proc rw,relatime - proc proc rw,hidepid=0\n";
+        assert_eq!(hidepid_option(hidden).as_deref(), Some("hidepid=invisible"));
+        assert_eq!(hidepid_option(old).as_deref(), Some("hidepid=2"));
+        assert_eq!(hidepid_option(plain), None);
+        assert_eq!(hidepid_option(off), None);
+        let elsewhere = "30 22 0:40 / /run/x rw - proc proc rw,hidepid=invisible\n";
+        assert_eq!(
+            hidepid_option(elsewhere),
+            None,
+            "only the mount at /proc counts"
+        );
+    }
+
     #[tokio::test]
     async fn symlinks_and_open_files_are_not_reusable() {
         let dir = tempfile::tempdir().unwrap();
         let b = DirectoryBackend::new(dir.path()).unwrap();
         std::os::unix::fs::symlink("/etc/hostname", dir.path().join("evil")).unwrap();
         let info = b.inspect("evil").await.unwrap().unwrap();
-        assert!(info.reuse_blocker.unwrap().contains("symbolic link"));
+        assert!(info.reuse_blocker.unwrap().reason.contains("symbolic link"));
 
         b.create("busy", 4096, "job").await.unwrap();
         let mut child = std::process::Command::new("sleep")
@@ -255,6 +342,8 @@ mod tests {
         let info = b.inspect("busy").await.unwrap().unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
-        assert!(info.reuse_blocker.unwrap().contains("open by process"));
+        let blocker = info.reuse_blocker.unwrap();
+        assert_eq!(blocker.kind, BlockerKind::Open);
+        assert!(blocker.reason.contains("open by process"));
     }
 }

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use super::{VolumeBackend, VolumeError, VolumeInfo, validate_lvm_name};
+use super::{Blocker, BlockerKind, VolumeBackend, VolumeError, VolumeInfo, validate_lvm_name};
 use crate::command;
 
 /// Options every report command gets: machine-readable JSON, sizes as plain byte counts.
@@ -165,55 +165,65 @@ impl LvInfo {
     }
 
     /// Why this LV must not be overwritten by a job (the API answers 409 with it); `None` when
-    /// it may be reused. An open LV's reason always contains "open".
-    pub(crate) fn reuse_blocker(&self) -> Option<String> {
+    /// it may be reused.
+    pub(crate) fn reuse_blocker(&self) -> Option<Blocker> {
         // Whatever forbids removal also forbids overwriting.
-        if let Some(reason) = self.removal_blocker() {
-            return Some(reason);
+        if let Some(blocker) = self.removal_blocker() {
+            return Some(blocker);
         }
         let note = self.attr_note();
+        let unwritable = |reason: String| Some(Blocker::new(BlockerKind::Unwritable, reason));
         if self.attr.permissions != 'w' {
-            return Some(format!("it is read-only ({note})"));
+            return unwritable(format!("it is read-only ({note})"));
         }
         if let Some(state) = self.attr.state_description() {
-            return Some(format!("it is {state} ({note})"));
+            return unwritable(format!("it is {state} ({note})"));
         }
         if !matches!(self.attr.health, '-' | 'w' | 'm') {
-            return Some(format!(
+            return unwritable(format!(
                 "its health flag is {:?} (partial, failed or out of space; {note})",
                 self.attr.health
             ));
         }
         if !self.attr.is_active() && self.attr.skip_activation == 'k' {
-            return Some(format!("it has the activation skip flag set ({note})"));
+            return unwritable(format!("it has the activation skip flag set ({note})"));
         }
         None
     }
 
     /// Why `DELETE` must not remove this LV: open, or not a plain data volume (removing a
     /// thin pool or a snapshot origin would take other volumes with it).
-    pub(crate) fn removal_blocker(&self) -> Option<String> {
+    pub(crate) fn removal_blocker(&self) -> Option<Blocker> {
         let note = self.attr_note();
         if let Some(kind) = self.attr.special_type() {
-            return Some(format!("{kind} ({note})"));
+            return Some(Blocker::new(
+                BlockerKind::NotAVolume,
+                format!("{kind} ({note})"),
+            ));
         }
         if !self.origin.is_empty() {
-            return Some(format!("it is a snapshot of {} ({note})", self.origin));
+            return Some(Blocker::new(
+                BlockerKind::NotAVolume,
+                format!("it is a snapshot of {} ({note})", self.origin),
+            ));
         }
         if self.attr.is_open() {
-            return Some(format!(
-                "it is open (in use by a VM or another process; {note})"
+            return Some(Blocker::new(
+                BlockerKind::Open,
+                format!("it is open (in use by a VM or another process; {note})"),
             ));
         }
         None
     }
 }
 
+/// An LVM JSON report (`--reportformat json`).
 #[derive(Deserialize)]
 struct Report {
     report: Vec<ReportSection>,
 }
 
+/// One section of a report: the rows of `vgs` or `lvs`.
 #[derive(Deserialize)]
 struct ReportSection {
     #[serde(default)]
@@ -222,6 +232,7 @@ struct ReportSection {
     lv: Vec<LvRow>,
 }
 
+/// A `vgs` row (sizes as byte strings).
 #[derive(Deserialize)]
 struct VgRow {
     vg_name: String,
@@ -230,6 +241,7 @@ struct VgRow {
     vg_size: String,
 }
 
+/// An `lvs` row (sizes as byte strings).
 #[derive(Deserialize)]
 struct LvRow {
     lv_name: String,
@@ -326,6 +338,8 @@ pub(crate) fn owner_tag(owner: &str) -> Result<String, VolumeError> {
 pub(crate) struct LvmBackend {
     vg: String,
     timeout: Duration,
+    /// `volumes.lvm.devices`: when not empty, LVM may open only these devices.
+    devices: Vec<String>,
 }
 
 impl LvmBackend {
@@ -335,16 +349,36 @@ impl LvmBackend {
         Ok(LvmBackend {
             vg: vg.to_string(),
             timeout,
+            devices: Vec::new(),
         })
+    }
+
+    /// Narrows every LVM command to `devices` (`--devices <path>` each, lvm2 >= 2.03.12): LVM
+    /// then opens and scans only these, and the devices file is not used. Empty: no narrowing.
+    pub(crate) fn with_devices(mut self, devices: &[String]) -> LvmBackend {
+        self.devices = devices.to_vec();
+        self
+    }
+
+    /// The arguments of an LVM command: the device narrowing first, then `args`.
+    fn command_args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
+        let mut all: Vec<&str> = self
+            .devices
+            .iter()
+            .flat_map(|d| ["--devices", d.as_str()])
+            .collect();
+        all.extend_from_slice(args);
+        all
     }
 
     /// Runs an LVM command within `volumes.lvm.command_timeout` and returns its stdout.
     async fn run(&self, program: &str, args: &[&str]) -> Result<String, VolumeError> {
+        let args = self.command_args(args);
         let limit = command::Limit {
             timeout: self.timeout,
             setting: Some("volumes.lvm.command_timeout"),
         };
-        Ok(command::run(program, args, limit).await?)
+        Ok(command::run(program, &args, limit).await?)
     }
 
     fn report_error(command: &str, detail: String) -> VolumeError {
@@ -759,10 +793,18 @@ mod tests {
         assert_eq!(lv("inactive").reuse_blocker(), None, "activated before use");
         assert_eq!(lv("thinvol").reuse_blocker(), None);
         let blocked = |name: &str, want: &str| {
-            let reason = lv(name).reuse_blocker().unwrap_or_default();
+            let reason = lv(name)
+                .reuse_blocker()
+                .map(|b| b.to_string())
+                .unwrap_or_default();
             assert!(reason.contains(want), "{name}: {reason:?} lacks {want:?}");
         };
         blocked("busy", "open");
+        assert_eq!(lv("busy").reuse_blocker().unwrap().kind, BlockerKind::Open);
+        assert_eq!(
+            lv("pool").reuse_blocker().unwrap().kind,
+            BlockerKind::NotAVolume
+        );
         blocked("origin", "origin of snapshots");
         blocked("snap1", "snapshot");
         blocked("pool", "thin pool");
@@ -785,16 +827,21 @@ mod tests {
     fn other_attr_states_block_reuse() {
         let mut v = lv("plain");
         v.attr.permissions = 'r';
-        assert!(v.reuse_blocker().unwrap().contains("read-only"));
+        assert!(v.reuse_blocker().unwrap().to_string().contains("read-only"));
         let mut v = lv("plain");
         v.attr.state = 's';
-        assert!(v.reuse_blocker().unwrap().contains("suspended"));
+        assert!(v.reuse_blocker().unwrap().to_string().contains("suspended"));
         let mut v = lv("plain");
         v.attr.health = 'p';
-        assert!(v.reuse_blocker().unwrap().contains("health"));
+        assert!(v.reuse_blocker().unwrap().to_string().contains("health"));
         let mut v = lv("inactive");
         v.attr.skip_activation = 'k';
-        assert!(v.reuse_blocker().unwrap().contains("activation skip"));
+        assert!(
+            v.reuse_blocker()
+                .unwrap()
+                .to_string()
+                .contains("activation skip")
+        );
     }
 
     #[test]
@@ -838,5 +885,31 @@ mod tests {
         assert!(matches!(err, VolumeError::InvalidName(_)), "{err}");
         let err = rt.block_on(b.create("-x", 1 << 30, "job")).unwrap_err();
         assert!(matches!(err, VolumeError::InvalidName(_)), "{err}");
+    }
+
+    #[test]
+    fn every_command_is_narrowed_to_the_configured_devices() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        // No devices: the arguments are passed unchanged.
+        let plain = LvmBackend::new("vg0", Duration::from_secs(5)).unwrap();
+        let out = rt.block_on(plain.run("echo", &["vgs", "vg0"])).unwrap();
+        assert_eq!(out.trim(), "vgs vg0");
+        // With devices: one `--devices <path>` per device, before the command's own arguments,
+        // on the command line the program really receives.
+        let devices = ["/dev/disk/by-id/nvme-a".to_string(), "/dev/vdb".to_string()];
+        let b = LvmBackend::new("vg0", Duration::from_secs(5))
+            .unwrap()
+            .with_devices(&devices);
+        let out = rt.block_on(b.run("echo", &["vg0/vm-1"])).unwrap();
+        assert_eq!(
+            out.trim(),
+            "--devices /dev/disk/by-id/nvme-a --devices /dev/vdb vg0/vm-1"
+        );
+        // The command named in an error shows the narrowing too.
+        let err = rt.block_on(b.run("false", &["x"])).unwrap_err().to_string();
+        assert!(
+            err.contains("false --devices /dev/disk/by-id/nvme-a --devices /dev/vdb x"),
+            "{err}"
+        );
     }
 }

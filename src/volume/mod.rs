@@ -21,10 +21,49 @@ pub(crate) struct VolumeInfo {
     /// Path the volume is written through (`/dev/<vg>/<name>` or a file).
     pub(crate) path: PathBuf,
     pub(crate) size_bytes: u64,
-    /// Why this volume can never be reused (open by a VM, a snapshot, not a regular file...).
-    pub(crate) reuse_blocker: Option<String>,
+    /// Why this volume must not be overwritten (open by a VM, a snapshot, not a regular
+    /// file...); `None` when it may be reused.
+    pub(crate) reuse_blocker: Option<Blocker>,
 }
 
+/// What kind of reason keeps a volume from being reused; decides whether it may be deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BlockerKind {
+    /// Something has it open (a running VM, another process): neither reused nor deleted.
+    Open,
+    /// Whether something has it open cannot be determined: neither reused nor deleted.
+    Unknown,
+    /// Not a plain data volume (a symbolic link, a directory, a snapshot, a thin pool...):
+    /// never touched.
+    NotAVolume,
+    /// A plain volume that cannot be written now (read-only, suspended, unhealthy...): it may
+    /// still be deleted.
+    Unwritable,
+}
+
+/// Why an existing volume is not reused; its `Display` is the reason the API shows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub(crate) struct Blocker {
+    pub(crate) kind: BlockerKind,
+    pub(crate) reason: String,
+}
+
+impl Blocker {
+    pub(crate) fn new(kind: BlockerKind, reason: impl Into<String>) -> Blocker {
+        Blocker {
+            kind,
+            reason: reason.into(),
+        }
+    }
+
+    /// Whether `DELETE` must refuse the volume too.
+    pub(crate) fn forbids_removal(&self) -> bool {
+        self.kind != BlockerKind::Unwritable
+    }
+}
+
+/// Why a volume operation failed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum VolumeError {
     #[error("invalid volume name: {0}")]
@@ -218,7 +257,7 @@ mod tests {
         assert!(check_reusable(&v(req - 5 * GIB), req).is_ok());
         assert!(check_reusable(&v(req + 5 * GIB + 1), req).is_err());
         let mut open = v(req);
-        open.reuse_blocker = Some("open by another process".into());
+        open.reuse_blocker = Some(Blocker::new(BlockerKind::Open, "open by another process"));
         let err = check_reusable(&open, req).unwrap_err().to_string();
         assert!(err.contains("open by another process"), "{err}");
     }

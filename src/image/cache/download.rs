@@ -50,7 +50,7 @@ pub(crate) struct Tuning {
 
 pub(crate) struct Download {
     pub(crate) dir: PathBuf,
-    pub(crate) index: sled::Tree,
+    pub(crate) index: crate::store::Tree,
     pub(crate) key: String,
     pub(crate) image_url: String,
     pub(crate) identity: String,

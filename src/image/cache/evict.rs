@@ -22,7 +22,15 @@ pub(crate) enum EvictReason {
 }
 
 impl EvictReason {
-    fn as_str(self) -> &'static str {
+    /// Every reason (so the metric's series exist from the start).
+    pub(crate) const ALL: [EvictReason; 4] = [
+        EvictReason::Age,
+        EvictReason::Size,
+        EvictReason::Space,
+        EvictReason::Superseded,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             EvictReason::Age => "age",
             EvictReason::Size => "size",

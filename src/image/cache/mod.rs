@@ -14,6 +14,8 @@ mod flight;
 mod hasher;
 mod parts;
 
+pub(crate) use evict::EvictReason;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,7 +36,6 @@ use super::source::{Location, SourceClients};
 use crate::config::Settings;
 use crate::telemetry::metrics::metrics;
 use download::{Download, Remote, Tuning};
-pub(crate) use evict::EvictReason;
 use flight::FlightResult;
 
 /// One cached image (stored in sled, served by the cache API).
@@ -288,7 +289,7 @@ impl Drop for Reservation {
 /// The image cache.
 pub(crate) struct ImageCache {
     dir: PathBuf,
-    index: sled::Tree,
+    index: crate::store::Tree,
     sources: Arc<SourceClients>,
     flights: flight::Flights,
     in_use: Arc<Mutex<HashMap<String, usize>>>,
@@ -322,7 +323,7 @@ impl ImageCache {
     /// Opens the cache in `dir`, indexed in `index` (a tree of the daemon's sled database).
     pub(crate) fn open(
         dir: &Path,
-        index: sled::Tree,
+        index: crate::store::Tree,
         sources: Arc<SourceClients>,
         settings: &Settings,
     ) -> anyhow::Result<Self> {
@@ -799,7 +800,7 @@ pub(crate) enum RemoveError {
 
 /// Records an entry durably (the download records it before any waiter sees the result, so a
 /// job arriving after the flight ended finds the entry instead of starting another download).
-fn put_entry(index: &sled::Tree, entry: &CacheEntry) -> Result<(), FetchError> {
+fn put_entry(index: &crate::store::Tree, entry: &CacheEntry) -> Result<(), FetchError> {
     let bytes = serde_json::to_vec(entry).map_err(|e| FetchError::Io(e.to_string()))?;
     let r = index.insert(entry.key.as_bytes(), bytes);
     metrics().storage_op("cache_put", &r);
@@ -848,10 +849,10 @@ pub(crate) mod tests {
 
     /// A cache in `dir` with its own temporary sled database and default settings.
     pub(crate) fn test_cache(dir: &Path) -> ImageCache {
-        let db = sled::Config::new().temporary(true).open().unwrap();
+        let db = crate::store::Db::open(&dir.join("index.db")).unwrap();
         let settings = Settings::default();
         let sources = Arc::new(SourceClients::new(&settings).unwrap());
-        ImageCache::open(dir, db.open_tree("cache").unwrap(), sources, &settings).unwrap()
+        ImageCache::open(dir, db.tree("cache"), sources, &settings).unwrap()
     }
 
     /// Records an entry with a file of `size` bytes.

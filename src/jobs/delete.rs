@@ -1,0 +1,185 @@
+//! Deleting a volume on request (`DELETE /api/v1/volumes/{name}`): under the engine's
+//! per-volume lock, so no job can start on the name while it is removed, and only when nothing
+//! has the volume open and it is a plain data volume.
+
+use super::engine::{Engine, Holder};
+use crate::volume::{Blocker, VolumeError};
+
+/// Why a volume was not deleted.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DeleteError {
+    #[error("volume {volume} is in use by {holder}")]
+    Busy { volume: String, holder: Holder },
+    #[error("volume {volume} cannot be deleted: {blocker}")]
+    Blocked { volume: String, blocker: Blocker },
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+}
+
+impl Engine {
+    /// Removes the volume `name` (absent is success); `true` when it existed.
+    pub(crate) async fn delete_volume(&self, name: &str) -> Result<bool, DeleteError> {
+        {
+            let mut st = self.state();
+            if let Some(holder) = st.volumes.get(name) {
+                return Err(DeleteError::Busy {
+                    volume: name.to_string(),
+                    holder: *holder,
+                });
+            }
+            st.volumes.insert(name.to_string(), Holder::Deleting);
+        }
+        let result = self.delete_locked(name).await;
+        self.state().volumes.remove(name);
+        result
+    }
+
+    async fn delete_locked(&self, name: &str) -> Result<bool, DeleteError> {
+        let volumes = &self.context().volumes;
+        let Some(volume) = volumes.inspect(name).await? else {
+            return Ok(false);
+        };
+        if let Some(blocker) = volume.reuse_blocker.filter(Blocker::forbids_removal) {
+            return Err(DeleteError::Blocked {
+                volume: name.to_string(),
+                blocker,
+            });
+        }
+        volumes.remove(name).await?;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use async_trait::async_trait;
+    use tokio::sync::Notify;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::config::{LiveSettings, Settings};
+    use crate::image::ImageType;
+    use crate::image::cache::ImageCache;
+    use crate::image::source::SourceClients;
+    use crate::jobs::engine::{Origin, SubmitError};
+    use crate::jobs::model::{JobKind, JobSpec};
+    use crate::jobs::runner::RunContext;
+    use crate::jobs::store::Store;
+    use crate::volume::directory::DirectoryBackend;
+    use crate::volume::libvirt::PoolRefresher;
+    use crate::volume::{VolumeBackend, VolumeInfo};
+
+    /// A directory backend whose `remove` waits until the test lets it go: the only way to
+    /// hold a real removal open long enough to race a submission against it.
+    struct GatedRemoval {
+        inner: DirectoryBackend,
+        started: Notify,
+        release: Notify,
+    }
+
+    #[async_trait]
+    impl VolumeBackend for GatedRemoval {
+        fn volume_path(&self, name: &str) -> PathBuf {
+            self.inner.volume_path(name)
+        }
+        async fn inspect(&self, name: &str) -> Result<Option<VolumeInfo>, VolumeError> {
+            self.inner.inspect(name).await
+        }
+        async fn create(&self, n: &str, s: u64, o: &str) -> Result<VolumeInfo, VolumeError> {
+            self.inner.create(n, s, o).await
+        }
+        async fn prepare_overwrite(
+            &self,
+            v: &VolumeInfo,
+            i: u64,
+            c: &CancellationToken,
+        ) -> Result<(), VolumeError> {
+            self.inner.prepare_overwrite(v, i, c).await
+        }
+        async fn flush(&self, v: &VolumeInfo) -> Result<(), VolumeError> {
+            self.inner.flush(v).await
+        }
+        async fn remove(&self, name: &str) -> Result<(), VolumeError> {
+            self.started.notify_one();
+            self.release.notified().await;
+            self.inner.remove(name).await
+        }
+        async fn remove_created(&self, name: &str, owner: &str) -> Result<(), VolumeError> {
+            self.inner.remove_created(name, owner).await
+        }
+        async fn probe(&self) -> Result<(), VolumeError> {
+            self.inner.probe().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_submission_during_a_deletion_gets_the_lock_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = Settings::default();
+        settings.cache.dir = dir.path().join("cache");
+        settings.volumes.directory.path = dir.path().join("volumes");
+        settings.sources.file_roots = vec![dir.path().to_path_buf()];
+        let store = Store::open(&dir.path().join("state")).unwrap();
+        let sources = Arc::new(SourceClients::new(&settings).unwrap());
+        let cache =
+            ImageCache::open(&settings.cache.dir, store.tree("cache"), sources, &settings).unwrap();
+        let backend = Arc::new(GatedRemoval {
+            inner: DirectoryBackend::new(&settings.volumes.directory.path).unwrap(),
+            started: Notify::new(),
+            release: Notify::new(),
+        });
+        backend
+            .inner
+            .create("vm-1", 1 << 20, "someone")
+            .await
+            .unwrap();
+        let image = dir.path().join("i.raw");
+        std::fs::write(&image, vec![1u8; 4096]).unwrap();
+        let (_tx, live) = LiveSettings::new(settings);
+        let ctx = Arc::new(RunContext {
+            settings: live,
+            cache: Arc::new(cache),
+            volumes: backend.clone(),
+            libvirt: PoolRefresher::new("qemu:///system", ""),
+        });
+        let engine = Engine::start(store, ctx).await.unwrap();
+
+        let deleting = tokio::spawn({
+            let engine = engine.clone();
+            async move { engine.delete_volume("vm-1").await }
+        });
+        backend.started.notified().await;
+        let spec = JobSpec {
+            image_url: format!("file://{}", image.display()),
+            image_type: ImageType::Raw,
+            volume_name: Some("vm-1".into()),
+            volume_size_gb: Some(1),
+            correlation_id: None,
+        };
+        let refused = engine
+            .submit(JobKind::Provision, spec.clone(), Origin::default())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                SubmitError::VolumeBusy {
+                    holder: Holder::Deleting,
+                    ..
+                }
+            ),
+            "{refused}"
+        );
+        assert_eq!(refused.to_string(), "volume vm-1 is busy with its deletion");
+        backend.release.notify_one();
+        assert!(deleting.await.unwrap().unwrap(), "the volume existed");
+        // The lock is released with the deletion.
+        engine
+            .submit(JobKind::Provision, spec, Origin::default())
+            .await
+            .unwrap();
+    }
+}
