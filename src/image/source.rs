@@ -325,7 +325,9 @@ impl SourceClients {
         }
         let store = Arc::new(
             AmazonS3Builder::new()
-                .with_endpoint(crate::config::without_userinfo(&self.s3.endpoint).trim_end_matches('/'))
+                .with_endpoint(
+                    crate::config::without_userinfo(&self.s3.endpoint).trim_end_matches('/'),
+                )
                 .with_region(&self.s3.region)
                 .with_bucket_name(bucket)
                 .with_access_key_id(&self.s3.access_key)

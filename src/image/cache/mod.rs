@@ -416,12 +416,14 @@ impl ImageCache {
         request: impl std::future::Future<Output = Result<T, FetchError>>,
     ) -> Result<T, FetchError> {
         let limit = self.tuning().stall_timeout;
-        tokio::time::timeout(limit, request).await.unwrap_or_else(|_| {
-            Err(FetchError::Transfer(format!(
-                "the source did not answer within {}s (sources.stall_timeout)",
-                limit.as_secs()
-            )))
-        })
+        tokio::time::timeout(limit, request)
+            .await
+            .unwrap_or_else(|_| {
+                Err(FetchError::Transfer(format!(
+                    "the source did not answer within {}s (sources.stall_timeout)",
+                    limit.as_secs()
+                )))
+            })
     }
 
     /// Asks the source for the object's size, ETag and published checksum.

@@ -141,7 +141,8 @@ impl Part<'_> {
         let want = self.received..self.end;
         let reply = tokio::time::timeout(
             s.stall_timeout,
-            s.object.get(s.ranged.then(|| want.clone()), s.etag.as_deref()),
+            s.object
+                .get(s.ranged.then(|| want.clone()), s.etag.as_deref()),
         )
         .await
         .map_err(|_| {
