@@ -53,6 +53,13 @@ pub(crate) struct Metrics {
     pub(crate) golden_image_bytes: IntGauge,
     /// Provision jobs completed, by how the volume got its content (`thin-snapshot`, `copy`).
     pub(crate) volumes_created_total: IntCounterVec,
+    /// Ranged GETs sent by downloads (one per part, plus one per part retry).
+    pub(crate) download_ranged_requests_total: IntCounter,
+    /// Parts asked for again after a transient failure or a stall.
+    pub(crate) download_part_retries_total: IntCounter,
+    /// Cache hits by how the entry was confirmed: `skipped` (within
+    /// `cache.revalidate_interval`), `unchanged`, `changed`, `source_unavailable`.
+    pub(crate) cache_revalidations_total: IntCounterVec,
     hit_window: Mutex<VecDeque<bool>>,
 }
 
@@ -310,6 +317,22 @@ impl Metrics {
                 "Provisioned volumes by method: thin-snapshot (of a golden image) or copy (qemu-img)",
                 &["method"],
             ),
+            download_ranged_requests_total: int_counter(
+                &r,
+                "download_ranged_requests_total",
+                "Ranged GETs sent by image downloads (parts and part retries)",
+            ),
+            download_part_retries_total: int_counter(
+                &r,
+                "download_part_retries_total",
+                "Download parts requested again after a transient failure or a stall",
+            ),
+            cache_revalidations_total: counter_vec(
+                &r,
+                "cache_revalidations_total",
+                "Cache entries confirmed against their source, by result",
+                &["result"],
+            ),
             hit_window: Mutex::new(VecDeque::with_capacity(HIT_RATIO_WINDOW)),
             registry: r,
         };
@@ -324,6 +347,12 @@ impl Metrics {
         }
         for status in ["completed", "failed", "cancelled"] {
             m.jobs_total.with_label_values(&[status]);
+        }
+        for result in ["skipped", "unchanged", "changed", "source_unavailable"] {
+            m.cache_revalidations_total.with_label_values(&[result]);
+        }
+        for method in ["thin-snapshot", "copy"] {
+            m.volumes_created_total.with_label_values(&[method]);
         }
         m
     }
