@@ -144,7 +144,10 @@ fn setup_libvirt(data: &Path) -> CaseResult {
     for dir in ["/etc/libvirt", "/var/lib/libvirt", "/var/log/libvirt"] {
         let copy = state.join(&dir[1..]);
         std::fs::create_dir_all(&copy).map_err(|e| e.to_string())?;
-        run("cp", &["-a", &format!("{dir}/."), &copy.display().to_string()])?;
+        run(
+            "cp",
+            &["-a", &format!("{dir}/."), &copy.display().to_string()],
+        )?;
         run("mount", &["--bind", &copy.display().to_string(), dir])?;
     }
     // QEMU's capabilities, probed at libvirtd's first start (about 15 s under emulation), are
@@ -229,6 +232,19 @@ fn lv_path(name: &str) -> PathBuf {
     PathBuf::from(format!("/dev/{VG}/{name}"))
 }
 
+/// `/dev/dm-<minor>` of a device-mapper device (another node of the same device than
+/// `/dev/<vg>/<lv>`, which leads to the node in /dev/mapper).
+fn kernel_node(lv: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(lv)
+        .map_err(|e| format!("{}: {e}", lv.display()))?
+        .rdev();
+    let minor = (rdev & 0xff) | ((rdev >> 12) & 0xfff00);
+    let node = PathBuf::from(format!("/dev/dm-{minor}"));
+    ensure!(node.exists(), "{} does not exist", node.display());
+    Ok(node)
+}
+
 fn lv_exists(name: &str) -> Result<bool, String> {
     let out = run("lvs", &["--noheadings", "-o", "lv_name", VG])?;
     Ok(out.lines().any(|l| l.trim() == name))
@@ -303,7 +319,9 @@ impl Api<'_> {
     ) -> Result<Value, String> {
         let (status, v) = self.provision(image, volume, image_type).await;
         ensure!(status == 202, "submit -> {volume}: {status} {v}");
-        let job = self.wait_done(v["job_id"].as_str().unwrap_or_default()).await?;
+        let job = self
+            .wait_done(v["job_id"].as_str().unwrap_or_default())
+            .await?;
         ensure!(job["status"] == "completed", "job on {volume}: {job}");
         Ok(job)
     }
@@ -549,7 +567,9 @@ async fn running_domain_protects_its_lv(ctx: &Ctx) -> CaseResult {
     let api = ctx.lvm();
     let small = ctx.image(SMALL);
     let before = sha256_prefix(&lv_path("lv-vm"), MIB)?;
-    start_paused_domain(&ctx.work, "dom-lv", &lv_path("lv-vm"), true)?;
+    // The domain names the LV by its kernel node, not by the path the daemon uses: the match
+    // is by device number.
+    start_paused_domain(&ctx.work, "dom-lv", &kernel_node(&lv_path("lv-vm"))?, true)?;
     let checks = async {
         api.refused(&small, "lv-vm", "dom-lv").await?;
 
@@ -608,17 +628,20 @@ async fn running_domain_protects_its_lv(ctx: &Ctx) -> CaseResult {
 async fn libvirtd_down_and_up(ctx: &Ctx) -> CaseResult {
     let dir = ctx.work.join("probe");
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let config = ctx
-        .lvm_config(&dir)
-        .set("telemetry.probe_interval", "1s");
+    let config = ctx.lvm_config(&dir).set("telemetry.probe_interval", "1s");
     let d = Daemon::start(&dir, &config);
     let api = Api { c: &ctx.c, d: &d };
     api.wait_libvirt(true).await?;
     let up = api
         .metric("dependencies_up", Some("dependency=\"libvirt\""))
         .await?;
-    ensure!(up == 1.0, "dependencies_up{{libvirt}} = {up} while libvirtd runs");
-    let errors_before = api.metric("libvirt_pool_refresh_errors_total", None).await?;
+    ensure!(
+        up == 1.0,
+        "dependencies_up{{libvirt}} = {up} while libvirtd runs"
+    );
+    let errors_before = api
+        .metric("libvirt_pool_refresh_errors_total", None)
+        .await?;
 
     stop_libvirtd()?;
     let down = async {
@@ -626,10 +649,15 @@ async fn libvirtd_down_and_up(ctx: &Ctx) -> CaseResult {
         let up = api
             .metric("dependencies_up", Some("dependency=\"libvirt\""))
             .await?;
-        ensure!(up == 0.0, "dependencies_up{{libvirt}} = {up} while libvirtd is stopped");
+        ensure!(
+            up == 0.0,
+            "dependencies_up{{libvirt}} = {up} while libvirtd is stopped"
+        );
         api.provision_completed(&ctx.image(SMALL), "lv-down", "raw")
             .await?;
-        let errors = api.metric("libvirt_pool_refresh_errors_total", None).await?;
+        let errors = api
+            .metric("libvirt_pool_refresh_errors_total", None)
+            .await?;
         ensure!(
             errors == errors_before + 1.0,
             "libvirt_pool_refresh_errors_total went from {errors_before} to {errors}"
@@ -697,7 +725,10 @@ async fn running_domain_protects_its_file(ctx: &Ctx) -> CaseResult {
             &ns_config,
             config
                 .clone()
-                .set("storage.data_dir", ns_dir.join("state").display().to_string())
+                .set(
+                    "storage.data_dir",
+                    ns_dir.join("state").display().to_string(),
+                )
                 .set("cache.dir", ns_dir.join("cache").display().to_string())
                 .render(),
         )
@@ -722,7 +753,9 @@ async fn running_domain_protects_its_file(ctx: &Ctx) -> CaseResult {
             .provision(&ctx.image("corrupt.qcow2"), "file-other", "qcow2")
             .await;
         ensure!(status == 202, "submit file-other: {status} {v}");
-        let job = api.wait_done(v["job_id"].as_str().unwrap_or_default()).await?;
+        let job = api
+            .wait_done(v["job_id"].as_str().unwrap_or_default())
+            .await?;
         ensure!(job["status"] == "failed", "file-other: {job}");
         ensure!(
             !volumes.join("file-other").exists(),
@@ -733,7 +766,10 @@ async fn running_domain_protects_its_file(ctx: &Ctx) -> CaseResult {
             "the domain's file changed"
         );
         let state = domain_state("dom-file")?;
-        ensure!(state == "paused", "dom-file is {state:?} after the rollback");
+        ensure!(
+            state == "paused",
+            "dom-file is {state:?} after the rollback"
+        );
         Ok(())
     }
     .await;
