@@ -36,6 +36,7 @@ let
     last = list: builtins.elemAt list (builtins.length list - 1);
     optional = cond: x: if cond then [ x ] else [ ];
     optionals = cond: xs: if cond then xs else [ ];
+    optionalAttrs = cond: attrs: if cond then attrs else { };
     unique = foldl' (acc: x: if builtins.elem x acc then acc else acc ++ [ x ]) [ ];
     genAttrs = names: f: builtins.listToAttrs (map (n: { name = n; value = f n; }) names);
     nameValuePair = name: value: { inherit name value; };
@@ -87,8 +88,9 @@ let
     inherit package;
     openFirewall = false;
     environmentFile = null;
-  } // builtins.removeAttrs configuration [ "lvm" "tls" "s3" "auth" "otlp" "settings" ] // {
+  } // builtins.removeAttrs configuration [ "lvm" "libvirt" "tls" "s3" "auth" "otlp" "settings" ] // {
     lvm = { volumeGroups = { }; extraDeviceAllow = [ ]; } // (configuration.lvm or { });
+    libvirt = { definePool = false; } // (configuration.libvirt or { });
     tls = { certFile = null; keyFile = null; clientCaFile = null; } // (configuration.tls or { });
     s3 = { secretKeyFile = null; caFile = null; } // (configuration.s3 or { });
     auth = { tokensFile = null; } // (configuration.auth or { });
@@ -96,7 +98,8 @@ let
     settings = s.render configuration;
   };
 
-  evaluate = configuration:
+  # `host`: whether the rest of the host's configuration enables libvirtd.
+  evaluateOn = host: configuration:
     let
       cfg = optionValues configuration;
       module = import ../nixos-module/default.nix {
@@ -104,7 +107,7 @@ let
         config = {
           services.libvirt-volume-provisioner = cfg;
           services.lvm = { enable = true; package = storePath "lvm2"; };
-          virtualisation.libvirtd = { enable = false; package = storePath "libvirt"; };
+          virtualisation.libvirtd = { enable = host.libvirtd; package = storePath "libvirt"; };
         };
       };
       body = module.config.content;
@@ -135,8 +138,14 @@ let
           inherit (u) requires after before script;
           serviceConfig = builtins.mapAttrs (_: plain) u.serviceConfig;
         })
-        (builtins.removeAttrs services [ "libvirt-volume-provisioner" ]);
+        (builtins.removeAttrs services [ "libvirt-volume-provisioner" "libvirt-volume-provisioner-pool" ]);
+      poolUnit =
+        if services ? libvirt-volume-provisioner-pool then
+          let u = services.libvirt-volume-provisioner-pool;
+          in { inherit (u) requires after before path script; serviceConfig = builtins.mapAttrs (_: plain) u.serviceConfig; }
+        else null;
     };
+  evaluate = evaluateOn { libvirtd = false; };
 in
 {
   example = evaluate (import ../nixos-module/example.nix);
@@ -155,6 +164,30 @@ in
       volumes.backend = "directory";
       volumes.directory.path = "/srv/volumes";
     };
+  };
+  # The libvirt pool declared by the module, over the first of two volume groups.
+  definePool = evaluateOn { libvirtd = true; } {
+    enable = true;
+    libvirt.definePool = true;
+    lvm.volumeGroups = {
+      vg_b.devices = [ "/dev/vdc" ];
+      vg_a.devices = [ "/dev/vdb" ];
+    };
+    settings.libvirt.pool = "vms pool";
+  };
+  # The pool unit whose script the libvirt VM test runs against a real libvirtd
+  # (tests/libvirt_vm.rs, through scripts/vm-test.sh): pool and volume group `vmlv`.
+  vmTestPool = evaluateOn { libvirtd = true; } {
+    enable = true;
+    libvirt.definePool = true;
+    lvm.volumeGroups.vmlv.devices = [ "/dev/vda" ];
+    settings.libvirt.pool = "vmlv";
+  };
+  # definePool without a pool name, on a host without libvirtd: refused.
+  definePoolWithoutPool = evaluate {
+    enable = true;
+    libvirt.definePool = true;
+    lvm.volumeGroups.vg_a.devices = [ "/dev/vdb" ];
   };
   # LVM on a privileged port with the firewall opened, two volume groups.
   privilegedPort = evaluate {

@@ -29,9 +29,9 @@ qemu-system-x86_64 --version >/dev/null 2>&1 || { skip "the VM tests cannot run:
 SUITES=${VM_SUITES:-lvm libvirt}
 skipped=0
 case " $SUITES " in *" libvirt "*)
-  for tool in virsh libvirtd virtlogd; do
+  for tool in virsh libvirtd virtlogd nix-instantiate; do
     if ! command -v "$tool" >/dev/null; then
-      skip "the libvirt VM tests cannot run: $tool is not installed (apt-get install libvirt-daemon-system libvirt-clients)"
+      skip "the libvirt VM tests cannot run: $tool is not installed (apt-get install libvirt-daemon-system libvirt-clients nix-bin)"
       SUITES=${SUITES//libvirt/}; skipped=1; break
     fi
   done;;
@@ -85,6 +85,13 @@ if [ "$(cat "$DATA/recipe" 2>/dev/null)" != "$RECIPE" ]; then
   echo "$RECIPE" > "$DATA/recipe"
 fi
 cat "$DATA/refs.txt"
+
+# The NixOS module's pool unit script (libvirt.definePool), as the module renders it: the libvirt
+# suite runs it against the real libvirtd.
+case " $SUITES " in *" libvirt "*)
+  NIX_CONFIG="build-users-group =" nix-instantiate --eval --strict --json \
+    -E '(import ./nix/module-smoke.nix).vmTestPool.poolUnit.script' > "$DATA/define-pool.json";;
+esac
 
 export VMTEST_DATA=$DATA
 failed=0

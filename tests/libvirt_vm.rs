@@ -27,14 +27,21 @@ const JOB_TIMEOUT: Duration = Duration::from_secs(240);
 const SMALL: &str = "small.raw";
 
 /// Cases in the order they run (later ones use volumes and domains earlier ones made).
-const CASES: [&str; 4] = [
+const CASES: [&str; 5] = [
+    "module_pool_unit_defines_the_pool",
     "pool_lists_provisioned_lv",
     "running_domain_protects_its_lv",
-    "libvirtd_down_and_up",
     "running_domain_protects_its_file",
+    "libvirtd_down_and_up",
 ];
 
 type CaseResult = Result<(), String>;
+
+/// Prints how long a step of a case took (the VM test's time budget is tight).
+fn step(started: &mut Instant, what: &str) {
+    println!("  {what}: {:.1} s", started.elapsed().as_secs_f64());
+    *started = Instant::now();
+}
 
 macro_rules! ensure {
     ($cond:expr, $($fmt:tt)+) => {
@@ -184,7 +191,8 @@ fn start_libvirtd() -> CaseResult {
     run("libvirtd", &["-d"])?;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        if virsh(&["version"]).is_ok() {
+        // `list` answers from the domain list; `version` would load QEMU's capabilities first.
+        if virsh(&["list", "--name"]).is_ok() {
             return Ok(());
         }
         ensure!(
@@ -458,18 +466,6 @@ async fn libvirt_end_to_end() {
     println!("libvirtd up: {:.1} s", setup.elapsed().as_secs_f64());
     run("pvcreate", &["-q", "-y", "-ff", DISK]).unwrap();
     run("vgcreate", &["-q", "-s", "8m", VG, DISK]).unwrap();
-    virsh(&[
-        "pool-define-as",
-        VG,
-        "logical",
-        "--source-name",
-        VG,
-        "--target",
-        &format!("/dev/{VG}"),
-    ])
-    .unwrap();
-    virsh(&["pool-autostart", VG]).unwrap();
-    virsh(&["pool-start", VG]).unwrap();
 
     let work = tempfile::tempdir().unwrap();
     let dir = work.path().to_path_buf();
@@ -532,12 +528,61 @@ fn run_case<'a>(
     name: &'a str,
 ) -> std::pin::Pin<Box<dyn Future<Output = CaseResult> + Send + 'a>> {
     match name {
+        "module_pool_unit_defines_the_pool" => Box::pin(module_pool_unit(ctx)),
         "pool_lists_provisioned_lv" => Box::pin(pool_lists_provisioned_lv(ctx)),
         "running_domain_protects_its_lv" => Box::pin(running_domain_protects_its_lv(ctx)),
-        "libvirtd_down_and_up" => Box::pin(libvirtd_down_and_up(ctx)),
         "running_domain_protects_its_file" => Box::pin(running_domain_protects_its_file(ctx)),
+        "libvirtd_down_and_up" => Box::pin(libvirtd_down_and_up(ctx)),
         other => Box::pin(async move { Err(format!("unknown case {other}")) }),
     }
+}
+
+/// The NixOS module's pool unit (`libvirt.definePool`), its script as the module renders it
+/// (scripts/vm-test.sh extracts it with nix-instantiate from nix/module-smoke.nix): a missing
+/// pool is defined over the volume group, autostarted and started; run again, it changes
+/// nothing. The pool it defines is the one the later cases use.
+async fn module_pool_unit(ctx: &Ctx) -> CaseResult {
+    let rendered = ctx.data.join("define-pool.json");
+    let json = std::fs::read_to_string(&rendered)
+        .map_err(|e| format!("{} (made by scripts/vm-test.sh): {e}", rendered.display()))?;
+    let script: String = serde_json::from_str(&json).map_err(|e| e.to_string())?;
+    ensure!(
+        virsh(&["pool-info", VG]).is_err(),
+        "pool {VG} exists before the unit ran"
+    );
+    let first = run("bash", &["-c", &script])?;
+    ensure!(
+        first.contains(&format!(
+            "defined, autostarted and started libvirt pool {VG}"
+        )),
+        "first run: {first}"
+    );
+    let info = virsh(&["pool-info", VG])?;
+    let field = |info: &str, name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    ensure!(
+        field(&info, "State:") == "running" && field(&info, "Autostart:") == "yes",
+        "pool-info after the unit: {info}"
+    );
+    // A second run leaves the pool alone: no warning (it is a running logical pool), nothing
+    // defined, the same pool.
+    let second = run("bash", &["-c", &format!("(\n{script}\n) 2>&1")])?;
+    ensure!(
+        second.contains("exists; it is not redefined")
+            && !second.contains("defined,")
+            && !second.contains("warning"),
+        "second run: {second}"
+    );
+    let again = virsh(&["pool-info", VG])?;
+    ensure!(
+        field(&again, "UUID:") == field(&info, "UUID:") && !field(&info, "UUID:").is_empty(),
+        "the pool was redefined: {info} / {again}"
+    );
+    Ok(())
 }
 
 /// A completed job's LV is in the logical pool with its size, without anyone but the daemon
@@ -566,12 +611,15 @@ async fn pool_lists_provisioned_lv(ctx: &Ctx) -> CaseResult {
 async fn running_domain_protects_its_lv(ctx: &Ctx) -> CaseResult {
     let api = ctx.lvm();
     let small = ctx.image(SMALL);
+    let mut t = Instant::now();
     let before = sha256_prefix(&lv_path("lv-vm"), MIB)?;
     // The domain names the LV by its kernel node, not by the path the daemon uses: the match
     // is by device number.
     start_paused_domain(&ctx.work, "dom-lv", &kernel_node(&lv_path("lv-vm"))?, true)?;
+    step(&mut t, "domain started");
     let checks = async {
         api.refused(&small, "lv-vm", "dom-lv").await?;
+        step(&mut t, "reuse and DELETE refused");
 
         // An unrelated job cancelled mid-write: its own new LV is rolled back, nothing else.
         let (status, v) = api
@@ -602,14 +650,17 @@ async fn running_domain_protects_its_lv(ctx: &Ctx) -> CaseResult {
         );
         let state = domain_state("dom-lv")?;
         ensure!(state == "paused", "dom-lv is {state:?} after the rollback");
+        step(&mut t, "other job cancelled and rolled back");
         Ok(())
     }
     .await;
     let stopped = stop_domain("dom-lv");
     checks?;
     stopped?;
+    step(&mut t, "domain destroyed");
 
     api.provision_completed(&small, "lv-vm", "raw").await?;
+    step(&mut t, "reused");
     let (status, v) = api.delete("lv-vm").await;
     ensure!(status == 200, "DELETE after destroy: {status} {v}");
     ensure!(!lv_exists("lv-vm")?, "lv-vm still exists");
@@ -618,71 +669,6 @@ async fn running_domain_protects_its_lv(ctx: &Ctx) -> CaseResult {
         !listed.contains(&"lv-vm".to_string()),
         "virsh vol-list {VG} after DELETE still lists lv-vm: {listed:?}"
     );
-    Ok(())
-}
-
-/// With libvirtd stopped: `/readyz` and `dependencies_up` say libvirt is down, a job on a new
-/// LV still completes and its failed pool refresh is counted, and an existing volume is
-/// neither reused nor deleted (nobody can tell whether a domain uses it). libvirtd started
-/// again: up, and the volume can be deleted.
-async fn libvirtd_down_and_up(ctx: &Ctx) -> CaseResult {
-    let dir = ctx.work.join("probe");
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let config = ctx.lvm_config(&dir).set("telemetry.probe_interval", "1s");
-    let d = Daemon::start(&dir, &config);
-    let api = Api { c: &ctx.c, d: &d };
-    api.wait_libvirt(true).await?;
-    let up = api
-        .metric("dependencies_up", Some("dependency=\"libvirt\""))
-        .await?;
-    ensure!(
-        up == 1.0,
-        "dependencies_up{{libvirt}} = {up} while libvirtd runs"
-    );
-    let errors_before = api
-        .metric("libvirt_pool_refresh_errors_total", None)
-        .await?;
-
-    stop_libvirtd()?;
-    let down = async {
-        api.wait_libvirt(false).await?;
-        let up = api
-            .metric("dependencies_up", Some("dependency=\"libvirt\""))
-            .await?;
-        ensure!(
-            up == 0.0,
-            "dependencies_up{{libvirt}} = {up} while libvirtd is stopped"
-        );
-        api.provision_completed(&ctx.image(SMALL), "lv-down", "raw")
-            .await?;
-        let errors = api
-            .metric("libvirt_pool_refresh_errors_total", None)
-            .await?;
-        ensure!(
-            errors == errors_before + 1.0,
-            "libvirt_pool_refresh_errors_total went from {errors_before} to {errors}"
-        );
-        ensure!(
-            d.log().contains("libvirt pool refresh failed"),
-            "the refresh failure is not logged"
-        );
-        api.refused(&ctx.image(SMALL), "lv-down", "cannot ask libvirt")
-            .await
-    }
-    .await;
-    let started = start_libvirtd();
-    down?;
-    started?;
-
-    api.wait_libvirt(true).await?;
-    let (status, v) = api.delete("lv-down").await;
-    ensure!(status == 200, "DELETE with libvirtd back: {status} {v}");
-    let listed = pool_volumes(VG)?;
-    ensure!(
-        !listed.contains(&"lv-down".to_string()),
-        "virsh vol-list {VG} after DELETE still lists lv-down: {listed:?}"
-    );
-    d.stop();
     Ok(())
 }
 
@@ -696,14 +682,17 @@ async fn running_domain_protects_its_file(ctx: &Ctx) -> CaseResult {
     std::fs::create_dir_all(&volumes).map_err(|e| e.to_string())?;
     let vols = volumes.display().to_string();
     virsh(&["pool-define-as", DIR_POOL, "dir", "--target", &vols])?;
+    virsh(&["pool-autostart", DIR_POOL])?;
     virsh(&["pool-start", DIR_POOL])?;
     let config = ctx
         .config(&dir, DIR_POOL)
         .set("volumes.directory.path", vols.clone());
+    let mut t = Instant::now();
     let d = Daemon::start(&dir, &config);
     let api = Api { c: &ctx.c, d: &d };
     let small = ctx.image(SMALL);
     api.provision_completed(&small, "file-vm", "raw").await?;
+    step(&mut t, "daemon up, file-vm provisioned");
     ensure!(
         pool_volumes(DIR_POOL)?.contains(&"file-vm".to_string()),
         "virsh vol-list {DIR_POOL} lacks file-vm after the job"
@@ -714,8 +703,10 @@ async fn running_domain_protects_its_file(ctx: &Ctx) -> CaseResult {
     let before = sha256_prefix(&file, MIB)?;
 
     start_paused_domain(&ctx.work, "dom-file", &file, false)?;
+    step(&mut t, "domain started");
     let checks = async {
         api.refused(&small, "file-vm", "dom-file").await?;
+        step(&mut t, "reuse and DELETE refused");
 
         // The same daemon in its own PID namespace (with its own /proc) sees no QEMU process.
         let ns_dir = dir.join("pidns");
@@ -747,6 +738,7 @@ async fn running_domain_protects_its_file(ctx: &Ctx) -> CaseResult {
         let refused = in_ns.refused(&small, "file-vm", "dom-file").await;
         contained.kill9();
         refused?;
+        step(&mut t, "refused by the daemon in a PID namespace");
 
         // An unrelated job fails after creating its file: only that file is rolled back.
         let (status, v) = api
@@ -785,6 +777,88 @@ async fn running_domain_protects_its_file(ctx: &Ctx) -> CaseResult {
     ensure!(
         !listed.contains(&"file-vm".to_string()),
         "virsh vol-list {DIR_POOL} after DELETE still lists file-vm: {listed:?}"
+    );
+    d.stop();
+    Ok(())
+}
+
+/// With libvirtd stopped: `/readyz` and `dependencies_up` say libvirt is down, a job on a new
+/// volume still completes and its failed pool refresh is counted, and an existing volume is
+/// neither reused nor deleted (nobody can tell whether a domain uses it). libvirtd started
+/// again: up, and the volume can be deleted. A daemon of its own with a 1 s probe interval, on
+/// the directory volumes and `dir` pool of the case before (a probe is a `virsh` call, which
+/// costs the emulated CPU most of a second; an LVM probe would add an LVM command).
+async fn libvirtd_down_and_up(ctx: &Ctx) -> CaseResult {
+    let dir = ctx.work.join("probe");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let volumes = ctx.work.join("dir/volumes");
+    let config = ctx
+        .config(&dir, DIR_POOL)
+        .set("volumes.directory.path", volumes.display().to_string())
+        .set("telemetry.probe_interval", "1s");
+    let mut t = Instant::now();
+    let d = Daemon::start(&dir, &config);
+    let api = Api { c: &ctx.c, d: &d };
+    api.wait_libvirt(true).await?;
+    step(&mut t, "daemon up");
+    let up = api
+        .metric("dependencies_up", Some("dependency=\"libvirt\""))
+        .await?;
+    ensure!(
+        up == 1.0,
+        "dependencies_up{{libvirt}} = {up} while libvirtd runs"
+    );
+    let errors_before = api
+        .metric("libvirt_pool_refresh_errors_total", None)
+        .await?;
+
+    stop_libvirtd()?;
+    step(&mut t, "libvirtd stopped");
+    let down = async {
+        api.wait_libvirt(false).await?;
+        step(&mut t, "readyz down");
+        let up = api
+            .metric("dependencies_up", Some("dependency=\"libvirt\""))
+            .await?;
+        ensure!(
+            up == 0.0,
+            "dependencies_up{{libvirt}} = {up} while libvirtd is stopped"
+        );
+        api.provision_completed(&ctx.image(SMALL), "file-down", "raw")
+            .await?;
+        step(&mut t, "job completed");
+        let errors = api
+            .metric("libvirt_pool_refresh_errors_total", None)
+            .await?;
+        ensure!(
+            errors == errors_before + 1.0,
+            "libvirt_pool_refresh_errors_total went from {errors_before} to {errors}"
+        );
+        ensure!(
+            d.log().contains("libvirt pool refresh failed"),
+            "the refresh failure is not logged"
+        );
+        api.refused(&ctx.image(SMALL), "file-down", "cannot ask libvirt")
+            .await
+    }
+    .await;
+    let started = start_libvirtd();
+    down?;
+    started?;
+    step(&mut t, "libvirtd started");
+
+    api.wait_libvirt(true).await?;
+    step(&mut t, "readyz up");
+    let (status, v) = api.delete("file-down").await;
+    ensure!(status == 200, "DELETE with libvirtd back: {status} {v}");
+    ensure!(
+        !volumes.join("file-down").exists(),
+        "file-down still exists"
+    );
+    let listed = pool_volumes(DIR_POOL)?;
+    ensure!(
+        !listed.contains(&"file-down".to_string()),
+        "virsh vol-list {DIR_POOL} after DELETE still lists file-down: {listed:?}"
     );
     d.stop();
     Ok(())

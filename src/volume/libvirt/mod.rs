@@ -13,11 +13,11 @@ use crate::command::{self, CommandError};
 use crate::telemetry::metrics::metrics;
 use domains::DomainDisk;
 
-/// Time limit of a pool refresh or probe.
+/// Time limit of every virsh call. Listing the running domains' disks runs inside API requests
+/// (submission, DELETE): a hanging libvirtd delays those by this much, then they get 409
+/// ("cannot ask libvirt"). A libvirtd that just started can take seconds for its first answer
+/// (measured in the test VM: over 10 s under emulation).
 const VIRSH_TIMEOUT: Duration = Duration::from_secs(30);
-/// Time limit of listing the running domains' disks: it runs inside API requests (submission,
-/// DELETE), so a hanging libvirtd answers "cannot tell" (409) after this, not after minutes.
-const DOMAINS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// libvirt as the daemon talks to it: `virsh -c <libvirt.uri>`, about storage pool
 /// `libvirt.pool`.
@@ -42,11 +42,11 @@ impl Libvirt {
         &self.uri
     }
 
-    async fn virsh(&self, args: &[&str], timeout: Duration) -> Result<String, CommandError> {
+    async fn virsh(&self, args: &[&str]) -> Result<String, CommandError> {
         let mut all = vec!["-c", &self.uri];
         all.extend_from_slice(args);
         let limit = command::Limit {
-            timeout,
+            timeout: VIRSH_TIMEOUT,
             setting: None,
         };
         command::run(&self.program, &all, limit).await
@@ -66,7 +66,7 @@ impl Libvirt {
 
     /// Whether libvirt answers for the pool (the `libvirt` dependency of `/readyz`).
     pub(crate) async fn probe(&self) -> Result<(), String> {
-        self.virsh(&["pool-info", &self.pool], VIRSH_TIMEOUT)
+        self.virsh(&["pool-info", &self.pool])
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())
@@ -76,10 +76,7 @@ impl Libvirt {
     /// `virsh domstats --block --backing --list-active`.
     async fn active_domain_disks(&self) -> Result<Vec<DomainDisk>, CommandError> {
         let out = self
-            .virsh(
-                &["domstats", "--block", "--backing", "--list-active"],
-                DOMAINS_TIMEOUT,
-            )
+            .virsh(&["domstats", "--block", "--backing", "--list-active"])
             .await?;
         Ok(domains::parse_domstats(&out))
     }
