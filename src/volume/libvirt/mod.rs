@@ -55,10 +55,7 @@ impl Libvirt {
     /// Refreshes the pool so that libvirt lists what the daemon created or removed; errors are
     /// logged and counted (`libvirt_pool_refresh_errors_total`), never returned.
     pub(crate) async fn refresh(&self) {
-        if let Err(e) = self
-            .virsh(&["pool-refresh", &self.pool], VIRSH_TIMEOUT)
-            .await
-        {
+        if let Err(e) = self.virsh(&["pool-refresh", &self.pool]).await {
             metrics().libvirt_pool_refresh_errors_total.inc();
             tracing::warn!(error = %e, pool = %self.pool, "libvirt pool refresh failed");
         }
