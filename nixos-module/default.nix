@@ -428,12 +428,15 @@ in
           vg=${lib.escapeShellArg cfg.settings.volumes.lvm.volume_group}
           virsh=(virsh -c ${lib.escapeShellArg cfg.settings.libvirt.uri})
 
-          if "''${virsh[@]}" pool-info "$pool" >/dev/null 2>&1; then
+          if info=$("''${virsh[@]}" pool-info "$pool" 2>/dev/null); then
             echo "libvirt pool $pool exists; it is not redefined"
-            if ! "''${virsh[@]}" pool-dumpxml "$pool" | grep -q "<pool type='logical'"; then
+            # Output is captured before grep reads it: `virsh ... | grep -q` fails under
+            # pipefail when grep exits at the first match and virsh gets SIGPIPE.
+            xml=$("''${virsh[@]}" pool-dumpxml "$pool")
+            if ! grep -q "<pool type='logical'" <<<"$xml"; then
               echo "warning: libvirt pool $pool is not a logical pool (the daemon writes LVs of volume group $vg)" >&2
             fi
-            if ! "''${virsh[@]}" pool-info "$pool" | grep -Eq '^State: +running'; then
+            if ! grep -Eq '^State: +running' <<<"$info"; then
               echo "warning: libvirt pool $pool is not active: the daemon's pool refreshes fail until it is started (virsh pool-start $pool)" >&2
             fi
             exit 0

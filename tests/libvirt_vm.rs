@@ -605,7 +605,7 @@ async fn pool_lists_provisioned_lv(ctx: &Ctx) -> CaseResult {
     Ok(())
 }
 
-/// A paused domain on an LV: reuse and DELETE get 409 naming the domain; another job's cancel
+/// A paused domain on an LV: reuse and DELETE get 409 naming the domain; another job's failure
 /// (and rollback of its new LV) leaves it alone; after `virsh destroy` reuse and DELETE work,
 /// and the deleted LV is gone from the pool.
 async fn running_domain_protects_its_lv(ctx: &Ctx) -> CaseResult {
@@ -621,28 +621,22 @@ async fn running_domain_protects_its_lv(ctx: &Ctx) -> CaseResult {
         api.refused(&small, "lv-vm", "dom-lv").await?;
         step(&mut t, "reuse and DELETE refused");
 
-        // An unrelated job cancelled mid-write: its own new LV is rolled back, nothing else.
+        // An unrelated job fails after creating its LV: only that LV is rolled back.
         let (status, v) = api
-            .provision(&ctx.data.join("cancel.qcow2"), "lv-other", "qcow2")
+            .provision(&ctx.image("corrupt.qcow2"), "lv-other", "qcow2")
             .await;
         ensure!(status == 202, "submit lv-other: {status} {v}");
-        let id = v["job_id"].as_str().unwrap_or_default().to_string();
-        let seen = api
-            .poll(&id, Duration::from_millis(300), |j| {
-                j["status"] != "running" || j["progress"]["stage"] == "converting"
-            })
+        let job = api
+            .wait_done(v["job_id"].as_str().unwrap_or_default())
             .await?;
-        ensure!(seen["status"] == "running", "lv-other ended early: {seen}");
-        let (status, v) = post(
-            api.c,
-            &api.d.url(&format!("/api/v1/jobs/{id}/cancel")),
-            &json!({}),
-        )
-        .await;
-        ensure!(status == 200, "cancel: {status} {v}");
-        let job = api.wait_done(&id).await?;
-        ensure!(job["status"] == "cancelled", "lv-other: {job}");
-        ensure!(!lv_exists("lv-other")?, "the cancelled job's LV is left");
+        ensure!(job["status"] == "failed", "lv-other: {job}");
+        ensure!(
+            api.d
+                .log()
+                .contains("removing volume created by the failed job"),
+            "lv-other was not rolled back"
+        );
+        ensure!(!lv_exists("lv-other")?, "the failed job's LV is left");
         ensure!(lv_exists("lv-vm")?, "the domain's LV is gone");
         ensure!(
             sha256_prefix(&lv_path("lv-vm"), MIB)? == before,
@@ -650,7 +644,7 @@ async fn running_domain_protects_its_lv(ctx: &Ctx) -> CaseResult {
         );
         let state = domain_state("dom-lv")?;
         ensure!(state == "paused", "dom-lv is {state:?} after the rollback");
-        step(&mut t, "other job cancelled and rolled back");
+        step(&mut t, "other job failed and rolled back");
         Ok(())
     }
     .await;
@@ -674,8 +668,8 @@ async fn running_domain_protects_its_lv(ctx: &Ctx) -> CaseResult {
 
 /// The directory backend with a `dir` pool: a paused domain on a volume file blocks reuse and
 /// DELETE, also through a daemon in its own PID namespace (as in a container), whose /proc
-/// shows no QEMU; another job's rollback leaves the file alone; after `virsh destroy` it is
-/// reused and deleted, and gone from the pool.
+/// shows no QEMU; another job's cancel (and rollback of its new file) leaves the file alone;
+/// after `virsh destroy` it is reused and deleted, and gone from the pool.
 async fn running_domain_protects_its_file(ctx: &Ctx) -> CaseResult {
     let dir = ctx.work.join("dir");
     let volumes = dir.join("volumes");
@@ -740,18 +734,33 @@ async fn running_domain_protects_its_file(ctx: &Ctx) -> CaseResult {
         refused?;
         step(&mut t, "refused by the daemon in a PID namespace");
 
-        // An unrelated job fails after creating its file: only that file is rolled back.
+        // An unrelated job cancelled mid-write: its own new file is rolled back, nothing else.
         let (status, v) = api
-            .provision(&ctx.image("corrupt.qcow2"), "file-other", "qcow2")
+            .provision(&ctx.data.join("cancel.qcow2"), "file-other", "qcow2")
             .await;
         ensure!(status == 202, "submit file-other: {status} {v}");
-        let job = api
-            .wait_done(v["job_id"].as_str().unwrap_or_default())
+        let id = v["job_id"].as_str().unwrap_or_default().to_string();
+        let seen = api
+            .poll(&id, Duration::from_millis(300), |j| {
+                j["status"] != "running" || j["progress"]["stage"] == "converting"
+            })
             .await?;
-        ensure!(job["status"] == "failed", "file-other: {job}");
+        ensure!(
+            seen["status"] == "running",
+            "file-other ended early: {seen}"
+        );
+        let (status, v) = post(
+            api.c,
+            &api.d.url(&format!("/api/v1/jobs/{id}/cancel")),
+            &json!({}),
+        )
+        .await;
+        ensure!(status == 200, "cancel: {status} {v}");
+        let job = api.wait_done(&id).await?;
+        ensure!(job["status"] == "cancelled", "file-other: {job}");
         ensure!(
             !volumes.join("file-other").exists(),
-            "the failed job's file is left"
+            "the cancelled job's file is left"
         );
         ensure!(
             sha256_prefix(&file, MIB)? == before,

@@ -609,6 +609,13 @@ fn module_defines_the_libvirt_pool_only_when_asked() {
         .find(r#"pool-define-as "$pool" logical --source-name "$vg" --target "/dev/$vg""#)
         .expect("defines a logical pool over the volume group");
     let exists = script.find("pool-info \"$pool\"").unwrap();
+    assert!(
+        !script
+            .lines()
+            .map(str::trim)
+            .any(|l| !l.starts_with('#') && l.contains("virsh") && l.contains("| grep")),
+        "grep -q on a pipe from virsh fails under pipefail (SIGPIPE):\n{script}"
+    );
     let leave = script[exists..].find("exit 0").map(|i| i + exists).unwrap();
     assert!(
         exists < leave && leave < define,

@@ -274,9 +274,12 @@ mod tests {
 
     #[tokio::test]
     async fn libvirt_not_answering_is_not_free() {
-        let (dir, volumes) =
-            setup(|_| "echo 'error: failed to connect to the hypervisor' >&2; exit 1".to_string())
-                .await;
+        // What virsh printed in the test VM with libvirtd stopped.
+        let recorded = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/libvirt/domstats-down.stderr"
+        );
+        let (dir, volumes) = setup(|_| format!("cat '{recorded}' >&2; exit 1")).await;
         let blocker = volumes
             .inspect("vm-1")
             .await
@@ -293,7 +296,9 @@ mod tests {
         assert!(
             blocker
                 .reason
-                .contains("failed to connect to the hypervisor")
+                .contains("Failed to connect socket to '/var/run/libvirt/libvirt-sock'"),
+            "{}",
+            blocker.reason
         );
         // Rollback of the job's own volume still happens; the pool refresh is attempted.
         volumes.remove_created("vm-1", "job").await.unwrap();
