@@ -86,7 +86,7 @@ T1=$(now)
 rm -f "$W/curl-copy"
 echo "   curl HEAD + .sha256 + GET to a file + sync:               $(rate "$OBJ_BYTES" "$T0" "$T1")"
 T0=$(now)
-JOB=$(curl -fs -X POST "$B/api/v1/cache/fetch" -d "{\"image_url\":\"$URL\"}" | sed -E 's/.*"job_id":"([^"]+)".*/\1/')
+JOB=$(curl -fs -X POST "$B/api/v1/cache/fetch" -H 'content-type: application/json' -d "{\"image_url\":\"$URL\"}" | sed -E 's/.*"job_id":"([^"]+)".*/\1/')
 wait_job "$JOB"
 T1=$(now)
 echo "   daemon prefetch (hash+fsync+inspect): $(rate "$OBJ_BYTES" "$T0" "$T1")"
@@ -100,7 +100,7 @@ sync -f "$W/bare.raw"
 T1=$(now)
 python3 -c "print(f'   bare qemu-img convert + sync:          {$T1-$T0:.2f} s')"
 T0=$(now)
-JOB=$(curl -fs -X POST "$B/api/v1/jobs" -d "{\"image_url\":\"$URL\",\"volume_name\":\"bench\",\"volume_size_gb\":$(( (SIZE_MIB + 1023) / 1024 ))}" | sed -E 's/.*"job_id":"([^"]+)".*/\1/')
+JOB=$(curl -fs -X POST "$B/api/v1/jobs" -H 'content-type: application/json' -d "{\"image_url\":\"$URL\",\"volume_name\":\"bench\",\"volume_size_gb\":$(( (SIZE_MIB + 1023) / 1024 ))}" | sed -E 's/.*"job_id":"([^"]+)".*/\1/')
 wait_job "$JOB"
 T1=$(now)
 HIT=$(curl -fs "$B/api/v1/jobs/$JOB" | python3 -c 'import json,sys; print(json.load(sys.stdin)["cache_hit"])')

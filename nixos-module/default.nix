@@ -75,6 +75,12 @@ let
   defaultVolumeGroup = data.defaultVolumeGroup cfg;
 
   usesLvm = cfg.settings.volumes.backend == "lvm";
+  # The directory backend's "volume is open" check reads /proc/<pid>/fd of every process (QEMU
+  # runs as another user): listing another user's fd directory needs CAP_DAC_READ_SEARCH, reading
+  # its links CAP_SYS_PTRACE (the ptrace access check; ptrace(2) itself stays blocked by the system
+  # call filter). Measured on Linux 6.18 (tests/nix_module.rs): with both, the check sees the
+  # holder under hidepid=invisible too; with either one alone, or none, it does not.
+  directoryCapabilities = [ "CAP_DAC_READ_SEARCH" "CAP_SYS_PTRACE" ];
   usesLibvirtPool = cfg.settings.libvirt.pool != "";
   definesPool = cfg.libvirt.definePool;
   poolUnitName = "libvirt-volume-provisioner-pool";
@@ -86,6 +92,24 @@ let
   lvmCapabilities = [ "CAP_SYS_ADMIN" "CAP_IPC_LOCK" "CAP_SYS_NICE" ];
   lvmDeviceAllow = devices: extraAllow:
     [ "/dev/mapper/control rw" "block-device-mapper rw" ] ++ map (dev: "${dev} rw") devices ++ extraAllow;
+  # The volume-group units may also read every block device (device groups in /proc/devices,
+  # matched as a glob): their check for an existing group of the same name must see all disks.
+  allBlockDevicesReadOnly = "block-* r";
+
+  # The daemon's hardening: the LVM sandbox, adapted to the backend in use.
+  daemonSandbox = lvmSandbox vgDevices cfg.lvm.extraDeviceAllow // {
+    # The LVM privileges only for the lvm backend, what the "volume is open" check needs for the
+    # directory backend; a port below 1024 needs CAP_NET_BIND_SERVICE.
+    CapabilityBoundingSet = (if usesLvm then lvmCapabilities else directoryCapabilities)
+      ++ lib.optional (listenPort < 1024) "CAP_NET_BIND_SERVICE";
+    # The directory backend opens no device: only the standard pseudo devices remain.
+    DeviceAllow = lib.optionals usesLvm (lvmDeviceAllow vgDevices cfg.lvm.extraDeviceAllow);
+    # The job store, the image cache, directory-backend volumes, and LVM's paths.
+    ReadWritePaths = lib.optionals usesLvm lvmWritablePaths ++ writableDirs;
+    # AF_INET/AF_INET6 for the API, S3 and OTLP; AF_UNIX for virsh (libvirtd's socket) and
+    # the journal. No netlink: nothing here configures or monitors the network or udev.
+    RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" ];
+  };
 
   # Directories the daemon writes besides LVM's: the job store, the image cache and, for the
   # directory backend, the volumes.
@@ -122,9 +146,10 @@ let
     # PrivateDevices must stay off: the unit needs the real block devices and
     # /dev/mapper/control. Instead the device cgroup allows exactly: the standard pseudo devices
     # (DevicePolicy=closed), /dev/mapper/control, every device-mapper device (the LVs), and the
-    # physical volumes of the declared volume groups (plus lvm.extraDeviceAllow). LVM's scan of
-    # other disks is refused by the kernel; going by LVM's scan code it logs "Device open ...
-    # failed errno 1" for each and goes on (not observed yet: the VM test settles it).
+    # physical volumes of the declared volume groups (plus lvm.extraDeviceAllow). The daemon's
+    # LVM commands are narrowed to its group's devices (settings.volumes.lvm.devices), so LVM does
+    # not try to open other disks; the volume-group units may read them all (see
+    # allBlockDevicesReadOnly).
     DevicePolicy = "closed";
     DeviceAllow = lvmDeviceAllow devices extraAllow;
     # /proc/sys and /sys stay read-only: LVM and libdevmapper only read sysfs (for LVM's default
@@ -137,8 +162,11 @@ let
     ProtectControlGroups = true;
     ProtectClock = true;
     ProtectHostname = true;
-    # Other users' processes are hidden; /proc itself must stay complete (no ProcSubset=pid):
-    # LVM reads /proc/devices, /proc/partitions and /proc/self/mountinfo.
+    # /proc with hidepid=invisible: other users' processes are hidden from what may not
+    # ptrace-read them (the kernel exempts the group 0, so root still lists their ids; their fd
+    # directories need CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE, which only the directory backend
+    # gets). /proc itself must stay complete (no ProcSubset=pid): LVM reads /proc/devices,
+    # /proc/partitions and /proc/self/mountinfo.
     ProtectProc = "invisible";
     # No namespaces, realtime scheduling, personality changes or writable+executable memory are
     # used by the daemon, qemu-img, LVM or virsh.
@@ -158,8 +186,10 @@ let
   };
 in
 {
-  meta.doc = ../docs/nixos.md;
-
+  # No meta.doc: the NixOS manual renders every meta.doc file with nixos-render-docs, which
+  # refuses docs/nixos.md (headings without ids), and that breaks `nixos-rebuild switch` on any
+  # host that builds the manual (the default). docs/nixos.md stays repository documentation; the
+  # flake check `nixos-manual` builds the manual of a system with this module.
   options.services.libvirt-volume-provisioner = lib.recursiveUpdate (lib.recursiveUpdate credentialOptions mappedOptions) {
     enable = lib.mkEnableOption "libvirt-volume-provisioner, which provisions libvirt volumes (LVM or directory) from qcow2/raw images over an HTTPS API";
 
@@ -189,10 +219,13 @@ in
           example = [ "/dev/disk/by-id/nvme-SAMSUNG_MZQL23T8HCLS-00A07_S64HNE0T512345" ];
           description = ''
             Block devices of the volume group. A oneshot unit ordered before the daemon creates
-            the group from them when it does not exist, and only if none of them carries any
-            signature (file system, partition table, RAID or LVM label) or holder; otherwise it
-            fails loudly and the daemon does not start. It never wipes anything. The devices are
-            also the physical volumes the daemon's unit may open (DeviceAllow).
+            the group from them when no group of that name exists on any disk, and only if each
+            is readable and carries no signature (file system, partition table, RAID, LVM label
+            other than an unused physical volume) and no holder; when the group exists, all of
+            its physical volumes must be declared here. Otherwise it fails loudly and the daemon
+            does not start. It never wipes anything. The devices are also the physical volumes
+            the daemon's unit may open (DeviceAllow) and, for the group in use, the devices its
+            LVM commands are narrowed to (`settings.volumes.lvm.devices`).
           '';
         };
       });
@@ -293,7 +326,7 @@ in
       ]
       ++ lib.mapAttrsToList
         (name: _: {
-          assertion = builtins.match "[A-Za-z0-9_][A-Za-z0-9_.-]*" name != null && name != "." && name != "..";
+          assertion = data.validVolumeGroupName name;
           message = "services.libvirt-volume-provisioner.lvm.volumeGroups.${name}: a volume group name here is letters, digits, '_', '.', '-' and does not start with '-' or '.'.";
         })
         volumeGroups;
@@ -312,6 +345,9 @@ in
       (lib.mkIf (defaultVolumeGroup != null) {
         volumes.lvm.volume_group = lib.mkDefault defaultVolumeGroup;
       })
+      {
+        volumes.lvm.devices = lib.mkDefault (data.volumeGroupDevices cfg cfg.settings.volumes.lvm.volume_group);
+      }
     ];
 
     environment.etc."libvirt-volume-provisioner/config.toml".source = configFile;
@@ -337,67 +373,17 @@ in
           # Runs once per boot and stays active, so the daemon's Requires= on it holds.
           Type = "oneshot";
           RemainAfterExit = true;
-        } // lvmSandbox vg.devices [ ] // {
+        } // lvmSandbox vg.devices [ allBlockDevicesReadOnly ] // {
           # Creating a volume group needs no network at all; AF_UNIX is for the journal.
           PrivateNetwork = true;
           RestrictAddressFamilies = [ "AF_UNIX" ];
         };
+        # The rules (never destroy data, refuse loudly) are in ./volume-group.sh.
         script = ''
           set -euo pipefail
           vg=${lib.escapeShellArg name}
           devices=(${lib.escapeShellArgs vg.devices})
-
-          if vgs --noheadings -o vg_name "$vg" >/dev/null 2>&1; then
-            echo "volume group $vg exists; nothing to do"
-            for dev in "''${devices[@]}"; do
-              owner=$(pvs --noheadings -o vg_name "$dev" 2>/dev/null | tr -d '[:space:]' || true)
-              if [ "$owner" != "$vg" ]; then
-                echo "warning: $dev is declared for $vg but is not one of its physical volumes (''${owner:-no volume group})" >&2
-              fi
-            done
-            exit 0
-          fi
-
-          refuse=0
-          for dev in "''${devices[@]}"; do
-            if [ ! -b "$dev" ]; then
-              echo "refusing to create $vg: $dev is not a block device" >&2
-              refuse=1
-              continue
-            fi
-            # Low-level probe of superblocks and partition tables; exit status 2 means nothing found.
-            rc=0
-            found=$(blkid -p -o export "$dev" 2>&1) || rc=$?
-            if [ "$rc" -ne 2 ]; then
-              echo "refusing to create $vg: $dev carries data (blkid exit $rc):" >&2
-              echo "$found" >&2
-              refuse=1
-              continue
-            fi
-            # Partitions or device-mapper/RAID devices stacked on it.
-            children=$(lsblk -n -o NAME "$dev" | tail -n +2)
-            if [ -n "$children" ]; then
-              echo "refusing to create $vg: $dev has partitions or holders:" >&2
-              echo "$children" >&2
-              refuse=1
-            fi
-          done
-          if [ "$refuse" -ne 0 ]; then
-            echo "volume group $vg was not created and nothing was written. This unit never wipes a device: clear it yourself (wipefs) if it really holds nothing of value." >&2
-            exit 1
-          fi
-
-          # Follow the host's LVM devices-file policy: add to it when it exists, never create one
-          # (creating it would hide every other volume group from LVM).
-          if [ -e /etc/lvm/devices/system.devices ]; then
-            devicesfile=()
-          else
-            devicesfile=(--devicesfile "")
-          fi
-          pvcreate "''${devicesfile[@]}" "''${devices[@]}"
-          vgcreate "''${devicesfile[@]}" "$vg" "''${devices[@]}"
-          echo "created volume group $vg on ''${devices[*]}"
-        '';
+        '' + builtins.readFile ./volume-group.sh;
       })
       volumeGroups // lib.optionalAttrs definesPool {
       ${poolUnitName} = {
@@ -422,30 +408,14 @@ in
           PrivateTmp = true;
           UMask = "0077";
         };
+        # The rules (define only what is missing, never change an existing pool) are in
+        # ./libvirt-pool.sh.
         script = ''
           set -euo pipefail
           pool=${lib.escapeShellArg cfg.settings.libvirt.pool}
           vg=${lib.escapeShellArg cfg.settings.volumes.lvm.volume_group}
           virsh=(virsh -c ${lib.escapeShellArg cfg.settings.libvirt.uri})
-
-          if info=$("''${virsh[@]}" pool-info "$pool" 2>/dev/null); then
-            echo "libvirt pool $pool exists; it is not redefined"
-            # Output is captured before grep reads it: `virsh ... | grep -q` fails under
-            # pipefail when grep exits at the first match and virsh gets SIGPIPE.
-            xml=$("''${virsh[@]}" pool-dumpxml "$pool")
-            if ! grep -q "<pool type='logical'" <<<"$xml"; then
-              echo "warning: libvirt pool $pool is not a logical pool (the daemon writes LVs of volume group $vg)" >&2
-            fi
-            if ! grep -Eq '^State: +running' <<<"$info"; then
-              echo "warning: libvirt pool $pool is not active: the daemon's pool refreshes fail until it is started (virsh pool-start $pool)" >&2
-            fi
-            exit 0
-          fi
-          "''${virsh[@]}" pool-define-as "$pool" logical --source-name "$vg" --target "/dev/$vg"
-          "''${virsh[@]}" pool-autostart "$pool"
-          "''${virsh[@]}" pool-start "$pool"
-          echo "defined, autostarted and started libvirt pool $pool over volume group $vg"
-        '';
+        '' + builtins.readFile ./libvirt-pool.sh;
       };
     } // {
       libvirt-volume-provisioner = {
@@ -481,24 +451,11 @@ in
           StateDirectoryMode = "0700";
           CacheDirectory = "libvirt-volume-provisioner";
           CacheDirectoryMode = "0700";
-        } // lib.mapAttrs (_: lib.mkDefault) (lvmSandbox vgDevices cfg.lvm.extraDeviceAllow // {
-          # The LVM privileges only for the lvm backend; a port below 1024 needs
-          # CAP_NET_BIND_SERVICE. With the directory backend no capability is left at all.
-          # An empty list would render no line at all (= every capability); "" clears the set.
-          CapabilityBoundingSet =
-            let
-              capabilities = lib.optionals usesLvm lvmCapabilities
-                ++ lib.optional (listenPort < 1024) "CAP_NET_BIND_SERVICE";
-            in
-            if capabilities == [ ] then "" else capabilities;
-          # The directory backend opens no device: only the standard pseudo devices remain.
-          DeviceAllow = lib.optionals usesLvm (lvmDeviceAllow vgDevices cfg.lvm.extraDeviceAllow);
-          # The job store, the image cache, directory-backend volumes, and LVM's paths.
-          ReadWritePaths = lib.optionals usesLvm lvmWritablePaths ++ writableDirs;
-          # AF_INET/AF_INET6 for the API, S3 and OTLP; AF_UNIX for virsh (libvirtd's socket) and
-          # the journal. No netlink: nothing here configures or monitors the network or udev.
-          RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" ];
-        });
+        } // lib.mapAttrs (_: lib.mkDefault) (removeAttrs daemonSandbox [ "DeviceAllow" "ReadWritePaths" ]) // {
+          # Not mkDefault: these lists are merged with a host's own entries (systemd options
+          # concatenate definitions of equal priority), instead of being replaced by them.
+          inherit (daemonSandbox) DeviceAllow ReadWritePaths;
+        };
       };
     };
   };

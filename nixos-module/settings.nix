@@ -83,6 +83,12 @@ rec {
       description = "Volume group the logical volumes are created in. Defaults to the first of `lvm.volumeGroups` (in attribute-name order) when any is declared.";
     }
     {
+      path = [ "volumes" "lvm" "devices" ];
+      type = "strList";
+      default = [ ];
+      description = "Physical volumes LVM may open: every LVM command of the daemon gets `--devices <path>` for each, so LVM scans only these (empty: no narrowing). Defaults to the devices of the group in `volumes.lvm.volume_group` when it is one of `lvm.volumeGroups`.";
+    }
+    {
       path = [ "volumes" "directory" "path" ];
       type = "absolutePath";
       default = "/var/lib/libvirt-volume-provisioner/volumes";
@@ -243,25 +249,45 @@ rec {
   mappedSettings = cfg:
     mergeAll (map (m: setPath m.setting (getPath m.option cfg)) (builtins.filter (m: getPath m.option cfg != null) mapped));
 
+  # Names `lvm.volumeGroups` accepts (the module asserts it): LVM's VG name characters without
+  # `+` (not allowed in a systemd unit name), not starting with `-` or `.`.
+  volumeGroupNamePattern = "[A-Za-z0-9_][A-Za-z0-9_.-]*";
+  validVolumeGroupName = name: builtins.match volumeGroupNamePattern name != null;
+
   # The volume group used when `settings.volumes.lvm.volume_group` is not set: the first declared
-  # one (attribute names are sorted), or null.
+  # one with a valid name (attribute names are sorted), or null. An invalid name is left to the
+  # module's assertion, which names it, instead of becoming the default and failing the type
+  # check of `settings.volumes.lvm.volume_group` with a less helpful message.
   defaultVolumeGroup = cfg:
+    let
+      groups = getPath [ "lvm" "volumeGroups" ] cfg;
+      valid = builtins.filter validVolumeGroupName (builtins.attrNames groups);
+    in
+    if groups == null || valid == [ ] then null else builtins.head valid;
+
+  # The devices of the volume group in use (`volume_group`, the final value of
+  # `settings.volumes.lvm.volume_group`) when it is one of `lvm.volumeGroups`, otherwise [ ]:
+  # the default of `settings.volumes.lvm.devices`.
+  volumeGroupDevices = cfg: volume_group:
     let groups = getPath [ "lvm" "volumeGroups" ] cfg;
-    in if groups == null || groups == { } then null else builtins.head (builtins.attrNames groups);
+    in if groups != null && builtins.hasAttr volume_group groups then groups.${volume_group}.devices else [ ];
 
   typedDefaults = mergeAll (map (o: setPath o.path o.default) typedSettings);
 
   # What the module renders to config.toml for option values `cfg` (the same shape as the module's
   # options, e.g. nixos-module/example.nix). The module itself merges through the NixOS module
-  # system with the same pieces: option defaults < default volume group (mkDefault) < definitions.
+  # system with the same pieces: option defaults < default volume group and its devices
+  # (mkDefault) < definitions.
   render = cfg:
     let
       vg = defaultVolumeGroup cfg;
       userSettings = if cfg ? settings then cfg.settings else { };
+      defaults = deepMerge typedDefaults (if vg == null then { } else setPath [ "volumes" "lvm" "volume_group" ] vg);
+      inUse = (deepMerge defaults userSettings).volumes.lvm.volume_group;
     in
     mergeAll [
-      typedDefaults
-      (if vg == null then { } else setPath [ "volumes" "lvm" "volume_group" ] vg)
+      defaults
+      (setPath [ "volumes" "lvm" "devices" ] (volumeGroupDevices cfg inUse))
       userSettings
       (credentialSettings cfg)
       (mappedSettings cfg)

@@ -141,10 +141,13 @@ fn backend_from_settings(
         VolumeBackendKind::Directory => {
             Arc::new(DirectoryBackend::new(&settings.volumes.directory.path)?)
         }
-        VolumeBackendKind::Lvm => Arc::new(LvmBackend::new(
-            &settings.volumes.lvm.volume_group,
-            settings.volumes.lvm.command_timeout,
-        )?),
+        VolumeBackendKind::Lvm => Arc::new(
+            LvmBackend::new(
+                &settings.volumes.lvm.volume_group,
+                settings.volumes.lvm.command_timeout,
+            )?
+            .with_devices(&settings.volumes.lvm.devices),
+        ),
     };
     Ok(match libvirt {
         Some(libvirt) => Arc::new(LibvirtVolumes::new(backend, libvirt)),
@@ -330,11 +333,7 @@ async fn run(
         listener,
         api::routes(state),
         transport,
-        ServerLimits {
-            max_connections: settings.server.max_connections,
-            header_timeout: settings.server.header_timeout,
-            handshake_timeout: settings.server.handshake_timeout,
-        },
+        ServerLimits::from_settings(&settings.server),
         shutdown.clone(),
     ));
 

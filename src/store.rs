@@ -12,6 +12,9 @@ use sled::IVec;
 
 /// How long a reopen waits for operations in flight to let go of the old instance.
 const REOPEN_WAIT: Duration = Duration::from_secs(5);
+/// How long opening waits for the database's lock: the process of a previous instance that
+/// was just killed can hold it for a moment (seen in the crash test right after a SIGKILL).
+const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// The sled database (cheap to clone; every clone sees the same, current instance).
 #[derive(Clone)]
@@ -42,9 +45,26 @@ fn open_at(path: &Path) -> sled::Result<sled::Db> {
 }
 
 impl Db {
-    /// Opens (or creates) the database at `path`.
+    /// Opens (or creates) the database at `path`, waiting up to `LOCK_WAIT` for another
+    /// process to release it.
     pub(crate) fn open(path: &Path) -> sled::Result<Db> {
-        let db = open_at(path)?;
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match open_at(path) {
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tracing::warn!(
+                        path = %path.display(),
+                        "the job store is locked by another process (a previous instance still \
+                         exiting?); waiting"
+                    );
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                other => break other?,
+            }
+        };
         Ok(Db {
             inner: Arc::new(DbInner {
                 path: path.to_path_buf(),

@@ -538,7 +538,7 @@ fn run_case<'a>(
 }
 
 /// The NixOS module's pool unit (`libvirt.definePool`), its script as the module renders it
-/// (scripts/vm-test.sh extracts it with nix-instantiate from nix/module-smoke.nix): a missing
+/// (scripts/vm-test.sh extracts it with nix-instantiate through nix/pool-script.nix): a missing
 /// pool is defined over the volume group, autostarted and started; run again, it changes
 /// nothing. The pool it defines is the one the later cases use.
 async fn module_pool_unit(ctx: &Ctx) -> CaseResult {
@@ -771,14 +771,17 @@ async fn running_domain_protects_its_file(ctx: &Ctx) -> CaseResult {
             state == "paused",
             "dom-file is {state:?} after the rollback"
         );
+        step(&mut t, "other job cancelled and rolled back");
         Ok(())
     }
     .await;
     let stopped = stop_domain("dom-file");
     checks?;
     stopped?;
+    step(&mut t, "domain destroyed");
 
     api.provision_completed(&small, "file-vm", "raw").await?;
+    step(&mut t, "reused");
     let (status, v) = api.delete("file-vm").await;
     ensure!(status == 200, "DELETE after destroy: {status} {v}");
     ensure!(!file.exists(), "file-vm still exists");

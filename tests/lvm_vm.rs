@@ -358,9 +358,12 @@ async fn lvm_backend_end_to_end() {
 
     let work = tempfile::tempdir().unwrap();
     let dir = work.path().to_path_buf();
+    // Every LVM command of the daemon narrowed to the VG's disk (`--devices /dev/vda`), as the
+    // NixOS module configures it.
     let config = TestConfig::new(&dir)
         .set("volumes.backend", "lvm")
         .set("volumes.lvm.volume_group", VG)
+        .set("volumes.lvm.devices", vec![DISK.to_string()])
         .set(
             "sources.file_roots",
             vec![
@@ -455,6 +458,7 @@ async fn health(ctx: &Ctx) -> CaseResult {
     let config = TestConfig::new(&dir)
         .set("volumes.backend", "lvm")
         .set("volumes.lvm.volume_group", VG)
+        .set("volumes.lvm.devices", vec![DISK.to_string()])
         .set("telemetry.probe_interval", "1s");
     let d = Daemon::start(&dir, &config);
     let c = &ctx.c;
@@ -471,6 +475,13 @@ async fn health(ctx: &Ctx) -> CaseResult {
         .unwrap_or("(none)")
         .to_string();
     ensure!(line.ends_with(" 1"), "metrics: {line}");
+    // The probe's vgs ran narrowed to the configured device (the daemon's debug log shows the
+    // command line it ran).
+    ensure!(
+        d.log().contains("vgs --devices /dev/vda "),
+        "no narrowed vgs in the log:\n{}",
+        d.log()
+    );
     run("vgrename", &["-q", VG, "vmtest-away"])?;
     let down = wait_ready(c, &d, false).await;
     run("vgrename", &["-q", "vmtest-away", VG])?;

@@ -6,7 +6,9 @@
 //!   typed option's default must be the daemon's default (no drift);
 //! - docs/nixos.md must list every module option with its default, and show the example;
 //! - the module function, evaluated with stand-ins for nixpkgs' lib (nix/module-smoke.nix), must
-//!   compute the expected unit, assertions and volume-group script.
+//!   compute the expected unit, assertions and volume-group script;
+//! - as root: the volume-group script, as the module renders it, run against loop devices, and
+//!   the directory backend's open check under the module's capabilities and ProtectProc.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -14,6 +16,8 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use serde_json::Value;
+
+mod common;
 
 const BIN: &str = env!("CARGO_BIN_EXE_libvirt-volume-provisioner");
 const PREFIX: &str = "services.libvirt-volume-provisioner.";
@@ -444,6 +448,17 @@ fn module_computes_the_hardened_unit_for_the_example() {
     assert_eq!(example["firewallPorts"], serde_json::json!([8443]));
     assert_eq!(example["kernelModules"], serde_json::json!(["dm_mod"]));
 
+    // The daemon's LVM commands are narrowed to the group's devices.
+    assert_eq!(
+        example["settings"]["volumes"]["lvm"]["devices"],
+        serde_json::json!(["/dev/vdb"])
+    );
+    assert_eq!(
+        example["moduleSettings"]["volumes"]["lvm"]["devices"],
+        serde_json::json!(["/dev/vdb"])
+    );
+    assert_eq!(example["typeErrors"], Value::Array(vec![]));
+
     let vg = &example["volumeGroupUnits"]["libvirt-volume-provisioner-vg-vg_vms"];
     assert_eq!(
         strings(&vg["before"]),
@@ -452,6 +467,17 @@ fn module_computes_the_hardened_unit_for_the_example() {
     assert_eq!(strings(&vg["requires"]), ["dev-vdb.device"]);
     assert_eq!(vg["serviceConfig"]["Type"], "oneshot");
     assert_eq!(vg["serviceConfig"]["PrivateNetwork"], true);
+    // Read access to every block device (the check for a group of the same name must see all
+    // disks), write access to the declared ones only.
+    assert_eq!(
+        strings(&vg["serviceConfig"]["DeviceAllow"]),
+        [
+            "/dev/mapper/control rw",
+            "block-device-mapper rw",
+            "/dev/vdb rw",
+            "block-* r"
+        ]
+    );
     let script = vg["script"].as_str().unwrap();
     let syntax = Command::new("bash")
         .args(["-n", "-c", script])
@@ -462,37 +488,86 @@ fn module_computes_the_hardened_unit_for_the_example() {
         "volume-group script: {}",
         String::from_utf8_lossy(&syntax.stderr)
     );
-    assert!(script.contains("blkid -p"), "probes for signatures");
-    // Nothing that destroys data: no wiping or formatting command, no forced or auto-confirmed
-    // pvcreate/vgcreate.
-    for line in script.lines().map(str::trim) {
-        let command = line.split_whitespace().next().unwrap_or("");
-        for destructive in [
-            "wipefs",
-            "dd",
-            "sfdisk",
-            "sgdisk",
-            "blkdiscard",
-            "lvremove",
-            "vgremove",
-            "pvremove",
-        ] {
-            assert_ne!(command, destructive, "volume-group script runs {line:?}");
+    assert!(
+        script.starts_with("set -euo pipefail\nvg='vg_vms'\ndevices=('/dev/vdb')\n"),
+        "{script}"
+    );
+    assert_script_never_destroys(script);
+}
+
+/// Static check of the volume-group script (comments skipped): no command that writes to a
+/// device except one non-forced `vgcreate`; `wipefs` only as a listing (`--no-act`, no `--all`
+/// or `--offset`); `dd` only reading. tests `volume_group_script_on_loop_devices` checks the
+/// commands it really runs.
+fn assert_script_never_destroys(script: &str) {
+    // Quoted text is message text, unless it holds a command substitution.
+    let unquoted = |line: &str| -> String {
+        let mut out = String::new();
+        let mut rest = line;
+        while let Some(i) = rest.find(['"', '\'']) {
+            out.push_str(&rest[..i]);
+            let quote = rest.as_bytes()[i] as char;
+            let body = &rest[i + 1..];
+            let end = body.find(quote).unwrap_or(body.len());
+            if body[..end].contains("$(") {
+                out.push_str(&body[..end]);
+            }
+            rest = body.get(end + 1..).unwrap_or("");
         }
-        assert!(
-            !command.starts_with("mkfs"),
-            "volume-group script runs {line:?}"
-        );
-        if command == "pvcreate" || command == "vgcreate" {
-            for flag in line.split_whitespace() {
-                assert!(
-                    !["-f", "-ff", "--force", "-y", "--yes"].contains(&flag),
-                    "volume-group script runs {line:?}"
-                );
+        out.push_str(rest);
+        out
+    };
+    let words = |line: &str| -> Vec<String> {
+        unquoted(line)
+            .split(|c: char| c.is_whitespace() || "$();|&".contains(c))
+            .filter(|w| !w.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let mut vgcreate = 0;
+    for line in script
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+    {
+        let w = words(line);
+        for (i, word) in w.iter().enumerate() {
+            let args = &w[i + 1..];
+            match word.as_str() {
+                "pvcreate" | "pvremove" | "vgremove" | "lvremove" | "lvcreate" | "vgextend"
+                | "sfdisk" | "sgdisk" | "blkdiscard" | "pvmove" => {
+                    panic!("volume-group script runs {line:?}")
+                }
+                w if w.starts_with("mkfs") => panic!("volume-group script runs {line:?}"),
+                "wipefs" => assert!(
+                    args.first().is_some_and(|a| a == "--no-act")
+                        && !args.iter().any(|a| {
+                            ["-a", "--all", "-o", "--offset", "-f", "--force", "-b"]
+                                .contains(&a.as_str())
+                        }),
+                    "wipefs that is not a listing: {line:?}"
+                ),
+                "dd" => assert!(
+                    !args.iter().any(|a| a.starts_with("of=")),
+                    "dd that writes: {line:?}"
+                ),
+                "vgcreate" => {
+                    vgcreate += 1;
+                    assert!(
+                        !args.iter().any(|a| {
+                            ["-f", "-ff", "--force", "-y", "--yes"].contains(&a.as_str())
+                        }),
+                        "forced vgcreate: {line:?}"
+                    );
+                }
+                _ => {}
             }
         }
     }
-    assert!(script.contains("pvcreate ") && script.contains("vgcreate "));
+    assert_eq!(
+        vgcreate, 1,
+        "one vgcreate creates the group and its physical volumes"
+    );
 }
 
 #[test]
@@ -521,7 +596,12 @@ fn module_refuses_secrets_in_the_store() {
 fn module_grants_lvm_privileges_only_for_the_lvm_backend() {
     let smoke = module_smoke();
     let directory = &smoke["directory"]["daemon"]["serviceConfig"];
-    assert_eq!(directory["CapabilityBoundingSet"], "", "empty bounding set");
+    // Only what the "volume is open" check needs (see
+    // `directory_backend_sees_volumes_other_users_hold_open`).
+    assert_eq!(
+        strings(&directory["CapabilityBoundingSet"]),
+        ["CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"]
+    );
     assert_eq!(directory["DeviceAllow"], Value::Array(vec![]));
     assert!(strings(&directory["ReadWritePaths"]).contains(&"/srv/volumes"));
     assert_eq!(
@@ -542,6 +622,717 @@ fn module_grants_lvm_privileges_only_for_the_lvm_backend() {
             "libvirt-volume-provisioner-vg-vg_slow.service"
         ]
     );
+    // The group in use is the first one; the daemon's LVM commands see only its devices.
+    let lvm = &privileged["settings"]["volumes"]["lvm"];
+    assert_eq!(lvm["volume_group"], "vg_fast");
+    assert_eq!(
+        lvm["devices"],
+        serde_json::json!(["/dev/disk/by-id/nvme-a", "/dev/disk/by-id/nvme-b"])
+    );
+    assert_eq!(privileged["moduleSettings"]["volumes"]["lvm"], *lvm);
+}
+
+#[test]
+fn module_has_no_meta_doc_and_the_flake_builds_the_manual() {
+    // meta.doc hands docs/nixos.md to the NixOS manual build, whose nixos-render-docs refuses it.
+    assert_eq!(module_smoke()["example"]["hasMetaDoc"], false);
+    // The flake check that would catch this class of breakage: a full nixosSystem with the
+    // module and the documentation on, its manual built (it runs with `nix flake check`, which
+    // needs nixpkgs and cannot run here).
+    let flake = std::fs::read_to_string(repo().join("flake.nix")).unwrap();
+    for needle in [
+        "nixos-manual =",
+        "lib.nixosSystem",
+        "documentation.nixos.enable = true;",
+        "config.system.build.manual.manualHTML",
+        "config.system.build.toplevel.drvPath",
+    ] {
+        assert!(flake.contains(needle), "flake.nix lacks {needle:?}");
+    }
+}
+
+#[test]
+fn module_names_an_invalid_volume_group_instead_of_defaulting_to_it() {
+    let smoke = &module_smoke()["invalidFirst"];
+    let failed: Vec<&str> = smoke["assertions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["assertion"] != true)
+        .map(|a| a["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(failed[0].contains("lvm.volumeGroups.-bad:"), "{failed:?}");
+    // "-bad" sorts first, but the default is the first valid name, so no typed setting fails
+    // its type (which nixpkgs would report before any assertion).
+    assert_eq!(
+        smoke["moduleSettings"]["volumes"]["lvm"]["volume_group"],
+        "good"
+    );
+    assert_eq!(smoke["settings"]["volumes"]["lvm"]["volume_group"], "good");
+    assert_eq!(smoke["typeErrors"], Value::Array(vec![]));
+}
+
+#[test]
+fn host_additions_to_device_allow_and_read_write_paths_are_merged() {
+    let example = &module_smoke()["example"]["daemon"]["serviceConfig"];
+    let added = &module_smoke()["hostAdditions"]["daemon"]["serviceConfig"];
+    let mut want = strings(&example["DeviceAllow"]);
+    want.push("/dev/md0 rw");
+    assert_eq!(strings(&added["DeviceAllow"]), want);
+    let mut want = strings(&example["ReadWritePaths"]);
+    want.push("/srv/extra");
+    assert_eq!(strings(&added["ReadWritePaths"]), want);
+    // Scalars stay mkDefault: the host's value replaces the module's.
+    assert_eq!(example["ProtectProc"], "invisible");
+    assert_eq!(added["ProtectProc"], "default");
+}
+
+/// Why root-only checks cannot run here, or None. Without root they are skipped loudly, except
+/// on CI (`CI=true`), where that is a failure.
+fn root_checks_unavailable(tools: &[&str]) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let reason = if std::fs::metadata("/proc/self").map(|m| m.uid()).ok() != Some(0) {
+        Some("not running as root".to_string())
+    } else {
+        tools
+            .iter()
+            .find(|t| find_tool(t).is_none())
+            .map(|t| format!("{t} is not installed"))
+    };
+    if let Some(reason) = &reason {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "on CI this check must run, but {reason}"
+        );
+        eprintln!("\n!!!!!!!! SKIPPED: {reason}; this root-only check did NOT run. !!!!!!!!\n");
+    }
+    reason
+}
+
+/// The path of a program on PATH or in the sbin directories.
+fn find_tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    path.split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+fn sh(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Loop devices, an LVM configuration of their own, and logging wrappers for every tool the
+/// volume-group script may run. Everything is removed on drop.
+struct LoopLab {
+    dir: tempfile::TempDir,
+    loops: Vec<String>,
+    links: PathBuf,
+    tag: String,
+}
+
+/// Tools the volume-group script uses, and tools it must never run; all are wrapped so that
+/// every invocation is logged.
+const WRAPPED: &[&str] = &[
+    "pvs",
+    "vgs",
+    "lvs",
+    "vgcreate",
+    "blkid",
+    "wipefs",
+    "lsblk",
+    "blockdev",
+    "dd",
+    "stat",
+    "pvcreate",
+    "pvremove",
+    "vgremove",
+    "lvremove",
+    "lvcreate",
+    "vgextend",
+    "sfdisk",
+    "sgdisk",
+    "blkdiscard",
+    "mkfs",
+    "mkfs.ext4",
+    "pvmove",
+];
+
+impl LoopLab {
+    fn new(test: &str) -> LoopLab {
+        let dir = tempfile::tempdir().unwrap();
+        let lvm = dir.path().join("lvm");
+        std::fs::create_dir_all(&lvm).unwrap();
+        // As in the LVM test VM (tests/vm/vm-run.sh): no udev here, backups kept in the lab.
+        std::fs::write(
+            lvm.join("lvm.conf"),
+            format!(
+                "devices {{ obtain_device_list_from_udev = 0 hints = \"none\" }}\n\
+                 activation {{ udev_sync = 0 udev_rules = 0 monitoring = 0 }}\n\
+                 global {{ use_lvmpolld = 0 }}\n\
+                 backup {{ backup_dir = \"{0}/backup\" archive_dir = \"{0}/archive\" }}\n",
+                lvm.display()
+            ),
+        )
+        .unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let log = dir.path().join("commands.log");
+        for tool in WRAPPED {
+            if let Some(real) = find_tool(tool) {
+                let wrapper = bin.join(tool);
+                std::fs::write(
+                    &wrapper,
+                    format!(
+                        "#!/bin/sh\nprintf '%s' {tool} >> '{log}'\nfor a in \"$@\"; do printf ' %s' \"$a\" >> '{log}'; done\necho >> '{log}'\nexec '{real}' \"$@\"\n",
+                        log = log.display(),
+                        real = real.display()
+                    ),
+                )
+                .unwrap();
+                Command::new("chmod")
+                    .arg("755")
+                    .arg(&wrapper)
+                    .status()
+                    .unwrap();
+            }
+        }
+        // Device names under /dev, as /dev/disk/by-id symlinks would be (LVM finds devices by
+        // their names under /dev).
+        let tag = format!("lvp-nixtest-{}-{test}", std::process::id());
+        let links = Path::new("/dev").join(&tag);
+        std::fs::create_dir_all(&links).unwrap();
+        LoopLab {
+            dir,
+            loops: Vec::new(),
+            links,
+            tag,
+        }
+    }
+
+    fn lvm_env(&self) -> PathBuf {
+        self.dir.path().join("lvm")
+    }
+
+    /// A loop device over a new sparse file of `mib` MiB, named `/dev/<tag>/<name>` too.
+    fn disk(&mut self, name: &str, mib: u64) -> String {
+        let file = self.dir.path().join(format!("{name}.img"));
+        std::fs::File::create(&file)
+            .unwrap()
+            .set_len(mib << 20)
+            .unwrap();
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        self.loops.push(dev.clone());
+        std::os::unix::fs::symlink(&dev, self.links.join(name)).unwrap();
+        dev
+    }
+
+    /// The `/dev/<tag>/<name>` name of a disk.
+    fn link(&self, name: &str) -> String {
+        self.links.join(name).display().to_string()
+    }
+
+    /// Runs a command with the lab's LVM configuration; panics when it fails.
+    fn run(&self, program: &str, args: &[&str]) -> String {
+        let (ok, out) = sh(Command::new(find_tool(program).unwrap())
+            .args(args)
+            .env("LVM_SYSTEM_DIR", self.lvm_env())
+            .env("LVM_SUPPRESS_FD_WARNINGS", "1"));
+        assert!(ok, "{program} {args:?}: {out}");
+        out
+    }
+
+    /// A volume-group name unique to this run.
+    fn vg(&self, name: &str) -> String {
+        format!("{}_{name}", self.tag.replace('-', "_"))
+    }
+
+    /// The module's volume-group script for `vg` on `devices`, run as the unit would run it (with
+    /// the tools wrapped); its success and output, and the commands it ran.
+    fn script(&self, vg: &str, devices: &[&str]) -> (bool, String, Vec<String>) {
+        let list = devices
+            .iter()
+            .map(|d| format!("\"{d}\""))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let out = Command::new("nix-instantiate")
+            .args(["--eval", "--strict", "--json", "nix/vg-script.nix"])
+            .args([
+                "--argstr",
+                "name",
+                vg,
+                "--arg",
+                "devices",
+                &format!("[ {list} ]"),
+            ])
+            .env("NIX_CONFIG", "build-users-group =")
+            .current_dir(repo())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let script: String = serde_json::from_slice(&out.stdout).unwrap();
+        let log = self.dir.path().join("commands.log");
+        let _ = std::fs::remove_file(&log);
+        let path = format!(
+            "{}:{}",
+            self.dir.path().join("bin").display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let (ok, output) = sh(Command::new("bash")
+            .arg("-c")
+            .arg(&script)
+            .env("PATH", path)
+            .env("LVM_SYSTEM_DIR", self.lvm_env())
+            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+            .stdin(std::process::Stdio::null()));
+        let commands = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        (ok, output, commands)
+    }
+
+    /// SHA-256 of a whole device.
+    fn digest(&self, dev: &str) -> String {
+        use sha2::Digest;
+        let bytes = std::fs::read(dev).unwrap();
+        hex::encode(sha2::Sha256::digest(&bytes))
+    }
+
+    /// The physical volumes of `vg` (device names).
+    fn members(&self, vg: &str) -> Vec<String> {
+        let out = self.run(
+            "pvs",
+            &[
+                "--noheadings",
+                "-o",
+                "pv_name",
+                "--select",
+                &format!("vg_name={vg}"),
+            ],
+        );
+        let mut pvs: Vec<String> = out.split_whitespace().map(str::to_string).collect();
+        pvs.sort();
+        pvs
+    }
+
+    fn detach(&mut self, dev: &str) {
+        let (ok, out) = sh(Command::new("losetup").arg("-d").arg(dev));
+        assert!(ok, "losetup -d {dev}: {out}");
+        self.loops.retain(|d| d != dev);
+    }
+
+    fn detach_all(&mut self) {
+        for dev in self.loops.drain(..) {
+            let _ = Command::new("losetup").arg("-d").arg(&dev).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.links);
+        let _ = std::fs::create_dir_all(&self.links);
+    }
+}
+
+impl Drop for LoopLab {
+    fn drop(&mut self) {
+        self.detach_all();
+        let _ = std::fs::remove_dir_all(&self.links);
+    }
+}
+
+/// Checks the commands a run of the volume-group script executed: nothing that writes to a
+/// device except vgcreate (not forced, on exactly `devices`), wipefs only listing, dd only
+/// reading.
+fn assert_ran_nothing_destructive(commands: &[String], devices: &[&str]) {
+    for c in commands {
+        let w: Vec<&str> = c.split(' ').collect();
+        match w[0] {
+            "pvcreate" | "pvremove" | "vgremove" | "lvremove" | "lvcreate" | "vgextend"
+            | "sfdisk" | "sgdisk" | "blkdiscard" | "pvmove" => panic!("ran {c}"),
+            t if t.starts_with("mkfs") => panic!("ran {c}"),
+            "wipefs" => assert!(
+                w.contains(&"--no-act")
+                    && !w
+                        .iter()
+                        .any(|a| ["-a", "--all", "-o", "--offset", "-f", "--force"].contains(a)),
+                "ran {c}"
+            ),
+            "dd" => assert!(!w.iter().any(|a| a.starts_with("of=")), "ran {c}"),
+            "vgcreate" => {
+                assert!(
+                    !w.iter()
+                        .any(|a| ["-f", "-ff", "--force", "-y", "--yes"].contains(a)),
+                    "ran {c}"
+                );
+                assert!(w.ends_with(devices), "vgcreate on other devices: {c}");
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A DOS partition table with one Linux partition from sector 2048 to the end (what
+/// `echo 'label: dos' | sfdisk` and a partition would write), without sfdisk.
+fn write_dos_partition_table(dev: &str) {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new().write(true).open(dev).unwrap();
+    let sectors = f.seek(SeekFrom::End(0)).unwrap() / 512;
+    let mut mbr = [0u8; 512];
+    mbr[440..444].copy_from_slice(&0x1234_5678u32.to_le_bytes()); // disk identifier
+    let entry = &mut mbr[446..462];
+    entry[4] = 0x83; // Linux
+    entry[8..12].copy_from_slice(&2048u32.to_le_bytes());
+    entry[12..16].copy_from_slice(&u32::try_from(sectors - 2048).unwrap().to_le_bytes());
+    mbr[510] = 0x55;
+    mbr[511] = 0xaa;
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.write_all(&mbr).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// The loop-device tests run one at a time (they pick free loop devices).
+fn loop_lab(test: &str) -> Option<(std::sync::MutexGuard<'static, ()>, LoopLab)> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    root_checks_unavailable(&[
+        "losetup", "pvs", "vgcreate", "pvcreate", "blkid", "wipefs", "lsblk", "mknod",
+    ])
+    .is_none()
+    .then(|| {
+        let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        (guard, LoopLab::new(test))
+    })
+}
+
+// The volume-group unit's script, as the module renders it (nix/vg-script.nix), run for real
+// against loop devices: root, and LVM without device-mapper (no LV is made).
+
+/// Creation over a blank disk (named through a /dev symlink, as /dev/disk/by-id names are) and an
+/// unused physical volume as an interrupted creation leaves it (pvcreate done, vgcreate not):
+/// one vgcreate over both, narrowed to them. Before: the unused PV carried "LVM2_member" and was
+/// refused on every later boot.
+#[test]
+fn vg_script_creates_the_group_and_resumes_an_interrupted_creation() {
+    let Some((_one, mut lab)) = loop_lab("create") else {
+        return;
+    };
+    let vg = lab.vg("new");
+    let blank = lab.disk("blank", 64);
+    let orphan = lab.disk("orphan", 64);
+    lab.run("pvcreate", &["-q", &orphan]);
+    let declared = [lab.link("blank"), orphan.clone()];
+    let declared: Vec<&str> = declared.iter().map(String::as_str).collect();
+    let (ok, out, commands) = lab.script(&vg, &declared);
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("created volume group {vg}")), "{out}");
+    assert!(
+        out.contains(&format!("{orphan} is an unused LVM physical volume")),
+        "{out}"
+    );
+    let mut want = vec![blank.clone(), orphan.clone()];
+    want.sort();
+    assert_eq!(lab.members(&vg), want);
+    assert_ran_nothing_destructive(&commands, &declared);
+    let creates: Vec<&String> = commands
+        .iter()
+        .filter(|c| c.starts_with("vgcreate "))
+        .collect();
+    assert_eq!(creates.len(), 1, "{commands:?}");
+    // Narrowed to the declared devices (no devices file in the lab's LVM configuration).
+    assert!(
+        creates[0].contains(&format!(
+            "--devices {} --devices {}",
+            declared[0], declared[1]
+        )),
+        "{creates:?}"
+    );
+    // Next boot: the group exists; nothing that writes runs.
+    let (ok, out, commands) = lab.script(&vg, &declared);
+    assert!(ok && out.contains("nothing to create"), "{out}");
+    assert!(
+        !commands.iter().any(|c| c.starts_with("vgcreate")),
+        "{commands:?}"
+    );
+    // Declaring only part of it: the group has a PV that is not declared (the daemon, narrowed
+    // to the declared devices, would see a partial group).
+    let (ok, out, _) = lab.script(&vg, &[declared[0]]);
+    assert!(
+        !ok && out.contains("are not among the declared devices"),
+        "{out}"
+    );
+}
+
+/// A group of the same name on an undeclared disk, a blank declared disk: refused, the blank
+/// disk untouched. Before: the group counted as missing (in the unit, `vgs` could not open the
+/// other disk) and a second group of that name was created.
+#[test]
+fn vg_script_refuses_when_a_group_of_that_name_is_on_another_disk() {
+    let Some((_one, mut lab)) = loop_lab("dup") else {
+        return;
+    };
+    let vg = lab.vg("dup");
+    let other = lab.disk("other", 64);
+    lab.run("vgcreate", &["-q", &vg, &other]);
+    let target = lab.disk("target", 64);
+    let before = lab.digest(&target);
+    let (ok, out, commands) = lab.script(&vg, &[&target]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("are not among the declared devices") && out.contains(&other),
+        "{out}"
+    );
+    assert_eq!(lab.digest(&target), before, "the declared disk was written");
+    assert_eq!(lab.members(&vg), vec![other.clone()]);
+    assert_ran_nothing_destructive(&commands, &[]);
+}
+
+/// Devices that cannot be opened or read are never blank: a block device node without a driver
+/// (open fails with ENXIO, as it fails with EPERM for a device the unit may not open) and an
+/// unbound loop device (0 bytes), each next to a blank disk that must stay untouched. Before:
+/// blkid's exit status 2, which it also returns for "cannot open", counted as "nothing found".
+#[test]
+fn vg_script_refuses_devices_it_cannot_read() {
+    let Some((_one, mut lab)) = loop_lab("unreadable") else {
+        return;
+    };
+    let vg = lab.vg("unreadable");
+    let good = lab.disk("good", 64);
+    let devices = std::fs::read_to_string("/proc/devices").unwrap();
+    let major = (240..255)
+        .find(|m| {
+            !devices
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(&m.to_string()))
+        })
+        .expect("a free block major among the experimental ones (240-254)");
+    let ghost = lab.link("ghost");
+    lab.run("mknod", &[&ghost, "b", &major.to_string(), "0"]);
+    let before = lab.digest(&good);
+    let (ok, out, commands) = lab.script(&vg, &[&good, &ghost]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!("refusing to create {vg}: cannot open {ghost}")),
+        "{out}"
+    );
+    assert!(out.contains("nothing was written"), "{out}");
+    assert_eq!(lab.digest(&good), before);
+    assert_ran_nothing_destructive(&commands, &[]);
+    let unbound = String::from_utf8(
+        Command::new("losetup")
+            .arg("--find")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_string();
+    let (ok, out, commands) = lab.script(&vg, &[&good, &unbound]);
+    assert!(
+        !ok && out.contains(&format!("{unbound} has 0 bytes")),
+        "{out}"
+    );
+    assert_eq!(lab.digest(&good), before);
+    assert_ran_nothing_destructive(&commands, &[]);
+}
+
+/// Data of every kind is refused and left as it was: a partition table, a physical volume of
+/// another group, and a PV marked in use whose group is not visible (it has no metadata area of
+/// its own and the group's other disk is gone).
+#[test]
+fn vg_script_refuses_devices_that_carry_data() {
+    let Some((_one, mut lab)) = loop_lab("data") else {
+        return;
+    };
+    let vg = lab.vg("data");
+    let parted = lab.disk("parted", 64);
+    write_dos_partition_table(&parted);
+    let member = lab.disk("member", 64);
+    lab.run("vgcreate", &["-q", &lab.vg("owner"), &member]);
+    let used = lab.disk("used", 64);
+    let mda = lab.disk("mda", 64);
+    lab.run("pvcreate", &["-q", "--metadatacopies", "0", &used]);
+    lab.run("vgcreate", &["-q", &lab.vg("gone"), &mda, &used]);
+    lab.detach(&mda);
+    let devices = [parted.as_str(), member.as_str(), used.as_str()];
+    let before: Vec<String> = devices.iter().map(|d| lab.digest(d)).collect();
+    let (ok, out, commands) = lab.script(&vg, &devices);
+    assert!(!ok, "{out}");
+    for needle in [
+        format!("{parted} carries a partition table (dos)"),
+        format!("{member} is an LVM physical volume of another group"),
+        format!("{used} is an LVM physical volume of another group, or marked in use"),
+    ] {
+        assert!(out.contains(&needle), "{needle}: {out}");
+    }
+    let after: Vec<String> = devices.iter().map(|d| lab.digest(d)).collect();
+    assert_eq!(after, before, "a refused device was written");
+    assert_ran_nothing_destructive(&commands, &[]);
+}
+
+/// `setpriv --bounding-set` argument for a systemd `CapabilityBoundingSet=` value.
+fn bounding_set(value: &Value) -> String {
+    let caps: Vec<String> = match value {
+        Value::String(s) if s.is_empty() => vec![],
+        Value::Array(items) => items
+            .iter()
+            .map(|c| {
+                c.as_str()
+                    .unwrap()
+                    .trim_start_matches("CAP_")
+                    .to_ascii_lowercase()
+            })
+            .collect(),
+        other => panic!("CapabilityBoundingSet {other}"),
+    };
+    std::iter::once("-all".to_string())
+        .chain(caps.iter().map(|c| format!("+{c}")))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Runs the real daemon (directory backend) under the sandbox pieces its "volume is open" check
+/// depends on: /proc mounted as ProtectProc= mounts it, the capability bounding set, no new
+/// privileges; `DELETE`s a volume, which a process of another user (nobody, as QEMU runs as its
+/// own user) holds open when `held`. Returns the status, the body, whether the volume is still
+/// there, and the daemon's bounding set.
+async fn delete_volume_under(
+    bounding: &str,
+    protect_proc: &str,
+    held: bool,
+) -> (u16, Value, bool, u64) {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let config = common::TestConfig::new(dir);
+    let volumes = dir.join("volumes");
+    std::fs::create_dir_all(&volumes).unwrap();
+    let volume = volumes.join("vm-1");
+    std::fs::write(&volume, vec![0u8; 1 << 20]).unwrap();
+    // Another user's process in either case (holding the volume as its stdin, or /dev/null).
+    let stdin = if held {
+        std::fs::File::open(&volume).unwrap()
+    } else {
+        std::fs::File::open("/dev/null").unwrap()
+    };
+    let mut holder = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            "sleep",
+            "300",
+        ])
+        .stdin(stdin)
+        .spawn()
+        .unwrap();
+    let status = format!("/proc/{}/status", holder.id());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !std::fs::read_to_string(&status).is_ok_and(|s| s.contains("Uid:\t65534\t")) {
+        assert!(std::time::Instant::now() < deadline, "holder did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let hidepid = match protect_proc {
+        "default" => String::new(),
+        other => format!("mount -t proc -o hidepid={other} proc /proc && "),
+    };
+    let inner = format!(
+        "{hidepid}exec setpriv --bounding-set={bounding} --inh-caps=-all --no-new-privs -- \"$@\""
+    );
+    let config_path = dir.join("config.toml");
+    std::fs::write(&config_path, config.render()).unwrap();
+    let d = common::Daemon::spawn_wrapped(
+        dir,
+        &config_path,
+        &[],
+        "http",
+        &[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &inner,
+            "sh",
+        ],
+    );
+    // The sandbox really applies to the daemon: its bounding set, its /proc.
+    let caps = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
+    let mounts = std::fs::read_to_string(format!("/proc/{}/mounts", d.pid())).unwrap();
+    assert!(
+        hidepid.is_empty() || mounts.contains(&format!("hidepid={protect_proc}")),
+        "{mounts}"
+    );
+    let (code, body) = common::delete(&common::client(), &d.url("/api/v1/volumes/vm-1")).await;
+    let still_there = volume.exists();
+    drop(d);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let bnd = caps
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    (code, body, still_there, bnd)
+}
+
+/// The directory backend refuses to delete or overwrite a volume another process holds open, and
+/// refuses when it cannot tell; on a NixOS host that process is QEMU, running as its own user.
+/// Under the module's sandbox for the directory backend (its CapabilityBoundingSet and
+/// ProtectProc, from nix/module-smoke.nix) the daemon must see that holder, and delete a volume
+/// nobody holds. Controls: with the module's former empty bounding set, or with CAP_SYS_PTRACE
+/// alone, it cannot see other users' open files, so it refuses every volume.
+#[tokio::test]
+async fn directory_backend_sees_volumes_other_users_hold_open() {
+    if root_checks_unavailable(&["setpriv", "unshare", "mount", "sleep"]).is_some() {
+        return;
+    }
+    let sc = &module_smoke()["directory"]["daemon"]["serviceConfig"];
+    let protect_proc = sc["ProtectProc"].as_str().unwrap();
+    let bounding = bounding_set(&sc["CapabilityBoundingSet"]);
+
+    let (code, body, still_there, bnd) = delete_volume_under(&bounding, protect_proc, true).await;
+    // CAP_DAC_READ_SEARCH (2) and CAP_SYS_PTRACE (19), nothing else.
+    assert_eq!(bnd, (1 << 2) | (1 << 19), "bounding set {bnd:#x}");
+    assert_eq!(code, 409, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("open by process"), "{body}");
+    assert!(still_there);
+    let (code, body, still_there, _) = delete_volume_under(&bounding, protect_proc, false).await;
+    assert_eq!((code, still_there), (200, false), "{body}");
+
+    for control in ["-all", "-all,+sys_ptrace"] {
+        let (code, body, still_there, _) = delete_volume_under(control, protect_proc, false).await;
+        assert_eq!(code, 409, "{control}: {body}");
+        let message = body["message"].as_str().unwrap();
+        assert!(
+            message.contains("cannot tell whether another process has it open"),
+            "{control}: {body}"
+        );
+        assert!(still_there);
+    }
 }
 
 #[test]

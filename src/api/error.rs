@@ -19,6 +19,7 @@ pub(crate) struct ApiError {
 
 impl warp::reject::Reject for ApiError {}
 
+/// The JSON body of every error answer.
 #[derive(Serialize)]
 struct ErrorBody<'a> {
     error: &'a str,
@@ -51,6 +52,10 @@ impl ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
     }
 
+    pub(crate) fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, message)
+    }
+
     pub(crate) fn unauthorized() -> ApiError {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -70,7 +75,9 @@ impl ApiError {
             StatusCode::REQUEST_TIMEOUT => "request timeout",
             StatusCode::LENGTH_REQUIRED => "length required",
             StatusCode::PAYLOAD_TOO_LARGE => "payload too large",
+            StatusCode::URI_TOO_LONG => "uri too long",
             StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported media type",
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "request header fields too large",
             StatusCode::TOO_MANY_REQUESTS => "queue full",
             StatusCode::SERVICE_UNAVAILABLE => "unavailable",
             s if s.is_server_error() => "internal error",
@@ -121,6 +128,8 @@ pub(crate) async fn recover(rejection: Rejection) -> Result<Response, Infallible
             StatusCode::LENGTH_REQUIRED,
             "a Content-Length header is required",
         )
+    } else if let Some(header) = rejection.find::<warp::reject::InvalidHeader>() {
+        ApiError::bad_request(format!("the `{}` header is invalid", header.name()))
     } else if rejection.find::<warp::reject::InvalidQuery>().is_some() {
         ApiError::bad_request("invalid query string")
     } else if rejection

@@ -41,10 +41,12 @@ fn json_reply(value: &impl serde::Serialize, status: StatusCode) -> Response {
     warp::reply::with_status(warp::reply::json(value), status).into_response()
 }
 
-/// Reads a JSON body within `server.max_body_bytes` (413 beyond, with or without a
-/// Content-Length header) and `server.body_timeout` (408 beyond: slow-body clients). Errors go
-/// to the handler, so a matched route cannot fall through to another one (only a body already
-/// taken, which cannot happen here, would reject).
+/// Reads a JSON body: `Content-Type: application/json` (415 otherwise: an HTML form or a
+/// `text/plain` fetch from another site cannot send one without a CORS preflight, which the
+/// API never grants), within `server.max_body_bytes` (413 beyond, with or without a
+/// Content-Length header) and `server.body_timeout` (408 beyond: slow-body clients), with no
+/// key repeated in any object (400). Errors go to the handler, so a matched route cannot fall
+/// through to another one (only a body already taken, which cannot happen here, would reject).
 pub(crate) fn json_body(
     state: Arc<ApiState>,
 ) -> impl Filter<Extract = (Result<serde_json::Value, ApiError>,), Error = warp::Rejection> + Clone
@@ -56,6 +58,7 @@ pub(crate) fn json_body(
             let limit = settings.server.max_body_bytes;
             let timeout = settings.server.body_timeout;
             async move {
+                require_json_content_type(&headers)?;
                 let declared = headers
                     .get("content-length")
                     .and_then(|v| v.to_str().ok())
@@ -74,10 +77,32 @@ pub(crate) fn json_body(
                             ),
                         )
                     })??;
-                serde_json::from_slice::<serde_json::Value>(&buf)
+                super::strict_json::from_slice(&buf)
                     .map_err(|e| ApiError::bad_request(format!("body is not valid JSON: {e}")))
             }
         })
+}
+
+/// The body's media type must be `application/json` (parameters such as `charset` allowed).
+fn require_json_content_type(headers: &http::HeaderMap) -> Result<(), ApiError> {
+    let value = headers
+        .get(http::header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let essence = value
+        .as_deref()
+        .and_then(|v| v.split(';').next())
+        .map(str::trim);
+    if essence.is_some_and(|e| e.eq_ignore_ascii_case("application/json")) {
+        return Ok(());
+    }
+    let got = match value {
+        Some(v) => format!("`{}`", v.chars().take(100).collect::<String>()),
+        None => "none".into(),
+    };
+    Err(ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        format!("request bodies must be sent with `Content-Type: application/json` (got {got})"),
+    ))
 }
 
 fn too_large(limit: u64) -> ApiError {
@@ -176,6 +201,7 @@ pub(crate) fn metrics_text(caller: Result<Caller, ApiError>) -> Response {
     resp
 }
 
+/// The body of `POST /api/v1/jobs` as sent (fields optional here, so a missing one gets a precise 400).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ProvisionBody {
@@ -186,6 +212,7 @@ struct ProvisionBody {
     correlation_id: Option<String>,
 }
 
+/// The body of `POST /api/v1/cache/fetch` as sent.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CacheFetchBody {
@@ -570,11 +597,13 @@ pub(crate) async fn config(
     state: Arc<ApiState>,
 ) -> Result<Response, ApiError> {
     caller?;
+    // The status first: a reload publishes its settings before (under the status lock) it
+    // reports success, so the settings read next are at least as new as the status.
+    let status = state.reloader.status();
     let settings = state.settings.current();
     let rendered = crate::config::redacted_toml(&settings);
     let effective: toml::Value =
         toml::from_str(&rendered).map_err(|e| ApiError::internal(e.to_string()))?;
-    let status = state.reloader.status();
     Ok(json_reply(
         &json!({
             "config": effective,

@@ -2,10 +2,15 @@
 //! legacy paths), the shared state handlers use, and request-scoped values (route template,
 //! connection identity) the server puts into each request.
 
+mod activity;
 pub(crate) mod auth;
 pub(crate) mod error;
 mod handlers;
+mod origin;
+mod peers;
+mod request;
 pub(crate) mod server;
+mod strict_json;
 pub(crate) mod tls;
 mod views;
 
@@ -41,6 +46,7 @@ pub(crate) struct ApiState {
 #[derive(Clone, Default)]
 pub(crate) struct RequestScope(Arc<ScopeInner>);
 
+/// What a `RequestScope` holds (set once each).
 #[derive(Default)]
 struct ScopeInner {
     /// Template of the first route whose path and method matched (never the raw path).
@@ -85,9 +91,10 @@ fn raw_query() -> impl Filter<Extract = (String,), Error = Infallible> + Clone {
     warp::query::raw().or(warp::any().map(String::new)).unify()
 }
 
-/// Every route. Once a route's method and path match, nothing after rejects (handlers answer
-/// errors themselves), so no request falls through to another route; the final `recover`
-/// turns unmatched requests into JSON 404/405.
+/// Every route, behind the cross-site refusal (`origin.rs`). Once a route's method and path
+/// match, nothing after rejects (handlers answer errors themselves), so no request falls
+/// through to another route; the final `recover` turns unmatched requests into JSON 404/405
+/// and refused ones into their 403.
 pub(crate) fn routes(
     state: Arc<ApiState>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
@@ -210,7 +217,7 @@ pub(crate) fn routes(
         .then(handlers::volume_delete)
         .map(respond);
 
-    health
+    let any_route = health
         .or(ready)
         .unify()
         .or(metrics)
@@ -232,7 +239,9 @@ pub(crate) fn routes(
         .or(volume_delete)
         .unify()
         .or(config)
-        .unify()
+        .unify();
+    origin::same_site_only(state.clone())
+        .and(any_route)
         .recover(error::recover)
         .unify()
 }

@@ -1,28 +1,32 @@
-//! The API listener: accepts TCP connections (at most `server.max_connections` at once),
-//! hands each to the transport (plain HTTP or TLS), and serves the warp filter on it with
-//! hyper-util (HTTP/1.1 and h2). Per request it adds the request scope and connection info,
-//! opens the request span, and records request metrics and the request log line.
+//! The API listener: accepts TCP connections (at most `server.max_connections` at once, and
+//! `server.max_connections_per_peer` from one client address), hands each to the transport
+//! (plain HTTP or TLS) within `server.handshake_timeout`, and serves the warp filter on it with
+//! hyper-util (HTTP/1.1 or h2, chosen by ALPN). A connection whose first request has not
+//! arrived within `server.first_request_timeout` of the accept is closed, and so is an h2
+//! connection with no request in progress for `server.h2_idle_timeout` (pings do not count).
+//! Each request is handled in `request.rs`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tower_service::Service;
-use tracing::Instrument;
+use tokio_util::task::TaskTracker;
 use warp::Filter;
 use warp::reply::Response;
 
-use super::RequestScope;
-use crate::telemetry::metrics::metrics;
+use super::activity::Activity;
+use super::origin::Endpoint;
+use super::peers::PeerSlots;
+use super::request::{self, MAX_HEADER_BYTES, MAX_HEADER_FIELDS};
+use crate::config::ServerSettings;
 
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone)]
@@ -76,6 +80,9 @@ pub(crate) type Accepted = futures::future::BoxFuture<'static, std::io::Result<E
 
 /// Turns accepted TCP connections into served connections (plain, or TLS in `tls.rs`).
 pub(crate) trait Transport: Send + Sync + 'static {
+    /// `http` or `https`.
+    fn scheme(&self) -> &'static str;
+
     /// Handshake; returns the stream, the verified client certificate and the protocol.
     fn accept(&self, tcp: TcpStream) -> Accepted;
 }
@@ -86,6 +93,10 @@ pub(crate) trait Transport: Send + Sync + 'static {
 pub(crate) struct Plain;
 
 impl Transport for Plain {
+    fn scheme(&self) -> &'static str {
+        "http"
+    }
+
     fn accept(&self, tcp: TcpStream) -> Accepted {
         Box::pin(async move {
             Ok(Established {
@@ -97,16 +108,50 @@ impl Transport for Plain {
     }
 }
 
-/// Listener limits.
+/// Listener limits (restart-only settings).
 #[derive(Debug, Clone)]
 pub(crate) struct ServerLimits {
     pub(crate) max_connections: usize,
+    pub(crate) max_connections_per_peer: usize,
     pub(crate) header_timeout: Duration,
     pub(crate) handshake_timeout: Duration,
+    pub(crate) first_request_timeout: Duration,
+    pub(crate) h2_idle_timeout: Duration,
+}
+
+impl ServerLimits {
+    pub(crate) fn from_settings(server: &ServerSettings) -> ServerLimits {
+        ServerLimits {
+            max_connections: server.max_connections,
+            max_connections_per_peer: server.max_connections_per_peer,
+            header_timeout: server.header_timeout,
+            handshake_timeout: server.handshake_timeout,
+            first_request_timeout: server.first_request_timeout,
+            h2_idle_timeout: server.h2_idle_timeout,
+        }
+    }
+}
+
+/// How long a connection asked to close (idle, shutdown) may take to finish its open
+/// requests before it is dropped; also the whole server's shutdown wait.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
+/// HTTP/2 streams per connection.
+const H2_MAX_STREAMS: u32 = 64;
+/// hyper's own header limits, above ours (`request.rs`), so that a request between the two
+/// gets our 431 with the JSON body; only beyond these does hyper answer with an empty one.
+const HYPER_MAX_HEADER_FIELDS: usize = 4 * MAX_HEADER_FIELDS;
+const H2_MAX_HEADER_LIST_BYTES: u32 = 8 * MAX_HEADER_BYTES as u32;
+
+/// What every connection task needs.
+struct Shared<F> {
+    filter: F,
+    transport: Arc<dyn Transport>,
+    limits: ServerLimits,
+    shutdown: CancellationToken,
 }
 
 /// Serves `filter` on `listener` until `shutdown` fires, then lets open requests finish
-/// (up to 10 s).
+/// (up to `CLOSE_GRACE`).
 pub(crate) async fn serve<F>(
     listener: TcpListener,
     filter: F,
@@ -118,7 +163,15 @@ pub(crate) async fn serve<F>(
     F::Future: Send,
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    let peers = PeerSlots::new(limits.max_connections_per_peer);
+    let mut refusals = RefusalLog::default();
+    let shared = Arc::new(Shared {
+        filter,
+        transport,
+        limits,
+        shutdown: shutdown.clone(),
+    });
+    let tasks = TaskTracker::new();
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -136,126 +189,158 @@ pub(crate) async fn serve<F>(
                 }
             },
         };
+        let Some(peer_slot) = peers.try_acquire(remote.ip()) else {
+            refusals.refused(remote, shared.limits.max_connections_per_peer);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
-        let transport = transport.clone();
-        let filter = filter.clone();
-        let limits = limits.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let established =
-                match tokio::time::timeout(limits.handshake_timeout, transport.accept(tcp)).await {
-                    Ok(Ok(x)) => x,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%remote, error = %e, "handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%remote, "handshake timed out");
-                        return;
-                    }
-                };
-            let conn = ConnInfo {
-                remote,
-                client_cert: established.client_cert.map(Arc::new),
-            };
-            let io = established.io;
-            let service = hyper::service::service_fn(move |req| {
-                handle(warp::service(filter.clone()), conn.clone(), req)
-            });
-            let mut builder = Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout);
-            builder
-                .http2()
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(64)
-                .keep_alive_interval(Some(Duration::from_secs(30)))
-                .keep_alive_timeout(Duration::from_secs(20));
-            let builder = match established.protocol {
-                HttpProtocol::Http1 => builder.http1_only(),
-                HttpProtocol::Http2 => builder.http2_only(),
-            };
-            let conn = builder.serve_connection(TokioIo::new(io), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(%remote, error = %e, "connection ended with an error");
-            }
+        let shared = shared.clone();
+        tasks.spawn(async move {
+            let _slots = (permit, peer_slot);
+            connection(tcp, remote, &shared).await;
         });
     }
     drop(listener);
-    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
+    tasks.close();
+    if tokio::time::timeout(CLOSE_GRACE, tasks.wait())
         .await
         .is_err()
     {
-        tracing::warn!("open connections did not finish within 10s");
+        tracing::warn!("open connections did not finish within {CLOSE_GRACE:?}");
     }
 }
 
-/// One request: scope, span, metrics, log line.
-async fn handle<S>(
-    mut svc: S,
-    conn: ConnInfo,
-    mut req: hyper::Request<Incoming>,
-) -> Result<Response, Infallible>
+/// Logs connections refused by the per-peer cap at most once a minute (a flood must not
+/// flood the log), with how many were refused since the last line.
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<Instant>,
+    since_last: u64,
+}
+
+impl RefusalLog {
+    fn refused(&mut self, remote: SocketAddr, limit: usize) {
+        self.since_last += 1;
+        tracing::debug!(%remote, "connection refused: server.max_connections_per_peer reached");
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(60))
+        {
+            return;
+        }
+        tracing::warn!(
+            %remote,
+            limit,
+            refused = self.since_last,
+            "connections refused: the client holds server.max_connections_per_peer connections \
+             (raise it when clients connect through one proxy address)"
+        );
+        self.last = Some(Instant::now());
+        self.since_last = 0;
+    }
+}
+
+/// One accepted connection: handshake, then HTTP until the peer closes, a limit ends it or the
+/// server shuts down.
+async fn connection<F>(tcp: TcpStream, remote: SocketAddr, shared: &Shared<F>)
 where
-    S: Service<hyper::Request<Incoming>, Response = Response, Error = Infallible>,
+    F: Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static,
+    F::Future: Send,
 {
-    let scope = RequestScope::default();
-    req.extensions_mut().insert(scope.clone());
-    req.extensions_mut().insert(conn.clone());
-    let method = req.method().clone();
-    let started = Instant::now();
-    let span = tracing::info_span!(
-        "http_request",
-        otel.name = tracing::field::Empty,
-        otel.kind = "server",
-        otel.status_code = tracing::field::Empty,
-        http.request.method = %method,
-        http.route = tracing::field::Empty,
-        http.response.status_code = tracing::field::Empty,
-        client.address = %conn.remote,
-        enduser.id = tracing::field::Empty,
-    );
-    crate::telemetry::extract_remote_parent(&span, req.headers());
-    let resp = match svc.call(req).instrument(span.clone()).await {
-        Ok(r) => r,
-        Err(never) => match never {},
+    let accepted = Instant::now();
+    let Ok(local) = tcp.local_addr() else {
+        return;
     };
-    let route = scope.route();
-    let status = resp.status().as_u16();
-    let elapsed = started.elapsed().as_secs_f64();
-    // The route is known only now; tracing-opentelemetry applies a late `otel.name` only
-    // before the span has started, so rename the OpenTelemetry span directly as well.
-    let name = format!("{method} {route}");
-    span.record("otel.name", name.as_str());
-    {
-        use opentelemetry::trace::TraceContextExt;
-        use tracing_opentelemetry::OpenTelemetrySpanExt;
-        span.context().span().update_name(name);
+    let limits = &shared.limits;
+    let handshake = shared.transport.accept(tcp);
+    let established = match tokio::time::timeout(limits.handshake_timeout, handshake).await {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, error = %e, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%remote, "handshake timed out");
+            return;
+        }
+    };
+    let endpoint = Endpoint {
+        scheme: shared.transport.scheme(),
+        local,
+    };
+    let info = ConnInfo {
+        remote,
+        client_cert: established.client_cert.map(Arc::new),
+    };
+    let activity = Arc::new(Activity::new());
+    let service = {
+        let (filter, activity) = (shared.filter.clone(), activity.clone());
+        hyper::service::service_fn(move |req| {
+            let in_progress = activity.request();
+            let served =
+                request::handle(warp::service(filter.clone()), info.clone(), endpoint, req);
+            async move {
+                let response = served.await;
+                drop(in_progress);
+                response
+            }
+        })
+    };
+    let protocol = established.protocol;
+    let builder = http_builder(limits, protocol);
+    let conn = builder.serve_connection(TokioIo::new(established.io), service);
+    tokio::pin!(conn);
+    let first_request_by = accepted + limits.first_request_timeout;
+    let h2 = protocol == HttpProtocol::Http2;
+    // Set once the connection has been asked to close; it is dropped at this instant.
+    let mut drop_at: Option<Instant> = None;
+    loop {
+        let closing = drop_at.is_some();
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(%remote, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = activity.no_request_by(first_request_by) => {
+                tracing::debug!(%remote, "no request within server.first_request_timeout; closing");
+                return;
+            }
+            _ = activity.idle_for(limits.h2_idle_timeout), if h2 && !closing => {
+                tracing::debug!(%remote, "HTTP/2 connection idle for server.h2_idle_timeout; closing");
+                conn.as_mut().graceful_shutdown();
+                drop_at = Some(Instant::now() + CLOSE_GRACE);
+            }
+            _ = shared.shutdown.cancelled(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                drop_at = Some(Instant::now() + CLOSE_GRACE);
+            }
+            _ = tokio::time::sleep_until(drop_at.unwrap_or(accepted)), if closing => {
+                tracing::debug!(%remote, "connection did not close within {CLOSE_GRACE:?}; dropped");
+                return;
+            }
+        }
     }
-    if status >= 500 {
-        span.record("otel.status_code", "ERROR");
+}
+
+/// hyper's settings for one connection of `protocol`.
+fn http_builder(limits: &ServerLimits, protocol: HttpProtocol) -> Builder<TokioExecutor> {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_headers(HYPER_MAX_HEADER_FIELDS);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_header_list_size(H2_MAX_HEADER_LIST_BYTES)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    match protocol {
+        HttpProtocol::Http1 => builder.http1_only(),
+        HttpProtocol::Http2 => builder.http2_only(),
     }
-    span.record("http.route", route);
-    span.record("http.response.status_code", status);
-    if let Some(caller) = scope.caller() {
-        span.record("enduser.id", caller);
-    }
-    let m = metrics();
-    m.requests_total
-        .with_label_values(&[method.as_str(), route, &status.to_string()])
-        .inc();
-    m.request_duration_seconds
-        .with_label_values(&[method.as_str(), route])
-        .observe(elapsed);
-    let _enter = span.enter();
-    let identity = scope.caller().unwrap_or("-");
-    if route == "/health" || route == "/readyz" || route == "/metrics" {
-        tracing::debug!(method = %method, route, status, seconds = elapsed, remote = %conn.remote, identity, "request");
-    } else {
-        tracing::info!(method = %method, route, status, seconds = elapsed, remote = %conn.remote, identity, "request");
-    }
-    Ok(resp)
 }

@@ -83,6 +83,10 @@ impl TlsTransport {
 }
 
 impl Transport for TlsTransport {
+    fn scheme(&self) -> &'static str {
+        "https"
+    }
+
     fn accept(&self, tcp: TcpStream) -> Accepted {
         let acceptor = TlsAcceptor::from(self.current());
         Box::pin(async move {

@@ -111,23 +111,7 @@ impl StatusResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::model::JobSpec;
-
-    fn job() -> Job {
-        Job::new(
-            Uuid::new_v4(),
-            1,
-            JobKind::Provision,
-            JobSpec {
-                image_url: "file:///x.qcow2".into(),
-                image_type: ImageType::Qcow2,
-                volume_name: Some("v".into()),
-                volume_size_gb: Some(1),
-                correlation_id: None,
-            },
-            Utc::now(),
-        )
-    }
+    use crate::jobs::model::tests::job;
 
     #[test]
     fn status_response_fields() {

@@ -443,11 +443,42 @@ mod tests {
                 ("[libvirt]\npool = \"--all\"\n", "libvirt.pool"),
                 ("[libvirt]\npool = \"a/b\"\n", "libvirt.pool"),
                 ("[libvirt]\npool = \"vg0\"\nuri = \"\"\n", "libvirt.uri"),
+                (
+                    "[volumes.lvm]\ndevices = [\"/dev/vdb,/dev/vdc\"]\n",
+                    "volumes.lvm.devices",
+                ),
+                (
+                    "[volumes.lvm]\ndevices = [\"vdb\"]\n",
+                    "volumes.lvm.devices",
+                ),
             ] {
                 jail.create_file("c.toml", toml)?;
                 let err = load(&source("c.toml", true)).unwrap_err().to_string();
                 assert!(err.contains(needle), "{toml}: {err}");
             }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn lvm_devices_from_file_and_environment() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file("c.toml", "")?;
+            let s = load(&source("c.toml", true)).unwrap();
+            assert!(s.volumes.lvm.devices.is_empty(), "default: no narrowing");
+            jail.create_file(
+                "c.toml",
+                "[volumes.lvm]\ndevices = [\"/dev/disk/by-id/nvme-a\", \"/dev/vdb\"]\n",
+            )?;
+            let s = load(&source("c.toml", true)).unwrap();
+            assert_eq!(
+                s.volumes.lvm.devices,
+                ["/dev/disk/by-id/nvme-a", "/dev/vdb"]
+            );
+            jail.set_env("LVP_VOLUMES__LVM__DEVICES", "[\"/dev/vdc\"]");
+            let s = load(&source("c.toml", true)).unwrap();
+            assert_eq!(s.volumes.lvm.devices, ["/dev/vdc"]);
             Ok(())
         });
     }

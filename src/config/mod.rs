@@ -97,6 +97,17 @@ pub(crate) struct ServerSettings {
     pub(crate) handshake_timeout: Duration,
     /// Open connections beyond this number wait in the kernel backlog.
     pub(crate) max_connections: usize,
+    /// Connections one client address (IPv6: one /64) may hold open at once; further ones
+    /// from it are closed at once, so one host cannot take every slot before authentication.
+    pub(crate) max_connections_per_peer: usize,
+    /// An HTTP/2 connection with no request in progress for this long is closed (GOAWAY),
+    /// even while it answers pings.
+    #[serde(with = "humantime_serde")]
+    pub(crate) h2_idle_timeout: Duration,
+    /// Time from accepting a connection until its first request's headers have arrived
+    /// (TLS handshake included); a connection that sends none is closed.
+    #[serde(with = "humantime_serde")]
+    pub(crate) first_request_timeout: Duration,
 }
 
 /// `[storage]`: where durable state lives.
@@ -153,6 +164,9 @@ pub(crate) struct LvmSettings {
     /// Time limit of one LVM command.
     #[serde(with = "humantime_serde")]
     pub(crate) command_timeout: Duration,
+    /// The volume group's physical volumes: when not empty, every LVM command gets
+    /// `--devices <path>` for each, so LVM opens (and scans) only these. Empty: no narrowing.
+    pub(crate) devices: Vec<String>,
 }
 
 /// `[volumes.directory]`: the directory backend.
@@ -205,9 +219,9 @@ pub(crate) struct S3Settings {
     pub(crate) ca_file: String,
     /// Allow an `http://` endpoint.
     pub(crate) allow_http: bool,
-    /// Retries of transient errors (network, 5xx) per request.
+    /// Retries of a request that failed transiently (network, 5xx); the only retry layer.
     pub(crate) retries: usize,
-    /// First retry delay; doubled per retry, with jitter.
+    /// Bound of the first retry delay; doubled per retry; the delay is drawn below it.
     #[serde(with = "humantime_serde")]
     pub(crate) retry_backoff: Duration,
     /// Upper bound of one retry delay.
@@ -335,6 +349,9 @@ impl Settings {
                 body_timeout: Duration::from_secs(30),
                 handshake_timeout: Duration::from_secs(10),
                 max_connections: 512,
+                max_connections_per_peer: 64,
+                h2_idle_timeout: Duration::from_secs(30),
+                first_request_timeout: Duration::from_secs(15),
             },
             storage: StorageSettings { data_dir },
             jobs: JobsSettings {
@@ -349,6 +366,7 @@ impl Settings {
                 lvm: LvmSettings {
                     volume_group: "vg0".into(),
                     command_timeout: Duration::from_secs(120),
+                    devices: vec![],
                 },
                 directory: DirectorySettings { path: volumes_dir },
             },
@@ -498,17 +516,28 @@ impl Settings {
         if self.server.max_body_bytes < 1024 {
             return err("server.max_body_bytes", "must be at least 1024".into());
         }
-        if self.server.header_timeout.is_zero()
-            || self.server.handshake_timeout.is_zero()
-            || self.server.body_timeout.is_zero()
-        {
-            return err(
-                "server.header_timeout/body_timeout/handshake_timeout",
-                "must be greater than 0".into(),
-            );
+        for (key, value) in [
+            ("server.header_timeout", self.server.header_timeout),
+            ("server.body_timeout", self.server.body_timeout),
+            ("server.handshake_timeout", self.server.handshake_timeout),
+            ("server.h2_idle_timeout", self.server.h2_idle_timeout),
+            (
+                "server.first_request_timeout",
+                self.server.first_request_timeout,
+            ),
+        ] {
+            if value.is_zero() {
+                return err(key, "must be greater than 0".into());
+            }
         }
         if self.server.max_connections == 0 {
             return err("server.max_connections", "must be at least 1".into());
+        }
+        if self.server.max_connections_per_peer == 0 {
+            return err(
+                "server.max_connections_per_peer",
+                "must be at least 1".into(),
+            );
         }
         if self.storage.data_dir.as_os_str().is_empty() {
             return err("storage.data_dir", "must not be empty".into());
@@ -544,6 +573,16 @@ impl Settings {
             return err(
                 "volumes.lvm.command_timeout",
                 "must be greater than 0".into(),
+            );
+        }
+        if let Some(bad) =
+            self.volumes.lvm.devices.iter().find(|d| {
+                !d.starts_with("/dev/") || d.contains(',') || d.contains(char::is_whitespace)
+            })
+        {
+            return err(
+                "volumes.lvm.devices",
+                format!("`{bad}` is not a device path (/dev/..., without commas or spaces)"),
             );
         }
         if self.cache.dir.as_os_str().is_empty() {

@@ -106,13 +106,21 @@ pub(crate) async fn convert(
         .process_group(0)
         .kill_on_drop(true);
     let cpu = spec.cpu_limit.as_secs().max(60);
-    // SAFETY: only async-signal-safe calls (prctl, setrlimit) between fork and exec.
+    let daemon = nix::unistd::getpid();
+    // SAFETY: only async-signal-safe calls (prctl, getppid, setrlimit) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             use nix::sys::resource::{Resource, setrlimit};
             // If the daemon dies (even by SIGKILL), the conversion dies with it: nothing keeps
             // writing into a volume that restart recovery is about to remove.
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            // A daemon that died between fork and the line above sent no signal: then the
+            // child must not go on to exec.
+            if nix::unistd::getppid() != daemon {
+                return Err(std::io::Error::other(
+                    "the daemon exited before qemu-img started",
+                ));
+            }
             setrlimit(
                 Resource::RLIMIT_AS,
                 QEMU_IMG_ADDRESS_SPACE,

@@ -1,6 +1,7 @@
 //! Images: where they come from (sources), the local verified cache, and header inspection.
 
 pub(crate) mod cache;
+mod client;
 mod format;
 pub mod inspect;
 pub(crate) mod source;

@@ -6,12 +6,13 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
+use object_store::client::{HttpClient, HttpConnector};
 use object_store::path::Path as ObjectPath;
 use object_store::{ClientOptions, ObjectStore, RetryConfig};
 use url::Url;
 
+use super::client::{self, AllowList, LiveAllowList, host_port};
 use crate::config::Settings;
 
 /// Where an image comes from, after validation.
@@ -63,14 +64,6 @@ pub(crate) struct InvalidSource(pub(crate) String);
 
 fn invalid(msg: impl Into<String>) -> InvalidSource {
     InvalidSource(msg.into())
-}
-
-/// Host and port of a URL (port defaulted by scheme).
-fn host_port(url: &Url) -> Option<(String, u16)> {
-    Some((
-        url.host_str()?.to_ascii_lowercase(),
-        url.port_or_known_default()?,
-    ))
 }
 
 /// Validates and resolves an image URL against the settings. Does not touch the network; file
@@ -161,13 +154,7 @@ fn resolve_http(url: Url, settings: &Settings) -> Result<Location, InvalidSource
             }
         }
     }
-    let allowed = settings.sources.allowed_hosts.iter().any(|entry| {
-        let entry = entry.to_ascii_lowercase();
-        match entry.rsplit_once(':') {
-            Some((h, p)) if p.parse::<u16>().is_ok() => h == host && p == port.to_string(),
-            _ => entry == host,
-        }
-    });
+    let allowed = AllowList::from_settings(settings).lists(&host, port);
     if !allowed {
         return Err(invalid(format!(
             "host `{host}` is neither the S3 endpoint nor listed in sources.allowed_hosts"
@@ -198,24 +185,34 @@ fn resolve_file(url: &Url, settings: &Settings) -> Result<Location, InvalidSourc
     {
         return Err(invalid("file:// path must not contain `..`"));
     }
-    let canonical = path
-        .canonicalize()
-        .map_err(|e| invalid(format!("image {} cannot be opened: {e}", path.display())))?;
-    let inside = settings.sources.file_roots.iter().any(|root| {
-        root.canonicalize()
-            .is_ok_and(|root| canonical.starts_with(&root))
-    });
-    if !inside {
-        return Err(invalid(format!(
-            "image {} is not below any of sources.file_roots",
+    // The roots are checked on the path as written before the file system is asked anything,
+    // and every refusal reads the same, so a caller learns nothing about paths outside the
+    // roots (whether they exist, are files, or are symlinks).
+    let not_found = || {
+        invalid(format!(
+            "image {} is not a regular file below sources.file_roots",
             path.display()
-        )));
+        ))
+    };
+    let roots: Vec<PathBuf> = settings
+        .sources
+        .file_roots
+        .iter()
+        .filter_map(|root| root.canonicalize().ok())
+        .collect();
+    let lexically_inside = roots.iter().any(|root| path.starts_with(root))
+        || settings
+            .sources
+            .file_roots
+            .iter()
+            .any(|root| root.is_absolute() && path.starts_with(root));
+    if !lexically_inside {
+        return Err(not_found());
     }
-    if !canonical.is_file() {
-        return Err(invalid(format!(
-            "image {} is not a regular file",
-            path.display()
-        )));
+    // Below a root: symlinks are resolved, and the target must still be below a root.
+    let canonical = path.canonicalize().map_err(|_| not_found())?;
+    if !roots.iter().any(|root| canonical.starts_with(root)) || !canonical.is_file() {
+        return Err(not_found());
     }
     Ok(Location::File(canonical))
 }
@@ -225,30 +222,47 @@ fn resolve_file(url: &Url, settings: &Settings) -> Result<Location, InvalidSourc
 pub(crate) struct SourceClients {
     s3: crate::config::S3Settings,
     secret_key: String,
-    client_options: ClientOptions,
+    /// The one HTTP client every store sends through (its redirect policy guards the hosts).
+    connector: Connector,
+    /// Hosts redirects may lead to (replaced on reload).
+    allow: LiveAllowList,
     retry: RetryConfig,
     file: Arc<dyn ObjectStore>,
     stores: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
 }
 
+/// Hands object_store our reqwest client instead of the one it would build (which follows
+/// any redirect).
+#[derive(Debug, Clone)]
+struct Connector(reqwest::Client);
+
+impl HttpConnector for Connector {
+    fn connect(&self, _options: &ClientOptions) -> object_store::Result<HttpClient> {
+        Ok(HttpClient::new(self.0.clone()))
+    }
+}
+
 impl SourceClients {
     pub(crate) fn new(settings: &Settings) -> anyhow::Result<SourceClients> {
         let s = &settings.s3;
-        let mut client_options = ClientOptions::new()
-            .with_connect_timeout(s.connect_timeout)
-            // Downloads take as long as they take; stalls are caught per chunk by the reader.
-            .with_timeout_disabled()
-            .with_allow_http(s.allow_http);
-        if !s.ca_file.is_empty() {
+        let ca_pem = if s.ca_file.is_empty() {
+            None
+        } else {
             let path = crate::config::resolve_credential(&s.ca_file);
             let pem = std::fs::read(&path)
                 .map_err(|e| anyhow::anyhow!("s3.ca_file {}: {e}", path.display()))?;
-            for cert in object_store::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| anyhow::anyhow!("s3.ca_file {}: {e}", path.display()))?
-            {
-                client_options = client_options.with_root_certificate(cert);
-            }
-        }
+            Some(pem)
+        };
+        let allow = LiveAllowList::default();
+        allow.set(AllowList::from_settings(settings));
+        let http = client::build(
+            &client::ClientSettings {
+                connect_timeout: s.connect_timeout,
+                ca_pem,
+            },
+            allow.clone(),
+        )
+        .map_err(|e| anyhow::anyhow!("s3.ca_file: {e}"))?;
         let secret_key = if s.secret_key_file.is_empty() {
             s.secret_key.clone()
         } else {
@@ -258,23 +272,26 @@ impl SourceClients {
                 .trim()
                 .to_string()
         };
+        // One retry layer: ours (per download attempt, see cache/download.rs). object_store
+        // would otherwise retry inside each of our attempts, up to (n+1)^2 requests.
         let retry = RetryConfig {
-            max_retries: s.retries,
-            retry_timeout: Duration::from_secs(600),
-            backoff: object_store::BackoffConfig {
-                init_backoff: s.retry_backoff,
-                max_backoff: s.retry_max_backoff,
-                base: 2.0,
-            },
+            max_retries: 0,
+            ..RetryConfig::default()
         };
         Ok(SourceClients {
             s3: s.clone(),
             secret_key,
-            client_options,
+            connector: Connector(http),
+            allow,
             retry,
             file: Arc::new(object_store::local::LocalFileSystem::new()),
             stores: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Applies reloaded settings: the hosts redirects may lead to.
+    pub(crate) fn apply(&self, settings: &Settings) {
+        self.allow.set(AllowList::from_settings(settings));
     }
 
     /// The bucket image URLs without one use (`s3.bucket`).
@@ -322,7 +339,8 @@ impl SourceClients {
             Location::Http(url) => Arc::new(
                 object_store::http::HttpBuilder::new()
                     .with_url(url.origin().ascii_serialization())
-                    .with_client_options(self.client_options.clone().with_allow_http(true))
+                    .with_client_options(ClientOptions::new().with_allow_http(true))
+                    .with_http_connector(self.connector.clone())
                     .with_retry(self.retry.clone())
                     .build()?,
             ),
@@ -337,7 +355,7 @@ impl SourceClients {
                     .with_secret_access_key(&self.secret_key)
                     .with_virtual_hosted_style_request(false)
                     .with_allow_http(self.s3.allow_http)
-                    .with_client_options(self.client_options.clone())
+                    .with_http_connector(self.connector.clone())
                     .with_retry(self.retry.clone())
                     .build()?,
             ),
@@ -433,6 +451,21 @@ mod tests {
         let dotdot = format!("file://{}/../x", root.path().display());
         assert!(resolve(&dotdot, &s).is_err());
         assert!(resolve(&url(&root.path().join("missing")), &s).is_err());
+        // Outside the roots, an existing and a missing file get the same answer.
+        let message = |p: &std::path::Path| {
+            resolve(&url(p), &s)
+                .unwrap_err()
+                .0
+                .replace(&p.display().to_string(), "PATH")
+        };
+        assert_eq!(
+            message(&outside.path().join("secret")),
+            message(&outside.path().join("no-such-file"))
+        );
+        assert_eq!(
+            message(&root.path().join("link")),
+            message(&outside.path().join("no-such-file"))
+        );
         s.sources.file_roots.clear();
         assert!(
             resolve(&url(&root.path().join("ok.raw")), &s).is_err(),

@@ -246,10 +246,11 @@ impl Job {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn job() -> Job {
+    /// A pending provision job of 1 GiB from a file URL.
+    pub(crate) fn job() -> Job {
         Job::new(
             Uuid::new_v4(),
             1,

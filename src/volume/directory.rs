@@ -201,7 +201,9 @@ fn open_blocker(path: &Path) -> Option<Blocker> {
 fn processes_holding(path: &Path) -> Result<Vec<u32>, String> {
     if let Some(option) = proc_hides_processes() {
         return Err(format!(
-            "/proc is mounted with {option} and this process lacks CAP_SYS_PTRACE, so other              users' processes are invisible (systemd: ProtectProc=default and              AmbientCapabilities=CAP_SYS_PTRACE)"
+            "/proc is mounted with {option} and this process lacks CAP_SYS_PTRACE, so other \
+             users' processes are invisible (reading their open files needs CAP_SYS_PTRACE and \
+             CAP_DAC_READ_SEARCH)"
         ));
     }
     let me = std::process::id();
@@ -222,6 +224,12 @@ fn processes_holding(path: &Path) -> Result<Vec<u32>, String> {
             Ok(fds) => fds,
             // The process ended meanwhile.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(format!(
+                    "cannot read the open files of process {pid}: {e} (seeing other users' \
+                     processes needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH)"
+                ));
+            }
             Err(e) => return Err(format!("cannot read the open files of process {pid}: {e}")),
         };
         if fds

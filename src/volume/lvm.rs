@@ -338,6 +338,8 @@ pub(crate) fn owner_tag(owner: &str) -> Result<String, VolumeError> {
 pub(crate) struct LvmBackend {
     vg: String,
     timeout: Duration,
+    /// `volumes.lvm.devices`: when not empty, LVM may open only these devices.
+    devices: Vec<String>,
 }
 
 impl LvmBackend {
@@ -347,16 +349,36 @@ impl LvmBackend {
         Ok(LvmBackend {
             vg: vg.to_string(),
             timeout,
+            devices: Vec::new(),
         })
+    }
+
+    /// Narrows every LVM command to `devices` (`--devices <path>` each, lvm2 >= 2.03.12): LVM
+    /// then opens and scans only these, and the devices file is not used. Empty: no narrowing.
+    pub(crate) fn with_devices(mut self, devices: &[String]) -> LvmBackend {
+        self.devices = devices.to_vec();
+        self
+    }
+
+    /// The arguments of an LVM command: the device narrowing first, then `args`.
+    fn command_args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
+        let mut all: Vec<&str> = self
+            .devices
+            .iter()
+            .flat_map(|d| ["--devices", d.as_str()])
+            .collect();
+        all.extend_from_slice(args);
+        all
     }
 
     /// Runs an LVM command within `volumes.lvm.command_timeout` and returns its stdout.
     async fn run(&self, program: &str, args: &[&str]) -> Result<String, VolumeError> {
+        let args = self.command_args(args);
         let limit = command::Limit {
             timeout: self.timeout,
             setting: Some("volumes.lvm.command_timeout"),
         };
-        Ok(command::run(program, args, limit).await?)
+        Ok(command::run(program, &args, limit).await?)
     }
 
     fn report_error(command: &str, detail: String) -> VolumeError {
@@ -863,5 +885,31 @@ mod tests {
         assert!(matches!(err, VolumeError::InvalidName(_)), "{err}");
         let err = rt.block_on(b.create("-x", 1 << 30, "job")).unwrap_err();
         assert!(matches!(err, VolumeError::InvalidName(_)), "{err}");
+    }
+
+    #[test]
+    fn every_command_is_narrowed_to_the_configured_devices() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        // No devices: the arguments are passed unchanged.
+        let plain = LvmBackend::new("vg0", Duration::from_secs(5)).unwrap();
+        let out = rt.block_on(plain.run("echo", &["vgs", "vg0"])).unwrap();
+        assert_eq!(out.trim(), "vgs vg0");
+        // With devices: one `--devices <path>` per device, before the command's own arguments,
+        // on the command line the program really receives.
+        let devices = ["/dev/disk/by-id/nvme-a".to_string(), "/dev/vdb".to_string()];
+        let b = LvmBackend::new("vg0", Duration::from_secs(5))
+            .unwrap()
+            .with_devices(&devices);
+        let out = rt.block_on(b.run("echo", &["vg0/vm-1"])).unwrap();
+        assert_eq!(
+            out.trim(),
+            "--devices /dev/disk/by-id/nvme-a --devices /dev/vdb vg0/vm-1"
+        );
+        // The command named in an error shows the narrowing too.
+        let err = rt.block_on(b.run("false", &["x"])).unwrap_err().to_string();
+        assert!(
+            err.contains("false --devices /dev/disk/by-id/nvme-a --devices /dev/vdb x"),
+            "{err}"
+        );
     }
 }

@@ -2,9 +2,12 @@
 # hypervisor running the example configuration (nixos-module/example.nix) with an empty disk that
 # becomes its volume group, nixpkgs' MinIO serving a qcow2 image made at build time, and a client
 # calling the API over mutual TLS with curl. Checks: the bytes written into the LV, refusal of
-# callers without an allowed certificate, rejection of a qcow2 with a backing file, a settings
-# change applied by reload without a restart, and refusal to create a volume group on a device
-# that carries data (leaving the data untouched).
+# callers without an allowed certificate (each next to the same request with the allowed one),
+# rejection of a qcow2 with a backing file, a settings change applied by reload without a
+# restart, LVM narrowed to the group's disk inside the unit's device sandbox, a volume group
+# creation resumed after an interruption, refusal when a group of the same name is on an
+# undeclared disk, and refusal to create a volume group on a device that carries data (leaving
+# the data untouched).
 { self, pkgs }:
 
 let
@@ -63,12 +66,9 @@ let
     sha256sum hostile.qcow2 | cut -d' ' -f1 > hostile.qcow2.sha256
   '';
 
-  minioCertificates = pkgs.runCommand "lvp-test-minio-certs" { } ''
-    mkdir -p "$out/CAs"
-    cp ${pki}/s3.crt "$out/public.crt"
-    cp ${pki}/s3.key "$out/private.key"
-    cp ${pki}/ca.crt "$out/CAs/ca.crt"
-  '';
+  # MinIO's certificate directory: its module chowns `certificatesDir` to minio (a tmpfiles `d`
+  # rule), which a store path does not allow, so an activation script fills one under /run.
+  minioCertificates = "/run/lvp-test-minio-certs";
 
   # nixpkgs marks MinIO as insecure (abandoned upstream, removal announced for 26.05), which
   # stops evaluation. The test's MinIO is a throwaway server on the test's private network, so the
@@ -92,6 +92,16 @@ in
         rootCredentialsFile = minioCredentials;
         certificatesDir = minioCertificates;
       };
+      # Test-only keys (they are in the store anyway): world-readable, so MinIO's user reads them.
+      system.activationScripts.lvp-test-minio-certs = {
+        deps = [ "specialfs" ];
+        text = ''
+          install -d -m 0755 ${minioCertificates} ${minioCertificates}/CAs
+          install -m 0444 ${pki}/s3.crt ${minioCertificates}/public.crt
+          install -m 0444 ${pki}/s3.key ${minioCertificates}/private.key
+          install -m 0444 ${pki}/ca.crt ${minioCertificates}/CAs/ca.crt
+        '';
+      };
       networking.firewall.allowedTCPPorts = [ 9000 ];
       environment.systemPackages = [ (permitted pkgs.minio-client) ];
       environment.etc."lvp-test/pki".source = pki;
@@ -104,8 +114,9 @@ in
       # Exactly the documented example.
       services.libvirt-volume-provisioner = example;
 
-      # /dev/vdb: the example's volume group; /dev/vdc: a disk the refusal check writes data on.
-      virtualisation.emptyDiskImages = [ 2048 64 ];
+      # /dev/vdb: the example's volume group; /dev/vdc: a disk the refusal check writes data on;
+      # /dev/vdd: an interrupted creation; /dev/vde, /dev/vdf: a group of the same name elsewhere.
+      virtualisation.emptyDiskImages = [ 2048 64 64 64 64 ];
 
       # The example expects its secrets under /run/keys (a secret manager's job on a real host);
       # here an activation script copies the test PKI there, outside the store, root-only.
@@ -124,6 +135,21 @@ in
       # A settings change, applied with switch-to-configuration: must reload, not restart.
       specialisation.reloaded.configuration = {
         services.libvirt-volume-provisioner.settings.jobs.max_concurrent = lib.mkForce 3;
+      };
+      # A volume group whose creation was interrupted after pvcreate: must be completed.
+      specialisation.resumed.configuration = {
+        services.libvirt-volume-provisioner = {
+          lvm.volumeGroups.vg_resume.devices = [ "/dev/vdd" ];
+          settings.volumes.lvm.volume_group = "vg_vms";
+        };
+      };
+      # A volume group declared on a blank disk while a group of that name exists on another,
+      # undeclared disk: must be refused, the blank disk left blank.
+      specialisation.duplicate.configuration = {
+        services.libvirt-volume-provisioner = {
+          lvm.volumeGroups.vg_dup.devices = [ "/dev/vdf" ];
+          settings.volumes.lvm.volume_group = "vg_vms";
+        };
       };
       # A second declared volume group on a disk that carries data: must be refused.
       specialisation.refused.configuration = {
@@ -159,6 +185,15 @@ in
 
       def curl_as(cert):
           return f"{CURL} --cert {PKI}/{cert}.crt --key {PKI}/{cert}.key"
+
+
+      def tls_refused(curl, alert):
+          """The request fails in the TLS handshake with the server's `alert`, not for any other
+          reason (DNS, connection refused). With HTTP/1.1 curl reports the alert: exit status 56
+          (receive error; 35 if the alert comes during the handshake) and OpenSSL's text."""
+          status, out = client.execute(f"{curl} --http1.1 --fail -o /dev/null {API}/api/v1/jobs 2>&1")
+          assert status in (35, 56), (status, out)
+          assert alert in out, (status, out)
 
 
       def request(method, path, body=None, cert="client"):
@@ -237,10 +272,13 @@ in
           hypervisor.fail("grep -Rq '${s3Password}' /etc/libvirt-volume-provisioner/")
 
       with subtest("callers without an allowed client certificate get nothing"):
+          # Positive control: the same request with the allowed certificate succeeds, so each
+          # failure below is the certificate's.
+          client.succeed(f"{curl_as('client')} --http1.1 --fail -o /dev/null {API}/api/v1/jobs")
           # No certificate: the handshake fails (tls.client_auth = "required").
-          client.fail(f"{CURL} --fail {API}/api/v1/jobs")
+          tls_refused(CURL, "alert certificate required")
           # A certificate from another CA: the handshake fails.
-          client.fail(f"{curl_as('stranger')} --fail {API}/api/v1/jobs")
+          tls_refused(curl_as("stranger"), "alert unknown ca")
           # Signed by the right CA but not in auth.allowed_clients: 403, no job.
           code, body = request("POST", "/api/v1/jobs", {
               "image_url": "https://s3:9000/images/disk.qcow2",
@@ -297,6 +335,42 @@ in
               time.sleep(1)
           assert main_pid() == pid, (pid, main_pid())
           hypervisor.succeed(f"systemctl is-active {UNIT}")
+
+      with subtest("LVM narrowed to the group's disk works inside the unit's device sandbox"):
+          # The daemon's LVM commands get --devices for the group's disks (settings.volumes.lvm.devices);
+          # in the daemon's device sandbox such a command opens nothing else and reports nothing else.
+          code, effective = request("GET", "/api/v1/config")
+          assert code == 200, (code, effective)
+          assert effective["config"]["volumes"]["lvm"]["devices"] == ["/dev/vdb"], effective
+          out = hypervisor.succeed(
+              "systemd-run --quiet --wait --pipe --property=DevicePolicy=closed"
+              " --property='DeviceAllow=/dev/mapper/control rw' --property='DeviceAllow=block-device-mapper rw'"
+              " --property='DeviceAllow=/dev/vdb rw'"
+              " \"$(command -v vgs)\" --devices /dev/vdb --noheadings -o vg_name vg_vms 2>&1"
+          )
+          assert out.strip() == "vg_vms", out
+
+      with subtest("a volume group creation interrupted after pvcreate is completed"):
+          # What an interrupted run of the unit leaves: a physical volume in no group (made the
+          # way the unit makes them, narrowed to the disk, so that no LVM devices file appears).
+          hypervisor.succeed("pvcreate --devices /dev/vdd /dev/vdd")
+          hypervisor.succeed(switch("resumed"))
+          hypervisor.succeed("vgs vg_resume")
+          journal = hypervisor.succeed("journalctl --no-pager -u libvirt-volume-provisioner-vg-vg_resume.service")
+          assert "unused LVM physical volume" in journal, journal
+          hypervisor.wait_for_unit(UNIT)
+
+      with subtest("a volume group of the same name on an undeclared disk is never duplicated"):
+          # The unit may read every disk, so it sees vg_dup on /dev/vde although only /dev/vdf is
+          # declared (with read access to the declared disk only, it saw no group and made a second one).
+          hypervisor.succeed("vgcreate --devices /dev/vde vg_dup /dev/vde")
+          hypervisor.fail(switch("duplicate"))
+          journal = hypervisor.succeed("journalctl --no-pager -u libvirt-volume-provisioner-vg-vg_dup.service")
+          assert "are not among the declared devices" in journal, journal
+          assert hypervisor.succeed("pvs --noheadings -o pv_name --select vg_name=vg_dup").split() == ["/dev/vde"]
+          # Nothing was written to /dev/vdf: still no signature at all.
+          assert hypervisor.succeed("wipefs --no-act --noheadings /dev/vdf").strip() == ""
+          hypervisor.fail(f"systemctl is-active {UNIT}")
 
       with subtest("a volume group is never created on a device that carries data"):
           hypervisor.succeed("echo 'label: dos' | sfdisk --quiet /dev/vdc")

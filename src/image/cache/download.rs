@@ -182,7 +182,9 @@ impl Download {
                     "the object changed (If-Match failed)".into(),
                 ));
             }
-            Err(e) if offset > 0 && is_range_problem(&e) => {
+            // Resuming: an answer other than the range (416, a 200 with the whole object, a
+            // malformed Content-Range) means the partial file cannot be continued.
+            Err(e) if offset > 0 && is_refused_range(&e) => {
                 return Err(Attempt::Changed(format!("cannot resume: {e}")));
             }
             Err(e) => return Err(Attempt::Failed(FetchError::from_store(e))),
@@ -276,7 +278,7 @@ impl Download {
         let final_path = super::image_path(&self.dir, &self.key);
         tokio::fs::rename(&partial, &final_path).await.map_err(io)?;
         let _ = tokio::fs::remove_file(checkpoint_path(&self.dir, &self.key)).await;
-        super::sync_dir(&self.dir).await;
+        super::sync_dir(&self.dir).await.map_err(Attempt::Failed)?;
         let meta = tokio::fs::metadata(&final_path).await.map_err(io)?;
         let now = Utc::now();
         let m = metrics();
@@ -309,7 +311,15 @@ enum Attempt {
     Failed(FetchError),
 }
 
-fn is_range_problem(e: &object_store::Error) -> bool {
-    let text = e.to_string().to_ascii_lowercase();
-    text.contains("range") || text.contains("partial")
+/// A server's answer to a ranged GET that is not the range: anything but a network failure
+/// and the variants that have their own meaning.
+fn is_refused_range(e: &object_store::Error) -> bool {
+    !super::is_transport_error(e)
+        && !matches!(
+            e,
+            object_store::Error::NotFound { .. }
+                | object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. }
+                | object_store::Error::Precondition { .. }
+        )
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::Utc;
 
 use super::download::{checkpoint_path, partial_path};
-use super::{FetchError, ImageCache};
+use super::{FetchError, ImageCache, Removal};
 use crate::telemetry::metrics::metrics;
 
 /// Why an entry was evicted (`cache_evictions_total{reason}`).
@@ -52,6 +52,7 @@ impl ImageCache {
                     .with_label_values(&[reason.as_str()])
                     .inc();
                 tracing::info!(key, reason = reason.as_str(), "cache entry evicted");
+                self.removed(key, Removal::Evicted(reason));
                 true
             }
             Err(e) => {
@@ -81,7 +82,8 @@ impl ImageCache {
         }
         if let Some(want) = want_free {
             for e in &entries {
-                if self.free_bytes() >= want {
+                // Without a reading of the free space nothing is evicted for space.
+                if self.free_bytes().is_none_or(|free| free >= want) {
                     break;
                 }
                 if self.get_entry(&e.key).is_some() {
@@ -91,23 +93,33 @@ impl ImageCache {
         }
     }
 
-    /// Free bytes on the cache file system, minus what running downloads will still write.
-    fn free_bytes(&self) -> u64 {
-        let avail = nix::sys::statvfs::statvfs(&self.dir)
-            .map(|s| s.blocks_available() * s.fragment_size())
-            .unwrap_or(0);
-        avail.saturating_sub(self.reserved.load(Ordering::SeqCst))
+    /// Free bytes on the cache file system, minus what running downloads will still write;
+    /// `None` when the file system cannot be asked.
+    fn free_bytes(&self) -> Option<u64> {
+        self.free_space().ok()
+    }
+
+    fn free_space(&self) -> Result<u64, FetchError> {
+        let s = nix::sys::statvfs::statvfs(&self.dir).map_err(|e| {
+            FetchError::Io(format!(
+                "cannot read the free space of cache.dir {}: {e}",
+                self.dir.display()
+            ))
+        })?;
+        let avail = s.blocks_available() * s.fragment_size();
+        Ok(avail.saturating_sub(self.reserved.load(Ordering::SeqCst)))
     }
 
     /// Makes sure `need` more bytes fit while `cache.min_free_bytes` stay free, evicting
-    /// unused entries if that helps.
+    /// unused entries if that helps. Fails, evicting nothing, when the free space cannot be
+    /// read.
     pub(super) fn ensure_space(&self, need: u64) -> Result<(), FetchError> {
         let min_free = self.limits().min_free_bytes;
         let want = need.saturating_add(min_free);
-        if self.free_bytes() < want {
+        if self.free_space()? < want {
             self.evict(Some(want));
         }
-        let free = self.free_bytes();
+        let free = self.free_space()?;
         if free < want {
             return Err(FetchError::NoSpace(format!(
                 "need {need} bytes plus {min_free} kept free (cache.min_free_bytes), have {free} free in {}",

@@ -6,6 +6,7 @@
 
 mod download;
 mod evict;
+mod flight;
 
 pub(crate) use evict::EvictReason;
 
@@ -16,18 +17,20 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
-use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::future::{BoxFuture, FutureExt};
 use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use super::client::{RedirectRefused, redirect_refused};
 use super::inspect::{InspectError, Inspection};
 use super::source::{Location, SourceClients};
 use crate::config::Settings;
 use crate::telemetry::metrics::metrics;
 use download::{Download, Remote};
+use flight::FlightResult;
 
 /// One cached image (stored in sled, served by the cache API).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,10 +68,14 @@ pub(crate) enum FetchError {
     Rejected(InspectError),
     #[error("download failed: {0}")]
     Transfer(String),
+    #[error("download refused: {0}; list the host in sources.allowed_hosts if it is trusted")]
+    Redirect(RedirectRefused),
     #[error("cache I/O: {0}")]
     Io(String),
     #[error("not enough space in the cache: {0}")]
     NoSpace(String),
+    #[error("download stopped: no job waits for it any more")]
+    Stopped,
 }
 
 impl FetchError {
@@ -81,8 +88,10 @@ impl FetchError {
             FetchError::BadChecksumFile(_) => "bad_checksum_file",
             FetchError::Rejected(e) => e.kind(),
             FetchError::Transfer(_) => "transfer",
+            FetchError::Redirect(_) => "redirect_refused",
             FetchError::Io(_) => "io",
             FetchError::NoSpace(_) => "no_space",
+            FetchError::Stopped => "stopped",
         }
     }
 
@@ -92,26 +101,35 @@ impl FetchError {
         matches!(self, FetchError::Transfer(_))
     }
 
+    /// The failure an object_store error stands for, decided by its variant (and, for generic
+    /// errors, by whether a transport error or our refused redirect is in its source chain).
     fn from_store(e: object_store::Error) -> FetchError {
+        if let Some(refused) = redirect_refused(&e) {
+            return FetchError::Redirect(refused);
+        }
         match e {
             object_store::Error::NotFound { path, .. } => FetchError::NotFound(path),
             object_store::Error::PermissionDenied { source, .. }
             | object_store::Error::Unauthenticated { source, .. } => {
                 FetchError::Auth(source.to_string())
             }
-            other => {
-                // object_store reports some S3 refusals as generic errors with the status.
-                let text = other.to_string();
-                if text.contains("403 Forbidden") || text.contains("AccessDenied") {
-                    FetchError::Auth(text)
-                } else if text.contains("404 Not Found") || text.contains("NoSuchKey") {
-                    FetchError::NotFound(text)
-                } else {
-                    FetchError::Transfer(text)
-                }
-            }
+            // Everything else (network errors, 5xx, malformed answers) is worth another try.
+            other => FetchError::Transfer(other.to_string()),
         }
     }
+}
+
+/// Whether a store error is a network failure (the request did not complete), as opposed to
+/// an answer from the server.
+pub(crate) fn is_transport_error(e: &object_store::Error) -> bool {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = current {
+        if err.is::<object_store::client::HttpError>() {
+            return true;
+        }
+        current = err.source();
+    }
+    false
 }
 
 /// Download progress: bytes so far (including a resumed prefix) and the total.
@@ -130,14 +148,35 @@ pub(crate) struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// Exponential backoff with full jitter: a random delay up to `backoff * 2^(attempt-1)`.
+    /// Exponential backoff with full jitter: a delay drawn uniformly from zero up to
+    /// `min(backoff * 2^(attempt-1), max_backoff)`, so that many clients retrying the same
+    /// server spread out instead of coming back in waves.
     pub(crate) fn delay(&self, attempt: usize) -> Duration {
-        let exp = self
+        let cap = self
             .backoff
             .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
             .min(self.max_backoff);
-        let jitter = rand::random_range(0.5..=1.0);
-        exp.mul_f64(jitter)
+        cap.mul_f64(rand::random_range(0.0..=1.0))
+    }
+
+    /// Runs `op` until it succeeds, fails with a permanent error, or the retries are spent.
+    pub(crate) async fn run<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, FetchError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, FetchError>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match op().await {
+                Err(e) if e.is_transient() && attempt < self.retries => {
+                    attempt += 1;
+                    let delay = self.delay(attempt);
+                    tracing::warn!(error = %e, attempt, retry_in = ?delay, "{what} failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                other => return other,
+            }
+        }
     }
 }
 
@@ -165,13 +204,6 @@ pub(crate) fn cache_settings(settings: &Settings) -> (CacheLimits, RetryPolicy) 
     )
 }
 
-type FlightResult = Result<CacheEntry, FetchError>;
-
-struct Flight {
-    progress: watch::Receiver<Transfer>,
-    result: Shared<BoxFuture<'static, FlightResult>>,
-}
-
 /// A cached image handed to a job; the entry cannot be evicted while this lives.
 pub(crate) struct CachedImage {
     pub(crate) entry: CacheEntry,
@@ -197,18 +229,54 @@ impl Drop for InUse {
     }
 }
 
+/// Space a running download will still take, counted against the free space until the
+/// download task ends (however it ends).
+struct Reservation {
+    reserved: Arc<AtomicU64>,
+    bytes: u64,
+}
+
+impl Reservation {
+    fn take(reserved: &Arc<AtomicU64>, bytes: u64) -> Reservation {
+        reserved.fetch_add(bytes, Ordering::SeqCst);
+        Reservation {
+            reserved: reserved.clone(),
+            bytes,
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.reserved.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
+}
+
 /// The image cache.
 pub(crate) struct ImageCache {
     dir: PathBuf,
     index: crate::store::Tree,
     sources: Arc<SourceClients>,
-    flights: Mutex<HashMap<String, Flight>>,
+    flights: flight::Flights,
     in_use: Arc<Mutex<HashMap<String, usize>>>,
     limits: RwLock<CacheLimits>,
     retry: RwLock<RetryPolicy>,
     /// Bytes that running downloads still have to write (space they will take).
     reserved: Arc<AtomicU64>,
+    /// Called after an entry left the cache (see `on_remove`).
+    removal_hooks: RwLock<Vec<RemovalHook>>,
 }
+
+/// Why an entry left the cache (given to removal hooks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Removal {
+    Evicted(EvictReason),
+    /// `DELETE /api/v1/cache/images/{key}`.
+    Deleted,
+}
+
+/// A callback run with the key of every entry that left the cache.
+pub(crate) type RemovalHook = Arc<dyn Fn(&str, Removal) + Send + Sync>;
 
 pub(crate) fn image_path(dir: &Path, key: &str) -> PathBuf {
     dir.join(format!("{key}.img"))
@@ -230,11 +298,12 @@ impl ImageCache {
             index,
             dir,
             sources,
-            flights: Mutex::new(HashMap::new()),
+            flights: flight::Flights::default(),
             in_use: Arc::new(Mutex::new(HashMap::new())),
             limits: RwLock::new(limits),
             retry: RwLock::new(retry),
             reserved: Arc::new(AtomicU64::new(0)),
+            removal_hooks: RwLock::new(Vec::new()),
         };
         cache.clean_dir();
         Ok(cache)
@@ -245,6 +314,7 @@ impl ImageCache {
         let (limits, retry) = cache_settings(settings);
         *self.limits.write().unwrap_or_else(|e| e.into_inner()) = limits;
         *self.retry.write().unwrap_or_else(|e| e.into_inner()) = retry;
+        self.sources.apply(settings);
         self.evict(None);
     }
 
@@ -344,7 +414,10 @@ impl ImageCache {
         image_url: &str,
         mut on_progress: impl FnMut(Transfer),
     ) -> Result<CachedImage, FetchError> {
-        let remote = self.remote(location).await?;
+        let remote = self
+            .retry_policy()
+            .run("asking the source for the image", || self.remote(location))
+            .await?;
         let identity = location.identity();
         let key = match &remote.expected_sha256 {
             Some(sum) => sum.clone(),
@@ -367,19 +440,11 @@ impl ImageCache {
         }
         metrics().cache_lookup(false);
 
-        let (mut progress, result) = {
-            let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
-            match flights.get(&key) {
-                Some(f) => (f.progress.clone(), f.result.clone()),
-                None => {
-                    let f = self.start_download(&key, image_url, &identity, remote)?;
-                    let pair = (f.progress.clone(), f.result.clone());
-                    flights.insert(key.clone(), f);
-                    pair
-                }
-            }
-        };
-        let mut result = std::pin::pin!(result);
+        let waiter = self.flights.join(&key, |start| {
+            self.start_download(&key, image_url, &identity, remote, start)
+        })?;
+        let mut progress = waiter.progress.clone();
+        let mut result = std::pin::pin!(waiter.result.clone());
         let outcome = loop {
             tokio::select! {
                 r = &mut result => break r,
@@ -390,10 +455,8 @@ impl ImageCache {
                 }
             }
         };
-        self.flights
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&key);
+        waiter.finished();
+        drop(waiter);
         let entry = outcome?;
         // Earlier entries of the same source (older ETag or checksum) are superseded.
         self.remove_superseded(&identity, &key);
@@ -406,20 +469,22 @@ impl ImageCache {
         })
     }
 
-    /// Checks space and starts the download task.
+    /// Checks space and starts the download task. The task ends when the download does or
+    /// when `start.stop` is cancelled; either way its space reservation is released.
     fn start_download(
         &self,
         key: &str,
         image_url: &str,
         identity: &str,
         remote: Remote,
-    ) -> Result<Flight, FetchError> {
+        start: flight::Start,
+    ) -> Result<(watch::Receiver<Transfer>, BoxFuture<'static, FlightResult>), FetchError> {
         let partial_len = std::fs::metadata(download::partial_path(&self.dir, key))
             .map(|m| m.len())
             .unwrap_or(0);
         let need = remote.size.saturating_sub(partial_len);
         self.ensure_space(need)?;
-        self.reserved.fetch_add(need, Ordering::SeqCst);
+        let reservation = Reservation::take(&self.reserved, need);
         let (tx, rx) = watch::channel(Transfer {
             done: 0,
             total: remote.size,
@@ -433,15 +498,18 @@ impl ImageCache {
             remote,
             retry: self.retry_policy(),
         };
-        let reserved = self.reserved.clone();
-        // The download runs on its own task: a job cancelled while waiting does not break
-        // the download other jobs wait for.
-        // Its log lines and spans belong to the job that started it.
+        // The download runs on its own task: a job cancelled while others wait does not break
+        // it. Its log lines and spans belong to the job that started it.
         let task = tokio::spawn(
             async move {
-                let r = download.run(tx).await;
-                reserved.fetch_sub(need, Ordering::SeqCst);
-                r
+                let _reservation = reservation;
+                if let Some(previous) = start.previous {
+                    let _ = previous.await;
+                }
+                tokio::select! {
+                    r = download.run(tx) => r,
+                    _ = start.stop.cancelled() => Err(FetchError::Stopped),
+                }
             }
             .instrument(tracing::Span::current()),
         );
@@ -452,10 +520,7 @@ impl ImageCache {
             }
         }
         .boxed();
-        Ok(Flight {
-            progress: rx,
-            result: result.shared(),
-        })
+        Ok((rx, result))
     }
 
     /// The entry of `key` if its file is still what was recorded (size and mtime; no re-hash).
@@ -474,7 +539,31 @@ impl ImageCache {
         let entry = self.get_entry(key).ok_or(RemoveError::NotFound)?;
         self.drop_entry(&entry.key)
             .map_err(|e| RemoveError::Io(e.to_string()))?;
+        self.removed(&entry.key, Removal::Deleted);
         Ok(entry)
+    }
+
+    /// Registers `hook` to run after an entry is evicted or deleted, with its key (so what was
+    /// made from the image elsewhere, e.g. a golden volume, can go too). Hooks run on the
+    /// thread that removed the entry and must not block: spawn the work.
+    // Registered by the wiring in lib.rs once golden volumes exist (issue 13).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn on_remove(&self, hook: impl Fn(&str, Removal) + Send + Sync + 'static) {
+        self.removal_hooks
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::new(hook));
+    }
+
+    fn removed(&self, key: &str, why: Removal) {
+        let hooks = self
+            .removal_hooks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for hook in hooks {
+            hook(key, why);
+        }
     }
 
     /// Deletes the index record, then the file (a crash in between leaves an orphan file,
@@ -569,17 +658,98 @@ pub(crate) fn parse_checksum_file(bytes: &[u8]) -> Option<String> {
         .then(|| token.to_ascii_lowercase())
 }
 
-/// Makes a rename durable.
-async fn sync_dir(dir: &Path) {
+/// Makes a rename durable (an error is the download's error: the entry might not survive a
+/// crash).
+async fn sync_dir(dir: &Path) -> Result<(), FetchError> {
     let dir = dir.to_path_buf();
-    let _ =
-        tokio::task::spawn_blocking(move || std::fs::File::open(&dir).and_then(|d| d.sync_all()))
-            .await;
+    let shown = dir.display().to_string();
+    tokio::task::spawn_blocking(move || std::fs::File::open(&dir).and_then(|d| d.sync_all()))
+        .await
+        .map_err(|e| FetchError::Io(format!("syncing {shown}: {e}")))?
+        .map_err(|e| FetchError::Io(format!("syncing {shown}: {e}")))
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A cache in `dir` with its own temporary sled database and default settings.
+    pub(crate) fn test_cache(dir: &Path) -> ImageCache {
+        let db = crate::store::Db::open(&dir.join("index.db")).unwrap();
+        let settings = Settings::default();
+        let sources = Arc::new(SourceClients::new(&settings).unwrap());
+        ImageCache::open(dir, db.tree("cache"), sources, &settings).unwrap()
+    }
+
+    /// Records an entry with a file of `size` bytes.
+    pub(crate) fn add_entry(cache: &ImageCache, key: &str, size: usize) -> CacheEntry {
+        let path = cache.path_of(key);
+        std::fs::write(&path, vec![0u8; size]).unwrap();
+        let now = Utc::now();
+        let entry = CacheEntry {
+            key: key.to_string(),
+            image_url: format!("file:///images/{key}"),
+            identity: format!("file:///images/{key}"),
+            etag: None,
+            size: size as u64,
+            sha256: String::new(),
+            verified: false,
+            inspection: Inspection {
+                format: crate::image::ImageType::Raw,
+                virtual_size: size as u64,
+            },
+            created: now,
+            last_used: now,
+            mtime_ns: mtime_ns(&std::fs::metadata(&path).unwrap()),
+        };
+        put_entry(&cache.index, &entry).unwrap();
+        entry
+    }
+
+    #[test]
+    fn unreadable_free_space_is_an_error_and_evicts_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = test_cache(&tmp.path().join("cache"));
+        add_entry(&cache, "a", 10);
+        // statvfs on a directory that is gone fails (ENOENT).
+        std::fs::rename(tmp.path().join("cache"), tmp.path().join("moved")).unwrap();
+        let e = cache.ensure_space(1).unwrap_err();
+        assert!(
+            matches!(&e, FetchError::Io(m) if m.contains("free space")),
+            "{e}"
+        );
+        assert!(cache.get_entry("a").is_some(), "nothing evicted");
+    }
+
+    #[test]
+    fn removal_hooks_see_evicted_and_deleted_keys() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = test_cache(&tmp.path().join("cache"));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        cache.on_remove(move |key, why| s.lock().unwrap().push((key.to_string(), why)));
+        add_entry(&cache, "old", 10);
+        add_entry(&cache, "new", 10);
+        let mut settings = Settings::default();
+        settings.cache.max_size_bytes = 15;
+        cache.set_limits(&settings);
+        cache.remove("new").unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![
+                ("old".to_string(), Removal::Evicted(EvictReason::Size)),
+                ("new".to_string(), Removal::Deleted)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn directory_sync_errors_are_returned() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert!(sync_dir(tmp.path()).await.is_ok());
+        let e = sync_dir(&tmp.path().join("gone")).await.unwrap_err();
+        assert!(matches!(e, FetchError::Io(_)), "{e}");
+    }
 
     #[test]
     fn checksum_files() {
@@ -605,9 +775,17 @@ mod tests {
             max_backoff: Duration::from_secs(1),
         };
         for attempt in 1..10 {
-            let d = p.delay(attempt);
             let cap = Duration::from_millis(100 * (1 << (attempt - 1))).min(Duration::from_secs(1));
-            assert!(d <= cap && d >= cap / 2, "{attempt}: {d:?} vs {cap:?}");
+            let delays: Vec<Duration> = (0..200).map(|_| p.delay(attempt)).collect();
+            assert!(
+                delays.iter().all(|d| *d <= cap),
+                "{attempt}: {delays:?} vs {cap:?}"
+            );
+            // Full jitter: delays spread over the whole range, down to near zero.
+            assert!(
+                delays.iter().any(|d| *d < cap / 4),
+                "{attempt}: {delays:?} vs {cap:?}"
+            );
         }
     }
 }
