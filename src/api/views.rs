@@ -44,6 +44,9 @@ pub(crate) struct StatusResponse {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) correlation_id: Option<String>,
     pub(crate) cache_hit: bool,
+    /// How a cache hit was confirmed (see the job model).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) cache_revalidation: Option<String>,
     pub(crate) image_url: String,
     pub(crate) image_type: ImageType,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -89,6 +92,7 @@ impl StatusResponse {
             error: job.error.clone(),
             correlation_id: job.spec.correlation_id.clone(),
             cache_hit: job.cache_hit,
+            cache_revalidation: job.cache_revalidation.clone(),
             image_url: job.spec.image_url.clone(),
             image_type: job.spec.image_type,
             volume_name: job.spec.volume_name.clone(),
