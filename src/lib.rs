@@ -29,7 +29,7 @@ use crate::jobs::store::Store;
 use crate::telemetry::health::{Health, Probe};
 use crate::volume::directory::DirectoryBackend;
 use crate::volume::golden::GoldenImages;
-use crate::volume::libvirt::PoolRefresher;
+use crate::volume::libvirt::{Libvirt, LibvirtVolumes};
 use crate::volume::lvm::{LvmBackend, ThinPool};
 use crate::volume::{VolumeBackend, VolumeError};
 
@@ -133,13 +133,23 @@ fn preset_metric_labels() {
     }
 }
 
-/// The volume backend the settings select, and the LVM backend itself when it is that one
-/// (its thin pool and golden images need more than the trait).
+/// libvirt integration, when `libvirt.pool` names a pool.
+fn libvirt_from_settings(settings: &Settings) -> Option<Arc<Libvirt>> {
+    let libvirt = &settings.libvirt;
+    (!libvirt.pool.is_empty()).then(|| Arc::new(Libvirt::new(&libvirt.uri, &libvirt.pool)))
+}
+
+/// The volume backend the settings select (with libvirt integration, wrapped so that libvirt
+/// is asked about running domains and its pool is refreshed), and the LVM backend itself when
+/// it is that one (its thin pool and golden images need more than the trait).
 type Backends = (Arc<dyn VolumeBackend>, Option<Arc<LvmBackend>>);
 
-fn backend_from_settings(settings: &Settings) -> Result<Backends, VolumeError> {
+fn backend_from_settings(
+    settings: &Settings,
+    libvirt: Option<Arc<Libvirt>>,
+) -> Result<Backends, VolumeError> {
     let lvm_settings = &settings.volumes.lvm;
-    Ok(match settings.volumes.backend {
+    let (backend, lvm): Backends = match settings.volumes.backend {
         VolumeBackendKind::Directory => (
             Arc::new(DirectoryBackend::new(&settings.volumes.directory.path)?),
             None,
@@ -157,7 +167,12 @@ fn backend_from_settings(settings: &Settings) -> Result<Backends, VolumeError> {
             let lvm = Arc::new(lvm);
             (lvm.clone(), Some(lvm))
         }
-    })
+    };
+    let backend: Arc<dyn VolumeBackend> = match libvirt {
+        Some(libvirt) => Arc::new(LibvirtVolumes::new(backend, libvirt)),
+        None => backend,
+    };
+    Ok((backend, lvm))
 }
 
 /// Golden images, when the LVM backend has a thin pool and `volumes.lvm.golden_images` is on.
@@ -232,6 +247,7 @@ fn probes(
     ctx: &Arc<RunContext>,
     store: &Store,
     lvm: Option<&Arc<LvmBackend>>,
+    libvirt: Option<Arc<Libvirt>>,
 ) -> Vec<Probe> {
     let mut probes = Vec::new();
     let store = store.clone();
@@ -270,8 +286,7 @@ fn probes(
             async move { cache.probe_s3().await }
         }));
     }
-    if ctx.libvirt.enabled() {
-        let libvirt = ctx.libvirt.clone();
+    if let Some(libvirt) = libvirt {
         probes.push(Probe::new("libvirt", move || {
             let libvirt = libvirt.clone();
             async move { libvirt.probe().await }
@@ -347,7 +362,9 @@ async fn run(
             .context("opening the image cache")?,
     );
     cache.evict(None);
-    let (volumes, lvm) = backend_from_settings(&settings).context("volume backend")?;
+    let libvirt = libvirt_from_settings(&settings);
+    let (volumes, lvm) =
+        backend_from_settings(&settings, libvirt.clone()).context("volume backend")?;
     let golden = golden_from_settings(&settings, lvm.as_ref());
     if let Some(lvm) = lvm.as_ref().filter(|l| l.thin_pool().is_some()) {
         start_thin_pool(lvm, golden.as_ref(), &cache).await;
@@ -359,12 +376,17 @@ async fn run(
         cache,
         volumes,
         golden,
-        libvirt: PoolRefresher::new(&settings.libvirt.uri, &settings.libvirt.pool),
     });
     let engine = Engine::start(store.clone(), ctx.clone())
         .await
         .context("starting the job engine")?;
-    let health = Arc::new(Health::new(probes(&settings, &ctx, &store, lvm.as_ref())));
+    let health = Arc::new(Health::new(probes(
+        &settings,
+        &ctx,
+        &store,
+        lvm.as_ref(),
+        libvirt,
+    )));
     health.probe_all().await;
     health.spawn_prober(settings.telemetry.probe_interval);
     let pruner_settings = live.clone();

@@ -31,12 +31,11 @@ pub(crate) struct RunContext {
     /// The current settings (hot reload replaces them; a running job keeps what it read).
     pub(crate) settings: LiveSettings,
     pub(crate) cache: Arc<ImageCache>,
+    /// The volume backend (with libvirt integration: wrapped, see `volume::libvirt`).
     pub(crate) volumes: Arc<dyn VolumeBackend>,
     /// Golden images on the thin pool (`volumes.lvm.golden_images`); `None`: every volume is
     /// a copy.
     pub(crate) golden: Option<Arc<GoldenImages>>,
-    /// Refreshes libvirt's storage pool after a volume is written.
-    pub(crate) libvirt: crate::volume::libvirt::PoolRefresher,
 }
 
 /// A step's outcome.
@@ -344,7 +343,8 @@ async fn populate(
     Ok(())
 }
 
-/// Flushes the volume to stable storage and tells libvirt about it.
+/// Flushes the volume to stable storage (with libvirt integration, the backend then refreshes
+/// the pool).
 async fn finalize(ctx: &RunContext, h: &mut JobHandle, target: &VolumeInfo) -> StepResult<()> {
     h.tracker.start_finalize(Instant::now());
     h.publish(true);
@@ -355,7 +355,6 @@ async fn finalize(ctx: &RunContext, h: &mut JobHandle, target: &VolumeInfo) -> S
             volume: target.name.clone(),
             source,
         })?;
-    ctx.libvirt.refresh().await;
     h.job.volume_path = Some(target.path.display().to_string());
     if let Some(method) = h.job.method {
         metrics()

@@ -692,7 +692,14 @@ impl LvmBackend {
                 &pool_arg,
             ]);
         } else {
-            args.extend(["--wipesignatures", "y", "--zero", "y", "--extents", &extents]);
+            args.extend([
+                "--wipesignatures",
+                "y",
+                "--zero",
+                "y",
+                "--extents",
+                &extents,
+            ]);
         }
         for tag in tags {
             args.extend(["--addtag", tag]);
