@@ -779,7 +779,8 @@ async fn fresh_thin_lvs(ctx: &Ctx) -> CaseResult {
 }
 
 /// A pool above `volumes.lvm.thin_pool_max_percent`: the job fails before anything is created,
-/// naming the pool and its use; `/readyz` shows the pool down.
+/// naming the pool and its use; `/readyz` shows the pool down. Also restart recovery of a golden
+/// LV whose cache entry is gone (the kill case's, unknown to this daemon's cache).
 async fn pool_over_threshold(ctx: &Ctx) -> CaseResult {
     // 512 MiB of data in the pool (1/8 of it): above 10%.
     run(
@@ -798,8 +799,28 @@ async fn pool_over_threshold(ctx: &Ctx) -> CaseResult {
     fill_at(&lv_path("ballast"), 0x11, 0, 512 * MIB)?;
     let (dir, config) = ctx.config("threshold");
     let config = config.set("volumes.lvm.thin_pool_max_percent", 10);
+    // The kill case's daemon left its complete golden LV; this daemon's cache does not hold that
+    // image, so its start-up recovery removes it (an orphan).
+    let orphans = golden_lvs()?;
     let d = Daemon::start(&dir, &config);
     let r = async {
+        ensure!(
+            !orphans.is_empty(),
+            "no golden LV left by the earlier cases"
+        );
+        ensure!(
+            golden_lvs()?.is_empty(),
+            "orphaned golden LVs survived start-up: {:?}",
+            golden_lvs()?
+        );
+        ensure!(
+            !log_lines(
+                &d.log(),
+                &["removing golden image", "its cache entry is gone"]
+            )
+            .is_empty(),
+            "no recovery log line for the orphaned golden LVs {orphans:?}"
+        );
         let before = lv_names()?;
         let job = ctx.provision(&d, "disk.qcow2", "over-threshold").await?;
         ensure!(job["status"] == "failed", "job: {job}");
