@@ -848,7 +848,8 @@ async fn pool_over_threshold(ctx: &Ctx) -> CaseResult {
             "",
         )
         .await;
-        ensure!(ratio > 0.1, "thin_pool_data_ratio {ratio}");
+        let above = ratio > 0.1;
+        ensure!(above, "thin_pool_data_ratio {ratio}");
         Ok(())
     }
     .await;
