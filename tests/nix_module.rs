@@ -705,7 +705,18 @@ fn module_grants_lvm_privileges_only_for_the_lvm_backend() {
         lvm["devices"],
         serde_json::json!(["/dev/disk/by-id/nvme-a", "/dev/disk/by-id/nvme-b"])
     );
-    assert_eq!(privileged["moduleSettings"]["volumes"]["lvm"], *lvm);
+    // What the module itself defines is what is rendered (the rest are typed defaults: the thin
+    // pool settings).
+    let defined = privileged["moduleSettings"]["volumes"]["lvm"]
+        .as_object()
+        .expect("the module defines volumes.lvm");
+    assert_eq!(
+        defined.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["devices", "thin_pool", "volume_group"]
+    );
+    for (key, value) in defined {
+        assert_eq!(&lvm[key], value, "volumes.lvm.{key}");
+    }
 }
 
 #[test]
