@@ -102,6 +102,14 @@ async fn job_request_cache_image_and_stage_metrics_move_with_their_events() {
             "{status} exported at 0:\n{before}"
         );
     }
+    for method in ["thin-snapshot", "copy"] {
+        assert!(
+            before.contains(&format!(
+                "{M}_volumes_created_total{{method=\"{method}\"}} 0"
+            )),
+            "volumes_created_total{{method={method}}} exported at 0:\n{before}"
+        );
+    }
     assert_eq!(metric_in(&before, &m("cache_misses_total"), ""), 0.0);
     let put_ok_before = metric_in(
         &before,
@@ -171,6 +179,10 @@ async fn job_request_cache_image_and_stage_metrics_move_with_their_events() {
     let after = scrape(&c, &d).await;
     let q = |name: &str, labels: &str| metric_in(&after, &m(name), labels);
     assert_eq!(q("jobs_total", r#"status="completed""#), 1.0);
+    // The directory backend copies: the job says so, and so does the counter by method.
+    assert_eq!(job["method"], "copy", "{job}");
+    assert_eq!(q("volumes_created_total", r#"method="copy""#), 1.0);
+    assert_eq!(q("volumes_created_total", r#"method="thin-snapshot""#), 0.0);
     assert_eq!(q("active_jobs", ""), 0.0);
     assert_eq!(q("health_status", ""), 1.0);
     assert_eq!(
