@@ -351,9 +351,6 @@ impl Metrics {
         for result in ["skipped", "unchanged", "changed", "source_unavailable"] {
             m.cache_revalidations_total.with_label_values(&[result]);
         }
-        for method in ["thin-snapshot", "copy"] {
-            m.volumes_created_total.with_label_values(&[method]);
-        }
         m
     }
 
