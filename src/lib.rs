@@ -2,6 +2,7 @@
 //! backends, the job engine, telemetry and the HTTP API into the daemon.
 
 mod api;
+pub mod client;
 mod command;
 pub mod config;
 mod convert;
@@ -273,6 +274,7 @@ async fn run(
         }),
     );
     reloader.spawn().context("starting configuration reload")?;
+    let shutdown = CancellationToken::new();
     let state = Arc::new(api::ApiState {
         engine: engine.clone(),
         cache: ctx.cache.clone(),
@@ -282,6 +284,8 @@ async fn run(
         started,
         auth: auth.clone(),
         reloader,
+        event_streams: Default::default(),
+        stopping: shutdown.clone(),
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -310,7 +314,6 @@ async fn run(
         }
     };
 
-    let shutdown = CancellationToken::new();
     let server = tokio::spawn(server::serve(
         listener,
         api::routes(state),

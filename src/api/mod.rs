@@ -5,6 +5,7 @@
 mod activity;
 pub(crate) mod auth;
 pub(crate) mod error;
+mod events;
 mod handlers;
 mod origin;
 mod peers;
@@ -39,6 +40,10 @@ pub(crate) struct ApiState {
     pub(crate) started: Instant,
     pub(crate) auth: Arc<auth::Authenticator>,
     pub(crate) reloader: Arc<crate::config::reload::Reloader>,
+    /// Progress streams open now (bounded by `server.max_event_streams`).
+    pub(crate) event_streams: events::StreamCount,
+    /// Fires when the daemon shuts down (ends progress streams).
+    pub(crate) stopping: tokio_util::sync::CancellationToken,
 }
 
 /// Values a request collects on its way through the filters, read by the server afterwards
@@ -138,6 +143,7 @@ pub(crate) fn routes(
         .or(path!("provision").and(post()).and(route("/provision")))
         .unify()
         .and(caller())
+        .and(warp::header::headers_cloned())
         .and(body())
         .and(s())
         .then(handlers::submit)
@@ -160,6 +166,14 @@ pub(crate) fn routes(
         .and(caller())
         .and(s())
         .then(handlers::status)
+        .map(respond);
+    let events = path!("api" / "v1" / "jobs" / String / "events")
+        .and(get())
+        .and(route("/api/v1/jobs/{id}/events"))
+        .and(caller())
+        .and(warp::header::headers_cloned())
+        .and(s())
+        .then(events::events)
         .map(respond);
     let cancel = path!("api" / "v1" / "jobs" / String / "cancel")
         .and(post())
@@ -186,6 +200,7 @@ pub(crate) fn routes(
         .and(post())
         .and(route("/api/v1/cache/fetch"))
         .and(caller())
+        .and(warp::header::headers_cloned())
         .and(body())
         .and(s())
         .then(handlers::cache_fetch)
@@ -226,6 +241,8 @@ pub(crate) fn routes(
         .or(list)
         .unify()
         .or(status)
+        .unify()
+        .or(events)
         .unify()
         .or(cancel)
         .unify()
