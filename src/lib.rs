@@ -238,8 +238,13 @@ async fn run(
     })?;
     let sources = Arc::new(SourceClients::new(&settings)?);
     let cache = Arc::new(
-        ImageCache::open(&settings.cache.dir, store.tree("cache"), sources, &settings)
-            .context("opening the image cache")?,
+        ImageCache::open(
+            &settings.cache.dir,
+            store.tree("cache"),
+            sources.clone(),
+            &settings,
+        )
+        .context("opening the image cache")?,
     );
     cache.evict(None);
     cache.spawn_evictor(CACHE_EVICT_INTERVAL);
@@ -278,6 +283,7 @@ async fn run(
     let state = Arc::new(api::ApiState {
         engine: engine.clone(),
         cache: ctx.cache.clone(),
+        sources,
         volumes: ctx.volumes.clone(),
         settings: live.clone(),
         health,

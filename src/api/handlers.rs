@@ -32,7 +32,7 @@ use crate::telemetry::metrics::metrics;
 use crate::volume::{self, VolumeError};
 use tracing::Instrument;
 
-const MAX_URL_LEN: usize = 4096;
+pub(crate) const MAX_URL_LEN: usize = 4096;
 const MAX_CORRELATION_ID_LEN: usize = 256;
 /// Largest accepted volume: 1 PiB.
 const MAX_VOLUME_GB: u64 = 1 << 20;
@@ -40,7 +40,7 @@ const MAX_LIST_LIMIT: usize = 1000;
 /// How long a cancel request waits for a running job to stop and roll back.
 const CANCEL_WAIT: Duration = Duration::from_secs(60);
 
-fn json_reply(value: &impl serde::Serialize, status: StatusCode) -> Response {
+pub(crate) fn json_reply(value: &impl serde::Serialize, status: StatusCode) -> Response {
     warp::reply::with_status(warp::reply::json(value), status).into_response()
 }
 
@@ -222,7 +222,9 @@ struct CacheFetchBody {
     correlation_id: Option<String>,
 }
 
-fn parse_body<T: serde::de::DeserializeOwned>(body: serde_json::Value) -> Result<T, ApiError> {
+pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
+    body: serde_json::Value,
+) -> Result<T, ApiError> {
     if !body.is_object() {
         return Err(ApiError::bad_request("body must be a JSON object"));
     }
@@ -243,7 +245,7 @@ fn check_image_url(url: Option<String>, state: &ApiState) -> Result<String, ApiE
     Ok(url)
 }
 
-fn check_image_type(t: Option<String>) -> Result<ImageType, ApiError> {
+pub(crate) fn check_image_type(t: Option<String>) -> Result<ImageType, ApiError> {
     match t.as_deref() {
         None | Some("qcow2") => Ok(ImageType::Qcow2),
         Some("raw") => Ok(ImageType::Raw),

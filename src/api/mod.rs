@@ -9,10 +9,12 @@ mod events;
 mod handlers;
 mod origin;
 mod peers;
+mod preflight;
 mod request;
 pub(crate) mod server;
 mod strict_json;
 pub(crate) mod tls;
+mod upload;
 mod views;
 
 use std::convert::Infallible;
@@ -33,6 +35,8 @@ pub(crate) struct ApiState {
     pub(crate) engine: Engine,
     /// The image cache (listing and deleting entries).
     pub(crate) cache: Arc<ImageCache>,
+    /// The image sources (preflight inspection).
+    pub(crate) sources: Arc<crate::image::source::SourceClients>,
     /// The volume backend (name rules).
     pub(crate) volumes: Arc<dyn VolumeBackend>,
     pub(crate) settings: LiveSettings,
@@ -213,6 +217,16 @@ pub(crate) fn routes(
         .then(handlers::cache_delete)
         .map(respond);
 
+    // Images (new).
+    let image_inspect = path!("api" / "v1" / "images" / "inspect")
+        .and(post())
+        .and(route("/api/v1/images/inspect"))
+        .and(caller())
+        .and(body())
+        .and(s())
+        .then(preflight::inspect)
+        .map(respond);
+
     // Effective configuration (new).
     let config = path!("api" / "v1" / "config")
         .and(get())
@@ -229,6 +243,16 @@ pub(crate) fn routes(
         .and(caller())
         .and(s())
         .then(handlers::volume_delete)
+        .map(respond);
+
+    let volume_upload = path!("api" / "v1" / "volumes" / String / "content")
+        .and(warp::put())
+        .and(route("/api/v1/volumes/{name}/content"))
+        .and(caller())
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .and(s())
+        .then(upload::upload)
         .map(respond);
 
     let any_route = health
@@ -252,7 +276,11 @@ pub(crate) fn routes(
         .unify()
         .or(cache_delete)
         .unify()
+        .or(image_inspect)
+        .unify()
         .or(volume_delete)
+        .unify()
+        .or(volume_upload)
         .unify()
         .or(config)
         .unify();

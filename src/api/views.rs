@@ -195,6 +195,19 @@ pub(crate) struct ConfigResponse {
     pub(crate) pending_restart: Vec<String>,
 }
 
+/// `PUT /api/v1/volumes/{name}/content` (201).
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Uploaded {
+    /// Always `created`.
+    pub(crate) status: &'static str,
+    pub(crate) volume: String,
+    pub(crate) volume_path: String,
+    /// Bytes written.
+    pub(crate) size: u64,
+    /// SHA-256 of what was written (lowercase hex).
+    pub(crate) sha256: String,
+}
+
 impl StatusResponse {
     /// The API's view of `job`; `queue_position` is shown for pending jobs only.
     pub(crate) fn from_job(job: &Job, queue_position: Option<usize>) -> StatusResponse {

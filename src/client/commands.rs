@@ -376,7 +376,7 @@ async fn inspect(
         }
         lines.push(format!(
             "cache:        {}",
-            a["cache"]["state"].as_str().unwrap_or("?")
+            a["cache"].as_str().unwrap_or("?")
         ));
         lines.push(if accepted {
             "accepted:     yes".to_string()

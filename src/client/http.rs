@@ -258,10 +258,12 @@ fn refused(status: u16, body: Value) -> ClientError {
             "authentication required (HTTP 401): {said}. Pass a client certificate with \
              --cert/--key (and --cacert), or an API token with --token-file or LVP_TOKEN."
         ),
-        403 => format!(
-            "forbidden (HTTP 403): {said}. The credential was recognised but is not allowed \
-             here: ask for your certificate's name to be listed in auth.allowed_clients."
+        // Only a hint: the daemon's 403 for a known but unlisted certificate names it.
+        403 if said.contains("client certificate") => format!(
+            "forbidden (HTTP 403): {said}. The certificate is valid but not allowed here: ask \
+             for its name to be listed in the daemon's auth.allowed_clients."
         ),
+        403 => format!("forbidden (HTTP 403): {said}"),
         _ => format!("{said} (HTTP {status})"),
     };
     ClientError::Refused {

@@ -4,6 +4,7 @@ pub(crate) mod cache;
 mod client;
 mod format;
 pub mod inspect;
+pub(crate) mod preflight;
 pub(crate) mod source;
 
 pub use format::ImageType;

@@ -39,6 +39,8 @@ pub(crate) enum Holder {
     Job(Uuid),
     /// `DELETE /api/v1/volumes/{name}` is removing it.
     Deleting,
+    /// `PUT /api/v1/volumes/{name}/content` is writing it.
+    Uploading,
 }
 
 impl std::fmt::Display for Holder {
@@ -47,6 +49,7 @@ impl std::fmt::Display for Holder {
             Holder::Submitting => f.write_str("a job being submitted"),
             Holder::Job(id) => write!(f, "job {id}"),
             Holder::Deleting => f.write_str("its deletion"),
+            Holder::Uploading => f.write_str("an upload"),
         }
     }
 }
@@ -160,6 +163,7 @@ impl Engine {
                 ctx,
             }),
         };
+        engine.recover_uploads().await;
         engine.recover().await?;
         Ok(engine)
     }

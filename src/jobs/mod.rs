@@ -11,3 +11,4 @@ pub(crate) mod model;
 pub(crate) mod progress;
 pub(crate) mod runner;
 pub(crate) mod store;
+pub(crate) mod upload;
