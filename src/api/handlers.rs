@@ -192,6 +192,19 @@ pub(crate) fn ready(state: Arc<ApiState>) -> Response {
     )
 }
 
+/// `GET /api/v1/openapi.json`.
+pub(crate) fn openapi(caller: Result<Caller, ApiError>) -> Response {
+    if let Err(e) = caller {
+        return e.into_response();
+    }
+    let mut resp = super::openapi::document().into_response();
+    resp.headers_mut().insert(
+        "content-type",
+        warp::http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
 pub(crate) fn metrics_text(caller: Result<Caller, ApiError>) -> Response {
     if let Err(e) = caller {
         return e.into_response();
@@ -204,20 +217,35 @@ pub(crate) fn metrics_text(caller: Result<Caller, ApiError>) -> Response {
     resp
 }
 
-#[derive(Debug, Deserialize)]
+/// `POST /api/v1/jobs`: what to provision. Fields are checked one by one (each with its own
+/// message) rather than by serde, so they are optional here and required in the schema.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ProvisionBody {
+pub(crate) struct ProvisionBody {
+    /// `s3://bucket/key`, an `http(s)://` URL on the S3 endpoint or `sources.allowed_hosts`,
+    /// or `file://` below `sources.file_roots`; at most 4096 characters.
+    #[schema(required = true, value_type = String)]
     image_url: Option<String>,
+    /// `[A-Za-z0-9+_.-]`, 1..=127 characters, not `.` or `..`, no leading `-`.
+    #[schema(required = true, value_type = String)]
     volume_name: Option<String>,
+    /// GiB (2^30 bytes), 1..=1048576.
+    #[schema(required = true, value_type = u64, minimum = 1, maximum = 1048576)]
     volume_size_gb: Option<serde_json::Value>,
+    /// `qcow2` (default) or `raw`.
+    #[schema(value_type = Option<ImageType>)]
     image_type: Option<String>,
+    /// Echoed in the job, its logs and traces; at most 256 characters.
     correlation_id: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// `POST /api/v1/cache/fetch`: an image to download into the cache only.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CacheFetchBody {
+pub(crate) struct CacheFetchBody {
+    #[schema(required = true, value_type = String)]
     image_url: Option<String>,
+    #[schema(value_type = Option<ImageType>)]
     image_type: Option<String>,
     correlation_id: Option<String>,
 }

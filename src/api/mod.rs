@@ -7,6 +7,7 @@ pub(crate) mod auth;
 pub(crate) mod error;
 mod events;
 mod handlers;
+mod openapi;
 mod origin;
 mod peers;
 mod preflight;
@@ -113,15 +114,13 @@ pub(crate) fn routes(
     let body = || handlers::json_body(state.clone());
 
     // Open routes.
-    let health = get()
-        .and(
-            path("health")
-                .or(path("healthz"))
-                .unify()
-                .or(path("livez"))
-                .unify(),
-        )
+    let health = path("health")
+        .or(path("healthz"))
+        .unify()
+        .or(path("livez"))
+        .unify()
         .and(end())
+        .and(get())
         .and(route("/health"))
         .and(s())
         .map(handlers::health);
@@ -227,6 +226,13 @@ pub(crate) fn routes(
         .then(preflight::inspect)
         .map(respond);
 
+    // The OpenAPI document (new).
+    let openapi = path!("api" / "v1" / "openapi.json")
+        .and(get())
+        .and(route("/api/v1/openapi.json"))
+        .and(caller())
+        .map(handlers::openapi);
+
     // Effective configuration (new).
     let config = path!("api" / "v1" / "config")
         .and(get())
@@ -283,6 +289,8 @@ pub(crate) fn routes(
         .or(volume_upload)
         .unify()
         .or(config)
+        .unify()
+        .or(openapi)
         .unify();
     origin::same_site_only(state.clone())
         .and(any_route)
