@@ -2,7 +2,8 @@
 //! volume. The request is checked before anything is created: the name against
 //! `volumes.upload_name_pattern` (403; empty = uploads off), `Content-Length` present (411)
 //! and within `volumes.upload_max_bytes` (413), `Content-Type: application/octet-stream`
-//! (415), an optional `X-Content-SHA256`. The write runs on its own task, so a client that
+//! (415), an optional `X-Content-SHA256`. A refused body is read and dropped (up to the
+//! limit) so the client reads the refusal. The write runs on its own task, so a client that
 //! goes away mid-body still gets its half-made volume removed (`jobs/upload.rs`).
 
 use std::sync::Arc;
@@ -90,6 +91,57 @@ fn check_headers(headers: &http::HeaderMap) -> Result<Option<String>, ApiError> 
     }
 }
 
+/// The checked request, or why it is refused.
+fn check_request(
+    raw_name: &str,
+    headers: &http::HeaderMap,
+    state: &ApiState,
+    settings: &crate::config::Settings,
+) -> Result<UploadRequest, ApiError> {
+    let name = percent_encoding::percent_decode_str(raw_name)
+        .decode_utf8()
+        .map_err(|_| ApiError::bad_request("volume name is not UTF-8 once decoded"))?
+        .into_owned();
+    volume::validate_volume_name(&name)
+        .and_then(|_| state.volumes.validate_name(&name))
+        .map_err(ApiError::bad_request)?;
+    check_name_allowed(&name, &settings.volumes.upload_name_pattern)?;
+    let length = check_length(headers, settings.volumes.upload_max_bytes)?;
+    let sha256 = check_headers(headers)?;
+    Ok(UploadRequest {
+        volume: name,
+        length,
+        sha256,
+        idle_timeout: settings.server.body_timeout,
+    })
+}
+
+/// Reads and drops the body of a refused upload (at most `max` bytes, within `timeout`), so
+/// a client still sending it reads the refusal instead of a broken connection. A body
+/// declared larger than `max` is not read at all.
+async fn drain<S, B>(body: S, headers: &http::HeaderMap, max: u64, timeout: std::time::Duration)
+where
+    S: futures::Stream<Item = Result<B, warp::Error>>,
+    B: bytes::Buf,
+{
+    use futures::StreamExt;
+    let declared = header(headers, "content-length").and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|l| l > max) {
+        return;
+    }
+    let reading = async {
+        let mut body = std::pin::pin!(body);
+        let mut seen = 0u64;
+        while let Some(Ok(chunk)) = body.next().await {
+            seen += chunk.remaining() as u64;
+            if seen > max {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(timeout, reading).await;
+}
+
 pub(crate) async fn upload<S, B>(
     raw_name: String,
     caller: Result<Caller, ApiError>,
@@ -102,23 +154,16 @@ where
     B: bytes::Buf + Send + 'static,
 {
     let caller = caller?;
-    let name = percent_encoding::percent_decode_str(&raw_name)
-        .decode_utf8()
-        .map_err(|_| ApiError::bad_request("volume name is not UTF-8 once decoded"))?
-        .into_owned();
-    volume::validate_volume_name(&name)
-        .and_then(|_| state.volumes.validate_name(&name))
-        .map_err(ApiError::bad_request)?;
     let settings = state.settings.current();
-    check_name_allowed(&name, &settings.volumes.upload_name_pattern)?;
-    let length = check_length(&headers, settings.volumes.upload_max_bytes)?;
-    let sha256 = check_headers(&headers)?;
-    let request = UploadRequest {
-        volume: name.clone(),
-        length,
-        sha256,
-        idle_timeout: settings.server.body_timeout,
+    let request = match check_request(&raw_name, &headers, &state, &settings) {
+        Ok(r) => r,
+        Err(e) => {
+            let max = settings.volumes.upload_max_bytes;
+            drain(body, &headers, max, settings.server.body_timeout).await;
+            return Err(e);
+        }
     };
+    let (name, length) = (request.volume.clone(), request.length);
     let engine = state.engine.clone();
     // Its own task: dropping this request (client gone) must not skip the cleanup.
     let task = tokio::spawn(async move { engine.upload_volume(request, Box::pin(body)).await });

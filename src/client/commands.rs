@@ -117,9 +117,16 @@ async fn dispatch(api: &Api, json: bool, command: ClientCommand) -> Result<u8, C
     }
 }
 
+/// Characters a path segment keeps as they are (RFC 3986 unreserved).
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// A path segment, percent-encoded (volume names and ids come from the user).
 fn path_part(raw: &str) -> String {
-    percent_encoding::utf8_percent_encode(raw, percent_encoding::NON_ALPHANUMERIC).to_string()
+    percent_encoding::utf8_percent_encode(raw, SEGMENT).to_string()
 }
 
 fn print_value(json: bool, value: &Value, text: impl Fn(&Value) -> String) {

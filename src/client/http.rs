@@ -43,6 +43,8 @@ pub(crate) struct Api {
     streaming: reqwest::Client,
     base: String,
     token: Option<String>,
+    /// Whether a client certificate is presented (for the hint when TLS fails).
+    has_cert: bool,
 }
 
 fn read(path: &Path, what: &str) -> Result<Vec<u8>, ClientError> {
@@ -131,6 +133,7 @@ impl Api {
             streaming: build(builder(opts)?.read_timeout(Duration::from_secs(60)))?,
             base,
             token: token(opts)?,
+            has_cert: opts.cert.is_some(),
         })
     }
 
@@ -239,6 +242,24 @@ impl Api {
         }
         if e.is_timeout() {
             return ClientError::Connect(format!("{} did not answer in time ({chain})", self.base));
+        }
+        let closed = ["connection closed", "reset by peer", "Canceled", "unexpected EOF"]
+            .iter()
+            .any(|m| chain.contains(m));
+        if self.base.starts_with("https://") && closed {
+            // TLS 1.3 refuses a client certificate after the client's side of the handshake,
+            // so the client often sees the connection end rather than the alert.
+            let hint = if self.has_cert {
+                "the server may have refused the client certificate (--cert): it must be \
+                 signed by the daemon's tls.client_ca_file, be valid now and allow client \
+                 authentication"
+            } else {
+                "the server requires a client certificate: pass --cert and --key"
+            };
+            return ClientError::Connect(format!(
+                "{} closed the connection during the TLS handshake ({chain}); {hint}.",
+                self.base
+            ));
         }
         if self.base.starts_with("https://") && chain.contains("InvalidContentType") {
             return ClientError::Connect(format!(
