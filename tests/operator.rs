@@ -63,7 +63,14 @@ fn hostile_qcow2(dir: &Path) -> std::path::PathBuf {
     let p = dir.join("images/with-backing.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "64M"]);
     qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-b", base.to_str().unwrap(), "-F", "qcow2",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "qcow2",
         p.to_str().unwrap(),
     ]);
     p
@@ -88,27 +95,47 @@ async fn cli_provision_wait_completes_and_a_rejected_image_fails_with_its_reason
     let out = cli(
         &d.base,
         &[
-            "provision", "--image-url", &file_url(&image), "--volume", "vm-1", "--size-gb", "1",
+            "provision",
+            "--image-url",
+            &file_url(&image),
+            "--volume",
+            "vm-1",
+            "--size-gb",
+            "1",
             "--wait",
         ],
     );
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
     let stdout = text(&out.stdout);
     let last = stdout.lines().last().unwrap_or("");
-    assert!(last.contains("completed"), "final line: {last}\n{}", explain(&out));
+    assert!(
+        last.contains("completed"),
+        "final line: {last}\n{}",
+        explain(&out)
+    );
     println!("provision --wait (not a terminal):\n{stdout}");
 
     let bad = hostile_qcow2(dir.path());
     let out = cli(
         &d.base,
         &[
-            "provision", "--image-url", &file_url(&bad), "--volume", "vm-2", "--size-gb", "1",
+            "provision",
+            "--image-url",
+            &file_url(&bad),
+            "--volume",
+            "vm-2",
+            "--size-gb",
+            "1",
             "--wait",
         ],
     );
     assert_eq!(out.status.code(), Some(1), "{}", explain(&out));
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("failed") && stderr.contains("backing file"), "{}", explain(&out));
+    assert!(
+        stderr.contains("failed") && stderr.contains("backing file"),
+        "{}",
+        explain(&out)
+    );
     assert!(!volumes_in(dir.path()).contains(&"vm-2".to_string()));
 }
 
@@ -125,17 +152,34 @@ async fn cli_output_json_is_valid_json_everywhere() {
         (out.status.code(), json_of(&out))
     };
     let (code, done) = j(&[
-        "provision", "--image-url", &url, "--image-type", "raw", "--volume", "vm-j", "--size-gb",
-        "1", "--wait",
+        "provision",
+        "--image-url",
+        &url,
+        "--image-type",
+        "raw",
+        "--volume",
+        "vm-j",
+        "--size-gb",
+        "1",
+        "--wait",
     ]);
     assert_eq!(code, Some(0), "{done}");
-    assert_eq!(done["status"], "completed", "--wait prints the final StatusResponse");
+    assert_eq!(
+        done["status"], "completed",
+        "--wait prints the final StatusResponse"
+    );
     let id = done["job_id"].as_str().unwrap().to_string();
     let (code, job) = j(&["job", "get", &id]);
     assert_eq!((code, job["job_id"].as_str()), (Some(0), Some(id.as_str())));
     let (code, list) = j(&["job", "list", "--status", "completed"]);
     assert_eq!(code, Some(0));
-    assert!(list["jobs"].as_array().unwrap().iter().any(|x| x["job_id"] == id.as_str()));
+    assert!(
+        list["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["job_id"] == id.as_str())
+    );
     let (code, accepted) = j(&["cache", "fetch", &url, "--image-type", "raw"]);
     assert_eq!(code, Some(0), "{accepted}");
     assert!(accepted["job_id"].is_string());
@@ -180,21 +224,39 @@ async fn cli_mtls_flags_work_and_refusals_say_why() {
     let d = Daemon::start_https(dir.path(), &config, &[]);
     let p = |f: &str| pki.path(f).display().to_string();
     let (ca, cert, key) = (p("ca.crt"), p("operator.crt"), p("operator.key"));
-    let out = cli(&d.base, &["--cacert", &ca, "--cert", &cert, "--key", &key, "job", "list"]);
+    let out = cli(
+        &d.base,
+        &[
+            "--cacert", &ca, "--cert", &cert, "--key", &key, "job", "list",
+        ],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
 
     let out = cli(&d.base, &["--cacert", &ca, "job", "list"]);
     assert_eq!(out.status.code(), Some(4), "{}", explain(&out));
-    assert!(text(&out.stderr).contains("--cert and --key"), "{}", explain(&out));
+    assert!(
+        text(&out.stderr).contains("--cert and --key"),
+        "{}",
+        explain(&out)
+    );
 
     let out = cli(&d.base, &["--cert", &cert, "--key", &key, "job", "list"]);
     assert_eq!(out.status.code(), Some(4), "{}", explain(&out));
     assert!(text(&out.stderr).contains("--cacert"), "{}", explain(&out));
 
     let (scert, skey) = (p("stranger.crt"), p("stranger.key"));
-    let out = cli(&d.base, &["--cacert", &ca, "--cert", &scert, "--key", &skey, "job", "list"]);
+    let out = cli(
+        &d.base,
+        &[
+            "--cacert", &ca, "--cert", &scert, "--key", &skey, "job", "list",
+        ],
+    );
     assert_eq!(out.status.code(), Some(1), "{}", explain(&out));
-    assert!(text(&out.stderr).contains("auth.allowed_clients"), "{}", explain(&out));
+    assert!(
+        text(&out.stderr).contains("auth.allowed_clients"),
+        "{}",
+        explain(&out)
+    );
 
     let plain = d.base.replace("https://", "http://");
     let out = cli(&plain, &["job", "list"]);
@@ -208,8 +270,10 @@ async fn cli_token_file_and_env_work_and_401_says_what_to_send() {
     let token = "cli-test-token-0123456789abcdef0123456789";
     std::fs::write(dir.path().join("tokens"), format!("ops:{token}\n")).unwrap();
     std::fs::write(dir.path().join("my-token"), format!("# mine\n{token}\n")).unwrap();
-    let config = TestConfig::new(dir.path())
-        .set("auth.tokens_file", dir.path().join("tokens").display().to_string());
+    let config = TestConfig::new(dir.path()).set(
+        "auth.tokens_file",
+        dir.path().join("tokens").display().to_string(),
+    );
     let d = Daemon::start(dir.path(), &config);
     let file = dir.path().join("my-token").display().to_string();
     let out = cli(&d.base, &["--token-file", &file, "job", "list"]);
@@ -219,7 +283,10 @@ async fn cli_token_file_and_env_work_and_401_says_what_to_send() {
     let out = cli(&d.base, &["job", "list"]);
     assert_eq!(out.status.code(), Some(1), "{}", explain(&out));
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("401") && stderr.contains("--token-file"), "{stderr}");
+    assert!(
+        stderr.contains("401") && stderr.contains("--token-file"),
+        "{stderr}"
+    );
     // Open routes stay open.
     let out = cli(&d.base, &["health"]);
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
@@ -243,7 +310,11 @@ async fn read_events(resp: reqwest::Response) -> Vec<(String, Value, Instant)> {
     let mut stream = resp.bytes_stream().eventsource();
     while let Some(e) = stream.next().await {
         let e = e.unwrap();
-        events.push((e.id.clone(), serde_json::from_str(&e.data).unwrap(), Instant::now()));
+        events.push((
+            e.id.clone(),
+            serde_json::from_str(&e.data).unwrap(),
+            Instant::now(),
+        ));
     }
     events
 }
@@ -266,15 +337,25 @@ async fn progress_stream_follows_a_job_to_its_end_and_resumes() {
                "volume_name": "vm-sse", "volume_size_gb": 1}),
     )
     .await;
-    let resp = c.get(d.url(&format!("/api/v1/jobs/{id}/events"))).send().await.unwrap();
+    let resp = c
+        .get(d.url(&format!("/api/v1/jobs/{id}/events")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let events = tokio::time::timeout(Duration::from_secs(120), read_events(resp))
         .await
         .expect("the stream ends after the terminal event");
-    let statuses: Vec<&str> = events.iter().map(|(_, v, _)| v["status"].as_str().unwrap()).collect();
+    let statuses: Vec<&str> = events
+        .iter()
+        .map(|(_, v, _)| v["status"].as_str().unwrap())
+        .collect();
     println!("{} events: {statuses:?}", events.len());
-    assert!(events.len() >= 5, "events arrive while the job runs: {statuses:?}");
+    assert!(
+        events.len() >= 5,
+        "events arrive while the job runs: {statuses:?}"
+    );
     assert_eq!(*statuses.last().unwrap(), "completed");
     assert_eq!(statuses.iter().filter(|s| **s == "completed").count(), 1);
     let mut percent = -1.0;
@@ -312,7 +393,11 @@ async fn progress_stream_follows_a_job_to_its_end_and_resumes() {
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].1["status"], "completed");
     // Unknown and malformed ids.
-    let (s, _) = get(&c, &d.url("/api/v1/jobs/00000000-0000-0000-0000-000000000000/events")).await;
+    let (s, _) = get(
+        &c,
+        &d.url("/api/v1/jobs/00000000-0000-0000-0000-000000000000/events"),
+    )
+    .await;
     assert_eq!(s, 404);
     let (s, _) = get(&c, &d.url("/api/v1/jobs/nope/events")).await;
     assert_eq!(s, 400);
@@ -325,7 +410,10 @@ async fn progress_streams_need_credentials_and_are_bounded() {
     std::fs::write(dir.path().join("tokens"), format!("ops:{token}\n")).unwrap();
     let image = raw_image(dir.path(), "r.raw", 1);
     let config = TestConfig::new(dir.path())
-        .set("auth.tokens_file", dir.path().join("tokens").display().to_string())
+        .set(
+            "auth.tokens_file",
+            dir.path().join("tokens").display().to_string(),
+        )
         .set("server.max_event_streams", 2);
     let path = slow_qemu_img_path(dir.path(), 30);
     let d = Daemon::start_with_env(dir.path(), &config, &[("PATH", &path)]);
@@ -338,18 +426,29 @@ async fn progress_streams_need_credentials_and_are_bounded() {
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().await.unwrap()["job_id"].as_str().unwrap().to_string();
+    let id = r.json::<Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let events = d.url(&format!("/api/v1/jobs/{id}/events"));
     let r = c.get(&events).send().await.unwrap();
     assert_eq!(r.status(), 401, "unauthenticated streams are refused");
     let first = authed(c.get(&events)).send().await.unwrap();
     let second = authed(c.get(&events)).send().await.unwrap();
-    assert_eq!((first.status().as_u16(), second.status().as_u16()), (200, 200));
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
     let third = authed(c.get(&events)).send().await.unwrap();
     assert_eq!(third.status(), 429);
     assert!(third.headers().contains_key("retry-after"));
     let body: Value = third.json().await.unwrap();
-    assert!(body["message"].as_str().unwrap().contains("server.max_event_streams"));
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("server.max_event_streams")
+    );
     drop(first);
     // The closed stream's place comes back.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -358,7 +457,10 @@ async fn progress_streams_need_credentials_and_are_bounded() {
         if r.status() == 200 {
             break;
         }
-        assert!(Instant::now() < deadline, "a closed stream's slot never came back");
+        assert!(
+            Instant::now() < deadline,
+            "a closed stream's slot never came back"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     drop(second);
@@ -381,7 +483,10 @@ async fn idempotency_key_returns_the_same_job_across_a_restart() {
     let d = Daemon::start(dir.path(), &config);
     let r = post_with_key(&d, "order-42", &body).await.unwrap();
     assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().await.unwrap()["job_id"].as_str().unwrap().to_string();
+    let id = r.json::<Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let r = post_with_key(&d, "order-42", &body).await.unwrap();
     assert_eq!(r.status(), 200, "a retry gets the existing job");
     assert_eq!(r.headers()["idempotent-replayed"], "true");
@@ -406,21 +511,36 @@ async fn idempotency_key_returns_the_same_job_across_a_restart() {
     // The CLI sends a key of its own; the same explicit key gets the same job.
     let url = file_url(&image);
     let args = [
-        "--output", "json", "cache", "fetch", url.as_str(), "--image-type", "raw",
-        "--idempotency-key", "prefetch-1",
+        "--output",
+        "json",
+        "cache",
+        "fetch",
+        url.as_str(),
+        "--image-type",
+        "raw",
+        "--idempotency-key",
+        "prefetch-1",
     ];
     let a = json_of(&cli(&d.base, &args));
     let b = json_of(&cli(&d.base, &args));
     assert_eq!(a["job_id"], b["job_id"]);
-    let (s, _) = post(&c, &d.url("/api/v1/cache/fetch"), &json!({"image_url": url})).await;
+    let (s, _) = post(
+        &c,
+        &d.url("/api/v1/cache/fetch"),
+        &json!({"image_url": url}),
+    )
+    .await;
     assert!(s == 202 || s == 409, "without a key, a new job: {s}");
 }
 
 /// The schema of `path`/`method`/`status` in the document, ready to validate.
 fn response_schema(doc: &Value, path: &str, method: &str, status: u16) -> jsonschema::Validator {
-    let reference = &doc["paths"][path][method]["responses"][status.to_string()]["content"]
-        ["application/json"]["schema"];
-    assert!(reference.is_object(), "{method} {path} {status} is not documented");
+    let reference = &doc["paths"][path][method]["responses"][status.to_string()]["content"]["application/json"]
+        ["schema"];
+    assert!(
+        reference.is_object(),
+        "{method} {path} {status} is not documented"
+    );
     let mut schema = reference.clone();
     schema["components"] = doc["components"].clone();
     jsonschema::validator_for(&schema).unwrap()
@@ -429,7 +549,10 @@ fn response_schema(doc: &Value, path: &str, method: &str, status: u16) -> jsonsc
 fn assert_valid(doc: &Value, path: &str, method: &str, status: u16, body: &Value) {
     let validator = response_schema(doc, path, method, status);
     let errors: Vec<String> = validator.iter_errors(body).map(|e| e.to_string()).collect();
-    assert!(errors.is_empty(), "{method} {path} {status}: {errors:?}\n{body}");
+    assert!(
+        errors.is_empty(),
+        "{method} {path} {status}: {errors:?}\n{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -476,14 +599,29 @@ async fn openapi_document_covers_real_responses() {
     check("/api/v1/jobs", "post", s, &v);
     wait_job(&c, &d, &again, Duration::from_secs(60)).await;
     // A cancel of a pending job: a second job queued behind one that waits.
-    let (s, v) = post(&c, &d.url("/api/v1/cache/fetch"), &json!({"image_url": url})).await;
+    let (s, v) = post(
+        &c,
+        &d.url("/api/v1/cache/fetch"),
+        &json!({"image_url": url}),
+    )
+    .await;
     check("/api/v1/cache/fetch", "post", s, &v);
     let (s, v) = get(&c, &d.url("/api/v1/cache/images")).await;
     check("/api/v1/cache/images", "get", s, &v);
     let key = v["images"][0]["key"].as_str().unwrap().to_string();
-    let (s, v) = post(&c, &d.url("/api/v1/images/inspect"), &json!({"image_url": url})).await;
+    let (s, v) = post(
+        &c,
+        &d.url("/api/v1/images/inspect"),
+        &json!({"image_url": url}),
+    )
+    .await;
     check("/api/v1/images/inspect", "post", s, &v);
-    let (s, v) = post(&c, &d.url("/api/v1/images/inspect"), &json!({"image_url": "https://x.example/y"})).await;
+    let (s, v) = post(
+        &c,
+        &d.url("/api/v1/images/inspect"),
+        &json!({"image_url": "https://x.example/y"}),
+    )
+    .await;
     check("/api/v1/images/inspect", "post", s, &v);
     let (s, v) = get(&c, &d.url("/api/v1/config")).await;
     check("/api/v1/config", "get", s, &v);
@@ -495,7 +633,12 @@ async fn openapi_document_covers_real_responses() {
         .await
         .unwrap();
     let s = r.status().as_u16();
-    check("/api/v1/volumes/{name}/content", "put", s, &r.json().await.unwrap());
+    check(
+        "/api/v1/volumes/{name}/content",
+        "put",
+        s,
+        &r.json().await.unwrap(),
+    );
     let (s, v) = delete(&c, &d.url("/api/v1/volumes/vm-o-cidata")).await;
     check("/api/v1/volumes/{name}", "delete", s, &v);
     let (s, v) = delete(&c, &d.url("/api/v1/volumes/vm-o")).await;
@@ -528,7 +671,10 @@ async fn preflight_reads_only_the_header_and_creates_nothing() {
     let backing = hostile_qcow2(dir.path());
     let nginx = Nginx::start(
         &dir.path().join("nginx"),
-        &format!("server {{ listen 127.0.0.1:{{port}}; root {}; }}", images.display()),
+        &format!(
+            "server {{ listen 127.0.0.1:{{port}}; root {}; }}",
+            images.display()
+        ),
     );
     let config = TestConfig::new(dir.path()).set(
         "sources.allowed_hosts",
@@ -546,17 +692,30 @@ async fn preflight_reads_only_the_header_and_creates_nothing() {
         }
     };
     let v = inspect(json!({"image_url": nginx.url("/big.qcow2")})).await;
-    assert_eq!((v["accepted"].as_bool(), v["format"].as_str()), (Some(true), Some("qcow2")), "{v}");
+    assert_eq!(
+        (v["accepted"].as_bool(), v["format"].as_str()),
+        (Some(true), Some("qcow2")),
+        "{v}"
+    );
     assert_eq!(v["virtual_size"], 1u64 << 30);
     assert_eq!(v["cache"], "absent");
     let size = std::fs::metadata(images.join("big.qcow2")).unwrap().len();
     assert_eq!(v["size"], size);
     let v = inspect(json!({"image_url": nginx.url("/big.raw"), "image_type": "raw"})).await;
-    assert_eq!((v["accepted"].as_bool(), v["format"].as_str()), (Some(true), Some("raw")), "{v}");
+    assert_eq!(
+        (v["accepted"].as_bool(), v["format"].as_str()),
+        (Some(true), Some("raw")),
+        "{v}"
+    );
     assert_eq!(v["virtual_size"], 48u64 << 20);
     let v = inspect(json!({"image_url": nginx.url("/big.raw")})).await;
     assert_eq!(v["accepted"], false, "raw declared as qcow2: {v}");
-    assert!(v["reason"].as_str().unwrap().contains("image_type is qcow2 but the image is raw"));
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap()
+            .contains("image_type is qcow2 but the image is raw")
+    );
     // Bytes at the server: headers plus at most the inspector's 2 MiB per image.
     for name in ["/big.qcow2", "/big.raw"] {
         let sent = nginx.bytes_sent(nginx.port, name);
@@ -569,9 +728,13 @@ async fn preflight_reads_only_the_header_and_creates_nothing() {
     // Hostile cases, each with its reason.
     let v = inspect(json!({"image_url": file_url(&backing)})).await;
     assert_eq!(v["accepted"], false);
-    assert!(v["reason"].as_str().unwrap().contains("backing file"), "{v}");
+    assert!(
+        v["reason"].as_str().unwrap().contains("backing file"),
+        "{v}"
+    );
     std::fs::write(images.join("empty.raw"), b"").unwrap();
-    let v = inspect(json!({"image_url": file_url(&images.join("empty.raw")), "image_type": "raw"})).await;
+    let v = inspect(json!({"image_url": file_url(&images.join("empty.raw")), "image_type": "raw"}))
+        .await;
     assert!(v["reason"].as_str().unwrap().contains("empty"), "{v}");
     let mut truncated = std::fs::read(&backing).unwrap();
     truncated.truncate(40);
@@ -579,12 +742,26 @@ async fn preflight_reads_only_the_header_and_creates_nothing() {
     let v = inspect(json!({"image_url": file_url(&images.join("short.qcow2"))})).await;
     assert!(v["reason"].as_str().unwrap().contains("truncated"), "{v}");
     let v = inspect(json!({"image_url": "https://169.254.169.254/latest/meta-data"})).await;
-    assert!(v["reason"].as_str().unwrap().contains("sources.allowed_hosts"), "{v}");
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap()
+            .contains("sources.allowed_hosts"),
+        "{v}"
+    );
     let v = inspect(json!({"image_url": nginx.url("/missing.qcow2")})).await;
     assert!(v["reason"].as_str().unwrap().contains("not found"), "{v}");
     let v = inspect(json!({"image_url": "file:///etc/passwd"})).await;
-    assert!(v["reason"].as_str().unwrap().contains("sources.file_roots"), "{v}");
-    let (s, _) = post(&c, &d.url("/api/v1/images/inspect"), &json!({"image_type": "raw"})).await;
+    assert!(
+        v["reason"].as_str().unwrap().contains("sources.file_roots"),
+        "{v}"
+    );
+    let (s, _) = post(
+        &c,
+        &d.url("/api/v1/images/inspect"),
+        &json!({"image_type": "raw"}),
+    )
+    .await;
     assert_eq!(s, 400, "a malformed request is 400");
     // Nothing was made: no volume, no cache entry, no job.
     assert!(volumes_in(dir.path()).is_empty());
@@ -593,12 +770,21 @@ async fn preflight_reads_only_the_header_and_creates_nothing() {
     let (_, jobs) = get(&c, &d.url("/api/v1/jobs")).await;
     assert_eq!(jobs["count"], 0);
     // Once cached, the answer comes from the cache entry without reading the source.
-    let id = submit(&c, &d, json!({"image_url": nginx.url("/big.raw"), "image_type": "raw",
-                                   "volume_name": "vm-p", "volume_size_gb": 1})).await;
+    let id = submit(
+        &c,
+        &d,
+        json!({"image_url": nginx.url("/big.raw"), "image_type": "raw",
+                                   "volume_name": "vm-p", "volume_size_gb": 1}),
+    )
+    .await;
     wait_job(&c, &d, &id, Duration::from_secs(120)).await;
     let before = nginx.gets(nginx.port, "/big.raw").len();
     let v = inspect(json!({"image_url": nginx.url("/big.raw"), "image_type": "raw"})).await;
-    assert_eq!((v["cache"].as_str(), v["bytes_read"].as_u64()), (Some("cached"), Some(0)), "{v}");
+    assert_eq!(
+        (v["cache"].as_str(), v["bytes_read"].as_u64()),
+        (Some("cached"), Some(0)),
+        "{v}"
+    );
     assert_eq!(nginx.gets(nginx.port, "/big.raw").len(), before);
     // The CLI's inspect exits non-zero for a refused image, with the reason on stderr.
     let out = cli(&d.base, &["image", "inspect", &file_url(&backing)]);
@@ -615,7 +801,10 @@ async fn uploads_round_trip_into_new_volumes_only() {
     let seed = random_bytes(300_000, 9);
     let file = dir.path().join("seed.iso");
     std::fs::write(&file, &seed).unwrap();
-    let out = cli(&d.base, &["volume", "upload", "vm1-cidata", file.to_str().unwrap()]);
+    let out = cli(
+        &d.base,
+        &["volume", "upload", "vm1-cidata", file.to_str().unwrap()],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
     let written = std::fs::read(dir.path().join("volumes/vm1-cidata")).unwrap();
     assert_eq!(written.len(), seed.len());
@@ -647,9 +836,9 @@ async fn uploads_round_trip_into_new_volumes_only() {
     let r = c
         .put(d.url("/api/v1/volumes/sum-cidata/content"))
         .header("content-type", "application/octet-stream")
-        .body(reqwest::Body::wrap_stream(futures::stream::iter(vec![Ok::<_, std::io::Error>(
-            bytes::Bytes::from(seed.clone()),
-        )])))
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(vec![
+            Ok::<_, std::io::Error>(bytes::Bytes::from(seed.clone())),
+        ])))
         .send()
         .await
         .unwrap();
@@ -666,7 +855,11 @@ async fn uploads_round_trip_into_new_volumes_only() {
     assert_eq!(r.status(), 415);
     let mut left = volumes_in(dir.path());
     left.sort();
-    assert_eq!(left, ["json-cidata", "vm1-cidata"], "refused uploads left nothing");
+    assert_eq!(
+        left,
+        ["json-cidata", "vm1-cidata"],
+        "refused uploads left nothing"
+    );
 
     // A client that goes away mid-body leaves no volume.
     let addr = d.base.trim_start_matches("http://").to_string();
@@ -680,13 +873,21 @@ async fn uploads_round_trip_into_new_volumes_only() {
     sock.write_all(&seed[..100_000]).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !volumes_in(dir.path()).contains(&"cut-cidata".to_string()) {
-        assert!(Instant::now() < deadline, "the upload never started: {}", d.log());
+        assert!(
+            Instant::now() < deadline,
+            "the upload never started: {}",
+            d.log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     drop(sock);
     let deadline = Instant::now() + Duration::from_secs(20);
     while volumes_in(dir.path()).contains(&"cut-cidata".to_string()) {
-        assert!(Instant::now() < deadline, "a dropped upload left its volume: {}", d.log());
+        assert!(
+            Instant::now() < deadline,
+            "a dropped upload left its volume: {}",
+            d.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -696,7 +897,8 @@ fn raw_put_status(d: &Daemon, name: &str, length: u64) -> u16 {
     use std::io::BufRead;
     let addr = d.base.trim_start_matches("http://").to_string();
     let mut sock = std::net::TcpStream::connect(&addr).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     write!(
         sock,
         "PUT /api/v1/volumes/{name}/content HTTP/1.1\r\nHost: {addr}\r\n\
@@ -734,13 +936,19 @@ async fn progress_bar_in_a_real_terminal() {
     let d = Daemon::start(dir.path(), &config);
     let session = format!("lvp-{}", std::process::id());
     let done = dir.path().join("done");
-    let command = format!(
-        "env -u NO_COLOR LVP_SERVER_URL={} {BIN} provision --image-url \
-         http://127.0.0.1:{proxy}/tty.raw --image-type raw --volume vm-tty --size-gb 1 --wait; \
-         echo \"exit=$?\" > {}; sleep 30",
-        d.base,
-        done.display()
-    );
+    let script = dir.path().join("run.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "unset NO_COLOR\nexport LVP_SERVER_URL={}\n{BIN} provision --image-url \
+             http://127.0.0.1:{proxy}/tty.raw --image-type raw --volume vm-tty --size-gb 1 \
+             --wait\necho \"exit=$?\" > {}\nsleep 30\n",
+            d.base,
+            done.display()
+        ),
+    )
+    .unwrap();
+    let command = format!("clear; sh {}", script.display());
     let status = Command::new("tmux")
         .args(["new-session", "-d", "-x", "120", "-y", "30", "-s", &session])
         .status()
@@ -754,9 +962,23 @@ async fn progress_bar_in_a_real_terminal() {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut bar_frame = None;
     while !done.exists() {
-        assert!(Instant::now() < deadline, "the command did not finish:\n{}", capture(&session));
+        assert!(
+            Instant::now() < deadline,
+            "the command did not finish:\n{}",
+            capture(&session)
+        );
         let frame = capture(&session);
+        // A frame well into the download, when the bar also shows a rate.
+        let percent_now = frame
+            .lines()
+            .find(|l| l.contains("downloading ["))
+            .and_then(|l| l.split(']').nth(1))
+            .and_then(|rest| rest.trim().split('%').next())
+            .and_then(|p| p.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
         if bar_frame.is_none()
+            && percent_now >= 20.0
+            && frame.contains("/s")
             && frame.contains("downloading")
             && frame.contains("[=")
             && frame.contains('%')
@@ -778,7 +1000,10 @@ async fn progress_bar_in_a_real_terminal() {
         .filter(|l| !l.trim().is_empty())
         .rfind(|l| !l.contains("exit="))
         .unwrap_or("");
-    assert!(final_line.contains("completed"), "last line: {final_line}\n{last}");
+    assert!(
+        final_line.contains("completed"),
+        "last line: {final_line}\n{last}"
+    );
 }
 
 /// Kills the tmux session when dropped.

@@ -66,7 +66,8 @@ pub(crate) fn document() -> &'static str {
     DOC.get_or_init(|| {
         let mut doc = ApiDoc::openapi();
         doc.info.version = env!("CARGO_PKG_VERSION").to_string();
-        doc.to_json().unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+        doc.to_json()
+            .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     })
 }
 
@@ -293,8 +294,10 @@ mod tests {
     /// source: each route names its method filter right before its `route(...)` template.
     fn route_table() -> Vec<(String, String)> {
         let source = include_str!("mod.rs");
-        let re = regex::Regex::new(r#"\.and\((?:warp::)?(get|post|put|delete)\(\)\)\s*\.and\(route\("([^"]+)"\)\)"#)
-            .unwrap();
+        let re = regex::Regex::new(
+            r#"\.and\((?:warp::)?(get|post|put|delete)\(\)\)\s*\.and\(route\("([^"]+)"\)\)"#,
+        )
+        .unwrap();
         let routes: Vec<(String, String)> = re
             .captures_iter(source)
             .map(|c| (c[1].to_string(), c[2].to_string()))

@@ -226,6 +226,12 @@ impl Api {
                 tls_hint(tls, &self.base)
             ));
         }
+        if let Some(hint) = tls_hint_from_text(&chain, &self.base) {
+            return ClientError::Connect(format!(
+                "TLS handshake with {} failed: {chain}. {hint}",
+                self.base
+            ));
+        }
         if e.is_connect() {
             if chain.contains("Connection refused") {
                 return ClientError::Connect(format!(
@@ -243,9 +249,17 @@ impl Api {
         if e.is_timeout() {
             return ClientError::Connect(format!("{} did not answer in time ({chain})", self.base));
         }
-        let closed = ["connection closed", "reset by peer", "Canceled", "unexpected EOF"]
-            .iter()
-            .any(|m| chain.contains(m));
+        let lower = chain.to_ascii_lowercase();
+        let closed = [
+            "connection closed",
+            "reset by peer",
+            "canceled",
+            "unexpected eof",
+            "broken pipe",
+            "stream closed",
+        ]
+        .iter()
+        .any(|m| lower.contains(m));
         if self.base.starts_with("https://") && closed {
             // TLS 1.3 refuses a client certificate after the client's side of the handshake,
             // so the client often sees the connection end rather than the alert.
@@ -323,6 +337,32 @@ fn find_rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a
         current = err.source();
     }
     None
+}
+
+/// The hint for a handshake error known only by its message (the rustls error is not always
+/// reachable through the source chain).
+fn tls_hint_from_text(chain: &str, base: &str) -> Option<String> {
+    let hint = if chain.contains("UnknownIssuer") || chain.contains("BadSignature") {
+        "The server's certificate is not signed by a CA this command trusts: pass the CA \
+         certificate with --cacert."
+            .to_string()
+    } else if chain.contains("NotValidForName") {
+        format!(
+            "The server's certificate does not name the host of {base}: use a name or address \
+             from its subjectAltName in --server."
+        )
+    } else if chain.contains("invalid peer certificate: Expired") {
+        "The server's certificate has expired (or this machine's clock is wrong).".into()
+    } else if chain.contains("CertificateRequired") {
+        "The server requires a client certificate: pass --cert and --key.".into()
+    } else if chain.contains("received fatal alert") {
+        "The server refused the client certificate (--cert): it must be signed by the \
+         server's tls.client_ca_file, be valid now, and allow client authentication."
+            .into()
+    } else {
+        return None;
+    };
+    Some(hint)
 }
 
 /// What to do about a refused handshake.
