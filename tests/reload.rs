@@ -176,40 +176,77 @@ fn presented_serial(port: u16, ca_file: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// A TLS daemon (certificate serial 1001 from a test CA, the old token) in a fresh directory.
+struct TlsSetup {
+    tmp: tempfile::TempDir,
+    issuer: Issuer<'static, KeyPair>,
+    ca_pem: String,
+    ca_file: std::path::PathBuf,
+    cert_file: std::path::PathBuf,
+    key_file: std::path::PathBuf,
+    tokens: std::path::PathBuf,
+}
+
+impl TlsSetup {
+    fn new() -> TlsSetup {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let (issuer, ca_pem) = ca();
+        let ca_file = dir.join("ca.crt");
+        std::fs::write(&ca_file, &ca_pem).unwrap();
+        let (cert, key) = server_cert(&issuer, 1001);
+        let (cert_file, key_file) = (dir.join("server.crt"), dir.join("server.key"));
+        std::fs::write(&cert_file, cert).unwrap();
+        std::fs::write(&key_file, key).unwrap();
+        let tokens = dir.join("tokens");
+        std::fs::write(&tokens, format!("ci:{OLD_TOKEN}\n")).unwrap();
+        TlsSetup {
+            tmp,
+            issuer,
+            ca_pem,
+            ca_file,
+            cert_file,
+            key_file,
+            tokens,
+        }
+    }
+
+    fn config(&self) -> TestConfig {
+        TestConfig::new(self.tmp.path())
+            .set("tls.cert_file", self.cert_file.display().to_string())
+            .set("tls.key_file", self.key_file.display().to_string())
+            .set("auth.tokens_file", self.tokens.display().to_string())
+    }
+
+    /// A client that trusts the test CA.
+    fn client(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).unwrap()])
+            .build()
+            .unwrap()
+    }
+}
+
 #[tokio::test]
 async fn replaced_server_certificate_is_used_by_new_connections() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let (issuer, ca_pem) = ca();
-    let ca_file = dir.join("ca.crt");
-    std::fs::write(&ca_file, &ca_pem).unwrap();
-    let (cert, key) = server_cert(&issuer, 1001);
-    let (cert_file, key_file) = (dir.join("server.crt"), dir.join("server.key"));
-    std::fs::write(&cert_file, cert).unwrap();
-    std::fs::write(&key_file, key).unwrap();
-    let tokens = dir.join("tokens");
-    std::fs::write(&tokens, format!("ci:{OLD_TOKEN}\n")).unwrap();
-    let config = TestConfig::new(dir)
-        .set("tls.cert_file", cert_file.display().to_string())
-        .set("tls.key_file", key_file.display().to_string())
-        .set("auth.tokens_file", tokens.display().to_string());
+    let setup = TlsSetup::new();
+    let (dir, ca_file, issuer) = (setup.tmp.path(), &setup.ca_file, &setup.issuer);
+    let (cert_file, key_file) = (&setup.cert_file, &setup.key_file);
+    let config = setup.config();
     let d = Daemon::start_https(dir, &config, &[]);
     let port: u16 = d.base.rsplit(':').next().unwrap().parse().unwrap();
-    assert_eq!(presented_serial(port, &ca_file), "serial=03E9");
+    assert_eq!(presented_serial(port, ca_file), "serial=03E9");
     // A connection opened before the change keeps working on the old certificate.
-    let c = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap()])
-        .build()
-        .unwrap();
+    let c = setup.client();
     assert_eq!(c.get(d.url("/health")).send().await.unwrap().status(), 200);
 
-    let (cert, key) = server_cert(&issuer, 2002);
+    let (cert, key) = server_cert(issuer, 2002);
     // Key first, then certificate: the reload that sees a mismatched pair fails and keeps
     // the old pair, the next one (after the certificate) succeeds.
-    replace(&key_file, &key);
-    replace(&cert_file, &cert);
+    replace(key_file, &key);
+    replace(cert_file, &cert);
     let took = within(Duration::from_secs(3), "new certificate", || async {
-        presented_serial(port, &ca_file) == "serial=07D2"
+        presented_serial(port, ca_file) == "serial=07D2"
     })
     .await;
     eprintln!("new certificate presented after {took:?}");
@@ -437,34 +474,19 @@ async fn restart_only_changes_are_reported_not_applied() {
 /// had just changed, so the daemon kept serving the new certificate after a failed reload.
 #[tokio::test]
 async fn a_reload_refused_by_the_tokens_file_keeps_the_old_certificate() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let (issuer, ca_pem) = ca();
-    let ca_file = dir.join("ca.crt");
-    std::fs::write(&ca_file, &ca_pem).unwrap();
-    let (cert, key) = server_cert(&issuer, 1001);
-    let (cert_file, key_file) = (dir.join("server.crt"), dir.join("server.key"));
-    std::fs::write(&cert_file, cert).unwrap();
-    std::fs::write(&key_file, key).unwrap();
-    let tokens = dir.join("tokens");
-    std::fs::write(&tokens, format!("ci:{OLD_TOKEN}\n")).unwrap();
-    let config = TestConfig::new(dir)
-        .set("tls.cert_file", cert_file.display().to_string())
-        .set("tls.key_file", key_file.display().to_string())
-        .set("auth.tokens_file", tokens.display().to_string())
-        .set("reload.watch_files", false);
+    let setup = TlsSetup::new();
+    let (dir, ca_file, issuer) = (setup.tmp.path(), &setup.ca_file, &setup.issuer);
+    let (cert_file, key_file, tokens) = (&setup.cert_file, &setup.key_file, &setup.tokens);
+    let config = setup.config().set("reload.watch_files", false);
     let d = Daemon::start_https(dir, &config, &[]);
     let port: u16 = d.base.rsplit(':').next().unwrap().parse().unwrap();
-    assert_eq!(presented_serial(port, &ca_file), "serial=03E9");
-    let c = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap()])
-        .build()
-        .unwrap();
+    assert_eq!(presented_serial(port, ca_file), "serial=03E9");
+    let c = setup.client();
 
-    let (cert, key) = server_cert(&issuer, 2002);
-    replace(&key_file, &key);
-    replace(&cert_file, &cert);
-    replace(&tokens, "ci:too-short\n");
+    let (cert, key) = server_cert(issuer, 2002);
+    replace(key_file, &key);
+    replace(cert_file, &cert);
+    replace(tokens, "ci:too-short\n");
     sighup(&d);
     within(Duration::from_secs(5), "refused reload", || async {
         metric(
@@ -478,7 +500,7 @@ async fn a_reload_refused_by_the_tokens_file_keeps_the_old_certificate() {
     })
     .await;
     assert_eq!(
-        presented_serial(port, &ca_file),
+        presented_serial(port, ca_file),
         "serial=03E9",
         "the old certificate is still served"
     );

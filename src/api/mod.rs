@@ -56,6 +56,7 @@ pub(crate) struct ApiState {
 #[derive(Clone, Default)]
 pub(crate) struct RequestScope(Arc<ScopeInner>);
 
+/// What a `RequestScope` holds (set once each).
 #[derive(Default)]
 struct ScopeInner {
     /// Template of the first route whose path and method matched (never the raw path).

@@ -53,6 +53,9 @@ pub(crate) struct StatusResponse {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) correlation_id: Option<String>,
     pub(crate) cache_hit: bool,
+    /// How a cache hit was confirmed (see the job model).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) cache_revalidation: Option<String>,
     pub(crate) image_url: String,
     pub(crate) image_type: ImageType,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -233,6 +236,7 @@ impl StatusResponse {
             error: job.error.clone(),
             correlation_id: job.spec.correlation_id.clone(),
             cache_hit: job.cache_hit,
+            cache_revalidation: job.cache_revalidation.clone(),
             image_url: job.spec.image_url.clone(),
             image_type: job.spec.image_type,
             volume_name: job.spec.volume_name.clone(),
@@ -255,23 +259,7 @@ impl StatusResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::model::JobSpec;
-
-    fn job() -> Job {
-        Job::new(
-            Uuid::new_v4(),
-            1,
-            JobKind::Provision,
-            JobSpec {
-                image_url: "file:///x.qcow2".into(),
-                image_type: ImageType::Qcow2,
-                volume_name: Some("v".into()),
-                volume_size_gb: Some(1),
-                correlation_id: None,
-            },
-            Utc::now(),
-        )
-    }
+    use crate::jobs::model::tests::job;
 
     #[test]
     fn status_response_fields() {

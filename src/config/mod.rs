@@ -197,6 +197,10 @@ pub(crate) struct CacheSettings {
     pub(crate) max_age: Duration,
     /// Free space that must remain on the cache file system after a download.
     pub(crate) min_free_bytes: u64,
+    /// A cache hit asks the source whether the object changed at most this often (`0`: every
+    /// time); within it, a hit makes no request at all.
+    #[serde(with = "humantime_serde")]
+    pub(crate) revalidate_interval: Duration,
 }
 
 /// `[sources]`: which image URLs are accepted.
@@ -207,6 +211,16 @@ pub(crate) struct SourcesSettings {
     pub(crate) allowed_hosts: Vec<String>,
     /// `file://` URLs are accepted only below these directories; empty disables `file://`.
     pub(crate) file_roots: Vec<PathBuf>,
+    /// Size of one ranged GET of a parallel download (bytes).
+    pub(crate) part_size: u64,
+    /// Ranged GETs of one download in flight at once; objects smaller than two parts, and
+    /// servers without range support, use one stream.
+    pub(crate) parallel_parts: usize,
+    /// A part that delivers no byte for this long is cut and asked for again.
+    #[serde(with = "humantime_serde")]
+    pub(crate) stall_timeout: Duration,
+    /// Bandwidth of all downloads together, bytes per second (`0`: unlimited).
+    pub(crate) max_bytes_per_second: u64,
 }
 
 /// `[s3]`: the S3/MinIO source and its client.
@@ -319,6 +333,7 @@ pub(crate) struct TelemetrySettings {
 }
 
 const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
 
 impl Default for Settings {
     fn default() -> Self {
@@ -383,10 +398,15 @@ impl Settings {
                 max_size_bytes: 20 * GIB,
                 max_age: Duration::from_secs(7 * 86400),
                 min_free_bytes: GIB,
+                revalidate_interval: Duration::from_secs(300),
             },
             sources: SourcesSettings {
                 allowed_hosts: vec![],
                 file_roots,
+                part_size: 16 << 20,
+                parallel_parts: 8,
+                stall_timeout: Duration::from_secs(30),
+                max_bytes_per_second: 0,
             },
             s3: S3Settings {
                 endpoint: String::new(),
@@ -597,6 +617,33 @@ impl Settings {
         }
         if self.cache.max_age.is_zero() {
             return err("cache.max_age", "must be greater than 0".into());
+        }
+        if !(MIB..=GIB).contains(&self.sources.part_size) {
+            return err(
+                "sources.part_size",
+                format!(
+                    "must be between 1 MiB and 1 GiB, got {}",
+                    self.sources.part_size
+                ),
+            );
+        }
+        if !(1..=64).contains(&self.sources.parallel_parts) {
+            return err(
+                "sources.parallel_parts",
+                format!(
+                    "must be between 1 and 64, got {}",
+                    self.sources.parallel_parts
+                ),
+            );
+        }
+        if self.sources.stall_timeout < Duration::from_secs(1) {
+            return err("sources.stall_timeout", "must be at least 1s".into());
+        }
+        if self.sources.max_bytes_per_second != 0 && self.sources.max_bytes_per_second < 64 * 1024 {
+            return err(
+                "sources.max_bytes_per_second",
+                "must be 0 (unlimited) or at least 65536".into(),
+            );
         }
         for host in &self.sources.allowed_hosts {
             if host.is_empty() || host.contains('/') || host.contains(char::is_whitespace) {

@@ -5,13 +5,12 @@
 //! the same inspector the cache runs on every download.
 
 use futures::StreamExt;
-use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 use serde::Serialize;
 
 use super::ImageType;
 use super::cache::ImageCache;
-use super::client::redirect_refused;
 use super::inspect::{self, InspectError, MAX_HEADER_READ};
+use super::remote::{RemoteObject, SourceError};
 use super::source::{Location, SourceClients};
 
 /// Whether the cache holds the image.
@@ -61,19 +60,14 @@ impl Preflight {
     }
 }
 
-/// Why the source could not be read, as the job would report it.
-fn source_error(e: &object_store::Error) -> String {
-    if let Some(r) = redirect_refused(e) {
-        return format!(
-            "download refused: {r}; list the host in sources.allowed_hosts if it is trusted"
-        );
-    }
+/// Why the source could not be read, as a job would report it.
+fn source_error(e: &SourceError) -> String {
     match e {
-        object_store::Error::NotFound { .. } => format!("image not found: {e}"),
-        object_store::Error::PermissionDenied { .. }
-        | object_store::Error::Unauthenticated { .. } => {
-            format!("access to the image was refused: {e}")
-        }
+        SourceError::NotFound(_) => format!("image not found: {e}"),
+        SourceError::Auth { .. } => format!("access to the image was refused: {e}"),
+        SourceError::Redirect(r) => format!(
+            "download refused: {r}; list the host in sources.allowed_hosts if it is trusted"
+        ),
         _ => format!("cannot read the image: {e}"),
     }
 }
@@ -91,8 +85,8 @@ pub(crate) async fn inspect(
         .into_iter()
         .filter(|e| e.identity == identity)
         .collect();
-    let (store, path) = match sources.store_for(location) {
-        Ok(s) => s,
+    let object = match sources.object(location) {
+        Ok(o) => o,
         Err(e) => {
             return Preflight::refused(
                 format!("cannot read the image: {e}"),
@@ -101,8 +95,15 @@ pub(crate) async fn inspect(
             );
         }
     };
-    let meta = match store.head(&path).await {
-        Ok(m) => m,
+    let meta = match object.head(None).await {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            return Preflight::refused(
+                "cannot read the image: the source answered 304 to a plain HEAD".into(),
+                CacheState::Absent,
+                None,
+            );
+        }
         Err(e) => {
             let newest = entries.last().map(|e| e.key.clone());
             let state = if newest.is_some() {
@@ -116,7 +117,7 @@ pub(crate) async fn inspect(
     if let Some(entry) = entries
         .iter()
         .rev()
-        .find(|e| e.etag == meta.e_tag && e.size == meta.size)
+        .find(|e| e.etag == meta.etag && e.size == meta.size)
     {
         let verdict = inspect::check_requested(&entry.inspection, requested);
         return Preflight {
@@ -134,7 +135,7 @@ pub(crate) async fn inspect(
         Some(e) => (CacheState::Stale, Some(e.key.clone())),
         None => (CacheState::Absent, None),
     };
-    let (head, bytes_read) = match read_head(store.as_ref(), &path, meta.size).await {
+    let (head, bytes_read) = match read_head(&object, meta.size).await {
         Ok(head) => {
             let n = head.len() as u64;
             (head, n)
@@ -165,23 +166,16 @@ pub(crate) async fn inspect(
     }
 }
 
-/// The first `min(size, MAX_HEADER_READ)` bytes, by one ranged GET (read no further).
-async fn read_head(
-    store: &dyn ObjectStore,
-    path: &object_store::path::Path,
-    size: u64,
-) -> Result<Vec<u8>, object_store::Error> {
+/// The first `min(size, MAX_HEADER_READ)` bytes, by one ranged GET; reading stops there
+/// even if the source ignores the range and sends the whole object.
+async fn read_head(object: &RemoteObject, size: u64) -> Result<Vec<u8>, SourceError> {
     let want = size.min(MAX_HEADER_READ as u64);
     if want == 0 {
         return Ok(Vec::new());
     }
-    let options = GetOptions {
-        range: Some(GetRange::Bounded(0..want)),
-        ..GetOptions::default()
-    };
-    let mut stream = store.get_opts(path, options).await?.into_stream();
+    let mut reply = object.get(Some(0..want), None).await?;
     let mut head = Vec::with_capacity(want as usize);
-    while let Some(chunk) = stream.next().await {
+    while let Some(chunk) = reply.body.next().await {
         let chunk = chunk?;
         let room = want as usize - head.len();
         head.extend_from_slice(&chunk[..chunk.len().min(room)]);

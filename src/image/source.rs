@@ -1,18 +1,20 @@
 //! Image sources: turns a request's `image_url` into a resolved, allowed location (rejecting
 //! anything outside the S3 endpoint, `sources.allowed_hosts` and `sources.file_roots`), and
-//! opens it through object_store (S3 with SigV4, plain HTTP(S), or local files) with ranged
-//! and conditional GETs.
+//! makes the [`RemoteObject`] requests go to (S3 presigned with SigV4 by object_store, plain
+//! HTTP(S), or a local file).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::client::{HttpClient, HttpConnector};
 use object_store::path::Path as ObjectPath;
-use object_store::{ClientOptions, ObjectStore, RetryConfig};
+use object_store::{ClientOptions, RetryConfig};
 use url::Url;
 
 use super::client::{self, AllowList, LiveAllowList, host_port};
+use super::remote::RemoteObject;
 use crate::config::Settings;
 
 /// Where an image comes from, after validation.
@@ -217,22 +219,20 @@ fn resolve_file(url: &Url, settings: &Settings) -> Result<Location, InvalidSourc
     Ok(Location::File(canonical))
 }
 
-/// object_store clients for locations, built once per S3 bucket or HTTP origin and reused
-/// (connection pools survive between jobs).
+/// Makes [`RemoteObject`]s for locations: one HTTP client (connection pools survive between
+/// jobs) and one S3 signer per bucket.
 pub(crate) struct SourceClients {
     s3: crate::config::S3Settings,
     secret_key: String,
-    /// The one HTTP client every store sends through (its redirect policy guards the hosts).
-    connector: Connector,
+    /// The one HTTP client every request goes through (its redirect policy guards the hosts).
+    http: reqwest::Client,
     /// Hosts redirects may lead to (replaced on reload).
     allow: LiveAllowList,
-    retry: RetryConfig,
-    file: Arc<dyn ObjectStore>,
-    stores: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
+    /// SigV4 signers by bucket.
+    signers: Mutex<HashMap<String, Arc<AmazonS3>>>,
 }
 
-/// Hands object_store our reqwest client instead of the one it would build (which follows
-/// any redirect).
+/// Hands object_store our reqwest client, should it send anything itself (it only signs).
 #[derive(Debug, Clone)]
 struct Connector(reqwest::Client);
 
@@ -272,20 +272,12 @@ impl SourceClients {
                 .trim()
                 .to_string()
         };
-        // One retry layer: ours (per download attempt, see cache/download.rs). object_store
-        // would otherwise retry inside each of our attempts, up to (n+1)^2 requests.
-        let retry = RetryConfig {
-            max_retries: 0,
-            ..RetryConfig::default()
-        };
         Ok(SourceClients {
             s3: s.clone(),
             secret_key,
-            connector: Connector(http),
+            http,
             allow,
-            retry,
-            file: Arc::new(object_store::local::LocalFileSystem::new()),
-            stores: Mutex::new(HashMap::new()),
+            signers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -313,56 +305,44 @@ impl SourceClients {
         Ok(())
     }
 
-    /// The store and object path for a location.
-    pub(crate) fn store_for(
-        &self,
-        location: &Location,
-    ) -> anyhow::Result<(Arc<dyn ObjectStore>, ObjectPath)> {
-        let (cache_key, path) = match location {
-            Location::File(p) => {
-                return Ok((self.file.clone(), ObjectPath::from_filesystem_path(p)?));
-            }
-            Location::Http(url) => {
-                let origin = url.origin().ascii_serialization();
-                (
-                    format!("http:{origin}"),
-                    ObjectPath::from_url_path(url.path())?,
-                )
-            }
-            Location::S3 { bucket, key } => (format!("s3:{bucket}"), ObjectPath::parse(key)?),
-        };
-        let mut stores = self.stores.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(store) = stores.get(&cache_key) {
-            return Ok((store.clone(), path));
+    /// The object at a location, ready for requests.
+    pub(crate) fn object(&self, location: &Location) -> anyhow::Result<RemoteObject> {
+        Ok(match location {
+            Location::File(p) => RemoteObject::file(self.http.clone(), p.clone()),
+            Location::Http(url) => RemoteObject::http(self.http.clone(), url.clone()),
+            Location::S3 { bucket, key } => RemoteObject::s3(
+                self.http.clone(),
+                self.signer(bucket)?,
+                ObjectPath::parse(key)?,
+            ),
+        })
+    }
+
+    fn signer(&self, bucket: &str) -> anyhow::Result<Arc<AmazonS3>> {
+        let mut signers = self.signers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = signers.get(bucket) {
+            return Ok(s.clone());
         }
-        let store: Arc<dyn ObjectStore> = match location {
-            Location::Http(url) => Arc::new(
-                object_store::http::HttpBuilder::new()
-                    .with_url(url.origin().ascii_serialization())
-                    .with_client_options(ClientOptions::new().with_allow_http(true))
-                    .with_http_connector(self.connector.clone())
-                    .with_retry(self.retry.clone())
-                    .build()?,
-            ),
-            Location::S3 { bucket, .. } => Arc::new(
-                object_store::aws::AmazonS3Builder::new()
-                    .with_endpoint(
-                        crate::config::without_userinfo(&self.s3.endpoint).trim_end_matches('/'),
-                    )
-                    .with_region(&self.s3.region)
-                    .with_bucket_name(bucket)
-                    .with_access_key_id(&self.s3.access_key)
-                    .with_secret_access_key(&self.secret_key)
-                    .with_virtual_hosted_style_request(false)
-                    .with_allow_http(self.s3.allow_http)
-                    .with_http_connector(self.connector.clone())
-                    .with_retry(self.retry.clone())
-                    .build()?,
-            ),
-            Location::File(_) => unreachable!("handled above"),
-        };
-        stores.insert(cache_key, store.clone());
-        Ok((store, path))
+        let store = Arc::new(
+            AmazonS3Builder::new()
+                .with_endpoint(
+                    crate::config::without_userinfo(&self.s3.endpoint).trim_end_matches('/'),
+                )
+                .with_region(&self.s3.region)
+                .with_bucket_name(bucket)
+                .with_access_key_id(&self.s3.access_key)
+                .with_secret_access_key(&self.secret_key)
+                .with_virtual_hosted_style_request(false)
+                .with_allow_http(self.s3.allow_http)
+                .with_http_connector(Connector(self.http.clone()))
+                .with_retry(RetryConfig {
+                    max_retries: 0,
+                    ..RetryConfig::default()
+                })
+                .build()?,
+        );
+        signers.insert(bucket.to_string(), store.clone());
+        Ok(store)
     }
 }
 

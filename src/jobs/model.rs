@@ -170,6 +170,10 @@ pub(crate) struct Job {
     pub(crate) progress: Progress,
     pub(crate) error: Option<String>,
     pub(crate) cache_hit: bool,
+    /// How a cache hit was confirmed: `not_needed` (within `cache.revalidate_interval`),
+    /// `revalidated` (one request to the source), `source_unavailable` (served without it).
+    #[serde(default)]
+    pub(crate) cache_revalidation: Option<String>,
     pub(crate) image_path: Option<String>,
     pub(crate) volume_path: Option<String>,
     pub(crate) volume_ownership: VolumeOwnership,
@@ -206,6 +210,7 @@ impl Job {
             progress: Progress::default(),
             error: None,
             cache_hit: false,
+            cache_revalidation: None,
             image_path: None,
             volume_path: None,
             volume_ownership: VolumeOwnership::None,
@@ -263,10 +268,11 @@ impl Job {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn job() -> Job {
+    /// A pending provision job of 1 GiB from a file URL.
+    pub(crate) fn job() -> Job {
         Job::new(
             Uuid::new_v4(),
             1,

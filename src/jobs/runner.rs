@@ -81,6 +81,9 @@ async fn fetch(
         destination_path = %ctx.cache.dir().display(),
         cache_hit = tracing::field::Empty,
         bytes = tracing::field::Empty,
+        parts = tracing::field::Empty,
+        retries = tracing::field::Empty,
+        ranged_requests = tracing::field::Empty,
     );
     let started = Instant::now();
     let mut downloading = false;
@@ -117,6 +120,7 @@ async fn fetch(
     span.record("cache_hit", image.hit);
     span.record("bytes", image.entry.size);
     h.job.cache_hit = image.hit;
+    h.job.cache_revalidation = image.hit.then(|| image.revalidation.as_str().to_string());
     if !image.hit {
         h.record_stage(
             "download",

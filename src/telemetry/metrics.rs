@@ -43,6 +43,13 @@ pub(crate) struct Metrics {
     pub(crate) libvirt_pool_refresh_errors_total: IntCounter,
     pub(crate) cache_evictions_total: CounterVec,
     pub(crate) download_bytes_total: IntCounter,
+    /// Ranged GETs sent by downloads (one per part, plus one per part retry).
+    pub(crate) download_ranged_requests_total: IntCounter,
+    /// Parts asked for again after a transient failure or a stall.
+    pub(crate) download_part_retries_total: IntCounter,
+    /// Cache hits by how the entry was confirmed: `skipped` (within
+    /// `cache.revalidate_interval`), `unchanged`, `changed`, `source_unavailable`.
+    pub(crate) cache_revalidations_total: IntCounterVec,
     hit_window: Mutex<VecDeque<bool>>,
 }
 
@@ -278,6 +285,22 @@ impl Metrics {
                 "download_bytes_total",
                 "Image bytes received from sources (a resumed download counts only what it fetched)",
             ),
+            download_ranged_requests_total: int_counter(
+                &r,
+                "download_ranged_requests_total",
+                "Ranged GETs sent by image downloads (parts and part retries)",
+            ),
+            download_part_retries_total: int_counter(
+                &r,
+                "download_part_retries_total",
+                "Download parts requested again after a transient failure or a stall",
+            ),
+            cache_revalidations_total: counter_vec(
+                &r,
+                "cache_revalidations_total",
+                "Cache entries confirmed against their source, by result",
+                &["result"],
+            ),
             hit_window: Mutex::new(VecDeque::with_capacity(HIT_RATIO_WINDOW)),
             registry: r,
         };
@@ -292,6 +315,9 @@ impl Metrics {
         }
         for status in ["completed", "failed", "cancelled"] {
             m.jobs_total.with_label_values(&[status]);
+        }
+        for result in ["skipped", "unchanged", "changed", "source_unavailable"] {
+            m.cache_revalidations_total.with_label_values(&[result]);
         }
         m
     }

@@ -1,48 +1,51 @@
-//! One download into the cache: bytes are hashed as they are written (one pass, never a
-//! second read), checkpointed (partial file synced plus the SHA-256 state) so a retry or a
-//! restart resumes with a ranged GET guarded by the ETag, verified against the published
-//! checksum, inspected, synced and renamed into place.
+//! One download into the cache. The object is split into parts (`sources.part_size`), up to
+//! `sources.parallel_parts` of them fetched at once by ranged GETs into a preallocated
+//! `<key>.partial` (`parts.rs`); objects smaller than two parts and servers without ranges
+//! take one stream. The SHA-256 is computed once, in order, on its own thread (`hasher.rs`).
+//! Every second the partial file is synced and the part map with the hash state saved beside
+//! it (`checkpoint.rs`), off the receiving tasks, so a retry or a restart fetches only the
+//! missing parts. At the end: one fsync, the checksum compared with the published one, the
+//! header inspected, the file renamed into place and recorded in the index.
 
-use std::path::{Path, PathBuf};
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use futures::StreamExt;
-use object_store::{GetOptions, GetRange, ObjectStore};
-use serde::{Deserialize, Serialize};
-use sha2::digest::common::hazmat::SerializableState;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 
+use super::checkpoint::{Checkpoint, checkpoint_path, partial_path};
+use super::hasher::{self, Hasher};
+use super::parts::{self, PartError};
 use super::{CacheEntry, FetchError, RetryPolicy, Transfer, mtime_ns, put_entry};
+use crate::image::bandwidth::Bandwidth;
 use crate::image::inspect;
+use crate::image::remote::{Meta, RemoteObject};
 use crate::telemetry::metrics::metrics;
 
-/// A download that delivers nothing for this long is treated as failed (and retried).
-const STALL_TIMEOUT: Duration = Duration::from_secs(120);
-const WRITE_BUFFER: usize = 4 << 20;
-/// Bytes between checkpoints (fsync of the partial file + saved hash state).
-const CHECKPOINT_BYTES: u64 = 32 << 20;
+/// How often the partial file is synced and the checkpoint saved while parts arrive.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 /// What the source says about the object.
 #[derive(Clone)]
 pub(crate) struct Remote {
-    pub(crate) store: Arc<dyn ObjectStore>,
-    pub(crate) path: object_store::path::Path,
-    pub(crate) size: u64,
-    pub(crate) etag: Option<String>,
+    pub(crate) object: RemoteObject,
+    pub(crate) meta: Meta,
     pub(crate) expected_sha256: Option<String>,
 }
 
-/// Saved next to `<key>.partial`: how far the synced prefix goes and the hash state there.
-#[derive(Debug, Serialize, Deserialize)]
-struct Checkpoint {
-    etag: Option<String>,
-    size: u64,
-    offset: u64,
-    sha256_state: String,
+/// The download settings in force when a download starts (`[sources]`, `s3.retries`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Tuning {
+    pub(crate) part_size: u64,
+    pub(crate) parallel_parts: usize,
+    pub(crate) stall_timeout: Duration,
+    pub(crate) retry: RetryPolicy,
 }
 
 pub(crate) struct Download {
@@ -52,233 +55,368 @@ pub(crate) struct Download {
     pub(crate) image_url: String,
     pub(crate) identity: String,
     pub(crate) remote: Remote,
-    pub(crate) retry: RetryPolicy,
+    pub(crate) tuning: Tuning,
+    pub(crate) bandwidth: Arc<Bandwidth>,
 }
 
-/// Paths of a download's files.
-pub(crate) fn partial_path(dir: &Path, key: &str) -> PathBuf {
-    dir.join(format!("{key}.partial"))
+/// How the object is split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Plan {
+    part_size: u64,
+    /// Send ranges (false: one plain GET of the whole object).
+    ranged: bool,
 }
 
-pub(crate) fn checkpoint_path(dir: &Path, key: &str) -> PathBuf {
-    dir.join(format!("{key}.partial.json"))
+impl Plan {
+    fn parts(&self, size: u64) -> usize {
+        size.div_ceil(self.part_size).max(1) as usize
+    }
+
+    fn range(&self, index: usize, size: u64) -> std::ops::Range<u64> {
+        let start = index as u64 * self.part_size;
+        start..(start + self.part_size).min(size)
+    }
+}
+
+/// How a round (one pass over the parts) ended without the digest.
+enum RoundError {
+    Failed(FetchError),
+    Changed(String),
+    NoRanges,
 }
 
 impl Download {
-    /// Runs the download with retries; the entry is recorded in the index before this returns.
+    /// Runs the download; the entry is recorded in the index before this returns.
     pub(crate) async fn run(
         self,
         progress: watch::Sender<Transfer>,
     ) -> Result<CacheEntry, FetchError> {
         let started = Instant::now();
-        let mut attempt = 0;
+        let meta = &self.remote.meta;
+        let parallel = meta.ranges
+            && meta.etag.is_some()
+            && !self.remote.object.is_local()
+            && meta.size >= 2 * self.tuning.part_size;
+        let mut plan = Plan {
+            part_size: if parallel {
+                self.tuning.part_size
+            } else {
+                meta.size.max(1)
+            },
+            // An empty object has no byte range to ask for.
+            ranged: meta.ranges && meta.size > 0,
+        };
+        let progress = Arc::new(progress);
+        let mut restarts = 0;
         loop {
-            match self.attempt(&progress).await {
-                Ok(entry) => {
+            match self.round(plan, &progress).await {
+                Ok(digest) => {
+                    let entry = self.finish(digest).await?;
                     tracing::info!(
                         key = %self.key,
                         bytes = entry.size,
                         seconds = started.elapsed().as_secs_f64(),
+                        parts = plan.parts(meta.size),
                         "image downloaded into the cache"
                     );
                     return Ok(entry);
                 }
-                Err(Attempt::Changed(why)) if attempt < self.retry.retries => {
-                    tracing::warn!(key = %self.key, reason = %why, "partial download is stale; starting over");
-                    self.discard().await;
-                    attempt += 1;
+                Err(RoundError::NoRanges) if plan.ranged => {
+                    tracing::info!(key = %self.key, "the server ignores ranges; downloading in one stream");
+                    plan = Plan {
+                        part_size: meta.size.max(1),
+                        ranged: false,
+                    };
                 }
-                Err(Attempt::Failed(e)) if e.is_transient() && attempt < self.retry.retries => {
-                    attempt += 1;
-                    let delay = self.retry.delay(attempt);
-                    tracing::warn!(
-                        key = %self.key,
-                        error = %e,
-                        attempt,
-                        retry_in = ?delay,
-                        "download failed; resuming from the last checkpoint after a pause"
-                    );
+                Err(RoundError::NoRanges) => {
+                    return Err(FetchError::Transfer(
+                        "the server sent a partial answer to a plain GET".into(),
+                    ));
+                }
+                Err(RoundError::Changed(why)) => {
+                    self.discard();
+                    return Err(FetchError::Changed(why));
+                }
+                // Without ranges a broken stream starts over (part retries cannot resume it).
+                Err(RoundError::Failed(e))
+                    if e.is_transient() && !plan.ranged && restarts < self.tuning.retry.retries =>
+                {
+                    restarts += 1;
+                    let delay = self.tuning.retry.delay(restarts);
+                    tracing::warn!(key = %self.key, error = %e, attempt = restarts, retry_in_ms = delay.as_millis() as u64, "download failed; starting over");
                     tokio::time::sleep(delay).await;
                 }
-                Err(Attempt::Failed(e)) => {
-                    // A transient failure keeps its partial file for a later resume; anything
-                    // else leaves nothing behind.
+                Err(RoundError::Failed(e)) => {
+                    // A transient failure keeps its partial file and checkpoint for a later
+                    // resume; anything else leaves nothing behind.
                     if !e.is_transient() {
-                        self.discard().await;
+                        self.discard();
                     }
                     return Err(e);
                 }
-                Err(Attempt::Changed(why)) => {
-                    self.discard().await;
-                    return Err(FetchError::Transfer(why));
+            }
+        }
+    }
+
+    fn discard(&self) {
+        let _ = std::fs::remove_file(partial_path(&self.dir, &self.key));
+        let _ = std::fs::remove_file(checkpoint_path(&self.dir, &self.key));
+    }
+
+    /// Opens the partial file: resumed from a checkpoint of the same object and plan, or new
+    /// and preallocated. Returns the file, the parts already there and the hash state.
+    fn open_partial(
+        &self,
+        plan: Plan,
+    ) -> Result<(File, BTreeSet<usize>, usize, Sha256), FetchError> {
+        let meta = &self.remote.meta;
+        let path = partial_path(&self.dir, &self.key);
+        let io = |e: std::io::Error| FetchError::Io(format!("{}: {e}", path.display()));
+        let resumed = match (&meta.etag, plan.ranged) {
+            (Some(etag), true) => {
+                Checkpoint::load(&self.dir, &self.key, etag, meta.size, plan.part_size)
+            }
+            _ => None,
+        };
+        if let Some((cp, state)) = resumed {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(io)?;
+            tracing::info!(key = %self.key, parts_on_disk = cp.done.len(), parts = plan.parts(meta.size), "resuming download from the partial file");
+            return Ok((file, cp.done.into_iter().collect(), cp.hashed_parts, state));
+        }
+        let _ = std::fs::remove_file(checkpoint_path(&self.dir, &self.key));
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io)?;
+        if meta.size > 0 && nix::fcntl::posix_fallocate(&file, 0, meta.size as i64).is_err() {
+            // File systems without fallocate: a sparse file of the right length.
+            file.set_len(meta.size).map_err(io)?;
+        }
+        Ok((file, BTreeSet::new(), 0, Sha256::new()))
+    }
+
+    /// One pass over the missing parts; the digest of the whole object when all are in.
+    async fn round(
+        &self,
+        plan: Plan,
+        progress: &Arc<watch::Sender<Transfer>>,
+    ) -> Result<String, RoundError> {
+        let meta = &self.remote.meta;
+        let size = meta.size;
+        let parts = plan.parts(size);
+        let (file, mut done, hashed, state) =
+            self.open_partial(plan).map_err(RoundError::Failed)?;
+        let file = Arc::new(file);
+        let hasher = Hasher::spawn(hasher::Start {
+            state,
+            hashed,
+            on_disk: (0..parts).map(|i| done.contains(&i)).collect(),
+            part_size: plan.part_size,
+            size,
+            file: file.clone(),
+        });
+        let on_disk: u64 = done
+            .iter()
+            .map(|&i| plan.range(i, size).end - plan.range(i, size).start)
+            .sum();
+        progress.send_replace(Transfer {
+            done: on_disk,
+            total: size,
+        });
+        let shared = Arc::new(parts::Shared {
+            key: self.key.clone(),
+            object: self.remote.object.clone(),
+            etag: meta.etag.clone(),
+            size,
+            ranged: plan.ranged,
+            file: file.clone(),
+            feed: hasher.feed.clone(),
+            bandwidth: self.bandwidth.clone(),
+            stall_timeout: self.tuning.stall_timeout,
+            retry: self.tuning.retry,
+            on_disk: AtomicU64::new(on_disk),
+            progress: watch::Sender::new(Transfer::default()),
+            requests: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+        });
+        // Progress goes through the round's own sender into the flight's.
+        let forward = {
+            let mut rx = shared.progress.subscribe();
+            let out = progress.clone();
+            tokio::spawn(async move {
+                while rx.changed().await.is_ok() {
+                    let t = *rx.borrow_and_update();
+                    out.send_replace(t);
+                }
+            })
+        };
+        let result = self.fetch_parts(plan, &shared, &hasher, &mut done).await;
+        forward.abort();
+        let span = tracing::Span::current();
+        span.record("parts", parts);
+        span.record("retries", shared.retries.load(Ordering::Relaxed));
+        span.record("ranged_requests", shared.requests.load(Ordering::Relaxed));
+        match result {
+            Ok(()) => {
+                drop(shared);
+                hasher.finish().await.map_err(|e| {
+                    RoundError::Failed(FetchError::Io(format!("hashing the partial file: {e}")))
+                })
+            }
+            Err(PartError::Failed(e)) => {
+                if e.is_transient() && plan.ranged {
+                    // Keep what arrived for the next attempt.
+                    if let Some(task) = self.checkpoint(&file, &done, &hasher, plan)
+                        && let Ok(Err(io)) = task.await
+                    {
+                        tracing::warn!(key = %self.key, error = %io, "cannot save the download checkpoint");
+                    }
+                }
+                Err(RoundError::Failed(e))
+            }
+            Err(PartError::Changed(why)) => Err(RoundError::Changed(why)),
+            Err(PartError::NoRanges) => Err(RoundError::NoRanges),
+        }
+    }
+
+    /// Runs the part tasks within the reorder window, checkpointing as they complete.
+    async fn fetch_parts(
+        &self,
+        plan: Plan,
+        shared: &Arc<parts::Shared>,
+        hasher: &Hasher,
+        done: &mut BTreeSet<usize>,
+    ) -> Result<(), PartError> {
+        let size = self.remote.meta.size;
+        let parts = plan.parts(size);
+        let window = self.tuning.parallel_parts.max(1);
+        let mut frontier = hasher.frontier.clone();
+        let mut todo = (0..parts)
+            .filter(|i| !done.contains(i))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .peekable();
+        let mut running = JoinSet::new();
+        let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut dirty = false;
+        // Set when the hasher thread ended (its frontier channel closed).
+        let mut hasher_gone = false;
+        // At most one checkpoint is being written; parts go on arriving meanwhile.
+        let mut saving: Option<tokio::task::JoinHandle<std::io::Result<()>>> = None;
+        loop {
+            let hashed = *frontier.borrow_and_update();
+            while running.len() < window {
+                match todo.peek() {
+                    // The reorder window: no part more than `window` parts past the frontier.
+                    Some(&i) if i < hashed + window => {
+                        todo.next();
+                        let s = shared.clone();
+                        let range = plan.range(i, size);
+                        running.spawn(async move { parts::fetch(s, i, range).await.map(|()| i) });
+                    }
+                    _ => break,
+                }
+            }
+            if running.is_empty() && todo.peek().is_none() {
+                if let Some(task) = saving.take() {
+                    let _ = task.await;
+                }
+                return Ok(());
+            }
+            tokio::select! {
+                joined = running.join_next(), if !running.is_empty() => {
+                    let index = joined
+                        .expect("not empty")
+                        .map_err(|e| PartError::Failed(FetchError::Io(format!("part task: {e}"))))??;
+                    done.insert(index);
+                    dirty = true;
+                }
+                changed = frontier.changed(), if !hasher_gone => hasher_gone = changed.is_err(),
+                _ = tick.tick(), if dirty && plan.ranged && saving.is_none() => {
+                    dirty = false;
+                    saving = self.checkpoint(&shared.file, done, hasher, plan);
+                }
+                saved = async { saving.as_mut().expect("guarded").await }, if saving.is_some() => {
+                    saving = None;
+                    if let Ok(Err(e)) = saved {
+                        tracing::warn!(key = %self.key, error = %e, "cannot save the download checkpoint");
+                    }
                 }
             }
         }
     }
 
-    async fn discard(&self) {
-        let _ = tokio::fs::remove_file(partial_path(&self.dir, &self.key)).await;
-        let _ = tokio::fs::remove_file(checkpoint_path(&self.dir, &self.key)).await;
-    }
-
-    /// A usable checkpoint for this object: same ETag and size, partial file long enough.
-    async fn resume_point(&self) -> Option<(u64, Sha256)> {
-        let text = tokio::fs::read(checkpoint_path(&self.dir, &self.key))
-            .await
-            .ok()?;
-        let cp: Checkpoint = serde_json::from_slice(&text).ok()?;
-        if cp.etag != self.remote.etag || cp.size != self.remote.size || cp.offset == 0 {
-            return None;
-        }
-        let len = tokio::fs::metadata(partial_path(&self.dir, &self.key))
-            .await
-            .ok()?
-            .len();
-        if len < cp.offset {
-            return None;
-        }
-        let state = hex::decode(&cp.sha256_state).ok()?;
-        let hasher = Sha256::deserialize(state.as_slice().try_into().ok()?).ok()?;
-        Some((cp.offset, hasher))
-    }
-
-    async fn save_checkpoint(&self, offset: u64, hasher: &Sha256) -> Result<(), FetchError> {
+    /// Starts syncing the partial file, then recording the parts that were in it before the
+    /// sync and the hash state over the longest prefix of them.
+    fn checkpoint(
+        &self,
+        file: &Arc<File>,
+        done: &BTreeSet<usize>,
+        hasher: &Hasher,
+        plan: Plan,
+    ) -> Option<tokio::task::JoinHandle<std::io::Result<()>>> {
+        let etag = self.remote.meta.etag.clone()?;
+        let contiguous = (0..).take_while(|i| done.contains(i)).count();
+        let prefix = hasher.prefix_at_most(contiguous)?;
         let cp = Checkpoint {
-            etag: self.remote.etag.clone(),
-            size: self.remote.size,
-            offset,
-            sha256_state: hex::encode(hasher.serialize()),
+            etag,
+            size: self.remote.meta.size,
+            part_size: plan.part_size,
+            done: done.iter().copied().collect(),
+            hashed_parts: prefix.parts,
+            sha256_state: hex::encode(&prefix.state),
         };
-        let path = checkpoint_path(&self.dir, &self.key);
-        let tmp = path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec(&cp).map_err(|e| FetchError::Io(e.to_string()))?;
-        let io = |e: std::io::Error| FetchError::Io(format!("{}: {e}", path.display()));
-        let mut f = tokio::fs::File::create(&tmp).await.map_err(io)?;
-        f.write_all(&bytes).await.map_err(io)?;
-        f.sync_all().await.map_err(io)?;
-        tokio::fs::rename(&tmp, &path).await.map_err(io)?;
-        Ok(())
+        let (file, dir, key) = (file.clone(), self.dir.clone(), self.key.clone());
+        Some(tokio::task::spawn_blocking(move || {
+            file.sync_data()?;
+            cp.save(&dir, &key)
+        }))
     }
 
-    async fn attempt(&self, progress: &watch::Sender<Transfer>) -> Result<CacheEntry, Attempt> {
+    /// Verifies, inspects, renames into place and records the entry.
+    async fn finish(&self, actual: String) -> Result<CacheEntry, FetchError> {
         let partial = partial_path(&self.dir, &self.key);
-        let io = |e: std::io::Error| {
-            Attempt::Failed(FetchError::Io(format!("{}: {e}", partial.display())))
-        };
-        let total = self.remote.size;
-        let (offset, mut hasher) = match self.resume_point().await {
-            Some(p) => p,
-            None => (0, Sha256::new()),
-        };
-        let opts = GetOptions {
-            if_match: self.remote.etag.clone(),
-            range: (offset > 0).then_some(GetRange::Offset(offset)),
-            ..Default::default()
-        };
-        let got = match self.remote.store.get_opts(&self.remote.path, opts).await {
-            Ok(g) => g,
-            Err(object_store::Error::Precondition { .. }) => {
-                return Err(Attempt::Changed(
-                    "the object changed (If-Match failed)".into(),
-                ));
-            }
-            // Resuming: an answer other than the range (416, a 200 with the whole object, a
-            // malformed Content-Range) means the partial file cannot be continued.
-            Err(e) if offset > 0 && is_refused_range(&e) => {
-                return Err(Attempt::Changed(format!("cannot resume: {e}")));
-            }
-            Err(e) => return Err(Attempt::Failed(FetchError::from_store(e))),
-        };
-        // Some servers ignore If-Match: compare the ETag of what actually came back.
-        if self.remote.etag.is_some() && got.meta.e_tag != self.remote.etag {
-            return Err(Attempt::Changed(format!(
-                "the object changed (ETag {:?}, expected {:?})",
-                got.meta.e_tag, self.remote.etag
-            )));
-        }
-        if got.meta.size != total || got.range.start != offset {
-            return Err(Attempt::Changed(format!(
-                "the server answered bytes {:?} of {}, expected {offset}.. of {total}",
-                got.range, got.meta.size
-            )));
-        }
-        if offset > 0 {
-            tracing::info!(key = %self.key, offset, total, "resuming download from the partial file");
-        }
-
-        let mut file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&partial)
-            .await
-            .map_err(io)?;
-        // Bytes beyond the checkpoint were never hashed: drop them.
-        file.set_len(offset).await.map_err(io)?;
-        file.seek(std::io::SeekFrom::Start(offset))
-            .await
-            .map_err(io)?;
-        let mut out = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file);
-        let mut stream = got.into_stream();
-        let mut done = offset;
-        let mut next_checkpoint = offset + CHECKPOINT_BYTES;
-        let fetched = &metrics().download_bytes_total;
-        progress.send_replace(Transfer { done, total });
-        loop {
-            let next = tokio::time::timeout(STALL_TIMEOUT, stream.next())
-                .await
-                .map_err(|_| {
-                    Attempt::Failed(FetchError::Transfer(format!(
-                        "no data for {}s after {done} bytes",
-                        STALL_TIMEOUT.as_secs()
-                    )))
-                })?;
-            let Some(chunk) = next else { break };
-            let chunk = chunk.map_err(|e| Attempt::Failed(FetchError::from_store(e)))?;
-            hasher.update(&chunk);
-            out.write_all(&chunk).await.map_err(io)?;
-            done += chunk.len() as u64;
-            fetched.inc_by(chunk.len() as u64);
-            progress.send_replace(Transfer { done, total });
-            if done >= next_checkpoint && done < total {
-                out.flush().await.map_err(io)?;
-                out.get_ref().sync_data().await.map_err(io)?;
-                self.save_checkpoint(done, &hasher)
-                    .await
-                    .map_err(Attempt::Failed)?;
-                next_checkpoint = done + CHECKPOINT_BYTES;
-            }
-        }
-        if done != total {
-            return Err(Attempt::Failed(FetchError::Transfer(format!(
-                "received {done} of {total} bytes"
-            ))));
-        }
-        out.flush().await.map_err(io)?;
-        let file = out.into_inner();
-        file.sync_all().await.map_err(io)?;
-        drop(file);
-
-        let actual = hex::encode(hasher.finalize());
+        let io = |e: std::io::Error| FetchError::Io(format!("{}: {e}", partial.display()));
+        let total = self.remote.meta.size;
         if let Some(expected) = &self.remote.expected_sha256
             && *expected != actual
         {
-            return Err(Attempt::Failed(FetchError::ChecksumMismatch {
+            self.discard();
+            return Err(FetchError::ChecksumMismatch {
                 expected: expected.clone(),
                 actual,
-            }));
+            });
         }
         let p = partial.clone();
-        let inspection = tokio::task::spawn_blocking(move || inspect::inspect_file(&p))
+        tokio::task::spawn_blocking(move || std::fs::File::open(&p).and_then(|f| f.sync_all()))
             .await
-            .map_err(|e| Attempt::Failed(FetchError::Io(e.to_string())))?
-            .map_err(|e| Attempt::Failed(FetchError::Rejected(e)))?;
-
+            .map_err(|e| FetchError::Io(e.to_string()))?
+            .map_err(io)?;
+        let p = partial.clone();
+        let inspection = match tokio::task::spawn_blocking(move || inspect::inspect_file(&p))
+            .await
+            .map_err(|e| FetchError::Io(e.to_string()))?
+        {
+            Ok(i) => i,
+            Err(e) => {
+                self.discard();
+                return Err(FetchError::Rejected(e));
+            }
+        };
         let final_path = super::image_path(&self.dir, &self.key);
         tokio::fs::rename(&partial, &final_path).await.map_err(io)?;
         let _ = tokio::fs::remove_file(checkpoint_path(&self.dir, &self.key)).await;
-        super::sync_dir(&self.dir).await.map_err(Attempt::Failed)?;
+        super::sync_dir(&self.dir).await?;
         let meta = tokio::fs::metadata(&final_path).await.map_err(io)?;
         let now = Utc::now();
         let m = metrics();
@@ -290,36 +428,22 @@ impl Download {
             key: self.key.clone(),
             image_url: self.image_url.clone(),
             identity: self.identity.clone(),
-            etag: self.remote.etag.clone(),
+            etag: self.remote.meta.etag.clone(),
             size: total,
             sha256: actual,
             verified: self.remote.expected_sha256.is_some(),
             inspection,
             created: now,
             last_used: now,
+            validated: now,
             mtime_ns: mtime_ns(&meta),
         };
-        put_entry(&self.index, &entry).map_err(Attempt::Failed)?;
+        put_entry(&self.index, &entry)?;
         Ok(entry)
     }
 }
 
-/// How an attempt ended without an entry.
-enum Attempt {
-    /// The object is not what the partial file was a prefix of: start over.
-    Changed(String),
-    Failed(FetchError),
-}
-
-/// A server's answer to a ranged GET that is not the range: anything but a network failure
-/// and the variants that have their own meaning.
-fn is_refused_range(e: &object_store::Error) -> bool {
-    !super::is_transport_error(e)
-        && !matches!(
-            e,
-            object_store::Error::NotFound { .. }
-                | object_store::Error::PermissionDenied { .. }
-                | object_store::Error::Unauthenticated { .. }
-                | object_store::Error::Precondition { .. }
-        )
+/// SHA-256 of a cache key seed (kept here so the digest type stays in one place).
+pub(super) fn digest_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 
-use super::download::{checkpoint_path, partial_path};
+use super::checkpoint::{checkpoint_path, partial_path};
 use super::{FetchError, ImageCache, Removal};
 use crate::telemetry::metrics::metrics;
 
@@ -111,13 +111,16 @@ impl ImageCache {
     }
 
     /// Makes sure `need` more bytes fit while `cache.min_free_bytes` stay free, evicting
-    /// unused entries if that helps. Fails, evicting nothing, when the free space cannot be
-    /// read.
-    pub(super) fn ensure_space(&self, need: u64) -> Result<(), FetchError> {
+    /// unused entries, then partial files of stopped downloads (`busy` lists the keys being
+    /// downloaded), if that helps. Fails, evicting nothing, when the free space cannot be read.
+    pub(super) fn ensure_space(&self, need: u64, busy: &[String]) -> Result<(), FetchError> {
         let min_free = self.limits().min_free_bytes;
         let want = need.saturating_add(min_free);
         if self.free_space()? < want {
             self.evict(Some(want));
+        }
+        if self.free_space()? < want {
+            self.drop_stale_partials(want, busy);
         }
         let free = self.free_space()?;
         if free < want {
@@ -127,6 +130,35 @@ impl ImageCache {
             )));
         }
         Ok(())
+    }
+
+    /// Removes partial downloads no running download owns, oldest first, until `want` bytes
+    /// are free (resume data yields to a download that needs the space).
+    fn drop_stale_partials(&self, want: u64, busy: &[String]) {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut stale: Vec<(std::time::SystemTime, String)> = dir
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                let key = name.strip_suffix(".partial")?.to_string();
+                let modified = e.metadata().and_then(|m| m.modified()).ok()?;
+                (!busy.contains(&key)).then_some((modified, key))
+            })
+            .collect();
+        stale.sort();
+        for (_, key) in stale {
+            if self.free_bytes().is_none_or(|free| free >= want) {
+                break;
+            }
+            tracing::info!(
+                key,
+                "removing a stopped download's partial file to make room"
+            );
+            let _ = std::fs::remove_file(partial_path(&self.dir, &key));
+            let _ = std::fs::remove_file(checkpoint_path(&self.dir, &key));
+        }
     }
 
     /// Removes other entries of the same source (an older ETag or checksum).

@@ -37,6 +37,8 @@ pub(super) struct Start {
     /// A stopped download of the same key that may still be winding down: the new one waits
     /// for its end before touching the partial file they share.
     pub(super) previous: Option<SharedResult>,
+    /// Keys of the other downloads in flight (their partial files are not to be touched).
+    pub(super) busy: Vec<String>,
 }
 
 /// The downloads in progress, by cache key.
@@ -81,6 +83,7 @@ impl Flights {
             let (progress, result) = start(Start {
                 stop: stop.clone(),
                 previous,
+                busy: table.keys().cloned().collect(),
             })?;
             let flight = Flight {
                 id: self.next_id.fetch_add(1, Ordering::Relaxed),

@@ -2,11 +2,17 @@
 //! against the `.sha256` object beside them, inspected once, and indexed in sled (key, url,
 //! ETag, size, sha256, inspection verdict, created, last use). Downloads are single-flight,
 //! resumable, and land in `<key>.partial` until complete, verified and synced; entries in use
-//! are never evicted. `download.rs` holds one download, `evict.rs` the eviction rules.
+//! are never evicted. A hit asks the source at most once per `cache.revalidate_interval`
+//! whether the object changed, and a checksum-verified entry serves while the source is down.
+//! `download.rs` holds one download (`parts.rs`, `hasher.rs`, `checkpoint.rs` its pieces),
+//! `flight.rs` the single-flight table, `evict.rs` the eviction rules.
 
+mod checkpoint;
 mod download;
 mod evict;
 mod flight;
+mod hasher;
+mod parts;
 
 pub(crate) use evict::EvictReason;
 
@@ -18,18 +24,18 @@ use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
 use futures::future::{BoxFuture, FutureExt};
-use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use super::client::{RedirectRefused, redirect_refused};
+use super::bandwidth::Bandwidth;
+use super::client::RedirectRefused;
 use super::inspect::{InspectError, Inspection};
+use super::remote::SourceError;
 use super::source::{Location, SourceClients};
 use crate::config::Settings;
 use crate::telemetry::metrics::metrics;
-use download::{Download, Remote};
+use download::{Download, Remote, Tuning};
 use flight::FlightResult;
 
 /// One cached image (stored in sled, served by the cache API).
@@ -49,6 +55,10 @@ pub(crate) struct CacheEntry {
     pub(crate) inspection: Inspection,
     pub(crate) created: DateTime<Utc>,
     pub(crate) last_used: DateTime<Utc>,
+    /// When the source last confirmed the object is still this one (download or
+    /// revalidation); records from before this field read as never.
+    #[serde(default)]
+    pub(crate) validated: DateTime<Utc>,
     /// Modification time of the file when it entered the cache (detects tampering).
     pub(crate) mtime_ns: i128,
 }
@@ -76,6 +86,12 @@ pub(crate) enum FetchError {
     NoSpace(String),
     #[error("download stopped: no job waits for it any more")]
     Stopped,
+    /// The object changed at the source during the download (412, another ETag or size).
+    #[error("the image changed at the source during the download: {0}")]
+    Changed(String),
+    /// A 4xx answer other than 401/403/404/412.
+    #[error("the source refused the download: {0}")]
+    Refused(String),
 }
 
 impl FetchError {
@@ -92,6 +108,8 @@ impl FetchError {
             FetchError::Io(_) => "io",
             FetchError::NoSpace(_) => "no_space",
             FetchError::Stopped => "stopped",
+            FetchError::Changed(_) => "changed",
+            FetchError::Refused(_) => "refused",
         }
     }
 
@@ -101,35 +119,39 @@ impl FetchError {
         matches!(self, FetchError::Transfer(_))
     }
 
-    /// The failure an object_store error stands for, decided by its variant (and, for generic
-    /// errors, by whether a transport error or our refused redirect is in its source chain).
-    fn from_store(e: object_store::Error) -> FetchError {
-        if let Some(refused) = redirect_refused(&e) {
-            return FetchError::Redirect(refused);
-        }
+    /// The failure a source request's error stands for.
+    pub(crate) fn from_source(e: SourceError) -> FetchError {
         match e {
-            object_store::Error::NotFound { path, .. } => FetchError::NotFound(path),
-            object_store::Error::PermissionDenied { source, .. }
-            | object_store::Error::Unauthenticated { source, .. } => {
-                FetchError::Auth(source.to_string())
-            }
-            // Everything else (network errors, 5xx, malformed answers) is worth another try.
-            other => FetchError::Transfer(other.to_string()),
+            SourceError::NotFound(m) => FetchError::NotFound(m),
+            SourceError::Auth { message, .. } => FetchError::Auth(message),
+            SourceError::Changed(m) => FetchError::Changed(m),
+            e @ SourceError::Refused { .. } => FetchError::Refused(e.to_string()),
+            SourceError::Transient(m) => FetchError::Transfer(m),
+            SourceError::Redirect(r) => FetchError::Redirect(r),
+            SourceError::Io(m) => FetchError::Io(m),
         }
     }
 }
 
-/// Whether a store error is a network failure (the request did not complete), as opposed to
-/// an answer from the server.
-pub(crate) fn is_transport_error(e: &object_store::Error) -> bool {
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = current {
-        if err.is::<object_store::client::HttpError>() {
-            return true;
+/// How a cache hit was confirmed (reported in the job).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Revalidation {
+    /// Downloaded by this fetch, or confirmed within `cache.revalidate_interval`: no request.
+    NotNeeded,
+    /// One request confirmed the entry is still the object at the source.
+    Revalidated,
+    /// The source could not be asked; the checksum-verified entry served anyway.
+    SourceUnavailable,
+}
+
+impl Revalidation {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Revalidation::NotNeeded => "not_needed",
+            Revalidation::Revalidated => "revalidated",
+            Revalidation::SourceUnavailable => "source_unavailable",
         }
-        current = err.source();
     }
-    false
 }
 
 /// Download progress: bytes so far (including a resumed prefix) and the total.
@@ -171,7 +193,7 @@ impl RetryPolicy {
                 Err(e) if e.is_transient() && attempt < self.retries => {
                     attempt += 1;
                     let delay = self.delay(attempt);
-                    tracing::warn!(error = %e, attempt, retry_in = ?delay, "{what} failed; retrying");
+                    tracing::warn!(error = %e, attempt, retry_in_ms = delay.as_millis() as u64, "{what} failed; retrying");
                     tokio::time::sleep(delay).await;
                 }
                 other => return other,
@@ -186,29 +208,41 @@ pub(crate) struct CacheLimits {
     pub(crate) max_size_bytes: u64,
     pub(crate) max_age: Duration,
     pub(crate) min_free_bytes: u64,
+    pub(crate) revalidate_interval: Duration,
 }
 
 /// The limits and retry policy a settings value gives the cache.
-pub(crate) fn cache_settings(settings: &Settings) -> (CacheLimits, RetryPolicy) {
+fn cache_settings(settings: &Settings) -> (CacheLimits, Tuning) {
     (
         CacheLimits {
             max_size_bytes: settings.cache.max_size_bytes,
             max_age: settings.cache.max_age,
             min_free_bytes: settings.cache.min_free_bytes,
+            revalidate_interval: settings.cache.revalidate_interval,
         },
-        RetryPolicy {
-            retries: settings.s3.retries,
-            backoff: settings.s3.retry_backoff,
-            max_backoff: settings.s3.retry_max_backoff,
+        Tuning {
+            part_size: settings.sources.part_size,
+            parallel_parts: settings.sources.parallel_parts,
+            stall_timeout: settings.sources.stall_timeout,
+            retry: RetryPolicy {
+                retries: settings.s3.retries,
+                backoff: settings.s3.retry_backoff,
+                max_backoff: settings.s3.retry_max_backoff,
+            },
         },
     )
 }
+
+/// How often a fetch starts over when the object changes under its download.
+const CHANGED_RESTARTS: usize = 3;
 
 /// A cached image handed to a job; the entry cannot be evicted while this lives.
 pub(crate) struct CachedImage {
     pub(crate) entry: CacheEntry,
     pub(crate) path: PathBuf,
     pub(crate) hit: bool,
+    /// How a hit was confirmed (`NotNeeded` for a download).
+    pub(crate) revalidation: Revalidation,
     _use: InUse,
 }
 
@@ -260,7 +294,10 @@ pub(crate) struct ImageCache {
     flights: flight::Flights,
     in_use: Arc<Mutex<HashMap<String, usize>>>,
     limits: RwLock<CacheLimits>,
-    retry: RwLock<RetryPolicy>,
+    /// Download settings, read when a download starts.
+    tuning: RwLock<Tuning>,
+    /// The bandwidth cap of all downloads together.
+    bandwidth: Arc<Bandwidth>,
     /// Bytes that running downloads still have to write (space they will take).
     reserved: Arc<AtomicU64>,
     /// Called after an entry left the cache (see `on_remove`).
@@ -293,7 +330,9 @@ impl ImageCache {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("cache.dir {}: {e}", dir.display()))?;
         let dir = dir.canonicalize()?;
-        let (limits, retry) = cache_settings(settings);
+        let (limits, tuning) = cache_settings(settings);
+        let bandwidth = Arc::new(Bandwidth::default());
+        bandwidth.set(settings.sources.max_bytes_per_second);
         let cache = ImageCache {
             index,
             dir,
@@ -301,7 +340,8 @@ impl ImageCache {
             flights: flight::Flights::default(),
             in_use: Arc::new(Mutex::new(HashMap::new())),
             limits: RwLock::new(limits),
-            retry: RwLock::new(retry),
+            tuning: RwLock::new(tuning),
+            bandwidth,
             reserved: Arc::new(AtomicU64::new(0)),
             removal_hooks: RwLock::new(Vec::new()),
         };
@@ -309,11 +349,13 @@ impl ImageCache {
         Ok(cache)
     }
 
-    /// Applies new limits and retry settings (hot reload); evicts at once if the bound shrank.
+    /// Applies new limits and download settings (hot reload): the bandwidth cap at once, the
+    /// rest from the next download; evicts at once if the bound shrank.
     pub(crate) fn set_limits(&self, settings: &Settings) {
-        let (limits, retry) = cache_settings(settings);
+        let (limits, tuning) = cache_settings(settings);
         *self.limits.write().unwrap_or_else(|e| e.into_inner()) = limits;
-        *self.retry.write().unwrap_or_else(|e| e.into_inner()) = retry;
+        *self.tuning.write().unwrap_or_else(|e| e.into_inner()) = tuning;
+        self.bandwidth.set(settings.sources.max_bytes_per_second);
         self.sources.apply(settings);
         self.evict(None);
     }
@@ -322,8 +364,12 @@ impl ImageCache {
         *self.limits.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn tuning(&self) -> Tuning {
+        *self.tuning.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn retry_policy(&self) -> RetryPolicy {
-        *self.retry.read().unwrap_or_else(|e| e.into_inner())
+        self.tuning().retry
     }
 
     pub(crate) fn dir(&self) -> &Path {
@@ -364,77 +410,207 @@ impl ImageCache {
             .and_then(|b| serde_json::from_slice(&b).ok())
     }
 
+    /// `request`, failed as transient when it takes longer than `sources.stall_timeout`.
+    async fn within_stall_timeout<T>(
+        &self,
+        request: impl std::future::Future<Output = Result<T, FetchError>>,
+    ) -> Result<T, FetchError> {
+        let limit = self.tuning().stall_timeout;
+        tokio::time::timeout(limit, request)
+            .await
+            .unwrap_or_else(|_| {
+                Err(FetchError::Transfer(format!(
+                    "the source did not answer within {}s (sources.stall_timeout)",
+                    limit.as_secs()
+                )))
+            })
+    }
+
     /// Asks the source for the object's size, ETag and published checksum.
     async fn remote(&self, location: &Location) -> Result<Remote, FetchError> {
-        let (store, path) = self
+        let object = self
             .sources
-            .store_for(location)
-            .map_err(|e| FetchError::Transfer(e.to_string()))?;
-        let meta = store.head(&path).await.map_err(FetchError::from_store)?;
-        let expected_sha256 = match location.checksum_location() {
-            // A local sidecar must be a regular file beside the image, not a symlink elsewhere.
-            Location::File(sidecar) => match std::fs::symlink_metadata(&sidecar) {
-                Ok(m) if m.is_file() => {
-                    let bytes = tokio::fs::read(&sidecar)
-                        .await
-                        .map_err(|e| FetchError::Io(format!("{}: {e}", sidecar.display())))?;
-                    Some(checksum_or_error(&bytes, &sidecar.display().to_string())?)
-                }
-                _ => None,
-            },
-            remote_sidecar => {
-                let (sum_store, sum_path) = self
-                    .sources
-                    .store_for(&remote_sidecar)
-                    .map_err(|e| FetchError::Transfer(e.to_string()))?;
-                match sum_store.get(&sum_path).await {
-                    Ok(r) => {
-                        let bytes = r.bytes().await.map_err(FetchError::from_store)?;
-                        Some(checksum_or_error(&bytes, &remote_sidecar.identity())?)
-                    }
-                    Err(object_store::Error::NotFound { .. }) => None,
-                    Err(e) => return Err(FetchError::from_store(e)),
-                }
-            }
+            .object(location)
+            .map_err(|e| FetchError::Io(e.to_string()))?;
+        let meta = object
+            .head(None)
+            .await
+            .map_err(FetchError::from_source)?
+            .ok_or_else(|| FetchError::Transfer("304 to a HEAD without a condition".into()))?;
+        let sidecar_location = location.checksum_location();
+        let sidecar = self
+            .sources
+            .object(&sidecar_location)
+            .map_err(|e| FetchError::Io(e.to_string()))?;
+        let expected_sha256 = match sidecar.get_small().await.map_err(FetchError::from_source)? {
+            Some(bytes) => Some(checksum_or_error(&bytes, &sidecar_location.identity())?),
+            None => None,
         };
         Ok(Remote {
-            store,
-            path,
-            size: meta.size,
-            etag: meta.e_tag,
+            object,
+            meta,
             expected_sha256,
         })
     }
 
-    /// Makes the image of `location` available locally, downloading it unless a valid entry
-    /// exists. `on_progress` sees download progress (also when another job leads the download).
+    /// Makes the image of `location` available locally: a recent enough entry without asking
+    /// the source, a confirmed entry, or a download. `on_progress` sees download progress
+    /// (also when another job leads the download).
     pub(crate) async fn fetch(
         &self,
         location: &Location,
         image_url: &str,
         mut on_progress: impl FnMut(Transfer),
     ) -> Result<CachedImage, FetchError> {
+        if let Some(hit) = self.known_hit(location).await? {
+            return Ok(hit);
+        }
+        let mut restarts = 0;
+        loop {
+            match self
+                .fetch_remote(location, image_url, &mut on_progress)
+                .await
+            {
+                Err(FetchError::Changed(why)) if restarts < CHANGED_RESTARTS => {
+                    restarts += 1;
+                    tracing::warn!(image_url, reason = %why, restarts, "the image changed at the source during the download; starting over");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// A hit on the entry last downloaded from this source, confirmed without a request
+    /// within `cache.revalidate_interval`, else with one conditional HEAD; when the source
+    /// cannot be reached, a checksum-verified entry serves anyway. `None`: no such entry, or
+    /// the object changed (the caller downloads).
+    async fn known_hit(&self, location: &Location) -> Result<Option<CachedImage>, FetchError> {
+        let identity = location.identity();
+        let Some(entry) = self
+            .entries()
+            .into_iter()
+            .filter(|e| e.identity == identity)
+            .max_by_key(|e| e.validated)
+        else {
+            return Ok(None);
+        };
+        let guard = self.mark_in_use(&entry.key);
+        let Some(mut entry) = self.valid_entry(&entry.key) else {
+            return Ok(None);
+        };
+        let m = metrics();
+        let interval = chrono::Duration::from_std(self.limits().revalidate_interval)
+            .unwrap_or(chrono::Duration::MAX);
+        let local = matches!(location, Location::File(_));
+        let now = Utc::now();
+        let revalidation = if !local && now - entry.validated < interval {
+            m.cache_revalidations_total
+                .with_label_values(&["skipped"])
+                .inc();
+            Revalidation::NotNeeded
+        } else {
+            match self.still_current(location, &entry).await {
+                Ok(true) => {
+                    m.cache_revalidations_total
+                        .with_label_values(&["unchanged"])
+                        .inc();
+                    entry.validated = now;
+                    Revalidation::Revalidated
+                }
+                Ok(false) => {
+                    m.cache_revalidations_total
+                        .with_label_values(&["changed"])
+                        .inc();
+                    return Ok(None);
+                }
+                Err(e) if entry.verified && !local && e.is_transient() => {
+                    m.cache_revalidations_total
+                        .with_label_values(&["source_unavailable"])
+                        .inc();
+                    tracing::warn!(
+                        key = %entry.key,
+                        error = %e,
+                        "the source cannot be asked whether the image changed; serving the checksum-verified cache entry"
+                    );
+                    Revalidation::SourceUnavailable
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        m.cache_lookup(true);
+        entry.last_used = now;
+        put_entry(&self.index, &entry)?;
+        Ok(Some(CachedImage {
+            path: self.path_of(&entry.key),
+            entry,
+            hit: true,
+            revalidation,
+            _use: guard,
+        }))
+    }
+
+    /// Whether the object at the source is still the one `entry` holds (one HEAD with
+    /// `If-None-Match`, retried like any request).
+    async fn still_current(
+        &self,
+        location: &Location,
+        entry: &CacheEntry,
+    ) -> Result<bool, FetchError> {
+        let object = self
+            .sources
+            .object(location)
+            .map_err(|e| FetchError::Io(e.to_string()))?;
+        let etag = entry.etag.clone();
+        let answer = self
+            .retry_policy()
+            .run("revalidating the cache entry", || {
+                let (object, etag) = (object.clone(), etag.clone());
+                self.within_stall_timeout(async move {
+                    object
+                        .head(etag.as_deref())
+                        .await
+                        .map_err(FetchError::from_source)
+                })
+            })
+            .await?;
+        Ok(match answer {
+            None => true,
+            Some(meta) => meta.etag.is_some() && meta.etag == entry.etag && meta.size == entry.size,
+        })
+    }
+
+    /// Asks the source, then serves the entry its answer names or downloads it.
+    async fn fetch_remote(
+        &self,
+        location: &Location,
+        image_url: &str,
+        on_progress: &mut impl FnMut(Transfer),
+    ) -> Result<CachedImage, FetchError> {
         let remote = self
             .retry_policy()
-            .run("asking the source for the image", || self.remote(location))
+            .run("asking the source for the image", || {
+                self.within_stall_timeout(self.remote(location))
+            })
             .await?;
         let identity = location.identity();
         let key = match &remote.expected_sha256 {
             Some(sum) => sum.clone(),
-            None => hex::encode(Sha256::digest(
-                format!("{identity}\n{}", remote.etag.as_deref().unwrap_or("")).as_bytes(),
-            )),
+            None => download::digest_hex(
+                format!("{identity}\n{}", remote.meta.etag.as_deref().unwrap_or("")).as_bytes(),
+            ),
         };
         // Hold the entry before looking, so eviction cannot take it between check and use.
         let guard = self.mark_in_use(&key);
         if let Some(mut entry) = self.valid_entry(&key) {
             metrics().cache_lookup(true);
             entry.last_used = Utc::now();
+            entry.validated = entry.last_used;
             put_entry(&self.index, &entry)?;
             return Ok(CachedImage {
                 path: self.path_of(&key),
                 entry,
                 hit: true,
+                revalidation: Revalidation::Revalidated,
                 _use: guard,
             });
         }
@@ -465,6 +641,7 @@ impl ImageCache {
             path: self.path_of(&key),
             entry,
             hit: false,
+            revalidation: Revalidation::NotNeeded,
             _use: guard,
         })
     }
@@ -479,15 +656,16 @@ impl ImageCache {
         remote: Remote,
         start: flight::Start,
     ) -> Result<(watch::Receiver<Transfer>, BoxFuture<'static, FlightResult>), FetchError> {
-        let partial_len = std::fs::metadata(download::partial_path(&self.dir, key))
+        // A partial file is preallocated to the whole size: it already holds its space.
+        let partial_len = std::fs::metadata(checkpoint::partial_path(&self.dir, key))
             .map(|m| m.len())
             .unwrap_or(0);
-        let need = remote.size.saturating_sub(partial_len);
-        self.ensure_space(need)?;
+        let need = remote.meta.size.saturating_sub(partial_len);
+        self.ensure_space(need, &start.busy)?;
         let reservation = Reservation::take(&self.reserved, need);
         let (tx, rx) = watch::channel(Transfer {
             done: 0,
-            total: remote.size,
+            total: remote.meta.size,
         });
         let download = Download {
             dir: self.dir.clone(),
@@ -496,7 +674,8 @@ impl ImageCache {
             image_url: image_url.to_string(),
             identity: identity.to_string(),
             remote,
-            retry: self.retry_policy(),
+            tuning: self.tuning(),
+            bandwidth: self.bandwidth.clone(),
         };
         // The download runs on its own task: a job cancelled while others wait does not break
         // it. Its log lines and spans belong to the job that started it.
@@ -590,12 +769,9 @@ impl ImageCache {
             bucket: bucket.to_string(),
             key: ".libvirt-volume-provisioner-probe".into(),
         };
-        let (store, path) = self
-            .sources
-            .store_for(&location)
-            .map_err(|e| e.to_string())?;
-        match store.head(&path).await {
-            Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        let object = self.sources.object(&location).map_err(|e| e.to_string())?;
+        match object.head(None).await {
+            Ok(_) | Err(SourceError::NotFound(_)) => Ok(()),
             Err(e) => Err(e.to_string()),
         }
     }
@@ -700,6 +876,7 @@ pub(crate) mod tests {
             },
             created: now,
             last_used: now,
+            validated: now,
             mtime_ns: mtime_ns(&std::fs::metadata(&path).unwrap()),
         };
         put_entry(&cache.index, &entry).unwrap();
@@ -713,7 +890,7 @@ pub(crate) mod tests {
         add_entry(&cache, "a", 10);
         // statvfs on a directory that is gone fails (ENOENT).
         std::fs::rename(tmp.path().join("cache"), tmp.path().join("moved")).unwrap();
-        let e = cache.ensure_space(1).unwrap_err();
+        let e = cache.ensure_space(1, &[]).unwrap_err();
         assert!(
             matches!(&e, FetchError::Io(m) if m.contains("free space")),
             "{e}"
