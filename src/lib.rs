@@ -115,7 +115,10 @@ fn preset_metric_labels() {
         m.cache_evictions_total
             .with_label_values(&[reason.as_str()]);
     }
-    for kind in image::inspect::InspectError::KINDS {
+    let download_kinds = image::cache::FetchError::KINDS
+        .into_iter()
+        .chain(image::inspect::InspectError::KINDS);
+    for kind in download_kinds {
         m.image_errors_total.with_label_values(&["download", kind]);
     }
     for kind in ["format_mismatch", "too_large"] {

@@ -15,6 +15,10 @@ const REOPEN_WAIT: Duration = Duration::from_secs(5);
 /// How long opening waits for the database's lock: the process of a previous instance that
 /// was just killed can hold it for a moment (seen in the crash test right after a SIGKILL).
 const LOCK_WAIT: Duration = Duration::from_secs(10);
+/// Free space a reopen needs: opening writes to the database, and an open that fails leaves
+/// the store closed (even reads fail), while the old, failed instance still serves reads. So
+/// a full file system keeps the old instance until space is back.
+const REOPEN_MIN_FREE: u64 = 4 << 20;
 
 /// The sled database (cheap to clone; every clone sees the same, current instance).
 #[derive(Clone)]
@@ -94,6 +98,7 @@ impl Db {
     /// Closes the instance and opens the database again: what brings sled back after a write
     /// failure. Waits (bounded) for operations in flight to drop the old instance.
     pub(crate) async fn reopen(&self) -> sled::Result<()> {
+        self.check_room()?;
         let old = self
             .inner
             .current
@@ -123,6 +128,26 @@ impl Db {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+impl Db {
+    /// Fails when the file system holding the database has less than `REOPEN_MIN_FREE` free.
+    fn check_room(&self) -> sled::Result<()> {
+        let s = nix::sys::statvfs::statvfs(&self.inner.path)
+            .map_err(|e| sled::Error::Io(std::io::Error::from(e)))?;
+        let free = s.blocks_available().saturating_mul(s.fragment_size());
+        if free < REOPEN_MIN_FREE {
+            return Err(sled::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                format!(
+                    "{} has {free} bytes free; the job store is reopened once at least \
+                     {REOPEN_MIN_FREE} are (free space on that file system)",
+                    self.inner.path.display()
+                ),
+            )));
+        }
+        Ok(())
     }
 }
 

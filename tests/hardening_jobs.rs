@@ -292,3 +292,41 @@ async fn a_full_state_store_recovers_when_space_returns() {
         "the failure was written once space came back"
     );
 }
+
+/// Labelled counters with known label values start at 0 on a fresh daemon, so `rate()` and
+/// alerts work from the first scrape (before, a series appeared only at its first event).
+#[tokio::test]
+async fn known_counter_series_exist_from_the_first_scrape() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let d = Daemon::start(dir, &TestConfig::new(dir));
+    let c = client();
+    let text = scrape(&c, &d).await;
+    let m = |n: &str| format!("libvirt_volume_provisioner_{n}");
+    for (name, labels) in [
+        ("jobs_total", r#"status="failed""#),
+        (
+            "image_errors_total",
+            r#"error_type="not_found",operation="download""#,
+        ),
+        (
+            "image_errors_total",
+            r#"error_type="backing_file",operation="download""#,
+        ),
+        (
+            "image_errors_total",
+            r#"error_type="too_large",operation="inspect""#,
+        ),
+        (
+            "image_errors_total",
+            r#"error_type="qemu_img",operation="convert""#,
+        ),
+        ("auth_failures_total", r#"reason="invalid_token""#),
+        ("cache_evictions_total", r#"reason="age""#),
+        ("qemu_img_invocations_total", r#"subcommand="convert""#),
+        ("config_reload_total", r#"result="error""#),
+    ] {
+        let line = format!("{}{{{labels}}} 0", m(name));
+        assert!(text.contains(&line), "missing `{line}` in:\n{text}");
+    }
+}

@@ -95,6 +95,22 @@ pub(crate) enum FetchError {
 }
 
 impl FetchError {
+    /// Every `kind` label of the error's own variants (a rejection carries the inspector's
+    /// kinds, `InspectError::KINDS`), so the metric's series exist from the start.
+    pub(crate) const KINDS: [&'static str; 11] = [
+        "not_found",
+        "auth",
+        "checksum_mismatch",
+        "bad_checksum_file",
+        "transfer",
+        "redirect_refused",
+        "io",
+        "no_space",
+        "stopped",
+        "changed",
+        "refused",
+    ];
+
     /// Label for `image_errors_total{error_type}`.
     pub(crate) fn kind(&self) -> &'static str {
         match self {
