@@ -414,7 +414,8 @@ async fn progress_streams_need_credentials_and_are_bounded() {
             "auth.tokens_file",
             dir.path().join("tokens").display().to_string(),
         )
-        .set("server.max_event_streams", 2);
+        .set("server.max_event_streams", 3)
+        .set("server.max_event_streams_per_peer", 2);
     let path = slow_qemu_img_path(dir.path(), 30);
     let d = Daemon::start_with_env(dir.path(), &config, &[("PATH", &path)]);
     let c = client();
@@ -439,16 +440,27 @@ async fn progress_streams_need_credentials_and_are_bounded() {
         (first.status().as_u16(), second.status().as_u16()),
         (200, 200)
     );
+    // A third from the same address: the per-peer bound.
+    let refused = |r: reqwest::Response, setting: &'static str| async move {
+        assert_eq!(r.status(), 429);
+        assert!(r.headers().contains_key("retry-after"));
+        let body: Value = r.json().await.unwrap();
+        let message = body["message"].as_str().unwrap().to_string();
+        assert!(message.contains(setting), "{message}");
+    };
     let third = authed(c.get(&events)).send().await.unwrap();
-    assert_eq!(third.status(), 429);
-    assert!(third.headers().contains_key("retry-after"));
-    let body: Value = third.json().await.unwrap();
-    assert!(
-        body["message"]
-            .as_str()
+    refused(third, "server.max_event_streams_per_peer").await;
+    // Another client address (the loopback /8) still gets one, up to the overall bound.
+    let from = |ip: &str| {
+        reqwest::Client::builder()
+            .local_address(ip.parse::<std::net::IpAddr>().unwrap())
+            .build()
             .unwrap()
-            .contains("server.max_event_streams")
-    );
+    };
+    let other = authed(from("127.0.0.2").get(&events)).send().await.unwrap();
+    assert_eq!(other.status(), 200, "another peer is not held back");
+    let fourth = authed(from("127.0.0.3").get(&events)).send().await.unwrap();
+    refused(fourth, "server.max_event_streams)").await;
     drop(first);
     // The closed stream's place comes back.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -463,7 +475,7 @@ async fn progress_streams_need_credentials_and_are_bounded() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    drop(second);
+    drop((second, other));
 }
 
 #[tokio::test(flavor = "multi_thread")]

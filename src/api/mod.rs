@@ -45,7 +45,8 @@ pub(crate) struct ApiState {
     pub(crate) started: Instant,
     pub(crate) auth: Arc<auth::Authenticator>,
     pub(crate) reloader: Arc<crate::config::reload::Reloader>,
-    /// Progress streams open now (bounded by `server.max_event_streams`).
+    /// Progress streams open now (bounded by `server.max_event_streams` and
+    /// `server.max_event_streams_per_peer`).
     pub(crate) event_streams: events::StreamCount,
     /// Fires when the daemon shuts down (ends progress streams).
     pub(crate) stopping: tokio_util::sync::CancellationToken,
@@ -175,6 +176,7 @@ pub(crate) fn routes(
         .and(get())
         .and(route("/api/v1/jobs/{id}/events"))
         .and(caller())
+        .and(warp::ext::optional::<server::ConnInfo>())
         .and(warp::header::headers_cloned())
         .and(s())
         .then(events::events)

@@ -184,7 +184,7 @@ mod paths {
             (status = 200, description = "event stream; data: StatusResponse", content_type = "text/event-stream", body = String),
             (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
             (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
-            (status = 429, description = "server.max_event_streams streams are open (Retry-After)", body = ErrorBody),
+            (status = 429, description = "server.max_event_streams streams are open, or server.max_event_streams_per_peer from this client address (Retry-After)", body = ErrorBody),
             (status = 500, body = ErrorBody)))]
     pub(super) fn job_events() {}
 

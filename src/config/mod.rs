@@ -110,6 +110,8 @@ pub(crate) struct ServerSettings {
     pub(crate) first_request_timeout: Duration,
     /// Progress streams (`GET /api/v1/jobs/{id}/events`) open at once; 429 beyond.
     pub(crate) max_event_streams: usize,
+    /// Progress streams one client address (IPv6: one /64) may hold open at once; 429 beyond.
+    pub(crate) max_event_streams_per_peer: usize,
 }
 
 /// `[storage]`: where durable state lives.
@@ -373,6 +375,7 @@ impl Settings {
                 h2_idle_timeout: Duration::from_secs(30),
                 first_request_timeout: Duration::from_secs(15),
                 max_event_streams: 64,
+                max_event_streams_per_peer: 16,
             },
             storage: StorageSettings { data_dir },
             jobs: JobsSettings {
@@ -575,6 +578,12 @@ impl Settings {
         if !(1..=10_000).contains(&self.server.max_event_streams) {
             return err(
                 "server.max_event_streams",
+                "must be between 1 and 10000".into(),
+            );
+        }
+        if !(1..=10_000).contains(&self.server.max_event_streams_per_peer) {
+            return err(
+                "server.max_event_streams_per_peer",
                 "must be between 1 and 10000".into(),
             );
         }
