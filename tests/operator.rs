@@ -520,6 +520,86 @@ async fn idempotency_key_returns_the_same_job_across_a_restart() {
     assert!(v["message"].as_str().unwrap().contains(&id), "{v}");
     let (_, list) = get(&c, &d.url("/api/v1/jobs")).await;
     assert_eq!(list["count"], 1, "no second job: {list}");
+    // Keys are bounded and plain: too long, not visible ASCII, or sent twice is a 400.
+    let long = "k".repeat(256);
+    for bad in [long.as_str(), "has space", "caf\u{e9}"] {
+        let r = c
+            .post(d.url("/api/v1/jobs"))
+            .header(
+                "idempotency-key",
+                reqwest::header::HeaderValue::from_bytes(bad.as_bytes()).unwrap(),
+            )
+            .json(&other)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "key {bad:?}");
+        let v: Value = r.json().await.unwrap();
+        assert!(
+            v["message"].as_str().unwrap().contains("Idempotency-Key"),
+            "{v}"
+        );
+    }
+    let r = c
+        .post(d.url("/api/v1/jobs"))
+        .header("idempotency-key", "a")
+        .header("idempotency-key", "b")
+        .json(&other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "a repeated header is refused");
+    let ok = "k".repeat(255);
+    let r = post_with_key(
+        &d,
+        &ok,
+        &json!({"image_url": file_url(&image), "image_type": "raw",
+                                            "volume_name": "vm-long", "volume_size_gb": 1}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 202, "255 characters are fine");
+    let long_job = r.json::<Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_job(&c, &d, &long_job, Duration::from_secs(60)).await;
+    // Racing retries with one key make one job: the others get it (200) or are told to retry (409).
+    let race = json!({"image_url": file_url(&image), "image_type": "raw",
+                      "volume_name": "vm-race", "volume_size_gb": 1});
+    let answers =
+        futures::future::join_all((0..8).map(|_| post_with_key(&d, "race-1", &race))).await;
+    let mut ids = std::collections::HashSet::new();
+    let mut statuses = Vec::new();
+    for r in answers {
+        let r = r.unwrap();
+        let status = r.status().as_u16();
+        let v: Value = r.json().await.unwrap();
+        statuses.push(status);
+        match status {
+            202 | 200 => {
+                ids.insert(v["job_id"].as_str().unwrap().to_string());
+            }
+            409 => assert!(
+                v["message"].as_str().unwrap().contains("Idempotency-Key"),
+                "{v}"
+            ),
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    statuses.sort();
+    println!("8 racing requests with one key: {statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 202).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(ids.len(), 1, "one job: {ids:?}");
+    let (_, list) = get(&c, &d.url("/api/v1/jobs")).await;
+    assert_eq!(
+        list["count"], 3,
+        "order-42, the long key and the race: {list}"
+    );
     // The CLI sends a key of its own; the same explicit key gets the same job.
     let url = file_url(&image);
     let args = [

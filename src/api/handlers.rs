@@ -364,9 +364,15 @@ fn idempotency_key(
     kind: JobKind,
     spec: &JobSpec,
 ) -> Result<Option<IdempotencyKey>, ApiError> {
-    let Some(raw) = headers.get("idempotency-key") else {
+    let mut values = headers.get_all("idempotency-key").iter();
+    let Some(raw) = values.next() else {
         return Ok(None);
     };
+    if values.next().is_some() {
+        return Err(ApiError::bad_request(
+            "Idempotency-Key is sent more than once; send one key per request",
+        ));
+    }
     let key = raw
         .to_str()
         .map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII characters"))?;

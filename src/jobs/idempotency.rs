@@ -87,6 +87,29 @@ impl Store {
         Ok(())
     }
 
+    /// Removes index entries naming no job that carries them (a crash between writing the key
+    /// and its job), so they do not pile up across crashes. Called by retention pruning.
+    pub(crate) fn prune_orphan_keys(&self) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for entry in self.idempotency.iter() {
+            let (scoped, id) = entry?;
+            let names_its_job = match Uuid::from_slice(&id) {
+                Ok(id) => self.get_job(id)?.is_some_and(|job| {
+                    job.idempotency
+                        .is_some_and(|k| k.scoped.as_bytes() == scoped.as_ref())
+                }),
+                Err(_) => false,
+            };
+            if !names_its_job {
+                let r = self.idempotency.remove(&scoped);
+                metrics().storage_op("delete_idempotency_key", &r);
+                r?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Removes the key of a job that is being deleted (only if it still names that job).
     pub(crate) fn remove_idempotency_key(&self, job: &Job) -> Result<(), StoreError> {
         let Some(key) = &job.idempotency else {
@@ -132,6 +155,51 @@ mod tests {
         assert_ne!(a.scoped, other_caller.scoped);
         let other_kind = IdempotencyKey::new("k", Some("ci"), JobKind::CacheFetch, &spec("v"));
         assert_ne!(a.scoped, other_kind.scoped);
+    }
+
+    /// Retention takes a job's key with it, and a key a crash left without its job goes too;
+    /// keys of jobs still kept stay.
+    #[tokio::test]
+    async fn keys_expire_with_their_jobs_and_orphans_are_swept() {
+        use crate::jobs::model::{JobStatus, tests::job};
+        use chrono::Utc;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let long_ago = Utc::now() - chrono::Duration::days(30);
+        let mut old = job();
+        let old_key = IdempotencyKey::new("old", None, JobKind::Provision, &old.spec);
+        old.idempotency = Some(old_key.clone());
+        old.transition(JobStatus::Running, None, long_ago).unwrap();
+        old.transition(JobStatus::Completed, None, long_ago)
+            .unwrap();
+        let mut kept = job();
+        let kept_key = IdempotencyKey::new("kept", None, JobKind::Provision, &kept.spec);
+        kept.idempotency = Some(kept_key.clone());
+        for (k, j) in [(&old_key, &old), (&kept_key, &kept)] {
+            store.put_idempotency_key(k, j.id).unwrap();
+            store.put_job(j, true).await.unwrap();
+        }
+        // A crash after the key was written, before its job.
+        let orphan = IdempotencyKey::new("orphan", None, JobKind::Provision, &spec("o"));
+        store.put_idempotency_key(&orphan, Uuid::new_v4()).unwrap();
+        assert_eq!(store.idempotency.iter().count(), 3);
+        assert_eq!(store.idempotent_job(&old_key).unwrap().unwrap().id, old.id);
+
+        let removed = store
+            .prune_finished(Utc::now() - chrono::Duration::days(7))
+            .unwrap();
+        assert_eq!(removed, 1);
+        assert!(store.idempotent_job(&old_key).unwrap().is_none(), "expired");
+        assert!(store.idempotent_job(&orphan).unwrap().is_none());
+        assert_eq!(
+            store.idempotent_job(&kept_key).unwrap().unwrap().id,
+            kept.id
+        );
+        assert_eq!(
+            store.idempotency.iter().count(),
+            1,
+            "only the kept job's key is left"
+        );
     }
 
     #[test]

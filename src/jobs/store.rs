@@ -202,7 +202,8 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes terminal jobs that finished before `cutoff`; pending and running jobs stay.
+    /// Deletes terminal jobs that finished before `cutoff` (and their idempotency keys);
+    /// pending and running jobs stay.
     pub(crate) fn prune_finished(
         &self,
         cutoff: chrono::DateTime<chrono::Utc>,
@@ -215,6 +216,7 @@ impl Store {
                 removed += 1;
             }
         }
+        self.prune_orphan_keys()?;
         Ok(removed)
     }
 
