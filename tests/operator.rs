@@ -752,6 +752,77 @@ async fn openapi_document_covers_real_responses() {
     );
 }
 
+/// The document against the router itself: every documented operation, sent to the daemon,
+/// is handled by the route of that template (the `endpoint` label of `requests_total` names
+/// the route that answered), and every other method on a documented path is 405.
+#[tokio::test(flavor = "multi_thread")]
+async fn openapi_operations_are_the_routes_the_daemon_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &TestConfig::new(dir.path()));
+    let c = client();
+    let (_, doc) = get(&c, &d.url("/api/v1/openapi.json")).await;
+    let concrete = |template: &str| {
+        template
+            .replace("{id}", "00000000-0000-0000-0000-000000000000")
+            .replace("{key}", &"0".repeat(64))
+            .replace("{name}", "route-check")
+    };
+    let mut operations = Vec::new();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for method in ["get", "post", "put", "delete", "patch"] {
+            let url = d.url(&concrete(path));
+            let verb = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let mut r = c.request(verb, &url);
+            if method != "get" && method != "delete" {
+                r = r.header("content-type", "application/json").body("{}");
+            }
+            let resp = r.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let body = resp.text().await.unwrap_or_default();
+            if ops.get(method).is_some() {
+                assert!(
+                    status != 405 && !body.contains("no such route"),
+                    "{method} {path} is documented but the daemon has no such route: {status} {body}"
+                );
+                operations.push((method.to_uppercase(), path.clone()));
+            } else {
+                assert_eq!(
+                    status, 405,
+                    "{method} {path} is routed but not documented: {body}"
+                );
+            }
+        }
+    }
+    let metrics = reqwest::get(d.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (method, path) in &operations {
+        // The Go service's aliases of /health are one route.
+        let template = if ["/healthz", "/livez"].contains(&path.as_str()) {
+            "/health"
+        } else {
+            path
+        };
+        let label = format!("method=\"{method}\"");
+        let endpoint = format!("endpoint=\"{template}\"");
+        assert!(
+            metrics.lines().any(|l| l.contains("requests_total{")
+                && l.contains(&label)
+                && l.contains(&endpoint)),
+            "{method} {path} was not answered by the route {template}"
+        );
+    }
+    assert!(operations.len() >= 22, "{operations:?}");
+    println!(
+        "{} documented operations, each answered by its own route",
+        operations.len()
+    );
+    assert!(volumes_in(dir.path()).is_empty(), "the probes made nothing");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn preflight_reads_only_the_header_and_creates_nothing() {
     let dir = tempfile::tempdir().unwrap();
