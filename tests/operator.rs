@@ -958,7 +958,9 @@ async fn preflight_reads_only_the_header_and_creates_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn uploads_round_trip_into_new_volumes_only() {
     let dir = tempfile::tempdir().unwrap();
-    let config = TestConfig::new(dir.path()).set("volumes.upload_max_bytes", 1 << 20);
+    let config = TestConfig::new(dir.path())
+        .set("volumes.upload_max_bytes", 1 << 20)
+        .set("volumes.upload_max_concurrent", 1);
     let d = Daemon::start(dir.path(), &config);
     let c = client();
     let seed = random_bytes(300_000, 9);
@@ -1043,6 +1045,19 @@ async fn uploads_round_trip_into_new_volumes_only() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // While it runs, a second upload is refused (volumes.upload_max_concurrent = 1).
+    let r = put("second-cidata", seed.clone()).await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("volumes.upload_max_concurrent"),
+        "{v}"
+    );
+    assert!(!volumes_in(dir.path()).contains(&"second-cidata".to_string()));
     drop(sock);
     let deadline = Instant::now() + Duration::from_secs(20);
     while volumes_in(dir.path()).contains(&"cut-cidata".to_string()) {
@@ -1052,6 +1067,17 @@ async fn uploads_round_trip_into_new_volumes_only() {
             d.log()
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+    // Its place came back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = put("second-cidata", seed.clone()).await.unwrap();
+        if r.status() == 201 {
+            break;
+        }
+        assert_eq!(r.status(), 429);
+        assert!(Instant::now() < deadline, "the upload slot never came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -270,6 +270,7 @@ mod paths {
             (status = 411, body = ErrorBody), (status = 413, body = ErrorBody),
             (status = 415, body = ErrorBody),
             (status = 422, description = "SHA-256 mismatch", body = ErrorBody),
+            (status = 429, description = "volumes.upload_max_concurrent uploads are in progress (Retry-After)", body = ErrorBody),
             (status = 500, body = ErrorBody), (status = 507, body = ErrorBody)))]
     pub(super) fn volume_upload() {}
 

@@ -2,7 +2,8 @@
 //! volume. The request is checked before anything is created: the name against
 //! `volumes.upload_name_pattern` (403; empty = uploads off), `Content-Length` present (411)
 //! and within `volumes.upload_max_bytes` (413), `Content-Type: application/octet-stream`
-//! (415), an optional `X-Content-SHA256`. A refused body is read and dropped (up to the
+//! (415), an optional `X-Content-SHA256`; at most `volumes.upload_max_concurrent` run at
+//! once (429). A refused body is read and dropped (up to the
 //! limit) so the client reads the refusal. The write runs on its own task, so a client that
 //! goes away mid-body still gets its half-made volume removed (`jobs/upload.rs`).
 
@@ -113,6 +114,7 @@ fn check_request(
         length,
         sha256,
         idle_timeout: settings.server.body_timeout,
+        max_concurrent: settings.volumes.upload_max_concurrent,
     })
 }
 
@@ -196,6 +198,11 @@ fn upload_error(e: UploadError) -> ApiError {
         UploadError::Short { .. } | UploadError::Long(_) | UploadError::Body(_) => {
             ApiError::bad_request(e.to_string())
         }
+        UploadError::TooMany(_) => ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: e.to_string(),
+            retry_after: Some(5),
+        },
         UploadError::Stalled(_) => ApiError::new(StatusCode::REQUEST_TIMEOUT, e.to_string()),
         UploadError::Checksum { .. } => {
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())

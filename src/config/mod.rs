@@ -162,6 +162,8 @@ pub(crate) struct VolumesSettings {
     pub(crate) upload_max_bytes: u64,
     /// Glob the volume names of uploads must match (`*-cidata`); empty turns uploads off.
     pub(crate) upload_name_pattern: String,
+    /// Uploads in progress at once (each holds a connection and a new volume); 429 beyond.
+    pub(crate) upload_max_concurrent: usize,
 }
 
 /// `[volumes.lvm]`: the LVM backend.
@@ -395,6 +397,7 @@ impl Settings {
                 directory: DirectorySettings { path: volumes_dir },
                 upload_max_bytes: 64 << 20,
                 upload_name_pattern: "*-cidata".into(),
+                upload_max_concurrent: 4,
             },
             cache: CacheSettings {
                 dir: cache_dir,
@@ -591,6 +594,12 @@ impl Settings {
             return err(
                 "volumes.upload_max_bytes",
                 "must be between 1 and 1 TiB".into(),
+            );
+        }
+        if !(1..=1024).contains(&self.volumes.upload_max_concurrent) {
+            return err(
+                "volumes.upload_max_concurrent",
+                "must be between 1 and 1024".into(),
             );
         }
         if let Err(e) = glob::Pattern::new(&self.volumes.upload_name_pattern) {

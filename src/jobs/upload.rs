@@ -26,6 +26,8 @@ pub(crate) struct UploadRequest {
     pub(crate) sha256: Option<String>,
     /// Longest wait for the next piece of the body.
     pub(crate) idle_timeout: Duration,
+    /// Uploads allowed in progress at once (`volumes.upload_max_concurrent`).
+    pub(crate) max_concurrent: usize,
 }
 
 /// A finished upload.
@@ -40,6 +42,10 @@ pub(crate) struct Uploaded {
 pub(crate) enum UploadError {
     #[error("volume {volume} is busy with {holder}")]
     Busy { volume: String, holder: Holder },
+    #[error(
+        "{0} uploads are in progress (volumes.upload_max_concurrent); retry when one has finished"
+    )]
+    TooMany(usize),
     #[error("volume {0} exists; uploads only create new volumes (delete it first)")]
     Exists(String),
     #[error("the body ended after {got} of the {want} bytes Content-Length declared")]
@@ -97,6 +103,14 @@ impl Engine {
                     volume: name,
                     holder: *holder,
                 });
+            }
+            let uploading = st
+                .volumes
+                .values()
+                .filter(|h| matches!(h, Holder::Uploading))
+                .count();
+            if uploading >= request.max_concurrent {
+                return Err(UploadError::TooMany(uploading));
             }
             st.volumes.insert(name.clone(), Holder::Uploading);
         }
