@@ -39,6 +39,7 @@ let
     last = list: builtins.elemAt list (builtins.length list - 1);
     optional = cond: x: if cond then [ x ] else [ ];
     optionals = cond: xs: if cond then xs else [ ];
+    optionalAttrs = cond: attrs: if cond then attrs else { };
     unique = foldl' (acc: x: if builtins.elem x acc then acc else acc ++ [ x ]) [ ];
     genAttrs = names: f: builtins.listToAttrs (map (n: { name = n; value = f n; }) names);
     nameValuePair = name: value: { inherit name value; };
@@ -90,8 +91,9 @@ let
     inherit package;
     openFirewall = false;
     environmentFile = null;
-  } // builtins.removeAttrs configuration [ "lvm" "tls" "s3" "auth" "otlp" "settings" ] // {
+  } // builtins.removeAttrs configuration [ "lvm" "libvirt" "tls" "s3" "auth" "otlp" "settings" ] // {
     lvm = { volumeGroups = { }; extraDeviceAllow = [ ]; } // (configuration.lvm or { });
+    libvirt = { definePool = false; } // (configuration.libvirt or { });
     tls = { certFile = null; keyFile = null; clientCaFile = null; } // (configuration.tls or { });
     s3 = { secretKeyFile = null; caFile = null; } // (configuration.s3 or { });
     auth = { tokensFile = null; } // (configuration.auth or { });
@@ -152,7 +154,13 @@ let
   evaluate = configuration: evaluateWith configuration { };
 
   # `extraServiceConfig`: the host's own serviceConfig definitions for the daemon's unit.
-  evaluateWith = configuration: extraServiceConfig:
+  evaluateWith = evaluateOn { libvirtd = false; };
+
+  # The module on a host that enables libvirtd.
+  evaluateOnLibvirtHost = configuration: evaluateOn { libvirtd = true; } configuration { };
+
+  # `host.libvirtd`: whether the rest of the host's configuration enables libvirtd.
+  evaluateOn = host: configuration: extraServiceConfig:
     let
       cfg = optionValues configuration;
       module = import ../nixos-module/default.nix {
@@ -160,7 +168,7 @@ let
         config = {
           services.libvirt-volume-provisioner = cfg;
           services.lvm = { enable = true; package = storePath "lvm2"; };
-          virtualisation.libvirtd = { enable = false; package = storePath "libvirt"; };
+          virtualisation.libvirtd = { enable = host.libvirtd; package = storePath "libvirt"; };
         };
       };
       body = module.config.content;
@@ -197,9 +205,19 @@ let
           inherit (u) requires after before script;
           serviceConfig = builtins.mapAttrs (_: plain) u.serviceConfig;
         })
-        (builtins.removeAttrs services [ "libvirt-volume-provisioner" ]);
+        (builtins.removeAttrs services [ "libvirt-volume-provisioner" poolUnitName ]);
+      # The libvirt pool unit (libvirt.definePool), null without it.
+      poolUnit =
+        if services ? ${poolUnitName} then
+          let u = services.${poolUnitName};
+          in {
+            inherit (u) requires after before path script;
+            serviceConfig = builtins.mapAttrs (_: plain) u.serviceConfig;
+          }
+        else null;
     };
+  poolUnitName = "libvirt-volume-provisioner-pool";
 in
 {
-  inherit evaluate evaluateWith storePath;
+  inherit evaluate evaluateWith evaluateOnLibvirtHost storePath;
 }

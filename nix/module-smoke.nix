@@ -2,7 +2,7 @@
 # the module evaluated with the stand-ins of nix/module-eval.nix for a few configurations. Output
 # (JSON) is read by tests/nix_module.rs.
 let
-  inherit (import ./module-eval.nix) evaluate evaluateWith storePath;
+  inherit (import ./module-eval.nix) evaluate evaluateWith evaluateOnLibvirtHost storePath;
 in
 {
   example = evaluate (import ../nixos-module/example.nix);
@@ -21,6 +21,22 @@ in
       volumes.backend = "directory";
       volumes.directory.path = "/srv/volumes";
     };
+  };
+  # The libvirt pool declared by the module, over the first of two volume groups.
+  definePool = evaluateOnLibvirtHost {
+    enable = true;
+    libvirt.definePool = true;
+    lvm.volumeGroups = {
+      vg_b.devices = [ "/dev/vdc" ];
+      vg_a.devices = [ "/dev/vdb" ];
+    };
+    settings.libvirt.pool = "vms pool";
+  };
+  # definePool without a pool name, on a host without libvirtd: refused.
+  definePoolWithoutPool = evaluate {
+    enable = true;
+    libvirt.definePool = true;
+    lvm.volumeGroups.vg_a.devices = [ "/dev/vdb" ];
   };
   # LVM on a privileged port with the firewall opened, two volume groups.
   privilegedPort = evaluate {

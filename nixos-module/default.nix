@@ -1,8 +1,9 @@
 # NixOS module `services.libvirt-volume-provisioner`: renders the daemon's TOML settings to
 # /etc/libvirt-volume-provisioner/config.toml, hands secret files to the unit with LoadCredential
 # (never through the Nix store), creates the declared LVM volume groups without ever destroying
-# data, and runs the daemon in a hardened unit that reloads (SIGHUP) instead of restarting when
-# only the configuration changes. Option tables shared with CI live in ./settings.nix.
+# data, optionally defines the libvirt storage pool over the daemon's volume group, and runs the
+# daemon in a hardened unit that reloads (SIGHUP) instead of restarting when only the
+# configuration changes. Option tables shared with CI live in ./settings.nix.
 { config, lib, pkgs, utils, ... }:
 
 let
@@ -81,6 +82,9 @@ let
   # holder under hidepid=invisible too; with either one alone, or none, it does not.
   directoryCapabilities = [ "CAP_DAC_READ_SEARCH" "CAP_SYS_PTRACE" ];
   usesLibvirtPool = cfg.settings.libvirt.pool != "";
+  definesPool = cfg.libvirt.definePool;
+  poolUnitName = "libvirt-volume-provisioner-pool";
+  poolUnits = lib.optional definesPool "${poolUnitName}.service";
   listenPort = lib.toInt (lib.last (lib.splitString ":" cfg.settings.server.listen));
 
   # LVM's own writable paths ("-": no error when one does not exist yet).
@@ -243,6 +247,20 @@ in
       '';
     };
 
+    libvirt.definePool = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Define the libvirt storage pool `settings.libvirt.pool` when libvirt does not have it: a
+        oneshot unit ordered after libvirtd (and the volume groups) runs
+        `virsh pool-define-as <pool> logical --source-name <vg> --target /dev/<vg>` over the
+        daemon's volume group (`settings.volumes.lvm.volume_group`, by default the first of
+        `lvm.volumeGroups`), then marks it autostart and starts it. A pool of that name that
+        exists is never redefined or changed (the unit only warns when it is not a logical pool
+        or not active). Needs the lvm backend and `virtualisation.libvirtd.enable`.
+      '';
+    };
+
     settings = mkOption {
       type = types.submodule {
         freeformType = settingsFormat.type;
@@ -296,6 +314,10 @@ in
         {
           assertion = !usesLvm || config.services.lvm.enable;
           message = "services.libvirt-volume-provisioner with settings.volumes.backend = \"lvm\" needs services.lvm.enable.";
+        }
+        {
+          assertion = !definesPool || (usesLibvirtPool && usesLvm && config.virtualisation.libvirtd.enable);
+          message = "services.libvirt-volume-provisioner.libvirt.definePool defines a logical pool over the daemon's volume group: it needs settings.libvirt.pool set, settings.volumes.backend = \"lvm\" and virtualisation.libvirtd.enable.";
         }
         {
           assertion = lib.length vgDevices == lib.length (lib.unique vgDevices);
@@ -363,13 +385,45 @@ in
           devices=(${lib.escapeShellArgs vg.devices})
         '' + builtins.readFile ./volume-group.sh;
       })
-      volumeGroups // {
+      volumeGroups // lib.optionalAttrs definesPool {
+      ${poolUnitName} = {
+        description = "Define the libvirt storage pool ${cfg.settings.libvirt.pool} for libvirt-volume-provisioner";
+        requires = [ "libvirtd.service" ];
+        after = [ "libvirtd.service" ] ++ vgUnits;
+        before = [ "libvirt-volume-provisioner.service" ];
+        # virsh; grep is on every unit's default PATH.
+        path = [ config.virtualisation.libvirtd.package ];
+        serviceConfig = {
+          # Once per boot; stays active so that the daemon's Wants= on it holds.
+          Type = "oneshot";
+          RemainAfterExit = true;
+          # virsh only talks to libvirtd's socket: no capability, no network (a socket file
+          # works across network namespaces), read-only file system.
+          CapabilityBoundingSet = "";
+          NoNewPrivileges = true;
+          PrivateNetwork = true;
+          RestrictAddressFamilies = [ "AF_UNIX" ];
+          ProtectSystem = "strict";
+          ProtectHome = true;
+          PrivateTmp = true;
+          UMask = "0077";
+        };
+        # The rules (define only what is missing, never change an existing pool) are in
+        # ./libvirt-pool.sh.
+        script = ''
+          set -euo pipefail
+          pool=${lib.escapeShellArg cfg.settings.libvirt.pool}
+          vg=${lib.escapeShellArg cfg.settings.volumes.lvm.volume_group}
+          virsh=(virsh -c ${lib.escapeShellArg cfg.settings.libvirt.uri})
+        '' + builtins.readFile ./libvirt-pool.sh;
+      };
+    } // {
       libvirt-volume-provisioner = {
         description = "libvirt-volume-provisioner: provisions libvirt volumes from qcow2/raw images";
         wantedBy = [ "multi-user.target" ];
-        wants = [ "network-online.target" ] ++ lib.optional usesLibvirtPool "libvirtd.service";
+        wants = [ "network-online.target" ] ++ lib.optional usesLibvirtPool "libvirtd.service" ++ poolUnits;
         requires = vgUnits;
-        after = [ "network-online.target" ] ++ vgUnits ++ lib.optional usesLibvirtPool "libvirtd.service";
+        after = [ "network-online.target" ] ++ vgUnits ++ lib.optional usesLibvirtPool "libvirtd.service" ++ poolUnits;
         # A settings change rewrites only /etc: switch-to-configuration reloads the unit
         # (ExecReload, SIGHUP) instead of restarting it, so running jobs go on.
         reloadTriggers = [ configFile ];

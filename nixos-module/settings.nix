@@ -158,7 +158,7 @@ rec {
       path = [ "libvirt" "pool" ];
       type = "str";
       default = "";
-      description = "libvirt storage pool refreshed after a volume is written; empty: none. When set, the unit is ordered after libvirtd.";
+      description = "libvirt storage pool of the volumes: refreshed after a volume is written or removed, and libvirt is asked which running domains use a volume before it is reused or deleted; empty: no libvirt integration. When set, the unit is ordered after libvirtd.";
     }
     {
       path = [ "log" "level" ];

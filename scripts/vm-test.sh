@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The LVM tests in a VM with device-mapper: builds the test binaries on the host, makes the test
-# images and their reference conversions on the host with qemu-img, then runs the ignored
-# `lvm_vm` test inside a QEMU/TCG VM (tests/vm/vm-run.sh) against the real daemon binary with
-# the lvm backend. Prints one PASS/FAIL line per case; exits non-zero on any FAIL, a missing
-# case, or a VM time-out.
-# Exit status 77 (and a loud message) only when QEMU or busybox is not installed.
-# Environment: VM_TIMEOUT (seconds, default 900), WORK (VM cache, default /tmp/vmrun).
+# The tests that need a VM: builds the test binaries on the host, makes the test images and their
+# reference conversions on the host with qemu-img, then runs each suite's ignored test inside its
+# own QEMU/TCG VM (tests/vm/vm-run.sh) against the real daemon binary:
+# - lvm (tests/lvm_vm.rs): the lvm backend on device-mapper;
+# - libvirt (tests/libvirt_vm.rs): a real libvirtd (the host's Debian packages) with a logical
+#   and a dir pool, and paused domains holding provisioned volumes open.
+# Prints one PASS/FAIL line per case and each suite's wall time; exits non-zero on any FAIL, a
+# missing case, or a VM time-out.
+# Exit status 77 (and a loud message) when QEMU or busybox is not installed (nothing runs), or
+# when libvirt is not (the lvm suite runs, the libvirt suite is skipped).
+# Environment: VM_SUITES (default "lvm libvirt"), VM_TIMEOUT (seconds per suite, default 900),
+# WORK (VM cache, default /tmp/vmrun).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -13,24 +18,38 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 skip() {
   printf '\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n' >&2
-  printf '!!! SKIPPED: the LVM VM tests cannot run: %s\n' "$1" >&2
-  printf '!!! Install QEMU from bookworm-backports (see .ci/run) to run them.\n' >&2
+  printf '!!! SKIPPED: %s\n' "$1" >&2
+  printf '!!! Install what .ci/run installs (QEMU from bookworm-backports, libvirt) to run them.\n' >&2
   printf '!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\n' >&2
-  exit 77
 }
 for tool in qemu-system-x86_64 busybox; do
-  command -v "$tool" >/dev/null || skip "$tool is not installed"
+  command -v "$tool" >/dev/null || { skip "the VM tests cannot run: $tool is not installed"; exit 77; }
 done
-qemu-system-x86_64 --version >/dev/null 2>&1 || skip "qemu-system-x86_64 does not run"
+qemu-system-x86_64 --version >/dev/null 2>&1 || { skip "the VM tests cannot run: qemu-system-x86_64 does not run"; exit 77; }
+SUITES=${VM_SUITES:-lvm libvirt}
+skipped=0
+case " $SUITES " in *" libvirt "*)
+  for tool in virsh libvirtd virtlogd nix-instantiate; do
+    if ! command -v "$tool" >/dev/null; then
+      skip "the libvirt VM tests cannot run: $tool is not installed (apt-get install libvirt-daemon-system libvirt-clients nix-bin)"
+      SUITES=${SUITES//libvirt/}; skipped=1; break
+    fi
+  done;;
+esac
 
 started=$(date +%s)
 echo "== building the test binaries (host) =="
-BIN=$(cargo test --locked --test lvm_vm --no-run --message-format=json 2>/dev/null \
-  | sed -n 's/.*"executable":"\([^"]*lvm_vm[^"]*\)".*/\1/p' | tail -1)
-[ -x "$BIN" ] || { echo "cannot find the lvm_vm test binary" >&2; exit 1; }
+declare -A BINS
+json=$(cargo test --locked --test lvm_vm --test libvirt_vm --no-run --message-format=json 2>/dev/null)
+for suite in lvm libvirt; do
+  BINS[$suite]=$(sed -n 's/.*"executable":"\([^"]*\/'$suite'_vm-[^"]*\)".*/\1/p' <<<"$json" | tail -1)
+  [ -x "${BINS[$suite]}" ] || { echo "cannot find the ${suite}_vm test binary" >&2; exit 1; }
+done
 # The VM mounts a tmpfs over /tmp, then the shared checkout at its own path: binaries under
 # /tmp are visible only when they are inside the checkout (target/ inside it).
-case "$BIN" in "$ROOT"/*) ;; /tmp/*) echo "the test binary is under /tmp outside the checkout, which the VM hides: $BIN" >&2; exit 1;; esac
+for BIN in "${BINS[@]}"; do
+  case "$BIN" in "$ROOT"/*) ;; /tmp/*) echo "the test binary is under /tmp outside the checkout, which the VM hides: $BIN" >&2; exit 1;; esac
+done
 
 # Test images and the raw bytes qemu-img makes of them on the host (the VM test compares LV
 # contents with these hashes). Regenerated when this script's recipe version changes.
@@ -67,20 +86,38 @@ if [ "$(cat "$DATA/recipe" 2>/dev/null)" != "$RECIPE" ]; then
 fi
 cat "$DATA/refs.txt"
 
-echo "== running the LVM tests in the VM =="
+# The NixOS module's pool unit script (libvirt.definePool), as the module renders it: the libvirt
+# suite runs it against the real libvirtd.
+case " $SUITES " in *" libvirt "*)
+  NIX_CONFIG="build-users-group =" nix-instantiate --eval --strict --json \
+    --argstr pool vmlv --argstr vg vmlv nix/pool-script.nix > "$DATA/define-pool.json";;
+esac
+
 export VMTEST_DATA=$DATA
-LOG=$ROOT/target/vm-test.log
-set +e
-VM_TIMEOUT=${VM_TIMEOUT:-900} VM_MEM=${VM_MEM:-2048} tests/vm/vm-run.sh -s "$ROOT" -d 8G -e VMTEST_DATA -- \
-  "$BIN" --ignored --test-threads=1 --nocapture 2>&1 | tee "$LOG"
-rc=${PIPESTATUS[0]}
-set -e
-elapsed=$(( $(date +%s) - started ))
-pass=$(grep -c '^VM-CASE PASS' "$LOG" || true)
-fail=$(grep -c '^VM-CASE FAIL' "$LOG" || true)
-want=$(grep -o 'VM-CASES [0-9]*' "$LOG" | head -1 | cut -d' ' -f2 || true)
-echo "== VM test: $pass passed, $fail failed of ${want:-?} cases, exit status $rc, ${elapsed} s wall time =="
-if [ "$rc" != 0 ] || [ "$fail" != 0 ] || [ -z "$want" ] || [ "$pass" != "$want" ]; then
-  echo "LVM VM test FAILED (log: $LOG)" >&2
-  exit 1
-fi
+failed=0
+for suite in $SUITES; do
+  echo "== running the $suite tests in a VM =="
+  LOG=$ROOT/target/vm-test-$suite.log
+  suite_started=$(date +%s)
+  set +e
+  # The emulator's CPU time is what the suite costs on an idle machine (one vCPU); the wall time
+  # grows with whatever else runs on the host.
+  TIMEFORMAT="$suite VM: %0R s wall time, %0U s user + %0S s system CPU"
+  time {
+    VM_TIMEOUT=${VM_TIMEOUT:-900} VM_MEM=${VM_MEM:-2048} tests/vm/vm-run.sh -s "$ROOT" -d 8G -e VMTEST_DATA -- \
+      "${BINS[$suite]}" --ignored --test-threads=1 --nocapture 2>&1 | tee "$LOG"
+    rc=${PIPESTATUS[0]}
+  }
+  set -e
+  pass=$(grep -c '^VM-CASE PASS' "$LOG" || true)
+  fail=$(grep -c '^VM-CASE FAIL' "$LOG" || true)
+  want=$(grep -o 'VM-CASES [0-9]*' "$LOG" | head -1 | cut -d' ' -f2 || true)
+  echo "== $suite VM test: $pass passed, $fail failed of ${want:-?} cases, exit status $rc, $(( $(date +%s) - suite_started )) s wall time =="
+  if [ "$rc" != 0 ] || [ "$fail" != 0 ] || [ -z "$want" ] || [ "$pass" != "$want" ]; then
+    echo "$suite VM test FAILED (log: $LOG)" >&2
+    failed=1
+  fi
+done
+echo "== VM tests: $(( $(date +%s) - started )) s wall time in all =="
+[ "$failed" = 0 ] || exit 1
+[ "$skipped" = 0 ] || exit 77

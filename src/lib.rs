@@ -29,7 +29,7 @@ use crate::jobs::runner::RunContext;
 use crate::jobs::store::Store;
 use crate::telemetry::health::{Health, Probe};
 use crate::volume::directory::DirectoryBackend;
-use crate::volume::libvirt::PoolRefresher;
+use crate::volume::libvirt::{Libvirt, LibvirtVolumes};
 use crate::volume::lvm::LvmBackend;
 use crate::volume::{VolumeBackend, VolumeError};
 
@@ -129,9 +129,19 @@ fn preset_metric_labels() {
     m.qemu_img_invocations_total.with_label_values(&["convert"]);
 }
 
-/// The volume backend the settings select.
-fn backend_from_settings(settings: &Settings) -> Result<Arc<dyn VolumeBackend>, VolumeError> {
-    Ok(match settings.volumes.backend {
+/// libvirt integration, when `libvirt.pool` names a pool.
+fn libvirt_from_settings(settings: &Settings) -> Option<Arc<Libvirt>> {
+    let libvirt = &settings.libvirt;
+    (!libvirt.pool.is_empty()).then(|| Arc::new(Libvirt::new(&libvirt.uri, &libvirt.pool)))
+}
+
+/// The volume backend the settings select; with libvirt integration, wrapped so that libvirt
+/// is asked about running domains and its pool is refreshed.
+fn backend_from_settings(
+    settings: &Settings,
+    libvirt: Option<Arc<Libvirt>>,
+) -> Result<Arc<dyn VolumeBackend>, VolumeError> {
+    let backend: Arc<dyn VolumeBackend> = match settings.volumes.backend {
         VolumeBackendKind::Directory => {
             Arc::new(DirectoryBackend::new(&settings.volumes.directory.path)?)
         }
@@ -142,12 +152,21 @@ fn backend_from_settings(settings: &Settings) -> Result<Arc<dyn VolumeBackend>, 
             )?
             .with_devices(&settings.volumes.lvm.devices),
         ),
+    };
+    Ok(match libvirt {
+        Some(libvirt) => Arc::new(LibvirtVolumes::new(backend, libvirt)),
+        None => backend,
     })
 }
 
 /// The dependencies in use, as probes: `storage` always, `lvm` with the LVM backend, `minio`
 /// with an S3 endpoint, `libvirt` with a storage pool to refresh.
-fn probes(settings: &Settings, ctx: &Arc<RunContext>, store: &Store) -> Vec<Probe> {
+fn probes(
+    settings: &Settings,
+    ctx: &Arc<RunContext>,
+    store: &Store,
+    libvirt: Option<Arc<Libvirt>>,
+) -> Vec<Probe> {
     let mut probes = Vec::new();
     let store = store.clone();
     probes.push(Probe::new("storage", move || {
@@ -168,8 +187,7 @@ fn probes(settings: &Settings, ctx: &Arc<RunContext>, store: &Store) -> Vec<Prob
             async move { cache.probe_s3().await }
         }));
     }
-    if ctx.libvirt.enabled() {
-        let libvirt = ctx.libvirt.clone();
+    if let Some(libvirt) = libvirt {
         probes.push(Probe::new("libvirt", move || {
             let libvirt = libvirt.clone();
             async move { libvirt.probe().await }
@@ -251,18 +269,18 @@ async fn run(
     );
     cache.evict(None);
     cache.spawn_evictor(CACHE_EVICT_INTERVAL);
-    let volumes = backend_from_settings(&settings).context("volume backend")?;
+    let libvirt = libvirt_from_settings(&settings);
+    let volumes = backend_from_settings(&settings, libvirt.clone()).context("volume backend")?;
     let (settings_tx, live) = LiveSettings::new(settings.clone());
     let ctx = Arc::new(RunContext {
         settings: live.clone(),
         cache,
         volumes,
-        libvirt: PoolRefresher::new(&settings.libvirt.uri, &settings.libvirt.pool),
     });
     let engine = Engine::start(store.clone(), ctx.clone())
         .await
         .context("starting the job engine")?;
-    let health = Arc::new(Health::new(probes(&settings, &ctx, &store)));
+    let health = Arc::new(Health::new(probes(&settings, &ctx, &store, libvirt)));
     health.probe_all().await;
     health.spawn_prober(settings.telemetry.probe_interval);
     let pruner_settings = live.clone();

@@ -178,10 +178,15 @@ async fn cancel_running_job_removes_its_volume_and_kills_qemu_img() {
     let volume = dir.join("volumes/to-cancel");
     assert!(volume.exists(), "the job created its volume");
     let marker = dir.join("slowbin").display().to_string();
-    assert!(
-        !processes_matching(&marker).is_empty(),
-        "qemu-img wrapper runs"
-    );
+    // The stage is reported just before qemu-img is spawned: give the spawn a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while processes_matching(&marker).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qemu-img wrapper runs"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     let (status, v) = post(&c, &d.url(&format!("/api/v1/jobs/{id}/cancel")), &json!({})).await;
     assert_eq!(status, 200, "{v}");

@@ -1334,3 +1334,99 @@ async fn directory_backend_sees_volumes_other_users_hold_open() {
         assert!(still_there);
     }
 }
+
+#[test]
+fn module_defines_the_libvirt_pool_only_when_asked() {
+    let smoke = module_smoke();
+    let example = &smoke["example"];
+    assert_eq!(
+        example["poolUnit"],
+        Value::Null,
+        "definePool is off by default"
+    );
+    let pool_unit = "libvirt-volume-provisioner-pool.service";
+    assert!(!strings(&example["daemon"]["wants"]).contains(&pool_unit));
+
+    let declared = &smoke["definePool"];
+    let failed: Vec<&Value> = declared["assertions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["assertion"] != true)
+        .collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    let unit = &declared["poolUnit"];
+    assert_eq!(strings(&unit["requires"]), ["libvirtd.service"]);
+    assert_eq!(
+        strings(&unit["after"]),
+        [
+            "libvirtd.service",
+            "libvirt-volume-provisioner-vg-vg_a.service",
+            "libvirt-volume-provisioner-vg-vg_b.service"
+        ],
+        "after libvirtd and the volume groups"
+    );
+    assert_eq!(
+        strings(&unit["before"]),
+        ["libvirt-volume-provisioner.service"]
+    );
+    let daemon = &declared["daemon"];
+    assert!(strings(&daemon["wants"]).contains(&pool_unit));
+    assert!(strings(&daemon["after"]).contains(&pool_unit));
+    assert!(
+        !strings(&daemon["requires"]).contains(&pool_unit),
+        "a pool that cannot be defined does not keep the daemon from starting"
+    );
+    let sc = &unit["serviceConfig"];
+    assert_eq!(sc["Type"], "oneshot");
+    assert_eq!(sc["RemainAfterExit"], true);
+    assert_eq!(sc["CapabilityBoundingSet"], "");
+    assert_eq!(strings(&sc["RestrictAddressFamilies"]), ["AF_UNIX"]);
+
+    let script = unit["script"].as_str().unwrap();
+    let syntax = Command::new("bash")
+        .args(["-n", "-c", script])
+        .output()
+        .unwrap();
+    assert!(
+        syntax.status.success(),
+        "pool script: {}",
+        String::from_utf8_lossy(&syntax.stderr)
+    );
+    // Over the daemon's volume group (the first declared one), with the names quoted.
+    assert!(script.contains("pool='vms pool'"), "{script}");
+    assert!(script.contains("vg='vg_a'"), "{script}");
+    let define = script
+        .find(r#"pool-define-as "$pool" logical --source-name "$vg" --target "/dev/$vg""#)
+        .expect("defines a logical pool over the volume group");
+    let exists = script.find("pool-info \"$pool\"").unwrap();
+    assert!(
+        !script
+            .lines()
+            .map(str::trim)
+            .any(|l| !l.starts_with('#') && l.contains("virsh") && l.contains("| grep")),
+        "grep -q on a pipe from virsh fails under pipefail (SIGPIPE):\n{script}"
+    );
+    let leave = script[exists..].find("exit 0").map(|i| i + exists).unwrap();
+    assert!(
+        exists < leave && leave < define,
+        "an existing pool is left before anything is defined:\n{script}"
+    );
+    for forbidden in ["pool-undefine", "pool-destroy", "pool-delete", "pool-build"] {
+        assert!(!script.contains(forbidden), "pool script runs {forbidden}");
+    }
+    assert!(script.contains("pool-autostart \"$pool\"") && script.contains("pool-start \"$pool\""));
+
+    let refused: Vec<String> = smoke["definePoolWithoutPool"]["assertions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["assertion"] != true)
+        .map(|a| a["message"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(
+        refused[0].contains("libvirt.definePool") && refused[0].contains("settings.libvirt.pool"),
+        "{refused:?}"
+    );
+}

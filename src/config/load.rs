@@ -440,6 +440,9 @@ mod tests {
                 ("[telemetry]\nsampling_ratio = 1.5\n", "sampling_ratio"),
                 ("[tls]\ncert_file = \"/x.pem\"\n", "tls.cert_file"),
                 ("[s3]\nendpoint = \"http://m:9000\"\n", "allow_http"),
+                ("[libvirt]\npool = \"--all\"\n", "libvirt.pool"),
+                ("[libvirt]\npool = \"a/b\"\n", "libvirt.pool"),
+                ("[libvirt]\npool = \"vg0\"\nuri = \"\"\n", "libvirt.uri"),
                 (
                     "[volumes.lvm]\ndevices = [\"/dev/vdb,/dev/vdc\"]\n",
                     "volumes.lvm.devices",

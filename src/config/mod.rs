@@ -57,7 +57,7 @@ pub struct Settings {
     pub(crate) tls: TlsSettings,
     /// Client authorisation (certificate identities, API tokens).
     pub(crate) auth: AuthSettings,
-    /// libvirt integration (storage pool refresh).
+    /// libvirt integration (pool refresh, running domains' disks), on when a pool is named.
     pub(crate) libvirt: LibvirtSettings,
     /// Logging.
     pub(crate) log: LogSettings,
@@ -298,8 +298,10 @@ pub(crate) struct AuthSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct LibvirtSettings {
+    /// Connection URI every `virsh` call uses (`-c`).
     pub(crate) uri: String,
-    /// Storage pool refreshed after a volume is written; empty = none.
+    /// Storage pool of the volumes, refreshed after a volume is written or removed; when set,
+    /// libvirt is also asked which running domains use a volume. Empty = no libvirt integration.
     pub(crate) pool: String,
 }
 
@@ -497,6 +499,31 @@ impl Settings {
         {
             return Err(format!(
                 "auth.allowed_clients: `{bad}` is not a certificate name (CN, DNS or URI SAN)"
+            ));
+        }
+        Ok(())
+    }
+
+    /// `libvirt.*`: both go to `virsh` as arguments, so neither may look like an option.
+    fn validate_libvirt(&self) -> Result<(), String> {
+        let libvirt = &self.libvirt;
+        if libvirt.pool.is_empty() {
+            return Ok(());
+        }
+        if libvirt.pool.starts_with('-')
+            || libvirt.pool.contains('/')
+            || libvirt.pool.contains(char::is_control)
+        {
+            return Err(format!(
+                "libvirt.pool: `{}` is not a libvirt pool name (no leading `-`, no `/`, no \
+                 control characters)",
+                libvirt.pool.escape_debug()
+            ));
+        }
+        if libvirt.uri.is_empty() || libvirt.uri.starts_with('-') {
+            return Err(format!(
+                "libvirt.uri: `{}` is not a libvirt connection URI (e.g. qemu:///system)",
+                libvirt.uri
             ));
         }
         Ok(())
@@ -717,6 +744,7 @@ impl Settings {
             );
         }
         self.validate_access()?;
+        self.validate_libvirt()?;
         if self.log.level.trim().is_empty()
             || tracing_subscriber::EnvFilter::builder()
                 .parse(&self.log.level)

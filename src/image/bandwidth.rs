@@ -16,6 +16,7 @@ pub(crate) struct Bandwidth {
     current: RwLock<Option<Cap>>,
 }
 
+/// A configured cap and the token bucket that enforces it.
 #[derive(Clone)]
 struct Cap {
     bytes_per_second: u64,

@@ -69,7 +69,6 @@ mod tests {
     use crate::jobs::runner::RunContext;
     use crate::jobs::store::Store;
     use crate::volume::directory::DirectoryBackend;
-    use crate::volume::libvirt::PoolRefresher;
     use crate::volume::{VolumeBackend, VolumeInfo};
 
     /// A directory backend whose `remove` waits until the test lets it go: the only way to
@@ -143,7 +142,6 @@ mod tests {
             settings: live,
             cache: Arc::new(cache),
             volumes: backend.clone(),
-            libvirt: PoolRefresher::new("qemu:///system", ""),
         });
         let engine = Engine::start(store, ctx).await.unwrap();
 

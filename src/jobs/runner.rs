@@ -24,9 +24,8 @@ pub(crate) struct RunContext {
     /// The current settings (hot reload replaces them; a running job keeps what it read).
     pub(crate) settings: LiveSettings,
     pub(crate) cache: Arc<ImageCache>,
+    /// The volume backend (with libvirt integration: wrapped, see `volume::libvirt`).
     pub(crate) volumes: Arc<dyn VolumeBackend>,
-    /// Refreshes libvirt's storage pool after a volume is written.
-    pub(crate) libvirt: crate::volume::libvirt::PoolRefresher,
 }
 
 /// A step's outcome.
@@ -252,7 +251,8 @@ async fn populate(
     Ok(())
 }
 
-/// Flushes the volume to stable storage and tells libvirt about it.
+/// Flushes the volume to stable storage (with libvirt integration, the backend then refreshes
+/// the pool).
 async fn finalize(ctx: &RunContext, h: &mut JobHandle, target: &VolumeInfo) -> StepResult<()> {
     h.tracker.start_finalize(Instant::now());
     h.publish(true);
@@ -263,7 +263,6 @@ async fn finalize(ctx: &RunContext, h: &mut JobHandle, target: &VolumeInfo) -> S
             volume: target.name.clone(),
             source,
         })?;
-    ctx.libvirt.refresh().await;
     h.job.volume_path = Some(target.path.display().to_string());
     Ok(())
 }

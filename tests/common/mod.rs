@@ -235,9 +235,16 @@ impl Drop for Daemon {
 }
 
 /// A plain HTTP client.
+/// How long test clients keep an idle connection: below the daemon's `server.header_timeout`
+/// (10 s), which also closes idle HTTP/1 keep-alive connections; a request sent on a pooled
+/// connection at the instant the daemon closes it fails with "connection closed before
+/// message completed" (seen once in CI).
+pub const POOL_IDLE: Duration = Duration::from_secs(5);
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
+        .pool_idle_timeout(POOL_IDLE)
         .build()
         .unwrap()
 }
@@ -1075,6 +1082,7 @@ impl TestPki {
         pem.extend(std::fs::read(self.path(&format!("{name}.key"))).unwrap());
         reqwest::Client::builder()
             .timeout(Duration::from_secs(120))
+            .pool_idle_timeout(POOL_IDLE)
             .tls_certs_only([reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).unwrap()])
             .identity(reqwest::Identity::from_pem(&pem).unwrap())
             .build()

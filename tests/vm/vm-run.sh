@@ -92,7 +92,7 @@ timeout ${VM_TIMEOUT:-600} qemu-system-x86_64 -accel tcg -m ${VM_MEM:-2048} -smp
   -netdev user,id=n0,restrict=on -device virtio-net-pci,netdev=n0,romfile= \
   -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
   -virtfs local,path="$SHARE",mount_tag=share,security_model=none \
-  | grep -a -v -E 'SeaBIOS|iPXE|Press Ctrl|Booting from|^\s*$|reboot: Power down'
+  | grep --line-buffered -a -v -E 'SeaBIOS|iPXE|Press Ctrl|Booting from|^\s*$|reboot: Power down'
 qemu_rc=${PIPESTATUS[0]}
 set -e
 if [ "$qemu_rc" = 124 ]; then echo "vm-run.sh: VM timed out after ${VM_TIMEOUT:-600} s" >&2; fi

@@ -48,11 +48,18 @@ pub(crate) struct Tuning {
     pub(crate) retry: RetryPolicy,
 }
 
+/// One download of an object into the cache directory: where it goes, what it is, and how.
 pub(crate) struct Download {
+    /// The cache directory (`<key>.partial` and the checkpoint are written there).
     pub(crate) dir: PathBuf,
+    /// The cache index (the part map and hash state are checkpointed in it).
     pub(crate) index: crate::store::Tree,
+    /// The cache key of the entry being fetched.
     pub(crate) key: String,
+    /// The URL as the caller gave it (credentials removed), for logs and errors.
     pub(crate) image_url: String,
+    /// What identifies the object's version at the source (a checkpoint of another version is
+    /// discarded, never resumed).
     pub(crate) identity: String,
     pub(crate) remote: Remote,
     pub(crate) tuning: Tuning,

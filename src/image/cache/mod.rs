@@ -262,8 +262,10 @@ pub(crate) struct CachedImage {
     _use: InUse,
 }
 
+/// One use of a cache entry: counted in `counts` while it lives (eviction skips entries in use).
 struct InUse {
     key: String,
+    /// Uses per cache key, shared by the cache and every `InUse`.
     counts: Arc<Mutex<HashMap<String, usize>>>,
 }
 

@@ -109,8 +109,12 @@ pub(super) async fn fetch(
     Ok(())
 }
 
+/// Why receiving a part stopped.
 enum Receive {
+    /// The source failed (retried by the caller when the error is transient).
     Source(SourceError),
+    /// The server ignored the range (a 200 with the whole object): the download restarts as one
+    /// stream.
     NoRanges,
 }
 

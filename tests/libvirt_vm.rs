@@ -1,0 +1,877 @@
+//! libvirt end to end, inside the test VM (run by `scripts/vm-test.sh`): a real libvirtd (the
+//! host's Debian packages, started by hand with writable state mounted over the read-only host
+//! root), a `logical` pool over a volume group on the VM's disk and a `dir` pool over the
+//! directory backend's volumes, tiny domains started paused (QEMU holds the disk open, no guest
+//! CPU runs under emulation), and the real daemon binary driven through its HTTP API. Prints
+//! `VM-CASES <n>`, then one `VM-CASE PASS|FAIL` line per case; fails if any case fails.
+
+mod common;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::FutureExt;
+use serde_json::{Value, json};
+
+const URI: &str = "qemu:///system";
+const VG: &str = "vmlv";
+const DIR_POOL: &str = "dirpool";
+const DISK: &str = "/dev/vda";
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+const JOB_TIMEOUT: Duration = Duration::from_secs(240);
+/// The small image most jobs write (raw, made by the test).
+const SMALL: &str = "small.raw";
+
+/// Cases in the order they run (later ones use volumes and domains earlier ones made).
+const CASES: [&str; 5] = [
+    "module_pool_unit_defines_the_pool",
+    "pool_lists_provisioned_lv",
+    "running_domain_protects_its_lv",
+    "running_domain_protects_its_file",
+    "libvirtd_down_and_up",
+];
+
+type CaseResult = Result<(), String>;
+
+/// Prints how long a step of a case took (the VM test's time budget is tight).
+fn step(started: &mut Instant, what: &str) {
+    println!("  {what}: {:.1} s", started.elapsed().as_secs_f64());
+    *started = Instant::now();
+}
+
+macro_rules! ensure {
+    ($cond:expr, $($fmt:tt)+) => {
+        if !$cond {
+            return Err(format!($($fmt)+));
+        }
+    };
+}
+
+/// Runs a command; stdout on success, else an error with its stderr.
+fn run(program: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(program)
+        .args(args)
+        .env("LC_ALL", "C")
+        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{program} {args:?}: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// `virsh -c qemu:///system ARGS...`.
+fn virsh(args: &[&str]) -> Result<String, String> {
+    let mut all = vec!["-c", URI];
+    all.extend_from_slice(args);
+    run("virsh", &all)
+}
+
+/// Volume names of a pool as libvirt lists them (no refresh: what libvirt knows now).
+fn pool_volumes(pool: &str) -> Result<Vec<String>, String> {
+    let out = virsh(&["vol-list", pool])?;
+    Ok(out
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect())
+}
+
+/// Capacity in bytes of a pool's volume (`vol-info --bytes`).
+fn volume_capacity(pool: &str, volume: &str) -> Result<u64, String> {
+    let out = virsh(&["vol-info", "--pool", pool, volume, "--bytes"])?;
+    out.lines()
+        .find_map(|l| l.strip_prefix("Capacity:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or(format!("no capacity in vol-info: {out}"))
+}
+
+fn domain_state(name: &str) -> Result<String, String> {
+    Ok(virsh(&["domstate", name])?.trim().to_string())
+}
+
+/// Defines and starts (paused) a domain named `name` whose only disk is `source`, a block
+/// device or a file. Under TCG with no guest CPU running, QEMU just holds the disk open.
+fn start_paused_domain(dir: &Path, name: &str, source: &Path, block: bool) -> CaseResult {
+    let (kind, attr) = if block {
+        ("block", "dev")
+    } else {
+        ("file", "file")
+    };
+    let xml = format!(
+        "<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>32</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <features><acpi/></features>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='{kind}' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source {attr}='{}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+",
+        source.display()
+    );
+    let file = dir.join(format!("{name}.xml"));
+    std::fs::write(&file, xml).map_err(|e| e.to_string())?;
+    virsh(&["define", &file.display().to_string()])?;
+    virsh(&["start", "--paused", name])?;
+    let state = domain_state(name)?;
+    ensure!(state == "paused", "domain {name} is {state:?}, not paused");
+    Ok(())
+}
+
+fn stop_domain(name: &str) -> CaseResult {
+    virsh(&["destroy", name])?;
+    virsh(&["undefine", name]).map(|_| ())
+}
+
+/// libvirtd's state directories made writable over the read-only host root, LVM made
+/// udev-free for libvirt's own LVM calls too, QEMU run without a private /dev (see
+/// `libvirt_config`), then virtlogd and libvirtd started as daemons.
+fn setup_libvirt(data: &Path) -> CaseResult {
+    let state = Path::new("/run/libvirt-vm");
+    for dir in ["/etc/libvirt", "/var/lib/libvirt", "/var/log/libvirt"] {
+        let copy = state.join(&dir[1..]);
+        std::fs::create_dir_all(&copy).map_err(|e| e.to_string())?;
+        run(
+            "cp",
+            &["-a", &format!("{dir}/."), &copy.display().to_string()],
+        )?;
+        run("mount", &["--bind", &copy.display().to_string(), dir])?;
+    }
+    // QEMU's capabilities, probed at libvirtd's first start (about 15 s under emulation), are
+    // kept between runs in the test data directory.
+    let cache = data.join("libvirt-cache");
+    std::fs::create_dir_all(&cache).map_err(|e| e.to_string())?;
+    run(
+        "mount",
+        &["--bind", &cache.display().to_string(), "/var/cache/libvirt"],
+    )?;
+    run(
+        "mount",
+        &["--bind", "/run/lvm-vm/lvm.conf", "/etc/lvm/lvm.conf"],
+    )?;
+    libvirt_config()?;
+    run("virtlogd", &["-d"])?;
+    start_libvirtd()
+}
+
+/// QEMU without libvirt's private /dev namespace: building it fails in this VM (QEMU then
+/// finds no /dev/null and no disk), where /dev is the initramfs' devtmpfs seen through the
+/// 9p-shared host root. The LVM open count does not depend on it (it counts opens of the
+/// device-mapper device, whatever node they go through).
+fn libvirt_config() -> CaseResult {
+    use std::io::Write;
+    let mut qemu = std::fs::OpenOptions::new()
+        .append(true)
+        .open("/etc/libvirt/qemu.conf")
+        .map_err(|e| e.to_string())?;
+    writeln!(qemu, "namespaces = []").map_err(|e| e.to_string())
+}
+
+fn start_libvirtd() -> CaseResult {
+    run("libvirtd", &["-d"])?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        // `list` answers from the domain list; `version` would load QEMU's capabilities first.
+        if virsh(&["list", "--name"]).is_ok() {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "libvirtd did not answer within 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Stops libvirtd (SIGTERM to the pid in its pid file) and waits until it is gone.
+fn stop_libvirtd() -> CaseResult {
+    let pid: i32 = std::fs::read_to_string("/run/libvirtd.pid")
+        .map_err(|e| format!("/run/libvirtd.pid: {e}"))?
+        .trim()
+        .parse()
+        .map_err(|e| format!("/run/libvirtd.pid: {e}"))?;
+    let pid = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while nix::sys::signal::kill(pid, None).is_ok() {
+        ensure!(Instant::now() < deadline, "libvirtd did not stop");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+/// sha256 (hex) of the first `len` bytes of `path`.
+fn sha256_prefix(path: &Path, len: u64) -> Result<String, String> {
+    let out = run(
+        "sh",
+        &[
+            "-c",
+            &format!("head -c {len} '{}' | sha256sum", path.display()),
+        ],
+    )?;
+    Ok(out
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+fn lv_path(name: &str) -> PathBuf {
+    PathBuf::from(format!("/dev/{VG}/{name}"))
+}
+
+/// `/dev/dm-<minor>` of a device-mapper device (another node of the same device than
+/// `/dev/<vg>/<lv>`, which leads to the node in /dev/mapper).
+fn kernel_node(lv: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(lv)
+        .map_err(|e| format!("{}: {e}", lv.display()))?
+        .rdev();
+    let minor = (rdev & 0xff) | ((rdev >> 12) & 0xfff00);
+    let node = PathBuf::from(format!("/dev/dm-{minor}"));
+    ensure!(node.exists(), "{} does not exist", node.display());
+    Ok(node)
+}
+
+fn lv_exists(name: &str) -> Result<bool, String> {
+    let out = run("lvs", &["--noheadings", "-o", "lv_name", VG])?;
+    Ok(out.lines().any(|l| l.trim() == name))
+}
+
+/// A qcow2 image whose first data cluster points at an unaligned offset: it passes the header
+/// inspector, and qemu-img fails reading it mid-conversion (after the volume was created).
+fn corrupt_qcow2(src: &Path, dst: &Path) -> CaseResult {
+    let mut bytes = std::fs::read(src).map_err(|e| format!("{}: {e}", src.display()))?;
+    let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let l1 = be(&bytes, 40) as usize;
+    let l2 = (be(&bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    ensure!(l2 != 0, "the first L1 entry of {} is empty", src.display());
+    let entry = be(&bytes, l2);
+    let host = entry & 0x00ff_ffff_ffff_fe00;
+    ensure!(host != 0, "the first cluster of {} is empty", src.display());
+    let bad = (entry & 0xff00_0000_0000_0000) | (host + 512);
+    bytes[l2..l2 + 8].copy_from_slice(&bad.to_be_bytes());
+    std::fs::write(dst, bytes).map_err(|e| e.to_string())
+}
+
+/// One daemon under test and how to reach it.
+struct Api<'a> {
+    c: &'a reqwest::Client,
+    d: &'a Daemon,
+}
+
+impl Api<'_> {
+    async fn provision(&self, image: &Path, volume: &str, image_type: &str) -> (u16, Value) {
+        post(
+            self.c,
+            &self.d.url("/api/v1/jobs"),
+            &json!({"image_url": file_url(image), "volume_name": volume,
+                    "volume_size_gb": 1, "image_type": image_type}),
+        )
+        .await
+    }
+
+    /// Polls job `id` every `every` until `done` holds. Slowly on purpose: every request costs
+    /// the emulated CPU the daemon needs.
+    async fn poll(
+        &self,
+        id: &str,
+        every: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Result<Value, String> {
+        let deadline = Instant::now() + JOB_TIMEOUT;
+        loop {
+            let (status, v) = get(self.c, &self.d.url(&format!("/api/v1/jobs/{id}"))).await;
+            ensure!(status == 200, "GET job {id}: {status} {v}");
+            if done(&v) {
+                return Ok(v);
+            }
+            ensure!(Instant::now() < deadline, "job {id} timed out: {v}");
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    async fn wait_done(&self, id: &str) -> Result<Value, String> {
+        self.poll(id, Duration::from_millis(500), |v| {
+            ["completed", "failed", "cancelled"].contains(&v["status"].as_str().unwrap_or(""))
+        })
+        .await
+    }
+
+    /// Submits, waits, and requires the job to complete.
+    async fn provision_completed(
+        &self,
+        image: &Path,
+        volume: &str,
+        image_type: &str,
+    ) -> Result<Value, String> {
+        let (status, v) = self.provision(image, volume, image_type).await;
+        ensure!(status == 202, "submit -> {volume}: {status} {v}");
+        let job = self
+            .wait_done(v["job_id"].as_str().unwrap_or_default())
+            .await?;
+        ensure!(job["status"] == "completed", "job on {volume}: {job}");
+        Ok(job)
+    }
+
+    async fn delete(&self, volume: &str) -> (u16, Value) {
+        delete(self.c, &self.d.url(&format!("/api/v1/volumes/{volume}"))).await
+    }
+
+    /// A reuse request and a DELETE of `volume` both get 409 with a message containing `why`.
+    async fn refused(&self, image: &Path, volume: &str, why: &str) -> CaseResult {
+        let (status, v) = self.provision(image, volume, "raw").await;
+        let message = v["message"].as_str().unwrap_or("");
+        ensure!(
+            status == 409 && message.contains(why),
+            "reuse of {volume}: want 409 naming {why:?}, got {status} {v}"
+        );
+        let (status, v) = self.delete(volume).await;
+        let message = v["message"].as_str().unwrap_or("");
+        ensure!(
+            status == 409 && message.contains(why),
+            "DELETE of {volume}: want 409 naming {why:?}, got {status} {v}"
+        );
+        Ok(())
+    }
+
+    async fn metric(&self, name: &str, label: Option<&str>) -> Result<f64, String> {
+        let text = self
+            .c
+            .get(self.d.url("/metrics"))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .text()
+            .await
+            .map_err(|e| e.to_string())?;
+        let full = format!("libvirt_volume_provisioner_{name}");
+        text.lines()
+            .filter(|l| l.starts_with(&full) && label.is_none_or(|want| l.contains(want)))
+            .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .ok_or(format!("no {full} {label:?} in /metrics"))
+    }
+
+    /// Waits until `/readyz` shows libvirt up (200) or down (503).
+    async fn wait_libvirt(&self, up: bool) -> CaseResult {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, v) = get(self.c, &self.d.url("/readyz")).await;
+            if v["dependencies"]["libvirt"] == json!(up) && (status == 200) == up {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "readyz never showed libvirt={up}: {status} {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// Where the test's files are.
+struct Paths {
+    /// Images made by scripts/vm-test.sh (`cancel.qcow2`, `disk.qcow2`).
+    data: PathBuf,
+    /// The test's own directory (images it makes, daemons' state, directory volumes).
+    work: PathBuf,
+}
+
+impl Paths {
+    fn image(&self, name: &str) -> PathBuf {
+        self.work.join("images").join(name)
+    }
+
+    /// Settings of a daemon in `dir` with libvirt integration on `pool`.
+    fn config(&self, dir: &Path, pool: &str) -> TestConfig {
+        TestConfig::new(dir)
+            .set("libvirt.uri", URI)
+            .set("libvirt.pool", pool)
+            .set(
+                "sources.file_roots",
+                vec![
+                    self.data.display().to_string(),
+                    self.work.join("images").display().to_string(),
+                ],
+            )
+            .set("jobs.max_concurrent", 1)
+    }
+
+    fn lvm_config(&self, dir: &Path) -> TestConfig {
+        self.config(dir, VG)
+            .set("volumes.backend", "lvm")
+            .set("volumes.lvm.volume_group", VG)
+    }
+}
+
+struct Ctx {
+    c: reqwest::Client,
+    /// The daemon with the lvm backend and the logical pool.
+    lvm: Daemon,
+    paths: Paths,
+}
+
+impl std::ops::Deref for Ctx {
+    type Target = Paths;
+    fn deref(&self) -> &Paths {
+        &self.paths
+    }
+}
+
+impl Ctx {
+    fn lvm(&self) -> Api<'_> {
+        Api {
+            c: &self.c,
+            d: &self.lvm,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs device-mapper, libvirtd and a disk to format: run scripts/vm-test.sh (boots a VM)"]
+async fn libvirt_end_to_end() {
+    assert_eq!(
+        std::env::var("IN_TEST_VM").as_deref(),
+        Ok("1"),
+        "this test formats {DISK} and starts libvirtd: it runs only inside the test VM \
+         (scripts/vm-test.sh)"
+    );
+    println!("\nVM-CASES {}", CASES.len());
+    let setup = Instant::now();
+    let data = PathBuf::from(
+        std::env::var("VMTEST_DATA")
+            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/vm-test").into()),
+    );
+    setup_libvirt(&data).unwrap();
+    println!("libvirtd up: {:.1} s", setup.elapsed().as_secs_f64());
+    run("pvcreate", &["-q", "-y", "-ff", DISK]).unwrap();
+    run("vgcreate", &["-q", "-s", "8m", VG, DISK]).unwrap();
+
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().to_path_buf();
+    // QEMU runs as libvirt-qemu and must reach the directory volumes below this directory.
+    run("chmod", &["755", &dir.display().to_string()]).unwrap();
+    std::fs::create_dir_all(dir.join("images")).unwrap();
+    make_raw(&dir.join("images").join(SMALL), MIB);
+    corrupt_qcow2(
+        &data.join("disk.qcow2"),
+        &dir.join("images").join("corrupt.qcow2"),
+    )
+    .unwrap();
+    let paths = Paths { data, work: dir };
+    let lvm_dir = paths.work.join("lvm");
+    std::fs::create_dir_all(&lvm_dir).unwrap();
+    let ctx = Ctx {
+        c: client(),
+        lvm: Daemon::start(&lvm_dir, &paths.lvm_config(&lvm_dir)),
+        paths,
+    };
+    println!("setup: {:.1} s", setup.elapsed().as_secs_f64());
+
+    let mut failed = Vec::new();
+    for name in CASES {
+        let started = Instant::now();
+        let outcome = std::panic::AssertUnwindSafe(run_case(&ctx, name))
+            .catch_unwind()
+            .await;
+        let secs = started.elapsed().as_secs_f64();
+        match outcome {
+            Ok(Ok(())) => println!("VM-CASE PASS {name} ({secs:.1} s)"),
+            Ok(Err(e)) => {
+                println!("VM-CASE FAIL {name} ({secs:.1} s): {e}");
+                failed.push(name);
+            }
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                println!("VM-CASE FAIL {name} ({secs:.1} s): panicked: {msg}");
+                failed.push(name);
+            }
+        }
+    }
+    if !failed.is_empty() {
+        println!("daemon log (last lines):");
+        let log = ctx.lvm.log();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        for l in tail.into_iter().rev() {
+            println!("  {l}");
+        }
+    }
+    assert!(failed.is_empty(), "failed cases: {failed:?}");
+}
+
+fn run_case<'a>(
+    ctx: &'a Ctx,
+    name: &'a str,
+) -> std::pin::Pin<Box<dyn Future<Output = CaseResult> + Send + 'a>> {
+    match name {
+        "module_pool_unit_defines_the_pool" => Box::pin(module_pool_unit(ctx)),
+        "pool_lists_provisioned_lv" => Box::pin(pool_lists_provisioned_lv(ctx)),
+        "running_domain_protects_its_lv" => Box::pin(running_domain_protects_its_lv(ctx)),
+        "running_domain_protects_its_file" => Box::pin(running_domain_protects_its_file(ctx)),
+        "libvirtd_down_and_up" => Box::pin(libvirtd_down_and_up(ctx)),
+        other => Box::pin(async move { Err(format!("unknown case {other}")) }),
+    }
+}
+
+/// The NixOS module's pool unit (`libvirt.definePool`), its script as the module renders it
+/// (scripts/vm-test.sh extracts it with nix-instantiate through nix/pool-script.nix): a missing
+/// pool is defined over the volume group, autostarted and started; run again, it changes
+/// nothing. The pool it defines is the one the later cases use.
+async fn module_pool_unit(ctx: &Ctx) -> CaseResult {
+    let rendered = ctx.data.join("define-pool.json");
+    let json = std::fs::read_to_string(&rendered)
+        .map_err(|e| format!("{} (made by scripts/vm-test.sh): {e}", rendered.display()))?;
+    let script: String = serde_json::from_str(&json).map_err(|e| e.to_string())?;
+    ensure!(
+        virsh(&["pool-info", VG]).is_err(),
+        "pool {VG} exists before the unit ran"
+    );
+    let first = run("bash", &["-c", &script])?;
+    ensure!(
+        first.contains(&format!(
+            "defined, autostarted and started libvirt pool {VG}"
+        )),
+        "first run: {first}"
+    );
+    let info = virsh(&["pool-info", VG])?;
+    let field = |info: &str, name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    ensure!(
+        field(&info, "State:") == "running" && field(&info, "Autostart:") == "yes",
+        "pool-info after the unit: {info}"
+    );
+    // A second run leaves the pool alone: no warning (it is a running logical pool), nothing
+    // defined, the same pool.
+    let second = run("bash", &["-c", &format!("(\n{script}\n) 2>&1")])?;
+    ensure!(
+        second.contains("exists; it is not redefined")
+            && !second.contains("defined,")
+            && !second.contains("warning"),
+        "second run: {second}"
+    );
+    let again = virsh(&["pool-info", VG])?;
+    ensure!(
+        field(&again, "UUID:") == field(&info, "UUID:") && !field(&info, "UUID:").is_empty(),
+        "the pool was redefined: {info} / {again}"
+    );
+    Ok(())
+}
+
+/// A completed job's LV is in the logical pool with its size, without anyone but the daemon
+/// refreshing the pool.
+async fn pool_lists_provisioned_lv(ctx: &Ctx) -> CaseResult {
+    ensure!(
+        !pool_volumes(VG)?.contains(&"lv-vm".to_string()),
+        "lv-vm is listed before it exists"
+    );
+    ctx.lvm()
+        .provision_completed(&ctx.image(SMALL), "lv-vm", "raw")
+        .await?;
+    let listed = pool_volumes(VG)?;
+    ensure!(
+        listed.contains(&"lv-vm".to_string()),
+        "virsh vol-list {VG} after the job: {listed:?}"
+    );
+    let capacity = volume_capacity(VG, "lv-vm")?;
+    ensure!(capacity == GIB, "vol-info capacity {capacity}, want {GIB}");
+    Ok(())
+}
+
+/// A paused domain on an LV: reuse and DELETE get 409 naming the domain; another job's failure
+/// (and rollback of its new LV) leaves it alone; after `virsh destroy` reuse and DELETE work,
+/// and the deleted LV is gone from the pool.
+async fn running_domain_protects_its_lv(ctx: &Ctx) -> CaseResult {
+    let api = ctx.lvm();
+    let small = ctx.image(SMALL);
+    let mut t = Instant::now();
+    let before = sha256_prefix(&lv_path("lv-vm"), MIB)?;
+    // The domain names the LV by its kernel node, not by the path the daemon uses: the match
+    // is by device number.
+    start_paused_domain(&ctx.work, "dom-lv", &kernel_node(&lv_path("lv-vm"))?, true)?;
+    step(&mut t, "domain started");
+    let checks = async {
+        api.refused(&small, "lv-vm", "dom-lv").await?;
+        step(&mut t, "reuse and DELETE refused");
+
+        // An unrelated job fails after creating its LV: only that LV is rolled back.
+        let (status, v) = api
+            .provision(&ctx.image("corrupt.qcow2"), "lv-other", "qcow2")
+            .await;
+        ensure!(status == 202, "submit lv-other: {status} {v}");
+        let job = api
+            .wait_done(v["job_id"].as_str().unwrap_or_default())
+            .await?;
+        ensure!(job["status"] == "failed", "lv-other: {job}");
+        ensure!(
+            api.d
+                .log()
+                .contains("removing volume created by the failed job"),
+            "lv-other was not rolled back"
+        );
+        ensure!(!lv_exists("lv-other")?, "the failed job's LV is left");
+        ensure!(lv_exists("lv-vm")?, "the domain's LV is gone");
+        ensure!(
+            sha256_prefix(&lv_path("lv-vm"), MIB)? == before,
+            "the domain's LV changed"
+        );
+        let state = domain_state("dom-lv")?;
+        ensure!(state == "paused", "dom-lv is {state:?} after the rollback");
+        step(&mut t, "other job failed and rolled back");
+        Ok(())
+    }
+    .await;
+    let stopped = stop_domain("dom-lv");
+    checks?;
+    stopped?;
+    step(&mut t, "domain destroyed");
+
+    api.provision_completed(&small, "lv-vm", "raw").await?;
+    step(&mut t, "reused");
+    let (status, v) = api.delete("lv-vm").await;
+    ensure!(status == 200, "DELETE after destroy: {status} {v}");
+    ensure!(!lv_exists("lv-vm")?, "lv-vm still exists");
+    let listed = pool_volumes(VG)?;
+    ensure!(
+        !listed.contains(&"lv-vm".to_string()),
+        "virsh vol-list {VG} after DELETE still lists lv-vm: {listed:?}"
+    );
+    Ok(())
+}
+
+/// The directory backend with a `dir` pool: a paused domain on a volume file blocks reuse and
+/// DELETE, also through a daemon in its own PID namespace (as in a container), whose /proc
+/// shows no QEMU; another job's cancel (and rollback of its new file) leaves the file alone;
+/// after `virsh destroy` it is reused and deleted, and gone from the pool.
+async fn running_domain_protects_its_file(ctx: &Ctx) -> CaseResult {
+    let dir = ctx.work.join("dir");
+    let volumes = dir.join("volumes");
+    std::fs::create_dir_all(&volumes).map_err(|e| e.to_string())?;
+    let vols = volumes.display().to_string();
+    virsh(&["pool-define-as", DIR_POOL, "dir", "--target", &vols])?;
+    virsh(&["pool-autostart", DIR_POOL])?;
+    virsh(&["pool-start", DIR_POOL])?;
+    let config = ctx
+        .config(&dir, DIR_POOL)
+        .set("volumes.directory.path", vols.clone());
+    let mut t = Instant::now();
+    let d = Daemon::start(&dir, &config);
+    let api = Api { c: &ctx.c, d: &d };
+    let small = ctx.image(SMALL);
+    api.provision_completed(&small, "file-vm", "raw").await?;
+    step(&mut t, "daemon up, file-vm provisioned");
+    ensure!(
+        pool_volumes(DIR_POOL)?.contains(&"file-vm".to_string()),
+        "virsh vol-list {DIR_POOL} lacks file-vm after the job"
+    );
+    let capacity = volume_capacity(DIR_POOL, "file-vm")?;
+    ensure!(capacity == GIB, "vol-info capacity {capacity}, want {GIB}");
+    let file = volumes.join("file-vm");
+    let before = sha256_prefix(&file, MIB)?;
+
+    start_paused_domain(&ctx.work, "dom-file", &file, false)?;
+    step(&mut t, "domain started");
+    let checks = async {
+        api.refused(&small, "file-vm", "dom-file").await?;
+        step(&mut t, "reuse and DELETE refused");
+
+        // The same daemon in its own PID namespace (with its own /proc) sees no QEMU process.
+        let ns_dir = dir.join("pidns");
+        std::fs::create_dir_all(&ns_dir).map_err(|e| e.to_string())?;
+        let ns_config = ns_dir.join("config.toml");
+        std::fs::write(
+            &ns_config,
+            config
+                .clone()
+                .set(
+                    "storage.data_dir",
+                    ns_dir.join("state").display().to_string(),
+                )
+                .set("cache.dir", ns_dir.join("cache").display().to_string())
+                .render(),
+        )
+        .map_err(|e| e.to_string())?;
+        let contained = Daemon::spawn_wrapped(
+            &ns_dir,
+            &ns_config,
+            &[],
+            "http",
+            &["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"],
+        );
+        let in_ns = Api {
+            c: &ctx.c,
+            d: &contained,
+        };
+        let refused = in_ns.refused(&small, "file-vm", "dom-file").await;
+        contained.kill9();
+        refused?;
+        step(&mut t, "refused by the daemon in a PID namespace");
+
+        // An unrelated job cancelled mid-write: its own new file is rolled back, nothing else.
+        let (status, v) = api
+            .provision(&ctx.data.join("cancel.qcow2"), "file-other", "qcow2")
+            .await;
+        ensure!(status == 202, "submit file-other: {status} {v}");
+        let id = v["job_id"].as_str().unwrap_or_default().to_string();
+        let seen = api
+            .poll(&id, Duration::from_millis(300), |j| {
+                j["status"] != "running" || j["progress"]["stage"] == "converting"
+            })
+            .await?;
+        ensure!(
+            seen["status"] == "running",
+            "file-other ended early: {seen}"
+        );
+        let (status, v) = post(
+            api.c,
+            &api.d.url(&format!("/api/v1/jobs/{id}/cancel")),
+            &json!({}),
+        )
+        .await;
+        ensure!(status == 200, "cancel: {status} {v}");
+        let job = api.wait_done(&id).await?;
+        ensure!(job["status"] == "cancelled", "file-other: {job}");
+        ensure!(
+            !volumes.join("file-other").exists(),
+            "the cancelled job's file is left"
+        );
+        ensure!(
+            sha256_prefix(&file, MIB)? == before,
+            "the domain's file changed"
+        );
+        let state = domain_state("dom-file")?;
+        ensure!(
+            state == "paused",
+            "dom-file is {state:?} after the rollback"
+        );
+        step(&mut t, "other job cancelled and rolled back");
+        Ok(())
+    }
+    .await;
+    let stopped = stop_domain("dom-file");
+    checks?;
+    stopped?;
+    step(&mut t, "domain destroyed");
+
+    api.provision_completed(&small, "file-vm", "raw").await?;
+    step(&mut t, "reused");
+    let (status, v) = api.delete("file-vm").await;
+    ensure!(status == 200, "DELETE after destroy: {status} {v}");
+    ensure!(!file.exists(), "file-vm still exists");
+    let listed = pool_volumes(DIR_POOL)?;
+    ensure!(
+        !listed.contains(&"file-vm".to_string()),
+        "virsh vol-list {DIR_POOL} after DELETE still lists file-vm: {listed:?}"
+    );
+    d.stop();
+    Ok(())
+}
+
+/// With libvirtd stopped: `/readyz` and `dependencies_up` say libvirt is down, a job on a new
+/// volume still completes and its failed pool refresh is counted, and an existing volume is
+/// neither reused nor deleted (nobody can tell whether a domain uses it). libvirtd started
+/// again: up, and the volume can be deleted. A daemon of its own with a 1 s probe interval, on
+/// the directory volumes and `dir` pool of the case before (a probe is a `virsh` call, which
+/// costs the emulated CPU most of a second; an LVM probe would add an LVM command).
+async fn libvirtd_down_and_up(ctx: &Ctx) -> CaseResult {
+    let dir = ctx.work.join("probe");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let volumes = ctx.work.join("dir/volumes");
+    let config = ctx
+        .config(&dir, DIR_POOL)
+        .set("volumes.directory.path", volumes.display().to_string())
+        .set("telemetry.probe_interval", "1s");
+    let mut t = Instant::now();
+    let d = Daemon::start(&dir, &config);
+    let api = Api { c: &ctx.c, d: &d };
+    api.wait_libvirt(true).await?;
+    step(&mut t, "daemon up");
+    let up = api
+        .metric("dependencies_up", Some("dependency=\"libvirt\""))
+        .await?;
+    ensure!(
+        up == 1.0,
+        "dependencies_up{{libvirt}} = {up} while libvirtd runs"
+    );
+    let errors_before = api
+        .metric("libvirt_pool_refresh_errors_total", None)
+        .await?;
+
+    stop_libvirtd()?;
+    step(&mut t, "libvirtd stopped");
+    let down = async {
+        api.wait_libvirt(false).await?;
+        step(&mut t, "readyz down");
+        let up = api
+            .metric("dependencies_up", Some("dependency=\"libvirt\""))
+            .await?;
+        ensure!(
+            up == 0.0,
+            "dependencies_up{{libvirt}} = {up} while libvirtd is stopped"
+        );
+        api.provision_completed(&ctx.image(SMALL), "file-down", "raw")
+            .await?;
+        step(&mut t, "job completed");
+        let errors = api
+            .metric("libvirt_pool_refresh_errors_total", None)
+            .await?;
+        ensure!(
+            errors == errors_before + 1.0,
+            "libvirt_pool_refresh_errors_total went from {errors_before} to {errors}"
+        );
+        ensure!(
+            d.log().contains("libvirt pool refresh failed"),
+            "the refresh failure is not logged"
+        );
+        api.refused(&ctx.image(SMALL), "file-down", "cannot ask libvirt")
+            .await
+    }
+    .await;
+    let started = start_libvirtd();
+    down?;
+    started?;
+    step(&mut t, "libvirtd started");
+
+    api.wait_libvirt(true).await?;
+    step(&mut t, "readyz up");
+    let (status, v) = api.delete("file-down").await;
+    ensure!(status == 200, "DELETE with libvirtd back: {status} {v}");
+    ensure!(
+        !volumes.join("file-down").exists(),
+        "file-down still exists"
+    );
+    let listed = pool_volumes(DIR_POOL)?;
+    ensure!(
+        !listed.contains(&"file-down".to_string()),
+        "virsh vol-list {DIR_POOL} after DELETE still lists file-down: {listed:?}"
+    );
+    d.stop();
+    Ok(())
+}
