@@ -139,6 +139,104 @@ async fn cli_provision_wait_completes_and_a_rejected_image_fails_with_its_reason
     assert!(!volumes_in(dir.path()).contains(&"vm-2".to_string()));
 }
 
+/// Starts `provision --wait` (stdin not a terminal) with `extra` arguments and returns the child
+/// once its job runs.
+async fn provision_waiting(
+    d: &Daemon,
+    c: &reqwest::Client,
+    image: &Path,
+    volume: &str,
+    extra: &[&str],
+) -> (std::process::Child, String) {
+    let url = file_url(image);
+    let mut args = vec![
+        "provision",
+        "--image-url",
+        &url,
+        "--image-type",
+        "raw",
+        "--volume",
+        volume,
+        "--size-gb",
+        "1",
+        "--wait",
+    ];
+    args.extend_from_slice(extra);
+    let child = Command::new(BIN)
+        .args(&args)
+        .env("LVP_SERVER_URL", &d.base)
+        .env_remove("LVP_TOKEN")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, list) = get(c, &d.url("/api/v1/jobs?status=running")).await;
+        let job = list["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["volume_name"] == volume)
+            .map(|j| j["job_id"].as_str().unwrap().to_string());
+        if let Some(id) = job {
+            return (child, id);
+        }
+        assert!(Instant::now() < deadline, "the job never ran: {}", d.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn interrupt(child: &std::process::Child) {
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_while_waiting_cancels_only_when_asked_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = raw_image(dir.path(), "r.raw", 1);
+    let path = slow_qemu_img_path(dir.path(), 30);
+    let d = Daemon::start_with_env(dir.path(), &TestConfig::new(dir.path()), &[("PATH", &path)]);
+    let c = client();
+    // --cancel-on-interrupt: Ctrl-C cancels the job and waits for its end.
+    let (child, id) = provision_waiting(&d, &c, &image, "vm-int", &["--cancel-on-interrupt"]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    interrupt(&child);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", explain(&out));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("cancel requested") && stderr.contains("cancelled"),
+        "{stderr}"
+    );
+    let (_, job) = get(&c, &d.url(&format!("/api/v1/jobs/{id}"))).await;
+    assert_eq!(job["status"], "cancelled", "{job}");
+    assert!(
+        !volumes_in(dir.path()).contains(&"vm-int".to_string()),
+        "its volume went too"
+    );
+    // Without the flag and without a terminal to ask on, the job goes on.
+    let (child, id) = provision_waiting(&d, &c, &image, "vm-keep", &[]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    interrupt(&child);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", explain(&out));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("not cancelled") && stderr.contains("job watch"),
+        "{stderr}"
+    );
+    let (_, job) = get(&c, &d.url(&format!("/api/v1/jobs/{id}"))).await;
+    assert_eq!(job["status"], "running", "{job}");
+    let (s, _) = post(&c, &d.url(&format!("/api/v1/jobs/{id}/cancel")), &json!({})).await;
+    assert_eq!(s, 200);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cli_output_json_is_valid_json_everywhere() {
     let dir = tempfile::tempdir().unwrap();
@@ -1193,6 +1291,90 @@ async fn progress_bar_in_a_real_terminal() {
         final_line.contains("completed"),
         "last line: {final_line}\n{last}"
     );
+}
+
+/// Waits until the pane shows `what`.
+fn wait_for_pane(session: &str, what: &str, deadline: Instant) -> String {
+    loop {
+        let frame = capture(session);
+        if frame.contains(what) {
+            return frame;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pane never showed {what:?}:\n{frame}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Ctrl-C on a terminal asks before cancelling; `n` keeps following, `y` cancels.
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_in_a_terminal_asks_before_cancelling() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        panic!("tmux is needed for this test (apt-get install tmux; .ci/run installs it)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = raw_image(dir.path(), "r.raw", 1);
+    let path = slow_qemu_img_path(dir.path(), 60);
+    let d = Daemon::start_with_env(dir.path(), &TestConfig::new(dir.path()), &[("PATH", &path)]);
+    let session = format!("lvp-int-{}", std::process::id());
+    let done = dir.path().join("done");
+    let script = dir.path().join("run.sh");
+    // The shell survives the terminal's SIGINT (a handler, which the CLI does not inherit).
+    std::fs::write(
+        &script,
+        format!(
+            "trap 'true' INT\nunset NO_COLOR\nexport LVP_SERVER_URL={}\n{BIN} provision --image-url \
+             {} --image-type raw --volume vm-ask --size-gb 1 --wait\necho \"exit=$?\" > {}\nsleep 30\n",
+            d.base,
+            file_url(&image),
+            done.display()
+        ),
+    )
+    .unwrap();
+    let status = Command::new("tmux")
+        .args(["new-session", "-d", "-x", "120", "-y", "30", "-s", &session])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _kill = scopeguard(session.clone());
+    let keys = |keys: &[&str]| {
+        let mut args = vec!["send-keys", "-t", &session];
+        args.extend_from_slice(keys);
+        assert!(Command::new("tmux").args(&args).status().unwrap().success());
+    };
+    keys(&[&format!("clear; sh {}", script.display()), "Enter"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    wait_for_pane(&session, "converting", deadline);
+    keys(&["C-c"]);
+    wait_for_pane(&session, "[y/N]", deadline);
+    keys(&["n", "Enter"]);
+    wait_for_pane(&session, "still following", deadline);
+    let c = client();
+    let (_, list) = get(&c, &d.url("/api/v1/jobs?status=running")).await;
+    assert_eq!(list["count"], 1, "answered no: the job runs on: {list}");
+    keys(&["C-c"]);
+    std::thread::sleep(Duration::from_millis(500));
+    keys(&["y", "Enter"]);
+    while !done.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the CLI did not end:\n{}",
+            capture(&session)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let last = capture(&session);
+    println!("--- after answering y ---\n{}", last.trim_end());
+    assert!(
+        std::fs::read_to_string(&done).unwrap().contains("exit=3"),
+        "{last}"
+    );
+    assert!(last.contains("cancel requested"), "{last}");
+    let (_, list) = get(&c, &d.url("/api/v1/jobs?status=cancelled")).await;
+    assert_eq!(list["count"], 1, "{list}");
+    assert!(!volumes_in(dir.path()).contains(&"vm-ask".to_string()));
 }
 
 /// Kills the tmux session when dropped.
