@@ -333,6 +333,18 @@ mod tests {
     }
 
     #[test]
+    fn docs_api_md_names_every_operation() {
+        let doc: serde_json::Value = serde_json::from_str(document()).unwrap();
+        let text = include_str!("../../docs/api.md");
+        for (path, ops) in doc["paths"].as_object().unwrap() {
+            for method in ops.as_object().unwrap().keys() {
+                let op = format!("`{} {path}`", method.to_uppercase());
+                assert!(text.contains(&op), "docs/api.md does not name {op}");
+            }
+        }
+    }
+
+    #[test]
     fn protected_operations_list_401_and_error_bodies() {
         let doc: serde_json::Value = serde_json::from_str(document()).unwrap();
         for (path, ops) in doc["paths"].as_object().unwrap() {
