@@ -281,12 +281,24 @@ async fn cli_output_json_is_valid_json_everywhere() {
     let (code, accepted) = j(&["cache", "fetch", &url, "--image-type", "raw"]);
     assert_eq!(code, Some(0), "{accepted}");
     assert!(accepted["job_id"].is_string());
+    let (code, fetched) = j(&["cache", "fetch", &url, "--image-type", "raw", "--wait"]);
+    assert_eq!(
+        (code, fetched["status"].as_str()),
+        (Some(0), Some("completed")),
+        "{fetched}"
+    );
+    let (code, list) = j(&["job", "list", "--limit", "1"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1, "{list}");
+    let (_, cached) = j(&["cache", "list"]);
+    let key = cached["images"][0]["key"].as_str().unwrap().to_string();
     for args in [
         vec!["health"],
         vec!["cache", "list"],
         vec!["image", "inspect", &url, "--image-type", "raw"],
         vec!["job", "watch", &id],
         vec!["volume", "delete", "vm-j"],
+        vec!["cache", "delete", &key],
     ] {
         let (code, v) = j(&args);
         assert_eq!(code, Some(0), "{args:?}: {v}");

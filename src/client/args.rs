@@ -147,7 +147,11 @@ pub enum CacheCommand {
         wait: WaitArgs,
     },
     /// Delete a cache entry by its key (64 hex digits, see `cache list`).
-    Delete { key: String },
+    Delete {
+        /// Its own id: `key` is the global --key (the client key of mutual TLS).
+        #[arg(id = "cache_key", value_name = "KEY")]
+        key: String,
+    },
 }
 
 /// `volume ...`.
