@@ -312,6 +312,63 @@ async fn cli_output_json_is_valid_json_everywhere() {
     assert_eq!((code, err["code"].as_u64()), (Some(1), Some(400)), "{err}");
 }
 
+/// Every subcommand in text mode: exit 0, something on stdout, no panic.
+#[tokio::test(flavor = "multi_thread")]
+async fn cli_text_output_of_every_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &TestConfig::new(dir.path()));
+    let image = raw_image(dir.path(), "t.raw", 1);
+    let url = file_url(&image);
+    let run = |args: &[&str]| {
+        let out = cli(&d.base, args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", explain(&out));
+        assert!(
+            !text(&out.stdout).trim().is_empty(),
+            "{args:?}: {}",
+            explain(&out)
+        );
+        assert!(
+            !text(&out.stderr).contains("panicked"),
+            "{args:?}: {}",
+            explain(&out)
+        );
+        text(&out.stdout)
+    };
+    let provisioned = run(&[
+        "provision",
+        "--image-url",
+        &url,
+        "--image-type",
+        "raw",
+        "--volume",
+        "vm-t",
+        "--size-gb",
+        "1",
+    ]);
+    let id = provisioned
+        .split_whitespace()
+        .find(|w| uuid::Uuid::parse_str(w).is_ok())
+        .unwrap_or_else(|| panic!("no job id in {provisioned}"))
+        .to_string();
+    run(&["job", "watch", &id]);
+    run(&["job", "get", &id]);
+    run(&["job", "list", "--status", "completed", "--limit", "5"]);
+    run(&["cache", "fetch", &url, "--image-type", "raw", "--wait"]);
+    let listed = run(&["cache", "list"]);
+    let key = listed
+        .split_whitespace()
+        .find(|w| w.len() == 64 && w.bytes().all(|b| b.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("no cache key in {listed}"))
+        .to_string();
+    run(&["cache", "delete", &key]);
+    run(&["image", "inspect", &url, "--image-type", "raw"]);
+    run(&["volume", "delete", "vm-t"]);
+    run(&["health"]);
+    let seed = dir.path().join("seed.iso");
+    std::fs::write(&seed, b"seed").unwrap();
+    run(&["volume", "upload", "t-cidata", seed.to_str().unwrap()]);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cli_says_what_to_do_when_nothing_listens() {
     let port = free_port();
