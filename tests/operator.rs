@@ -140,7 +140,9 @@ async fn cli_provision_wait_completes_and_a_rejected_image_fails_with_its_reason
 }
 
 /// Starts `provision --wait` (stdin not a terminal) with `extra` arguments and returns the child
-/// once its job runs.
+/// once its job runs (the caller waits for it; a failed request to the daemon panics the test,
+/// which ends the CLI with the daemon).
+#[allow(clippy::zombie_processes)]
 async fn provision_waiting(
     d: &Daemon,
     c: &reqwest::Client,
@@ -162,7 +164,7 @@ async fn provision_waiting(
         "--wait",
     ];
     args.extend_from_slice(extra);
-    let child = Command::new(BIN)
+    let mut child = Command::new(BIN)
         .args(&args)
         .env("LVP_SERVER_URL", &d.base)
         .env_remove("LVP_TOKEN")
@@ -183,7 +185,11 @@ async fn provision_waiting(
         if let Some(id) = job {
             return (child, id);
         }
-        assert!(Instant::now() < deadline, "the job never ran: {}", d.log());
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("the job never ran: {}\n{}", explain(&out), d.log());
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
