@@ -1369,6 +1369,67 @@ async fn progress_bar_in_a_real_terminal() {
     );
 }
 
+/// With `NO_COLOR` set, a terminal gets plain progress lines, not the bar.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_color_on_a_terminal_prints_plain_lines() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        panic!("tmux is needed for this test (apt-get install tmux; .ci/run installs it)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    raw_image(dir.path(), "nc.raw", 4);
+    let (_nginx, proxy) = slow_source(dir.path(), 2 << 20);
+    let config = TestConfig::new(dir.path()).set(
+        "sources.allowed_hosts",
+        toml::Value::Array(vec![format!("127.0.0.1:{proxy}").into()]),
+    );
+    let d = Daemon::start(dir.path(), &config);
+    let session = format!("lvp-nc-{}", std::process::id());
+    let done = dir.path().join("done");
+    let script = dir.path().join("run.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "export NO_COLOR=1 LVP_SERVER_URL={}\n{BIN} provision --image-url \
+             http://127.0.0.1:{proxy}/nc.raw --image-type raw --volume vm-nc --size-gb 1 \
+             --wait\necho \"exit=$?\" > {}\nsleep 30\n",
+            d.base,
+            done.display()
+        ),
+    )
+    .unwrap();
+    let status = Command::new("tmux")
+        .args(["new-session", "-d", "-x", "160", "-y", "40", "-s", &session])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _kill = scopeguard(session.clone());
+    let command = format!("clear; sh {}", script.display());
+    Command::new("tmux")
+        .args(["send-keys", "-t", &session, &command, "Enter"])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut frames = Vec::new();
+    while !done.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the command did not finish:\n{}",
+            capture(&session)
+        );
+        frames.push(capture(&session));
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let last = capture(&session);
+    println!("--- NO_COLOR on a terminal ---\n{}", last.trim_end());
+    assert!(std::fs::read_to_string(&done).unwrap().contains("exit=0"));
+    assert!(
+        frames.iter().all(|f| !f.contains("[=")),
+        "no bar with NO_COLOR:\n{last}"
+    );
+    assert!(last.contains(": running downloading"), "{last}");
+    assert!(last.contains("completed: volume"), "{last}");
+}
+
 /// Waits until the pane shows `what`.
 fn wait_for_pane(session: &str, what: &str, deadline: Instant) -> String {
     loop {
