@@ -649,7 +649,23 @@ async fn progress_streams_need_credentials_and_are_bounded() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    drop((second, other));
+    // An idle stream gets heartbeat comments (every 15 s) between events.
+    let mut body = second.bytes_stream();
+    let started = Instant::now();
+    let mut seen = String::new();
+    let heartbeat = tokio::time::timeout(Duration::from_secs(25), async {
+        while let Some(chunk) = body.next().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            if seen.starts_with(':') || seen.contains("\n:") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(heartbeat, Ok(true), "no heartbeat in 25 s: {seen}");
+    println!("heartbeat after {:?}", started.elapsed());
+    drop(other);
 }
 
 #[tokio::test(flavor = "multi_thread")]
