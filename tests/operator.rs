@@ -1271,6 +1271,55 @@ async fn uploads_round_trip_into_new_volumes_only() {
     }
 }
 
+/// A client trickling its body just inside the idle timeout is cut off once the whole body is
+/// overdue (server.body_timeout plus 64 KiB/s), and its volume goes.
+#[tokio::test(flavor = "multi_thread")]
+async fn uploads_that_trickle_are_abandoned() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let config = TestConfig::new(dir.path()).set("server.body_timeout", "2s");
+    let d = Daemon::start(dir.path(), &config);
+    let addr = d.base.trim_start_matches("http://").to_string();
+    let mut sock = std::net::TcpStream::connect(&addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    // 200 000 bytes may take 2 s + 4 s; at 2 KB/s they would take 100 s.
+    write!(
+        sock,
+        "PUT /api/v1/volumes/slow-cidata/content HTTP/1.1\r\nHost: {addr}\r\n\
+         Content-Type: application/octet-stream\r\nContent-Length: 200000\r\n\r\n"
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut writer = sock.try_clone().unwrap();
+    let trickle = std::thread::spawn(move || {
+        while started.elapsed() < Duration::from_secs(40) {
+            if writer.write_all(&[7u8; 1000]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    let mut line = String::new();
+    std::io::BufReader::new(sock).read_line(&mut line).unwrap();
+    let took = started.elapsed();
+    println!("trickled upload answered after {took:?}: {}", line.trim());
+    assert!(line.contains(" 408 "), "{line}");
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(20),
+        "{took:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while volumes_in(dir.path()).contains(&"slow-cidata".to_string()) {
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned upload left its volume"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = trickle.join();
+}
+
 /// The status line's code of a PUT that declares `length` bytes and sends none of them.
 fn raw_put_status(d: &Daemon, name: &str, length: u64) -> u16 {
     use std::io::BufRead;

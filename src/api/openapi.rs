@@ -265,7 +265,7 @@ mod paths {
             (status = 400, description = "bad name, body shorter or longer than declared", body = ErrorBody),
             (status = 401, body = ErrorBody),
             (status = 403, description = "name does not match volumes.upload_name_pattern, or uploads off", body = ErrorBody),
-            (status = 408, description = "the body stalled", body = ErrorBody),
+            (status = 408, description = "the body paused for server.body_timeout, or took longer than server.body_timeout plus 1 s per 64 KiB", body = ErrorBody),
             (status = 409, description = "the volume exists or is busy", body = ErrorBody),
             (status = 411, body = ErrorBody), (status = 413, body = ErrorBody),
             (status = 415, body = ErrorBody),

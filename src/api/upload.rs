@@ -203,7 +203,9 @@ fn upload_error(e: UploadError) -> ApiError {
             message: e.to_string(),
             retry_after: Some(5),
         },
-        UploadError::Stalled(_) => ApiError::new(StatusCode::REQUEST_TIMEOUT, e.to_string()),
+        UploadError::Stalled(_) | UploadError::TooSlow(_) => {
+            ApiError::new(StatusCode::REQUEST_TIMEOUT, e.to_string())
+        }
         UploadError::Checksum { .. } => {
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
         }

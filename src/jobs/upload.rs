@@ -1,7 +1,8 @@
 //! Writing uploaded content into a new volume (`PUT /api/v1/volumes/{name}/content`, small
 //! files such as cloud-init seed images): under the engine's per-volume lock (as deletion
 //! takes it), only into a volume this upload creates, with exactly the declared number of
-//! bytes and, when given, the declared SHA-256. Anything short of that removes the volume
+//! bytes and, when given, the declared SHA-256, within `server.body_timeout` between pieces and
+//! at an average of at least `MIN_UPLOAD_RATE` overall. Anything short of that removes the volume
 //! again, so a failed or dropped upload leaves nothing behind; an upload in progress is
 //! recorded durably before its volume is created, so one cut off by a crash is removed at
 //! the next start.
@@ -54,6 +55,11 @@ pub(crate) enum UploadError {
     Long(u64),
     #[error("no data for {0:?}; the upload was abandoned")]
     Stalled(Duration),
+    #[error(
+        "the body did not arrive within {0:?} (server.body_timeout plus {MIN_UPLOAD_RATE} bytes/s); \
+         the upload was abandoned"
+    )]
+    TooSlow(Duration),
     #[error("cannot read the body: {0}")]
     Body(String),
     #[error("SHA-256 mismatch: the header declared {expected}, the body has {actual}")]
@@ -62,6 +68,15 @@ pub(crate) enum UploadError {
     Volume(#[from] VolumeError),
     #[error("job store: {0}")]
     Store(String),
+}
+
+/// Slowest accepted average rate of an upload's body: a client trickling bytes just inside the
+/// idle timeout must not hold a volume and an upload slot for days.
+pub(crate) const MIN_UPLOAD_RATE: u64 = 64 * 1024;
+
+/// Longest time the body of `length` bytes may take.
+fn upload_deadline(length: u64, idle_timeout: Duration) -> Duration {
+    idle_timeout + Duration::from_secs(length.div_ceil(MIN_UPLOAD_RATE))
 }
 
 /// The sled tree of uploads in progress: volume name -> owner recorded with the volume.
@@ -213,10 +228,19 @@ impl Engine {
             .map_err(|e| VolumeError::io(&volume.path, e))?;
         let mut hasher = Sha256::new();
         let mut written = 0u64;
+        let allowed = upload_deadline(request.length, request.idle_timeout);
+        let deadline = tokio::time::Instant::now() + allowed;
         loop {
-            let next = tokio::time::timeout(request.idle_timeout, body.next())
+            let idle = tokio::time::Instant::now() + request.idle_timeout;
+            let next = tokio::time::timeout_at(idle.min(deadline), body.next())
                 .await
-                .map_err(|_| UploadError::Stalled(request.idle_timeout))?;
+                .map_err(|_| {
+                    if idle < deadline {
+                        UploadError::Stalled(request.idle_timeout)
+                    } else {
+                        UploadError::TooSlow(allowed)
+                    }
+                })?;
             let Some(chunk) = next else { break };
             let mut chunk = chunk.map_err(|e| UploadError::Body(e.to_string()))?;
             while chunk.has_remaining() {
@@ -254,5 +278,20 @@ impl Engine {
         drop(file);
         volumes.flush(volume).await?;
         Ok(actual)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_whole_body_has_a_deadline_from_its_length() {
+        let idle = Duration::from_secs(30);
+        assert_eq!(upload_deadline(1, idle), Duration::from_secs(31));
+        assert_eq!(
+            upload_deadline(64 << 20, idle),
+            Duration::from_secs(30 + 1024)
+        );
     }
 }
