@@ -11,6 +11,10 @@ use super::args::ClientOptions;
 
 /// Time to set up a connection (TCP and TLS).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an idle connection is kept for reuse: below the daemon's default
+/// `server.header_timeout` (10 s), which also closes idle HTTP/1 keep-alive connections, so a
+/// polling request is never sent on a connection the daemon is closing at that instant.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a request (not a progress stream) may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -75,6 +79,7 @@ fn token(opts: &ClientOptions) -> Result<Option<String>, ClientError> {
 fn builder(opts: &ClientOptions) -> Result<reqwest::ClientBuilder, ClientError> {
     let mut b = reqwest::Client::builder()
         .connect_timeout(CONNECT_TIMEOUT)
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .user_agent(concat!(
             "libvirt-volume-provisioner-cli/",
             env!("CARGO_PKG_VERSION")
