@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Demo on the embedded default (directory volumes, state under ./var, no root, no external
-# service): builds the daemon, makes a small qcow2 with qemu-img, starts the daemon, posts a
-# provisioning job, follows its progress to completion, checks the volume's bytes against
-# qemu-img's own conversion, and stops the daemon.
+# service): builds the daemon, makes a small qcow2 with qemu-img, starts the daemon, provisions
+# a volume with the daemon's own CLI (`provision --wait` follows the job to completion and
+# fails unless it completed), checks the volume's bytes against qemu-img's own conversion, and
+# stops the daemon.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT=${PORT:-8080}
@@ -27,24 +28,10 @@ for _ in $(seq 100); do curl -fsS "$BASE/health" >/dev/null 2>&1 && break; sleep
 curl -fsS "$BASE/health"; echo
 
 VOLUME="demo-$(date +%s)"
-echo "== POST /api/v1/jobs (volume $VOLUME, 2 GiB)"
-RESP=$(curl -fsS -X POST "$BASE/api/v1/jobs" -H 'content-type: application/json' \
-  -d "{\"image_url\":\"file://$PWD/$IMG\",\"volume_name\":\"$VOLUME\",\"volume_size_gb\":2,\"correlation_id\":\"demo\"}")
-echo "$RESP"
-JOB=$(echo "$RESP" | sed -E 's/.*"job_id":"([^"]+)".*/\1/')
-
-echo "== following job $JOB"
-while :; do
-  STATUS=$(curl -fsS "$BASE/api/v1/jobs/$JOB")
-  echo "$STATUS" | python3 -c '
-import json, sys
-j = json.load(sys.stdin); p = j["progress"]
-print("  %-9s %-12s %5.1f%%  eta=%s" % (j["status"], p["stage"], p["percent"], p["eta_seconds"]))'
-  case "$STATUS" in *'"status":"completed"'*|*'"status":"failed"'*|*'"status":"cancelled"'*) break;; esac
-  sleep 0.2
-done
-echo "$STATUS" | python3 -m json.tool
-case "$STATUS" in *'"status":"completed"'*) ;; *) echo "job did not complete"; exit 1;; esac
+echo "== $BIN provision --wait (volume $VOLUME, 2 GiB; the CLI follows the job's progress stream)"
+"$BIN" --server "$BASE" provision --image-url "file://$PWD/$IMG" --volume "$VOLUME" --size-gb 2 \
+  --correlation-id demo --wait
+"$BIN" --server "$BASE" job list --limit 3
 
 echo "== checking the volume against qemu-img convert"
 qemu-img convert -q -f qcow2 -O raw "$IMG" var/demo-reference.raw

@@ -2,6 +2,7 @@
 //! backends, the job engine, telemetry and the HTTP API into the daemon.
 
 mod api;
+pub mod client;
 mod command;
 pub mod config;
 mod convert;
@@ -358,8 +359,13 @@ async fn run(
     })?;
     let sources = Arc::new(SourceClients::new(&settings)?);
     let cache = Arc::new(
-        ImageCache::open(&settings.cache.dir, store.tree("cache"), sources, &settings)
-            .context("opening the image cache")?,
+        ImageCache::open(
+            &settings.cache.dir,
+            store.tree("cache"),
+            sources.clone(),
+            &settings,
+        )
+        .context("opening the image cache")?,
     );
     cache.evict(None);
     let libvirt = libvirt_from_settings(&settings);
@@ -406,15 +412,19 @@ async fn run(
         }),
     );
     reloader.spawn().context("starting configuration reload")?;
+    let shutdown = CancellationToken::new();
     let state = Arc::new(api::ApiState {
         engine: engine.clone(),
         cache: ctx.cache.clone(),
+        sources,
         volumes: ctx.volumes.clone(),
         settings: live.clone(),
         health,
         started,
         auth: auth.clone(),
         reloader,
+        event_streams: Default::default(),
+        stopping: shutdown.clone(),
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -443,7 +453,6 @@ async fn run(
         }
     };
 
-    let shutdown = CancellationToken::new();
     let server = tokio::spawn(server::serve(
         listener,
         api::routes(state),

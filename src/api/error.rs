@@ -19,11 +19,14 @@ pub(crate) struct ApiError {
 
 impl warp::reject::Reject for ApiError {}
 
-/// The JSON body of every error answer.
-#[derive(Serialize)]
-struct ErrorBody<'a> {
+/// The body of every 4xx and 5xx answer.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ErrorBody<'a> {
+    /// Short code of the status (`invalid request`, `not found`, `conflict`...).
     error: &'a str,
+    /// What went wrong and what to do (never a credential).
     message: &'a str,
+    /// The HTTP status.
     code: u16,
 }
 

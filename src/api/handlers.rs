@@ -9,7 +9,6 @@ use bytes::Buf;
 use chrono::Utc;
 use futures::StreamExt;
 use serde::Deserialize;
-use serde_json::json;
 use uuid::Uuid;
 use warp::http::StatusCode;
 use warp::reply::Response;
@@ -19,17 +18,21 @@ use warp::{Filter, Reply};
 use super::ApiState;
 use super::auth::Caller;
 use super::error::ApiError;
-use super::views::{StatusResponse, rfc3339};
+use super::views::{
+    Accepted, CacheDeleted, CacheImage, CacheList, CancelResponse, ConfigResponse, HealthResponse,
+    HealthStatus, JobList, JobLoad, ReadyResponse, StatusResponse, VolumeDeleted, rfc3339,
+};
 use crate::image::ImageType;
 use crate::image::source;
 use crate::jobs::delete::DeleteError;
-use crate::jobs::engine::{CancelError, SubmitError};
+use crate::jobs::engine::{CancelError, SubmitError, Submitted};
+use crate::jobs::idempotency::{self, IdempotencyKey};
 use crate::jobs::model::{JobKind, JobSpec, JobStatus};
 use crate::telemetry::metrics::metrics;
 use crate::volume::{self, VolumeError};
 use tracing::Instrument;
 
-const MAX_URL_LEN: usize = 4096;
+pub(crate) const MAX_URL_LEN: usize = 4096;
 const MAX_CORRELATION_ID_LEN: usize = 256;
 /// Largest accepted volume: 1 PiB.
 const MAX_VOLUME_GB: u64 = 1 << 20;
@@ -37,7 +40,7 @@ const MAX_LIST_LIMIT: usize = 1000;
 /// How long a cancel request waits for a running job to stop and roll back.
 const CANCEL_WAIT: Duration = Duration::from_secs(60);
 
-fn json_reply(value: &impl serde::Serialize, status: StatusCode) -> Response {
+pub(crate) fn json_reply(value: &impl serde::Serialize, status: StatusCode) -> Response {
     warp::reply::with_status(warp::reply::json(value), status).into_response()
 }
 
@@ -143,18 +146,18 @@ pub(crate) fn respond(result: Result<Response, ApiError>) -> Response {
 pub(crate) fn health(state: Arc<ApiState>) -> Response {
     let (running, slots) = state.engine.load();
     let status = if running >= slots {
-        "degraded"
+        HealthStatus::Degraded
     } else {
-        "healthy"
+        HealthStatus::Healthy
     };
     json_reply(
-        &json!({
-            "status": status,
-            "timestamp": rfc3339(Utc::now()),
-            "version": concat!("v", env!("CARGO_PKG_VERSION")),
-            "uptime": go_duration(state.started.elapsed()),
-            "jobs": {"running": running, "slots": slots},
-        }),
+        &HealthResponse {
+            status,
+            timestamp: rfc3339(Utc::now()),
+            version: concat!("v", env!("CARGO_PKG_VERSION")),
+            uptime: go_duration(state.started.elapsed()),
+            jobs: JobLoad { running, slots },
+        },
         StatusCode::OK,
     )
 }
@@ -181,12 +184,25 @@ pub(crate) fn ready(state: Arc<ApiState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     json_reply(
-        &json!({
-            "status": if all_up { "ready" } else { "unready" },
-            "dependencies": deps,
-        }),
+        &ReadyResponse {
+            status: if all_up { "ready" } else { "unready" },
+            dependencies: deps,
+        },
         status,
     )
+}
+
+/// `GET /api/v1/openapi.json`.
+pub(crate) fn openapi(caller: Result<Caller, ApiError>) -> Response {
+    if let Err(e) = caller {
+        return e.into_response();
+    }
+    let mut resp = super::openapi::document().into_response();
+    resp.headers_mut().insert(
+        "content-type",
+        warp::http::HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 pub(crate) fn metrics_text(caller: Result<Caller, ApiError>) -> Response {
@@ -201,27 +217,42 @@ pub(crate) fn metrics_text(caller: Result<Caller, ApiError>) -> Response {
     resp
 }
 
-/// The body of `POST /api/v1/jobs` as sent (fields optional here, so a missing one gets a precise 400).
-#[derive(Debug, Deserialize)]
+/// `POST /api/v1/jobs`: what to provision. Fields are checked one by one (each with its own
+/// message) rather than by serde, so they are optional here and required in the schema.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ProvisionBody {
+pub(crate) struct ProvisionBody {
+    /// `s3://bucket/key`, an `http(s)://` URL on the S3 endpoint or `sources.allowed_hosts`,
+    /// or `file://` below `sources.file_roots`; at most 4096 characters.
+    #[schema(required = true, value_type = String)]
     image_url: Option<String>,
+    /// `[A-Za-z0-9+_.-]`, 1..=127 characters, not `.` or `..`, no leading `-`.
+    #[schema(required = true, value_type = String)]
     volume_name: Option<String>,
+    /// GiB (2^30 bytes), 1..=1048576.
+    #[schema(required = true, value_type = u64, minimum = 1, maximum = 1048576)]
     volume_size_gb: Option<serde_json::Value>,
+    /// `qcow2` (default) or `raw`.
+    #[schema(value_type = Option<ImageType>)]
     image_type: Option<String>,
+    /// Echoed in the job, its logs and traces; at most 256 characters.
     correlation_id: Option<String>,
 }
 
-/// The body of `POST /api/v1/cache/fetch` as sent.
-#[derive(Debug, Deserialize)]
+/// `POST /api/v1/cache/fetch`: an image to download into the cache only.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CacheFetchBody {
+pub(crate) struct CacheFetchBody {
+    #[schema(required = true, value_type = String)]
     image_url: Option<String>,
+    #[schema(value_type = Option<ImageType>)]
     image_type: Option<String>,
     correlation_id: Option<String>,
 }
 
-fn parse_body<T: serde::de::DeserializeOwned>(body: serde_json::Value) -> Result<T, ApiError> {
+pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
+    body: serde_json::Value,
+) -> Result<T, ApiError> {
     if !body.is_object() {
         return Err(ApiError::bad_request("body must be a JSON object"));
     }
@@ -242,7 +273,7 @@ fn check_image_url(url: Option<String>, state: &ApiState) -> Result<String, ApiE
     Ok(url)
 }
 
-fn check_image_type(t: Option<String>) -> Result<ImageType, ApiError> {
+pub(crate) fn check_image_type(t: Option<String>) -> Result<ImageType, ApiError> {
     match t.as_deref() {
         None | Some("qcow2") => Ok(ImageType::Qcow2),
         Some("raw") => Ok(ImageType::Raw),
@@ -290,23 +321,73 @@ fn submit_error(e: SubmitError) -> ApiError {
             retry_after: Some(30),
         },
         SubmitError::ShuttingDown => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        SubmitError::KeyReused(_) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+        SubmitError::KeyInFlight => ApiError {
+            status: StatusCode::CONFLICT,
+            message: e.to_string(),
+            retry_after: Some(1),
+        },
         SubmitError::Store(_) => ApiError::internal(e.to_string()),
     }
 }
 
-fn accepted(job_id: Uuid) -> Response {
+/// 202 with the new job's id, or 200 with the job an `Idempotency-Key` already made (and
+/// `Idempotent-Replayed: true`); both with the job's `Location`.
+fn accepted(submitted: &Submitted) -> Response {
+    let (job, status, replayed) = match submitted {
+        Submitted::New(job) => (job, StatusCode::ACCEPTED, false),
+        Submitted::Existing(job) => (job, StatusCode::OK, true),
+    };
     let mut resp = json_reply(
-        &json!({"job_id": job_id, "status": "pending"}),
-        StatusCode::ACCEPTED,
+        &Accepted {
+            job_id: job.id,
+            status: job.status,
+        },
+        status,
     );
-    if let Ok(v) = format!("/api/v1/jobs/{job_id}").parse() {
+    if let Ok(v) = format!("/api/v1/jobs/{}", job.id).parse() {
         resp.headers_mut().insert("location", v);
+    }
+    if replayed {
+        resp.headers_mut().insert(
+            "idempotent-replayed",
+            http::HeaderValue::from_static("true"),
+        );
     }
     resp
 }
 
+/// The `Idempotency-Key` header, checked, scoped to the caller and the request.
+fn idempotency_key(
+    headers: &http::HeaderMap,
+    caller: &Caller,
+    kind: JobKind,
+    spec: &JobSpec,
+) -> Result<Option<IdempotencyKey>, ApiError> {
+    let mut values = headers.get_all("idempotency-key").iter();
+    let Some(raw) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::bad_request(
+            "Idempotency-Key is sent more than once; send one key per request",
+        ));
+    }
+    let key = raw
+        .to_str()
+        .map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII characters"))?;
+    idempotency::validate_key(key).map_err(ApiError::bad_request)?;
+    Ok(Some(IdempotencyKey::new(
+        key,
+        caller.identity(),
+        kind,
+        spec,
+    )))
+}
+
 pub(crate) async fn submit(
     caller: Result<Caller, ApiError>,
+    headers: http::HeaderMap,
     body: Result<serde_json::Value, ApiError>,
     state: Arc<ApiState>,
 ) -> Result<Response, ApiError> {
@@ -330,11 +411,15 @@ pub(crate) async fn submit(
         volume_size_gb: Some(size),
         correlation_id,
     };
-    let job = state
+    let key = idempotency_key(&headers, &caller, JobKind::Provision, &spec)?;
+    let submitted = state
         .engine
-        .submit(JobKind::Provision, spec, caller.origin())
+        .submit(JobKind::Provision, spec, caller.origin(), key)
         .await
         .map_err(submit_error)?;
+    let Submitted::New(job) = &submitted else {
+        return Ok(accepted(&submitted));
+    };
     tracing::info!(
         job_id = %job.id,
         correlation_id = job.spec.correlation_id.as_deref().unwrap_or(""),
@@ -343,11 +428,12 @@ pub(crate) async fn submit(
         requested_by = caller.identity().unwrap_or(""),
         "provision job accepted"
     );
-    Ok(accepted(job.id))
+    Ok(accepted(&submitted))
 }
 
 pub(crate) async fn cache_fetch(
     caller: Result<Caller, ApiError>,
+    headers: http::HeaderMap,
     body: Result<serde_json::Value, ApiError>,
     state: Arc<ApiState>,
 ) -> Result<Response, ApiError> {
@@ -364,13 +450,16 @@ pub(crate) async fn cache_fetch(
         volume_size_gb: None,
         correlation_id,
     };
-    let job = state
+    let key = idempotency_key(&headers, &caller, JobKind::CacheFetch, &spec)?;
+    let submitted = state
         .engine
-        .submit(JobKind::CacheFetch, spec, caller.origin())
+        .submit(JobKind::CacheFetch, spec, caller.origin(), key)
         .await
         .map_err(submit_error)?;
-    tracing::info!(job_id = %job.id, image_url = %job.spec.image_url, "cache fetch job accepted");
-    Ok(accepted(job.id))
+    if let Submitted::New(job) = &submitted {
+        tracing::info!(job_id = %job.id, image_url = %job.spec.image_url, "cache fetch job accepted");
+    }
+    Ok(accepted(&submitted))
 }
 
 fn parse_query(raw: &str) -> HashMap<String, String> {
@@ -417,13 +506,16 @@ pub(crate) async fn list(
         .map(|j| StatusResponse::from_job(j, state.engine.queue_position(j.id)))
         .collect();
     Ok(json_reply(
-        &json!({"count": jobs.len(), "jobs": jobs}),
+        &JobList {
+            count: jobs.len(),
+            jobs,
+        },
         StatusCode::OK,
     ))
 }
 
 /// A job id from the path (400 when malformed, not 404).
-fn parse_job_id(raw: &str) -> Result<Uuid, ApiError> {
+pub(crate) fn parse_job_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw)
         .map_err(|_| ApiError::bad_request(format!("`{raw}` is not a job id (UUID)")))
 }
@@ -463,7 +555,7 @@ pub(crate) async fn cancel(
                 "cancelled"
             };
             Ok(json_reply(
-                &json!({"status": status, "job_id": id}),
+                &CancelResponse { status, job_id: id },
                 StatusCode::OK,
             ))
         }
@@ -495,24 +587,27 @@ pub(crate) async fn cache_list(
         .rev()
         .skip(offset)
         .take(limit)
-        .map(|e| {
-            json!({
-                "key": e.key,
-                "path": cache.dir().join(format!("{}.img", e.key)),
-                "size": e.size,
-                "checksum": e.sha256,
-                "checksum_verified": e.verified,
-                "image_url": e.image_url,
-                "format": e.inspection.format,
-                "virtual_size": e.inspection.virtual_size,
-                "last_used": rfc3339(e.last_used),
-                "mod_time": rfc3339(e.created),
-                "in_use": cache.in_use_count(&e.key),
-            })
+        .map(|e| CacheImage {
+            key: e.key.clone(),
+            path: cache.dir().join(format!("{}.img", e.key)),
+            size: e.size,
+            checksum: e.sha256.clone(),
+            checksum_verified: e.verified,
+            image_url: e.image_url.clone(),
+            format: e.inspection.format,
+            virtual_size: e.inspection.virtual_size,
+            last_used: rfc3339(e.last_used),
+            mod_time: rfc3339(e.created),
+            in_use: cache.in_use_count(&e.key),
         })
         .collect();
     Ok(json_reply(
-        &json!({"images": images, "count": total, "offset": offset, "limit": limit}),
+        &CacheList {
+            images,
+            count: total,
+            offset,
+            limit,
+        },
         StatusCode::OK,
     ))
 }
@@ -541,7 +636,10 @@ pub(crate) async fn cache_delete(
                 "cache entry deleted"
             );
             Ok(json_reply(
-                &json!({"status": "deleted", "key": key}),
+                &CacheDeleted {
+                    status: "deleted",
+                    key,
+                },
                 StatusCode::OK,
             ))
         }
@@ -585,7 +683,10 @@ pub(crate) async fn volume_delete(
         tracing::info!(volume = %name, requested_by = caller.identity().unwrap_or(""), "volume deleted");
     }
     Ok(json_reply(
-        &json!({"status": "deleted", "volume": name}),
+        &VolumeDeleted {
+            status: "deleted",
+            volume: name,
+        },
         StatusCode::OK,
     ))
 }
@@ -604,14 +705,16 @@ pub(crate) async fn config(
     let rendered = crate::config::redacted_toml(&settings);
     let effective: toml::Value =
         toml::from_str(&rendered).map_err(|e| ApiError::internal(e.to_string()))?;
+    let effective =
+        serde_json::to_value(effective).map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(json_reply(
-        &json!({
-            "config": effective,
-            "last_reload": status.last_reload.map(rfc3339),
-            "last_reload_result": status.last_result,
-            "last_reload_error": status.last_error,
-            "pending_restart": status.pending_restart,
-        }),
+        &ConfigResponse {
+            config: effective,
+            last_reload: status.last_reload.map(rfc3339),
+            last_reload_result: status.last_result,
+            last_reload_error: status.last_error,
+            pending_restart: status.pending_restart,
+        },
         StatusCode::OK,
     ))
 }
@@ -619,6 +722,7 @@ pub(crate) async fn config(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn go_style_uptime() {

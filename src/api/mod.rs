@@ -5,13 +5,17 @@
 mod activity;
 pub(crate) mod auth;
 pub(crate) mod error;
+mod events;
 mod handlers;
+mod openapi;
 mod origin;
 mod peers;
+mod preflight;
 mod request;
 pub(crate) mod server;
 mod strict_json;
 pub(crate) mod tls;
+mod upload;
 mod views;
 
 use std::convert::Infallible;
@@ -32,6 +36,8 @@ pub(crate) struct ApiState {
     pub(crate) engine: Engine,
     /// The image cache (listing and deleting entries).
     pub(crate) cache: Arc<ImageCache>,
+    /// The image sources (preflight inspection).
+    pub(crate) sources: Arc<crate::image::source::SourceClients>,
     /// The volume backend (name rules).
     pub(crate) volumes: Arc<dyn VolumeBackend>,
     pub(crate) settings: LiveSettings,
@@ -39,6 +45,11 @@ pub(crate) struct ApiState {
     pub(crate) started: Instant,
     pub(crate) auth: Arc<auth::Authenticator>,
     pub(crate) reloader: Arc<crate::config::reload::Reloader>,
+    /// Progress streams open now (bounded by `server.max_event_streams` and
+    /// `server.max_event_streams_per_peer`).
+    pub(crate) event_streams: events::StreamCount,
+    /// Fires when the daemon shuts down (ends progress streams).
+    pub(crate) stopping: tokio_util::sync::CancellationToken,
 }
 
 /// Values a request collects on its way through the filters, read by the server afterwards
@@ -105,15 +116,13 @@ pub(crate) fn routes(
     let body = || handlers::json_body(state.clone());
 
     // Open routes.
-    let health = get()
-        .and(
-            path("health")
-                .or(path("healthz"))
-                .unify()
-                .or(path("livez"))
-                .unify(),
-        )
+    let health = path("health")
+        .or(path("healthz"))
+        .unify()
+        .or(path("livez"))
+        .unify()
         .and(end())
+        .and(get())
         .and(route("/health"))
         .and(s())
         .map(handlers::health);
@@ -139,6 +148,7 @@ pub(crate) fn routes(
         .or(path!("provision").and(post()).and(route("/provision")))
         .unify()
         .and(caller())
+        .and(warp::header::headers_cloned())
         .and(body())
         .and(s())
         .then(handlers::submit)
@@ -161,6 +171,15 @@ pub(crate) fn routes(
         .and(caller())
         .and(s())
         .then(handlers::status)
+        .map(respond);
+    let events = path!("api" / "v1" / "jobs" / String / "events")
+        .and(get())
+        .and(route("/api/v1/jobs/{id}/events"))
+        .and(caller())
+        .and(warp::ext::optional::<server::ConnInfo>())
+        .and(warp::header::headers_cloned())
+        .and(s())
+        .then(events::events)
         .map(respond);
     let cancel = path!("api" / "v1" / "jobs" / String / "cancel")
         .and(post())
@@ -187,6 +206,7 @@ pub(crate) fn routes(
         .and(post())
         .and(route("/api/v1/cache/fetch"))
         .and(caller())
+        .and(warp::header::headers_cloned())
         .and(body())
         .and(s())
         .then(handlers::cache_fetch)
@@ -198,6 +218,23 @@ pub(crate) fn routes(
         .and(s())
         .then(handlers::cache_delete)
         .map(respond);
+
+    // Images (new).
+    let image_inspect = path!("api" / "v1" / "images" / "inspect")
+        .and(post())
+        .and(route("/api/v1/images/inspect"))
+        .and(caller())
+        .and(body())
+        .and(s())
+        .then(preflight::inspect)
+        .map(respond);
+
+    // The OpenAPI document (new).
+    let openapi = path!("api" / "v1" / "openapi.json")
+        .and(get())
+        .and(route("/api/v1/openapi.json"))
+        .and(caller())
+        .map(handlers::openapi);
 
     // Effective configuration (new).
     let config = path!("api" / "v1" / "config")
@@ -217,6 +254,16 @@ pub(crate) fn routes(
         .then(handlers::volume_delete)
         .map(respond);
 
+    let volume_upload = path!("api" / "v1" / "volumes" / String / "content")
+        .and(warp::put())
+        .and(route("/api/v1/volumes/{name}/content"))
+        .and(caller())
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .and(s())
+        .then(upload::upload)
+        .map(respond);
+
     let any_route = health
         .or(ready)
         .unify()
@@ -228,6 +275,8 @@ pub(crate) fn routes(
         .unify()
         .or(status)
         .unify()
+        .or(events)
+        .unify()
         .or(cancel)
         .unify()
         .or(cache_list)
@@ -236,9 +285,15 @@ pub(crate) fn routes(
         .unify()
         .or(cache_delete)
         .unify()
+        .or(image_inspect)
+        .unify()
         .or(volume_delete)
         .unify()
+        .or(volume_upload)
+        .unify()
         .or(config)
+        .unify()
+        .or(openapi)
         .unify();
     origin::same_site_only(state.clone())
         .and(any_route)

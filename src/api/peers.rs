@@ -1,7 +1,8 @@
 //! Connections per client address: at most `server.max_connections_per_peer` open at once from
 //! one peer, so a single host cannot take every connection slot before it has authenticated.
 //! IPv4 peers count by address, IPv6 peers by their /64 (one host usually holds a whole /64),
-//! IPv4-mapped IPv6 addresses as the IPv4 address they carry.
+//! IPv4-mapped IPv6 addresses as the IPv4 address they carry. Progress streams use the same
+//! counting for `server.max_event_streams_per_peer` (`events.rs`).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
@@ -31,10 +32,23 @@ impl PeerSlots {
 
     /// A slot for a new connection from `ip`, or `None` when the peer already holds `limit`.
     pub(crate) fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<PeerSlot> {
+        self.try_acquire_within(ip, self.limit)
+    }
+
+    /// A slot for `ip` under `limit` (a live setting read per request) instead of the limit
+    /// given at construction.
+    pub(crate) fn try_acquire_within(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        limit: usize,
+    ) -> Option<PeerSlot> {
         let key = peer_key(ip);
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let count = open.entry(key).or_insert(0);
-        if *count >= self.limit {
+        if *count >= limit {
+            if *count == 0 {
+                open.remove(&key);
+            }
             return None;
         }
         *count += 1;

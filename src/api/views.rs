@@ -1,8 +1,12 @@
-//! The API's response bodies for jobs: `StatusResponse` (and its progress part) built from a
-//! stored job, with the Go service's field names kept beside ours.
+//! The API's response bodies: `StatusResponse` (and its progress part) built from a stored
+//! job, with the Go service's field names kept beside ours, and the typed body of every other
+//! route. The OpenAPI document (`openapi.rs`) is generated from these types.
+
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::image::ImageType;
@@ -18,20 +22,25 @@ pub(crate) fn rfc3339(t: DateTime<Utc>) -> String {
 }
 
 /// A job's progress as the API shows it (rounded; `overall_percent` for old clients).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub(crate) struct ProgressView {
     pub(crate) stage: Stage,
+    /// Overall percent (0..=100); never decreases.
+    #[schema(minimum = 0, maximum = 100)]
     pub(crate) percent: f64,
     /// The Go service's name of `percent`, kept for old clients.
+    #[schema(minimum = 0, maximum = 100)]
     pub(crate) overall_percent: f64,
+    #[schema(minimum = 0, maximum = 100)]
     pub(crate) stage_percent: f64,
     pub(crate) bytes_processed: u64,
     pub(crate) bytes_total: u64,
+    /// Estimated seconds to completion; `null` while unknown.
     pub(crate) eta_seconds: Option<f64>,
 }
 
 /// The job as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub(crate) struct StatusResponse {
     pub(crate) job_id: Uuid,
     pub(crate) kind: JobKind,
@@ -68,6 +77,141 @@ pub(crate) struct StatusResponse {
     pub(crate) started_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) finished_at: Option<String>,
+}
+
+/// `GET /health`: liveness and load.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct HealthResponse {
+    /// `degraded` when every job slot is busy.
+    pub(crate) status: HealthStatus,
+    pub(crate) timestamp: String,
+    /// `v` and the version.
+    pub(crate) version: &'static str,
+    /// Time since start, as Go prints durations (`3h14m52s`).
+    pub(crate) uptime: String,
+    pub(crate) jobs: JobLoad,
+}
+
+/// Whether a job slot is free.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum HealthStatus {
+    Healthy,
+    Degraded,
+}
+
+/// Running jobs and job slots.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct JobLoad {
+    pub(crate) running: usize,
+    pub(crate) slots: usize,
+}
+
+/// `GET /readyz`: each dependency in use and whether it is up.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ReadyResponse {
+    /// `ready` (200) or `unready` (503).
+    pub(crate) status: &'static str,
+    /// `storage`, and `lvm`, `minio`, `libvirt` when in use.
+    pub(crate) dependencies: BTreeMap<&'static str, bool>,
+}
+
+/// A submission's answer: the job and its status (`pending` for a new job).
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Accepted {
+    pub(crate) job_id: Uuid,
+    pub(crate) status: JobStatus,
+}
+
+/// `GET /api/v1/jobs`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct JobList {
+    /// Jobs in this answer (newest first).
+    pub(crate) count: usize,
+    pub(crate) jobs: Vec<StatusResponse>,
+}
+
+/// A cancellation's answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct CancelResponse {
+    /// `cancelled`, or `cancelling` while a running job still winds down.
+    pub(crate) status: &'static str,
+    pub(crate) job_id: Uuid,
+}
+
+/// One cache entry.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct CacheImage {
+    /// 64 lowercase hex digits.
+    pub(crate) key: String,
+    #[schema(value_type = String)]
+    pub(crate) path: std::path::PathBuf,
+    /// Bytes on disk (the image as downloaded).
+    pub(crate) size: u64,
+    /// SHA-256 of the content.
+    pub(crate) checksum: String,
+    /// Whether the checksum was checked against a published `.sha256`.
+    pub(crate) checksum_verified: bool,
+    pub(crate) image_url: String,
+    pub(crate) format: ImageType,
+    pub(crate) virtual_size: u64,
+    pub(crate) last_used: String,
+    pub(crate) mod_time: String,
+    /// Jobs using the entry now (it is not evicted meanwhile).
+    pub(crate) in_use: usize,
+}
+
+/// `GET /api/v1/cache/images`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct CacheList {
+    pub(crate) images: Vec<CacheImage>,
+    /// Entries in the cache (not only in this page).
+    pub(crate) count: usize,
+    pub(crate) offset: usize,
+    pub(crate) limit: usize,
+}
+
+/// `DELETE /api/v1/cache/images/{key}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct CacheDeleted {
+    /// Always `deleted`.
+    pub(crate) status: &'static str,
+    pub(crate) key: String,
+}
+
+/// `DELETE /api/v1/volumes/{name}` (also when the volume did not exist).
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct VolumeDeleted {
+    /// Always `deleted`.
+    pub(crate) status: &'static str,
+    pub(crate) volume: String,
+}
+
+/// `GET /api/v1/config`: the effective configuration and the last reload.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ConfigResponse {
+    /// Every setting, as `check-config` prints it (secrets redacted).
+    #[schema(value_type = Object)]
+    pub(crate) config: serde_json::Value,
+    pub(crate) last_reload: Option<String>,
+    /// `success` or `error`; `null` before the first reload.
+    pub(crate) last_reload_result: Option<&'static str>,
+    pub(crate) last_reload_error: Option<String>,
+    /// Changed keys still running with their old value until a restart.
+    pub(crate) pending_restart: Vec<String>,
+}
+
+/// `PUT /api/v1/volumes/{name}/content` (201).
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Uploaded {
+    /// Always `created`.
+    pub(crate) status: &'static str,
+    pub(crate) volume: String,
+    pub(crate) volume_path: String,
+    /// Bytes written.
+    pub(crate) size: u64,
+    /// SHA-256 of what was written (lowercase hex).
+    pub(crate) sha256: String,
 }
 
 impl StatusResponse {

@@ -108,6 +108,10 @@ pub(crate) struct ServerSettings {
     /// (TLS handshake included); a connection that sends none is closed.
     #[serde(with = "humantime_serde")]
     pub(crate) first_request_timeout: Duration,
+    /// Progress streams (`GET /api/v1/jobs/{id}/events`) open at once; 429 beyond.
+    pub(crate) max_event_streams: usize,
+    /// Progress streams one client address (IPv6: one /64) may hold open at once; 429 beyond.
+    pub(crate) max_event_streams_per_peer: usize,
 }
 
 /// `[storage]`: where durable state lives.
@@ -153,6 +157,13 @@ pub(crate) struct VolumesSettings {
     pub(crate) backend: VolumeBackendKind,
     pub(crate) lvm: LvmSettings,
     pub(crate) directory: DirectorySettings,
+    /// Largest body of `PUT /api/v1/volumes/{name}/content` (small uploads such as cloud-init
+    /// seed images); 413 beyond.
+    pub(crate) upload_max_bytes: u64,
+    /// Glob the volume names of uploads must match (`*-cidata`); empty turns uploads off.
+    pub(crate) upload_name_pattern: String,
+    /// Uploads in progress at once (each holds a connection and a new volume); 429 beyond.
+    pub(crate) upload_max_concurrent: usize,
 }
 
 /// `[volumes.lvm]`: the LVM backend.
@@ -378,6 +389,8 @@ impl Settings {
                 max_connections_per_peer: 64,
                 h2_idle_timeout: Duration::from_secs(30),
                 first_request_timeout: Duration::from_secs(15),
+                max_event_streams: 64,
+                max_event_streams_per_peer: 16,
             },
             storage: StorageSettings { data_dir },
             jobs: JobsSettings {
@@ -399,6 +412,9 @@ impl Settings {
                     thin_pool_max_percent: 90,
                 },
                 directory: DirectorySettings { path: volumes_dir },
+                upload_max_bytes: 64 << 20,
+                upload_name_pattern: "*-cidata".into(),
+                upload_max_concurrent: 4,
             },
             cache: CacheSettings {
                 dir: cache_dir,
@@ -627,6 +643,39 @@ impl Settings {
                     return err("volumes.directory.path", "must not be empty".into());
                 }
             }
+        }
+        if !(1..=10_000).contains(&self.server.max_event_streams) {
+            return err(
+                "server.max_event_streams",
+                "must be between 1 and 10000".into(),
+            );
+        }
+        if !(1..=10_000).contains(&self.server.max_event_streams_per_peer) {
+            return err(
+                "server.max_event_streams_per_peer",
+                "must be between 1 and 10000".into(),
+            );
+        }
+        if !(1..=1 << 40).contains(&self.volumes.upload_max_bytes) {
+            return err(
+                "volumes.upload_max_bytes",
+                "must be between 1 and 1 TiB".into(),
+            );
+        }
+        if !(1..=1024).contains(&self.volumes.upload_max_concurrent) {
+            return err(
+                "volumes.upload_max_concurrent",
+                "must be between 1 and 1024".into(),
+            );
+        }
+        if let Err(e) = glob::Pattern::new(&self.volumes.upload_name_pattern) {
+            return err(
+                "volumes.upload_name_pattern",
+                format!(
+                    "`{}` is not a glob pattern: {e}",
+                    self.volumes.upload_name_pattern
+                ),
+            );
         }
         if self.volumes.lvm.command_timeout.is_zero() {
             return err(

@@ -5,6 +5,7 @@ pub(crate) mod cache;
 mod client;
 mod format;
 pub mod inspect;
+pub(crate) mod preflight;
 mod remote;
 pub(crate) mod source;
 

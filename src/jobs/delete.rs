@@ -159,7 +159,7 @@ mod tests {
             correlation_id: None,
         };
         let refused = engine
-            .submit(JobKind::Provision, spec.clone(), Origin::default())
+            .submit(JobKind::Provision, spec.clone(), Origin::default(), None)
             .await
             .unwrap_err();
         assert!(
@@ -177,7 +177,7 @@ mod tests {
         assert!(deleting.await.unwrap().unwrap(), "the volume existed");
         // The lock is released with the deletion.
         engine
-            .submit(JobKind::Provision, spec, Origin::default())
+            .submit(JobKind::Provision, spec, Origin::default(), None)
             .await
             .unwrap();
     }

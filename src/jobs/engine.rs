@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use super::error::JobError;
 use super::handle::JobHandle;
+use super::idempotency::IdempotencyKey;
 use super::model::{Job, JobKind, JobSpec, JobStatus};
 use super::runner::{self, RunContext};
 use super::store::{Store, StoreError};
@@ -38,6 +39,8 @@ pub(crate) enum Holder {
     Job(Uuid),
     /// `DELETE /api/v1/volumes/{name}` is removing it.
     Deleting,
+    /// `PUT /api/v1/volumes/{name}/content` is writing it.
+    Uploading,
 }
 
 impl std::fmt::Display for Holder {
@@ -46,6 +49,7 @@ impl std::fmt::Display for Holder {
             Holder::Submitting => f.write_str("a job being submitted"),
             Holder::Job(id) => write!(f, "job {id}"),
             Holder::Deleting => f.write_str("its deletion"),
+            Holder::Uploading => f.write_str("an upload"),
         }
     }
 }
@@ -62,8 +66,26 @@ pub(crate) enum SubmitError {
     QueueFull(usize),
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    /// The `Idempotency-Key` was used for another request (API: 422).
+    #[error(
+        "Idempotency-Key was already used for job {0} with a different request; send a new key \
+         for a new request"
+    )]
+    KeyReused(Uuid),
+    /// A request with the same `Idempotency-Key` is being stored right now (API: 409).
+    #[error("a request with this Idempotency-Key is being processed; retry in a moment")]
+    KeyInFlight,
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// An accepted submission.
+#[derive(Debug)]
+pub(crate) enum Submitted {
+    /// A new job was stored and queued.
+    New(Job),
+    /// The `Idempotency-Key` names a job made by the same request earlier (nothing new).
+    Existing(Job),
 }
 
 /// A refused cancellation.
@@ -102,6 +124,8 @@ pub(super) struct State {
     max_concurrent: usize,
     queue_capacity: usize,
     accepting: bool,
+    /// Scoped idempotency keys of submissions being stored (a second one gets `KeyInFlight`).
+    keys_in_flight: std::collections::HashSet<String>,
 }
 
 /// Handle to the engine (cheap to clone).
@@ -133,11 +157,13 @@ impl Engine {
                     max_concurrent: settings.jobs.max_concurrent,
                     queue_capacity: settings.jobs.queue_capacity,
                     accepting: true,
+                    keys_in_flight: Default::default(),
                 }),
                 job_timeout: Mutex::new(settings.jobs.timeout),
                 ctx,
             }),
         };
+        engine.recover_uploads().await;
         engine.recover().await?;
         Ok(engine)
     }
@@ -192,16 +218,32 @@ impl Engine {
         Ok(())
     }
 
-    /// Accepts a job: checks the volume lock and queue capacity, stores it durably, queues it.
+    /// Accepts a job: answers a repeated `Idempotency-Key` with its job, checks the volume
+    /// lock and queue capacity, stores the job durably and queues it.
     pub(crate) async fn submit(
         &self,
         kind: JobKind,
         spec: JobSpec,
         origin: Origin,
-    ) -> Result<Job, SubmitError> {
+        key: Option<IdempotencyKey>,
+    ) -> Result<Submitted, SubmitError> {
         let volume = spec.volume_name.clone();
         {
             let mut st = self.state();
+            if let Some(key) = &key {
+                // Under the lock, so a key is either stored (found here) or in flight.
+                if let Some(job) = self.inner.store.idempotent_job(key)? {
+                    return match job.idempotency.as_ref() {
+                        Some(k) if k.request_hash == key.request_hash => {
+                            Ok(Submitted::Existing(job))
+                        }
+                        _ => Err(SubmitError::KeyReused(job.id)),
+                    };
+                }
+                if st.keys_in_flight.contains(&key.scoped) {
+                    return Err(SubmitError::KeyInFlight);
+                }
+            }
             if !st.accepting {
                 return Err(SubmitError::ShuttingDown);
             }
@@ -221,10 +263,17 @@ impl Engine {
             if let Some(v) = &volume {
                 st.volumes.insert(v.clone(), Holder::Submitting);
             }
+            if let Some(key) = &key {
+                st.keys_in_flight.insert(key.scoped.clone());
+            }
         }
-        let result = self.store_new(kind, spec, origin).await;
+        let scoped = key.as_ref().map(|k| k.scoped.clone());
+        let result = self.store_new(kind, spec, origin, key).await;
         let mut st = self.state();
         st.reserved -= 1;
+        if let Some(scoped) = scoped {
+            st.keys_in_flight.remove(&scoped);
+        }
         match result {
             Ok(job) => {
                 if let Some(v) = &volume {
@@ -233,7 +282,7 @@ impl Engine {
                 st.queue.push_back(job.id);
                 metrics().queued_jobs.set(st.queue.len() as i64);
                 self.pump(&mut st);
-                Ok(job)
+                Ok(Submitted::New(job))
             }
             Err(e) => {
                 if let Some(v) = &volume {
@@ -249,6 +298,7 @@ impl Engine {
         kind: JobKind,
         spec: JobSpec,
         origin: Origin,
+        key: Option<IdempotencyKey>,
     ) -> Result<Job, SubmitError> {
         if kind == JobKind::Provision {
             runner::check_volume_usable(&self.inner.ctx, &spec)
@@ -259,6 +309,12 @@ impl Engine {
         let mut job = Job::new(Uuid::new_v4(), seq, kind, spec, Utc::now());
         job.requested_by = origin.requested_by;
         job.trace_context = origin.trace_context;
+        if let Some(key) = key {
+            // The key first: flushed together with the job below; a crash in between leaves
+            // a key naming no job, which counts as unused.
+            self.inner.store.put_idempotency_key(&key, job.id)?;
+            job.idempotency = Some(key);
+        }
         self.inner.store.put_job_confirmed(&job).await?;
         Ok(job)
     }

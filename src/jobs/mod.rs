@@ -1,12 +1,14 @@
 //! Jobs: the model and state machine, progress estimation, the durable store, the engine
-//! (queue, slots, cancel, recovery), deleting volumes under its locks, and the runner (what a
-//! job does).
+//! (queue, slots, cancel, recovery), idempotent submission, deleting and uploading volumes
+//! under its locks, and the runner (what a job does).
 
 pub(crate) mod delete;
 pub(crate) mod engine;
 mod error;
 mod handle;
+pub(crate) mod idempotency;
 pub(crate) mod model;
 pub(crate) mod progress;
 pub(crate) mod runner;
 pub(crate) mod store;
+pub(crate) mod upload;

@@ -8,10 +8,11 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::idempotency::IdempotencyKey;
 pub(crate) use crate::image::ImageType;
 
 /// Status of a job. `completed`, `failed` and `cancelled` are terminal and never change again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum JobStatus {
     Pending,
@@ -72,7 +73,7 @@ impl fmt::Display for JobStatus {
 }
 
 /// What a job does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum JobKind {
     /// Fetch an image and write it into a volume.
@@ -82,7 +83,19 @@ pub(crate) enum JobKind {
 }
 
 /// The stages a job reports, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum Stage {
     Initializing,
@@ -146,7 +159,7 @@ pub(crate) enum VolumeOwnership {
 }
 
 /// How a provision job gave its volume the image's content (`method` in the job status).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub(crate) enum VolumeMethod {
     /// A thin snapshot of the image's golden LV (`volumes.lvm.golden_images`).
@@ -194,6 +207,9 @@ pub(crate) struct Job {
     /// W3C trace context of the request that created the job.
     #[serde(default)]
     pub(crate) trace_context: BTreeMap<String, String>,
+    /// The `Idempotency-Key` the job was submitted with (removed with the job).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) idempotency: Option<IdempotencyKey>,
     pub(crate) created_at: DateTime<Utc>,
     pub(crate) updated_at: DateTime<Utc>,
     pub(crate) started_at: Option<DateTime<Utc>>,
@@ -226,6 +242,7 @@ impl Job {
             method: None,
             requested_by: None,
             trace_context: BTreeMap::new(),
+            idempotency: None,
             created_at: now,
             updated_at: now,
             started_at: None,

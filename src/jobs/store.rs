@@ -26,14 +26,21 @@ pub(crate) enum StoreError {
     Serde(#[from] serde_json::Error),
 }
 
+/// How many written records a slow subscriber may fall behind before it must re-read.
+const UPDATES_CAPACITY: usize = 256;
+
 /// The job records and stage history (cheap to clone; clones share everything).
 #[derive(Clone)]
 pub(crate) struct Store {
     db: Db,
     jobs: Tree,
     history: Tree,
+    /// Idempotency keys of submissions: scoped key -> job id (`jobs/idempotency.rs`).
+    pub(super) idempotency: Tree,
     /// Latest records of existing jobs that could not be written, by job id.
     unsaved: Arc<Mutex<HashMap<Uuid, Job>>>,
+    /// Every record written (or kept in memory), for progress streams.
+    updates: tokio::sync::broadcast::Sender<Arc<Job>>,
 }
 
 impl Store {
@@ -46,7 +53,9 @@ impl Store {
         Ok(Store {
             jobs: db.tree("jobs"),
             history: db.tree("stage_history"),
+            idempotency: db.tree("idempotency"),
             unsaved: Arc::new(Mutex::new(HashMap::new())),
+            updates: tokio::sync::broadcast::channel(UPDATES_CAPACITY).0,
             db,
         })
     }
@@ -63,6 +72,18 @@ impl Store {
         Ok(r?)
     }
 
+    /// Records written from now on, every job's (a receiver that lags must re-read the job).
+    pub(crate) fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<Job>> {
+        self.updates.subscribe()
+    }
+
+    /// Tells subscribers about a record reads now show (no subscriber is fine).
+    fn announce(&self, job: &Job) {
+        if self.updates.receiver_count() > 0 {
+            let _ = self.updates.send(Arc::new(job.clone()));
+        }
+    }
+
     fn unsaved(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Job>> {
         self.unsaved.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -71,7 +92,9 @@ impl Store {
     /// memory (a refused submission, or a completion that must not be shown unless durable).
     pub(crate) async fn put_job_confirmed(&self, job: &Job) -> Result<(), StoreError> {
         self.write(job)?;
-        self.flush().await
+        self.flush().await?;
+        self.announce(job);
+        Ok(())
     }
 
     /// Writes a job record. `durable`: wait until it is on disk (state changes); progress
@@ -88,7 +111,7 @@ impl Store {
 
     /// Writes a job record without waiting for disk (progress; sled flushes every 200 ms).
     pub(crate) fn put_job_nowait(&self, job: &Job) -> Result<(), StoreError> {
-        match self.write(job) {
+        let result = match self.write(job) {
             Ok(()) => {
                 self.unsaved().remove(&job.id);
                 Ok(())
@@ -97,7 +120,9 @@ impl Store {
                 self.unsaved().insert(job.id, job.clone());
                 Err(e)
             }
-        }
+        };
+        self.announce(job);
+        result
     }
 
     fn write(&self, job: &Job) -> Result<(), StoreError> {
@@ -177,7 +202,8 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes terminal jobs that finished before `cutoff`; pending and running jobs stay.
+    /// Deletes terminal jobs that finished before `cutoff` (and their idempotency keys);
+    /// pending and running jobs stay.
     pub(crate) fn prune_finished(
         &self,
         cutoff: chrono::DateTime<chrono::Utc>,
@@ -185,10 +211,12 @@ impl Store {
         let mut removed = 0;
         for job in self.all_jobs()? {
             if job.status.is_terminal() && job.finished_at.is_some_and(|f| f < cutoff) {
+                self.remove_idempotency_key(&job)?;
                 self.delete_job(job.id)?;
                 removed += 1;
             }
         }
+        self.prune_orphan_keys()?;
         Ok(removed)
     }
 

@@ -118,6 +118,7 @@ pub(crate) fn method_label(method: &str) -> &'static str {
         "GET" => "GET",
         "POST" => "POST",
         "DELETE" => "DELETE",
+        "PUT" => "PUT",
         _ => "other",
     }
 }
@@ -598,6 +599,7 @@ mod tests {
     fn method_label_is_a_fixed_set() {
         assert_eq!(method_label("GET"), "GET");
         assert_eq!(method_label("DELETE"), "DELETE");
+        assert_eq!(method_label("PUT"), "PUT");
         assert_eq!(method_label("get"), "other");
         assert_eq!(method_label(&"X".repeat(100_000)), "other");
     }

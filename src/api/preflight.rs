@@ -1,0 +1,76 @@
+//! `POST /api/v1/images/inspect {image_url, image_type?}`: would a job accept this image?
+//! Format, sizes, cache state and the verdict of the same allow-lists and inspector a job
+//! meets, without a job or a volume (`image/preflight.rs`). A request that is malformed gets
+//! 400; an image a job would refuse (outside the allow-lists, missing, hostile) gets 200 with
+//! `accepted: false` and the reason.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use warp::http::StatusCode;
+use warp::reply::Response;
+
+use super::ApiState;
+use super::auth::Caller;
+use super::error::ApiError;
+use super::handlers::{MAX_URL_LEN, check_image_type, json_reply, parse_body};
+use crate::image::preflight::{self, CacheState, Preflight};
+use crate::image::source;
+
+/// The request body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct InspectBody {
+    /// The image, as a job would name it.
+    #[schema(required = true)]
+    image_url: Option<String>,
+    /// `qcow2` (default) or `raw`: what a job would declare.
+    #[schema(value_type = Option<crate::image::ImageType>)]
+    image_type: Option<String>,
+}
+
+/// The answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct InspectResponse {
+    pub(crate) image_url: String,
+    #[serde(flatten)]
+    pub(crate) verdict: Preflight,
+}
+
+pub(crate) async fn inspect(
+    caller: Result<Caller, ApiError>,
+    body: Result<serde_json::Value, ApiError>,
+    state: Arc<ApiState>,
+) -> Result<Response, ApiError> {
+    caller?;
+    let body: InspectBody = parse_body(body?)?;
+    let image_url = body
+        .image_url
+        .filter(|u| !u.trim().is_empty())
+        .ok_or_else(|| ApiError::bad_request("image_url is required"))?;
+    if image_url.len() > MAX_URL_LEN {
+        return Err(ApiError::bad_request(format!(
+            "image_url is longer than {MAX_URL_LEN} characters"
+        )));
+    }
+    let requested = check_image_type(body.image_type)?;
+    let verdict = match source::resolve(&image_url, &state.settings.current()) {
+        Ok(location) => {
+            preflight::inspect(&state.sources, &state.cache, &location, requested).await
+        }
+        Err(refused) => Preflight {
+            format: None,
+            virtual_size: None,
+            size: None,
+            cache: CacheState::Absent,
+            cache_key: None,
+            accepted: false,
+            reason: Some(refused.to_string()),
+            bytes_read: 0,
+        },
+    };
+    Ok(json_reply(
+        &InspectResponse { image_url, verdict },
+        StatusCode::OK,
+    ))
+}

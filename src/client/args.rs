@@ -1,0 +1,176 @@
+//! The client subcommands' arguments and the options every one of them takes (server, TLS,
+//! token, output format), as clap definitions the binary flattens into its command line.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand, ValueEnum};
+
+/// How the server is reached and how answers are printed.
+#[derive(Debug, Clone, Args)]
+pub struct ClientOptions {
+    /// The daemon's API (http://host:port or https://host:port).
+    #[arg(
+        long,
+        global = true,
+        env = "LVP_SERVER_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub server: String,
+    /// CA certificate (PEM) that signed the server's certificate; without it the system's
+    /// roots are used.
+    #[arg(long, global = true, value_name = "PEM")]
+    pub cacert: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS (with --key).
+    #[arg(long, global = true, value_name = "PEM", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, global = true, value_name = "PEM", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// File holding an API token (the token alone; `#` lines are skipped). The environment
+    /// variable LVP_TOKEN is used when this is not given.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// `text` for people, `json` for scripts (the API's own body, nothing else on stdout).
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+/// How answers are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+/// The subcommands that talk to a running daemon.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ClientCommand {
+    /// Provision a volume from an image (add --wait to follow it to the end).
+    Provision(ProvisionArgs),
+    /// Jobs: show, list, follow, cancel.
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// The image cache: list, prefetch, delete.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+    /// Volumes: delete, upload small content (cloud-init seeds).
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Images: check one before provisioning from it.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// The daemon's health.
+    Health,
+}
+
+/// Following a job.
+#[derive(Debug, Clone, Args)]
+pub struct WaitArgs {
+    /// Follow the job until it ends (exit status 0 only when it completed).
+    #[arg(long)]
+    pub wait: bool,
+    /// On Ctrl-C while waiting, cancel the job without asking.
+    #[arg(long)]
+    pub cancel_on_interrupt: bool,
+}
+
+/// `provision`.
+#[derive(Debug, Clone, Args)]
+pub struct ProvisionArgs {
+    /// Image to write (s3://bucket/key, https://..., file:///...).
+    #[arg(long)]
+    pub image_url: String,
+    /// Volume to create or overwrite.
+    #[arg(long)]
+    pub volume: String,
+    /// Volume size in GiB.
+    #[arg(long)]
+    pub size_gb: u64,
+    /// Format of the image (the daemon checks it).
+    #[arg(long, value_parser = ["qcow2", "raw"])]
+    pub image_type: Option<String>,
+    /// Echoed in the job, its logs and traces.
+    #[arg(long)]
+    pub correlation_id: Option<String>,
+    /// Idempotency-Key to send (default: a new random one; pass the same key when retrying
+    /// the same request from a script to get the job it already made).
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+/// `job ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum JobCommand {
+    /// Show one job.
+    Get { id: String },
+    /// List jobs, newest first.
+    List {
+        /// Only jobs in this state.
+        #[arg(long, value_parser = ["pending", "running", "completed", "failed", "cancelled"])]
+        status: Option<String>,
+        /// At most this many (1..=1000).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Follow a job until it ends (exit status 0 only when it completed).
+    Watch {
+        id: String,
+        /// On Ctrl-C, cancel the job without asking.
+        #[arg(long)]
+        cancel_on_interrupt: bool,
+    },
+    /// Cancel a job (stops it and removes a volume it created).
+    Cancel { id: String },
+}
+
+/// `cache ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum CacheCommand {
+    /// List cached images, most recently used first.
+    List {
+        #[arg(long, default_value_t = 0)]
+        offset: usize,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Download an image into the cache (a prefetch job).
+    Fetch {
+        image_url: String,
+        #[arg(long, value_parser = ["qcow2", "raw"])]
+        image_type: Option<String>,
+        /// Idempotency-Key to send (default: a new random one).
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Delete a cache entry by its key (64 hex digits, see `cache list`).
+    Delete {
+        /// Its own id: `key` is the global --key (the client key of mutual TLS).
+        #[arg(id = "cache_key", value_name = "KEY")]
+        key: String,
+    },
+}
+
+/// `volume ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum VolumeCommand {
+    /// Delete a volume (absent is fine; refused while a job or a VM uses it).
+    Delete { name: String },
+    /// Write a small file (a cloud-init seed image) into a new volume.
+    Upload { name: String, file: PathBuf },
+}
+
+/// `image ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ImageCommand {
+    /// Check an image without provisioning: format, sizes, cache state, whether the daemon
+    /// would accept it (reads only the header of an uncached image).
+    Inspect {
+        image_url: String,
+        #[arg(long, value_parser = ["qcow2", "raw"])]
+        image_type: Option<String>,
+    },
+}

@@ -1,0 +1,411 @@
+//! The client's HTTP side: a reqwest client built from the options (CA, client certificate,
+//! token), requests that satisfy the API's rules (JSON content type, no `Origin`), and errors
+//! that say what to do: nothing listening, a TLS handshake refused (and why), 401, 403.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::args::ClientOptions;
+
+/// Time to set up a connection (TCP and TLS).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an idle connection is kept for reuse: below the daemon's default
+/// `server.header_timeout` (10 s), which also closes idle HTTP/1 keep-alive connections, so a
+/// polling request is never sent on a connection the daemon is closing at that instant.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a request (not a progress stream) may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Why a command could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ClientError {
+    /// Bad options or files (certificates, token, upload file).
+    #[error("{0}")]
+    Setup(String),
+    /// The server could not be reached or the connection failed.
+    #[error("{0}")]
+    Connect(String),
+    /// The server answered with an error status.
+    #[error("{message}")]
+    Refused {
+        status: u16,
+        message: String,
+        /// The API's error body, for `--output json`.
+        body: Value,
+    },
+    /// The server's answer is not what the API promises.
+    #[error("unexpected answer from the server: {0}")]
+    Protocol(String),
+}
+
+/// The API, as this command line reaches it.
+pub(crate) struct Api {
+    client: reqwest::Client,
+    /// For progress streams: no overall time limit.
+    streaming: reqwest::Client,
+    base: String,
+    token: Option<String>,
+    /// Whether a client certificate is presented (for the hint when TLS fails).
+    has_cert: bool,
+}
+
+fn read(path: &Path, what: &str) -> Result<Vec<u8>, ClientError> {
+    std::fs::read(path)
+        .map_err(|e| ClientError::Setup(format!("cannot read {what} {}: {e}", path.display())))
+}
+
+/// The token from `--token-file`, else `LVP_TOKEN`.
+fn token(opts: &ClientOptions) -> Result<Option<String>, ClientError> {
+    if let Some(path) = &opts.token_file {
+        let text = String::from_utf8(read(path, "--token-file")?)
+            .map_err(|_| ClientError::Setup(format!("{} is not text", path.display())))?;
+        let token = text
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with('#'))
+            .ok_or_else(|| {
+                ClientError::Setup(format!("--token-file {} holds no token", path.display()))
+            })?;
+        return Ok(Some(token.to_string()));
+    }
+    Ok(std::env::var("LVP_TOKEN")
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty()))
+}
+
+fn builder(opts: &ClientOptions) -> Result<reqwest::ClientBuilder, ClientError> {
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .user_agent(concat!(
+            "libvirt-volume-provisioner-cli/",
+            env!("CARGO_PKG_VERSION")
+        ))
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(path) = &opts.cacert {
+        let pem = read(path, "--cacert")?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            ClientError::Setup(format!(
+                "--cacert {}: not PEM certificates: {e}",
+                path.display()
+            ))
+        })?;
+        if certs.is_empty() {
+            return Err(ClientError::Setup(format!(
+                "--cacert {} holds no certificate",
+                path.display()
+            )));
+        }
+        b = b.tls_certs_only(certs);
+    }
+    if let (Some(cert), Some(key)) = (&opts.cert, &opts.key) {
+        let mut pem = read(cert, "--cert")?;
+        pem.push(b'\n');
+        pem.extend(read(key, "--key")?);
+        let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+            ClientError::Setup(format!(
+                "--cert {} / --key {}: not a PEM certificate and its key: {e}",
+                cert.display(),
+                key.display()
+            ))
+        })?;
+        b = b.identity(identity);
+    }
+    Ok(b)
+}
+
+impl Api {
+    pub(crate) fn new(opts: &ClientOptions) -> Result<Api, ClientError> {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let base = opts.server.trim_end_matches('/').to_string();
+        match url::Url::parse(&base) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+            _ => {
+                return Err(ClientError::Setup(format!(
+                    "--server `{base}` is not an http:// or https:// URL (LVP_SERVER_URL sets it too)"
+                )));
+            }
+        }
+        let build = |b: reqwest::ClientBuilder| {
+            b.build()
+                .map_err(|e| ClientError::Setup(format!("cannot set up the HTTP client: {e}")))
+        };
+        Ok(Api {
+            client: build(builder(opts)?.timeout(REQUEST_TIMEOUT))?,
+            streaming: build(builder(opts)?.read_timeout(Duration::from_secs(60)))?,
+            base,
+            token: token(opts)?,
+            has_cert: opts.cert.is_some(),
+        })
+    }
+
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn authorized(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+    }
+
+    /// A request to `path` on the normal client.
+    pub(crate) fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.authorized(self.client.request(method, self.url(path)))
+    }
+
+    /// A GET on the streaming client (no overall time limit).
+    pub(crate) fn stream_request(&self, path: &str) -> reqwest::RequestBuilder {
+        self.authorized(self.streaming.get(self.url(path)))
+    }
+
+    /// Sends `req` and returns the JSON body of a success (status and body).
+    pub(crate) async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<(u16, Value), ClientError> {
+        let resp = req.send().await.map_err(|e| self.explain(&e))?;
+        self.json_of(resp).await
+    }
+
+    /// GET `path`.
+    pub(crate) async fn get(&self, path: &str) -> Result<Value, ClientError> {
+        Ok(self.send(self.request(reqwest::Method::GET, path)).await?.1)
+    }
+
+    /// POST a JSON body (with the JSON content type the API requires).
+    pub(crate) async fn post(
+        &self,
+        path: &str,
+        body: &Value,
+        idempotency_key: Option<&str>,
+    ) -> Result<(u16, Value), ClientError> {
+        let mut req = self
+            .request(reqwest::Method::POST, path)
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(key) = idempotency_key {
+            req = req.header("idempotency-key", key);
+        }
+        self.send(req).await
+    }
+
+    /// DELETE `path`.
+    pub(crate) async fn delete(&self, path: &str) -> Result<Value, ClientError> {
+        Ok(self
+            .send(self.request(reqwest::Method::DELETE, path))
+            .await?
+            .1)
+    }
+
+    /// The body of a success, or the error the API answered.
+    pub(crate) async fn json_of(
+        &self,
+        resp: reqwest::Response,
+    ) -> Result<(u16, Value), ClientError> {
+        let status = resp.status().as_u16();
+        let text = resp.text().await.map_err(|e| self.explain(&e))?;
+        let body: Value = serde_json::from_str(&text).map_err(|_| {
+            ClientError::Protocol(format!(
+                "HTTP {status} with a body that is not JSON: {}",
+                text.chars().take(200).collect::<String>()
+            ))
+        })?;
+        if status >= 400 {
+            return Err(refused(status, body));
+        }
+        Ok((status, body))
+    }
+
+    /// What a failed request means for the person running the command.
+    pub(crate) fn explain(&self, e: &reqwest::Error) -> ClientError {
+        let chain = error_chain(e);
+        if let Some(tls) = find_rustls_error(e) {
+            return ClientError::Connect(format!(
+                "TLS handshake with {} failed: {tls}. {}",
+                self.base,
+                tls_hint(tls, &self.base)
+            ));
+        }
+        if let Some(hint) = tls_hint_from_text(&chain, &self.base) {
+            return ClientError::Connect(format!(
+                "TLS handshake with {} failed: {chain}. {hint}",
+                self.base
+            ));
+        }
+        if e.is_connect() {
+            if chain.contains("Connection refused") {
+                return ClientError::Connect(format!(
+                    "cannot connect to {}: nothing is listening there (connection refused). Is \
+                     the daemon running (`libvirt-volume-provisioner serve`)? Point --server or \
+                     LVP_SERVER_URL at its server.listen address.",
+                    self.base
+                ));
+            }
+            return ClientError::Connect(format!(
+                "cannot connect to {}: {chain}. Check --server / LVP_SERVER_URL and the network.",
+                self.base
+            ));
+        }
+        if e.is_timeout() {
+            return ClientError::Connect(format!("{} did not answer in time ({chain})", self.base));
+        }
+        let lower = chain.to_ascii_lowercase();
+        let closed = [
+            "connection closed",
+            "reset by peer",
+            "canceled",
+            "unexpected eof",
+            "broken pipe",
+            "stream closed",
+        ]
+        .iter()
+        .any(|m| lower.contains(m));
+        if self.base.starts_with("https://") && closed {
+            // TLS 1.3 refuses a client certificate after the client's side of the handshake,
+            // so the client often sees the connection end rather than the alert.
+            let hint = if self.has_cert {
+                "the server may have refused the client certificate (--cert): it must be \
+                 signed by the daemon's tls.client_ca_file, be valid now and allow client \
+                 authentication"
+            } else {
+                "the server requires a client certificate: pass --cert and --key"
+            };
+            return ClientError::Connect(format!(
+                "{} closed the connection during the TLS handshake ({chain}); {hint}.",
+                self.base
+            ));
+        }
+        if self.base.starts_with("https://") && chain.contains("InvalidContentType") {
+            return ClientError::Connect(format!(
+                "{} does not speak TLS; if the daemon serves plain HTTP, use http://",
+                self.base
+            ));
+        }
+        ClientError::Connect(format!("request to {} failed: {chain}", self.base))
+    }
+}
+
+/// An error status as the user should read it: the API's message, and what to do for 401/403.
+fn refused(status: u16, body: Value) -> ClientError {
+    let said = body["message"].as_str().unwrap_or("").to_string();
+    let message = match status {
+        401 => format!(
+            "authentication required (HTTP 401): {said}. Pass a client certificate with \
+             --cert/--key (and --cacert), or an API token with --token-file or LVP_TOKEN."
+        ),
+        // Only a hint: the daemon's 403 for a known but unlisted certificate names it.
+        403 if said.contains("client certificate") => format!(
+            "forbidden (HTTP 403): {said}. The certificate is valid but not allowed here: ask \
+             for its name to be listed in the daemon's auth.allowed_clients."
+        ),
+        403 => format!("forbidden (HTTP 403): {said}"),
+        _ => format!("{said} (HTTP {status})"),
+    };
+    ClientError::Refused {
+        status,
+        message,
+        body,
+    }
+}
+
+/// Every message of an error's source chain, joined.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut current = e.source();
+    while let Some(err) = current {
+        let text = err.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        current = err.source();
+    }
+    parts.join(": ")
+}
+
+fn find_rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = current {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && let Some(inner) = io.get_ref()
+            && let Some(tls) = inner.downcast_ref::<rustls::Error>()
+        {
+            return Some(tls);
+        }
+        current = err.source();
+    }
+    None
+}
+
+/// The hint for a handshake error known only by its message (the rustls error is not always
+/// reachable through the source chain).
+fn tls_hint_from_text(chain: &str, base: &str) -> Option<String> {
+    let hint = if chain.contains("UnknownIssuer") || chain.contains("BadSignature") {
+        "The server's certificate is not signed by a CA this command trusts: pass the CA \
+         certificate with --cacert."
+            .to_string()
+    } else if chain.contains("NotValidForName") {
+        format!(
+            "The server's certificate does not name the host of {base}: use a name or address \
+             from its subjectAltName in --server."
+        )
+    } else if chain.contains("invalid peer certificate: Expired") {
+        "The server's certificate has expired (or this machine's clock is wrong).".into()
+    } else if chain.contains("CertificateRequired") {
+        "The server requires a client certificate: pass --cert and --key.".into()
+    } else if chain.contains("received fatal alert") {
+        "The server refused the client certificate (--cert): it must be signed by the \
+         server's tls.client_ca_file, be valid now, and allow client authentication."
+            .into()
+    } else {
+        return None;
+    };
+    Some(hint)
+}
+
+/// What to do about a refused handshake.
+fn tls_hint(e: &rustls::Error, base: &str) -> String {
+    use rustls::{AlertDescription, CertificateError, Error};
+    match e {
+        Error::InvalidCertificate(CertificateError::UnknownIssuer)
+        | Error::InvalidCertificate(CertificateError::BadSignature) => {
+            "The server's certificate is not signed by a CA this command trusts: pass the CA \
+             certificate with --cacert."
+                .into()
+        }
+        Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) => format!(
+            "The server's certificate does not name the host of {base}: use a name or address \
+             from its subjectAltName in --server."
+        ),
+        Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => "The server's certificate has expired (or this machine's clock is wrong).".into(),
+        Error::AlertReceived(AlertDescription::CertificateRequired)
+        | Error::AlertReceived(AlertDescription::HandshakeFailure) => {
+            "The server requires a client certificate: pass --cert and --key.".into()
+        }
+        Error::AlertReceived(
+            AlertDescription::BadCertificate
+            | AlertDescription::UnknownCA
+            | AlertDescription::CertificateExpired
+            | AlertDescription::UnsupportedCertificate
+            | AlertDescription::DecryptError,
+        ) => "The server refused the client certificate (--cert): it must be signed by the \
+              server's tls.client_ca_file, be valid now, and allow client authentication."
+            .into(),
+        Error::InvalidMessage(_) => {
+            "The server may not speak TLS on this port; if it serves plain HTTP, use http://."
+                .into()
+        }
+        _ => "Check --cacert, --cert and --key.".into(),
+    }
+}

@@ -1,0 +1,187 @@
+//! Preflight inspection (`POST /api/v1/images/inspect`): what a job would find in an image,
+//! without a job, a volume or a download. The source is asked for the object's size and ETag;
+//! a cache entry of the same object answers from its stored verdict, anything else is judged
+//! from a ranged GET of at most `inspect::MAX_HEADER_READ` bytes (never the whole object) by
+//! the same inspector the cache runs on every download.
+
+use futures::StreamExt;
+use serde::Serialize;
+
+use super::ImageType;
+use super::cache::ImageCache;
+use super::inspect::{self, InspectError, MAX_HEADER_READ};
+use super::remote::{RemoteObject, SourceError};
+use super::source::{Location, SourceClients};
+
+/// Whether the cache holds the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum CacheState {
+    /// An entry of this object (same source and ETag): a job would not download it.
+    Cached,
+    /// An entry of an earlier version of this source (another ETag): a job downloads anew.
+    Stale,
+    /// Nothing of this source is cached.
+    Absent,
+}
+
+/// The verdict on an image.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub(crate) struct Preflight {
+    /// `qcow2` or `raw`; `null` when the image could not be read.
+    pub(crate) format: Option<ImageType>,
+    /// Size of the disk the image describes.
+    pub(crate) virtual_size: Option<u64>,
+    /// Size of the image file (as stored at the source, or in the cache).
+    pub(crate) size: Option<u64>,
+    pub(crate) cache: CacheState,
+    /// Key of the cache entry, when one exists (`cached` or `stale`).
+    pub(crate) cache_key: Option<String>,
+    /// Whether a job with this image (and `image_type`) would get past inspection.
+    pub(crate) accepted: bool,
+    /// Why not, when not.
+    pub(crate) reason: Option<String>,
+    /// Bytes of the image read from the source for this answer.
+    pub(crate) bytes_read: u64,
+}
+
+impl Preflight {
+    fn refused(reason: String, cache: CacheState, cache_key: Option<String>) -> Preflight {
+        Preflight {
+            format: None,
+            virtual_size: None,
+            size: None,
+            cache,
+            cache_key,
+            accepted: false,
+            reason: Some(reason),
+            bytes_read: 0,
+        }
+    }
+}
+
+/// Why the source could not be read, as a job would report it.
+fn source_error(e: &SourceError) -> String {
+    match e {
+        SourceError::NotFound(_) => format!("image not found: {e}"),
+        SourceError::Auth { .. } => format!("access to the image was refused: {e}"),
+        SourceError::Redirect(r) => format!(
+            "download refused: {r}; list the host in sources.allowed_hosts if it is trusted"
+        ),
+        _ => format!("cannot read the image: {e}"),
+    }
+}
+
+/// Inspects the image at `location` as a job asking for `requested` would.
+pub(crate) async fn inspect(
+    sources: &SourceClients,
+    cache: &ImageCache,
+    location: &Location,
+    requested: ImageType,
+) -> Preflight {
+    let identity = location.identity();
+    let entries: Vec<_> = cache
+        .entries()
+        .into_iter()
+        .filter(|e| e.identity == identity)
+        .collect();
+    let object = match sources.object(location) {
+        Ok(o) => o,
+        Err(e) => {
+            return Preflight::refused(
+                format!("cannot read the image: {e}"),
+                CacheState::Absent,
+                None,
+            );
+        }
+    };
+    let meta = match object.head(None).await {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            return Preflight::refused(
+                "cannot read the image: the source answered 304 to a plain HEAD".into(),
+                CacheState::Absent,
+                None,
+            );
+        }
+        Err(e) => {
+            let newest = entries.last().map(|e| e.key.clone());
+            let state = if newest.is_some() {
+                CacheState::Stale
+            } else {
+                CacheState::Absent
+            };
+            return Preflight::refused(source_error(&e), state, newest);
+        }
+    };
+    if let Some(entry) = entries
+        .iter()
+        .rev()
+        .find(|e| e.etag == meta.etag && e.size == meta.size)
+    {
+        let verdict = inspect::check_requested(&entry.inspection, requested);
+        return Preflight {
+            format: Some(entry.inspection.format),
+            virtual_size: Some(entry.inspection.virtual_size),
+            size: Some(entry.size),
+            cache: CacheState::Cached,
+            cache_key: Some(entry.key.clone()),
+            accepted: verdict.is_ok(),
+            reason: verdict.err().map(|e| format!("image rejected: {e}")),
+            bytes_read: 0,
+        };
+    }
+    let (cache_state, cache_key) = match entries.last() {
+        Some(e) => (CacheState::Stale, Some(e.key.clone())),
+        None => (CacheState::Absent, None),
+    };
+    let (head, bytes_read) = match read_head(&object, meta.size).await {
+        Ok(head) => {
+            let n = head.len() as u64;
+            (head, n)
+        }
+        Err(e) => return Preflight::refused(source_error(&e), cache_state, cache_key),
+    };
+    let verdict = inspect::inspect_bytes(&head, meta.size)
+        .and_then(|found| inspect::check_requested(&found, requested).map(|_| found));
+    let found = match &verdict {
+        Ok(found) => Some(*found),
+        // A mismatch still says what the image is.
+        Err(InspectError::FormatMismatch { detected, .. }) => {
+            inspect::inspect_bytes(&head, meta.size)
+                .ok()
+                .filter(|f| f.format == *detected)
+        }
+        Err(_) => None,
+    };
+    Preflight {
+        format: found.map(|f| f.format),
+        virtual_size: found.map(|f| f.virtual_size),
+        size: Some(meta.size),
+        cache: cache_state,
+        cache_key,
+        accepted: verdict.is_ok(),
+        reason: verdict.err().map(|e| format!("image rejected: {e}")),
+        bytes_read,
+    }
+}
+
+/// The first `min(size, MAX_HEADER_READ)` bytes, by one ranged GET; reading stops there
+/// even if the source ignores the range and sends the whole object.
+async fn read_head(object: &RemoteObject, size: u64) -> Result<Vec<u8>, SourceError> {
+    let want = size.min(MAX_HEADER_READ as u64);
+    if want == 0 {
+        return Ok(Vec::new());
+    }
+    let mut reply = object.get(Some(0..want), None).await?;
+    let mut head = Vec::with_capacity(want as usize);
+    while let Some(chunk) = reply.body.next().await {
+        let chunk = chunk?;
+        let room = want as usize - head.len();
+        head.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if head.len() as u64 >= want {
+            break;
+        }
+    }
+    Ok(head)
+}
