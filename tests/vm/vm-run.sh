@@ -24,7 +24,7 @@ KPKG=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{p
 K=$WORK/k-$KVER
 MODULES="virtio_pci virtio-rng virtio_blk virtio_net 9pnet_virtio 9p crc32c_generic dm-mod dm-thin-pool dm-snapshot loop"
 # The initramfs name carries the module list, so a changed list never reuses an old image.
-INITRD=$WORK/initrd-9p-$KVER-$(echo "$MODULES" | md5sum | cut -c1-8).gz
+INITRD=$WORK/initrd-9p-$KVER-$(echo "$MODULES ctl-from-cmdline" | md5sum | cut -c1-8).gz
 
 # Kernel and initramfs are prepared once per kernel version, under a lock (parallel runs share
 # the cache) and published by rename.
@@ -56,14 +56,16 @@ for m in $MODULES; do modprobe \$m; done
 INIT
   cat >> $R/init <<'INIT'
 O=trans=virtio,version=9p2000.L,msize=512000
+# This run's control directory in the share (runs in parallel share one checkout).
+V=$(sed -n 's/.*vmrun=\([^ ]*\).*/\1/p' /proc/cmdline)
 mount -t 9p -o $O,ro hostroot /hostroot; mount -t 9p -o $O share /mnt
 H=/hostroot; for d in proc sys dev; do mount --bind /$d $H/$d; done
 mount -t tmpfs -o size=70% tmpfs $H/tmp; mount -t tmpfs tmpfs $H/run
-S=$(cat /mnt/.vmrun/sharepath); mkdir -p $H$S; mount --bind /mnt $H$S
-mkdir -p $H/run/lvm-vm; cp /mnt/.vmrun/lvm.conf $H/run/lvm-vm/lvm.conf
+S=$(cat /mnt/$V/sharepath); mkdir -p $H$S; mount --bind /mnt $H$S
+mkdir -p $H/run/lvm-vm; cp /mnt/$V/lvm.conf $H/run/lvm-vm/lvm.conf
 ip link set lo up; ip link set eth0 up; ip addr add 10.0.2.15/24 dev eth0; ip route add default via 10.0.2.2
 i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-chroot $H /bin/sh -c ". $S/.vmrun/env; cd \"\$VMRUN_CWD\"; \"$S/.vmrun/cmd\"; echo \$? > $S/.vmrun/rc"
+chroot $H /bin/sh -c ". $S/$V/env; cd \"\$VMRUN_CWD\"; \"$S/$V/cmd\"; echo \$? > $S/$V/rc"
 sync; poweroff -f
 INIT
   chmod +x $R/init; (cd $R && find . | busybox cpio -o -H newc 2>/dev/null) | gzip -1 > "$INITRD.tmp"; rm -rf $R
@@ -71,8 +73,8 @@ INIT
 fi
 flock -u 9
 
-# per-run control files in the share, and a per-run disk
-C=$SHARE/.vmrun; rm -rf "$C"; mkdir -p "$C"; echo "$SHARE" > "$C/sharepath"
+# per-run control files in the share (named on the kernel command line), and a per-run disk
+mkdir -p "$SHARE/.vmrun"; C=$(mktemp -d "$SHARE/.vmrun/run.XXXXXX"); echo "$SHARE" > "$C/sharepath"
 DISKIMG=$(mktemp "$WORK/disk.XXXXXX")
 trap 'rm -rf "$C" "$DISKIMG"' EXIT
 cat > "$C/lvm.conf" <<'CONF'
@@ -87,7 +89,7 @@ CONF
 truncate -s "$DISK" "$DISKIMG"
 set +e
 timeout ${VM_TIMEOUT:-600} qemu-system-x86_64 -accel tcg -m ${VM_MEM:-2048} -smp ${VM_CPUS:-1} -nographic -no-reboot \
-  -kernel "$K/vmlinux" -initrd "$INITRD" -append "console=ttyS0 panic=-1 quiet" \
+  -kernel "$K/vmlinux" -initrd "$INITRD" -append "console=ttyS0 panic=-1 quiet vmrun=.vmrun/${C##*/}" \
   -device virtio-rng-pci -drive file="$DISKIMG",if=virtio,format=raw,cache=unsafe \
   -netdev user,id=n0,restrict=on -device virtio-net-pci,netdev=n0,romfile= \
   -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
