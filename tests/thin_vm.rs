@@ -26,8 +26,9 @@ const MIB: u64 = 1 << 20;
 const JOB_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Cases in the order they run.
-const CASES: [&str; 6] = [
+const CASES: [&str; 7] = [
     "three_volumes_from_one_golden_image",
+    "golden_bound_removes_the_least_recently_used",
     "reused_thick_and_thin_lvs_are_fully_overwritten",
     "kill_during_golden_build_then_restart",
     "fresh_thin_lvs_follow_the_pools_zeroing",
@@ -422,6 +423,7 @@ fn run_case<'a>(
 ) -> std::pin::Pin<Box<dyn Future<Output = CaseResult> + Send + 'a>> {
     match name {
         "three_volumes_from_one_golden_image" => Box::pin(three_volumes(ctx)),
+        "golden_bound_removes_the_least_recently_used" => Box::pin(golden_bound(ctx)),
         "reused_thick_and_thin_lvs_are_fully_overwritten" => Box::pin(reused_lvs(ctx)),
         "kill_during_golden_build_then_restart" => Box::pin(kill_during_build(ctx)),
         "fresh_thin_lvs_follow_the_pools_zeroing" => Box::pin(fresh_thin_lvs(ctx)),
@@ -585,6 +587,65 @@ async fn three_volumes_on(ctx: &Ctx, d: &Daemon) -> CaseResult {
         "thin-a still names an origin"
     );
     for v in ["thin-a", "thin-b"] {
+        let (status, body) = delete(&ctx.c, &d.url(&format!("/api/v1/volumes/{v}"))).await;
+        ensure!(status == 200, "DELETE {v}: {status} {body}");
+    }
+    Ok(())
+}
+
+/// `volumes.lvm.golden_max_bytes` bounds the pool data of golden LVs: with room for one image
+/// (about 5 MiB of data in an 8 MiB bound), a second image's golden build first removes the
+/// least recently used golden LV, and the volume cloned from it keeps its bytes.
+async fn golden_bound(ctx: &Ctx) -> CaseResult {
+    let (dir, config) = ctx.config("bound");
+    // The same bytes under another URL: another cache entry, so another golden image.
+    let other = dir.join("other.qcow2");
+    std::fs::copy(ctx.data.join("disk.qcow2"), &other).map_err(|e| e.to_string())?;
+    let roots = vec![ctx.data.display().to_string(), dir.display().to_string()];
+    let config = config
+        .set("volumes.lvm.golden_max_bytes", (8 * MIB) as i64)
+        .set("sources.file_roots", roots);
+    let d = Daemon::start(&dir, &config);
+    let r = golden_bound_on(ctx, &d, &other).await;
+    with_log(&d, r)
+}
+
+async fn golden_bound_on(ctx: &Ctx, d: &Daemon, other: &Path) -> CaseResult {
+    let first = ctx.submit(d, "disk.qcow2", "bound-a").await?;
+    let job = ctx.wait_done(d, &first).await?;
+    ensure!(
+        job["status"] == "completed" && job["method"] == "thin-snapshot",
+        "first job: {job}"
+    );
+    let before = golden_lvs()?;
+    ensure!(before.len() == 1, "golden LVs after one image: {before:?}");
+
+    step("a second image, no room for two golden LVs");
+    let (status, v) = post(
+        &ctx.c,
+        &d.url("/api/v1/jobs"),
+        &json!({"image_url": file_url(other), "volume_name": "bound-b", "volume_size_gb": 1}),
+    )
+    .await;
+    ensure!(status == 202, "submit other.qcow2: {status} {v}");
+    let second = v["job_id"].as_str().unwrap_or_default().to_string();
+    let job = ctx.wait_done(d, &second).await?;
+    ensure!(
+        job["status"] == "completed" && job["method"] == "thin-snapshot",
+        "second job: {job}"
+    );
+    let after = golden_lvs()?;
+    ensure!(
+        after.len() == 1 && after != before,
+        "golden LVs: {before:?} before, {after:?} after (want the first replaced)"
+    );
+    let log = d.log();
+    ensure!(
+        !log_lines(&log, &["removing the least recently used golden image"]).is_empty(),
+        "no removal logged"
+    );
+    for v in ["bound-a", "bound-b"] {
+        ctx.check_image_bytes(v, "disk.qcow2")?;
         let (status, body) = delete(&ctx.c, &d.url(&format!("/api/v1/volumes/{v}"))).await;
         ensure!(status == 200, "DELETE {v}: {status} {body}");
     }
