@@ -124,7 +124,8 @@ for mib_data in 256 1024; do
 
   start_daemon thick-$mib_data ""
   prefetch "$img"
-  read -r secs method < <(provision "$img" thick-$mib_data)
+  out=$(provision "$img" thick-$mib_data)
+  read -r secs method <<<"$out"
   thick[$mib_data]=$secs
   echo "BENCH $img (a) thick copy: $secs s ($method)"
   stop_daemon thick-$mib_data
@@ -133,12 +134,14 @@ for mib_data in 256 1024; do
   before=$(pool_data)
   start_daemon thin-$mib_data pool
   prefetch "$img"
-  read -r secs method < <(provision "$img" thin-$mib_data-1)
+  out=$(provision "$img" thin-$mib_data-1)
+  read -r secs method <<<"$out"
   first[$mib_data]=$secs
   echo "BENCH $img (b) first thin volume: $secs s ($method)"
   times=()
   for n in $(seq 2 "$VOLUMES"); do
-    read -r secs method < <(provision "$img" thin-$mib_data-$n)
+    out=$(provision "$img" thin-$mib_data-$n)
+    read -r secs method <<<"$out"
     echo "BENCH $img (c) thin volume $n: $secs s ($method)"
     times+=("$secs")
   done

@@ -487,6 +487,20 @@ mod tests {
         assert_eq!(state_of(&plain, KEY), GoldenState::Foreign);
     }
 
+    /// Only complete golden LVs count in `golden_images` and `golden_image_bytes`.
+    #[test]
+    fn metrics_count_complete_golden_images_only() {
+        let complete = golden_lv(
+            &format!("lvp_golden,lvp_image_{KEY},lvp_golden_complete"),
+            "Vri-a-tz-k",
+        );
+        let half = golden_lv(&format!("lvp_golden,lvp_image_{KEY}"), "Vwi-a-tz--");
+        let plain = golden_lv("", "Vwi-a-tz--");
+        set_metrics(&[complete, half, plain]);
+        assert_eq!(metrics().golden_images.get(), 1);
+        assert_eq!(metrics().golden_image_bytes.get(), 1 << 28);
+    }
+
     /// A thin snapshot of a golden LV is a plain thin volume (reusable, removable); other
     /// snapshots stay protected.
     #[test]
