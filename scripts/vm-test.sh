@@ -11,7 +11,7 @@
 # missing case, or a VM time-out.
 # Exit status 77 (and a loud message) when QEMU or busybox is not installed (nothing runs), or
 # when libvirt is not (the lvm suite runs, the libvirt suite is skipped).
-# Environment: VM_SUITES (default "lvm thin libvirt"), VM_TIMEOUT (seconds per suite, default 1500),
+# Environment: VM_SUITES (default "lvm thin libvirt"), VM_TIMEOUT (seconds per suite, default 2100),
 # WORK (VM cache, default /tmp/vmrun).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -128,7 +128,7 @@ run_suite() { # suite
   # grows with whatever else runs on the host.
   TIMEFORMAT="$suite VM: %0R s wall time, %0U s user + %0S s system CPU"
   time {
-    VM_TIMEOUT=${VM_TIMEOUT:-1500} VM_MEM=${VM_MEM:-2048} tests/vm/vm-run.sh -s "$ROOT" -d 8G -e VMTEST_DATA -- \
+    VM_TIMEOUT=${VM_TIMEOUT:-2100} VM_MEM=${VM_MEM:-2048} tests/vm/vm-run.sh -s "$ROOT" -d 8G -e VMTEST_DATA -- \
       "${BINS[$suite]}" --ignored --test-threads=1 --nocapture > "$LOG" 2>&1
     rc=$?
   }
