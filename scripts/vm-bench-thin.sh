@@ -124,6 +124,7 @@ for mib_data in 256 1024; do
 
   start_daemon thick-$mib_data ""
   prefetch "$img"
+  # No process substitution: the VM has no /dev/fd.
   out=$(provision "$img" thick-$mib_data)
   read -r secs method <<<"$out"
   thick[$mib_data]=$secs
