@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of the project: formatting and lints, unit and integration tests against the
-# real binary, the LVM tests inside a QEMU VM, and the static checks of the Nix files.
+# real binary, the release build as the package makes it (and a smoke run of it), the LVM tests inside a QEMU VM, and the static checks of the Nix files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -15,6 +15,9 @@ cargo clippy --all-targets --locked -- -D warnings
 
 step "cargo test"
 cargo test --all-targets --locked
+
+step "What ships: release build offline from Cargo.lock, release unit tests, smoke run (scripts/release-check.sh)"
+./scripts/release-check.sh
 
 step "Nix files (scripts/check-nix.sh)"
 ./scripts/check-nix.sh

@@ -413,7 +413,7 @@ async fn run(
     );
     reloader.spawn().context("starting configuration reload")?;
     let shutdown = CancellationToken::new();
-    let state = Arc::new(api::ApiState {
+    let state = Arc::new(api::state::ApiState {
         engine: engine.clone(),
         cache: ctx.cache.clone(),
         sources,

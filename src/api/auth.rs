@@ -17,7 +17,7 @@ use warp::http::StatusCode;
 
 use super::error::ApiError;
 use super::server::{ClientCert, ConnInfo};
-use super::{ApiState, RequestScope};
+use super::state::{ApiState, RequestScope};
 use crate::config::{Settings, resolve_credential};
 use crate::jobs::engine::Origin;
 use crate::telemetry::metrics::metrics;

@@ -22,11 +22,11 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::sse::Event;
 
-use super::ApiState;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::peers::{PeerSlot, PeerSlots};
 use super::server::ConnInfo;
+use super::state::ApiState;
 use super::views::StatusResponse;
 use crate::jobs::model::Job;
 use crate::jobs::store::Store;

@@ -15,9 +15,9 @@ use warp::reply::Response;
 
 use warp::{Filter, Reply};
 
-use super::ApiState;
 use super::auth::Caller;
 use super::error::ApiError;
+use super::state::ApiState;
 use super::views::{
     Accepted, CacheDeleted, CacheImage, CacheList, CancelResponse, ConfigResponse, HealthResponse,
     HealthStatus, JobList, JobLoad, ReadyResponse, StatusResponse, VolumeDeleted, rfc3339,

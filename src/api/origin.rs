@@ -15,8 +15,8 @@ use warp::http::HeaderMap;
 use warp::http::header::ORIGIN;
 use warp::http::uri::Authority;
 
-use super::ApiState;
 use super::error::ApiError;
+use super::state::ApiState;
 
 /// Where a connection was accepted, put into each request by the server.
 #[derive(Debug, Clone, Copy)]

@@ -10,10 +10,10 @@ use serde::{Deserialize, Serialize};
 use warp::http::StatusCode;
 use warp::reply::Response;
 
-use super::ApiState;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::handlers::{MAX_URL_LEN, check_image_type, json_reply, parse_body};
+use super::state::ApiState;
 use crate::image::preflight::{self, CacheState, Preflight};
 use crate::image::source;
 

@@ -15,10 +15,10 @@ use warp::Reply;
 use warp::http::{Method, StatusCode, Version};
 use warp::reply::Response;
 
-use super::RequestScope;
 use super::error::ApiError;
 use super::origin::Endpoint;
 use super::server::ConnInfo;
+use super::state::RequestScope;
 use crate::telemetry::metrics::{method_label, metrics};
 
 /// Longest request target (path and query) served; 414 with the JSON body beyond. The API's

@@ -12,10 +12,10 @@ use std::sync::Arc;
 use warp::http::StatusCode;
 use warp::reply::Response;
 
-use super::ApiState;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::handlers::json_reply;
+use super::state::ApiState;
 use super::views::Uploaded;
 use crate::jobs::upload::{UploadError, UploadRequest};
 use crate::volume;

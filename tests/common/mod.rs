@@ -13,6 +13,12 @@ use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_libvirt-volume-provisioner");
 
+/// The daemon binary `Daemon::spawn` starts: `LVP_TEST_DAEMON` when set (the VM suites run the
+/// release build, the one that ships: scripts/vm-test.sh), else this test build's binary.
+pub fn daemon_bin() -> String {
+    std::env::var("LVP_TEST_DAEMON").unwrap_or_else(|_| BIN.to_string())
+}
+
 /// A TOML configuration built from dotted keys.
 #[derive(Clone)]
 pub struct TestConfig {
@@ -115,10 +121,10 @@ impl Daemon {
         let mut cmd = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
-                c.args(args).arg(BIN);
+                c.args(args).arg(daemon_bin());
                 c
             }
-            None => Command::new(BIN),
+            None => Command::new(daemon_bin()),
         };
         cmd.arg("--config")
             .arg(config_path)

@@ -1,0 +1,23 @@
+//! Image routes: preflight inspection of a source.
+
+use warp::Filter;
+use warp::http::Method;
+
+use super::route::{RouteDef, with_state};
+use crate::api::{auth, handlers, preflight};
+
+/// The rows of this group.
+pub(crate) const ROUTES: &[RouteDef] = &[RouteDef {
+    method: Method::POST,
+    template: "/api/v1/images/inspect",
+    build: |at, s| {
+        warp::path!("api" / "v1" / "images" / "inspect")
+            .and(at)
+            .and(auth::caller(s.clone()))
+            .and(handlers::json_body(s.clone()))
+            .and(with_state(s))
+            .then(preflight::inspect)
+            .map(handlers::respond)
+            .boxed()
+    },
+}];

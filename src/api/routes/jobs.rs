@@ -1,0 +1,136 @@
+//! Job routes: submit (and the Go service's two legacy paths), list, status (and its legacy
+//! path), the progress stream, cancel (and its legacy path).
+
+use std::sync::Arc;
+
+use warp::Filter;
+use warp::filters::BoxedFilter;
+use warp::http::Method;
+use warp::reply::Response;
+
+use super::route::{RouteDef, raw_query, with_state};
+use crate::api::state::ApiState;
+use crate::api::{auth, events, handlers, server};
+
+/// The rows of this group.
+pub(crate) const ROUTES: &[RouteDef] = &[
+    RouteDef {
+        method: Method::POST,
+        template: "/api/v1/jobs",
+        build: |at, s| submit(warp::path!("api" / "v1" / "jobs").and(at).boxed(), s),
+    },
+    RouteDef {
+        method: Method::POST,
+        template: "/api/v1/provision",
+        build: |at, s| submit(warp::path!("api" / "v1" / "provision").and(at).boxed(), s),
+    },
+    RouteDef {
+        method: Method::POST,
+        template: "/provision",
+        build: |at, s| submit(warp::path!("provision").and(at).boxed(), s),
+    },
+    RouteDef {
+        method: Method::GET,
+        template: "/api/v1/jobs",
+        build: |at, s| {
+            warp::path!("api" / "v1" / "jobs")
+                .and(at)
+                .and(auth::caller(s.clone()))
+                .and(raw_query())
+                .and(with_state(s))
+                .then(handlers::list)
+                .map(handlers::respond)
+                .boxed()
+        },
+    },
+    RouteDef {
+        method: Method::GET,
+        template: "/api/v1/jobs/{id}",
+        build: |at, s| {
+            status(
+                warp::path!("api" / "v1" / "jobs" / String).and(at).boxed(),
+                s,
+            )
+        },
+    },
+    RouteDef {
+        method: Method::GET,
+        template: "/api/v1/status/{id}",
+        build: |at, s| {
+            status(
+                warp::path!("api" / "v1" / "status" / String)
+                    .and(at)
+                    .boxed(),
+                s,
+            )
+        },
+    },
+    RouteDef {
+        method: Method::GET,
+        template: "/api/v1/jobs/{id}/events",
+        build: |at, s| {
+            warp::path!("api" / "v1" / "jobs" / String / "events")
+                .and(at)
+                .and(auth::caller(s.clone()))
+                .and(warp::ext::optional::<server::ConnInfo>())
+                .and(warp::header::headers_cloned())
+                .and(with_state(s))
+                .then(events::events)
+                .map(handlers::respond)
+                .boxed()
+        },
+    },
+    RouteDef {
+        method: Method::POST,
+        template: "/api/v1/jobs/{id}/cancel",
+        build: |at, s| {
+            cancel(
+                warp::path!("api" / "v1" / "jobs" / String / "cancel")
+                    .and(at)
+                    .boxed(),
+                s,
+            )
+        },
+    },
+    RouteDef {
+        method: Method::DELETE,
+        template: "/api/v1/cancel/{id}",
+        build: |at, s| {
+            cancel(
+                warp::path!("api" / "v1" / "cancel" / String)
+                    .and(at)
+                    .boxed(),
+                s,
+            )
+        },
+    },
+];
+
+/// `POST` of a provision request, on any of its three paths.
+fn submit(path: BoxedFilter<()>, s: Arc<ApiState>) -> BoxedFilter<(Response,)> {
+    path.and(auth::caller(s.clone()))
+        .and(warp::header::headers_cloned())
+        .and(handlers::json_body(s.clone()))
+        .and(with_state(s))
+        .then(handlers::submit)
+        .map(handlers::respond)
+        .boxed()
+}
+
+/// A job's status, on either path.
+fn status(path: BoxedFilter<(String,)>, s: Arc<ApiState>) -> BoxedFilter<(Response,)> {
+    path.and(auth::caller(s.clone()))
+        .and(with_state(s))
+        .then(handlers::status)
+        .map(handlers::respond)
+        .boxed()
+}
+
+/// Cancelling a job, on either path.
+fn cancel(path: BoxedFilter<(String,)>, s: Arc<ApiState>) -> BoxedFilter<(Response,)> {
+    path.and(auth::caller(s.clone()))
+        .and(with_state(s))
+        .then(handlers::cancel)
+        .map(handlers::respond)
+        .boxed()
+}

@@ -1,0 +1,39 @@
+//! Volume routes: delete, upload content.
+
+use warp::Filter;
+use warp::http::Method;
+
+use super::route::{RouteDef, with_state};
+use crate::api::{auth, handlers, upload};
+
+/// The rows of this group.
+pub(crate) const ROUTES: &[RouteDef] = &[
+    RouteDef {
+        method: Method::DELETE,
+        template: "/api/v1/volumes/{name}",
+        build: |at, s| {
+            warp::path!("api" / "v1" / "volumes" / String)
+                .and(at)
+                .and(auth::caller(s.clone()))
+                .and(with_state(s))
+                .then(handlers::volume_delete)
+                .map(handlers::respond)
+                .boxed()
+        },
+    },
+    RouteDef {
+        method: Method::PUT,
+        template: "/api/v1/volumes/{name}/content",
+        build: |at, s| {
+            warp::path!("api" / "v1" / "volumes" / String / "content")
+                .and(at)
+                .and(auth::caller(s.clone()))
+                .and(warp::header::headers_cloned())
+                .and(warp::body::stream())
+                .and(with_state(s))
+                .then(upload::upload)
+                .map(handlers::respond)
+                .boxed()
+        },
+    },
+];
