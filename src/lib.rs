@@ -10,6 +10,7 @@ pub mod image;
 mod jobs;
 mod store;
 mod telemetry;
+mod text;
 mod volume;
 
 use std::sync::Arc;

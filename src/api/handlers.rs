@@ -44,46 +44,74 @@ pub(crate) fn json_reply(value: &impl serde::Serialize, status: StatusCode) -> R
     warp::reply::with_status(warp::reply::json(value), status).into_response()
 }
 
-/// Reads a JSON body: `Content-Type: application/json` (415 otherwise: an HTML form or a
-/// `text/plain` fetch from another site cannot send one without a CORS preflight, which the
-/// API never grants), within `server.max_body_bytes` (413 beyond, with or without a
-/// Content-Length header) and `server.body_timeout` (408 beyond: slow-body clients), with no
-/// key repeated in any object (400). Errors go to the handler, so a matched route cannot fall
-/// through to another one (only a body already taken, which cannot happen here, would reject).
-pub(crate) fn json_body(
+/// The caller, then the JSON body: credentials are checked first, and a request without them
+/// never has its body read (a client that sends none would otherwise hold the connection for
+/// `server.body_timeout` before its 401). The body is read with `Content-Type:
+/// application/json` (415 otherwise: an HTML form or a `text/plain` fetch from another site
+/// cannot send one without a CORS preflight, which the API never grants), within
+/// `server.max_body_bytes` (413 beyond, with or without a Content-Length header) and
+/// `server.body_timeout` (408 beyond: slow-body clients), with no key repeated in any object
+/// (400). Errors go to the handler, so a matched route cannot fall through to another one.
+pub(crate) fn caller_and_json_body(
     state: Arc<ApiState>,
-) -> impl Filter<Extract = (Result<serde_json::Value, ApiError>,), Error = warp::Rejection> + Clone
-{
-    warp::header::headers_cloned()
+) -> impl Filter<
+    Extract = (
+        Result<Caller, ApiError>,
+        Result<serde_json::Value, ApiError>,
+    ),
+    Error = warp::Rejection,
+> + Clone {
+    super::auth::caller(state.clone())
+        .and(warp::header::headers_cloned())
         .and(warp::body::stream())
-        .then(move |headers: http::HeaderMap, body| {
-            let settings = state.settings.current();
-            let limit = settings.server.max_body_bytes;
-            let timeout = settings.server.body_timeout;
-            async move {
-                require_json_content_type(&headers)?;
-                let declared = headers
-                    .get("content-length")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<u64>().ok());
-                if declared.is_some_and(|l| l > limit) {
-                    return Err(too_large(limit));
+        .then(
+            move |caller: Result<Caller, ApiError>, headers: http::HeaderMap, body| {
+                let settings = state.settings.current();
+                let limit = settings.server.max_body_bytes;
+                let timeout = settings.server.body_timeout;
+                async move {
+                    let body = match &caller {
+                        Err(e) => Err(e.clone()),
+                        Ok(_) => read_json(&headers, body, limit, timeout).await,
+                    };
+                    (caller, body)
                 }
-                let buf = tokio::time::timeout(timeout, read_limited(body, limit))
-                    .await
-                    .map_err(|_| {
-                        ApiError::new(
-                            StatusCode::REQUEST_TIMEOUT,
-                            format!(
-                                "the request body was not received within {}",
-                                humantime::format_duration(timeout)
-                            ),
-                        )
-                    })??;
-                super::strict_json::from_slice(&buf)
-                    .map_err(|e| ApiError::bad_request(format!("body is not valid JSON: {e}")))
-            }
-        })
+            },
+        )
+        .untuple_one()
+}
+
+async fn read_json<S, B>(
+    headers: &http::HeaderMap,
+    body: S,
+    limit: u64,
+    timeout: Duration,
+) -> Result<serde_json::Value, ApiError>
+where
+    S: futures::Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    require_json_content_type(headers)?;
+    let declared = headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|l| l > limit) {
+        return Err(too_large(limit));
+    }
+    let buf = tokio::time::timeout(timeout, read_limited(body, limit))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body was not received within {}",
+                    humantime::format_duration(timeout)
+                ),
+            )
+        })??;
+    super::strict_json::from_slice(&buf)
+        .map_err(|e| ApiError::bad_request(format!("body is not valid JSON: {e}")))
 }
 
 /// The body's media type must be `application/json` (parameters such as `charset` allowed).
@@ -256,7 +284,34 @@ pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
     if !body.is_object() {
         return Err(ApiError::bad_request("body must be a JSON object"));
     }
+    refuse_control_characters(&body, "")?;
     serde_json::from_value(body).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+/// Refuses a body whose strings (keys or values, at any depth) hold control characters: no
+/// field of the API needs one, and stored or echoed they would reach operators' terminals
+/// (ESC sequences, OSC 52) and log lines.
+fn refuse_control_characters(value: &serde_json::Value, at: &str) -> Result<(), ApiError> {
+    let refuse = |field: &str| {
+        let field = if field.is_empty() { "the body" } else { field };
+        Err(ApiError::bad_request(format!(
+            "{} holds a control character; no field accepts one",
+            crate::text::escape(field)
+        )))
+    };
+    match value {
+        serde_json::Value::String(s) if crate::text::has_unsafe_chars(s) => refuse(at),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .try_for_each(|v| refuse_control_characters(v, at)),
+        serde_json::Value::Object(map) => map.iter().try_for_each(|(k, v)| {
+            if crate::text::has_unsafe_chars(k) {
+                return refuse(k);
+            }
+            refuse_control_characters(v, k)
+        }),
+        _ => Ok(()),
+    }
 }
 
 fn check_image_url(url: Option<String>, state: &ApiState) -> Result<String, ApiError> {
@@ -327,7 +382,7 @@ fn submit_error(e: SubmitError) -> ApiError {
             message: e.to_string(),
             retry_after: Some(1),
         },
-        SubmitError::Store(_) => ApiError::internal(e.to_string()),
+        SubmitError::Store(_) | SubmitError::Task(_) => ApiError::internal(e.to_string()),
     }
 }
 
@@ -387,8 +442,8 @@ fn idempotency_key(
 
 pub(crate) async fn submit(
     caller: Result<Caller, ApiError>,
-    headers: http::HeaderMap,
     body: Result<serde_json::Value, ApiError>,
+    headers: http::HeaderMap,
     state: Arc<ApiState>,
 ) -> Result<Response, ApiError> {
     let caller = caller?;
@@ -433,8 +488,8 @@ pub(crate) async fn submit(
 
 pub(crate) async fn cache_fetch(
     caller: Result<Caller, ApiError>,
-    headers: http::HeaderMap,
     body: Result<serde_json::Value, ApiError>,
+    headers: http::HeaderMap,
     state: Arc<ApiState>,
 ) -> Result<Response, ApiError> {
     let caller = caller?;
@@ -677,7 +732,7 @@ pub(crate) async fn volume_delete(
             DeleteError::Busy { .. }
             | DeleteError::Blocked { .. }
             | DeleteError::Volume(VolumeError::Conflict(_)) => ApiError::conflict(e.to_string()),
-            DeleteError::Volume(_) => ApiError::internal(e.to_string()),
+            DeleteError::Volume(_) | DeleteError::Task(_) => ApiError::internal(e.to_string()),
         })?;
     if deleted {
         tracing::info!(volume = %name, requested_by = caller.identity().unwrap_or(""), "volume deleted");

@@ -54,9 +54,11 @@ pub(crate) async fn inspect(
         )));
     }
     let requested = check_image_type(body.image_type)?;
-    let verdict = match source::resolve(&image_url, &state.settings.current()) {
+    let settings = state.settings.current();
+    let verdict = match source::resolve(&image_url, &settings) {
         Ok(location) => {
-            preflight::inspect(&state.sources, &state.cache, &location, requested).await
+            let stall = settings.sources.stall_timeout;
+            preflight::inspect(&state.sources, &state.cache, &location, requested, stall).await
         }
         Err(refused) => Preflight {
             format: None,

@@ -209,7 +209,7 @@ fn upload_error(e: UploadError) -> ApiError {
         UploadError::Checksum { .. } => {
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
         }
-        UploadError::Volume(crate::volume::VolumeError::InsufficientSpace { .. }) => {
+        UploadError::Volume(ref v) if v.is_out_of_space() => {
             ApiError::new(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
         }
         UploadError::Volume(_) | UploadError::Store(_) => ApiError::internal(e.to_string()),

@@ -77,8 +77,8 @@ async fn dispatch(api: &Api, json: bool, command: ClientCommand) -> Result<u8, C
             print_value(json, &body, |b| {
                 format!(
                     "job {}: {}",
-                    b["job_id"].as_str().unwrap_or(&id),
-                    b["status"].as_str().unwrap_or("?")
+                    field(&b["job_id"], &id),
+                    field(&b["status"], "?")
                 )
             });
             Ok(exit::OK)
@@ -89,7 +89,7 @@ async fn dispatch(api: &Api, json: bool, command: ClientCommand) -> Result<u8, C
                 .delete(&format!("/api/v1/volumes/{}", path_part(&name)))
                 .await?;
             print_value(json, &body, |b| {
-                format!("volume {} deleted", b["volume"].as_str().unwrap_or(&name))
+                format!("volume {} deleted", field(&b["volume"], &name))
             });
             Ok(exit::OK)
         }
@@ -105,9 +105,9 @@ async fn dispatch(api: &Api, json: bool, command: ClientCommand) -> Result<u8, C
             print_value(json, &body, |b| {
                 format!(
                     "{} {} (up {}, jobs {}/{} running)",
-                    b["status"].as_str().unwrap_or("?"),
-                    b["version"].as_str().unwrap_or("?"),
-                    b["uptime"].as_str().unwrap_or("?"),
+                    field(&b["status"], "?"),
+                    field(&b["version"], "?"),
+                    field(&b["uptime"], "?"),
                     b["jobs"]["running"],
                     b["jobs"]["slots"]
                 )
@@ -127,6 +127,12 @@ const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
 /// A path segment, percent-encoded (volume names and ids come from the user).
 fn path_part(raw: &str) -> String {
     percent_encoding::utf8_percent_encode(raw, SEGMENT).to_string()
+}
+
+/// A string field of a server answer as it may be printed on a terminal (control characters
+/// as visible escapes; `--output json` prints the answer as it came instead).
+fn field(value: &Value, missing: &str) -> String {
+    crate::text::escape(value.as_str().unwrap_or(missing)).into_owned()
 }
 
 fn print_value(json: bool, value: &Value, text: impl Fn(&Value) -> String) {
@@ -183,14 +189,12 @@ async fn submit(
     };
     let id = accepted["job_id"]
         .as_str()
-        .ok_or_else(|| ClientError::Protocol("no job_id in the answer".into()))?
+        .and_then(|id| uuid::Uuid::parse_str(id).ok())
+        .ok_or_else(|| ClientError::Protocol("no job id (a UUID) in the answer".into()))?
         .to_string();
     if !wait.wait {
         print_value(json, &accepted, |b| {
-            format!(
-                "job {id} accepted ({})",
-                b["status"].as_str().unwrap_or("?")
-            )
+            format!("job {id} accepted ({})", field(&b["status"], "?"))
         });
         return Ok(exit::OK);
     }
@@ -253,17 +257,17 @@ fn completed_line(job: &JobView) -> String {
 fn describe_job(j: &Value) -> String {
     let p = &j["progress"];
     let mut lines = vec![
-        format!("job:        {}", j["job_id"].as_str().unwrap_or("?")),
-        format!("kind:       {}", j["kind"].as_str().unwrap_or("?")),
-        format!("status:     {}", j["status"].as_str().unwrap_or("?")),
+        format!("job:        {}", field(&j["job_id"], "?")),
+        format!("kind:       {}", field(&j["kind"], "?")),
+        format!("status:     {}", field(&j["status"], "?")),
         format!(
             "progress:   {} {}% ({} of {} bytes)",
-            p["stage"].as_str().unwrap_or("?"),
+            field(&p["stage"], "?"),
             p["percent"],
             p["bytes_processed"],
             p["bytes_total"]
         ),
-        format!("image:      {}", j["image_url"].as_str().unwrap_or("?")),
+        format!("image:      {}", field(&j["image_url"], "?")),
     ];
     for (label, key) in [
         ("volume:     ", "volume_name"),
@@ -274,7 +278,7 @@ fn describe_job(j: &Value) -> String {
         ("finished:   ", "finished_at"),
     ] {
         if let Some(v) = j[key].as_str() {
-            lines.push(format!("{label} {v}"));
+            lines.push(format!("{label} {}", crate::text::escape(v)));
         }
     }
     lines.join("\n")
@@ -288,12 +292,12 @@ fn job_table(list: &Value) -> String {
     for j in list["jobs"].as_array().into_iter().flatten() {
         out += &format!(
             "\n{:<36}  {:<9}  {:<11}  {:<12}  {:>5.1}%  {}",
-            j["job_id"].as_str().unwrap_or("?"),
-            j["status"].as_str().unwrap_or("?"),
-            j["kind"].as_str().unwrap_or("?"),
-            j["progress"]["stage"].as_str().unwrap_or("?"),
+            field(&j["job_id"], "?"),
+            field(&j["status"], "?"),
+            field(&j["kind"], "?"),
+            field(&j["progress"]["stage"], "?"),
             j["progress"]["percent"].as_f64().unwrap_or(0.0),
-            j["volume_name"].as_str().unwrap_or("-"),
+            field(&j["volume_name"], "-"),
         );
     }
     out
@@ -328,7 +332,7 @@ async fn cache(api: &Api, json: bool, command: CacheCommand) -> Result<u8, Clien
                 .delete(&format!("/api/v1/cache/images/{}", path_part(&key)))
                 .await?;
             print_value(json, &body, |b| {
-                format!("cache entry {} deleted", b["key"].as_str().unwrap_or(&key))
+                format!("cache entry {} deleted", field(&b["key"], &key))
             });
             Ok(exit::OK)
         }
@@ -343,12 +347,12 @@ fn cache_table(list: &Value) -> String {
     for e in list["images"].as_array().into_iter().flatten() {
         out += &format!(
             "\n{:<64}  {:>10}  {:<6}  {:>10}  {:<24}  {}",
-            e["key"].as_str().unwrap_or("?"),
+            field(&e["key"], "?"),
             HumanBytes(e["size"].as_u64().unwrap_or(0)).to_string(),
-            e["format"].as_str().unwrap_or("?"),
+            field(&e["format"], "?"),
             HumanBytes(e["virtual_size"].as_u64().unwrap_or(0)).to_string(),
-            e["last_used"].as_str().unwrap_or("?"),
-            e["image_url"].as_str().unwrap_or("?"),
+            field(&e["last_used"], "?"),
+            field(&e["image_url"], "?"),
         );
     }
     out += &format!("\n{} entries", list["count"]);
@@ -369,11 +373,8 @@ async fn inspect(
     let accepted = answer["accepted"].as_bool().unwrap_or(false);
     print_value(json, &answer, |a| {
         let mut lines = vec![
-            format!("image:        {}", a["image_url"].as_str().unwrap_or("?")),
-            format!(
-                "format:       {}",
-                a["format"].as_str().unwrap_or("unknown")
-            ),
+            format!("image:        {}", field(&a["image_url"], "?")),
+            format!("format:       {}", field(&a["format"], "unknown")),
         ];
         if let Some(v) = a["virtual_size"].as_u64() {
             lines.push(format!("virtual size: {} ({v} bytes)", HumanBytes(v)));
@@ -381,16 +382,13 @@ async fn inspect(
         if let Some(v) = a["size"].as_u64() {
             lines.push(format!("size on disk: {} ({v} bytes)", HumanBytes(v)));
         }
-        lines.push(format!(
-            "cache:        {}",
-            a["cache"].as_str().unwrap_or("?")
-        ));
+        lines.push(format!("cache:        {}", field(&a["cache"], "?")));
         lines.push(if accepted {
             "accepted:     yes".to_string()
         } else {
             format!(
                 "accepted:     no: {}",
-                a["reason"].as_str().unwrap_or("no reason given")
+                field(&a["reason"], "no reason given")
             )
         });
         lines.join("\n")
@@ -398,7 +396,7 @@ async fn inspect(
     if !accepted && !json {
         eprintln!(
             "error: the daemon would refuse this image: {}",
-            answer["reason"].as_str().unwrap_or("no reason given")
+            field(&answer["reason"], "no reason given")
         );
     }
     Ok(if accepted { exit::OK } else { exit::FAILED })
@@ -429,7 +427,7 @@ async fn upload(
         format!(
             "uploaded {} ({len} bytes, sha256 {digest}) into volume {}",
             file.display(),
-            b["volume_path"].as_str().unwrap_or(name)
+            field(&b["volume_path"], name)
         )
     });
     Ok(exit::OK)

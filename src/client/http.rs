@@ -17,6 +17,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a request (not a progress stream) may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// Largest answer read (the largest real one, a list of 1,000 jobs, is a few MiB).
+const MAX_BODY_BYTES: usize = 32 << 20;
+/// Longest line of a progress stream (an event is one JSON status of a few hundred bytes).
+const MAX_EVENT_LINE: usize = 1 << 20;
 
 /// Why a command could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +42,49 @@ pub(crate) enum ClientError {
     /// The server's answer is not what the API promises.
     #[error("unexpected answer from the server: {0}")]
     Protocol(String),
+}
+
+impl ClientError {
+    /// Whether the daemon could not be reached at all, or a proxy in front of it said so
+    /// (502-504): worth trying again while it restarts.
+    pub(crate) fn is_unreachable(&self) -> bool {
+        match self {
+            ClientError::Connect(_) => true,
+            ClientError::Refused { status, .. } => (502..=504).contains(status),
+            _ => false,
+        }
+    }
+}
+
+/// A progress stream's bytes, cut off with an error once a line grows beyond
+/// `MAX_EVENT_LINE` (a server that never ends a line would otherwise grow the parser's buffer,
+/// and its rescans, without end).
+pub(crate) fn bounded_lines<S>(
+    stream: S,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, String>>
+where
+    S: futures::Stream<Item = reqwest::Result<bytes::Bytes>>,
+{
+    use futures::StreamExt;
+    stream.scan(0usize, |line, item| {
+        let out = match item {
+            Err(e) => Err(e.without_url().to_string()),
+            Ok(chunk) => {
+                match chunk.iter().rposition(|&b| b == b'\n' || b == b'\r') {
+                    Some(end) => *line = chunk.len() - end - 1,
+                    None => *line += chunk.len(),
+                }
+                if *line > MAX_EVENT_LINE {
+                    Err(format!(
+                        "a progress stream line is longer than {MAX_EVENT_LINE} bytes"
+                    ))
+                } else {
+                    Ok(chunk)
+                }
+            }
+        };
+        futures::future::ready(Some(out))
+    })
 }
 
 /// The API, as this command line reaches it.
@@ -208,17 +255,37 @@ impl Api {
         resp: reqwest::Response,
     ) -> Result<(u16, Value), ClientError> {
         let status = resp.status().as_u16();
-        let text = resp.text().await.map_err(|e| self.explain(&e))?;
-        let body: Value = serde_json::from_str(&text).map_err(|_| {
+        let bytes = self.bounded_body(resp).await?;
+        let body: Value = serde_json::from_slice(&bytes).map_err(|_| {
             ClientError::Protocol(format!(
                 "HTTP {status} with a body that is not JSON: {}",
-                text.chars().take(200).collect::<String>()
+                crate::text::escape(&String::from_utf8_lossy(&bytes[..bytes.len().min(200)]))
             ))
         })?;
         if status >= 400 {
             return Err(refused(status, body));
         }
         Ok((status, body))
+    }
+
+    /// The whole body, at most `MAX_BODY_BYTES` of it.
+    async fn bounded_body(&self, mut resp: reqwest::Response) -> Result<Vec<u8>, ClientError> {
+        let too_large =
+            || ClientError::Protocol(format!("the answer is larger than {MAX_BODY_BYTES} bytes"));
+        if resp
+            .content_length()
+            .is_some_and(|n| n > MAX_BODY_BYTES as u64)
+        {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| self.explain(&e))? {
+            if body.len() + chunk.len() > MAX_BODY_BYTES {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
     }
 
     /// What a failed request means for the person running the command.
@@ -292,7 +359,7 @@ impl Api {
 
 /// An error status as the user should read it: the API's message, and what to do for 401/403.
 fn refused(status: u16, body: Value) -> ClientError {
-    let said = body["message"].as_str().unwrap_or("").to_string();
+    let said = crate::text::escape(body["message"].as_str().unwrap_or("")).into_owned();
     let message = match status {
         401 => format!(
             "authentication required (HTTP 401): {said}. Pass a client certificate with \

@@ -15,21 +15,33 @@ use serde_json::Value;
 
 use super::http::{Api, ClientError};
 
-/// Reconnections of a progress stream before the command gives up.
+/// Progress streams that break off without the daemon going away, before the command gives up.
 const MAX_RECONNECTS: u32 = 10;
+/// How long the command keeps trying while the daemon cannot be reached (a restart: the job
+/// survives it).
+const RECONNECT_FOR: Duration = Duration::from_secs(120);
+/// A progress stream that sends nothing (not even the daemon's heartbeat) for this long is
+/// dropped and asked for again.
+const STREAM_SILENCE: Duration = Duration::from_secs(45);
 /// Poll interval when no stream can be had.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Least time between two plain progress lines of the same stage.
 const PLAIN_LINE_INTERVAL: Duration = Duration::from_secs(5);
 
-/// The fields of a StatusResponse this command shows.
+/// The fields of a StatusResponse this command shows; every string as it may be printed on a
+/// terminal (control characters escaped).
 #[derive(Debug, Clone, Deserialize)]
 pub(crate) struct JobView {
+    #[serde(deserialize_with = "escaped")]
     pub(crate) job_id: String,
+    #[serde(deserialize_with = "escaped")]
     pub(crate) status: String,
     pub(crate) progress: ProgressView,
+    #[serde(default, deserialize_with = "escaped_opt")]
     pub(crate) error: Option<String>,
+    #[serde(default, deserialize_with = "escaped_opt")]
     pub(crate) volume_path: Option<String>,
+    #[serde(default, deserialize_with = "escaped_opt")]
     pub(crate) image_path: Option<String>,
     #[serde(default)]
     pub(crate) cache_hit: bool,
@@ -39,11 +51,23 @@ pub(crate) struct JobView {
 /// A job's progress as the API sends it.
 #[derive(Debug, Clone, Deserialize)]
 pub(crate) struct ProgressView {
+    #[serde(deserialize_with = "escaped")]
     pub(crate) stage: String,
     pub(crate) percent: f64,
     pub(crate) bytes_processed: u64,
     pub(crate) bytes_total: u64,
     pub(crate) eta_seconds: Option<f64>,
+}
+
+/// A string of the server's, escaped for a terminal.
+fn escaped<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    Ok(crate::text::escape(&s).into_owned())
+}
+
+fn escaped_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let s = Option::<String>::deserialize(d)?;
+    Ok(s.map(|s| crate::text::escape(&s).into_owned()))
 }
 
 impl JobView {
@@ -287,70 +311,63 @@ fn should_cancel(display: &Display, id: &str, on_interrupt: OnInterrupt) -> bool
     }
 }
 
-/// Reads the progress stream until the terminal event; reconnects (with `Last-Event-ID`)
-/// when the connection ends early, polls when the server refuses a stream.
+/// What the command has seen of a job's stream so far.
+#[derive(Default)]
+struct Seen {
+    /// The id of the last event (sent back as `Last-Event-ID` on reconnect).
+    event_id: Option<String>,
+    /// The last status.
+    status: Option<Value>,
+}
+
+/// How one progress stream ended.
+enum StreamEnd {
+    /// With the job's terminal status.
+    Terminal(Value),
+    /// The server refused a stream (429): poll instead.
+    Refused,
+    /// Before the terminal state (connection cut, daemon restarting, idle).
+    BrokeOff,
+}
+
+/// Reads the progress stream until the terminal event. When the connection ends early it
+/// reconnects (with `Last-Event-ID`); while the daemon cannot be reached (it restarts, a
+/// proxy in front says 502-504) it keeps trying with backoff for `RECONNECT_FOR`, since the
+/// job survives a restart; it polls when the server refuses a stream.
 async fn watch_events(
     api: &Api,
     id: &str,
     display: &RefCell<Display>,
 ) -> Result<Value, ClientError> {
-    let mut last_event_id: Option<String> = None;
-    let mut last: Option<Value> = None;
-    let mut reconnects = 0;
+    let mut seen = Seen::default();
+    let mut outage = Outage::default();
+    let mut broke_off = 0;
     loop {
-        let mut req = api.stream_request(&format!("/api/v1/jobs/{id}/events"));
-        if let Some(seen) = &last_event_id {
-            req = req.header("last-event-id", seen);
-        }
-        let resp = match req.send().await {
-            Ok(r) => r,
-            Err(e) if reconnects < MAX_RECONNECTS && last.is_some() => {
-                reconnects += 1;
-                tokio::time::sleep(Duration::from_millis(500 * u64::from(reconnects))).await;
-                let _ = e;
+        match stream_once(api, id, display, &mut seen).await {
+            Ok(StreamEnd::Terminal(value)) => return Ok(value),
+            Ok(StreamEnd::Refused) => return poll(api, id, display).await,
+            Ok(StreamEnd::BrokeOff) => outage.clear(),
+            Err(e) => {
+                outage.wait_or_give_up(e).await?;
                 continue;
-            }
-            Err(e) => return Err(api.explain(&e)),
-        };
-        if resp.status() == reqwest::StatusCode::TOO_MANY_REQUESTS {
-            return poll(api, id, display).await;
-        }
-        if !resp.status().is_success() {
-            api.json_of(resp).await?;
-            return Err(ClientError::Protocol(
-                "error status without error body".into(),
-            ));
-        }
-        let mut events = resp.bytes_stream().eventsource();
-        while let Some(event) = events.next().await {
-            let Ok(event) = event else {
-                break;
-            };
-            if event.data.is_empty() {
-                continue;
-            }
-            let value: Value = serde_json::from_str(&event.data)
-                .map_err(|e| ClientError::Protocol(format!("progress event: {e}")))?;
-            let job: JobView = serde_json::from_value(value.clone())
-                .map_err(|e| ClientError::Protocol(format!("progress event: {e}")))?;
-            if !event.id.is_empty() {
-                last_event_id = Some(event.id.clone());
-            }
-            display.borrow_mut().show(&job);
-            let terminal = job.is_terminal();
-            last = Some(value);
-            if terminal {
-                return Ok(last.expect("just set"));
             }
         }
         // The stream ended before the terminal state; a finished job whose final state the
         // client already has sends nothing more, so ask for the job itself.
-        let current = api.get(&format!("/api/v1/jobs/{id}")).await?;
-        if serde_json::from_value::<JobView>(current.clone()).is_ok_and(|j| j.is_terminal()) {
-            return Ok(current);
+        match api.get(&format!("/api/v1/jobs/{id}")).await {
+            Ok(current) => {
+                if serde_json::from_value::<JobView>(current.clone()).is_ok_and(|j| j.is_terminal())
+                {
+                    return Ok(current);
+                }
+            }
+            Err(e) => {
+                outage.wait_or_give_up(e).await?;
+                continue;
+            }
         }
-        reconnects += 1;
-        if reconnects > MAX_RECONNECTS {
+        broke_off += 1;
+        if broke_off > MAX_RECONNECTS {
             return Err(ClientError::Connect(format!(
                 "the progress stream of job {id} broke off {MAX_RECONNECTS} times"
             )));
@@ -358,10 +375,102 @@ async fn watch_events(
     }
 }
 
-/// Polls `GET /api/v1/jobs/{id}` until the job ends.
-async fn poll(api: &Api, id: &str, display: &RefCell<Display>) -> Result<Value, ClientError> {
+/// One progress stream, from the request to its end.
+async fn stream_once(
+    api: &Api,
+    id: &str,
+    display: &RefCell<Display>,
+    seen: &mut Seen,
+) -> Result<StreamEnd, ClientError> {
+    let mut req = api.stream_request(&format!("/api/v1/jobs/{id}/events"));
+    if let Some(event_id) = &seen.event_id {
+        req = req.header("last-event-id", event_id);
+    }
+    let resp = req.send().await.map_err(|e| api.explain(&e))?;
+    if resp.status() == reqwest::StatusCode::TOO_MANY_REQUESTS {
+        return Ok(StreamEnd::Refused);
+    }
+    if !resp.status().is_success() {
+        api.json_of(resp).await?;
+        return Err(ClientError::Protocol(
+            "error status without error body".into(),
+        ));
+    }
+    let mut events = super::http::bounded_lines(resp.bytes_stream()).eventsource();
     loop {
-        let value = api.get(&format!("/api/v1/jobs/{id}")).await?;
+        // The daemon sends a heartbeat comment every few seconds: silence means it is gone.
+        let event = match tokio::time::timeout(STREAM_SILENCE, events.next()).await {
+            Ok(Some(Ok(event))) => event,
+            Ok(Some(Err(_)) | None) | Err(_) => return Ok(StreamEnd::BrokeOff),
+        };
+        if event.data.is_empty() {
+            continue;
+        }
+        let value: Value = serde_json::from_str(&event.data)
+            .map_err(|e| ClientError::Protocol(format!("progress event: {e}")))?;
+        let job: JobView = serde_json::from_value(value.clone())
+            .map_err(|e| ClientError::Protocol(format!("progress event: {e}")))?;
+        if !event.id.is_empty() {
+            seen.event_id = Some(event.id.clone());
+        }
+        display.borrow_mut().show(&job);
+        seen.status = Some(value.clone());
+        if job.is_terminal() {
+            return Ok(StreamEnd::Terminal(value));
+        }
+    }
+}
+
+/// A time during which the daemon could not be reached.
+#[derive(Default)]
+struct Outage {
+    /// When it began, and the attempts since.
+    since: Option<(Instant, u32)>,
+}
+
+impl Outage {
+    /// The daemon answered again.
+    fn clear(&mut self) {
+        self.since = None;
+    }
+
+    /// Waits before the next attempt when `e` says the daemon cannot be reached (for at most
+    /// `RECONNECT_FOR` in all); any other error, or a longer outage, ends the command.
+    async fn wait_or_give_up(&mut self, e: ClientError) -> Result<(), ClientError> {
+        if !e.is_unreachable() {
+            return Err(e);
+        }
+        let (since, attempts) = self.since.get_or_insert((Instant::now(), 0));
+        if since.elapsed() >= RECONNECT_FOR {
+            return Err(e);
+        }
+        *attempts += 1;
+        if *attempts == 1 {
+            eprintln!(
+                "the daemon cannot be reached ({e}); retrying for up to {}s",
+                RECONNECT_FOR.as_secs()
+            );
+        }
+        let backoff = Duration::from_millis(250 << (*attempts).min(5)).min(Duration::from_secs(5));
+        tokio::time::sleep(backoff).await;
+        Ok(())
+    }
+}
+
+/// Polls `GET /api/v1/jobs/{id}` until the job ends (through daemon restarts, as above).
+async fn poll(api: &Api, id: &str, display: &RefCell<Display>) -> Result<Value, ClientError> {
+    let mut outage = Outage::default();
+    loop {
+        let value = match api.get(&format!("/api/v1/jobs/{id}")).await {
+            Ok(value) => {
+                outage.clear();
+                value
+            }
+            Err(e) => {
+                outage.wait_or_give_up(e).await?;
+                continue;
+            }
+        };
         let job: JobView = serde_json::from_value(value.clone())
             .map_err(|e| ClientError::Protocol(format!("job status: {e}")))?;
         display.borrow_mut().show(&job);

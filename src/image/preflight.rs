@@ -4,6 +4,8 @@
 //! from a ranged GET of at most `inspect::MAX_HEADER_READ` bytes (never the whole object) by
 //! the same inspector the cache runs on every download.
 
+use std::time::Duration;
+
 use futures::StreamExt;
 use serde::Serialize;
 
@@ -72,12 +74,58 @@ fn source_error(e: &SourceError) -> String {
     }
 }
 
-/// Inspects the image at `location` as a job asking for `requested` would.
+/// Inspects the image at `location` as a job asking for `requested` would. A source that
+/// stops answering cannot hold the request: each request and each read of the body must
+/// make progress within `stall` (`sources.stall_timeout`), and the whole inspection ends
+/// after twice that.
 pub(crate) async fn inspect(
     sources: &SourceClients,
     cache: &ImageCache,
     location: &Location,
     requested: ImageType,
+    stall: Duration,
+) -> Preflight {
+    let overall = stall.saturating_mul(2);
+    match tokio::time::timeout(
+        overall,
+        inspect_within(sources, cache, location, requested, stall),
+    )
+    .await
+    {
+        Ok(verdict) => verdict,
+        Err(_) => Preflight::refused(
+            format!(
+                "cannot read the image: the source did not finish answering within {}s \
+                 (twice sources.stall_timeout)",
+                overall.as_secs()
+            ),
+            CacheState::Absent,
+            None,
+        ),
+    }
+}
+
+/// `request`, failed when the source takes longer than `stall` to answer it.
+async fn within<T>(
+    stall: Duration,
+    request: impl std::future::Future<Output = Result<T, SourceError>>,
+) -> Result<T, SourceError> {
+    tokio::time::timeout(stall, request)
+        .await
+        .unwrap_or_else(|_| {
+            Err(SourceError::Transient(format!(
+                "the source did not answer within {}s (sources.stall_timeout)",
+                stall.as_secs()
+            )))
+        })
+}
+
+async fn inspect_within(
+    sources: &SourceClients,
+    cache: &ImageCache,
+    location: &Location,
+    requested: ImageType,
+    stall: Duration,
 ) -> Preflight {
     let identity = location.identity();
     let entries: Vec<_> = cache
@@ -95,7 +143,7 @@ pub(crate) async fn inspect(
             );
         }
     };
-    let meta = match object.head(None).await {
+    let meta = match within(stall, object.head(None)).await {
         Ok(Some(m)) => m,
         Ok(None) => {
             return Preflight::refused(
@@ -117,7 +165,7 @@ pub(crate) async fn inspect(
     if let Some(entry) = entries
         .iter()
         .rev()
-        .find(|e| e.etag == meta.etag && e.size == meta.size)
+        .find(|e| super::cache::same_version(&meta, e))
     {
         let verdict = inspect::check_requested(&entry.inspection, requested);
         return Preflight {
@@ -135,7 +183,7 @@ pub(crate) async fn inspect(
         Some(e) => (CacheState::Stale, Some(e.key.clone())),
         None => (CacheState::Absent, None),
     };
-    let (head, bytes_read) = match read_head(&object, meta.size).await {
+    let (head, bytes_read) = match read_head(&object, meta.size, stall).await {
         Ok(head) => {
             let n = head.len() as u64;
             (head, n)
@@ -168,14 +216,18 @@ pub(crate) async fn inspect(
 
 /// The first `min(size, MAX_HEADER_READ)` bytes, by one ranged GET; reading stops there
 /// even if the source ignores the range and sends the whole object.
-async fn read_head(object: &RemoteObject, size: u64) -> Result<Vec<u8>, SourceError> {
+async fn read_head(
+    object: &RemoteObject,
+    size: u64,
+    stall: Duration,
+) -> Result<Vec<u8>, SourceError> {
     let want = size.min(MAX_HEADER_READ as u64);
     if want == 0 {
         return Ok(Vec::new());
     }
-    let mut reply = object.get(Some(0..want), None).await?;
+    let mut reply = within(stall, object.get(Some(0..want), None)).await?;
     let mut head = Vec::with_capacity(want as usize);
-    while let Some(chunk) = reply.body.next().await {
+    while let Some(chunk) = within(stall, async { Ok(reply.body.next().await) }).await? {
         let chunk = chunk?;
         let room = want as usize - head.len();
         head.extend_from_slice(&chunk[..chunk.len().min(room)]);

@@ -93,6 +93,8 @@ fn server_message(status: StatusCode, body: &str) -> String {
             plain.split_whitespace().collect::<Vec<_>>().join(" ")
         }
     };
+    // The server's text is quoted in job errors and logs: never with its control characters.
+    let text = crate::text::escape(&text);
     if text.is_empty() {
         status.to_string()
     } else {
@@ -105,6 +107,9 @@ fn server_message(status: StatusCode, body: &str) -> String {
 pub(crate) struct Meta {
     pub(crate) size: u64,
     pub(crate) etag: Option<String>,
+    /// `Last-Modified` as the source wrote it: with the size, what tells versions apart at a
+    /// source that sends no ETag.
+    pub(crate) last_modified: Option<String>,
     /// The source answers ranged GETs (`Accept-Ranges: bytes`; always for S3 and files).
     pub(crate) ranges: bool,
 }
@@ -217,6 +222,10 @@ impl RemoteObject {
         Ok(Some(Meta {
             size,
             etag: etag_of(headers),
+            last_modified: headers
+                .get(header::LAST_MODIFIED)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
             ranges,
         }))
     }
@@ -352,6 +361,7 @@ async fn file_meta(path: &std::path::Path) -> Result<Meta, SourceError> {
     Ok(Meta {
         size: m.len(),
         etag: Some(format!("{:x}-{:x}-{:x}", m.ino(), mtime, m.len())),
+        last_modified: None,
         ranges: true,
     })
 }

@@ -2,7 +2,8 @@
 //! per-volume lock, so no job can start on the name while it is removed, and only when nothing
 //! has the volume open and it is a plain data volume.
 
-use super::engine::{Engine, Holder};
+use super::engine::Engine;
+use super::state::{Holder, VolumeClaim};
 use crate::volume::{Blocker, VolumeError};
 
 /// Why a volume was not deleted.
@@ -14,24 +15,34 @@ pub(crate) enum DeleteError {
     Blocked { volume: String, blocker: Blocker },
     #[error(transparent)]
     Volume(#[from] VolumeError),
+    /// The deletion's task ended without an answer (a panic; the name was given back).
+    #[error("the deletion failed: {0}")]
+    Task(String),
 }
 
 impl Engine {
-    /// Removes the volume `name` (absent is success); `true` when it existed.
+    /// Removes the volume `name` (absent is success); `true` when it existed. Runs on its own
+    /// task: a caller that goes away does not cut a removal short, and the name is given back
+    /// when it ends (`VolumeClaim`).
     pub(crate) async fn delete_volume(&self, name: &str) -> Result<bool, DeleteError> {
-        {
+        let engine = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move { engine.delete_here(&name).await })
+            .await
+            .map_err(|e| DeleteError::Task(e.to_string()))?
+    }
+
+    async fn delete_here(&self, name: &str) -> Result<bool, DeleteError> {
+        let _claim = {
             let mut st = self.state();
-            if let Some(holder) = st.volumes.get(name) {
-                return Err(DeleteError::Busy {
+            VolumeClaim::take(self.shared(), &mut st, name, Holder::Deleting).map_err(|holder| {
+                DeleteError::Busy {
                     volume: name.to_string(),
-                    holder: *holder,
-                });
-            }
-            st.volumes.insert(name.to_string(), Holder::Deleting);
-        }
-        let result = self.delete_locked(name).await;
-        self.state().volumes.remove(name);
-        result
+                    holder,
+                }
+            })?
+        };
+        self.delete_locked(name).await
     }
 
     async fn delete_locked(&self, name: &str) -> Result<bool, DeleteError> {

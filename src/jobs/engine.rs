@@ -3,7 +3,7 @@
 //! per-job timeout, cancels (killing child processes and rolling back), recovers after a
 //! restart and prunes old jobs.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,41 +18,11 @@ use super::handle::JobHandle;
 use super::idempotency::IdempotencyKey;
 use super::model::{Job, JobKind, JobSpec, JobStatus};
 use super::runner::{self, RunContext};
+use super::state::{Admission, Running, Shared, State};
+pub(crate) use super::state::{Holder, StopReason};
 use super::store::{Store, StoreError};
 use crate::telemetry::metrics::metrics;
 use crate::volume::VolumeError;
-
-/// Why a running job is being stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum StopReason {
-    Cancelled,
-    TimedOut,
-    Shutdown,
-}
-
-/// What holds a volume name, so that no second job (or deletion) uses it meanwhile.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Holder {
-    /// A submission that is being stored.
-    Submitting,
-    /// A pending or running job.
-    Job(Uuid),
-    /// `DELETE /api/v1/volumes/{name}` is removing it.
-    Deleting,
-    /// `PUT /api/v1/volumes/{name}/content` is writing it.
-    Uploading,
-}
-
-impl std::fmt::Display for Holder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Holder::Submitting => f.write_str("a job being submitted"),
-            Holder::Job(id) => write!(f, "job {id}"),
-            Holder::Deleting => f.write_str("its deletion"),
-            Holder::Uploading => f.write_str("an upload"),
-        }
-    }
-}
 
 /// A refused submission.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +47,9 @@ pub(crate) enum SubmitError {
     KeyInFlight,
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The submission's task ended without an answer (a panic; its claims were given back).
+    #[error("the submission failed: {0}")]
+    Task(String),
 }
 
 /// An accepted submission.
@@ -97,6 +70,9 @@ pub(crate) enum CancelError {
     Terminal(JobStatus),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The cancellation's task ended without an answer (a panic).
+    #[error("the cancellation failed: {0}")]
+    Task(String),
 }
 
 /// Who submitted a job and in which trace.
@@ -104,28 +80,6 @@ pub(crate) enum CancelError {
 pub(crate) struct Origin {
     pub(crate) requested_by: Option<String>,
     pub(crate) trace_context: BTreeMap<String, String>,
-}
-
-/// A running job, as the engine tracks it.
-struct Running {
-    cancel: CancellationToken,
-    reason: Arc<Mutex<Option<StopReason>>>,
-    done: watch::Receiver<bool>,
-}
-
-/// The engine's mutable state, behind one lock.
-pub(super) struct State {
-    queue: VecDeque<Uuid>,
-    /// Jobs accepted but not yet stored; they count against the queue capacity.
-    reserved: usize,
-    running: HashMap<Uuid, Running>,
-    /// Volume names held by submissions, pending or running jobs and deletions.
-    pub(super) volumes: HashMap<String, Holder>,
-    max_concurrent: usize,
-    queue_capacity: usize,
-    accepting: bool,
-    /// Scoped idempotency keys of submissions being stored (a second one gets `KeyInFlight`).
-    keys_in_flight: std::collections::HashSet<String>,
 }
 
 /// Handle to the engine (cheap to clone).
@@ -138,7 +92,7 @@ pub(crate) struct Engine {
 struct Inner {
     store: Store,
     ctx: Arc<RunContext>,
-    state: Mutex<State>,
+    state: Shared,
     job_timeout: Mutex<Duration>,
 }
 
@@ -149,16 +103,10 @@ impl Engine {
         let engine = Engine {
             inner: Arc::new(Inner {
                 store,
-                state: Mutex::new(State {
-                    queue: VecDeque::new(),
-                    reserved: 0,
-                    running: HashMap::new(),
-                    volumes: HashMap::new(),
-                    max_concurrent: settings.jobs.max_concurrent,
-                    queue_capacity: settings.jobs.queue_capacity,
-                    accepting: true,
-                    keys_in_flight: Default::default(),
-                }),
+                state: Shared::new(State::new(
+                    settings.jobs.max_concurrent,
+                    settings.jobs.queue_capacity,
+                )),
                 job_timeout: Mutex::new(settings.jobs.timeout),
                 ctx,
             }),
@@ -177,7 +125,12 @@ impl Engine {
     }
 
     pub(super) fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.state.lock()
+    }
+
+    /// The state as the claim guards share it.
+    pub(super) fn shared(&self) -> &Shared {
+        &self.inner.state
     }
 
     /// Jobs that were running when the daemon died are failed and rolled back; pending ones
@@ -219,7 +172,10 @@ impl Engine {
     }
 
     /// Accepts a job: answers a repeated `Idempotency-Key` with its job, checks the volume
-    /// lock and queue capacity, stores the job durably and queues it.
+    /// lock and queue capacity, stores the job durably and queues it. Runs on its own task, so
+    /// a caller that goes away (the client hung up) does not stop it halfway: the job is
+    /// either stored and queued (a retry with the same key finds it) or not stored at all, and
+    /// every claim is given back either way.
     pub(crate) async fn submit(
         &self,
         kind: JobKind,
@@ -227,70 +183,68 @@ impl Engine {
         origin: Origin,
         key: Option<IdempotencyKey>,
     ) -> Result<Submitted, SubmitError> {
-        let volume = spec.volume_name.clone();
-        {
-            let mut st = self.state();
-            if let Some(key) = &key {
-                // Under the lock, so a key is either stored (found here) or in flight.
-                if let Some(job) = self.inner.store.idempotent_job(key)? {
-                    return match job.idempotency.as_ref() {
-                        Some(k) if k.request_hash == key.request_hash => {
-                            Ok(Submitted::Existing(job))
-                        }
-                        _ => Err(SubmitError::KeyReused(job.id)),
-                    };
-                }
-                if st.keys_in_flight.contains(&key.scoped) {
-                    return Err(SubmitError::KeyInFlight);
-                }
-            }
-            if !st.accepting {
-                return Err(SubmitError::ShuttingDown);
-            }
-            if let Some(v) = &volume
-                && let Some(holder) = st.volumes.get(v)
-            {
-                return Err(SubmitError::VolumeBusy {
-                    volume: v.clone(),
-                    holder: *holder,
-                });
-            }
-            let in_system = st.running.len() + st.queue.len() + st.reserved;
-            if in_system >= st.max_concurrent + st.queue_capacity {
-                return Err(SubmitError::QueueFull(st.queue.len() + st.reserved));
-            }
-            st.reserved += 1;
-            if let Some(v) = &volume {
-                st.volumes.insert(v.clone(), Holder::Submitting);
-            }
-            if let Some(key) = &key {
-                st.keys_in_flight.insert(key.scoped.clone());
-            }
-        }
-        let scoped = key.as_ref().map(|k| k.scoped.clone());
-        let result = self.store_new(kind, spec, origin, key).await;
+        let engine = self.clone();
+        tokio::spawn(async move { engine.submit_here(kind, spec, origin, key).await })
+            .await
+            .map_err(|e| SubmitError::Task(e.to_string()))?
+    }
+
+    async fn submit_here(
+        &self,
+        kind: JobKind,
+        spec: JobSpec,
+        origin: Origin,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Submitted, SubmitError> {
+        let admission = match self.admit(&spec, key.as_ref())? {
+            Ok(admission) => admission,
+            Err(existing) => return Ok(Submitted::Existing(existing)),
+        };
+        let job = self.store_new(kind, spec, origin, key).await?;
         let mut st = self.state();
-        st.reserved -= 1;
-        if let Some(scoped) = scoped {
-            st.keys_in_flight.remove(&scoped);
-        }
-        match result {
-            Ok(job) => {
-                if let Some(v) = &volume {
-                    st.volumes.insert(v.clone(), Holder::Job(job.id));
-                }
-                st.queue.push_back(job.id);
-                metrics().queued_jobs.set(st.queue.len() as i64);
-                self.pump(&mut st);
-                Ok(Submitted::New(job))
+        admission.admit(&mut st, job.id);
+        metrics().queued_jobs.set(st.queue.len() as i64);
+        self.pump(&mut st);
+        Ok(Submitted::New(job))
+    }
+
+    /// The claims of a submission, or the job a repeated `Idempotency-Key` made, or why not.
+    fn admit(
+        &self,
+        spec: &JobSpec,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Result<Admission, Job>, SubmitError> {
+        let mut st = self.state();
+        if let Some(key) = key {
+            // Under the lock, so a key is either stored (found here) or in flight.
+            if let Some(job) = self.inner.store.idempotent_job(key)? {
+                return match job.idempotency.as_ref() {
+                    Some(k) if k.request_hash == key.request_hash => Ok(Err(job)),
+                    _ => Err(SubmitError::KeyReused(job.id)),
+                };
             }
-            Err(e) => {
-                if let Some(v) = &volume {
-                    st.volumes.remove(v);
-                }
-                Err(e)
+            if st.keys_in_flight.contains(&key.scoped) {
+                return Err(SubmitError::KeyInFlight);
             }
         }
+        if !st.accepting {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let volume = spec.volume_name.as_deref();
+        if let Some(v) = volume
+            && let Some(holder) = st.volumes.get(v)
+        {
+            return Err(SubmitError::VolumeBusy {
+                volume: v.to_string(),
+                holder: *holder,
+            });
+        }
+        let in_system = st.running.len() + st.queue.len() + st.reserved;
+        if in_system >= st.max_concurrent + st.queue_capacity {
+            return Err(SubmitError::QueueFull(st.queue.len() + st.reserved));
+        }
+        let scoped = key.map(|k| k.scoped.as_str());
+        Ok(Ok(Admission::take(self.shared(), &mut st, volume, scoped)))
     }
 
     async fn store_new(
@@ -532,7 +486,16 @@ impl Engine {
 
     /// Cancels a job: a pending one at once; a running one is stopped, rolled back, and this
     /// returns once it is terminal (or after `wait`).
+    /// Runs on its own task: a caller that goes away does not leave a pending job taken out
+    /// of the queue but still stored as pending.
     pub(crate) async fn cancel(&self, id: Uuid, wait: Duration) -> Result<Job, CancelError> {
+        let engine = self.clone();
+        tokio::spawn(async move { engine.cancel_here(id, wait).await })
+            .await
+            .map_err(|e| CancelError::Task(e.to_string()))?
+    }
+
+    async fn cancel_here(&self, id: Uuid, wait: Duration) -> Result<Job, CancelError> {
         let running_done = {
             let mut st = self.state();
             if let Some(pos) = st.queue.iter().position(|j| *j == id) {

@@ -10,5 +10,6 @@ pub(crate) mod idempotency;
 pub(crate) mod model;
 pub(crate) mod progress;
 pub(crate) mod runner;
+mod state;
 pub(crate) mod store;
 pub(crate) mod upload;

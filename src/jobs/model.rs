@@ -285,7 +285,8 @@ impl Job {
             JobStatus::Failed | JobStatus::Cancelled => {
                 self.finished_at = Some(now);
                 self.progress.eta_seconds = None;
-                self.error = error;
+                // Errors quote remote text (an image server's error body): stored escaped.
+                self.error = error.map(|e| crate::text::escape(&e).into_owned());
             }
             JobStatus::Pending => {}
         }

@@ -15,7 +15,8 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
-use super::engine::{Engine, Holder};
+use super::engine::Engine;
+use super::state::{Holder, VolumeClaim};
 use crate::volume::{VolumeError, VolumeInfo};
 
 /// What an upload asks for.
@@ -111,27 +112,30 @@ impl Engine {
         E: std::fmt::Display,
     {
         let name = request.volume.clone();
-        {
+        let _claim = {
             let mut st = self.state();
+            let uploading = st
+                .volumes
+                .values()
+                .filter(|h| matches!(h, Holder::Uploading))
+                .count();
             if let Some(holder) = st.volumes.get(&name) {
                 return Err(UploadError::Busy {
                     volume: name,
                     holder: *holder,
                 });
             }
-            let uploading = st
-                .volumes
-                .values()
-                .filter(|h| matches!(h, Holder::Uploading))
-                .count();
             if uploading >= request.max_concurrent {
                 return Err(UploadError::TooMany(uploading));
             }
-            st.volumes.insert(name.clone(), Holder::Uploading);
-        }
-        let result = self.upload_locked(request, body).await;
-        self.state().volumes.remove(&name);
-        result
+            VolumeClaim::take(self.shared(), &mut st, &name, Holder::Uploading).map_err(
+                |holder| UploadError::Busy {
+                    volume: name.clone(),
+                    holder,
+                },
+            )?
+        };
+        self.upload_locked(request, body).await
     }
 
     async fn upload_locked<S, B, E>(

@@ -113,6 +113,19 @@ impl VolumeError {
             source,
         }
     }
+
+    /// Whether the error is a lack of space (a refused size, a full pool, or a write that
+    /// met ENOSPC or a quota): the API answers 507.
+    pub(crate) fn is_out_of_space(&self) -> bool {
+        match self {
+            VolumeError::InsufficientSpace { .. } | VolumeError::PoolOverThreshold { .. } => true,
+            VolumeError::Io { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(code) if code == nix::libc::ENOSPC || code == nix::libc::EDQUOT
+            ),
+            _ => false,
+        }
+    }
 }
 
 /// A place volumes live in. Every method is safe to call for any validated name.

@@ -28,9 +28,8 @@ pub(crate) const ROUTES: &[RouteDef] = &[
         build: |at, s| {
             warp::path!("api" / "v1" / "cache" / "fetch")
                 .and(at)
-                .and(auth::caller(s.clone()))
+                .and(handlers::caller_and_json_body(s.clone()))
                 .and(warp::header::headers_cloned())
-                .and(handlers::json_body(s.clone()))
                 .and(with_state(s))
                 .then(handlers::cache_fetch)
                 .map(handlers::respond)

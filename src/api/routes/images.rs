@@ -4,7 +4,7 @@ use warp::Filter;
 use warp::http::Method;
 
 use super::route::{RouteDef, with_state};
-use crate::api::{auth, handlers, preflight};
+use crate::api::{handlers, preflight};
 
 /// The rows of this group.
 pub(crate) const ROUTES: &[RouteDef] = &[RouteDef {
@@ -13,8 +13,7 @@ pub(crate) const ROUTES: &[RouteDef] = &[RouteDef {
     build: |at, s| {
         warp::path!("api" / "v1" / "images" / "inspect")
             .and(at)
-            .and(auth::caller(s.clone()))
-            .and(handlers::json_body(s.clone()))
+            .and(handlers::caller_and_json_body(s.clone()))
             .and(with_state(s))
             .then(preflight::inspect)
             .map(handlers::respond)

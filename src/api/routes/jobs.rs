@@ -108,9 +108,8 @@ pub(crate) const ROUTES: &[RouteDef] = &[
 
 /// `POST` of a provision request, on any of its three paths.
 fn submit(path: BoxedFilter<()>, s: Arc<ApiState>) -> BoxedFilter<(Response,)> {
-    path.and(auth::caller(s.clone()))
+    path.and(handlers::caller_and_json_body(s.clone()))
         .and(warp::header::headers_cloned())
-        .and(handlers::json_body(s.clone()))
         .and(with_state(s))
         .then(handlers::submit)
         .map(handlers::respond)

@@ -30,6 +30,14 @@ pub(crate) fn checkpoint_path(dir: &Path, key: &str) -> PathBuf {
     dir.join(format!("{key}.partial.json"))
 }
 
+/// Removes the partial file of a stopped download that no checkpoint can resume (a
+/// preallocated file at the full size would otherwise hold its space as debris).
+pub(super) fn discard_unresumable(dir: &Path, key: &str) {
+    if !checkpoint_path(dir, key).exists() {
+        let _ = std::fs::remove_file(partial_path(dir, key));
+    }
+}
+
 impl Checkpoint {
     /// The checkpoint of `key` if it fits this object and part size, and the partial file is
     /// long enough to hold its parts.

@@ -154,15 +154,21 @@ impl Download {
                     tokio::time::sleep(delay).await;
                 }
                 Err(RoundError::Failed(e)) => {
-                    // A transient failure keeps its partial file and checkpoint for a later
-                    // resume; anything else leaves nothing behind.
-                    if !e.is_transient() {
+                    // A transient failure keeps its partial file when a checkpoint lets a
+                    // later download resume it; anything else leaves nothing behind (a
+                    // preallocated file nothing can resume is debris).
+                    if !(e.is_transient() && self.resumable()) {
                         self.discard();
                     }
                     return Err(e);
                 }
             }
         }
+    }
+
+    /// Whether a checkpoint of this download is on disk (a later one can resume it).
+    fn resumable(&self) -> bool {
+        checkpoint_path(&self.dir, &self.key).exists()
     }
 
     fn discard(&self) {
@@ -436,6 +442,7 @@ impl Download {
             image_url: self.image_url.clone(),
             identity: self.identity.clone(),
             etag: self.remote.meta.etag.clone(),
+            last_modified: self.remote.meta.last_modified.clone(),
             size: total,
             sha256: actual,
             verified: self.remote.expected_sha256.is_some(),

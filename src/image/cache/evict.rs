@@ -40,6 +40,16 @@ impl EvictReason {
     }
 }
 
+/// A partial download no running download owns.
+pub(super) struct StoppedPartial {
+    pub(super) key: String,
+    /// A checkpoint beside it lets a later download resume it.
+    pub(super) resumable: bool,
+    modified: std::time::SystemTime,
+    /// Space it holds on disk.
+    bytes: u64,
+}
+
 impl ImageCache {
     fn evict_one(&self, key: &str, reason: EvictReason) -> bool {
         if self.in_use_count(key) > 0 {
@@ -110,17 +120,53 @@ impl ImageCache {
         Ok(avail.saturating_sub(self.reserved.load(Ordering::SeqCst)))
     }
 
-    /// Makes sure `need` more bytes fit while `cache.min_free_bytes` stay free, evicting
-    /// unused entries, then partial files of stopped downloads (`busy` lists the keys being
-    /// downloaded), if that helps. Fails, evicting nothing, when the free space cannot be read.
-    pub(super) fn ensure_space(&self, need: u64, busy: &[String]) -> Result<(), FetchError> {
-        let min_free = self.limits().min_free_bytes;
+    /// Makes sure an image of `size` bytes, `need` of them still to be written, fits while `cache.min_free_bytes` stay free. Decides first,
+    /// evicts second: when even removing every stopped download's partial file and every
+    /// unused entry could not make room (a source declaring a huge size, an image larger than
+    /// the disk or than `cache.max_size_bytes`), nothing is removed and the error gives the
+    /// numbers. Otherwise partial files of stopped downloads go first (`busy` lists the keys
+    /// being downloaded; debris without a checkpoint before resumable ones), then unused
+    /// entries, least recently used first. Fails, evicting nothing, when the free space
+    /// cannot be read.
+    pub(super) fn ensure_space(
+        &self,
+        size: u64,
+        need: u64,
+        busy: &[String],
+    ) -> Result<(), FetchError> {
+        let limits = self.limits();
+        if size > limits.max_size_bytes {
+            return Err(FetchError::NoSpace(format!(
+                "the image has {size} bytes, more than the whole cache may hold \
+                 (cache.max_size_bytes = {}); nothing was evicted",
+                limits.max_size_bytes
+            )));
+        }
+        let min_free = limits.min_free_bytes;
         let want = need.saturating_add(min_free);
+        let free = self.free_space()?;
+        if free >= want {
+            return Ok(());
+        }
+        let partials = self.stopped_partials(busy);
+        let reclaimable = partials.iter().map(|p| p.bytes).sum::<u64>()
+            + self
+                .entries()
+                .iter()
+                .filter(|e| self.in_use_count(&e.key) == 0)
+                .map(|e| e.size)
+                .sum::<u64>();
+        if free.saturating_add(reclaimable) < want {
+            return Err(FetchError::NoSpace(format!(
+                "need {need} bytes plus {min_free} kept free (cache.min_free_bytes), have {free} \
+                 free in {}, and removing every unused entry and stopped download would free at \
+                 most {reclaimable} more; nothing was evicted",
+                self.dir.display()
+            )));
+        }
+        self.drop_partials(want, partials);
         if self.free_space()? < want {
             self.evict(Some(want));
-        }
-        if self.free_space()? < want {
-            self.drop_stale_partials(want, busy);
         }
         let free = self.free_space()?;
         if free < want {
@@ -132,32 +178,48 @@ impl ImageCache {
         Ok(())
     }
 
-    /// Removes partial downloads no running download owns, oldest first, until `want` bytes
-    /// are free (resume data yields to a download that needs the space).
-    fn drop_stale_partials(&self, want: u64, busy: &[String]) {
+    /// Partial files no running download owns, in the order they are given up: debris first
+    /// (no checkpoint: nothing can resume them), then resumable ones, oldest first.
+    pub(super) fn stopped_partials(&self, busy: &[String]) -> Vec<StoppedPartial> {
+        use std::os::unix::fs::MetadataExt;
         let Ok(dir) = std::fs::read_dir(&self.dir) else {
-            return;
+            return Vec::new();
         };
-        let mut stale: Vec<(std::time::SystemTime, String)> = dir
+        let mut stopped: Vec<StoppedPartial> = dir
             .flatten()
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().to_string();
                 let key = name.strip_suffix(".partial")?.to_string();
-                let modified = e.metadata().and_then(|m| m.modified()).ok()?;
-                (!busy.contains(&key)).then_some((modified, key))
+                if busy.contains(&key) {
+                    return None;
+                }
+                let meta = e.metadata().ok()?;
+                Some(StoppedPartial {
+                    resumable: checkpoint_path(&self.dir, &key).exists(),
+                    modified: meta.modified().ok()?,
+                    // Allocated bytes: a preallocated file holds its whole size.
+                    bytes: meta.blocks() * 512,
+                    key,
+                })
             })
             .collect();
-        stale.sort();
-        for (_, key) in stale {
+        stopped.sort_by_key(|p| (p.resumable, p.modified));
+        stopped
+    }
+
+    /// Removes `partials` in their order until `want` bytes are free.
+    fn drop_partials(&self, want: u64, partials: Vec<StoppedPartial>) {
+        for p in partials {
             if self.free_bytes().is_none_or(|free| free >= want) {
                 break;
             }
             tracing::info!(
-                key,
+                key = %p.key,
+                resumable = p.resumable,
                 "removing a stopped download's partial file to make room"
             );
-            let _ = std::fs::remove_file(partial_path(&self.dir, &key));
-            let _ = std::fs::remove_file(checkpoint_path(&self.dir, &key));
+            let _ = std::fs::remove_file(partial_path(&self.dir, &p.key));
+            let _ = std::fs::remove_file(checkpoint_path(&self.dir, &p.key));
         }
     }
 

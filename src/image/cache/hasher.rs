@@ -59,7 +59,12 @@ impl Hasher {
     pub(super) fn spawn(start: Start) -> Hasher {
         let (feed, rx) = mpsc::unbounded_channel();
         let (frontier_tx, frontier) = watch::channel(start.hashed);
-        let prefixes = Arc::new(Mutex::new(VecDeque::new()));
+        // The starting state is a prefix too: a checkpoint taken before the first part is
+        // hashed still records which parts are on disk (resume does not wait for part 0).
+        let prefixes = Arc::new(Mutex::new(VecDeque::from([HashedPrefix {
+            parts: start.hashed,
+            state: start.state.serialize().to_vec(),
+        }])));
         let p = prefixes.clone();
         let thread = tokio::task::spawn_blocking(move || run(start, rx, frontier_tx, p));
         Hasher {
@@ -148,6 +153,23 @@ fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_starting_state_is_a_prefix_before_any_part_is_hashed() {
+        let h = Hasher::spawn(Start {
+            state: Sha256::new(),
+            hashed: 0,
+            on_disk: vec![false; 4],
+            part_size: 16,
+            size: 64,
+            file: Arc::new(tempfile::tempfile().unwrap()),
+        });
+        let prefix = h
+            .prefix_at_most(0)
+            .expect("a checkpoint needs no hashed part");
+        assert_eq!(prefix.parts, 0);
+        assert_eq!(prefix.state, Sha256::new().serialize().to_vec());
+    }
 
     #[tokio::test]
     async fn parts_in_any_order_hash_like_the_whole() {

@@ -31,7 +31,7 @@ use tracing::Instrument;
 use super::bandwidth::Bandwidth;
 use super::client::RedirectRefused;
 use super::inspect::{InspectError, Inspection};
-use super::remote::SourceError;
+use super::remote::{Meta, SourceError};
 use super::source::{Location, SourceClients};
 use crate::config::Settings;
 use crate::telemetry::metrics::metrics;
@@ -42,11 +42,14 @@ use flight::FlightResult;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct CacheEntry {
     /// 64 lowercase hex: the content SHA-256 when the source publishes one, else
-    /// SHA-256 of the source identity and ETag.
+    /// SHA-256 of the source identity and the version's validators (`version_key`).
     pub(crate) key: String,
     pub(crate) image_url: String,
     pub(crate) identity: String,
     pub(crate) etag: Option<String>,
+    /// `Last-Modified` of the version held (what tells versions apart without an ETag).
+    #[serde(default)]
+    pub(crate) last_modified: Option<String>,
     pub(crate) size: u64,
     /// SHA-256 of the content, computed while downloading.
     pub(crate) sha256: String,
@@ -593,7 +596,7 @@ impl ImageCache {
             .await?;
         Ok(match answer {
             None => true,
-            Some(meta) => meta.etag.is_some() && meta.etag == entry.etag && meta.size == entry.size,
+            Some(meta) => same_version(&meta, entry),
         })
     }
 
@@ -613,9 +616,7 @@ impl ImageCache {
         let identity = location.identity();
         let key = match &remote.expected_sha256 {
             Some(sum) => sum.clone(),
-            None => download::digest_hex(
-                format!("{identity}\n{}", remote.meta.etag.as_deref().unwrap_or("")).as_bytes(),
-            ),
+            None => version_key(&identity, &remote.meta),
         };
         // Hold the entry before looking, so eviction cannot take it between check and use.
         let guard = self.mark_in_use(&key);
@@ -679,7 +680,7 @@ impl ImageCache {
             .map(|m| m.len())
             .unwrap_or(0);
         let need = remote.meta.size.saturating_sub(partial_len);
-        self.ensure_space(need, &start.busy)?;
+        self.ensure_space(remote.meta.size, need, &start.busy)?;
         let reservation = Reservation::take(&self.reserved, need);
         let (tx, rx) = watch::channel(Transfer {
             done: 0,
@@ -703,10 +704,15 @@ impl ImageCache {
                 if let Some(previous) = start.previous {
                     let _ = previous.await;
                 }
-                tokio::select! {
+                let (dir, key) = (download.dir.clone(), download.key.clone());
+                let result = tokio::select! {
                     r = download.run(tx) => r,
                     _ = start.stop.cancelled() => Err(FetchError::Stopped),
+                };
+                if matches!(result, Err(FetchError::Stopped)) {
+                    checkpoint::discard_unresumable(&dir, &key);
                 }
+                result
             }
             .instrument(tracing::Span::current()),
         );
@@ -862,6 +868,34 @@ async fn sync_dir(dir: &Path) -> Result<(), FetchError> {
         .map_err(|e| FetchError::Io(format!("syncing {shown}: {e}")))
 }
 
+/// The cache key of a version of an object that publishes no checksum: its identity and its
+/// validators. With an ETag, the ETag (the key of entries made before `Last-Modified` was
+/// recorded); without one, `Last-Modified` and the size, so that a replaced object gets a new
+/// key instead of the entry of the version before it.
+fn version_key(identity: &str, meta: &Meta) -> String {
+    let seed = match &meta.etag {
+        Some(etag) => format!("{identity}\n{etag}"),
+        None => format!(
+            "{identity}\n\nlast-modified={}\nsize={}",
+            meta.last_modified.as_deref().unwrap_or(""),
+            meta.size
+        ),
+    };
+    download::digest_hex(seed.as_bytes())
+}
+
+/// Whether the source's answer names the version `entry` holds: same ETag and size when the
+/// source sends ETags, else same `Last-Modified` and size. A validator that differs (or is
+/// there on one side only) means another version.
+pub(crate) fn same_version(meta: &Meta, entry: &CacheEntry) -> bool {
+    let validators = match (&meta.etag, &entry.etag) {
+        (Some(now), Some(then)) => now == then,
+        (None, None) => meta.last_modified == entry.last_modified,
+        _ => false,
+    };
+    validators && meta.size == entry.size
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -884,6 +918,7 @@ pub(crate) mod tests {
             image_url: format!("file:///images/{key}"),
             identity: format!("file:///images/{key}"),
             etag: None,
+            last_modified: None,
             size: size as u64,
             sha256: String::new(),
             verified: false,
@@ -907,12 +942,94 @@ pub(crate) mod tests {
         add_entry(&cache, "a", 10);
         // statvfs on a directory that is gone fails (ENOENT).
         std::fs::rename(tmp.path().join("cache"), tmp.path().join("moved")).unwrap();
-        let e = cache.ensure_space(1, &[]).unwrap_err();
+        let e = cache.ensure_space(1, 1, &[]).unwrap_err();
         assert!(
             matches!(&e, FetchError::Io(m) if m.contains("free space")),
             "{e}"
         );
         assert!(cache.get_entry("a").is_some(), "nothing evicted");
+    }
+
+    #[test]
+    fn a_size_that_eviction_cannot_reach_evicts_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = test_cache(&tmp.path().join("cache"));
+        add_entry(&cache, "a", 10);
+        add_entry(&cache, "b", 10);
+        // A source declaring 1 PiB, with the cache bound out of the way.
+        let mut settings = Settings::default();
+        settings.cache.max_size_bytes = u64::MAX;
+        cache.set_limits(&settings);
+        let e = cache.ensure_space(1 << 50, 1 << 50, &[]).unwrap_err();
+        assert!(
+            matches!(&e, FetchError::NoSpace(m) if m.contains("nothing was evicted")),
+            "{e}"
+        );
+        assert!(cache.get_entry("a").is_some() && cache.get_entry("b").is_some());
+        // An image larger than the whole cache may hold is refused the same way.
+        settings.cache.max_size_bytes = 15;
+        cache.set_limits(&settings);
+        add_entry(&cache, "a", 5);
+        let e = cache.ensure_space(16, 16, &[]).unwrap_err();
+        assert!(
+            matches!(&e, FetchError::NoSpace(m) if m.contains("cache.max_size_bytes")),
+            "{e}"
+        );
+        assert!(cache.get_entry("a").is_some());
+    }
+
+    #[test]
+    fn stopped_partials_go_debris_first_and_busy_ones_stay() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cache");
+        let cache = test_cache(&dir);
+        for key in ["resumable", "debris", "busy"] {
+            std::fs::write(checkpoint::partial_path(&dir, key), vec![1u8; 8192]).unwrap();
+        }
+        std::fs::write(checkpoint::checkpoint_path(&dir, "resumable"), b"{}").unwrap();
+        let order: Vec<(String, bool)> = cache
+            .stopped_partials(&["busy".to_string()])
+            .into_iter()
+            .map(|p| (p.key, p.resumable))
+            .collect();
+        assert_eq!(
+            order,
+            vec![
+                ("debris".to_string(), false),
+                ("resumable".to_string(), true)
+            ]
+        );
+    }
+
+    #[test]
+    fn versions_without_etag_differ_by_last_modified_and_size() {
+        let meta = |etag: Option<&str>, lm: Option<&str>, size| Meta {
+            size,
+            etag: etag.map(str::to_string),
+            last_modified: lm.map(str::to_string),
+            ranges: true,
+        };
+        let id = "http://h/img";
+        let v1 = meta(None, Some("Sun, 06 Dec 2026 10:00:00 GMT"), 10);
+        let v2 = meta(None, Some("Sun, 06 Dec 2026 10:00:01 GMT"), 10);
+        let v3 = meta(None, Some("Sun, 06 Dec 2026 10:00:00 GMT"), 11);
+        assert_ne!(version_key(id, &v1), version_key(id, &v2));
+        assert_ne!(version_key(id, &v1), version_key(id, &v3));
+        // With an ETag, the key is the one entries have had before.
+        let tagged = meta(Some("\"e1\""), None, 10);
+        assert_eq!(
+            version_key(id, &tagged),
+            download::digest_hex(format!("{id}\n\"e1\"").as_bytes())
+        );
+        let mut entry = add_entry(&test_cache(tempfile::tempdir().unwrap().path()), "k", 10);
+        entry.last_modified = v1.last_modified.clone();
+        assert!(same_version(&v1, &entry));
+        assert!(!same_version(&v2, &entry), "another Last-Modified");
+        assert!(!same_version(&v3, &entry), "another size");
+        assert!(
+            !same_version(&tagged, &entry),
+            "an ETag where there was none"
+        );
     }
 
     #[test]
