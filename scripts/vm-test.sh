@@ -41,10 +41,10 @@ esac
 
 started=$(date +%s)
 echo "== building the release daemon and the test binaries (host) =="
-# The suites start the release build (what ships; LVP_TEST_DAEMON, tests/common): it is also
+# The suites start the release build (what ships; TEST_DAEMON_BIN, tests/common): it is also
 # several times faster than the debug build under the VM's CPU emulation.
 cargo build --locked --release
-export LVP_TEST_DAEMON=$ROOT/target/release/libvirt-volume-provisioner
+export TEST_DAEMON_BIN=$ROOT/target/release/libvirt-volume-provisioner
 declare -A BINS
 json=$(cargo test --locked --test lvm_vm --test thin_vm --test libvirt_vm --no-run --message-format=json 2>/dev/null)
 for suite in lvm thin libvirt; do
@@ -132,7 +132,7 @@ run_suite() { # suite
   # grows with whatever else runs on the host.
   TIMEFORMAT="$suite VM: %0R s wall time, %0U s user + %0S s system CPU"
   time {
-    VM_TIMEOUT=${VM_TIMEOUT:-2100} VM_MEM=${VM_MEM:-2048} tests/vm/vm-run.sh -s "$ROOT" -d 8G -e VMTEST_DATA -e LVP_TEST_DAEMON -- \
+    VM_TIMEOUT=${VM_TIMEOUT:-2100} VM_MEM=${VM_MEM:-2048} tests/vm/vm-run.sh -s "$ROOT" -d 8G -e VMTEST_DATA -e TEST_DAEMON_BIN -- \
       "${BINS[$suite]}" --ignored --test-threads=1 --nocapture > "$LOG" 2>&1
     rc=$?
   }

@@ -13,10 +13,10 @@ use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_libvirt-volume-provisioner");
 
-/// The daemon binary `Daemon::spawn` starts: `LVP_TEST_DAEMON` when set (the VM suites run the
+/// The daemon binary `Daemon::spawn` starts: `TEST_DAEMON_BIN` when set (the VM suites run the
 /// release build, the one that ships: scripts/vm-test.sh), else this test build's binary.
 pub fn daemon_bin() -> String {
-    std::env::var("LVP_TEST_DAEMON").unwrap_or_else(|_| BIN.to_string())
+    std::env::var("TEST_DAEMON_BIN").unwrap_or_else(|_| BIN.to_string())
 }
 
 /// A TOML configuration built from dotted keys.
