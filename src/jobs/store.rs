@@ -133,9 +133,19 @@ impl Store {
         Ok(())
     }
 
+    /// Waits until everything written is on disk. A blocking `flush` on the blocking pool,
+    /// not sled's `flush_async`: concurrent `flush_async` calls deadlock in sled 0.34
+    /// (spacejam/sled#1308, fixed only on its unreleased main branch); seen here as jobs that
+    /// never left `pending` after many simultaneous submissions.
     pub(crate) async fn flush(&self) -> Result<(), StoreError> {
         let r = match self.db.current() {
-            Ok(db) => db.flush_async().await,
+            Ok(db) => tokio::task::spawn_blocking(move || db.flush().map(|_| ()))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(sled::Error::Io(std::io::Error::other(format!(
+                        "flush task failed: {e}"
+                    ))))
+                }),
             Err(e) => Err(e),
         };
         metrics().storage_op("flush", &r);
@@ -312,6 +322,26 @@ mod tests {
             },
             Utc::now(),
         )
+    }
+
+    /// sled's `flush_async` deadlocks when many are polled at once (sled#1308): 40 submissions
+    /// on their own tasks once left jobs `pending` for good. Every confirmed write returns.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn many_concurrent_confirmed_writes_all_return() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut writes = tokio::task::JoinSet::new();
+        for _ in 0..400 {
+            let store = store.clone();
+            writes.spawn(async move {
+                let j = job(store.next_seq().unwrap());
+                store.put_job_confirmed(&j).await.unwrap();
+            });
+        }
+        let all = async { while writes.join_next().await.is_some() {} };
+        tokio::time::timeout(std::time::Duration::from_secs(60), all)
+            .await
+            .expect("every confirmed write returns");
     }
 
     #[tokio::test]
