@@ -83,7 +83,8 @@ fn daemon(dir: &std::path::Path, tls: Option<&TestPki>) -> Daemon {
     std::fs::write(dir.join("images/small.raw"), random_bytes(256 << 10, 3)).unwrap();
     let config = TestConfig::new(dir)
         .set("auth.tokens_file", dir.join("tokens").display().to_string())
-        .set("jobs.max_concurrent", 4);
+        .set("jobs.max_concurrent", 4)
+        .set("jobs.queue_capacity", 4096);
     match tls {
         None => Daemon::start(dir, &config),
         Some(pki) => {
@@ -221,6 +222,7 @@ async fn hang_ups_leave_a_clean_state(
     hang_up_on_all(d, tls, submissions).await;
     wait_idle(c, d).await;
     // Every key: the job it made (200, replayed) or a new one (202); never "being processed".
+    let mut answers = std::collections::BTreeMap::new();
     for i in 0..n {
         let r = c
             .post(d.url("/api/v1/jobs"))
@@ -232,7 +234,13 @@ async fn hang_ups_leave_a_clean_state(
         let status = r.status().as_u16();
         let v: Value = r.json().await.unwrap();
         assert!(status == 200 || status == 202, "key-{i}: {status} {v}");
+        *answers.entry(status).or_insert(0) += 1;
     }
+    eprintln!(
+        "{n} submissions hung up ({}): the same key again answered {answers:?} (200: the job \
+         the hung-up request had stored; 202: it had stored none)",
+        if tls.is_some() { "TLS" } else { "plain" }
+    );
     wait_idle(c, d).await;
     let deletions = (0..n)
         .map(|i| request("DELETE", &format!("/api/v1/volumes/hangup-{i}"), None, None))
@@ -270,13 +278,14 @@ async fn hang_ups_leave_a_clean_state(
 }
 
 /// Item 1: a client that goes away mid-submission (or mid-deletion) left the volume lock, the
-/// Idempotency-Key and a queue place taken until restart.
+/// Idempotency-Key and a queue place taken until restart. `HANGUP_ROUNDS` sets the number
+/// of submissions (and deletions) per transport (default 32; the closing note's run used 1000).
 #[tokio::test]
 async fn clients_that_hang_up_leave_no_engine_state() {
-    let n: usize = std::env::var("LVP_HANGUP_ROUNDS")
+    let n: usize = std::env::var("HANGUP_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(40);
+        .unwrap_or(32);
     let tmp = tempfile::tempdir().unwrap();
     let d = daemon(tmp.path(), None);
     hang_ups_leave_a_clean_state(&d, &authed(), None, n).await;
@@ -284,7 +293,7 @@ async fn clients_that_hang_up_leave_no_engine_state() {
     let tmp = tempfile::tempdir().unwrap();
     let pki = TestPki::create(&tmp.path().join("pki"), &[]);
     let d = daemon(tmp.path(), Some(&pki));
-    hang_ups_leave_a_clean_state(&d, &tls_client(&pki), Some(&pki), n.div_ceil(2)).await;
+    hang_ups_leave_a_clean_state(&d, &tls_client(&pki), Some(&pki), n).await;
 }
 
 /// Item 3: without an ETag (nginx `etag off`), a replaced image kept its cache key; after the
@@ -433,7 +442,7 @@ async fn control_characters_are_refused_in_requests_and_escaped_from_remote_text
     assert!(!error.chars().any(|ch| ch.is_control()), "{error:?}");
     assert!(error.contains("\\u{1b}]52;c;ZXZpbA=="), "{error}");
     // The CLI shows it without the raw bytes.
-    let out = std::process::Command::new(BIN)
+    let out = std::process::Command::new(daemon_bin())
         .args(["--server", &d.base, "job", "get", &id])
         .output()
         .unwrap();
@@ -487,7 +496,7 @@ async fn the_cli_escapes_every_server_string_and_json_stays_exact() {
     ] {
         let port = raw_server(answer);
         let server = format!("http://127.0.0.1:{port}");
-        let text = std::process::Command::new(BIN)
+        let text = std::process::Command::new(daemon_bin())
             .args(["--server", &server])
             .args(&args)
             .output()
@@ -499,7 +508,7 @@ async fn the_cli_escapes_every_server_string_and_json_stays_exact() {
                 String::from_utf8_lossy(stream)
             );
         }
-        let json_out = std::process::Command::new(BIN)
+        let json_out = std::process::Command::new(daemon_bin())
             .args(["--server", &server, "--output", "json"])
             .args(&args)
             .output()
@@ -549,11 +558,20 @@ async fn preflight_of_a_silent_source_ends_within_its_bound() {
 async fn a_failed_single_stream_download_leaves_no_partial_file() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    // Declares 64 MiB, sends 1 MiB, closes: every attempt fails the same way.
-    let mut answer =
-        b"HTTP/1.1 200 OK\r\ncontent-length: 67108864\r\nconnection: close\r\n\r\n".to_vec();
-    answer.extend(vec![0u8; 1 << 20]);
-    let port = raw_server(answer);
+    // Declares 64 MiB (no ETag, no ranges: one stream), sends 1 MiB, closes: every attempt
+    // fails the same way.
+    let head = b"HTTP/1.1 200 OK\r\ncontent-length: 67108864\r\nconnection: close\r\n\r\n";
+    let port = raw_server_with(move |request| {
+        if String::from_utf8_lossy(request).contains(".sha256") {
+            b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_vec()
+        } else if request.starts_with(b"HEAD") {
+            head.to_vec()
+        } else {
+            let mut answer = head.to_vec();
+            answer.extend(vec![0u8; 1 << 20]);
+            answer
+        }
+    });
     let config = TestConfig::new(dir)
         .set(
             "sources.allowed_hosts",
@@ -572,6 +590,10 @@ async fn a_failed_single_stream_download_leaves_no_partial_file() {
     assert_eq!(status, 202, "{v}");
     let job = wait_job(&c, &d, v["job_id"].as_str().unwrap(), MINUTE).await;
     assert_eq!(job["status"], "failed", "{job}");
+    assert!(
+        job["error"].as_str().unwrap().contains("download failed"),
+        "{job}"
+    );
     let leftovers: Vec<_> = std::fs::read_dir(dir.join("cache"))
         .unwrap()
         .flatten()
@@ -639,7 +661,7 @@ async fn the_cli_bounds_what_it_reads() {
     huge.extend(vec![b' '; 8 << 20]);
     let port = raw_server(huge);
     let started = Instant::now();
-    let out = std::process::Command::new(BIN)
+    let out = std::process::Command::new(daemon_bin())
         .args(["--server", &format!("http://127.0.0.1:{port}"), "health"])
         .output()
         .unwrap();
@@ -656,7 +678,7 @@ async fn the_cli_bounds_what_it_reads() {
     endless.extend(vec![b'x'; 3 << 20]);
     let port = raw_server(endless);
     let started = Instant::now();
-    let out = tokio::process::Command::new(BIN)
+    let out = tokio::process::Command::new(daemon_bin())
         .args([
             "--server",
             &format!("http://127.0.0.1:{port}"),
@@ -698,7 +720,7 @@ async fn waiting_survives_a_daemon_restart() {
                           "volume_size_gb": 1, "image_type": "raw"}),
     )
     .await;
-    let mut cli = tokio::process::Command::new(BIN)
+    let mut cli = tokio::process::Command::new(daemon_bin())
         .args([
             "--server",
             &d.base,
