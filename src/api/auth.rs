@@ -230,6 +230,7 @@ impl AuthFailure {
         if self.status == StatusCode::FORBIDDEN {
             ApiError::new(
                 StatusCode::FORBIDDEN,
+                super::error::Reason::ClientCertificateNotAllowed,
                 format!(
                     "the client certificate `{}` is not allowed to call this API",
                     self.certificate.as_deref().unwrap_or("")

@@ -18,12 +18,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use warp::Reply;
-use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::sse::Event;
 
 use super::auth::Caller;
-use super::error::ApiError;
+use super::error::{ApiError, Reason};
 use super::peers::{PeerSlot, PeerSlots};
 use super::server::ConnInfo;
 use super::state::ApiState;
@@ -118,11 +117,7 @@ impl StreamRefusal {
                  or retry later"
             ),
         };
-        ApiError {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            message,
-            retry_after: Some(5),
-        }
+        ApiError::too_many(Reason::TooManyStreams, message, 5)
     }
 }
 
@@ -163,7 +158,7 @@ pub(crate) async fn events(
     let job = store
         .get_job(id)
         .map_err(|e| ApiError::internal(e.to_string()))?
-        .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
+        .ok_or_else(|| ApiError::not_found(Reason::JobNotFound, format!("job {id} not found")))?;
     let (tx, mut rx) = mpsc::channel::<Event>(EVENTS_BUFFERED);
     let engine = state.engine.clone();
     let feed = Feed {

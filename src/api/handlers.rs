@@ -16,7 +16,7 @@ use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use super::auth::Caller;
-use super::error::ApiError;
+use super::error::{ApiError, Reason};
 use super::state::ApiState;
 use super::views::{
     Accepted, CacheDeleted, CacheImage, CacheList, CancelResponse, ConfigResponse, HealthResponse,
@@ -104,14 +104,20 @@ where
         .map_err(|_| {
             ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
+                Reason::BodyTimeout,
                 format!(
                     "the request body was not received within {}",
                     humantime::format_duration(timeout)
                 ),
             )
         })??;
-    super::strict_json::from_slice(&buf)
-        .map_err(|e| ApiError::bad_request(format!("body is not valid JSON: {e}")))
+    super::strict_json::from_slice(&buf).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            Reason::InvalidJson,
+            format!("body is not valid JSON: {e}"),
+        )
+    })
 }
 
 /// The body's media type must be `application/json` (parameters such as `charset` allowed).
@@ -132,6 +138,7 @@ fn require_json_content_type(headers: &http::HeaderMap) -> Result<(), ApiError> 
     };
     Err(ApiError::new(
         StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        Reason::UnsupportedMediaType,
         format!("request bodies must be sent with `Content-Type: application/json` (got {got})"),
     ))
 }
@@ -139,6 +146,7 @@ fn require_json_content_type(headers: &http::HeaderMap) -> Result<(), ApiError> 
 fn too_large(limit: u64) -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
+        Reason::BodyTooLarge,
         format!("request body is larger than {limit} bytes"),
     )
 }
@@ -282,7 +290,11 @@ pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
     body: serde_json::Value,
 ) -> Result<T, ApiError> {
     if !body.is_object() {
-        return Err(ApiError::bad_request("body must be a JSON object"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            Reason::InvalidJson,
+            "body must be a JSON object",
+        ));
     }
     refuse_control_characters(&body, "")?;
     serde_json::from_value(body).map_err(|e| ApiError::bad_request(e.to_string()))
@@ -367,20 +379,22 @@ fn check_size(v: Option<serde_json::Value>) -> Result<u64, ApiError> {
 
 fn submit_error(e: SubmitError) -> ApiError {
     match e {
-        SubmitError::VolumeBusy { .. } | SubmitError::VolumeUnusable(_) => {
-            ApiError::conflict(e.to_string())
-        }
-        SubmitError::QueueFull(_) => ApiError {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            message: e.to_string(),
-            retry_after: Some(30),
-        },
-        SubmitError::ShuttingDown => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        SubmitError::KeyReused(_) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+        SubmitError::VolumeBusy { .. } => ApiError::conflict(Reason::VolumeInUse, e.to_string()),
+        SubmitError::VolumeUnusable(_) => ApiError::conflict(Reason::VolumeUnusable, e.to_string()),
+        SubmitError::QueueFull(_) => ApiError::too_many(Reason::QueueFull, e.to_string(), 30),
+        SubmitError::ShuttingDown => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Reason::ShuttingDown,
+            e.to_string(),
+        ),
+        SubmitError::KeyReused(_) => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Reason::IdempotencyKeyReused,
+            e.to_string(),
+        ),
         SubmitError::KeyInFlight => ApiError {
-            status: StatusCode::CONFLICT,
-            message: e.to_string(),
             retry_after: Some(1),
+            ..ApiError::conflict(Reason::IdempotencyKeyInFlight, e.to_string())
         },
         SubmitError::Store(_) | SubmitError::Task(_) => ApiError::internal(e.to_string()),
     }
@@ -587,7 +601,7 @@ pub(crate) async fn status(
         .store()
         .get_job(id)
         .map_err(|e| ApiError::internal(e.to_string()))?
-        .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
+        .ok_or_else(|| ApiError::not_found(Reason::JobNotFound, format!("job {id} not found")))?;
     Ok(json_reply(
         &StatusResponse::from_job(&job, state.engine.queue_position(id)),
         StatusCode::OK,
@@ -614,8 +628,15 @@ pub(crate) async fn cancel(
                 StatusCode::OK,
             ))
         }
-        Err(CancelError::NotFound(_)) => Err(ApiError::not_found(format!("job {id} not found"))),
-        Err(e @ CancelError::Terminal(_)) => Err(ApiError::bad_request(e.to_string())),
+        Err(CancelError::NotFound(_)) => Err(ApiError::not_found(
+            Reason::JobNotFound,
+            format!("job {id} not found"),
+        )),
+        Err(e @ CancelError::Terminal(_)) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            Reason::JobTerminal,
+            e.to_string(),
+        )),
         Err(e) => Err(ApiError::internal(e.to_string())),
     }
 }
@@ -698,12 +719,14 @@ pub(crate) async fn cache_delete(
                 StatusCode::OK,
             ))
         }
-        Err(crate::image::cache::RemoveError::InUse(n)) => Err(ApiError::conflict(format!(
-            "cache entry {key} is in use by {n} job(s)"
-        ))),
-        Err(crate::image::cache::RemoveError::NotFound) => {
-            Err(ApiError::not_found(format!("cache entry {key} not found")))
-        }
+        Err(crate::image::cache::RemoveError::InUse(n)) => Err(ApiError::conflict(
+            Reason::CacheEntryInUse,
+            format!("cache entry {key} is in use by {n} job(s)"),
+        )),
+        Err(crate::image::cache::RemoveError::NotFound) => Err(ApiError::not_found(
+            Reason::CacheEntryNotFound,
+            format!("cache entry {key} not found"),
+        )),
         Err(e) => Err(ApiError::internal(e.to_string())),
     }
 }
@@ -729,9 +752,10 @@ pub(crate) async fn volume_delete(
         .instrument(span)
         .await
         .map_err(|e| match e {
-            DeleteError::Busy { .. }
-            | DeleteError::Blocked { .. }
-            | DeleteError::Volume(VolumeError::Conflict(_)) => ApiError::conflict(e.to_string()),
+            DeleteError::Busy { .. } => ApiError::conflict(Reason::VolumeInUse, e.to_string()),
+            DeleteError::Blocked { .. } | DeleteError::Volume(VolumeError::Conflict(_)) => {
+                ApiError::conflict(Reason::VolumeBlocked, e.to_string())
+            }
             DeleteError::Volume(_) | DeleteError::Task(_) => ApiError::internal(e.to_string()),
         })?;
     if deleted {

@@ -10,6 +10,7 @@ pub(crate) mod openapi;
 mod origin;
 mod peers;
 mod preflight;
+mod reason;
 mod request;
 mod routes;
 pub(crate) mod server;

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::error::ErrorBody;
+use super::error::{ErrorBody, Reason};
 use super::handlers::{CacheFetchBody, ProvisionBody};
 use super::preflight::{InspectBody, InspectResponse};
 use super::views::*;
@@ -53,7 +53,7 @@ impl Modify for Security {
         ErrorBody, StatusResponse, ProgressView, Accepted, JobList, CancelResponse,
         CacheImage, CacheList, CacheDeleted, VolumeDeleted, ConfigResponse, HealthResponse,
         HealthStatus, JobLoad, ReadyResponse, Uploaded, ProvisionBody, CacheFetchBody,
-        InspectBody, InspectResponse,
+        InspectBody, InspectResponse, Reason,
     )),
     modifiers(&Security),
     security((), ("bearer" = []), ("api_token" = [])),
@@ -290,6 +290,28 @@ mod paths {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_reason_is_in_the_document_and_in_docs_api_md() {
+        let doc: serde_json::Value = serde_json::from_str(document()).unwrap();
+        let listed = doc["components"]["schemas"]["Reason"].to_string();
+        let text = include_str!("../../docs/api.md");
+        for reason in Reason::ALL {
+            let code = reason.as_str();
+            assert!(
+                listed.contains(&format!("\"{code}\"")),
+                "{code} not in the Reason schema: {listed}"
+            );
+            assert!(
+                text.contains(&format!("| `{code}` |")),
+                "docs/api.md does not list {code}"
+            );
+        }
+        assert_eq!(
+            doc["components"]["schemas"]["ErrorBody"]["properties"]["reason"]["$ref"],
+            "#/components/schemas/Reason"
+        );
+    }
 
     #[test]
     fn docs_api_md_names_every_operation() {

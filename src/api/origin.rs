@@ -62,11 +62,14 @@ fn check_origin(headers: &HeaderMap, endpoint: Option<Endpoint>) -> Result<(), A
     {
         return Ok(());
     }
-    Err(ApiError::forbidden(format!(
-        "cross-site request refused: Origin `{}` is not this daemon's origin (the API serves \
+    Err(ApiError::forbidden(
+        super::error::Reason::CrossSiteRefused,
+        format!(
+            "cross-site request refused: Origin `{}` is not this daemon's origin (the API serves \
          no web pages; API clients send no Origin header)",
-        quoted(origin)
-    )))
+            quoted(origin)
+        ),
+    ))
 }
 
 /// The `Origin` values a page served by this daemon would send.
@@ -109,11 +112,14 @@ fn check_host(host: Option<Authority>) -> Result<(), ApiError> {
     if loopback {
         return Ok(());
     }
-    Err(ApiError::forbidden(format!(
-        "request refused: Host `{}` is not a loopback address; with no authentication \
+    Err(ApiError::forbidden(
+        super::error::Reason::CrossSiteRefused,
+        format!(
+            "request refused: Host `{}` is not a loopback address; with no authentication \
          configured the API answers only requests to 127.0.0.1, [::1] or localhost",
-        quoted(host.as_str())
-    )))
+            quoted(host.as_str())
+        ),
+    ))
 }
 
 /// `value` cut to `MAX_QUOTED` characters for an error message.

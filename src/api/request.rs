@@ -15,7 +15,7 @@ use warp::Reply;
 use warp::http::{Method, StatusCode, Version};
 use warp::reply::Response;
 
-use super::error::ApiError;
+use super::error::{ApiError, Reason};
 use super::origin::Endpoint;
 use super::server::ConnInfo;
 use super::state::RequestScope;
@@ -67,6 +67,7 @@ where
         seconds: started.elapsed().as_secs_f64(),
         identity: scope.caller(),
         conn: &conn,
+        reason: resp.extensions().get::<Reason>().copied(),
     };
     outcome.finish_span(&span);
     outcome.record_metrics();
@@ -117,6 +118,7 @@ fn check_head(req: &hyper::Request<Incoming>) -> Result<(), ApiError> {
     if target > MAX_URI_BYTES {
         return Err(ApiError::new(
             StatusCode::URI_TOO_LONG,
+            Reason::UriTooLong,
             format!("the request target is longer than {MAX_URI_BYTES} bytes"),
         ));
     }
@@ -128,6 +130,7 @@ fn check_head(req: &hyper::Request<Incoming>) -> Result<(), ApiError> {
     if headers.len() > MAX_HEADER_FIELDS || bytes > MAX_HEADER_BYTES {
         return Err(ApiError::new(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Reason::HeadersTooLarge,
             format!(
                 "the request headers are larger than {MAX_HEADER_BYTES} bytes or more than \
                  {MAX_HEADER_FIELDS} fields"
@@ -161,6 +164,8 @@ struct Outcome<'a> {
     seconds: f64,
     identity: Option<&'a str>,
     conn: &'a ConnInfo,
+    /// The error body's reason, when the answer is one.
+    reason: Option<Reason>,
 }
 
 impl Outcome<'_> {
@@ -207,11 +212,12 @@ impl Outcome<'_> {
             (self.route, self.path, self.status.as_u16(), self.seconds);
         let remote = self.conn.remote;
         let identity = self.identity.unwrap_or("-");
+        let reason = self.reason.map_or("", Reason::as_str);
         let read = matches!(*self.method, Method::GET | Method::HEAD);
         if read && !self.status.is_server_error() {
-            tracing::debug!(method = %method, route, path, status, seconds, %remote, identity, "request");
+            tracing::debug!(method = %method, route, path, status, reason, seconds, %remote, identity, "request");
         } else {
-            tracing::info!(method = %method, route, path, status, seconds, %remote, identity, "request");
+            tracing::info!(method = %method, route, path, status, reason, seconds, %remote, identity, "request");
         }
     }
 }

@@ -13,7 +13,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 
 use super::auth::Caller;
-use super::error::ApiError;
+use super::error::{ApiError, Reason};
 use super::handlers::json_reply;
 use super::state::ApiState;
 use super::views::Uploaded;
@@ -27,15 +27,19 @@ pub(crate) const SHA256_HEADER: &str = "x-content-sha256";
 fn check_name_allowed(name: &str, pattern: &str) -> Result<(), ApiError> {
     if pattern.is_empty() {
         return Err(ApiError::forbidden(
+            Reason::UploadNotAllowed,
             "volume uploads are turned off (volumes.upload_name_pattern is empty)",
         ));
     }
     let allowed = glob::Pattern::new(pattern).is_ok_and(|p| p.matches(name));
     if !allowed {
-        return Err(ApiError::forbidden(format!(
-            "volume `{name}` does not match volumes.upload_name_pattern `{pattern}`; uploads \
-             only go into volumes named like that"
-        )));
+        return Err(ApiError::forbidden(
+            Reason::UploadNotAllowed,
+            format!(
+                "volume `{name}` does not match volumes.upload_name_pattern `{pattern}`; uploads \
+                 only go into volumes named like that"
+            ),
+        ));
     }
     Ok(())
 }
@@ -49,6 +53,7 @@ fn check_length(headers: &http::HeaderMap, max: u64) -> Result<u64, ApiError> {
     let raw = header(headers, "content-length").ok_or_else(|| {
         ApiError::new(
             StatusCode::LENGTH_REQUIRED,
+            Reason::LengthRequired,
             "uploads need a Content-Length header",
         )
     })?;
@@ -63,6 +68,7 @@ fn check_length(headers: &http::HeaderMap, max: u64) -> Result<u64, ApiError> {
     if length > max {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
+            Reason::BodyTooLarge,
             format!("the upload has {length} bytes; volumes.upload_max_bytes allows {max}"),
         ));
     }
@@ -75,6 +81,7 @@ fn check_headers(headers: &http::HeaderMap) -> Result<Option<String>, ApiError> 
     if !essence.eq_ignore_ascii_case("application/octet-stream") {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Reason::UnsupportedMediaType,
             format!(
                 "uploads must be sent with `Content-Type: application/octet-stream` (got `{}`)",
                 content_type.chars().take(100).collect::<String>()
@@ -194,24 +201,27 @@ where
 
 fn upload_error(e: UploadError) -> ApiError {
     match e {
-        UploadError::Busy { .. } | UploadError::Exists(_) => ApiError::conflict(e.to_string()),
+        UploadError::Busy { .. } => ApiError::conflict(Reason::VolumeInUse, e.to_string()),
+        UploadError::Exists(_) => ApiError::conflict(Reason::VolumeExists, e.to_string()),
         UploadError::Short { .. } | UploadError::Long(_) | UploadError::Body(_) => {
             ApiError::bad_request(e.to_string())
         }
-        UploadError::TooMany(_) => ApiError {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            message: e.to_string(),
-            retry_after: Some(5),
-        },
-        UploadError::Stalled(_) | UploadError::TooSlow(_) => {
-            ApiError::new(StatusCode::REQUEST_TIMEOUT, e.to_string())
-        }
-        UploadError::Checksum { .. } => {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
-        }
-        UploadError::Volume(ref v) if v.is_out_of_space() => {
-            ApiError::new(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
-        }
+        UploadError::TooMany(_) => ApiError::too_many(Reason::TooManyUploads, e.to_string(), 5),
+        UploadError::Stalled(_) | UploadError::TooSlow(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            Reason::BodyTimeout,
+            e.to_string(),
+        ),
+        UploadError::Checksum { .. } => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Reason::ChecksumMismatch,
+            e.to_string(),
+        ),
+        UploadError::Volume(ref v) if v.is_out_of_space() => ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            Reason::InsufficientStorage,
+            e.to_string(),
+        ),
         UploadError::Volume(_) | UploadError::Store(_) => ApiError::internal(e.to_string()),
     }
 }

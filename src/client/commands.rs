@@ -8,7 +8,7 @@ use super::args::{
     ProvisionArgs, VolumeCommand, WaitArgs,
 };
 use super::exit;
-use super::http::{Api, ClientError};
+use super::http::{Api, ClientError, ConnectKind};
 use super::watch::{self, Display, JobView, OnInterrupt, Outcome};
 use indicatif::HumanBytes;
 
@@ -34,7 +34,7 @@ fn report_error(e: &ClientError, json: bool) -> u8 {
             exit::FAILED,
             json!({"error": "protocol", "message": e.to_string()}),
         ),
-        ClientError::Setup(_) | ClientError::Connect(_) => (
+        ClientError::Setup(_) | ClientError::Connect { .. } => (
             exit::UNREACHABLE,
             json!({"error": "unreachable", "message": e.to_string()}),
         ),
@@ -177,11 +177,11 @@ async fn submit(
     let mut attempt = 0;
     let (_, accepted) = loop {
         match api.post(path, body, Some(key)).await {
-            Err(ClientError::Connect(msg))
-                if attempt < 2 && !msg.contains("nothing is listening") =>
+            Err(ClientError::Connect { kind, message })
+                if attempt < 2 && kind != ConnectKind::Refused =>
             {
                 attempt += 1;
-                eprintln!("retrying ({msg})");
+                eprintln!("retrying ({message})");
                 tokio::time::sleep(std::time::Duration::from_secs(attempt)).await;
             }
             other => break other?,

@@ -29,12 +29,18 @@ pub(crate) enum ClientError {
     #[error("{0}")]
     Setup(String),
     /// The server could not be reached or the connection failed.
-    #[error("{0}")]
-    Connect(String),
+    #[error("{message}")]
+    Connect {
+        /// What kind of failure, from the error types (never from their text).
+        kind: ConnectKind,
+        message: String,
+    },
     /// The server answered with an error status.
     #[error("{message}")]
     Refused {
         status: u16,
+        /// The error body's `reason` (what to decide on), when it has one.
+        reason: Option<String>,
         message: String,
         /// The API's error body, for `--output json`.
         body: Value,
@@ -44,14 +50,37 @@ pub(crate) enum ClientError {
     Protocol(String),
 }
 
+/// How a connection failed, as the error types say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConnectKind {
+    /// Nothing listens there (ECONNREFUSED): retrying at once will not help.
+    Refused,
+    /// The TLS handshake failed.
+    Tls,
+    /// The connection ended early (reset, EOF, closed mid-answer).
+    Closed,
+    /// No answer in time.
+    Timeout,
+    /// Anything else (name resolution, routing...).
+    Other,
+}
+
 impl ClientError {
     /// Whether the daemon could not be reached at all, or a proxy in front of it said so
     /// (502-504): worth trying again while it restarts.
     pub(crate) fn is_unreachable(&self) -> bool {
         match self {
-            ClientError::Connect(_) => true,
+            ClientError::Connect { .. } => true,
             ClientError::Refused { status, .. } => (502..=504).contains(status),
             _ => false,
+        }
+    }
+
+    /// A connection failure of `kind`.
+    pub(crate) fn connect(kind: ConnectKind, message: impl Into<String>) -> ClientError {
+        ClientError::Connect {
+            kind,
+            message: message.into(),
         }
     }
 }
@@ -96,6 +125,8 @@ pub(crate) struct Api {
     token: Option<String>,
     /// Whether a client certificate is presented (for the hint when TLS fails).
     has_cert: bool,
+    /// Whether the server URL is `https://`.
+    https: bool,
 }
 
 fn read(path: &Path, what: &str) -> Result<Vec<u8>, ClientError> {
@@ -168,14 +199,16 @@ impl Api {
     pub(crate) fn new(opts: &ClientOptions) -> Result<Api, ClientError> {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let base = opts.server.trim_end_matches('/').to_string();
-        match url::Url::parse(&base) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+        let https = match url::Url::parse(&base) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+                u.scheme() == "https"
+            }
             _ => {
                 return Err(ClientError::Setup(format!(
                     "--server `{base}` is not an http:// or https:// URL (LVP_SERVER_URL sets it too)"
                 )));
             }
-        }
+        };
         let build = |b: reqwest::ClientBuilder| {
             b.build()
                 .map_err(|e| ClientError::Setup(format!("cannot set up the HTTP client: {e}")))
@@ -186,6 +219,7 @@ impl Api {
             base,
             token: token(opts)?,
             has_cert: opts.cert.is_some(),
+            https,
         })
     }
 
@@ -288,51 +322,52 @@ impl Api {
         Ok(body)
     }
 
-    /// What a failed request means for the person running the command.
+    /// What a failed request means for the person running the command, decided from the
+    /// error's types: a rustls error anywhere in it, an I/O error kind, hyper's own kinds.
     pub(crate) fn explain(&self, e: &reqwest::Error) -> ClientError {
         let chain = error_chain(e);
-        if let Some(tls) = find_rustls_error(e) {
-            return ClientError::Connect(format!(
-                "TLS handshake with {} failed: {tls}. {}",
-                self.base,
-                tls_hint(tls, &self.base)
-            ));
+        let https = self.https;
+        let cause = Cause::of(e);
+        if let Some(tls) = cause.tls {
+            return ClientError::connect(
+                ConnectKind::Tls,
+                format!(
+                    "TLS handshake with {} failed: {tls}. {}",
+                    self.base,
+                    tls_hint(tls, &self.base)
+                ),
+            );
         }
-        if let Some(hint) = tls_hint_from_text(&chain, &self.base) {
-            return ClientError::Connect(format!(
-                "TLS handshake with {} failed: {chain}. {hint}",
-                self.base
-            ));
+        if cause.invalid_data && https {
+            let hint = if self.has_cert {
+                "The server refused the client certificate (--cert): it must be signed by the \
+                 server's tls.client_ca_file, be valid now, and allow client authentication."
+            } else {
+                "The server requires a client certificate: pass --cert and --key."
+            };
+            return ClientError::connect(
+                ConnectKind::Tls,
+                format!("TLS session with {} refused: {chain}. {hint}", self.base),
+            );
         }
-        if e.is_connect() {
-            if chain.contains("Connection refused") {
-                return ClientError::Connect(format!(
+        if cause.refused {
+            return ClientError::connect(
+                ConnectKind::Refused,
+                format!(
                     "cannot connect to {}: nothing is listening there (connection refused). Is \
                      the daemon running (`libvirt-volume-provisioner serve`)? Point --server or \
                      LVP_SERVER_URL at its server.listen address.",
                     self.base
-                ));
-            }
-            return ClientError::Connect(format!(
-                "cannot connect to {}: {chain}. Check --server / LVP_SERVER_URL and the network.",
-                self.base
-            ));
+                ),
+            );
         }
         if e.is_timeout() {
-            return ClientError::Connect(format!("{} did not answer in time ({chain})", self.base));
+            return ClientError::connect(
+                ConnectKind::Timeout,
+                format!("{} did not answer in time ({chain})", self.base),
+            );
         }
-        let lower = chain.to_ascii_lowercase();
-        let closed = [
-            "connection closed",
-            "reset by peer",
-            "canceled",
-            "unexpected eof",
-            "broken pipe",
-            "stream closed",
-        ]
-        .iter()
-        .any(|m| lower.contains(m));
-        if self.base.starts_with("https://") && closed {
+        if cause.closed && https {
             // TLS 1.3 refuses a client certificate after the client's side of the handshake,
             // so the client often sees the connection end rather than the alert.
             let hint = if self.has_cert {
@@ -342,31 +377,101 @@ impl Api {
             } else {
                 "the server requires a client certificate: pass --cert and --key"
             };
-            return ClientError::Connect(format!(
-                "{} closed the connection during the TLS handshake ({chain}); {hint}.",
-                self.base
-            ));
+            return ClientError::connect(
+                ConnectKind::Closed,
+                format!(
+                    "{} closed the connection during the TLS handshake ({chain}); {hint}.",
+                    self.base
+                ),
+            );
         }
-        if self.base.starts_with("https://") && chain.contains("InvalidContentType") {
-            return ClientError::Connect(format!(
-                "{} does not speak TLS; if the daemon serves plain HTTP, use http://",
-                self.base
-            ));
+        if cause.closed {
+            return ClientError::connect(
+                ConnectKind::Closed,
+                format!("{} closed the connection ({chain})", self.base),
+            );
         }
-        ClientError::Connect(format!("request to {} failed: {chain}", self.base))
+        if e.is_connect() {
+            return ClientError::connect(
+                ConnectKind::Other,
+                format!(
+                    "cannot connect to {}: {chain}. Check --server / LVP_SERVER_URL and the network.",
+                    self.base
+                ),
+            );
+        }
+        ClientError::connect(
+            ConnectKind::Other,
+            format!("request to {} failed: {chain}", self.base),
+        )
+    }
+}
+
+/// What the error types inside a failed request say.
+#[derive(Default)]
+struct Cause<'a> {
+    /// The TLS error, when the handshake failed.
+    tls: Option<&'a rustls::Error>,
+    /// ECONNREFUSED.
+    refused: bool,
+    /// The connection ended early (reset, EOF, closed before the answer was complete).
+    closed: bool,
+    /// The transport refused the bytes (on TLS: the server refused the session by an alert).
+    invalid_data: bool,
+}
+
+impl<'a> Cause<'a> {
+    fn of(e: &'a (dyn std::error::Error + 'static)) -> Cause<'a> {
+        let mut cause = Cause::default();
+        cause.visit(e);
+        cause
+    }
+
+    /// Looks at `e` and everything below it. An `io::Error`'s `source()` skips the error it
+    /// wraps, so that one is visited through `get_ref()`.
+    fn visit(&mut self, e: &'a (dyn std::error::Error + 'static)) {
+        use std::io::ErrorKind;
+        let mut current = Some(e);
+        while let Some(err) = current {
+            if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+                self.tls.get_or_insert(tls);
+            }
+            if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                match io.kind() {
+                    ErrorKind::ConnectionRefused => self.refused = true,
+                    ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::UnexpectedEof
+                    | ErrorKind::BrokenPipe => self.closed = true,
+                    // What the TLS layer answers for a session the peer refused by an alert
+                    // after the handshake (rustls' error reaches us only as text there).
+                    ErrorKind::InvalidData => self.invalid_data = true,
+                    _ => {}
+                }
+                if let Some(inner) = io.get_ref() {
+                    self.visit(inner);
+                }
+            }
+            if let Some(h) = err.downcast_ref::<hyper::Error>()
+                && (h.is_incomplete_message() || h.is_closed() || h.is_canceled())
+            {
+                self.closed = true;
+            }
+            current = err.source();
+        }
     }
 }
 
 /// An error status as the user should read it: the API's message, and what to do for 401/403.
 fn refused(status: u16, body: Value) -> ClientError {
     let said = crate::text::escape(body["message"].as_str().unwrap_or("")).into_owned();
+    let reason = body["reason"].as_str().map(str::to_string);
     let message = match status {
         401 => format!(
             "authentication required (HTTP 401): {said}. Pass a client certificate with \
              --cert/--key (and --cacert), or an API token with --token-file or LVP_TOKEN."
         ),
-        // Only a hint: the daemon's 403 for a known but unlisted certificate names it.
-        403 if said.contains("client certificate") => format!(
+        403 if reason.as_deref() == Some(REASON_CLIENT_NOT_ALLOWED) => format!(
             "forbidden (HTTP 403): {said}. The certificate is valid but not allowed here: ask \
              for its name to be listed in the daemon's auth.allowed_clients."
         ),
@@ -375,10 +480,14 @@ fn refused(status: u16, body: Value) -> ClientError {
     };
     ClientError::Refused {
         status,
+        reason,
         message,
         body,
     }
 }
+
+/// The `reason` of the daemon's 403 for a valid certificate `auth.allowed_clients` lacks.
+const REASON_CLIENT_NOT_ALLOWED: &str = "client_certificate_not_allowed";
 
 /// Every message of an error's source chain, joined.
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -392,49 +501,6 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         current = err.source();
     }
     parts.join(": ")
-}
-
-fn find_rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = current {
-        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-            return Some(tls);
-        }
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && let Some(inner) = io.get_ref()
-            && let Some(tls) = inner.downcast_ref::<rustls::Error>()
-        {
-            return Some(tls);
-        }
-        current = err.source();
-    }
-    None
-}
-
-/// The hint for a handshake error known only by its message (the rustls error is not always
-/// reachable through the source chain).
-fn tls_hint_from_text(chain: &str, base: &str) -> Option<String> {
-    let hint = if chain.contains("UnknownIssuer") || chain.contains("BadSignature") {
-        "The server's certificate is not signed by a CA this command trusts: pass the CA \
-         certificate with --cacert."
-            .to_string()
-    } else if chain.contains("NotValidForName") {
-        format!(
-            "The server's certificate does not name the host of {base}: use a name or address \
-             from its subjectAltName in --server."
-        )
-    } else if chain.contains("invalid peer certificate: Expired") {
-        "The server's certificate has expired (or this machine's clock is wrong).".into()
-    } else if chain.contains("CertificateRequired") {
-        "The server requires a client certificate: pass --cert and --key.".into()
-    } else if chain.contains("received fatal alert") {
-        "The server refused the client certificate (--cert): it must be signed by the \
-         server's tls.client_ca_file, be valid now, and allow client authentication."
-            .into()
-    } else {
-        return None;
-    };
-    Some(hint)
 }
 
 /// What to do about a refused handshake.

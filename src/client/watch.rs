@@ -368,9 +368,10 @@ async fn watch_events(
         }
         broke_off += 1;
         if broke_off > MAX_RECONNECTS {
-            return Err(ClientError::Connect(format!(
-                "the progress stream of job {id} broke off {MAX_RECONNECTS} times"
-            )));
+            return Err(ClientError::connect(
+                super::http::ConnectKind::Closed,
+                format!("the progress stream of job {id} broke off {MAX_RECONNECTS} times"),
+            ));
         }
     }
 }

@@ -20,7 +20,7 @@ use warp::filters::BoxedFilter;
 use warp::http::{HeaderValue, Method, StatusCode};
 use warp::reply::{Reply, Response};
 
-use super::error::{self, ApiError};
+use super::error::{self, ApiError, Reason};
 use super::origin;
 use super::state::ApiState;
 use route::RouteDef;
@@ -67,10 +67,11 @@ fn unrouted() -> BoxedFilter<(Response,)> {
 fn unrouted_answer(path: &str, method: &Method) -> Response {
     let allowed = allowed_methods(path);
     if allowed.is_empty() {
-        return ApiError::not_found("no such route").into_response();
+        return ApiError::not_found(Reason::RouteNotFound, "no such route").into_response();
     }
     let mut resp = ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
+        Reason::MethodNotAllowed,
         format!(
             "method {} is not allowed on this route (allowed: {allowed})",
             method_for_message(method)

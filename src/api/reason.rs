@@ -1,0 +1,117 @@
+//! The machine-readable `reason` of every error body: a stable snake_case code that clients
+//! decide on (the CLI among them), listed in the OpenAPI document. `error` (a short code of the
+//! status, for old clients) and `message` (for people) stay beside it; neither is for programs.
+//! A leaf of `api/`.
+
+use serde::Serialize;
+
+/// Declares `Reason` with each variant's code in one place, so `Reason::ALL` and
+/// `Reason::as_str` cannot drift from the enum (serialized in snake_case, which the OpenAPI
+/// generator understands; a test checks that each code is its variant's snake_case).
+macro_rules! reasons {
+    ($( $(#[doc = $doc:literal])* $variant:ident = $code:literal, )*) => {
+        /// Why a request was refused or failed. Codes are never renamed; new ones may be added.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+        #[serde(rename_all = "snake_case")]
+        pub(crate) enum Reason {
+            $( $(#[doc = $doc])* $variant, )*
+        }
+
+        impl Reason {
+            /// Every code, in declaration order.
+            #[cfg(test)]
+            pub(crate) const ALL: &[Reason] = &[$(Reason::$variant),*];
+
+            /// The code as it appears in bodies.
+            pub(crate) fn as_str(self) -> &'static str {
+                match self {
+                    $(Reason::$variant => $code,)*
+                }
+            }
+        }
+    };
+}
+
+reasons! {
+    /// A field or parameter is missing, malformed or out of range (400).
+    InvalidRequest = "invalid_request",
+    /// The body is not JSON, repeats a key, or is not an object (400).
+    InvalidJson = "invalid_json",
+    /// A body without `Content-Type: application/json` (415).
+    UnsupportedMediaType = "unsupported_media_type",
+    /// The body is larger than the route takes (413).
+    BodyTooLarge = "body_too_large",
+    /// The body did not arrive within its time (408).
+    BodyTimeout = "body_timeout",
+    /// An upload without `Content-Length` (411).
+    LengthRequired = "length_required",
+    /// The request target is too long (414).
+    UriTooLong = "uri_too_long",
+    /// Too many or too large header fields (431).
+    HeadersTooLarge = "headers_too_large",
+    /// No valid client certificate or API token (401).
+    AuthenticationRequired = "authentication_required",
+    /// A valid client certificate that `auth.allowed_clients` does not list (403).
+    ClientCertificateNotAllowed = "client_certificate_not_allowed",
+    /// A foreign `Origin`, or a non-loopback `Host` with authentication off (403).
+    CrossSiteRefused = "cross_site_refused",
+    /// Uploads are off, or the volume name does not match `volumes.upload_name_pattern` (403).
+    UploadNotAllowed = "upload_not_allowed",
+    /// No such route (404).
+    RouteNotFound = "route_not_found",
+    /// The route exists under other methods (405, with `Allow`).
+    MethodNotAllowed = "method_not_allowed",
+    /// No job with this id (404).
+    JobNotFound = "job_not_found",
+    /// No cache entry with this key (404).
+    CacheEntryNotFound = "cache_entry_not_found",
+    /// The job is completed, failed or cancelled already (400 on cancel, as the Go service).
+    JobTerminal = "job_terminal",
+    /// A job, a deletion or an upload holds the volume name (409).
+    VolumeInUse = "volume_in_use",
+    /// The volume exists and cannot be reused for this request (409).
+    VolumeUnusable = "volume_unusable",
+    /// The volume cannot be deleted: open, a golden image, another owner's (409).
+    VolumeBlocked = "volume_blocked",
+    /// An upload's volume exists already (409).
+    VolumeExists = "volume_exists",
+    /// A job uses the cache entry (409).
+    CacheEntryInUse = "cache_entry_in_use",
+    /// A request with this `Idempotency-Key` is being stored right now; retry (409).
+    IdempotencyKeyInFlight = "idempotency_key_in_flight",
+    /// The `Idempotency-Key` was used for a different request (422).
+    IdempotencyKeyReused = "idempotency_key_reused",
+    /// An upload's content does not match `X-Content-SHA256` (422).
+    ChecksumMismatch = "checksum_mismatch",
+    /// The job queue is full (429, with `Retry-After`).
+    QueueFull = "queue_full",
+    /// Too many progress streams are open (429, with `Retry-After`).
+    TooManyStreams = "too_many_streams",
+    /// `volumes.upload_max_concurrent` uploads are in progress (429, with `Retry-After`).
+    TooManyUploads = "too_many_uploads",
+    /// The daemon is shutting down (503).
+    ShuttingDown = "shutting_down",
+    /// Not enough space for the volume (507).
+    InsufficientStorage = "insufficient_storage",
+    /// Anything else (500): the message says what.
+    InternalError = "internal_error",
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_snake_case_and_serialize_as_themselves() {
+        let mut seen = std::collections::HashSet::new();
+        for reason in Reason::ALL {
+            let code = reason.as_str();
+            assert!(
+                code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{code}"
+            );
+            assert!(seen.insert(code), "{code} twice");
+            assert_eq!(serde_json::to_value(reason).unwrap(), code);
+        }
+    }
+}
