@@ -10,7 +10,7 @@ use warp::reply::Response;
 
 use super::route::{RouteDef, raw_query, with_state};
 use crate::api::state::ApiState;
-use crate::api::{auth, events, handlers, server};
+use crate::api::{caller, conn, events, handlers};
 
 /// The rows of this group.
 pub(crate) const ROUTES: &[RouteDef] = &[
@@ -35,7 +35,7 @@ pub(crate) const ROUTES: &[RouteDef] = &[
         build: |at, s| {
             warp::path!("api" / "v1" / "jobs")
                 .and(at)
-                .and(auth::caller(s.clone()))
+                .and(caller::caller(s.clone()))
                 .and(raw_query())
                 .and(with_state(s))
                 .then(handlers::list)
@@ -71,8 +71,8 @@ pub(crate) const ROUTES: &[RouteDef] = &[
         build: |at, s| {
             warp::path!("api" / "v1" / "jobs" / String / "events")
                 .and(at)
-                .and(auth::caller(s.clone()))
-                .and(warp::ext::optional::<server::ConnInfo>())
+                .and(caller::caller(s.clone()))
+                .and(warp::ext::optional::<conn::ConnInfo>())
                 .and(warp::header::headers_cloned())
                 .and(with_state(s))
                 .then(events::events)
@@ -118,7 +118,7 @@ fn submit(path: BoxedFilter<()>, s: Arc<ApiState>) -> BoxedFilter<(Response,)> {
 
 /// A job's status, on either path.
 fn status(path: BoxedFilter<(String,)>, s: Arc<ApiState>) -> BoxedFilter<(Response,)> {
-    path.and(auth::caller(s.clone()))
+    path.and(caller::caller(s.clone()))
         .and(with_state(s))
         .then(handlers::status)
         .map(handlers::respond)
@@ -127,7 +127,7 @@ fn status(path: BoxedFilter<(String,)>, s: Arc<ApiState>) -> BoxedFilter<(Respon
 
 /// Cancelling a job, on either path.
 fn cancel(path: BoxedFilter<(String,)>, s: Arc<ApiState>) -> BoxedFilter<(Response,)> {
-    path.and(auth::caller(s.clone()))
+    path.and(caller::caller(s.clone()))
         .and(with_state(s))
         .then(handlers::cancel)
         .map(handlers::respond)
