@@ -1,0 +1,355 @@
+//! The daemon under test: its configuration (`TestConfig`), the real binary started on a loopback
+//! port it picks itself (`Daemon`), the HTTP helpers the tests talk to it with, and job polling.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_libvirt-volume-provisioner");
+
+/// The daemon binary `Daemon::spawn` starts: `TEST_DAEMON_BIN` when set (the VM suites run the
+/// release build, the one that ships: scripts/vm-test.sh), else this test build's binary.
+pub fn daemon_bin() -> String {
+    std::env::var("TEST_DAEMON_BIN").unwrap_or_else(|_| BIN.to_string())
+}
+
+/// A TOML configuration built from dotted keys.
+#[derive(Clone)]
+pub struct TestConfig {
+    table: toml::Table,
+}
+
+impl TestConfig {
+    /// Directory volumes, state, cache and file:// root inside `dir`; listens on a free port.
+    pub fn new(dir: &Path) -> TestConfig {
+        let d = dir.display();
+        let text = format!(
+            r#"
+            [server]
+            listen = "127.0.0.1:0"
+            [storage]
+            data_dir = "{d}/state"
+            [volumes]
+            backend = "directory"
+            [volumes.directory]
+            path = "{d}/volumes"
+            [cache]
+            dir = "{d}/cache"
+            [sources]
+            file_roots = ["{d}/images"]
+            [log]
+            format = "json"
+            level = "info,libvirt_volume_provisioner=debug"
+            "#
+        );
+        std::fs::create_dir_all(dir.join("images")).unwrap();
+        TestConfig {
+            table: toml::from_str(&text).unwrap(),
+        }
+    }
+
+    /// Sets `section.key` (dotted) to a TOML value.
+    pub fn set(mut self, key: &str, value: impl Into<toml::Value>) -> TestConfig {
+        let mut parts: Vec<&str> = key.split('.').collect();
+        let last = parts.pop().unwrap();
+        let mut t = &mut self.table;
+        for p in parts {
+            t = t
+                .entry(p)
+                .or_insert_with(|| toml::Value::Table(Default::default()))
+                .as_table_mut()
+                .unwrap();
+        }
+        t.insert(last.to_string(), value.into());
+        self
+    }
+
+    pub fn render(&self) -> String {
+        toml::to_string(&self.table).unwrap()
+    }
+}
+
+/// A running daemon.
+pub struct Daemon {
+    pub child: Child,
+    pub base: String,
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    log: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    /// Writes the config into `dir/config.toml` and starts the daemon with it.
+    pub fn start(dir: &Path, config: &TestConfig) -> Daemon {
+        Self::start_with_env(dir, config, &[])
+    }
+
+    pub fn start_with_env(dir: &Path, config: &TestConfig, env: &[(&str, &str)]) -> Daemon {
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, config.render()).unwrap();
+        Self::spawn(dir, &config_path, env, "http")
+    }
+
+    /// Writes the config into `dir/config.toml` and starts the daemon with it, over TLS.
+    pub fn start_https(dir: &Path, config: &TestConfig, env: &[(&str, &str)]) -> Daemon {
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, config.render()).unwrap();
+        Self::spawn(dir, &config_path, env, "https")
+    }
+
+    /// Starts the binary on an existing config file; `scheme` is http or https.
+    pub fn spawn(dir: &Path, config_path: &Path, env: &[(&str, &str)], scheme: &str) -> Daemon {
+        Self::spawn_wrapped(dir, config_path, env, scheme, &[])
+    }
+
+    /// As `spawn`, with the daemon started through `wrapper` (a program and its arguments that
+    /// end by exec-ing the daemon's command line, appended after them), e.g. `unshare`. The
+    /// wrapper must exec, so that `pid()` is the daemon's.
+    pub fn spawn_wrapped(
+        dir: &Path,
+        config_path: &Path,
+        env: &[(&str, &str)],
+        scheme: &str,
+        wrapper: &[&str],
+    ) -> Daemon {
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(daemon_bin());
+                c
+            }
+            None => Command::new(daemon_bin()),
+        };
+        cmd.arg("--config")
+            .arg(config_path)
+            .arg("serve")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for var in [
+            "HOST",
+            "PORT",
+            "DB_PATH",
+            "LOG_LEVEL",
+            "LOG_FORMAT",
+            "MINIO_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ] {
+            cmd.env_remove(var);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start daemon");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut sent = false;
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if !sent
+                        && let Ok(v) = serde_json::from_str::<Value>(&line)
+                        && v["message"]
+                            .as_str()
+                            .is_some_and(|m| m.starts_with("listening"))
+                    {
+                        let _ = tx.send(v["address"].as_str().unwrap_or_default().to_string());
+                        sent = true;
+                    }
+                    let mut l = log.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        // Inside the test VM (emulated CPU) every LVM command at start-up costs seconds.
+        let start_timeout = if std::env::var("IN_TEST_VM").is_ok_and(|v| v == "1") {
+            Duration::from_secs(120)
+        } else {
+            Duration::from_secs(30)
+        };
+        let addr = match rx.recv_timeout(start_timeout) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(200));
+                panic!("daemon did not start; log:\n{}", log.lock().unwrap());
+            }
+        };
+        Daemon {
+            child,
+            base: format!("{scheme}://{addr}"),
+            dir: dir.to_path_buf(),
+            config_path: config_path.to_path_buf(),
+            log,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Everything the daemon wrote to stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for exit.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        Self::term(&mut self.child)
+    }
+
+    fn term(child: &mut Child) -> std::process::ExitStatus {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A plain HTTP client.
+/// How long test clients keep an idle connection: below the daemon's `server.header_timeout`
+/// (10 s), which also closes idle HTTP/1 keep-alive connections; a request sent on a pooled
+/// connection at the instant the daemon closes it fails with "connection closed before
+/// message completed" (seen once in CI).
+pub const POOL_IDLE: Duration = Duration::from_secs(5);
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .pool_idle_timeout(POOL_IDLE)
+        .build()
+        .unwrap()
+}
+
+/// GET returning status and JSON.
+pub async fn get(c: &reqwest::Client, url: &str) -> (u16, Value) {
+    let r = c.get(url).send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// POST JSON returning status and JSON.
+pub async fn post(c: &reqwest::Client, url: &str, body: &Value) -> (u16, Value) {
+    let r = c.post(url).json(body).send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// DELETE returning status and JSON.
+pub async fn delete(c: &reqwest::Client, url: &str) -> (u16, Value) {
+    let r = c.delete(url).send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// Submits a provision job and returns its id (asserting 202).
+pub async fn submit(c: &reqwest::Client, d: &Daemon, body: Value) -> String {
+    let (status, v) = post(c, &d.url("/api/v1/jobs"), &body).await;
+    assert_eq!(status, 202, "submit {body}: {v}\nlog:\n{}", d.log());
+    v["job_id"].as_str().unwrap().to_string()
+}
+
+/// Polls a job until it is terminal.
+pub async fn wait_job(c: &reqwest::Client, d: &Daemon, id: &str, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (status, v) = get(c, &d.url(&format!("/api/v1/jobs/{id}"))).await;
+        assert_eq!(status, 200, "{v}");
+        if ["completed", "failed", "cancelled"].contains(&v["status"].as_str().unwrap_or("")) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} not finished in time: {v}\nlog:\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls a job until `pred` holds.
+pub async fn wait_until(
+    c: &reqwest::Client,
+    d: &Daemon,
+    id: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (_, v) = get(c, &d.url(&format!("/api/v1/jobs/{id}"))).await;
+        if pred(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "condition not reached: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Processes whose command line contains `needle`.
+pub fn processes_matching(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline"))
+            && String::from_utf8_lossy(&cmd)
+                .replace('\0', " ")
+                .contains(needle)
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
