@@ -4,100 +4,18 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// A TCP proxy on loopback that forwards to `target` at most `bytes_per_sec` in each
-/// direction (a slow network in front of a real server). Runs until the test ends.
+/// A TCP proxy on loopback that forwards to `target`, sending the server's answers at most at
+/// `bytes_per_sec` (a slow network in front of a real server). Runs until the test ends; returns
+/// its port.
 pub fn throttled_proxy(target: u16, bytes_per_sec: u64) -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for client in listener.incoming().flatten() {
-            let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
-                continue;
-            };
-            for (mut from, mut to) in [
-                (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                (server, client),
-            ] {
-                std::thread::spawn(move || {
-                    use std::io::{Read, Write};
-                    let chunk = (bytes_per_sec / 20).max(1024) as usize;
-                    let mut buf = vec![0u8; chunk];
-                    loop {
-                        let started = Instant::now();
-                        let n = match from.read(&mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        if to.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                        let budget = Duration::from_secs_f64(n as f64 / bytes_per_sec as f64);
-                        if let Some(rest) = budget.checked_sub(started.elapsed()) {
-                            std::thread::sleep(rest);
-                        }
-                    }
-                    let _ = to.shutdown(std::net::Shutdown::Write);
-                });
-            }
-        }
-    });
-    port
+    FaultProxy::start(target, vec![], Some(bytes_per_sec)).port
 }
 
 /// A TCP proxy on loopback in front of `target` whose first `failures` connections are cut
 /// after `cut_after` bytes from the server (a network that drops mid-download); later
 /// connections pass through. Returns the proxy's port.
 pub fn flaky_proxy(target: u16, cut_after: usize, failures: usize) -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        let mut cut_left = failures;
-        for client in listener.incoming().flatten() {
-            let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
-                continue;
-            };
-            let limit = if cut_left > 0 {
-                cut_left -= 1;
-                Some(cut_after)
-            } else {
-                None
-            };
-            let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-            std::thread::spawn(move || {
-                let (mut from, mut to) = (c2, s2);
-                let _ = std::io::copy(&mut from, &mut to);
-                let _ = to.shutdown(std::net::Shutdown::Write);
-            });
-            std::thread::spawn(move || {
-                use std::io::{Read, Write};
-                let (mut from, mut to) = (server, client);
-                let mut sent = 0usize;
-                let mut buf = vec![0u8; 64 << 10];
-                loop {
-                    let n = match from.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    let n = match limit {
-                        Some(l) if sent + n >= l => {
-                            let _ = to.write_all(&buf[..l - sent]);
-                            // Drop the connection in the middle of the body.
-                            let _ = to.shutdown(std::net::Shutdown::Both);
-                            let _ = from.shutdown(std::net::Shutdown::Both);
-                            return;
-                        }
-                        _ => n,
-                    };
-                    if to.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                    sent += n;
-                }
-                let _ = to.shutdown(std::net::Shutdown::Write);
-            });
-        }
-    });
-    port
+    FaultProxy::start(target, vec![Fault::CutAfter(cut_after); failures], None).port
 }
 
 /// What the fault proxy does to one connection.
