@@ -78,25 +78,18 @@ fn toml_file_as_json(path: &Path) -> Value {
 /// certificate names, its key for key names, a token file, a secret otherwise.
 fn credentials_dir(names: &[String]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let server_key = rcgen::KeyPair::generate().unwrap();
-    let server = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&server_key, &issuer)
-        .unwrap();
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = common::Pki::create(pki_dir.path(), &[]);
+    let pem = |file: &str| std::fs::read_to_string(pki.path(file)).unwrap();
     for name in names {
         let content = if name.contains("token") {
             "ci:0123456789abcdef0123456789abcdef0123\n".to_string()
         } else if name.ends_with(".key") {
-            server_key.serialize_pem()
+            pem("server.key")
         } else if name.contains("ca") {
-            ca.pem()
+            pki.ca_pem.clone()
         } else if name.ends_with(".crt") {
-            server.pem()
+            pem("server.crt")
         } else {
             "secret-value\n".to_string()
         };

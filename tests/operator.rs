@@ -393,11 +393,14 @@ async fn cli_says_what_to_do_when_nothing_listens() {
 #[tokio::test(flavor = "multi_thread")]
 async fn cli_mtls_flags_work_and_refusals_say_why() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = TestPki::create(&dir.path().join("pki"), &["operator", "stranger"]);
+    let pki = Pki::create(&dir.path().join("pki"), &["operator", "stranger"]);
     let config = pki.configure(TestConfig::new(dir.path()), &["operator"]);
     let d = Daemon::start_https(dir.path(), &config, &[]);
-    let p = |f: &str| pki.path(f).display().to_string();
-    let (ca, cert, key) = (p("ca.crt"), p("operator.crt"), p("operator.key"));
+    let (ca, cert, key) = (
+        pki.file("ca.crt"),
+        pki.file("operator.crt"),
+        pki.file("operator.key"),
+    );
     let out = cli(
         &d.base,
         &[
@@ -418,7 +421,7 @@ async fn cli_mtls_flags_work_and_refusals_say_why() {
     assert_eq!(out.status.code(), Some(4), "{}", explain(&out));
     assert!(text(&out.stderr).contains("--cacert"), "{}", explain(&out));
 
-    let (scert, skey) = (p("stranger.crt"), p("stranger.key"));
+    let (scert, skey) = (pki.file("stranger.crt"), pki.file("stranger.key"));
     let out = cli(
         &d.base,
         &[

@@ -204,7 +204,7 @@ async fn daemon_with_images(dir: &Path, config: TestConfig) -> (Daemon, reqwest:
 async fn mtls_daemon_with_images(
     dir: &Path,
     config: TestConfig,
-    pki: &TestPki,
+    pki: &Pki,
 ) -> (Daemon, reqwest::Client) {
     make_images(dir);
     let config = pki.configure(config, &["orchestrator", "prometheus"]);
@@ -362,12 +362,9 @@ async fn prometheus_scrapes_the_daemon_and_evaluates_every_dashboard_and_rule_ex
         .set("telemetry.probe_interval", "1s")
         .set("auth.protect_metrics", true);
     // Prometheus scrapes over mutual TLS with its own client certificate, as in production.
-    let pki = TestPki::create(&dir.join("pki"), &["orchestrator", "prometheus"]);
+    let pki = Pki::create(&dir.join("pki"), &["orchestrator", "prometheus"]);
     let (d, c) = mtls_daemon_with_images(dir, config, &pki).await;
-    let unauthenticated = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap()])
-        .build()
-        .unwrap();
+    let unauthenticated = pki.anonymous_client();
     assert!(
         unauthenticated.get(d.url("/metrics")).send().await.is_err(),
         "no client certificate, no TLS session"
