@@ -67,26 +67,8 @@ async fn job_request_cache_image_and_stage_metrics_move_with_their_events() {
     make_qcow2(&qcow2, "64M");
     let raw = images.join("r.raw");
     make_raw(&raw, 8 << 20);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "/etc/passwd",
-        "-F",
-        "raw",
-        images.join("backing.qcow2").to_str().unwrap(),
-        "64M",
-    ]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        images.join("huge.qcow2").to_str().unwrap(),
-        "2G",
-    ]);
+    hostile_qcow2(&images, Hostile::BackingFile);
+    hostile_qcow2(&images, Hostile::Huge);
     let path = slow_qemu_img_path(dir, 3);
     let d = Daemon::start_with_env(dir, &config, &[("PATH", &path)]);
     let c = client();

@@ -57,25 +57,6 @@ fn raw_image(dir: &Path, name: &str, mib: usize) -> std::path::PathBuf {
     p
 }
 
-/// A qcow2 image naming a backing file (refused by the inspector).
-fn hostile_qcow2(dir: &Path) -> std::path::PathBuf {
-    let base = dir.join("images/base.qcow2");
-    let p = dir.join("images/with-backing.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "64M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        base.to_str().unwrap(),
-        "-F",
-        "qcow2",
-        p.to_str().unwrap(),
-    ]);
-    p
-}
-
 fn volumes_in(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir.join("volumes"))
         .map(|r| {
@@ -115,7 +96,7 @@ async fn cli_provision_wait_completes_and_a_rejected_image_fails_with_its_reason
     );
     println!("provision --wait (not a terminal):\n{stdout}");
 
-    let bad = hostile_qcow2(dir.path());
+    let bad = hostile_qcow2(&dir.path().join("images"), Hostile::BackingFile);
     let out = cli(
         &d.base,
         &[
@@ -1024,7 +1005,7 @@ async fn preflight_reads_only_the_header_and_creates_nothing() {
     // A 48 MiB dense qcow2 and a 48 MiB raw image, served by nginx.
     make_dense_qcow2(&images.join("big.qcow2"), 48 << 20, 1 << 30, 3);
     raw_image(dir.path(), "big.raw", 48);
-    let backing = hostile_qcow2(dir.path());
+    let backing = hostile_qcow2(&dir.path().join("images"), Hostile::BackingFile);
     let nginx = Nginx::start(
         &dir.path().join("nginx"),
         &format!(
@@ -1092,10 +1073,8 @@ async fn preflight_reads_only_the_header_and_creates_nothing() {
     let v = inspect(json!({"image_url": file_url(&images.join("empty.raw")), "image_type": "raw"}))
         .await;
     assert!(v["reason"].as_str().unwrap().contains("empty"), "{v}");
-    let mut truncated = std::fs::read(&backing).unwrap();
-    truncated.truncate(40);
-    std::fs::write(images.join("short.qcow2"), &truncated).unwrap();
-    let v = inspect(json!({"image_url": file_url(&images.join("short.qcow2"))})).await;
+    let truncated = hostile_qcow2(&images, Hostile::Truncated);
+    let v = inspect(json!({"image_url": file_url(&truncated)})).await;
     assert!(v["reason"].as_str().unwrap().contains("truncated"), "{v}");
     let v = inspect(json!({"image_url": "https://169.254.169.254/latest/meta-data"})).await;
     assert!(

@@ -180,18 +180,7 @@ fn make_images(dir: &Path) {
     let images = dir.join("images");
     std::fs::create_dir_all(&images).unwrap();
     make_qcow2(&images.join("ok.qcow2"), "32M");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "/etc/passwd",
-        "-F",
-        "raw",
-        images.join("backing.qcow2").to_str().unwrap(),
-        "32M",
-    ]);
+    hostile_qcow2(&images, Hostile::BackingFile);
 }
 
 /// A daemon (plain HTTP) with the images of `make_images`.

@@ -1,7 +1,8 @@
 //! Images and their bytes: qemu-img helpers, recognisable and random data, reference
-//! conversions, volume comparisons, and a qemu-img wrapper that slows conversions down.
+//! conversions, volume comparisons, the hostile fixtures, and a qemu-img wrapper that slows
+//! conversions down.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Runs qemu-img, asserting success.
@@ -210,4 +211,66 @@ pub fn make_dense_qcow2(path: &Path, data: usize, virtual_size: u64, seed: u64) 
         path.to_str().unwrap(),
     ]);
     std::fs::remove_file(raw).unwrap();
+}
+
+/// A hostile image the header inspector refuses, and the reason it names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hostile {
+    /// A qcow2 naming the host's `/etc/passwd` as its raw backing file (`backing.qcow2`).
+    BackingFile,
+    /// A qcow2 whose data lives in an external file (`datafile.qcow2`, data in `datafile.raw`).
+    DataFile,
+    /// A LUKS-encrypted qcow2 (`luks.qcow2`).
+    Encrypted,
+    /// The first 50 bytes of a valid qcow2 (`truncated.qcow2`).
+    Truncated,
+    /// A valid qcow2 of 2 GiB, larger than a 1 GB volume (`huge.qcow2`).
+    Huge,
+}
+
+impl Hostile {
+    /// The file name `hostile_qcow2` gives it.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Hostile::BackingFile => "backing.qcow2",
+            Hostile::DataFile => "datafile.qcow2",
+            Hostile::Encrypted => "luks.qcow2",
+            Hostile::Truncated => "truncated.qcow2",
+            Hostile::Huge => "huge.qcow2",
+        }
+    }
+}
+
+/// Makes the hostile image `kind` in the directory `images` (created if missing), with
+/// `qemu-img create` (64 MiB of virtual size unless said otherwise); returns its path.
+pub fn hostile_qcow2(images: &Path, kind: Hostile) -> PathBuf {
+    std::fs::create_dir_all(images).unwrap();
+    let path = images.join(kind.file_name());
+    let p = path.to_str().unwrap();
+    let create = |args: &[&str], size: &str| {
+        qemu_img(&[&["create", "-q", "-f", "qcow2"], args, &[p, size]].concat());
+    };
+    match kind {
+        Hostile::BackingFile => create(&["-b", "/etc/passwd", "-F", "raw"], "64M"),
+        Hostile::DataFile => {
+            let data = format!("data_file={}", images.join("datafile.raw").display());
+            create(&["-o", &data], "64M");
+        }
+        Hostile::Encrypted => create(
+            &[
+                "--object",
+                "secret,id=sec0,data=password123",
+                "-o",
+                "encrypt.format=luks,encrypt.key-secret=sec0",
+            ],
+            "64M",
+        ),
+        Hostile::Truncated => {
+            create(&[], "64M");
+            let valid = std::fs::read(&path).unwrap();
+            std::fs::write(&path, &valid[..50]).unwrap();
+        }
+        Hostile::Huge => create(&[], "2G"),
+    }
+    path
 }
