@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// The daemon binary of this test build.
 pub const BIN: &str = env!("CARGO_BIN_EXE_libvirt-volume-provisioner");
 
 /// The daemon binary `Daemon::spawn` starts: `TEST_DAEMON_BIN` when set (the VM suites run the

@@ -9,7 +9,8 @@ pub mod metrics;
 pub mod pki;
 pub mod proxies;
 pub mod servers;
+pub mod vm;
 
 // Not every binary uses every file.
 #[allow(unused_imports)]
-pub use {daemon::*, images::*, metrics::*, pki::*, proxies::*, servers::*};
+pub use {daemon::*, images::*, metrics::*, pki::*, proxies::*, servers::*, vm::*};
