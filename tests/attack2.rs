@@ -133,21 +133,21 @@ async fn hang_up_on_all(d: &Daemon, tls: Option<&Pki>, requests: Vec<Vec<u8>>) {
     while tasks.join_next().await.is_some() {}
 }
 
+/// How many jobs have `status`.
+async fn jobs_in(c: &reqwest::Client, d: &Daemon, status: &str) -> u64 {
+    let url = d.url(&format!("/api/v1/jobs?status={status}&limit=1000"));
+    let (code, v) = get(c, &url).await;
+    assert_eq!(code, 200, "{v}");
+    v["count"].as_u64().unwrap()
+}
+
 /// Waits until no job is pending or running.
 async fn wait_idle(c: &reqwest::Client, d: &Daemon) {
     let deadline = Instant::now() + 2 * MINUTE;
     loop {
         let mut busy = 0;
         for status in ["pending", "running"] {
-            let v: Value = c
-                .get(d.url(&format!("/api/v1/jobs?status={status}&limit=1000")))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            busy += v["count"].as_u64().unwrap();
+            busy += jobs_in(c, d, status).await;
         }
         if busy == 0 {
             return;
@@ -224,15 +224,7 @@ async fn hang_ups_leave_a_clean_state(
         assert_eq!(status, 200, "hangup-{i}: {v}");
     }
     // The queue has every place back: a full queue's worth of submissions is accepted.
-    let v: Value = c
-        .get(d.url("/api/v1/jobs?status=pending&limit=1000"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(v["count"], 0, "{v}");
+    assert_eq!(jobs_in(c, d, "pending").await, 0);
     let r = c
         .post(d.url("/api/v1/jobs"))
         .json(&body(n + 1))
@@ -291,14 +283,8 @@ async fn a_replaced_image_without_etag_is_fetched_again() {
     let fetch = |_: ()| {
         let (c, d, url) = (&c, &d, url.clone());
         async move {
-            let (status, v) = post(
-                c,
-                &d.url("/api/v1/cache/fetch"),
-                &json!({"image_url": url, "image_type": "raw"}),
-            )
-            .await;
-            assert_eq!(status, 202, "{v}");
-            let job = wait_job(c, d, v["job_id"].as_str().unwrap(), MINUTE).await;
+            let id = fetch_to_cache(c, d, &url, Some("raw")).await;
+            let job = wait_job(c, d, &id, MINUTE).await;
             assert_eq!(job["status"], "completed", "{job}");
             job
         }
@@ -560,12 +546,7 @@ async fn a_failed_single_stream_download_leaves_no_partial_file() {
         job["error"].as_str().unwrap().contains("download failed"),
         "{job}"
     );
-    let leftovers: Vec<_> = std::fs::read_dir(dir.join("cache"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| n.contains(".partial"))
-        .collect();
+    let leftovers = partial_files(dir);
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 

@@ -8,7 +8,7 @@
 mod common;
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -425,16 +425,23 @@ async fn http1_reconnect_flood_leaves_health_answering() {
     );
 }
 
+/// A daemon with default settings and a 16 MiB qcow2 in its file root (`images/small.qcow2`),
+/// in a new temporary directory.
+fn daemon_with_small_image() -> (tempfile::TempDir, Daemon, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = TestConfig::new(tmp.path());
+    let image = tmp.path().join("images/small.qcow2");
+    make_qcow2(&image, "16M");
+    let d = Daemon::start(tmp.path(), &config);
+    (tmp, d, image)
+}
+
 // ---- Item 5: cross-site requests with auth off ------------------------------------------
 
 #[tokio::test]
 async fn cross_site_requests_are_refused_and_touch_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, d, image) = daemon_with_small_image();
     let dir = tmp.path();
-    let config = TestConfig::new(dir);
-    let image = dir.join("images/small.qcow2");
-    make_qcow2(&image, "16M");
-    let d = Daemon::start(dir, &config);
     let c = client();
     let to = addr_of(&d);
     let port = to.port();
@@ -526,12 +533,7 @@ async fn request_heads_beyond_limits_get_json_errors() {
 
 #[tokio::test]
 async fn json_bodies_need_the_json_content_type_and_unique_keys() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let config = TestConfig::new(dir);
-    let image = dir.join("images/small.qcow2");
-    make_qcow2(&image, "16M");
-    let d = Daemon::start(dir, &config);
+    let (_tmp, d, image) = daemon_with_small_image();
     let c = client();
     let url = file_url(&image);
     let send = |content_type: Option<&'static str>, body: String| {
@@ -575,12 +577,7 @@ async fn json_bodies_need_the_json_content_type_and_unique_keys() {
 
 #[tokio::test]
 async fn reads_log_at_debug_and_state_changes_at_info() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let config = TestConfig::new(dir);
-    let image = dir.join("images/small.qcow2");
-    make_qcow2(&image, "16M");
-    let d = Daemon::start(dir, &config);
+    let (_tmp, d, image) = daemon_with_small_image();
     let c = client();
     let id = submit(
         &c,

@@ -259,38 +259,14 @@ async fn reject_incompatible_lv(ctx: &Ctx) -> CaseResult {
         "message: {v}"
     );
 
-    run(
-        "lvcreate",
-        &[
-            "--yes",
-            "-q",
-            "-s",
-            "-L",
-            "64m",
-            "-n",
-            "small-snap",
-            &format!("{VG}/small"),
-        ],
-    )?;
+    lv_snapshot(VG, "small", "small-snap", "64m")?;
     let (status, v) = ctx.provision("disk.qcow2", "small-snap", 1, "qcow2").await;
     ensure!(
         status == 409 && v["message"].as_str().unwrap_or("").contains("snapshot"),
         "snapshot: {status} {v}"
     );
     lvcreate(VG, "big-origin", "1g")?;
-    run(
-        "lvcreate",
-        &[
-            "--yes",
-            "-q",
-            "-s",
-            "-L",
-            "64m",
-            "-n",
-            "big-origin-snap",
-            &format!("{VG}/big-origin"),
-        ],
-    )?;
+    lv_snapshot(VG, "big-origin", "big-origin-snap", "64m")?;
     let (status, v) = ctx.provision("disk.qcow2", "big-origin", 1, "qcow2").await;
     ensure!(
         status == 409 && v["message"].as_str().unwrap_or("").contains("origin"),

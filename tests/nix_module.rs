@@ -799,18 +799,6 @@ fn find_tool(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn sh(cmd: &mut Command) -> (bool, String) {
-    let out = cmd.output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 /// Loop devices, an LVM configuration of their own, and logging wrappers for every tool the
 /// volume-group script may run. Everything is removed on drop.
 struct LoopLab {
@@ -933,10 +921,12 @@ impl LoopLab {
 
     /// Runs a command with the lab's LVM configuration; panics when it fails.
     fn run(&self, program: &str, args: &[&str]) -> String {
-        let (ok, out) = sh(Command::new(find_tool(program).unwrap())
-            .args(args)
-            .env("LVM_SYSTEM_DIR", self.lvm_env())
-            .env("LVM_SUPPRESS_FD_WARNINGS", "1"));
+        let (ok, out) = common::output_of(
+            Command::new(find_tool(program).unwrap())
+                .args(args)
+                .env("LVM_SYSTEM_DIR", self.lvm_env())
+                .env("LVM_SUPPRESS_FD_WARNINGS", "1"),
+        );
         assert!(ok, "{program} {args:?}: {out}");
         out
     }
@@ -981,13 +971,15 @@ impl LoopLab {
             self.dir.path().join("bin").display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        let (ok, output) = sh(Command::new("bash")
-            .arg("-c")
-            .arg(&script)
-            .env("PATH", path)
-            .env("LVM_SYSTEM_DIR", self.lvm_env())
-            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-            .stdin(std::process::Stdio::null()));
+        let (ok, output) = common::output_of(
+            Command::new("bash")
+                .arg("-c")
+                .arg(&script)
+                .env("PATH", path)
+                .env("LVM_SYSTEM_DIR", self.lvm_env())
+                .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+                .stdin(std::process::Stdio::null()),
+        );
         let commands = std::fs::read_to_string(&log)
             .unwrap_or_default()
             .lines()
@@ -1021,7 +1013,7 @@ impl LoopLab {
     }
 
     fn detach(&mut self, dev: &str) {
-        let (ok, out) = sh(Command::new("losetup").arg("-d").arg(dev));
+        let (ok, out) = common::output_of(Command::new("losetup").arg("-d").arg(dev));
         assert!(ok, "losetup -d {dev}: {out}");
         self.loops.retain(|d| d != dev);
     }

@@ -584,11 +584,7 @@ async fn progress_streams_need_credentials_and_are_bounded() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().await.unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = accepted_job(r).await;
     let events = d.url(&format!("/api/v1/jobs/{id}/events"));
     let r = c.get(&events).send().await.unwrap();
     assert_eq!(r.status(), 401, "unauthenticated streams are refused");
@@ -668,11 +664,7 @@ async fn idempotency_key_returns_the_same_job_across_a_restart() {
     };
     let d = Daemon::start(dir.path(), &config);
     let r = post_with_key(&d, "order-42", &body).await.unwrap();
-    assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().await.unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = accepted_job(r).await;
     let r = post_with_key(&d, "order-42", &body).await.unwrap();
     assert_eq!(r.status(), 200, "a retry gets the existing job");
     assert_eq!(r.headers()["idempotent-replayed"], "true");
@@ -733,10 +725,7 @@ async fn idempotency_key_returns_the_same_job_across_a_restart() {
     .await
     .unwrap();
     assert_eq!(r.status(), 202, "255 characters are fine");
-    let long_job = r.json::<Value>().await.unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let long_job = accepted_job(r).await;
     wait_job(&c, &d, &long_job, Duration::from_secs(60)).await;
     // Racing retries with one key make one job: the others get it (200) or are told to retry (409).
     let race = json!({"image_url": file_url(&image), "image_type": "raw",

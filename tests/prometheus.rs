@@ -39,18 +39,6 @@ fn tool(name: &str) -> Option<PathBuf> {
     found
 }
 
-fn run(cmd: &mut Command) -> (bool, String) {
-    let out = cmd.output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 /// `name: value` items of a YAML list written one per line as `- name: value`.
 fn yaml_items(text: &str, key: &str) -> Vec<String> {
     let prefix = format!("- {key}:");
@@ -77,17 +65,19 @@ fn promtool_checks_the_rules_runs_their_unit_tests_and_checks_the_scrape_config(
     };
     let alerts = repo("deploy/prometheus/alerts.yml");
     let recording = repo("deploy/prometheus/recording-rules.yml");
-    let (ok, out) = run(Command::new(&promtool)
-        .arg("check")
-        .arg("rules")
-        .arg(&alerts)
-        .arg(&recording));
+    let (ok, out) = output_of(
+        Command::new(&promtool)
+            .arg("check")
+            .arg("rules")
+            .arg(&alerts)
+            .arg(&recording),
+    );
     assert!(ok, "promtool check rules:\n{out}");
     assert!(out.contains("SUCCESS: 7 rules found"), "{out}");
     assert!(out.contains("SUCCESS: 1 rules found"), "{out}");
 
     let tests = rule_test_files();
-    let (ok, out) = run(Command::new(&promtool).args(["test", "rules"]).args(&tests));
+    let (ok, out) = output_of(Command::new(&promtool).args(["test", "rules"]).args(&tests));
     assert!(ok, "promtool test rules:\n{out}");
     eprintln!("{out}");
 
@@ -153,9 +143,11 @@ fn promtool_checks_the_rules_runs_their_unit_tests_and_checks_the_scrape_config(
         shipped.replace("/etc/prometheus/", &format!("{}/", etc.display())),
     )
     .unwrap();
-    let (ok, out) = run(Command::new(&promtool)
-        .args(["check", "config"])
-        .arg(&config));
+    let (ok, out) = output_of(
+        Command::new(&promtool)
+            .args(["check", "config"])
+            .arg(&config),
+    );
     assert!(ok, "promtool check config:\n{out}");
     assert!(out.contains("SUCCESS: 2 rule files found"), "{out}");
 

@@ -96,11 +96,7 @@ async fn rotated_tokens_apply_while_a_job_runs() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().await.unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = accepted_job(r).await;
     let job_url = d.url(&format!("/api/v1/jobs/{id}"));
     assert_eq!(status_with(&c, &job_url, OLD_TOKEN).await, 200);
     assert_eq!(status_with(&c, &job_url, NEW_TOKEN).await, 401);

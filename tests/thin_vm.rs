@@ -680,19 +680,11 @@ async fn nixos_thin_pools(ctx: &Ctx) -> CaseResult {
     let _ = std::fs::remove_file("/dev/lvp-nixthin/disk");
     std::os::unix::fs::symlink(&loopdev, "/dev/lvp-nixthin/disk").map_err(|e| e.to_string())?;
     let script = |name: &str| {
-        let out = Command::new("bash")
-            .arg(scripts.join(name))
-            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| e.to_string())?;
-        Ok::<_, String>((
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
+        Ok::<_, String>(output_of(
+            Command::new("bash")
+                .arg(scripts.join(name))
+                .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+                .stdin(Stdio::null()),
         ))
     };
     let r = async {

@@ -146,11 +146,7 @@ async fn mtls_required_checks_certificates_and_allowed_clients() {
         .await
         .unwrap();
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
-    assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().await.unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = accepted_job(r).await;
     let job = wait_job(&c, &d, &id, Duration::from_secs(60)).await;
     assert_eq!(job["status"], "completed", "{job}");
     assert_eq!(job["requested_by"], "orchestrator", "{job}");

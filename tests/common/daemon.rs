@@ -193,6 +193,66 @@ impl Daemon {
         }
     }
 
+    /// Writes the config into `dir/config.toml` and starts the daemon (over HTTP) with a tmpfs
+    /// of its own of `size_mib` MiB over `mount_point` (created), in private user and mount
+    /// namespaces (`unshare -rm`, which the test needs): a file system whose free space is small
+    /// and exact. The daemon's view of it is `/proc/<pid>/root<mount_point>`.
+    pub fn start_on_small_tmpfs(
+        dir: &Path,
+        config: &TestConfig,
+        env: &[(&str, &str)],
+        mount_point: &Path,
+        size_mib: u32,
+    ) -> Daemon {
+        let unshare = Command::new("unshare")
+            .args(["-rm", "true"])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            unshare,
+            "this test needs `unshare -rm` (util-linux, user and mount namespaces) to put {} on \
+             a small tmpfs",
+            mount_point.display()
+        );
+        std::fs::create_dir_all(mount_point).unwrap();
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, config.render()).unwrap();
+        let mount = format!(r#"mount -t tmpfs -o size={size_mib}m tmpfs "$0" && exec "$@""#);
+        let wrapper = [
+            "unshare",
+            "-rm",
+            "sh",
+            "-c",
+            &mount,
+            mount_point.to_str().unwrap(),
+        ];
+        Self::spawn_wrapped(dir, &config_path, env, "http", &wrapper)
+    }
+
+    /// A daemon (default settings, `telemetry.probe_interval` 1 s) in `dir` whose job store
+    /// (`dir/state`) is on a 16 MiB tmpfs of its own (`start_on_small_tmpfs`): a store disk
+    /// that fills up, and a probe that notices at once.
+    pub fn start_with_small_store(dir: &Path, env: &[(&str, &str)]) -> Daemon {
+        let config = TestConfig::new(dir).set("telemetry.probe_interval", "1s");
+        Self::start_on_small_tmpfs(dir, &config, env, &dir.join("state"), 16)
+    }
+
+    /// Fills the tmpfs the daemon has over `mount_point` (`start_on_small_tmpfs`), from outside
+    /// through `/proc/<pid>/root`, with a file of 1 MiB blocks until a write fails; that file.
+    pub fn fill_tmpfs(&self, mount_point: &Path) -> PathBuf {
+        use std::io::Write;
+        let inside = format!("/proc/{}/root{}", self.pid(), mount_point.display());
+        let filler = Path::new(&inside).join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0xa5u8; 1 << 20];
+        let mut written = 0;
+        while f.write_all(&block).is_ok() {
+            written += 1;
+            assert!(written < 64, "the tmpfs did not fill up");
+        }
+        filler
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
@@ -300,6 +360,32 @@ pub async fn submit(c: &reqwest::Client, d: &Daemon, body: Value) -> String {
     v["job_id"].as_str().unwrap().to_string()
 }
 
+/// The id of the job an answer to a submission names, asserting the answer is 202 Accepted.
+pub async fn accepted_job(r: reqwest::Response) -> String {
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    assert_eq!(status, 202, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["job_id"].as_str().unwrap().to_string()
+}
+
+/// Asks the daemon to fetch `url` into its cache only (`POST /api/v1/cache/fetch`), declared
+/// as `image_type` when given; the job's id (asserting 202).
+pub async fn fetch_to_cache(
+    c: &reqwest::Client,
+    d: &Daemon,
+    url: &str,
+    image_type: Option<&str>,
+) -> String {
+    let mut body = serde_json::json!({"image_url": url});
+    if let Some(t) = image_type {
+        body["image_type"] = t.into();
+    }
+    let (status, v) = post(c, &d.url("/api/v1/cache/fetch"), &body).await;
+    assert_eq!(status, 202, "fetch {url}: {v}");
+    v["job_id"].as_str().unwrap().to_string()
+}
+
 /// Polls a job until it is terminal.
 pub async fn wait_job(c: &reqwest::Client, d: &Daemon, id: &str, timeout: Duration) -> Value {
     let deadline = Instant::now() + timeout;
@@ -335,6 +421,42 @@ pub async fn wait_until(
         assert!(Instant::now() < deadline, "condition not reached: {v}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The names of the files in the cache directory of a daemon in `dir` (`dir/cache`), sorted;
+/// none when it does not exist.
+pub fn cache_files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir.join("cache"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The unfinished downloads (`.partial` files and their checkpoints) in the cache of a daemon
+/// in `dir`.
+pub fn partial_files(dir: &Path) -> Vec<String> {
+    cache_files(dir)
+        .into_iter()
+        .filter(|n| n.contains(".partial"))
+        .collect()
+}
+
+/// Runs a command to its end: whether it succeeded, and its stdout followed by its stderr.
+pub fn output_of(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 /// Processes whose command line contains `needle`.

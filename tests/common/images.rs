@@ -19,16 +19,12 @@ pub fn qemu_img(args: &[&str]) {
 pub fn make_qcow2(path: &Path, size: &str) {
     let raw = path.with_extension("src.raw");
     make_raw(&raw, parse_size(size));
-    qemu_img(&[
-        "convert",
-        "-q",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        raw.to_str().unwrap(),
-        path.to_str().unwrap(),
-    ]);
+    raw_into_qcow2(&raw, path);
+}
+
+/// Converts the raw image `raw` into the qcow2 `path`, and removes `raw`.
+fn raw_into_qcow2(raw: &Path, path: &Path) {
+    convert(raw, "raw", "qcow2", path);
     std::fs::remove_file(raw).unwrap();
 }
 
@@ -67,16 +63,13 @@ pub fn parse_size(s: &str) -> u64 {
 
 /// The raw bytes an image converts to (reference made by qemu-img).
 pub fn reference_raw(image: &Path, format: &str, out: &Path) {
-    qemu_img(&[
-        "convert",
-        "-q",
-        "-f",
-        format,
-        "-O",
-        "raw",
-        image.to_str().unwrap(),
-        out.to_str().unwrap(),
-    ]);
+    convert(image, format, "raw", out);
+}
+
+/// `qemu-img convert` of `image` (in `from` format) into `out` (in `to` format).
+fn convert(image: &Path, from: &str, to: &str, out: &Path) {
+    let (image, out) = (image.to_str().unwrap(), out.to_str().unwrap());
+    qemu_img(&["convert", "-q", "-f", from, "-O", to, image, out]);
 }
 
 /// Asserts that `volume` starts with the bytes of `reference` and reads as zeros after them.
@@ -200,17 +193,7 @@ pub fn make_dense_qcow2(path: &Path, data: usize, virtual_size: u64, seed: u64) 
         .unwrap()
         .set_len(virtual_size)
         .unwrap();
-    qemu_img(&[
-        "convert",
-        "-q",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        raw.to_str().unwrap(),
-        path.to_str().unwrap(),
-    ]);
-    std::fs::remove_file(raw).unwrap();
+    raw_into_qcow2(&raw, path);
 }
 
 /// A hostile image the header inspector refuses, and the reason it names.

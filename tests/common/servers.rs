@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::daemon::{Daemon, TestConfig};
+use super::daemon::{Daemon, TestConfig, get};
 
 /// A free loopback port (bound and released; the caller binds it right away).
 pub fn free_port() -> u16 {
@@ -362,14 +362,7 @@ impl PrometheusServer {
 
     /// Every rule Prometheus loaded (`/api/v1/rules`): name, query, type, health, lastError.
     pub async fn rules(&self, c: &reqwest::Client) -> Vec<Value> {
-        let v: Value = c
-            .get(self.url("/api/v1/rules"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let (_, v) = get(c, &self.url("/api/v1/rules")).await;
         assert_eq!(v["status"], "success", "{v}");
         v["data"]["groups"]
             .as_array()

@@ -216,6 +216,16 @@ pub fn lvcreate(vg: &str, name: &str, size: &str) -> CaseResult {
     run("lvcreate", &["--yes", "-q", "-L", size, "-n", name, vg]).map(|_| ())
 }
 
+/// Creates a snapshot LV `name` of `size` of the LV `origin` of `vg`.
+pub fn lv_snapshot(vg: &str, origin: &str, name: &str, size: &str) -> CaseResult {
+    let origin = format!("{vg}/{origin}");
+    run(
+        "lvcreate",
+        &["--yes", "-q", "-s", "-L", size, "-n", name, &origin],
+    )
+    .map(|_| ())
+}
+
 /// sha256 (hex) of the first `len` bytes of `path`, by coreutils (fast enough under emulation).
 pub fn sha256_prefix(path: &Path, len: u64) -> Result<String, String> {
     sha256_of(&format!("head -c {len} '{}'", path.display()))
