@@ -98,6 +98,28 @@ fn credentials_dir(names: &[String]) -> tempfile::TempDir {
     dir
 }
 
+/// The messages of the module's assertions that fail in an evaluated configuration (its
+/// `assertions` list).
+fn failed_assertions(config: &Value) -> Vec<String> {
+    config["assertions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["assertion"] != true)
+        .map(|a| {
+            a["message"]
+                .as_str()
+                .map_or_else(|| a.to_string(), str::to_string)
+        })
+        .collect()
+}
+
+/// Asserts that bash parses `script` (`what` names it in the failure).
+fn assert_bash_syntax(script: &str, what: &str) {
+    let (ok, out) = common::output_of(Command::new("bash").args(["-n", "-c", script]));
+    assert!(ok, "{what}: {out}");
+}
+
 fn all_credential_names() -> Vec<String> {
     module_data()["credentials"]
         .as_array()
@@ -384,12 +406,7 @@ fn strings(v: &Value) -> Vec<&str> {
 #[test]
 fn module_computes_the_hardened_unit_for_the_example() {
     let example = &module_smoke()["example"];
-    let failed: Vec<&Value> = example["assertions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|a| a["assertion"] != true)
-        .collect();
+    let failed = failed_assertions(example);
     assert!(
         failed.is_empty(),
         "assertions fail for the example: {failed:?}"
@@ -481,15 +498,7 @@ fn module_computes_the_hardened_unit_for_the_example() {
         ]
     );
     let script = vg["script"].as_str().unwrap();
-    let syntax = Command::new("bash")
-        .args(["-n", "-c", script])
-        .output()
-        .unwrap();
-    assert!(
-        syntax.status.success(),
-        "volume-group script: {}",
-        String::from_utf8_lossy(&syntax.stderr)
-    );
+    assert_bash_syntax(script, "volume-group script");
     assert!(
         script.starts_with("set -euo pipefail\nvg='vg_vms'\ndevices=('/dev/vdb')\n"),
         "{script}"
@@ -641,13 +650,7 @@ fn module_creates_declared_thin_pools_and_defaults_to_the_first() {
 
 #[test]
 fn module_refuses_secrets_in_the_store() {
-    let failed: Vec<String> = module_smoke()["storeSecrets"]["assertions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|a| a["assertion"] != true)
-        .map(|a| a["message"].as_str().unwrap().to_string())
-        .collect();
+    let failed = failed_assertions(&module_smoke()["storeSecrets"]);
     assert_eq!(failed.len(), 3, "{failed:#?}");
     for needle in [
         "tls.keyFile",
@@ -734,13 +737,7 @@ fn module_has_no_meta_doc_and_the_flake_builds_the_manual() {
 #[test]
 fn module_names_an_invalid_volume_group_instead_of_defaulting_to_it() {
     let smoke = &module_smoke()["invalidFirst"];
-    let failed: Vec<&str> = smoke["assertions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|a| a["assertion"] != true)
-        .map(|a| a["message"].as_str().unwrap())
-        .collect();
+    let failed = failed_assertions(smoke);
     assert_eq!(failed.len(), 1, "{failed:?}");
     assert!(failed[0].contains("lvm.volumeGroups.-bad:"), "{failed:?}");
     // "-bad" sorts first, but the default is the first valid name, so no typed setting fails
@@ -1420,12 +1417,7 @@ fn module_defines_the_libvirt_pool_only_when_asked() {
     assert!(!strings(&example["daemon"]["wants"]).contains(&pool_unit));
 
     let declared = &smoke["definePool"];
-    let failed: Vec<&Value> = declared["assertions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|a| a["assertion"] != true)
-        .collect();
+    let failed = failed_assertions(declared);
     assert!(failed.is_empty(), "{failed:?}");
     let unit = &declared["poolUnit"];
     assert_eq!(strings(&unit["requires"]), ["libvirtd.service"]);
@@ -1456,15 +1448,7 @@ fn module_defines_the_libvirt_pool_only_when_asked() {
     assert_eq!(strings(&sc["RestrictAddressFamilies"]), ["AF_UNIX"]);
 
     let script = unit["script"].as_str().unwrap();
-    let syntax = Command::new("bash")
-        .args(["-n", "-c", script])
-        .output()
-        .unwrap();
-    assert!(
-        syntax.status.success(),
-        "pool script: {}",
-        String::from_utf8_lossy(&syntax.stderr)
-    );
+    assert_bash_syntax(script, "pool script");
     // Over the daemon's volume group (the first declared one), with the names quoted.
     assert!(script.contains("pool='vms pool'"), "{script}");
     assert!(script.contains("vg='vg_a'"), "{script}");
@@ -1489,13 +1473,7 @@ fn module_defines_the_libvirt_pool_only_when_asked() {
     }
     assert!(script.contains("pool-autostart \"$pool\"") && script.contains("pool-start \"$pool\""));
 
-    let refused: Vec<String> = smoke["definePoolWithoutPool"]["assertions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|a| a["assertion"] != true)
-        .map(|a| a["message"].as_str().unwrap().to_string())
-        .collect();
+    let refused = failed_assertions(&smoke["definePoolWithoutPool"]);
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert!(
         refused[0].contains("libvirt.definePool") && refused[0].contains("settings.libvirt.pool"),
