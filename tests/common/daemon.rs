@@ -1,5 +1,7 @@
 //! The daemon under test: its configuration (`TestConfig`), the real binary started on a loopback
-//! port it picks itself (`Daemon`), the HTTP helpers the tests talk to it with, and job polling.
+//! port it picks itself (`Daemon`, optionally with a small tmpfs of its own), the HTTP helpers
+//! the tests talk to it with, job submission and polling, the files of its cache, and the
+//! processes around it.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -69,6 +71,7 @@ impl TestConfig {
         self
     }
 
+    /// The configuration file's text.
     pub fn render(&self) -> String {
         toml::to_string(&self.table).unwrap()
     }
@@ -76,9 +79,13 @@ impl TestConfig {
 
 /// A running daemon.
 pub struct Daemon {
+    /// The daemon's process.
     pub child: Child,
+    /// Its base URL (`http://` or `https://`, the address it listens on).
     pub base: String,
+    /// The directory it was started in.
     pub dir: PathBuf,
+    /// Its configuration file.
     pub config_path: PathBuf,
     log: Arc<Mutex<String>>,
 }
@@ -89,6 +96,7 @@ impl Daemon {
         Self::start_with_env(dir, config, &[])
     }
 
+    /// As `start`, with `env` added to its environment.
     pub fn start_with_env(dir: &Path, config: &TestConfig, env: &[(&str, &str)]) -> Daemon {
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, config.render()).unwrap();
@@ -253,6 +261,7 @@ impl Daemon {
         filler
     }
 
+    /// The URL of `path` (which starts with `/`) on the daemon.
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
@@ -291,6 +300,7 @@ impl Daemon {
         }
     }
 
+    /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -305,13 +315,13 @@ impl Drop for Daemon {
     }
 }
 
-/// A plain HTTP client.
 /// How long test clients keep an idle connection: below the daemon's `server.header_timeout`
 /// (10 s), which also closes idle HTTP/1 keep-alive connections; a request sent on a pooled
 /// connection at the instant the daemon closes it fails with "connection closed before
 /// message completed" (seen once in CI).
 pub const POOL_IDLE: Duration = Duration::from_secs(5);
 
+/// A plain HTTP client (2 min time-out, idle connections kept `POOL_IDLE`).
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(120))

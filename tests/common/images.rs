@@ -50,6 +50,7 @@ pub fn make_raw(path: &Path, size: u64) {
     }
 }
 
+/// Bytes of a size written as qemu-img takes it: a number with `K`, `M` or `G`, or plain.
 pub fn parse_size(s: &str) -> u64 {
     let (num, unit) = s.split_at(s.len() - 1);
     let n: u64 = num.parse().unwrap();
@@ -130,6 +131,7 @@ fn seek_end(f: &std::fs::File) -> u64 {
     f.seek(std::io::SeekFrom::End(0)).unwrap_or(0)
 }
 
+/// The `file://` URL of a path.
 pub fn file_url(p: &Path) -> String {
     format!("file://{}", p.display())
 }
@@ -163,6 +165,7 @@ pub fn slow_qemu_img_path(dir: &Path, delay_secs: u32) -> String {
     )
 }
 
+/// SHA-256 of `bytes`, in hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))

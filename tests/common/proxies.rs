@@ -38,12 +38,14 @@ pub enum Fault {
 /// per second, counts the bytes the server sent through it, and logs when each connection
 /// came (for retry timing).
 pub struct FaultProxy {
+    /// The proxy's loopback port.
     pub port: u16,
     server_bytes: Arc<std::sync::atomic::AtomicU64>,
     arrivals: Arc<Mutex<Vec<(Instant, Fault)>>>,
 }
 
 impl FaultProxy {
+    /// Starts the proxy in front of the loopback port `target`; it runs until the test ends.
     pub fn start(target: u16, plan: Vec<Fault>, rate: Option<u64>) -> FaultProxy {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();

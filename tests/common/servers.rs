@@ -29,14 +29,19 @@ fn wait_for_port(port: u16) {
 /// The real S3 server `s3s-fs` (SigV4 enforced) serving `root`; buckets are directories.
 pub struct S3Server {
     child: Child,
+    /// Its loopback port.
     pub port: u16,
+    /// The directory it serves (one subdirectory per bucket).
     pub root: PathBuf,
 }
 
+/// The access key s3s-fs accepts.
 pub const S3_ACCESS_KEY: &str = "test-access-key";
+/// The secret key s3s-fs accepts.
 pub const S3_SECRET_KEY: &str = "test-secret-key-0123456789";
 
 impl S3Server {
+    /// Starts s3s-fs serving `root` on a free port.
     pub fn start(root: &Path) -> S3Server {
         Self::start_on(root, free_port())
     }
@@ -62,6 +67,7 @@ impl S3Server {
         }
     }
 
+    /// The S3 endpoint URL.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
@@ -88,6 +94,7 @@ impl S3Server {
         std::fs::write(path, bytes).unwrap();
     }
 
+    /// Stores an object by copying the file `src` where s3s-fs serves it.
     pub fn put_file(&self, bucket: &str, key: &str, src: &Path) {
         let path = self.root.join(bucket).join(key);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -113,6 +120,7 @@ impl S3Server {
         );
     }
 
+    /// Removes an object (its file).
     pub fn remove(&self, bucket: &str, key: &str) {
         let _ = std::fs::remove_file(self.root.join(bucket).join(key));
     }
@@ -151,9 +159,13 @@ pub fn prometheus_tool(name: &str) -> Option<PathBuf> {
 /// Client-certificate settings of a scrape (Prometheus `tls_config`).
 #[derive(Clone, Debug)]
 pub struct ScrapeTls {
+    /// The CA that signed the daemon's certificate.
     pub ca_file: PathBuf,
+    /// Prometheus' client certificate, if it presents one.
     pub cert_file: Option<PathBuf>,
+    /// Its key.
     pub key_file: Option<PathBuf>,
+    /// The name to check the daemon's certificate against, if not the address.
     pub server_name: Option<String>,
 }
 
@@ -163,8 +175,11 @@ pub struct ScrapeTls {
 pub struct ScrapeTarget {
     /// host:port
     pub address: String,
+    /// `http` or `https`.
     pub scheme: String,
+    /// TLS settings of the scrape, for https.
     pub tls: Option<ScrapeTls>,
+    /// A file with the token sent as `Authorization: Bearer`, for protected metrics.
     pub bearer_token_file: Option<PathBuf>,
 }
 
@@ -226,7 +241,9 @@ impl ScrapeTarget {
 /// directory, scraping the given targets every second and loading the given rule files.
 pub struct PrometheusServer {
     child: Child,
+    /// Its loopback port.
     pub port: u16,
+    /// Its directory: configuration, TSDB and log.
     pub dir: PathBuf,
 }
 
@@ -234,6 +251,7 @@ impl PrometheusServer {
     /// Job name every target gets: the one the shipped alert rules and dashboard select.
     pub const JOB: &'static str = "libvirt-volume-provisioner";
 
+    /// Starts Prometheus in `dir` and waits until it is ready.
     pub fn start(dir: &Path, targets: &[ScrapeTarget], rule_files: &[PathBuf]) -> PrometheusServer {
         let bin = prometheus_tool("prometheus").expect("prometheus must be installed");
         std::fs::create_dir_all(dir.join("tsdb")).unwrap();
@@ -301,10 +319,12 @@ impl PrometheusServer {
         server
     }
 
+    /// The URL of `path` on Prometheus.
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{}", self.port, path)
     }
 
+    /// What Prometheus logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
     }
@@ -387,12 +407,16 @@ impl Drop for PrometheusServer {
 /// `server_port status method uri "range" bytes_sent`.
 pub struct Nginx {
     child: Child,
+    /// The port that replaced `{port}`.
     pub port: u16,
+    /// The port that replaced `{port2}`.
     pub port2: u16,
+    /// Its directory: configuration, logs, pid file and temporary files.
     pub dir: PathBuf,
 }
 
 impl Nginx {
+    /// Starts nginx in `dir` and waits until it listens on `port`.
     pub fn start(dir: &Path, servers: &str) -> Nginx {
         std::fs::create_dir_all(dir.join("tmp")).unwrap();
         let (port, port2) = (free_port(), free_port());
@@ -449,10 +473,12 @@ impl Nginx {
         n
     }
 
+    /// The URL of `path` on `port`.
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{}", self.port, path)
     }
 
+    /// nginx's error log so far.
     pub fn error_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
     }
