@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -39,15 +39,15 @@ const CASES: [Case<Ctx>; 9] = [
     }),
 ];
 
-fn lv_path(name: &str) -> std::path::PathBuf {
+fn lv_path(name: &str) -> PathBuf {
     common::lv_path(VG, name)
 }
 
 struct Ctx {
     c: reqwest::Client,
     d: Daemon,
-    data: std::path::PathBuf,
-    work: std::path::PathBuf,
+    data: PathBuf,
+    work: PathBuf,
     refs: References,
 }
 
