@@ -184,10 +184,10 @@ async fn credentials_in_endpoint_urls_are_redacted_everywhere() {
 async fn a_full_state_store_recovers_when_space_returns() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let image = dir.join("images/a.qcow2");
-    make_qcow2(&image, "16M");
     let path = slow_qemu_img_path(dir, 8);
     let d = Daemon::start_with_small_store(dir, &[("PATH", path.as_str())]);
+    let image = dir.join("images/a.qcow2");
+    make_qcow2(&image, "16M");
     let state = dir.join("state");
     let c = client();
     let body = |name: &str| json!({"image_url": file_url(&image), "volume_name": name, "volume_size_gb": 1});

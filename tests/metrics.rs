@@ -498,9 +498,9 @@ async fn download_throughput_checksum_errors_and_minio_probe() {
 async fn storage_errors_and_storage_probe_when_the_store_disk_is_full() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
+    let d = Daemon::start_with_small_store(dir, &[]);
     let image = dir.join("images/a.qcow2");
     make_qcow2(&image, "16M");
-    let d = Daemon::start_with_small_store(dir, &[]);
     let state = dir.join("state");
     let c = client();
     let id = submit(
