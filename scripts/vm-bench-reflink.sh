@@ -35,8 +35,8 @@ fi
 # --- inside the VM ---
 echo "guest: $(nproc) vCPU, $(free -m | awk '/Mem:/{print $2}') MiB, kernel $(uname -r)"
 mkfs.xfs -q -f -m reflink=1 /dev/vda
-mkdir -p /mnt/xfs && mount -t xfs /dev/vda /mnt/xfs
-W=/mnt/xfs/bench; mkdir -p "$W"
+mkdir -p /tmp/xfs && mount -t xfs /dev/vda /tmp/xfs
+W=/tmp/xfs/bench; mkdir -p "$W"
 BIN=$ROOT/target/release/libvirt-volume-provisioner
 PORT=18080
 cat > "$W/config.toml" <<CONF
@@ -49,7 +49,7 @@ max_concurrent = 1
 [volumes]
 backend = "directory"
 [volumes.directory]
-path = "/mnt/xfs/volumes"
+path = "/tmp/xfs/volumes"
 [cache]
 dir = "$W/cache"
 max_size_bytes = 21474836480
@@ -73,7 +73,7 @@ wait_job() {
     sleep 1
   done
 }
-used() { df -B1 --output=used /mnt/xfs | tail -1; }
+used() { df -B1 --output=used /tmp/xfs | tail -1; }
 img=data1024.qcow2
 id=$(api -X POST "http://127.0.0.1:$PORT/api/v1/cache/fetch" -d '{"image_url":"file://'"$DATA/$img"'"}' \
   | python3 -c 'import json,sys; print(json.load(sys.stdin)["job_id"])')
@@ -94,14 +94,14 @@ print("%.2f %s" % ((t(j["finished_at"]) - t(j["started_at"])).total_seconds(), j
   read -r secs method <<<"$out"
   echo "| v$n | $secs | $method | $(( ($(used) - before) / 1048576 )) MiB |"
 done
-golden=$(ls /mnt/xfs/volumes/.lvp-golden/*.img)
+golden=$(ls /tmp/xfs/volumes/.lvp-golden/*.img)
 echo
 echo "| cp --reflink=always of the golden file | seconds | space taken |"
 echo "|---|---|---|"
 for n in $(seq 1 "$VOLUMES"); do
   before=$(used)
   start=$(date +%s.%N)
-  cp --reflink=always "$golden" "/mnt/xfs/cp-$n"
+  cp --reflink=always "$golden" "/tmp/xfs/cp-$n"
   end=$(date +%s.%N)
   echo "| cp-$n | $(python3 -c "print(f'{$end-$start:.2f}')") | $(( ($(used) - before) / 1048576 )) MiB |"
 done

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-const MOUNT: &str = "/mnt/reflink";
+/// Where the XFS file system is mounted (the VM sees the host root read-only; /tmp is its own).
+const MOUNT: &str = "/tmp/reflink";
 const JOB_TIMEOUT: Duration = Duration::from_secs(300);
 
 const CASES: [Case<Ctx>; 3] = [
