@@ -24,24 +24,24 @@ fn record_failure(failure: &AuthFailure, conn: Option<&ConnInfo>, scope: Option<
     let remote = conn.map(|c| c.remote.to_string()).unwrap_or_default();
     let route = scope.map(RequestScope::route).unwrap_or("unmatched");
     let certificate = failure.certificate.as_deref().unwrap_or("-");
+    let status = failure.status.as_u16();
+    // A client that sent nothing is routine (info); a wrong credential is worth a warning.
+    macro_rules! refused {
+        ($level:ident) => {
+            tracing::$level!(
+                reason = failure.reason,
+                status,
+                route,
+                remote,
+                certificate,
+                "request refused"
+            )
+        };
+    }
     if failure.reason == "missing_credentials" {
-        tracing::info!(
-            reason = failure.reason,
-            status = failure.status.as_u16(),
-            route,
-            remote,
-            certificate,
-            "request refused"
-        );
+        refused!(info);
     } else {
-        tracing::warn!(
-            reason = failure.reason,
-            status = failure.status.as_u16(),
-            route,
-            remote,
-            certificate,
-            "request refused"
-        );
+        refused!(warn);
     }
 }
 

@@ -25,7 +25,7 @@ use super::views::{
 use crate::image::ImageType;
 use crate::image::source;
 use crate::jobs::delete::DeleteError;
-use crate::jobs::engine::{CancelError, SubmitError, Submitted};
+use crate::jobs::engine::{CancelError, Submission, SubmitError, Submitted};
 use crate::jobs::idempotency::{self, IdempotencyKey};
 use crate::jobs::model::{JobKind, JobSpec, JobStatus};
 use crate::telemetry::metrics::metrics;
@@ -483,7 +483,12 @@ pub(crate) async fn submit(
     let key = idempotency_key(&headers, &caller, JobKind::Provision, &spec)?;
     let submitted = state
         .engine
-        .submit(JobKind::Provision, spec, caller.origin(), key)
+        .submit(Submission {
+            kind: JobKind::Provision,
+            spec,
+            origin: caller.origin(),
+            key,
+        })
         .await
         .map_err(submit_error)?;
     let Submitted::New(job) = &submitted else {
@@ -522,7 +527,12 @@ pub(crate) async fn cache_fetch(
     let key = idempotency_key(&headers, &caller, JobKind::CacheFetch, &spec)?;
     let submitted = state
         .engine
-        .submit(JobKind::CacheFetch, spec, caller.origin(), key)
+        .submit(Submission {
+            kind: JobKind::CacheFetch,
+            spec,
+            origin: caller.origin(),
+            key,
+        })
         .await
         .map_err(submit_error)?;
     if let Submitted::New(job) = &submitted {

@@ -58,7 +58,14 @@ pub(crate) async fn inspect(
     let verdict = match source::resolve(&image_url, &settings) {
         Ok(location) => {
             let stall = settings.sources.stall_timeout;
-            preflight::inspect(&state.sources, &state.cache, &location, requested, stall).await
+            preflight::inspect(&preflight::Query {
+                sources: &state.sources,
+                cache: &state.cache,
+                location: &location,
+                requested,
+                stall,
+            })
+            .await
         }
         Err(refused) => Preflight {
             format: None,

@@ -62,6 +62,18 @@ impl Preflight {
     }
 }
 
+/// What a preflight looks at, and where.
+#[derive(Clone, Copy)]
+pub(crate) struct Query<'a> {
+    pub(crate) sources: &'a SourceClients,
+    pub(crate) cache: &'a ImageCache,
+    pub(crate) location: &'a Location,
+    /// What a job would declare (`image_type`).
+    pub(crate) requested: ImageType,
+    /// `sources.stall_timeout`.
+    pub(crate) stall: Duration,
+}
+
 /// Why the source could not be read, as a job would report it.
 fn source_error(e: &SourceError) -> String {
     match e {
@@ -78,20 +90,9 @@ fn source_error(e: &SourceError) -> String {
 /// stops answering cannot hold the request: each request and each read of the body must
 /// make progress within `stall` (`sources.stall_timeout`), and the whole inspection ends
 /// after twice that.
-pub(crate) async fn inspect(
-    sources: &SourceClients,
-    cache: &ImageCache,
-    location: &Location,
-    requested: ImageType,
-    stall: Duration,
-) -> Preflight {
-    let overall = stall.saturating_mul(2);
-    match tokio::time::timeout(
-        overall,
-        inspect_within(sources, cache, location, requested, stall),
-    )
-    .await
-    {
+pub(crate) async fn inspect(q: &Query<'_>) -> Preflight {
+    let overall = q.stall.saturating_mul(2);
+    match tokio::time::timeout(overall, inspect_within(q)).await {
         Ok(verdict) => verdict,
         Err(_) => Preflight::refused(
             format!(
@@ -120,13 +121,14 @@ async fn within<T>(
         })
 }
 
-async fn inspect_within(
-    sources: &SourceClients,
-    cache: &ImageCache,
-    location: &Location,
-    requested: ImageType,
-    stall: Duration,
-) -> Preflight {
+async fn inspect_within(q: &Query<'_>) -> Preflight {
+    let Query {
+        sources,
+        cache,
+        location,
+        requested,
+        stall,
+    } = *q;
     let identity = location.identity();
     let entries: Vec<_> = cache
         .entries()

@@ -75,12 +75,12 @@ mod tests {
     use crate::image::ImageType;
     use crate::image::cache::ImageCache;
     use crate::image::source::SourceClients;
-    use crate::jobs::engine::{Origin, SubmitError};
+    use crate::jobs::engine::{Origin, Submission, SubmitError};
     use crate::jobs::model::{JobKind, JobSpec};
     use crate::jobs::runner::RunContext;
     use crate::jobs::store::Store;
     use crate::volume::directory::DirectoryBackend;
-    use crate::volume::{VolumeBackend, VolumeInfo};
+    use crate::volume::{NewVolume, VolumeBackend, VolumeInfo};
 
     /// A directory backend whose `remove` waits until the test lets it go: the only way to
     /// hold a real removal open long enough to race a submission against it.
@@ -98,8 +98,8 @@ mod tests {
         async fn inspect(&self, name: &str) -> Result<Option<VolumeInfo>, VolumeError> {
             self.inner.inspect(name).await
         }
-        async fn create(&self, n: &str, s: u64, o: &str) -> Result<VolumeInfo, VolumeError> {
-            self.inner.create(n, s, o).await
+        async fn create(&self, new: &NewVolume<'_>) -> Result<VolumeInfo, VolumeError> {
+            self.inner.create(new).await
         }
         async fn prepare_overwrite(
             &self,
@@ -143,7 +143,11 @@ mod tests {
         });
         backend
             .inner
-            .create("vm-1", 1 << 20, "someone")
+            .create(&NewVolume {
+                name: "vm-1",
+                size_bytes: 1 << 20,
+                owner: "someone",
+            })
             .await
             .unwrap();
         let image = dir.path().join("i.raw");
@@ -170,7 +174,12 @@ mod tests {
             correlation_id: None,
         };
         let refused = engine
-            .submit(JobKind::Provision, spec.clone(), Origin::default(), None)
+            .submit(Submission {
+                kind: JobKind::Provision,
+                spec: spec.clone(),
+                origin: Origin::default(),
+                key: None,
+            })
             .await
             .unwrap_err();
         assert!(
@@ -188,7 +197,12 @@ mod tests {
         assert!(deleting.await.unwrap().unwrap(), "the volume existed");
         // The lock is released with the deletion.
         engine
-            .submit(JobKind::Provision, spec, Origin::default(), None)
+            .submit(Submission {
+                kind: JobKind::Provision,
+                spec,
+                origin: Origin::default(),
+                key: None,
+            })
             .await
             .unwrap();
     }

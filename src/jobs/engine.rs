@@ -52,6 +52,17 @@ pub(crate) enum SubmitError {
     Task(String),
 }
 
+/// A job to submit.
+#[derive(Debug)]
+pub(crate) struct Submission {
+    pub(crate) kind: JobKind,
+    pub(crate) spec: JobSpec,
+    /// Who asks, and in which trace.
+    pub(crate) origin: Origin,
+    /// The request's `Idempotency-Key`, scoped.
+    pub(crate) key: Option<IdempotencyKey>,
+}
+
 /// An accepted submission.
 #[derive(Debug)]
 pub(crate) enum Submitted {
@@ -176,31 +187,19 @@ impl Engine {
     /// a caller that goes away (the client hung up) does not stop it halfway: the job is
     /// either stored and queued (a retry with the same key finds it) or not stored at all, and
     /// every claim is given back either way.
-    pub(crate) async fn submit(
-        &self,
-        kind: JobKind,
-        spec: JobSpec,
-        origin: Origin,
-        key: Option<IdempotencyKey>,
-    ) -> Result<Submitted, SubmitError> {
+    pub(crate) async fn submit(&self, s: Submission) -> Result<Submitted, SubmitError> {
         let engine = self.clone();
-        tokio::spawn(async move { engine.submit_here(kind, spec, origin, key).await })
+        tokio::spawn(async move { engine.submit_here(s).await })
             .await
             .map_err(|e| SubmitError::Task(e.to_string()))?
     }
 
-    async fn submit_here(
-        &self,
-        kind: JobKind,
-        spec: JobSpec,
-        origin: Origin,
-        key: Option<IdempotencyKey>,
-    ) -> Result<Submitted, SubmitError> {
-        let admission = match self.admit(&spec, key.as_ref())? {
+    async fn submit_here(&self, s: Submission) -> Result<Submitted, SubmitError> {
+        let admission = match self.admit(&s.spec, s.key.as_ref())? {
             Ok(admission) => admission,
             Err(existing) => return Ok(Submitted::Existing(existing)),
         };
-        let job = self.store_new(kind, spec, origin, key).await?;
+        let job = self.store_new(s).await?;
         let mut st = self.state();
         admission.admit(&mut st, job.id);
         metrics().queued_jobs.set(st.queue.len() as i64);
@@ -247,13 +246,13 @@ impl Engine {
         Ok(Ok(Admission::take(self.shared(), &mut st, volume, scoped)))
     }
 
-    async fn store_new(
-        &self,
-        kind: JobKind,
-        spec: JobSpec,
-        origin: Origin,
-        key: Option<IdempotencyKey>,
-    ) -> Result<Job, SubmitError> {
+    async fn store_new(&self, s: Submission) -> Result<Job, SubmitError> {
+        let Submission {
+            kind,
+            spec,
+            origin,
+            key,
+        } = s;
         if kind == JobKind::Provision {
             runner::check_volume_usable(&self.inner.ctx, &spec)
                 .await

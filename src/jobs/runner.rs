@@ -20,7 +20,7 @@ use crate::image::inspect::{self, Inspection};
 use crate::image::source;
 use crate::telemetry::metrics::metrics;
 use crate::volume::clones::{CloneStore, Golden, GoldenSource};
-use crate::volume::{self, VolumeBackend, VolumeError, VolumeInfo};
+use crate::volume::{self, NewVolume, VolumeBackend, VolumeError, VolumeInfo};
 
 /// Everything jobs use.
 pub(crate) struct RunContext {
@@ -206,9 +206,6 @@ async fn from_golden(
     };
     check_stop(cancel)?;
     h.job.method = Some(VolumeMethod::of_clones(clones.method()));
-    h.job.volume_ownership = VolumeOwnership::Creating;
-    h.save_durably().await?;
-    let owner = h.job.id.to_string();
     let span = tracing::info_span!(
         "create_volume",
         otel.name = "CreateVolume",
@@ -216,22 +213,13 @@ async fn from_golden(
         volume_size_bytes = size_bytes,
         origin = %golden.name,
     );
-    let clone = match clones
-        .clone_to(&golden, name, size_bytes, &owner)
-        .instrument(span)
-        .await
-    {
-        Ok(v) => v,
-        Err(e) => {
-            if matches!(e, VolumeError::Conflict(_)) {
-                h.job.volume_ownership = VolumeOwnership::None;
-                h.save_durably().await?;
-            }
-            return Err(e.into());
-        }
+    let owner = h.job.id.to_string();
+    let new = NewVolume {
+        name,
+        size_bytes,
+        owner: &owner,
     };
-    h.job.volume_ownership = VolumeOwnership::Created;
-    h.save_durably().await?;
+    let clone = create_owned(h, clones.clone_to(&golden, &new).instrument(span)).await?;
     // The volume holds the image now: the convert stage is complete (when this job built the
     // golden copy, it already is).
     let now = Instant::now();
@@ -241,6 +229,32 @@ async fn from_golden(
     h.tracker.update_fraction(1.0, now);
     h.publish(true);
     Ok(Some(clone))
+}
+
+/// Makes a volume with `create`, ownership recorded durably around it: `creating` before
+/// anything is made (so rollback and restart recovery know), `created` after; a `Conflict`
+/// (someone else's volume appeared under the name) records `none`, so rollback never removes a
+/// volume the job did not make.
+async fn create_owned(
+    h: &mut JobHandle,
+    create: impl std::future::Future<Output = Result<VolumeInfo, VolumeError>>,
+) -> StepResult<VolumeInfo> {
+    h.job.volume_ownership = VolumeOwnership::Creating;
+    h.save_durably().await?;
+    match create.await {
+        Ok(volume) => {
+            h.job.volume_ownership = VolumeOwnership::Created;
+            h.save_durably().await?;
+            Ok(volume)
+        }
+        Err(e) => {
+            if matches!(e, VolumeError::Conflict(_)) {
+                h.job.volume_ownership = VolumeOwnership::None;
+                h.save_durably().await?;
+            }
+            Err(e.into())
+        }
+    }
 }
 
 /// The volume a provision job writes: its name and size in bytes.
@@ -409,23 +423,14 @@ async fn prepare_volume(
                 existing
             }
             None => {
-                h.job.volume_ownership = VolumeOwnership::Creating;
-                h.save_durably().await?;
                 tracing::Span::current().record("reused", false);
                 let owner = h.job.id.to_string();
-                let created = match ctx.volumes.create(name, size_bytes, &owner).await {
-                    Ok(v) => v,
-                    Err(e) => {
-                        if matches!(e, VolumeError::Conflict(_)) {
-                            // Someone else's volume appeared under this name: not ours.
-                            h.job.volume_ownership = VolumeOwnership::None;
-                            h.save_durably().await?;
-                        }
-                        return Err(e.into());
-                    }
+                let new = NewVolume {
+                    name,
+                    size_bytes,
+                    owner: &owner,
                 };
-                h.job.volume_ownership = VolumeOwnership::Created;
-                h.save_durably().await?;
+                let created = create_owned(h, ctx.volumes.create(&new)).await?;
                 tracing::info!(volume = %created.path.display(), bytes = created.size_bytes, "volume created");
                 if created.size_bytes < image_size {
                     return Err(JobError::VolumeTooSmall {

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::engine::Engine;
 use super::state::{Holder, VolumeClaim};
-use crate::volume::{VolumeError, VolumeInfo};
+use crate::volume::{NewVolume, VolumeError, VolumeInfo};
 
 /// What an upload asks for.
 pub(crate) struct UploadRequest {
@@ -98,6 +98,9 @@ async fn record_upload(
         .map_err(|e| UploadError::Store(format!("recording the upload: {e}")))
 }
 
+/// An upload's body as the steps below read it.
+type Body<'a> = futures::stream::BoxStream<'a, Result<bytes::Bytes, String>>;
+
 impl Engine {
     /// Creates `request.volume` and writes `body` into it; on any failure the volume is
     /// removed again.
@@ -107,10 +110,18 @@ impl Engine {
         body: S,
     ) -> Result<Uploaded, UploadError>
     where
-        S: Stream<Item = Result<B, E>> + Unpin,
+        S: Stream<Item = Result<B, E>> + Send + Unpin,
         B: Buf,
         E: std::fmt::Display,
     {
+        // One body type below: the chunks as `Bytes` (free for warp's), errors as text.
+        let body: Body<'_> = body
+            .map(|chunk| {
+                chunk
+                    .map(|mut b| b.copy_to_bytes(b.remaining()))
+                    .map_err(|e| e.to_string())
+            })
+            .boxed();
         let name = request.volume.clone();
         let _claim = {
             let mut st = self.state();
@@ -138,16 +149,11 @@ impl Engine {
         self.upload_locked(request, body).await
     }
 
-    async fn upload_locked<S, B, E>(
+    async fn upload_locked(
         &self,
         request: UploadRequest,
-        body: S,
-    ) -> Result<Uploaded, UploadError>
-    where
-        S: Stream<Item = Result<B, E>> + Unpin,
-        B: Buf,
-        E: std::fmt::Display,
-    {
+        body: Body<'_>,
+    ) -> Result<Uploaded, UploadError> {
         let volumes = &self.context().volumes;
         if volumes.inspect(&request.volume).await?.is_some() {
             return Err(UploadError::Exists(request.volume));
@@ -156,7 +162,11 @@ impl Engine {
         let record = self.store().tree(UPLOADS_TREE);
         record_upload(&record, &request.volume, Some(&owner)).await?;
         let volume = match volumes
-            .create(&request.volume, request.length, &owner)
+            .create(&NewVolume {
+                name: &request.volume,
+                size_bytes: request.length,
+                owner: &owner,
+            })
             .await
         {
             Ok(v) => v,
@@ -209,17 +219,12 @@ impl Engine {
     }
 
     /// Writes the body into the new volume; returns its SHA-256.
-    async fn fill<S, B, E>(
+    async fn fill(
         &self,
         volume: &VolumeInfo,
         request: &UploadRequest,
-        mut body: S,
-    ) -> Result<String, UploadError>
-    where
-        S: Stream<Item = Result<B, E>> + Unpin,
-        B: Buf,
-        E: std::fmt::Display,
-    {
+        mut body: Body<'_>,
+    ) -> Result<String, UploadError> {
         let volumes = &self.context().volumes;
         // A new LV may hold an earlier volume's data past the upload's end.
         volumes
@@ -246,7 +251,7 @@ impl Engine {
                     }
                 })?;
             let Some(chunk) = next else { break };
-            let mut chunk = chunk.map_err(|e| UploadError::Body(e.to_string()))?;
+            let mut chunk = chunk.map_err(UploadError::Body)?;
             while chunk.has_remaining() {
                 let part = chunk.chunk();
                 if written + part.len() as u64 > request.length {

@@ -27,6 +27,17 @@ pub(crate) struct VolumeInfo {
     pub(crate) reads_zeros: bool,
 }
 
+/// A volume to make: its name, its least size and who makes it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NewVolume<'a> {
+    pub(crate) name: &'a str,
+    /// At least this many bytes (backends round up to their unit).
+    pub(crate) size_bytes: u64,
+    /// The job (or upload) making it; backends that can record it (LVM: a tag) do, so that
+    /// `remove_created` never removes a volume someone else made under the same name.
+    pub(crate) owner: &'a str,
+}
+
 /// What kind of reason keeps a volume from being reused; decides whether it may be deleted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BlockerKind {
@@ -81,16 +92,8 @@ pub(crate) trait VolumeBackend: Send + Sync {
     /// The volume, if it exists.
     async fn inspect(&self, name: &str) -> Result<Option<VolumeInfo>, VolumeError>;
 
-    /// Creates a new volume of at least `size_bytes` on behalf of `owner` (a job id), which
-    /// the backend records where it can (LVM: a tag) so that `remove_created` can tell the
-    /// volume from one someone else made under the same name. Fails with `Conflict` if a
-    /// volume of that name exists.
-    async fn create(
-        &self,
-        name: &str,
-        size_bytes: u64,
-        owner: &str,
-    ) -> Result<VolumeInfo, VolumeError>;
+    /// Creates `new` (see `NewVolume`). Fails with `Conflict` if a volume of that name exists.
+    async fn create(&self, new: &NewVolume<'_>) -> Result<VolumeInfo, VolumeError>;
 
     /// Makes a volume (new or reused) ready to be written: everything from `image_size` to
     /// the end must read as zeros afterwards (the writer covers the rest, zeros included).

@@ -69,6 +69,23 @@ pub(crate) fn zero_from(
     Ok(())
 }
 
+/// Fails with `InsufficientSpace` unless `need` bytes are free on `dir`'s file system. Sparse
+/// files take space only as they are written, but a volume the file system cannot fill is a
+/// trap for the VM later: file volumes require their full size to be free.
+pub(crate) fn require_free(dir: &Path, need: u64) -> Result<(), VolumeError> {
+    let avail = nix::sys::statvfs::statvfs(dir)
+        .map(|s| s.blocks_available() * s.fragment_size())
+        .map_err(|e| VolumeError::io(dir, e.into()))?;
+    if need > avail {
+        return Err(VolumeError::InsufficientSpace {
+            need,
+            have: avail,
+            place: dir.display().to_string(),
+        });
+    }
+    Ok(())
+}
+
 /// Flushes what was written to `path` (a device or a file) to stable storage, off the async
 /// threads.
 pub(crate) async fn sync_path(path: &Path) -> Result<(), VolumeError> {

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
 
-use super::backend::VolumeInfo;
+use super::backend::{NewVolume, VolumeInfo};
 use super::error::VolumeError;
 
 /// How a store's clones are made (the job reports it).
@@ -94,14 +94,11 @@ pub(crate) trait CloneStore: Send + Sync {
     /// removes what is left).
     async fn abandon(&self, build: GoldenBuild);
 
-    /// A new volume `name` of at least `size_bytes`, cloned from `golden`, recorded as made
-    /// by `owner`. `Conflict` when a volume of that name exists.
+    /// `new`, cloned from `golden`. `Conflict` when a volume of that name exists.
     async fn clone_to(
         &self,
         golden: &VolumeInfo,
-        name: &str,
-        size_bytes: u64,
-        owner: &str,
+        new: &NewVolume<'_>,
     ) -> Result<VolumeInfo, VolumeError>;
 
     /// Removes the golden copy of `key` (its cache entry is gone); `true` when there was one.
@@ -171,6 +168,21 @@ impl KeyLocks {
         let last = self.last_use.lock().unwrap_or_else(|e| e.into_inner());
         items.sort_by_key(|(key, _)| last.get(key).copied());
     }
+}
+
+/// Whether an image with `source.data_bytes` of data can have a golden copy in a store bound to
+/// `max_bytes` (`setting` names the bound); when not, says so and the job copies.
+pub(crate) fn within_bound(source: &GoldenSource<'_>, max_bytes: u64, setting: &str) -> bool {
+    if source.data_bytes <= max_bytes {
+        return true;
+    }
+    tracing::warn!(
+        key = source.key,
+        data_bytes = source.data_bytes,
+        golden_max_bytes = max_bytes,
+        "the image holds more data than {setting}; copying it instead of making a golden copy"
+    );
+    false
 }
 
 /// Checks a cache key: 64 lowercase hex digits.

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::backend::{Blocker, BlockerKind, VolumeBackend, VolumeInfo};
-use super::blockdev::{open_blocker, sync_path};
+use super::backend::{Blocker, BlockerKind, NewVolume, VolumeBackend, VolumeInfo};
+use super::blockdev::{open_blocker, require_free, sync_path};
 use super::error::VolumeError;
 use super::reflink::GOLDEN_DIR;
 
@@ -75,28 +75,13 @@ impl VolumeBackend for DirectoryBackend {
         }))
     }
 
-    async fn create(
-        &self,
-        name: &str,
-        size_bytes: u64,
-        _owner: &str,
-    ) -> Result<VolumeInfo, VolumeError> {
+    async fn create(&self, new: &NewVolume<'_>) -> Result<VolumeInfo, VolumeError> {
+        let (name, size_bytes) = (new.name, new.size_bytes);
         let path = self.volume_path(name);
         let p = path.clone();
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || -> Result<(), VolumeError> {
-            let avail = nix::sys::statvfs::statvfs(&dir)
-                .map(|s| s.blocks_available() * s.fragment_size())
-                .map_err(|e| VolumeError::io(&dir, e.into()))?;
-            // Sparse files take space only as they are written, but a volume the file system
-            // cannot fill is a trap for the VM later: require the full size to be free.
-            if size_bytes > avail {
-                return Err(VolumeError::InsufficientSpace {
-                    need: size_bytes,
-                    have: avail,
-                    place: dir.display().to_string(),
-                });
-            }
+            require_free(&dir, size_bytes)?;
             let file = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -194,10 +179,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let b = DirectoryBackend::new(dir.path()).unwrap();
         assert!(b.inspect("v1").await.unwrap().is_none());
-        let v = b.create("v1", 1 << 20, "job").await.unwrap();
+        let v = b
+            .create(&NewVolume {
+                name: "v1",
+                size_bytes: 1 << 20,
+                owner: "job",
+            })
+            .await
+            .unwrap();
         assert_eq!(v.size_bytes, 1 << 20);
         assert!(matches!(
-            b.create("v1", 1 << 20, "job").await,
+            b.create(&NewVolume {
+                name: "v1",
+                size_bytes: 1 << 20,
+                owner: "job"
+            })
+            .await,
             Err(VolumeError::Conflict(_))
         ));
         std::fs::OpenOptions::new()
@@ -227,7 +224,13 @@ mod tests {
         let info = b.inspect("evil").await.unwrap().unwrap();
         assert!(info.reuse_blocker.unwrap().reason.contains("symbolic link"));
 
-        b.create("busy", 4096, "job").await.unwrap();
+        b.create(&NewVolume {
+            name: "busy",
+            size_bytes: 4096,
+            owner: "job",
+        })
+        .await
+        .unwrap();
         let mut child = std::process::Command::new("sleep")
             .arg("30")
             .stdin(std::fs::File::open(dir.path().join("busy")).unwrap())

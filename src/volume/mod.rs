@@ -18,7 +18,7 @@ mod reflink;
 mod select;
 pub(crate) mod spec;
 
-pub(crate) use backend::{Blocker, VolumeBackend, VolumeInfo, check_reusable};
+pub(crate) use backend::{Blocker, NewVolume, VolumeBackend, VolumeInfo, check_reusable};
 pub(crate) use error::VolumeError;
 pub(crate) use names::{gib_to_bytes, validate_lvm_name, validate_volume_name};
 pub(crate) use select::{Volumes, select};

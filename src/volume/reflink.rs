@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::backend::VolumeInfo;
+use super::backend::{NewVolume, VolumeInfo};
 use super::clones::{
-    CloneMethod, CloneStore, Golden, GoldenBuild, GoldenSource, KeyLocks, check_key,
+    CloneMethod, CloneStore, Golden, GoldenBuild, GoldenSource, KeyLocks, check_key, within_bound,
 };
 use super::error::VolumeError;
 use crate::telemetry::metrics::metrics;
@@ -116,13 +116,7 @@ impl ReflinkStore {
     /// Whether `source` fits the bound, after removing the least recently used golden files
     /// of other keys (none in use); `false` when it cannot fit.
     fn make_room(&self, source: &GoldenSource<'_>) -> bool {
-        if source.data_bytes > self.max_bytes {
-            tracing::warn!(
-                key = source.key,
-                data_bytes = source.data_bytes,
-                golden_max_bytes = self.max_bytes,
-                "the image holds more data than volumes.directory.golden_max_bytes; copying it"
-            );
+        if !within_bound(source, self.max_bytes, "volumes.directory.golden_max_bytes") {
             return false;
         }
         let mut others: Vec<(String, u64)> = self
@@ -267,25 +261,15 @@ impl CloneStore for ReflinkStore {
     async fn clone_to(
         &self,
         golden: &VolumeInfo,
-        name: &str,
-        size_bytes: u64,
-        _owner: &str,
+        new: &NewVolume<'_>,
     ) -> Result<VolumeInfo, VolumeError> {
+        let (name, size_bytes) = (new.name, new.size_bytes);
         let target = self.volumes.join(name);
         let (source, t, dir) = (golden.path.clone(), target.clone(), self.volumes.clone());
         let size = size_bytes.max(golden.size_bytes);
         blocking(&target, move || {
-            let avail = nix::sys::statvfs::statvfs(&dir)
-                .map(|s| s.blocks_available() * s.fragment_size())
-                .map_err(|e| VolumeError::io(&dir, e.into()))?;
             // As for every file volume: the file system must be able to fill it later.
-            if size > avail {
-                return Err(VolumeError::InsufficientSpace {
-                    need: size,
-                    have: avail,
-                    place: dir.display().to_string(),
-                });
-            }
+            super::blockdev::require_free(&dir, size)?;
             if std::fs::symlink_metadata(&t).is_ok() {
                 return Err(VolumeError::Conflict(format!(
                     "volume file {} already exists",

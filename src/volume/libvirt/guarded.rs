@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Libvirt;
 use super::domains::domains_using;
-use crate::volume::backend::{Blocker, BlockerKind, VolumeBackend, VolumeInfo};
+use crate::volume::backend::{Blocker, BlockerKind, NewVolume, VolumeBackend, VolumeInfo};
 use crate::volume::error::VolumeError;
 
 /// What libvirt says about a volume.
@@ -142,13 +142,8 @@ impl VolumeBackend for LibvirtVolumes {
         Ok(Some(info))
     }
 
-    async fn create(
-        &self,
-        name: &str,
-        size_bytes: u64,
-        owner: &str,
-    ) -> Result<VolumeInfo, VolumeError> {
-        self.inner.create(name, size_bytes, owner).await
+    async fn create(&self, new: &NewVolume<'_>) -> Result<VolumeInfo, VolumeError> {
+        self.inner.create(new).await
     }
 
     async fn prepare_overwrite(
@@ -240,7 +235,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let volumes = dir.path().join("volumes");
         let inner = Arc::new(DirectoryBackend::new(&volumes).unwrap());
-        inner.create("vm-1", 4096, "job").await.unwrap();
+        inner
+            .create(&NewVolume {
+                name: "vm-1",
+                size_bytes: 4096,
+                owner: "job",
+            })
+            .await
+            .unwrap();
         let program = fake_virsh(dir.path(), &body(&volumes));
         let libvirt = Arc::new(Libvirt::with_program("qemu:///system", "pool", &program));
         (dir, LibvirtVolumes::new(inner, libvirt))

@@ -17,7 +17,7 @@ use super::report::{
 };
 use super::thin::{PoolUse, ThinPool};
 use crate::command;
-use crate::volume::backend::{VolumeBackend, VolumeInfo};
+use crate::volume::backend::{NewVolume, VolumeBackend, VolumeInfo};
 use crate::volume::blockdev;
 use crate::volume::error::VolumeError;
 use crate::volume::names::validate_lvm_name;
@@ -346,13 +346,9 @@ impl VolumeBackend for LvmBackend {
         Ok(self.lv(name).await?.map(|lv| self.info(&lv)))
     }
 
-    async fn create(
-        &self,
-        name: &str,
-        size_bytes: u64,
-        owner: &str,
-    ) -> Result<VolumeInfo, VolumeError> {
-        let tag = owner_tag(owner)?;
+    async fn create(&self, new: &NewVolume<'_>) -> Result<VolumeInfo, VolumeError> {
+        let (name, size_bytes) = (new.name, new.size_bytes);
+        let tag = owner_tag(new.owner)?;
         if name.starts_with(GOLDEN_PREFIX) {
             return Err(VolumeError::Conflict(format!(
                 "volume names starting with {GOLDEN_PREFIX} are reserved for golden images; \
@@ -479,7 +475,13 @@ mod tests {
         assert!(matches!(err, VolumeError::InvalidName(_)), "{err}");
         let err = rt.block_on(b.remove("x_tmeta")).unwrap_err();
         assert!(matches!(err, VolumeError::InvalidName(_)), "{err}");
-        let err = rt.block_on(b.create("-x", 1 << 30, "job")).unwrap_err();
+        let err = rt
+            .block_on(b.create(&NewVolume {
+                name: "-x",
+                size_bytes: 1 << 30,
+                owner: "job",
+            }))
+            .unwrap_err();
         assert!(matches!(err, VolumeError::InvalidName(_)), "{err}");
     }
 

@@ -16,10 +16,10 @@ use super::backend::LvmBackend;
 use super::naming::{COMPLETE_TAG, GOLDEN_TAG, golden_name, key_tag, owner_tag};
 use super::report::{LvInfo, extents_for};
 use crate::telemetry::metrics::metrics;
-use crate::volume::backend::{VolumeBackend, VolumeInfo};
+use crate::volume::backend::{NewVolume, VolumeBackend, VolumeInfo};
 use crate::volume::blockdev;
 use crate::volume::clones::{
-    CloneMethod, CloneStore, Golden, GoldenBuild, GoldenSource, KeyLocks, check_key,
+    CloneMethod, CloneStore, Golden, GoldenBuild, GoldenSource, KeyLocks, check_key, within_bound,
 };
 use crate::volume::error::VolumeError;
 use crate::volume::names::validate_lvm_name;
@@ -112,13 +112,7 @@ impl GoldenImages {
         all: &[LvInfo],
         source: &GoldenSource<'_>,
     ) -> Result<bool, VolumeError> {
-        if source.data_bytes > self.max_bytes {
-            tracing::warn!(
-                key = source.key,
-                data_bytes = source.data_bytes,
-                golden_max_bytes = self.max_bytes,
-                "the image holds more data than volumes.lvm.golden_max_bytes; copying it instead of making a golden image"
-            );
+        if !within_bound(source, self.max_bytes, "volumes.lvm.golden_max_bytes") {
             return Ok(false);
         }
         let mut others: Vec<(String, (String, u64))> = all
@@ -151,88 +145,6 @@ impl GoldenImages {
             );
         }
         Ok(fits)
-    }
-
-    /// A new volume `name` of at least `size_bytes`: a thin snapshot of `golden`, activated
-    /// (no activation skip), writable, extended to the size, tagged as created by `owner`.
-    /// Checks the pool first. `Conflict` when an LV of that name exists.
-    async fn clone_lv(
-        &self,
-        golden: &VolumeInfo,
-        name: &str,
-        size_bytes: u64,
-        owner: &str,
-    ) -> Result<VolumeInfo, VolumeError> {
-        validate_lvm_name(name).map_err(VolumeError::InvalidName)?;
-        let tag = owner_tag(owner)?;
-        self.lvm.check_pool().await?;
-        let origin = self.lvm.lv_arg(&golden.name);
-        let created = self
-            .lvm
-            .run(
-                "lvcreate",
-                &[
-                    "--yes",
-                    "--snapshot",
-                    "--setactivationskip",
-                    "n",
-                    "--activate",
-                    "y",
-                    "--name",
-                    name,
-                    "--addtag",
-                    &tag,
-                    &origin,
-                ],
-            )
-            .await;
-        if let Err(e) = created {
-            if let Ok(Some(lv)) = self.lvm.lv(name).await
-                && !lv.tags.contains(&tag)
-            {
-                return Err(VolumeError::Conflict(format!(
-                    "volume {name} already exists in VG {}",
-                    self.lvm.vg_name()
-                )));
-            }
-            return Err(e);
-        }
-        let vg = self.lvm.vg().await?;
-        let extents = extents_for(size_bytes, vg.extent_size).ok_or_else(|| {
-            LvmBackend::report_error(
-                "lvextend",
-                format!(
-                    "cannot size {size_bytes} bytes in extents of {}",
-                    vg.extent_size
-                ),
-            )
-        })?;
-        let volume = self.lvm.lv_arg(name);
-        if extents * vg.extent_size > golden.size_bytes {
-            let extents = extents.to_string();
-            self.lvm
-                .run("lvextend", &["--yes", "--extents", &extents, &volume])
-                .await?;
-        }
-        let lv = self.lvm.lv(name).await?.ok_or_else(|| {
-            LvmBackend::report_error("lvs", format!("{name} is not listed after lvcreate"))
-        })?;
-        if lv.attr.skip_activation == 'k' {
-            self.lvm
-                .run("lvchange", &["--setactivationskip", "n", &volume])
-                .await?;
-        }
-        if !lv.attr.is_active() {
-            self.lvm.activate(name).await?;
-        }
-        if lv.attr.permissions != 'w' {
-            self.lvm
-                .run("lvchange", &["--permission", "rw", &volume])
-                .await?;
-        }
-        self.lvm.wait_for_node(name).await?;
-        tracing::info!(volume = %volume, origin = %origin, bytes = lv.size_bytes, "thin snapshot of the golden image created");
-        Ok(self.lvm.info(&lv))
     }
 
     async fn remove_lv(&self, name: &str) -> Result<(), VolumeError> {
@@ -355,14 +267,85 @@ impl CloneStore for GoldenImages {
         }
     }
 
+    /// A new volume `name` of at least `size_bytes`: a thin snapshot of `golden`, activated
+    /// (no activation skip), writable, extended to the size, tagged as created by `owner`.
+    /// Checks the pool first. `Conflict` when an LV of that name exists.
     async fn clone_to(
         &self,
         golden: &VolumeInfo,
-        name: &str,
-        size_bytes: u64,
-        owner: &str,
+        new: &NewVolume<'_>,
     ) -> Result<VolumeInfo, VolumeError> {
-        self.clone_lv(golden, name, size_bytes, owner).await
+        let (name, size_bytes, owner) = (new.name, new.size_bytes, new.owner);
+        validate_lvm_name(name).map_err(VolumeError::InvalidName)?;
+        let tag = owner_tag(owner)?;
+        self.lvm.check_pool().await?;
+        let origin = self.lvm.lv_arg(&golden.name);
+        let created = self
+            .lvm
+            .run(
+                "lvcreate",
+                &[
+                    "--yes",
+                    "--snapshot",
+                    "--setactivationskip",
+                    "n",
+                    "--activate",
+                    "y",
+                    "--name",
+                    name,
+                    "--addtag",
+                    &tag,
+                    &origin,
+                ],
+            )
+            .await;
+        if let Err(e) = created {
+            if let Ok(Some(lv)) = self.lvm.lv(name).await
+                && !lv.tags.contains(&tag)
+            {
+                return Err(VolumeError::Conflict(format!(
+                    "volume {name} already exists in VG {}",
+                    self.lvm.vg_name()
+                )));
+            }
+            return Err(e);
+        }
+        let vg = self.lvm.vg().await?;
+        let extents = extents_for(size_bytes, vg.extent_size).ok_or_else(|| {
+            LvmBackend::report_error(
+                "lvextend",
+                format!(
+                    "cannot size {size_bytes} bytes in extents of {}",
+                    vg.extent_size
+                ),
+            )
+        })?;
+        let volume = self.lvm.lv_arg(name);
+        if extents * vg.extent_size > golden.size_bytes {
+            let extents = extents.to_string();
+            self.lvm
+                .run("lvextend", &["--yes", "--extents", &extents, &volume])
+                .await?;
+        }
+        let lv = self.lvm.lv(name).await?.ok_or_else(|| {
+            LvmBackend::report_error("lvs", format!("{name} is not listed after lvcreate"))
+        })?;
+        if lv.attr.skip_activation == 'k' {
+            self.lvm
+                .run("lvchange", &["--setactivationskip", "n", &volume])
+                .await?;
+        }
+        if !lv.attr.is_active() {
+            self.lvm.activate(name).await?;
+        }
+        if lv.attr.permissions != 'w' {
+            self.lvm
+                .run("lvchange", &["--permission", "rw", &volume])
+                .await?;
+        }
+        self.lvm.wait_for_node(name).await?;
+        tracing::info!(volume = %volume, origin = %origin, bytes = lv.size_bytes, "thin snapshot of the golden image created");
+        Ok(self.lvm.info(&lv))
     }
 
     async fn forget(&self, key: &str) -> Result<bool, VolumeError> {
