@@ -69,7 +69,8 @@ pub(crate) const ROUTES: &[RouteDef] = &[
         build: |at, s| {
             warp::path!("api" / "v1" / "openapi.json")
                 .and(at)
-                .and(auth::caller(s))
+                .and(auth::caller(s.clone()))
+                .and(with_state(s))
                 .map(handlers::openapi)
                 .boxed()
         },
