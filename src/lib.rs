@@ -22,18 +22,14 @@ use tokio_util::sync::CancellationToken;
 use crate::api::auth::Authenticator;
 use crate::api::server::{self, Plain, ServerLimits, Transport};
 use crate::api::tls::TlsTransport;
-use crate::config::{ConfigSource, LiveSettings, LogFormat, Settings, VolumeBackendKind};
+use crate::config::{ConfigSource, LiveSettings, LogFormat, Settings};
 use crate::image::cache::ImageCache;
 use crate::image::source::SourceClients;
 use crate::jobs::engine::Engine;
 use crate::jobs::runner::RunContext;
 use crate::jobs::store::Store;
 use crate::telemetry::health::{Health, Probe};
-use crate::volume::directory::DirectoryBackend;
-use crate::volume::golden::GoldenImages;
-use crate::volume::libvirt::{Libvirt, LibvirtVolumes};
-use crate::volume::lvm::{LvmBackend, ThinPool};
-use crate::volume::{VolumeBackend, VolumeError};
+use crate::volume::Volumes;
 
 /// How often finished jobs past retention are pruned.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
@@ -135,121 +131,32 @@ fn preset_metric_labels() {
     }
 }
 
-/// libvirt integration, when `libvirt.pool` names a pool.
-fn libvirt_from_settings(settings: &Settings) -> Option<Arc<Libvirt>> {
-    let libvirt = &settings.libvirt;
-    (!libvirt.pool.is_empty()).then(|| Arc::new(Libvirt::new(&libvirt.uri, &libvirt.pool)))
-}
-
-/// The volume backend the settings select (with libvirt integration, wrapped so that libvirt
-/// is asked about running domains and its pool is refreshed), and the LVM backend itself when
-/// it is that one (its thin pool and golden images need more than the trait).
-type Backends = (Arc<dyn VolumeBackend>, Option<Arc<LvmBackend>>);
-
-fn backend_from_settings(
-    settings: &Settings,
-    libvirt: Option<Arc<Libvirt>>,
-) -> Result<Backends, VolumeError> {
-    let lvm_settings = &settings.volumes.lvm;
-    let (backend, lvm): Backends = match settings.volumes.backend {
-        VolumeBackendKind::Directory => (
-            Arc::new(DirectoryBackend::new(&settings.volumes.directory.path)?),
-            None,
-        ),
-        VolumeBackendKind::Lvm => {
-            let mut lvm =
-                LvmBackend::new(&lvm_settings.volume_group, lvm_settings.command_timeout)?
-                    .with_devices(&lvm_settings.devices);
-            if !lvm_settings.thin_pool.is_empty() {
-                lvm = lvm.with_thin_pool(ThinPool {
-                    name: lvm_settings.thin_pool.clone(),
-                    max_percent: lvm_settings.thin_pool_max_percent,
-                })?;
-            }
-            let lvm = Arc::new(lvm);
-            (lvm.clone(), Some(lvm))
-        }
-    };
-    let backend: Arc<dyn VolumeBackend> = match libvirt {
-        Some(libvirt) => Arc::new(LibvirtVolumes::new(backend, libvirt)),
-        None => backend,
-    };
-    Ok((backend, lvm))
-}
-
-/// Golden images, when the LVM backend has a thin pool and `volumes.lvm.golden_images` is on.
-fn golden_from_settings(
-    settings: &Settings,
-    lvm: Option<&Arc<LvmBackend>>,
-) -> Option<Arc<GoldenImages>> {
-    let lvm = lvm.filter(|l| l.thin_pool().is_some())?;
-    settings.volumes.lvm.golden_images.then(|| {
-        Arc::new(GoldenImages::new(
-            lvm.clone(),
-            settings.volumes.lvm.golden_max_bytes,
-        ))
-    })
-}
-
-/// Start-up of the thin pool: its use (a warning when it does not zero new chunks), golden
-/// images left by an interrupted build or without a cache entry removed, and golden images
-/// made to follow the cache (removed with their entry). Runs before any job.
-async fn start_thin_pool(lvm: &LvmBackend, golden: Option<&Arc<GoldenImages>>, cache: &ImageCache) {
-    let pool = lvm.pool_arg();
-    // One listing for all of it: under emulation (the VM tests) every LVM command costs seconds.
-    let all = match lvm.lvs().await {
-        Ok(all) => all,
-        Err(e) => {
-            tracing::warn!(thin_pool = %pool, error = %e, "cannot list the volume group");
-            Vec::new()
-        }
-    };
-    match lvm.pool_use_in(&all) {
-        Ok(usage) => {
-            telemetry::metrics::metrics().thin_pool_use(usage.data_percent, usage.metadata_percent);
-            if !usage.zeroes {
-                tracing::warn!(
-                    thin_pool = %pool,
-                    "thin pool {pool} does not zero newly provisioned chunks (lvs -o zero): the \
-                     parts of a chunk a volume has not written may show data of deleted volumes \
-                     to its VM. Images are written in full (no --target-is-zero); turn zeroing \
-                     on with `lvchange --zero y {pool}`"
-                );
-            }
-        }
-        Err(e) => tracing::warn!(thin_pool = %pool, error = %e, "thin pool is not usable"),
-    }
-    let Some(golden) = golden else {
+/// Golden copies follow the cache: a removed entry takes its golden copy with it.
+fn clones_follow_the_cache(volumes: &Volumes, cache: &ImageCache) {
+    let Some(clones) = volumes.clones.clone() else {
         return;
     };
-    let keys = cache.entries().into_iter().map(|e| e.key).collect();
-    if let Err(e) = golden.recover(&all, &keys).await {
-        tracing::warn!(error = %e, "cannot recover golden images");
-    }
     let runtime = tokio::runtime::Handle::current();
-    let golden = golden.clone();
     cache.on_remove(move |key, why| {
-        let golden = golden.clone();
+        let clones = clones.clone();
         let key = key.to_string();
         runtime.spawn(async move {
-            match golden.remove(&key).await {
-                Ok(true) => tracing::info!(key, reason = ?why, "golden image removed with its cache entry"),
+            match clones.forget(&key).await {
+                Ok(true) => tracing::info!(key, reason = ?why, "golden copy removed with its cache entry"),
                 Ok(false) => {}
-                Err(e) => tracing::warn!(key, error = %e, "cannot remove the golden image of a removed cache entry (removed at the next start)"),
+                Err(e) => tracing::warn!(key, error = %e, "cannot remove the golden copy of a removed cache entry (removed at the next start)"),
             }
         });
     });
 }
 
-/// The dependencies in use, as probes: `storage` always, `lvm` with the LVM backend,
-/// `thin_pool` with a thin pool (down above `volumes.lvm.thin_pool_max_percent`), `minio` with
-/// an S3 endpoint, `libvirt` with a storage pool to refresh.
+/// The dependencies in use, as probes: `storage` always, `minio` with an S3 endpoint, and
+/// the volume backend's own (`lvm`, `thin_pool`, `libvirt`).
 fn probes(
     settings: &Settings,
-    ctx: &Arc<RunContext>,
+    cache: &Arc<ImageCache>,
     store: &Store,
-    lvm: Option<&Arc<LvmBackend>>,
-    libvirt: Option<Arc<Libvirt>>,
+    volumes: Vec<Probe>,
 ) -> Vec<Probe> {
     let mut probes = Vec::new();
     let store = store.clone();
@@ -257,43 +164,14 @@ fn probes(
         let store = store.clone();
         async move { store.probe().await }
     }));
-    if settings.volumes.backend == VolumeBackendKind::Lvm {
-        let volumes = ctx.volumes.clone();
-        probes.push(Probe::new("lvm", move || {
-            let volumes = volumes.clone();
-            async move { volumes.probe().await.map_err(|e| e.to_string()) }
-        }));
-    }
-    if let Some(lvm) = lvm.filter(|l| l.thin_pool().is_some()) {
-        let lvm = lvm.clone();
-        let golden = ctx.golden.clone();
-        probes.push(Probe::new("thin_pool", move || {
-            let lvm = lvm.clone();
-            let golden = golden.clone();
-            async move {
-                if let Some(golden) = golden {
-                    golden.refresh_metrics().await;
-                }
-                lvm.check_pool()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            }
-        }));
-    }
     if !settings.s3.endpoint.is_empty() {
-        let cache = ctx.cache.clone();
+        let cache = cache.clone();
         probes.push(Probe::new("minio", move || {
             let cache = cache.clone();
             async move { cache.probe_s3().await }
         }));
     }
-    if let Some(libvirt) = libvirt {
-        probes.push(Probe::new("libvirt", move || {
-            let libvirt = libvirt.clone();
-            async move { libvirt.probe().await }
-        }));
-    }
+    probes.extend(volumes);
     probes
 }
 
@@ -369,30 +247,33 @@ async fn run(
         .context("opening the image cache")?,
     );
     cache.evict(None);
-    let libvirt = libvirt_from_settings(&settings);
-    let (volumes, lvm) =
-        backend_from_settings(&settings, libvirt.clone()).context("volume backend")?;
-    let golden = golden_from_settings(&settings, lvm.as_ref());
-    if let Some(lvm) = lvm.as_ref().filter(|l| l.thin_pool().is_some()) {
-        start_thin_pool(lvm, golden.as_ref(), &cache).await;
-    }
+    let mut volumes = volume::select(&settings.volume_spec()).context("volume backend")?;
+    tracing::info!(
+        backend = ?settings.volumes.backend,
+        clones = volumes.clones.as_ref().map_or("none (volumes are full copies)", |c| c.method().as_str()),
+        "volume backend ready"
+    );
+    volumes
+        .start(&cache.entries().into_iter().map(|e| e.key).collect())
+        .await;
+    clones_follow_the_cache(&volumes, &cache);
     cache.spawn_evictor(CACHE_EVICT_INTERVAL);
     let (settings_tx, live) = LiveSettings::new(settings.clone());
+    let volume_probes = std::mem::take(&mut volumes.probes);
     let ctx = Arc::new(RunContext {
         settings: live.clone(),
         cache,
-        volumes,
-        golden,
+        volumes: volumes.backend,
+        clones: volumes.clones,
     });
     let engine = Engine::start(store.clone(), ctx.clone())
         .await
         .context("starting the job engine")?;
     let health = Arc::new(Health::new(probes(
         &settings,
-        &ctx,
+        &ctx.cache,
         &store,
-        lvm.as_ref(),
-        libvirt,
+        volume_probes,
     )));
     health.probe_all().await;
     health.spawn_prober(settings.telemetry.probe_interval);

@@ -197,6 +197,12 @@ pub(crate) struct LvmSettings {
 pub(crate) struct DirectorySettings {
     /// Directory holding the volumes as sparse raw files.
     pub(crate) path: PathBuf,
+    /// On a file system that shares extents (XFS with reflink=1, btrfs): each cached image is
+    /// written once into a golden file, and new volumes are reflink copies of it.
+    pub(crate) golden_images: bool,
+    /// File system space (bytes) all golden files together may hold; the least recently used
+    /// are removed to make room, and an image that cannot fit is copied instead.
+    pub(crate) golden_max_bytes: u64,
 }
 
 /// `[cache]`: the local image cache and its bounds.
@@ -411,7 +417,11 @@ impl Settings {
                     golden_max_bytes: 100 * GIB,
                     thin_pool_max_percent: 90,
                 },
-                directory: DirectorySettings { path: volumes_dir },
+                directory: DirectorySettings {
+                    path: volumes_dir,
+                    golden_images: true,
+                    golden_max_bytes: 100 * GIB,
+                },
                 upload_max_bytes: 64 << 20,
                 upload_name_pattern: "*-cidata".into(),
                 upload_max_concurrent: 4,
@@ -568,6 +578,39 @@ impl Settings {
         Ok(())
     }
 
+    /// What `volume::select` builds from `[volumes]` and `[libvirt]`.
+    pub(crate) fn volume_spec(&self) -> crate::volume::spec::VolumeSpec {
+        use crate::volume::spec::{
+            BackendSpec, DirectorySpec, LibvirtSpec, LvmSpec, ThinPoolSpec, VolumeSpec,
+        };
+        let v = &self.volumes;
+        let backend = match v.backend {
+            VolumeBackendKind::Directory => BackendSpec::Directory(DirectorySpec {
+                path: v.directory.path.clone(),
+                golden_images: v.directory.golden_images,
+                golden_max_bytes: v.directory.golden_max_bytes,
+            }),
+            VolumeBackendKind::Lvm => BackendSpec::Lvm(LvmSpec {
+                volume_group: v.lvm.volume_group.clone(),
+                command_timeout: v.lvm.command_timeout,
+                devices: v.lvm.devices.clone(),
+                thin_pool: (!v.lvm.thin_pool.is_empty()).then(|| ThinPoolSpec {
+                    name: v.lvm.thin_pool.clone(),
+                    max_percent: v.lvm.thin_pool_max_percent,
+                }),
+                golden_images: v.lvm.golden_images,
+                golden_max_bytes: v.lvm.golden_max_bytes,
+            }),
+        };
+        VolumeSpec {
+            backend,
+            libvirt: (!self.libvirt.pool.is_empty()).then(|| LibvirtSpec {
+                uri: self.libvirt.uri.clone(),
+                pool: self.libvirt.pool.clone(),
+            }),
+        }
+    }
+
     /// The listener address (validated at load, so this cannot fail afterwards).
     pub(crate) fn listen_addr(&self) -> SocketAddr {
         self.server
@@ -641,6 +684,14 @@ impl Settings {
             VolumeBackendKind::Directory => {
                 if self.volumes.directory.path.as_os_str().is_empty() {
                     return err("volumes.directory.path", "must not be empty".into());
+                }
+                if self.volumes.directory.golden_max_bytes == 0 {
+                    return err(
+                        "volumes.directory.golden_max_bytes",
+                        "must be greater than 0 (turn golden files off with \
+                         volumes.directory.golden_images = false)"
+                            .into(),
+                    );
                 }
             }
         }

@@ -153,7 +153,7 @@ mod tests {
             settings: live,
             cache: Arc::new(cache),
             volumes: backend.clone(),
-            golden: None,
+            clones: None,
         });
         let engine = Engine::start(store, ctx).await.unwrap();
 

@@ -167,18 +167,34 @@ pub(crate) enum VolumeOwnership {
 pub(crate) enum VolumeMethod {
     /// A thin snapshot of the image's golden LV (`volumes.lvm.golden_images`).
     ThinSnapshot,
+    /// A reflink copy of the image's golden file (`volumes.directory.golden_images`, on a file
+    /// system that shares extents).
+    Reflink,
     /// `qemu-img convert` into the volume (new or reused).
     Copy,
 }
 
 impl VolumeMethod {
-    pub(crate) const ALL: [VolumeMethod; 2] = [VolumeMethod::ThinSnapshot, VolumeMethod::Copy];
+    pub(crate) const ALL: [VolumeMethod; 3] = [
+        VolumeMethod::ThinSnapshot,
+        VolumeMethod::Reflink,
+        VolumeMethod::Copy,
+    ];
 
     /// The `method` label of `volumes_created_total`.
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             VolumeMethod::ThinSnapshot => "thin-snapshot",
+            VolumeMethod::Reflink => "reflink",
             VolumeMethod::Copy => "copy",
+        }
+    }
+
+    /// How a clone store's clones are made.
+    pub(crate) fn of_clones(method: crate::volume::clones::CloneMethod) -> VolumeMethod {
+        match method {
+            crate::volume::clones::CloneMethod::ThinSnapshot => VolumeMethod::ThinSnapshot,
+            crate::volume::clones::CloneMethod::Reflink => VolumeMethod::Reflink,
         }
     }
 }

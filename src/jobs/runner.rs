@@ -1,8 +1,8 @@
 //! What a job does, step by step: fetch the image into the cache, check it against the request
-//! and the volume, then either make the volume a thin snapshot of the image's golden LV
-//! (building that first if needed) or create or reuse the volume and write the image into it;
-//! flush; plus rollback of what a failed job created. Progress is recorded through the job's
-//! handle as it goes.
+//! and the volume, then either make the volume a clone of the image's golden copy (a thin
+//! snapshot, a reflink; building that first if needed) or create or reuse the volume and write
+//! the image into it; flush; plus rollback of what a failed job created. Progress is recorded
+//! through the job's handle as it goes.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,12 +20,8 @@ use crate::image::cache::{CachedImage, ImageCache, Transfer};
 use crate::image::inspect::{self, Inspection};
 use crate::image::source;
 use crate::telemetry::metrics::metrics;
-use crate::volume::golden::{GoldenImages, GoldenSource};
+use crate::volume::clones::{CloneStore, Golden, GoldenSource};
 use crate::volume::{self, VolumeBackend, VolumeError, VolumeInfo};
-
-/// Granule in which the thin pool provisions data, for estimating a golden image's pool use
-/// (LVM's smallest and usual chunk size).
-const POOL_CHUNK: u64 = 64 << 10;
 
 /// Everything jobs use.
 pub(crate) struct RunContext {
@@ -34,9 +30,9 @@ pub(crate) struct RunContext {
     pub(crate) cache: Arc<ImageCache>,
     /// The volume backend (with libvirt integration: wrapped, see `volume::libvirt`).
     pub(crate) volumes: Arc<dyn VolumeBackend>,
-    /// Golden images on the thin pool (`volumes.lvm.golden_images`); `None`: every volume is
-    /// a copy.
-    pub(crate) golden: Option<Arc<GoldenImages>>,
+    /// Golden copies new volumes are cloned from (golden LVs on a thin pool, golden files
+    /// with reflinks); `None`: every volume is a copy.
+    pub(crate) clones: Option<Arc<dyn CloneStore>>,
 }
 
 /// A step's outcome.
@@ -156,9 +152,18 @@ async fn provision(
     let image = fetch(ctx, h, cancel).await?;
     let verdict = check_image(&image.entry.inspection, &spec, size_bytes)?;
     h.job.image_path = Some(image.path.display().to_string());
-    if let Some(golden) = &ctx.golden
-        && let Some(target) =
-            from_golden(ctx, h, golden, &image, &verdict, &name, size_bytes, cancel).await?
+    if let Some(clones) = &ctx.clones
+        && let Some(target) = from_golden(
+            ctx,
+            h,
+            clones.as_ref(),
+            &image,
+            &verdict,
+            &name,
+            size_bytes,
+            cancel,
+        )
+        .await?
     {
         return finalize(ctx, h, &target).await;
     }
@@ -170,15 +175,15 @@ async fn provision(
     finalize(ctx, h, &target).await
 }
 
-/// The thin-snapshot path: the image's golden LV (built now, by this job, if there is none),
-/// then the volume as a thin snapshot of it. `None` when the path does not apply and the job
-/// copies instead: the volume exists (reuse stays a full overwrite), or the image gets no
-/// golden LV (see `GoldenImages::ensure`).
+/// The clone path: the image's golden copy (built now, by this job, if there is none), then
+/// the volume as a clone of it (a thin snapshot, a reflink). `None` when the path does not
+/// apply and the job copies instead: the volume exists (reuse stays a full overwrite), or the
+/// image gets no golden copy (`Golden::Skip`).
 #[allow(clippy::too_many_arguments)]
 async fn from_golden(
     ctx: &RunContext,
     h: &mut JobHandle,
-    golden: &GoldenImages,
+    clones: &dyn CloneStore,
     image: &CachedImage,
     verdict: &Inspection,
     name: &str,
@@ -188,23 +193,25 @@ async fn from_golden(
     if ctx.volumes.inspect(name).await?.is_some() {
         return Ok(None);
     }
-    let data_bytes = convert::data_bytes(&image.path, verdict.format, POOL_CHUNK).await?;
+    let data_bytes = convert::data_bytes(&image.path, verdict.format, clones.granule()).await?;
     let source = GoldenSource {
         key: &image.entry.key,
         virtual_size: verdict.virtual_size,
         data_bytes,
     };
-    let builder = &mut *h;
-    let built = golden
-        .ensure(&source, cancel, |target: VolumeInfo| async move {
-            populate(ctx, builder, image, verdict, &target, cancel).await
-        })
-        .await?;
-    let Some(golden_lv) = built else {
-        return Ok(None);
+    let golden = match clones.golden(&source, cancel).await? {
+        Golden::Ready(golden) => golden,
+        Golden::Skip => return Ok(None),
+        Golden::Build(build) => {
+            if let Err(e) = populate(ctx, h, image, verdict, &build.target, cancel).await {
+                clones.abandon(build).await;
+                return Err(e);
+            }
+            clones.seal(build).await?
+        }
     };
     check_stop(cancel)?;
-    h.job.method = Some(VolumeMethod::ThinSnapshot);
+    h.job.method = Some(VolumeMethod::of_clones(clones.method()));
     h.job.volume_ownership = VolumeOwnership::Creating;
     h.save_durably().await?;
     let owner = h.job.id.to_string();
@@ -213,10 +220,10 @@ async fn from_golden(
         otel.name = "CreateVolume",
         volume_name = %name,
         volume_size_bytes = size_bytes,
-        origin = %golden_lv.name,
+        origin = %golden.name,
     );
-    let clone = match golden
-        .clone_to(&golden_lv, name, size_bytes, &owner)
+    let clone = match clones
+        .clone_to(&golden, name, size_bytes, &owner)
         .instrument(span)
         .await
     {
@@ -232,7 +239,7 @@ async fn from_golden(
     h.job.volume_ownership = VolumeOwnership::Created;
     h.save_durably().await?;
     // The volume holds the image now: the convert stage is complete (when this job built the
-    // golden LV, it already is).
+    // golden copy, it already is).
     let now = Instant::now();
     if h.tracker.progress().stage != Stage::Converting {
         h.tracker.start_convert(verdict.virtual_size, now);

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::{Blocker, BlockerKind, VolumeBackend, VolumeError, VolumeInfo};
+use super::backend::{Blocker, BlockerKind, VolumeBackend, VolumeInfo};
+use super::blockdev::{open_blocker, sync_path};
+use super::error::VolumeError;
+use super::reflink::GOLDEN_DIR;
 
 /// Volumes as sparse raw files in one directory.
 pub(crate) struct DirectoryBackend {
@@ -25,6 +28,14 @@ impl DirectoryBackend {
 
 #[async_trait]
 impl VolumeBackend for DirectoryBackend {
+    /// The golden files' folder is not a volume.
+    fn validate_name(&self, name: &str) -> Result<(), String> {
+        if name == GOLDEN_DIR {
+            return Err(format!("`{name}` is reserved for golden files"));
+        }
+        Ok(())
+    }
+
     fn volume_path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
@@ -140,16 +151,7 @@ impl VolumeBackend for DirectoryBackend {
     }
 
     async fn flush(&self, volume: &VolumeInfo) -> Result<(), VolumeError> {
-        let path = volume.path.clone();
-        tokio::task::spawn_blocking(move || {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| VolumeError::io(&path, e))
-        })
-        .await
-        .map_err(|e| VolumeError::io(&volume.path, std::io::Error::other(e)))?
+        sync_path(&volume.path).await
     }
 
     async fn remove(&self, name: &str) -> Result<(), VolumeError> {
@@ -180,97 +182,6 @@ impl VolumeBackend for DirectoryBackend {
             ))
         }
     }
-}
-
-/// Why `path` must not be reused because of other processes: open by one, or no way to know.
-fn open_blocker(path: &Path) -> Option<Blocker> {
-    match processes_holding(path) {
-        Ok(pids) if pids.is_empty() => None,
-        Ok(pids) => Some(Blocker::new(
-            BlockerKind::Open,
-            format!("it is open by process {pids:?}"),
-        )),
-        Err(why) => Some(Blocker::new(
-            BlockerKind::Unknown,
-            format!("cannot tell whether another process has it open: {why}"),
-        )),
-    }
-}
-
-/// Processes other than this one that have `path` open (from /proc/*/fd). An error when some
-/// process's open files cannot be seen: /proc unreadable, mounted with `hidepid` (systemd's
-/// `ProtectProc=invisible`) without CAP_SYS_PTRACE, or another user's process.
-fn processes_holding(path: &Path) -> Result<Vec<u32>, String> {
-    if let Some(option) = proc_hides_processes() {
-        return Err(format!(
-            "/proc is mounted with {option} and this process lacks CAP_SYS_PTRACE, so other \
-             users' processes are invisible (reading their open files needs CAP_SYS_PTRACE and \
-             CAP_DAC_READ_SEARCH)"
-        ));
-    }
-    let me = std::process::id();
-    let procs = std::fs::read_dir("/proc").map_err(|e| format!("cannot list /proc: {e}"))?;
-    let mut pids = Vec::new();
-    for entry in procs.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let fds = match std::fs::read_dir(entry.path().join("fd")) {
-            Ok(fds) => fds,
-            // The process ended meanwhile.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                return Err(format!(
-                    "cannot read the open files of process {pid}: {e} (seeing other users' \
-                     processes needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH)"
-                ));
-            }
-            Err(e) => return Err(format!("cannot read the open files of process {pid}: {e}")),
-        };
-        if fds
-            .flatten()
-            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == path))
-        {
-            pids.push(pid);
-        }
-    }
-    Ok(pids)
-}
-
-/// The `hidepid=` option of the /proc mount when it hides other users' processes from this
-/// one (no CAP_SYS_PTRACE); `None` when every process is visible.
-fn proc_hides_processes() -> Option<String> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let option = hidepid_option(&mountinfo)?;
-    (!has_cap_sys_ptrace()).then_some(option)
-}
-
-/// The `hidepid=` option of the mount at /proc in a mountinfo text, unless it hides nothing.
-fn hidepid_option(mountinfo: &str) -> Option<String> {
-    mountinfo
-        .lines()
-        .filter(|line| line.split(' ').nth(4) == Some("/proc"))
-        .flat_map(|line| line.split([' ', ',']))
-        .find(|opt| opt.starts_with("hidepid=") && !matches!(*opt, "hidepid=0" | "hidepid=off"))
-        .map(str::to_string)
-}
-
-/// Whether the effective capabilities include CAP_SYS_PTRACE (bit 19).
-fn has_cap_sys_ptrace() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
-            u64::from_str_radix(hex.trim(), 16).ok()
-        })
-        .is_some_and(|caps| caps & (1 << 19) != 0)
 }
 
 #[cfg(test)]
@@ -306,25 +217,6 @@ mod tests {
         b.remove("v1").await.unwrap();
         b.remove("v1").await.unwrap();
         assert!(b.inspect("v1").await.unwrap().is_none());
-    }
-
-    #[test]
-    fn hidden_processes_are_detected_from_the_proc_mount() {
-        // As systemd's ProtectProc=invisible mounts it, and as a plain host has it.
-        let hidden = "22 1 0:21 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw,hidepid=invisible\n";
-        let plain = "22 1 0:21 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw\n";
-        let old = "22 1 0:21 / /proc rw,relatime - proc proc rw,hidepid=2\n";
-        let off = "22 1 0:21 / /proc rw,relatime - proc proc rw,hidepid=0\n";
-        assert_eq!(hidepid_option(hidden).as_deref(), Some("hidepid=invisible"));
-        assert_eq!(hidepid_option(old).as_deref(), Some("hidepid=2"));
-        assert_eq!(hidepid_option(plain), None);
-        assert_eq!(hidepid_option(off), None);
-        let elsewhere = "30 22 0:40 / /run/x rw - proc proc rw,hidepid=invisible\n";
-        assert_eq!(
-            hidepid_option(elsewhere),
-            None,
-            "only the mount at /proc counts"
-        );
     }
 
     #[tokio::test]

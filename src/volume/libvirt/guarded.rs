@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::Libvirt;
 use super::domains::domains_using;
-use crate::volume::{Blocker, BlockerKind, VolumeBackend, VolumeError, VolumeInfo};
+use crate::volume::backend::{Blocker, BlockerKind, VolumeBackend, VolumeInfo};
+use crate::volume::error::VolumeError;
 
 /// What libvirt says about a volume.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,42 +1,32 @@
 //! Golden images on the thin pool: one read-only thin LV per cache entry, written once, from
 //! which every new volume of that image is a thin snapshot (metadata only: no data is written,
-//! blocks are shared until the VM writes them). It owns the golden LVs' names and tags, building
-//! one per key at most once at a time (single flight), sealing it (flush, read-only, activation
-//! skip, then the `complete` tag), the snapshot that becomes a job's volume, the bound on the
-//! pool data golden LVs hold (`volumes.lvm.golden_max_bytes`), removal with the cache entry, and
-//! restart recovery (incomplete or orphaned golden LVs are removed). Writing the image is the
-//! caller's: `ensure` is handed the writer.
+//! blocks are shared until the VM writes them). The LVM clone store (`CloneStore`): it owns the
+//! golden LVs' states (a build is tagged complete only once written, flushed and read-only),
+//! the snapshot that becomes a job's volume, the bound on the pool data golden LVs hold
+//! (`volumes.lvm.golden_max_bytes`), removal with the cache entry, and restart recovery
+//! (incomplete or orphaned golden LVs are removed). Names and tags: `naming.rs`.
 
-use std::collections::{HashMap, HashSet};
-use std::future::Future;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::collections::HashSet;
+use std::sync::Arc;
 
+use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::lvm::{
-    GOLDEN_PREFIX, GOLDEN_TAG, LvInfo, LvmBackend, extents_for, owner_tag, zero_from,
-};
-use super::{VolumeBackend, VolumeError, VolumeInfo, validate_lvm_name};
+use super::backend::LvmBackend;
+use super::naming::{COMPLETE_TAG, GOLDEN_TAG, golden_name, key_tag, owner_tag};
+use super::report::{LvInfo, extents_for};
 use crate::telemetry::metrics::metrics;
+use crate::volume::backend::{VolumeBackend, VolumeInfo};
+use crate::volume::blockdev;
+use crate::volume::clones::{
+    CloneMethod, CloneStore, Golden, GoldenBuild, GoldenSource, KeyLocks, check_key,
+};
+use crate::volume::error::VolumeError;
+use crate::volume::names::validate_lvm_name;
 
-/// Prefix of the tag naming a golden LV's cache key (`lvp_image_<64 hex>`).
-pub(crate) const KEY_TAG_PREFIX: &str = "lvp_image_";
-/// Tag a golden LV gets once it is written, flushed and read-only; without it, it is never used.
-pub(crate) const COMPLETE_TAG: &str = "lvp_golden_complete";
-/// Hex digits of the cache key in a golden LV's name.
-const NAME_KEY_DIGITS: usize = 16;
-
-/// The image a golden LV is made from.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct GoldenSource<'a> {
-    /// The cache key (64 lowercase hex).
-    pub(crate) key: &'a str,
-    /// The image's virtual size: the golden LV's size (rounded up to extents).
-    pub(crate) virtual_size: u64,
-    /// Bytes of data the image holds (what the golden LV will take from the pool).
-    pub(crate) data_bytes: u64,
-}
+/// Granule in which the thin pool provisions data (LVM's smallest and usual chunk size), for
+/// estimating a golden image's pool use.
+const POOL_CHUNK: u64 = 64 << 10;
 
 /// What an LV of a golden image's name is.
 #[derive(Debug, PartialEq, Eq)]
@@ -54,30 +44,8 @@ pub(crate) struct GoldenImages {
     lvm: Arc<LvmBackend>,
     /// `volumes.lvm.golden_max_bytes`.
     max_bytes: u64,
-    /// One lock per cache key: a build, a use and a removal of the same key never overlap.
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// When this process last used each key's golden LV (eviction order for the bound; keys
-    /// not used since start-up come first).
-    last_use: Mutex<HashMap<String, Instant>>,
-}
-
-/// The golden LV name of cache key `key`.
-pub(crate) fn golden_name(key: &str) -> String {
-    format!("{GOLDEN_PREFIX}{}", &key[..key.len().min(NAME_KEY_DIGITS)])
-}
-
-fn key_tag(key: &str) -> String {
-    format!("{KEY_TAG_PREFIX}{key}")
-}
-
-fn check_key(key: &str) -> Result<(), VolumeError> {
-    if key.len() == 64 && key.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        Ok(())
-    } else {
-        Err(VolumeError::InvalidName(format!(
-            "cache key {key:?} is not 64 lowercase hex digits"
-        )))
-    }
+    /// Per-key locks and last uses.
+    keys: KeyLocks,
 }
 
 fn state_of(lv: &LvInfo, key: &str) -> GoldenState {
@@ -101,107 +69,17 @@ impl GoldenImages {
         GoldenImages {
             lvm,
             max_bytes,
-            locks: Mutex::new(HashMap::new()),
-            last_use: Mutex::new(HashMap::new()),
+            keys: KeyLocks::default(),
         }
-    }
-
-    fn lock_of(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.locks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key.to_string())
-            .or_default()
-            .clone()
-    }
-
-    fn touch(&self, key: &str) {
-        self.last_use
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.to_string(), Instant::now());
-    }
-
-    /// The complete golden LV of `source.key`, built with `write` first when there is none
-    /// (`write` gets the new, empty LV and must fill `0..virtual_size`; its `reads_zeros` says
-    /// whether zeros may be skipped). Jobs wanting the same key wait for one build. `None`:
-    /// no golden image for this image (it does not fit `volumes.lvm.golden_max_bytes`, its
-    /// name is taken by another LV, or `cancel` fired while waiting) and the caller copies.
-    /// A build that fails removes its LV and returns the error.
-    pub(crate) async fn ensure<E, F, Fut>(
-        &self,
-        source: &GoldenSource<'_>,
-        cancel: &CancellationToken,
-        write: F,
-    ) -> Result<Option<VolumeInfo>, E>
-    where
-        E: From<VolumeError>,
-        F: FnOnce(VolumeInfo) -> Fut,
-        Fut: Future<Output = Result<(), E>>,
-    {
-        check_key(source.key)?;
-        let name = golden_name(source.key);
-        let lock = self.lock_of(source.key);
-        let _held = tokio::select! {
-            held = lock.lock() => held,
-            _ = cancel.cancelled() => return Ok(None),
-        };
-        let all = self.lvm.lvs().await?;
-        if let Some(lv) = all.iter().find(|l| l.name == name) {
-            match state_of(lv, source.key) {
-                GoldenState::Complete => {
-                    self.touch(source.key);
-                    return Ok(Some(self.lvm.info(lv)));
-                }
-                GoldenState::Incomplete => {
-                    tracing::warn!(volume = %self.lvm.lv_arg(&name), "removing a golden image whose build did not finish");
-                    self.remove_lv(&name).await?;
-                }
-                GoldenState::Foreign => {
-                    tracing::warn!(
-                        volume = %self.lvm.lv_arg(&name),
-                        key = source.key,
-                        "an LV that is not this image's golden image has its name; copying instead"
-                    );
-                    return Ok(None);
-                }
-            }
-        }
-        if !self.make_room(&all, source).await? {
-            return Ok(None);
-        }
-        let tags = [GOLDEN_TAG.to_string(), key_tag(source.key)];
-        let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
-        let golden = self
-            .lvm
-            .create_lv(&name, source.virtual_size, &tags)
-            .await?;
-        tracing::info!(volume = %golden.path.display(), key = source.key, "building golden image");
-        let built = async {
-            write(golden.clone()).await?;
-            self.seal(&golden, source.virtual_size).await?;
-            Ok::<(), E>(())
-        }
-        .await;
-        if let Err(e) = built {
-            if let Err(removal) = self.remove_lv(&name).await {
-                tracing::error!(error = %removal, volume = %golden.path.display(), "cannot remove the unfinished golden image (restart recovery removes it)");
-            }
-            return Err(e);
-        }
-        self.touch(source.key);
-        tracing::info!(volume = %golden.path.display(), key = source.key, "golden image complete");
-        self.refresh_metrics().await;
-        Ok(Some(golden))
     }
 
     /// Makes the written golden LV permanent: zeros past the image (unless the LV reads zeros
     /// there already), flush, read-only with activation skip, and only then the `complete` tag.
-    async fn seal(&self, golden: &VolumeInfo, virtual_size: u64) -> Result<(), VolumeError> {
+    async fn seal_lv(&self, golden: &VolumeInfo, virtual_size: u64) -> Result<(), VolumeError> {
         if !golden.reads_zeros {
             let path = golden.path.clone();
             tokio::task::spawn_blocking(move || {
-                zero_from(&path, virtual_size, &CancellationToken::new())
+                blockdev::zero_from(&path, virtual_size, &CancellationToken::new())
             })
             .await
             .map_err(|e| VolumeError::io(&golden.path, std::io::Error::other(e)))??;
@@ -243,24 +121,20 @@ impl GoldenImages {
             );
             return Ok(false);
         }
-        let mut others: Vec<(String, String, u64)> = all
+        let mut others: Vec<(String, (String, u64))> = all
             .iter()
             .filter_map(|lv| {
                 let key = lv.golden_key()?;
-                (key != source.key).then(|| (key, lv.name.clone(), data_bytes_of(lv)))
+                (key != source.key).then(|| (key, (lv.name.clone(), data_bytes_of(lv))))
             })
             .collect();
-        let mut used: u64 = others.iter().map(|(_, _, b)| b).sum();
-        {
-            let last = self.last_use.lock().unwrap_or_else(|e| e.into_inner());
-            others.sort_by_key(|(key, _, _)| last.get(key).copied());
-        }
-        for (key, name, bytes) in others {
+        let mut used: u64 = others.iter().map(|(_, (_, b))| b).sum();
+        self.keys.by_last_use(&mut others);
+        for (key, (name, bytes)) in others {
             if used + source.data_bytes <= self.max_bytes {
                 break;
             }
-            let lock = self.lock_of(&key);
-            let Ok(_held) = lock.try_lock() else {
+            let Some(_held) = self.keys.try_lock(&key) else {
                 continue;
             };
             tracing::info!(volume = %self.lvm.lv_arg(&name), bytes, "removing the least recently used golden image (volumes.lvm.golden_max_bytes)");
@@ -282,7 +156,7 @@ impl GoldenImages {
     /// A new volume `name` of at least `size_bytes`: a thin snapshot of `golden`, activated
     /// (no activation skip), writable, extended to the size, tagged as created by `owner`.
     /// Checks the pool first. `Conflict` when an LV of that name exists.
-    pub(crate) async fn clone_to(
+    async fn clone_lv(
         &self,
         golden: &VolumeInfo,
         name: &str,
@@ -361,30 +235,6 @@ impl GoldenImages {
         Ok(self.lvm.info(&lv))
     }
 
-    /// Removes the golden LV of `key` (its cache entry is gone); `true` when there was one.
-    /// Snapshots made from it stay intact: they do not depend on their origin.
-    pub(crate) async fn remove(&self, key: &str) -> Result<bool, VolumeError> {
-        check_key(key)?;
-        let lock = self.lock_of(key);
-        let _held = lock.lock().await;
-        let name = golden_name(key);
-        let removed = match self.lvm.lv(&name).await? {
-            Some(lv) if lv.golden_key().as_deref() == Some(key) => {
-                self.remove_lv(&name).await?;
-                true
-            }
-            _ => false,
-        };
-        self.last_use
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
-        if removed {
-            self.refresh_metrics().await;
-        }
-        Ok(removed)
-    }
-
     async fn remove_lv(&self, name: &str) -> Result<(), VolumeError> {
         self.lvm
             .run("lvremove", &["--yes", &self.lvm.lv_arg(name)])
@@ -396,7 +246,7 @@ impl GoldenImages {
     /// Start-up (no build runs yet), on the listing `all` (the VG's LVs): removes golden LVs
     /// whose build did not finish and those whose cache entry (`cached_keys`) is gone, and sets
     /// the golden metrics.
-    pub(crate) async fn recover(
+    async fn recover_in(
         &self,
         all: &[LvInfo],
         cached_keys: &HashSet<String>,
@@ -429,6 +279,124 @@ impl GoldenImages {
     }
 }
 
+#[async_trait]
+impl CloneStore for GoldenImages {
+    fn method(&self) -> CloneMethod {
+        CloneMethod::ThinSnapshot
+    }
+
+    fn granule(&self) -> u64 {
+        POOL_CHUNK
+    }
+
+    async fn golden(
+        &self,
+        source: &GoldenSource<'_>,
+        cancel: &CancellationToken,
+    ) -> Result<Golden, VolumeError> {
+        check_key(source.key)?;
+        let name = golden_name(source.key);
+        let Some(held) = self.keys.lock(source.key, cancel).await else {
+            return Ok(Golden::Skip);
+        };
+        let all = self.lvm.lvs().await?;
+        if let Some(lv) = all.iter().find(|l| l.name == name) {
+            match state_of(lv, source.key) {
+                GoldenState::Complete => {
+                    self.keys.touch(source.key);
+                    return Ok(Golden::Ready(self.lvm.info(lv)));
+                }
+                GoldenState::Incomplete => {
+                    tracing::warn!(volume = %self.lvm.lv_arg(&name), "removing a golden image whose build did not finish");
+                    self.remove_lv(&name).await?;
+                }
+                GoldenState::Foreign => {
+                    tracing::warn!(
+                        volume = %self.lvm.lv_arg(&name),
+                        key = source.key,
+                        "an LV that is not this image's golden image has its name; copying instead"
+                    );
+                    return Ok(Golden::Skip);
+                }
+            }
+        }
+        if !self.make_room(&all, source).await? {
+            return Ok(Golden::Skip);
+        }
+        let tags = [GOLDEN_TAG.to_string(), key_tag(source.key)];
+        let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+        let target = self
+            .lvm
+            .create_lv(&name, source.virtual_size, &tags)
+            .await?;
+        tracing::info!(volume = %target.path.display(), key = source.key, "building golden image");
+        Ok(Golden::Build(GoldenBuild {
+            target,
+            key: source.key.to_string(),
+            virtual_size: source.virtual_size,
+            _held: held,
+        }))
+    }
+
+    async fn seal(&self, build: GoldenBuild) -> Result<VolumeInfo, VolumeError> {
+        if let Err(e) = self.seal_lv(&build.target, build.virtual_size).await {
+            self.abandon(build).await;
+            return Err(e);
+        }
+        self.keys.touch(&build.key);
+        tracing::info!(volume = %build.target.path.display(), key = build.key, "golden image complete");
+        self.refresh_metrics().await;
+        Ok(build.target)
+    }
+
+    async fn abandon(&self, build: GoldenBuild) {
+        if let Err(removal) = self.remove_lv(&build.target.name).await {
+            tracing::error!(error = %removal, volume = %build.target.path.display(), "cannot remove the unfinished golden image (restart recovery removes it)");
+        }
+    }
+
+    async fn clone_to(
+        &self,
+        golden: &VolumeInfo,
+        name: &str,
+        size_bytes: u64,
+        owner: &str,
+    ) -> Result<VolumeInfo, VolumeError> {
+        self.clone_lv(golden, name, size_bytes, owner).await
+    }
+
+    async fn forget(&self, key: &str) -> Result<bool, VolumeError> {
+        check_key(key)?;
+        let _held = self.keys.lock(key, &CancellationToken::new()).await;
+        let name = golden_name(key);
+        let removed = match self.lvm.lv(&name).await? {
+            Some(lv) if lv.golden_key().as_deref() == Some(key) => {
+                self.remove_lv(&name).await?;
+                true
+            }
+            _ => false,
+        };
+        self.keys.forget(key);
+        if removed {
+            self.refresh_metrics().await;
+        }
+        Ok(removed)
+    }
+
+    async fn recover(&self, cached_keys: &HashSet<String>) {
+        let all = match self.lvm.lvs().await {
+            Ok(all) => all,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the volume group to recover golden images");
+                return;
+            }
+        };
+        if let Err(e) = self.recover_in(&all, cached_keys).await {
+            tracing::warn!(error = %e, "cannot recover golden images");
+        }
+    }
+}
+
 /// The golden image count and bytes metrics, from a listing of the VG's LVs.
 pub(crate) fn set_metrics(all: &[LvInfo]) {
     let complete: Vec<&LvInfo> = all
@@ -447,7 +415,7 @@ pub(crate) fn set_metrics(all: &[LvInfo]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::volume::lvm::parse_lvs;
+    use crate::volume::lvm::report::parse_lvs;
 
     const KEY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
@@ -532,7 +500,7 @@ mod tests {
             "Vri-a-tz-k",
         );
         let blocker = lv.removal_blocker().expect("golden LVs are blocked");
-        assert_eq!(blocker.kind, crate::volume::BlockerKind::Golden);
+        assert_eq!(blocker.kind, crate::volume::backend::BlockerKind::Golden);
         assert!(blocker.forbids_removal());
         assert!(
             blocker
@@ -542,7 +510,7 @@ mod tests {
         );
         assert_eq!(
             lv.reuse_blocker().unwrap().kind,
-            crate::volume::BlockerKind::Golden
+            crate::volume::backend::BlockerKind::Golden
         );
     }
 }

@@ -1,0 +1,162 @@
+//! The seam every volume backend implements (`VolumeBackend`), what a backend reports about a
+//! volume (`VolumeInfo`, `Blocker`), and the reuse rule shared by every backend.
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use super::error::VolumeError;
+
+/// An existing volume is reused when its size is within this fraction of the request.
+pub(crate) const REUSE_TOLERANCE: f64 = 0.05;
+
+/// What a backend knows about an existing volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct VolumeInfo {
+    pub(crate) name: String,
+    /// Path the volume is written through (`/dev/<vg>/<name>` or a file).
+    pub(crate) path: PathBuf,
+    pub(crate) size_bytes: u64,
+    /// Why this volume must not be overwritten (open by a VM, a snapshot, not a regular
+    /// file...); `None` when it may be reused.
+    pub(crate) reuse_blocker: Option<Blocker>,
+    /// Every block reads zeros until written: set by `create` for a thin LV in a pool that
+    /// zeroes newly provisioned chunks (the writer may then skip zeros, and nothing past the
+    /// image needs zeroing). Never set for an existing volume.
+    pub(crate) reads_zeros: bool,
+}
+
+/// What kind of reason keeps a volume from being reused; decides whether it may be deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BlockerKind {
+    /// Something has it open (a running VM, another process): neither reused nor deleted.
+    Open,
+    /// Whether something has it open cannot be determined: neither reused nor deleted.
+    Unknown,
+    /// Not a plain data volume (a symbolic link, a directory, a snapshot, a thin pool...):
+    /// never touched.
+    NotAVolume,
+    /// A plain volume that cannot be written now (read-only, suspended, unhealthy...): it may
+    /// still be deleted.
+    Unwritable,
+    /// A golden image (read-only origin of thin snapshots): it goes with its cache entry,
+    /// never through the volumes API.
+    Golden,
+}
+
+/// Why an existing volume is not reused; its `Display` is the reason the API shows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub(crate) struct Blocker {
+    pub(crate) kind: BlockerKind,
+    pub(crate) reason: String,
+}
+
+impl Blocker {
+    pub(crate) fn new(kind: BlockerKind, reason: impl Into<String>) -> Blocker {
+        Blocker {
+            kind,
+            reason: reason.into(),
+        }
+    }
+
+    /// Whether `DELETE` must refuse the volume too.
+    pub(crate) fn forbids_removal(&self) -> bool {
+        self.kind != BlockerKind::Unwritable
+    }
+}
+
+/// A place volumes live in. Every method is safe to call for any validated name.
+#[async_trait]
+pub(crate) trait VolumeBackend: Send + Sync {
+    /// Backend-specific name rules on top of the contract's (e.g. LVM's reserved names).
+    fn validate_name(&self, _name: &str) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// The path a volume of this name has (whether or not it exists).
+    fn volume_path(&self, name: &str) -> PathBuf;
+
+    /// The volume, if it exists.
+    async fn inspect(&self, name: &str) -> Result<Option<VolumeInfo>, VolumeError>;
+
+    /// Creates a new volume of at least `size_bytes` on behalf of `owner` (a job id), which
+    /// the backend records where it can (LVM: a tag) so that `remove_created` can tell the
+    /// volume from one someone else made under the same name. Fails with `Conflict` if a
+    /// volume of that name exists.
+    async fn create(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        owner: &str,
+    ) -> Result<VolumeInfo, VolumeError>;
+
+    /// Makes a volume (new or reused) ready to be written: everything from `image_size` to
+    /// the end must read as zeros afterwards (the writer covers the rest, zeros included).
+    /// Stops early with an error when `cancel` fires.
+    async fn prepare_overwrite(
+        &self,
+        volume: &VolumeInfo,
+        image_size: u64,
+        cancel: &CancellationToken,
+    ) -> Result<(), VolumeError>;
+
+    /// Flushes written data to stable storage.
+    async fn flush(&self, volume: &VolumeInfo) -> Result<(), VolumeError>;
+
+    /// Removes a volume; absent is success. `Conflict` when it must not be removed (open, or
+    /// a kind of volume other volumes depend on).
+    async fn remove(&self, name: &str) -> Result<(), VolumeError>;
+
+    /// Rollback: removes the volume only if `owner` created it (absent is success). A backend
+    /// that records owners answers `Conflict` for a volume without `owner`'s record.
+    async fn remove_created(&self, name: &str, owner: &str) -> Result<(), VolumeError>;
+
+    /// Whether the backend is usable now (the `lvm` dependency of the readiness probe).
+    async fn probe(&self) -> Result<(), VolumeError>;
+}
+
+/// The reuse rule shared by every backend: within 5% of the requested size and not blocked.
+pub(crate) fn check_reusable(volume: &VolumeInfo, requested_bytes: u64) -> Result<(), VolumeError> {
+    if let Some(reason) = &volume.reuse_blocker {
+        return Err(VolumeError::Conflict(format!(
+            "volume {} exists and cannot be reused: {reason}",
+            volume.name
+        )));
+    }
+    let diff = volume.size_bytes.abs_diff(requested_bytes) as f64;
+    if diff > requested_bytes as f64 * REUSE_TOLERANCE {
+        return Err(VolumeError::Conflict(format!(
+            "volume {} exists with {} bytes, not within 5% of the requested {} bytes",
+            volume.name, volume.size_bytes, requested_bytes
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::names::GIB;
+
+    #[test]
+    fn reuse_within_five_percent() {
+        let v = |size| VolumeInfo {
+            name: "v".into(),
+            path: "/x".into(),
+            size_bytes: size,
+            reuse_blocker: None,
+            reads_zeros: false,
+        };
+        let req = 100 * GIB;
+        assert!(check_reusable(&v(req), req).is_ok());
+        assert!(check_reusable(&v(req + 5 * GIB), req).is_ok());
+        assert!(check_reusable(&v(req - 5 * GIB), req).is_ok());
+        assert!(check_reusable(&v(req + 5 * GIB + 1), req).is_err());
+        let mut open = v(req);
+        open.reuse_blocker = Some(Blocker::new(BlockerKind::Open, "open by another process"));
+        let err = check_reusable(&open, req).unwrap_err().to_string();
+        assert!(err.contains("open by another process"), "{err}");
+    }
+}

@@ -1,0 +1,201 @@
+//! Work every backend does on the bytes of a volume, whatever holds them: zeroing a block
+//! device from an offset to its end (`BLKZEROOUT` in large ranges), flushing a volume to stable
+//! storage, and finding the processes that hold a path open (`/proc`, failing closed when some
+//! processes cannot be seen). A leaf of `volume/`.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use tokio_util::sync::CancellationToken;
+
+use super::backend::{Blocker, BlockerKind};
+use super::error::VolumeError;
+
+/// Bytes zeroed per `BLKZEROOUT` call; cancellation is checked between calls.
+const ZERO_CHUNK: u64 = 256 << 20;
+
+// Block-device ioctls (linux/fs.h); BLKGETSIZE64 is declared with size_t, 8 bytes on the 64-bit
+// targets this daemon runs on.
+nix::ioctl_write_ptr_bad!(blkzeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
+nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
+nix::ioctl_read_bad!(
+    blksszget,
+    nix::request_code_none!(0x12, 104),
+    nix::libc::c_int
+);
+
+/// Zeroes `path` (a block device) from `start` (rounded down to its logical block size) to its
+/// end, checking `cancel` between chunks.
+pub(crate) fn zero_from(
+    path: &Path,
+    start: u64,
+    cancel: &CancellationToken,
+) -> Result<(), VolumeError> {
+    let io = |e: std::io::Error| VolumeError::io(path, e);
+    let errno = |what: &str, e: nix::errno::Errno| {
+        VolumeError::io(
+            path,
+            std::io::Error::other(format!("{what}: {}", std::io::Error::from(e))),
+        )
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io)?;
+    let fd = file.as_raw_fd();
+    let mut size = 0u64;
+    // SAFETY: fd is open for the duration of the call; the kernel writes one u64.
+    unsafe { blkgetsize64(fd, &mut size) }.map_err(|e| errno("BLKGETSIZE64", e))?;
+    let mut sector: nix::libc::c_int = 0;
+    // SAFETY: as above; the kernel writes one int.
+    unsafe { blksszget(fd, &mut sector) }.map_err(|e| errno("BLKSSZGET", e))?;
+    let sector = u64::try_from(sector).unwrap_or(512).max(512);
+    let mut off = start / sector * sector;
+    while off < size {
+        if cancel.is_cancelled() {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "zeroing stopped",
+            )));
+        }
+        let len = ZERO_CHUNK.min(size - off);
+        let range = [off, len];
+        // SAFETY: range is a valid [start, length] pair for the duration of the call.
+        unsafe { blkzeroout(fd, &range) }.map_err(|e| errno("BLKZEROOUT", e))?;
+        off += len;
+    }
+    Ok(())
+}
+
+/// Flushes what was written to `path` (a device or a file) to stable storage, off the async
+/// threads.
+pub(crate) async fn sync_path(path: &Path) -> Result<(), VolumeError> {
+    let owned: PathBuf = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::libc::O_CLOEXEC)
+            .open(&owned)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| VolumeError::io(&owned, e))
+    })
+    .await
+    .map_err(|e| VolumeError::io(path, std::io::Error::other(e)))?
+}
+
+/// Why `path` must not be reused because of other processes: open by one, or no way to know.
+pub(crate) fn open_blocker(path: &Path) -> Option<Blocker> {
+    match processes_holding(path) {
+        Ok(pids) if pids.is_empty() => None,
+        Ok(pids) => Some(Blocker::new(
+            BlockerKind::Open,
+            format!("it is open by process {pids:?}"),
+        )),
+        Err(why) => Some(Blocker::new(
+            BlockerKind::Unknown,
+            format!("cannot tell whether another process has it open: {why}"),
+        )),
+    }
+}
+
+/// Processes other than this one that have `path` open (from /proc/*/fd). An error when some
+/// process's open files cannot be seen: /proc unreadable, mounted with `hidepid` (systemd's
+/// `ProtectProc=invisible`) without CAP_SYS_PTRACE, or another user's process.
+fn processes_holding(path: &Path) -> Result<Vec<u32>, String> {
+    if let Some(option) = proc_hides_processes() {
+        return Err(format!(
+            "/proc is mounted with {option} and this process lacks CAP_SYS_PTRACE, so other \
+             users' processes are invisible (reading their open files needs CAP_SYS_PTRACE and \
+             CAP_DAC_READ_SEARCH)"
+        ));
+    }
+    let me = std::process::id();
+    let procs = std::fs::read_dir("/proc").map_err(|e| format!("cannot list /proc: {e}"))?;
+    let mut pids = Vec::new();
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let fds = match std::fs::read_dir(entry.path().join("fd")) {
+            Ok(fds) => fds,
+            // The process ended meanwhile.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(format!(
+                    "cannot read the open files of process {pid}: {e} (seeing other users' \
+                     processes needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH)"
+                ));
+            }
+            Err(e) => return Err(format!("cannot read the open files of process {pid}: {e}")),
+        };
+        if fds
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == path))
+        {
+            pids.push(pid);
+        }
+    }
+    Ok(pids)
+}
+
+/// The `hidepid=` option of the /proc mount when it hides other users' processes from this
+/// one (no CAP_SYS_PTRACE); `None` when every process is visible.
+fn proc_hides_processes() -> Option<String> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let option = hidepid_option(&mountinfo)?;
+    (!has_cap_sys_ptrace()).then_some(option)
+}
+
+/// The `hidepid=` option of the mount at /proc in a mountinfo text, unless it hides nothing.
+fn hidepid_option(mountinfo: &str) -> Option<String> {
+    mountinfo
+        .lines()
+        .filter(|line| line.split(' ').nth(4) == Some("/proc"))
+        .flat_map(|line| line.split([' ', ',']))
+        .find(|opt| opt.starts_with("hidepid=") && !matches!(*opt, "hidepid=0" | "hidepid=off"))
+        .map(str::to_string)
+}
+
+/// Whether the effective capabilities include CAP_SYS_PTRACE (bit 19).
+fn has_cap_sys_ptrace() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << 19) != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hidden_processes_are_detected_from_the_proc_mount() {
+        // As systemd's ProtectProc=invisible mounts it, and as a plain host has it.
+        let hidden = "22 1 0:21 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw,hidepid=invisible\n";
+        let plain = "22 1 0:21 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw\n";
+        let old = "22 1 0:21 / /proc rw,relatime - proc proc rw,hidepid=2\n";
+        let off = "22 1 0:21 / /proc rw,relatime - proc proc rw,hidepid=0\n";
+        assert_eq!(hidepid_option(hidden).as_deref(), Some("hidepid=invisible"));
+        assert_eq!(hidepid_option(old).as_deref(), Some("hidepid=2"));
+        assert_eq!(hidepid_option(plain), None);
+        assert_eq!(hidepid_option(off), None);
+        let elsewhere = "30 22 0:40 / /run/x rw - proc proc rw,hidepid=invisible\n";
+        assert_eq!(
+            hidepid_option(elsewhere),
+            None,
+            "only the mount at /proc counts"
+        );
+    }
+}
