@@ -49,12 +49,13 @@ upload_max_bytes = 1048576
 [log]
 format = "text"
 EOF
-(cd "$WORK" && exec "$BIN" --embedded --config "$WORK/config.toml" serve) > "$WORK/daemon.log" 2>&1 &
+: > "$WORK/daemon.log"
+(cd "$WORK" && exec "$BIN" --embedded --config "$WORK/config.toml" serve) >> "$WORK/daemon.log" 2>&1 &
 DAEMON=$!
 # The daemon picks a free port and logs it.
 ADDRESS=
 for _ in $(seq 300); do
-  ADDRESS=$(sed -n 's/.*listening (plain HTTP) (address=\([0-9.:]*\).*/\1/p' "$WORK/daemon.log" | head -n 1)
+  ADDRESS=$(sed -n 's/.*listening (plain HTTP) (address=\([0-9.:]*\).*/\1/p' "$WORK/daemon.log" | head -n 1 || true)
   [ -n "$ADDRESS" ] && break
   kill -0 "$DAEMON" 2>/dev/null || break
   sleep 0.1
@@ -79,7 +80,7 @@ set +e
     --generation-database none \
     --workers 1 \
     --generation-with-security-parameters false \
-    --request-timeout 10 \
+    --request-timeout 20 \
     --no-color \
     ${ST_ARGS:-}
 )
