@@ -19,7 +19,6 @@ use utoipa::{Modify, OpenApi};
 use super::error::{ErrorBody, Reason};
 use super::handlers::{CacheFetchBody, ProvisionBody};
 use super::preflight::{InspectBody, InspectResponse};
-use super::upload::UploadContent;
 use super::views::*;
 
 /// The credentials the API takes: a client certificate (mutual TLS, OpenAPI 3.1's `mutualTLS`)

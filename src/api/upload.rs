@@ -20,25 +20,6 @@ use super::views::Uploaded;
 use crate::jobs::upload::{UploadError, UploadRequest};
 use crate::volume;
 
-/// The body of an upload as the OpenAPI document describes it: the volume's bytes, at least one
-/// (`Content-Length: 0` is 400). Written by hand: the derive takes no `min_length` for it.
-pub(crate) struct UploadContent;
-
-impl utoipa::PartialSchema for UploadContent {
-    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
-        ObjectBuilder::new()
-            .schema_type(Type::String)
-            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary)))
-            .content_media_type("application/octet-stream")
-            .min_length(Some(1))
-            .description(Some("the volume's content, at least one byte"))
-            .into()
-    }
-}
-
-impl utoipa::ToSchema for UploadContent {}
-
 /// The header carrying the body's SHA-256 (64 hex digits).
 pub(crate) const SHA256_HEADER: &str = "x-content-sha256";
 
