@@ -6,14 +6,14 @@
 # under sources.file_roots so that jobs can complete. Every check, stateful links, a fixed seed
 # and bounded examples; any failure fails the script.
 # Environment: BIN (the daemon, default target/debug/...), SCHEMATHESIS (the command),
-# MAX_EXAMPLES (per operation, default 40), SEED (default 20261101), KEEP=1 keeps the temp dir,
+# MAX_EXAMPLES (per operation, default 80), SEED (default 20261101), KEEP=1 keeps the temp dir,
 # ST_ARGS (more options for `schemathesis run`, e.g. `--include-path ...` while debugging).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 BIN=${BIN:-$ROOT/target/debug/libvirt-volume-provisioner}
 SCHEMATHESIS=${SCHEMATHESIS:-schemathesis}
-MAX_EXAMPLES=${MAX_EXAMPLES:-40}
+MAX_EXAMPLES=${MAX_EXAMPLES:-80}
 SEED=${SEED:-20261101}
 
 [ -x "$BIN" ] || { echo "no daemon at $BIN: run cargo build (or cargo test) first" >&2; exit 1; }
