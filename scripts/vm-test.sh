@@ -11,7 +11,9 @@
 # missing case, or a VM time-out.
 # Exit status 77 (and a loud message) when QEMU or busybox is not installed (nothing runs), or
 # when libvirt is not (the lvm suite runs, the libvirt suite is skipped).
-# Environment: VM_SUITES (default "lvm thin libvirt"), VM_TIMEOUT (seconds per suite, default 2100),
+# - reflink (tests/reflink_vm.rs): the directory backend's reflink clones on an XFS file system
+#   with reflink=1 made on the VM's disk.
+# Environment: VM_SUITES (default "lvm thin libvirt reflink"), VM_TIMEOUT (seconds per suite, default 2100),
 # WORK (VM cache, default /tmp/vmrun).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +30,7 @@ for tool in qemu-system-x86_64 busybox; do
   command -v "$tool" >/dev/null || { skip "the VM tests cannot run: $tool is not installed"; exit 77; }
 done
 qemu-system-x86_64 --version >/dev/null 2>&1 || { skip "the VM tests cannot run: qemu-system-x86_64 does not run"; exit 77; }
-SUITES=${VM_SUITES:-lvm thin libvirt}
+SUITES=${VM_SUITES:-lvm thin libvirt reflink}
 skipped=0
 case " $SUITES " in *" libvirt "*)
   for tool in virsh libvirtd virtlogd nix-instantiate; do
@@ -46,8 +48,8 @@ echo "== building the release daemon and the test binaries (host) =="
 cargo build --locked --release
 export TEST_DAEMON_BIN=$ROOT/target/release/libvirt-volume-provisioner
 declare -A BINS
-json=$(cargo test --locked --test lvm_vm --test thin_vm --test libvirt_vm --no-run --message-format=json 2>/dev/null)
-for suite in lvm thin libvirt; do
+json=$(cargo test --locked --test lvm_vm --test thin_vm --test libvirt_vm --test reflink_vm --no-run --message-format=json 2>/dev/null)
+for suite in lvm thin libvirt reflink; do
   BINS[$suite]=$(sed -n 's/.*"executable":"\([^"]*\/'$suite'_vm-[^"]*\)".*/\1/p' <<<"$json" | tail -1)
   [ -x "${BINS[$suite]}" ] || { echo "cannot find the ${suite}_vm test binary" >&2; exit 1; }
 done

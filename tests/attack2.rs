@@ -77,7 +77,7 @@ async fn send_and_hang_up<S: tokio::io::AsyncWrite + Unpin>(
 }
 
 /// A daemon with a token, small queue limits and a small raw image under `images/`.
-fn daemon(dir: &std::path::Path, tls: Option<&TestPki>) -> Daemon {
+fn daemon(dir: &std::path::Path, tls: Option<&Pki>) -> Daemon {
     std::fs::write(dir.join("tokens"), format!("{TOKEN}\n")).unwrap();
     std::fs::create_dir_all(dir.join("images")).unwrap();
     std::fs::write(dir.join("images/small.raw"), random_bytes(256 << 10, 3)).unwrap();
@@ -87,63 +87,30 @@ fn daemon(dir: &std::path::Path, tls: Option<&TestPki>) -> Daemon {
         .set("jobs.queue_capacity", 4096);
     match tls {
         None => Daemon::start(dir, &config),
-        Some(pki) => {
-            let config = config
-                .set(
-                    "tls.cert_file",
-                    pki.path("server.crt").display().to_string(),
-                )
-                .set("tls.key_file", pki.path("server.key").display().to_string());
-            Daemon::start_https(dir, &config, &[])
-        }
+        Some(pki) => Daemon::start_https(dir, &pki.server_tls(config, None), &[]),
     }
 }
 
-fn authed() -> reqwest::Client {
+/// A client that sends the token with every request, over TLS trusting `tls`'s CA when given.
+fn authed(tls: Option<&Pki>) -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-    reqwest::Client::builder()
+    let builder = match tls {
+        None => reqwest::Client::builder().pool_idle_timeout(POOL_IDLE),
+        Some(pki) => pki.client_builder(None),
+    };
+    builder
         .default_headers(headers)
         .timeout(MINUTE)
-        .pool_idle_timeout(Duration::from_secs(5))
         .build()
         .unwrap()
-}
-
-fn tls_client(pki: &TestPki) -> reqwest::Client {
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-    reqwest::Client::builder()
-        .default_headers(headers)
-        .timeout(MINUTE)
-        .pool_idle_timeout(Duration::from_secs(5))
-        .tls_certs_only([reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap()])
-        .build()
-        .unwrap()
-}
-
-fn tls_connector(pki: &TestPki) -> tokio_rustls::TlsConnector {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
-        .unwrap();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
 /// Sends `requests` on new connections (TLS when `tls` is given), each hung up as `HangUp::nth`
 /// says, `parallel` at a time.
-async fn hang_up_on_all(d: &Daemon, tls: Option<&TestPki>, requests: Vec<Vec<u8>>) {
+async fn hang_up_on_all(d: &Daemon, tls: Option<&Pki>, requests: Vec<Vec<u8>>) {
     let addr = d.base.split("://").nth(1).unwrap().to_string();
-    let connector = tls.map(tls_connector);
+    let connector = tls.map(|pki| pki.rustls_connector(b"http/1.1"));
     let mut tasks = tokio::task::JoinSet::new();
     for (i, bytes) in requests.into_iter().enumerate() {
         let (addr, connector) = (addr.clone(), connector.clone());
@@ -153,8 +120,7 @@ async fn hang_up_on_all(d: &Daemon, tls: Option<&TestPki>, requests: Vec<Vec<u8>
             match connector {
                 None => send_and_hang_up(tcp, &bytes, how).await,
                 Some(c) => {
-                    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-                    if let Ok(tls) = c.connect(name, tcp).await {
+                    if let Ok(tls) = c.connect(localhost(), tcp).await {
                         send_and_hang_up(tls, &bytes, how).await;
                     }
                 }
@@ -167,21 +133,21 @@ async fn hang_up_on_all(d: &Daemon, tls: Option<&TestPki>, requests: Vec<Vec<u8>
     while tasks.join_next().await.is_some() {}
 }
 
+/// How many jobs have `status`.
+async fn jobs_in(c: &reqwest::Client, d: &Daemon, status: &str) -> u64 {
+    let url = d.url(&format!("/api/v1/jobs?status={status}&limit=1000"));
+    let (code, v) = get(c, &url).await;
+    assert_eq!(code, 200, "{v}");
+    v["count"].as_u64().unwrap()
+}
+
 /// Waits until no job is pending or running.
 async fn wait_idle(c: &reqwest::Client, d: &Daemon) {
     let deadline = Instant::now() + 2 * MINUTE;
     loop {
         let mut busy = 0;
         for status in ["pending", "running"] {
-            let v: Value = c
-                .get(d.url(&format!("/api/v1/jobs?status={status}&limit=1000")))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            busy += v["count"].as_u64().unwrap();
+            busy += jobs_in(c, d, status).await;
         }
         if busy == 0 {
             return;
@@ -201,7 +167,7 @@ async fn wait_idle(c: &reqwest::Client, d: &Daemon) {
 async fn hang_ups_leave_a_clean_state(
     d: &Daemon,
     c: &reqwest::Client,
-    tls: Option<&TestPki>,
+    tls: Option<&Pki>,
     n: usize,
 ) {
     let image = format!("file://{}", d.dir.join("images/small.raw").display());
@@ -258,15 +224,7 @@ async fn hang_ups_leave_a_clean_state(
         assert_eq!(status, 200, "hangup-{i}: {v}");
     }
     // The queue has every place back: a full queue's worth of submissions is accepted.
-    let v: Value = c
-        .get(d.url("/api/v1/jobs?status=pending&limit=1000"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(v["count"], 0, "{v}");
+    assert_eq!(jobs_in(c, d, "pending").await, 0);
     let r = c
         .post(d.url("/api/v1/jobs"))
         .json(&body(n + 1))
@@ -288,12 +246,12 @@ async fn clients_that_hang_up_leave_no_engine_state() {
         .unwrap_or(32);
     let tmp = tempfile::tempdir().unwrap();
     let d = daemon(tmp.path(), None);
-    hang_ups_leave_a_clean_state(&d, &authed(), None, n).await;
+    hang_ups_leave_a_clean_state(&d, &authed(None), None, n).await;
 
     let tmp = tempfile::tempdir().unwrap();
-    let pki = TestPki::create(&tmp.path().join("pki"), &[]);
+    let pki = Pki::create(&tmp.path().join("pki"), &[]);
     let d = daemon(tmp.path(), Some(&pki));
-    hang_ups_leave_a_clean_state(&d, &tls_client(&pki), Some(&pki), n).await;
+    hang_ups_leave_a_clean_state(&d, &authed(Some(&pki)), Some(&pki), n).await;
 }
 
 /// Item 3: without an ETag (nginx `etag off`), a replaced image kept its cache key; after the
@@ -325,14 +283,8 @@ async fn a_replaced_image_without_etag_is_fetched_again() {
     let fetch = |_: ()| {
         let (c, d, url) = (&c, &d, url.clone());
         async move {
-            let (status, v) = post(
-                c,
-                &d.url("/api/v1/cache/fetch"),
-                &json!({"image_url": url, "image_type": "raw"}),
-            )
-            .await;
-            assert_eq!(status, 202, "{v}");
-            let job = wait_job(c, d, v["job_id"].as_str().unwrap(), MINUTE).await;
+            let id = fetch_to_cache(c, d, &url, Some("raw")).await;
+            let job = wait_job(c, d, &id, MINUTE).await;
             assert_eq!(job["status"], "completed", "{job}");
             job
         }
@@ -594,12 +546,7 @@ async fn a_failed_single_stream_download_leaves_no_partial_file() {
         job["error"].as_str().unwrap().contains("download failed"),
         "{job}"
     );
-    let leftovers: Vec<_> = std::fs::read_dir(dir.join("cache"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| n.contains(".partial"))
-        .collect();
+    let leftovers = partial_files(dir);
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 

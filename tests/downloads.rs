@@ -50,14 +50,7 @@ fn parts(config: TestConfig, part_mib: u64, parallel: i64) -> TestConfig {
 }
 
 async fn prefetch(c: &reqwest::Client, d: &Daemon, url: &str) -> Value {
-    let (status, v) = post(
-        c,
-        &d.url("/api/v1/cache/fetch"),
-        &json!({"image_url": url, "image_type": "raw"}),
-    )
-    .await;
-    assert_eq!(status, 202, "{v}");
-    let id = v["job_id"].as_str().unwrap().to_string();
+    let id = fetch_to_cache(c, d, url, Some("raw")).await;
     wait_job(c, d, &id, MINUTE).await
 }
 
@@ -216,14 +209,7 @@ async fn an_object_replaced_mid_download_starts_over_with_the_new_bytes() {
     let d = Daemon::start(&dir, &parts(allow(TestConfig::new(&dir), slow.port), 1, 4));
     let c = client();
     let url = format!("http://127.0.0.1:{}/img.raw", slow.port);
-    let (status, v) = post(
-        &c,
-        &d.url("/api/v1/cache/fetch"),
-        &json!({"image_url": url, "image_type": "raw"}),
-    )
-    .await;
-    assert_eq!(status, 202, "{v}");
-    let id = v["job_id"].as_str().unwrap().to_string();
+    let id = fetch_to_cache(&c, &d, &url, Some("raw")).await;
     wait_until(&c, &d, &id, MINUTE, |v| {
         v["progress"]["bytes_processed"].as_u64().unwrap_or(0) > 3 * MIB
     })
@@ -238,12 +224,7 @@ async fn an_object_replaced_mid_download_starts_over_with_the_new_bytes() {
         d.log()
             .contains("changed at the source during the download")
     );
-    let leftovers: Vec<String> = std::fs::read_dir(dir.join("cache"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| n.contains(".partial"))
-        .collect();
+    let leftovers = partial_files(&dir);
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 

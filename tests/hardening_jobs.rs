@@ -182,57 +182,20 @@ async fn credentials_in_endpoint_urls_are_redacted_everywhere() {
 /// probe reopens it, storage is up again and new jobs are accepted and complete.
 #[tokio::test]
 async fn a_full_state_store_recovers_when_space_returns() {
-    use std::path::Path;
-    let ok = std::process::Command::new("unshare")
-        .args(["-rm", "true"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "this test needs `unshare -rm` (user and mount namespaces)"
-    );
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let state = dir.join("state");
-    std::fs::create_dir_all(&state).unwrap();
-    let config = TestConfig::new(dir).set("telemetry.probe_interval", "1s");
+    let path = slow_qemu_img_path(dir, 8);
+    let d = Daemon::start_with_small_store(dir, &[("PATH", path.as_str())]);
     let image = dir.join("images/a.qcow2");
     make_qcow2(&image, "16M");
-    let config_path = dir.join("config.toml");
-    std::fs::write(&config_path, config.render()).unwrap();
-    let path = slow_qemu_img_path(dir, 8);
-    let d = Daemon::spawn_wrapped(
-        dir,
-        &config_path,
-        &[("PATH", path.as_str())],
-        "http",
-        &[
-            "unshare",
-            "-rm",
-            "sh",
-            "-c",
-            r#"mount -t tmpfs -o size=16m tmpfs "$0" && exec "$@""#,
-            state.to_str().unwrap(),
-        ],
-    );
+    let state = dir.join("state");
     let c = client();
     let body = |name: &str| json!({"image_url": file_url(&image), "volume_name": name, "volume_size_gb": 1});
     let first = submit(&c, &d, body("during")).await;
     wait_until(&c, &d, &first, MINUTE, |j| j["status"] == "running").await;
 
     // Fill the tmpfs the daemon sees, then make sled need new space.
-    let inside = format!("/proc/{}/root{}", d.pid(), state.display());
-    let filler = Path::new(&inside).join("filler");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&filler).unwrap();
-        let block = vec![0xa5u8; 1 << 20];
-        let mut written = 0;
-        while f.write_all(&block).is_ok() {
-            written += 1;
-            assert!(written < 64, "the tmpfs did not fill up");
-        }
-    }
+    let filler = d.fill_tmpfs(&state);
     let storage = r#"dependency="storage""#;
     let m = |n: &str| format!("libvirt_volume_provisioner_{n}");
     let deadline = std::time::Instant::now() + 2 * MINUTE;

@@ -8,7 +8,7 @@
 mod common;
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -133,37 +133,9 @@ async fn random_long_methods_do_not_grow_metrics_or_log_lines() {
 // ---- Item 3: connection slots before authentication -------------------------------------
 
 /// TLS with optional client certificates from a test CA; the client here presents none.
-fn optional_tls_config(dir: &Path) -> (TestConfig, TestPki) {
-    let pki = TestPki::create(&dir.join("pki"), &[]);
-    let p = |f: &str| pki.path(f).display().to_string();
-    let config = TestConfig::new(dir)
-        .set("tls.cert_file", p("server.crt"))
-        .set("tls.key_file", p("server.key"))
-        .set("tls.client_ca_file", p("ca.crt"))
-        .set("tls.client_auth", "optional");
-    (config, pki)
-}
-
-/// A rustls client trusting the test CA, without a client certificate.
-fn tls_connector(pki: &TestPki, alpn: &[u8]) -> tokio_rustls::TlsConnector {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
-        .unwrap();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![alpn.to_vec()];
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-}
-
-fn server_name() -> rustls_pki_types::ServerName<'static> {
-    rustls_pki_types::ServerName::try_from("localhost").unwrap()
+fn optional_tls_config(dir: &Path) -> (TestConfig, Pki) {
+    let pki = Pki::create(&dir.join("pki"), &[]);
+    (pki.server_tls(TestConfig::new(dir), Some("optional")), pki)
 }
 
 /// An open HTTP/2 connection: the request handle and the task driving the connection, which
@@ -180,7 +152,7 @@ async fn h2_connect(
     to: SocketAddr,
 ) -> std::io::Result<H2Conn> {
     let tcp = tcp_from(from, to).await?;
-    let tls = connector.connect(server_name(), tcp).await?;
+    let tls = connector.connect(localhost(), tcp).await?;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     let (send, mut conn) = h2::client::handshake(tls)
         .await
@@ -224,9 +196,9 @@ async fn h2_get(
 
 /// `GET /health` from the loopback address `from` on a new connection; the status, or an
 /// error (including no answer within 5 s).
-async fn probe_health(pki: &TestPki, d: &Daemon, from: &str) -> Result<u16, String> {
-    let client = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap()])
+async fn probe_health(pki: &Pki, d: &Daemon, from: &str) -> Result<u16, String> {
+    let client = pki
+        .client_builder(None)
         .local_address(from.parse::<IpAddr>().unwrap())
         .timeout(Duration::from_secs(5))
         .build()
@@ -247,7 +219,7 @@ async fn idle_h2_flood_without_credentials_leaves_health_answering() {
     let config = config.set("server.h2_idle_timeout", "6s");
     let d = Daemon::start_https(tmp.path(), &config, &[]);
     let to = addr_of(&d);
-    let connector = tls_connector(&pki, b"h2");
+    let connector = pki.rustls_connector(b"h2");
 
     // 512 h2 connections without credentials from one address, idle after the handshake.
     let opening = Instant::now();
@@ -291,7 +263,7 @@ async fn idle_h2_connection_answering_pings_is_closed() {
     let config = config.set("server.h2_idle_timeout", "2s");
     let d = Daemon::start_https(tmp.path(), &config, &[]);
     let to = addr_of(&d);
-    let connector = tls_connector(&pki, b"h2");
+    let connector = pki.rustls_connector(b"h2");
 
     // Pings every 300 ms, answered by the server, no request: closed after the idle timeout.
     let conn = h2_connect(&connector, "127.0.0.4", to).await.unwrap();
@@ -358,8 +330,9 @@ async fn first_request_must_arrive_within_first_request_timeout() {
     let tcp = tcp_from("127.0.0.5", to).await.unwrap();
     let accepted = Instant::now();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let mut tls = tls_connector(&pki, b"http/1.1")
-        .connect(server_name(), tcp)
+    let mut tls = pki
+        .rustls_connector(b"http/1.1")
+        .connect(localhost(), tcp)
         .await
         .unwrap();
     tls.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
@@ -382,7 +355,7 @@ async fn first_request_must_arrive_within_first_request_timeout() {
 
     // HTTP/2: no request at all (only pings) is closed by the same bound, long before the
     // default idle timeout (30 s).
-    let conn = h2_connect(&tls_connector(&pki, b"h2"), "127.0.0.5", to)
+    let conn = h2_connect(&pki.rustls_connector(b"h2"), "127.0.0.5", to)
         .await
         .unwrap();
     let opened = Instant::now();
@@ -404,7 +377,7 @@ async fn http1_reconnect_flood_leaves_health_answering() {
     let (config, pki) = optional_tls_config(tmp.path());
     let d = Daemon::start_https(tmp.path(), &config, &[]);
     let to = addr_of(&d);
-    let connector = tls_connector(&pki, b"http/1.1");
+    let connector = pki.rustls_connector(b"http/1.1");
 
     // 530 clients from one address: handshake, send nothing, reconnect as soon as closed.
     let stop = Arc::new(AtomicBool::new(false));
@@ -414,7 +387,7 @@ async fn http1_reconnect_flood_leaves_health_answering() {
         flood.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let tls = match tcp_from("127.0.0.2", to).await {
-                    Ok(tcp) => connector.connect(server_name(), tcp).await,
+                    Ok(tcp) => connector.connect(localhost(), tcp).await,
                     Err(e) => Err(e),
                 };
                 let Ok(mut tls) = tls else {
@@ -452,16 +425,23 @@ async fn http1_reconnect_flood_leaves_health_answering() {
     );
 }
 
+/// A daemon with default settings and a 16 MiB qcow2 in its file root (`images/small.qcow2`),
+/// in a new temporary directory.
+fn daemon_with_small_image() -> (tempfile::TempDir, Daemon, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = TestConfig::new(tmp.path());
+    let image = tmp.path().join("images/small.qcow2");
+    make_qcow2(&image, "16M");
+    let d = Daemon::start(tmp.path(), &config);
+    (tmp, d, image)
+}
+
 // ---- Item 5: cross-site requests with auth off ------------------------------------------
 
 #[tokio::test]
 async fn cross_site_requests_are_refused_and_touch_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, d, image) = daemon_with_small_image();
     let dir = tmp.path();
-    let config = TestConfig::new(dir);
-    let image = dir.join("images/small.qcow2");
-    make_qcow2(&image, "16M");
-    let d = Daemon::start(dir, &config);
     let c = client();
     let to = addr_of(&d);
     let port = to.port();
@@ -553,12 +533,7 @@ async fn request_heads_beyond_limits_get_json_errors() {
 
 #[tokio::test]
 async fn json_bodies_need_the_json_content_type_and_unique_keys() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let config = TestConfig::new(dir);
-    let image = dir.join("images/small.qcow2");
-    make_qcow2(&image, "16M");
-    let d = Daemon::start(dir, &config);
+    let (_tmp, d, image) = daemon_with_small_image();
     let c = client();
     let url = file_url(&image);
     let send = |content_type: Option<&'static str>, body: String| {
@@ -602,12 +577,7 @@ async fn json_bodies_need_the_json_content_type_and_unique_keys() {
 
 #[tokio::test]
 async fn reads_log_at_debug_and_state_changes_at_info() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let config = TestConfig::new(dir);
-    let image = dir.join("images/small.qcow2");
-    make_qcow2(&image, "16M");
-    let d = Daemon::start(dir, &config);
+    let (_tmp, d, image) = daemon_with_small_image();
     let c = client();
     let id = submit(
         &c,

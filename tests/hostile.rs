@@ -10,52 +10,32 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 
-fn create(args: &[&str]) {
-    qemu_img(&[&["create", "-q"], args].concat());
-}
-
 #[tokio::test]
 async fn hostile_images_are_rejected_without_running_qemu_img() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let config = TestConfig::new(dir);
     let images = dir.join("images");
-    let p = |name: &str| images.join(name).display().to_string();
     let secret = dir.join("host-secret.txt");
     std::fs::write(&secret, "host secret\n").unwrap();
-
-    create(&[
+    for kind in [
+        Hostile::BackingFile,
+        Hostile::DataFile,
+        Hostile::Encrypted,
+        Hostile::Truncated,
+        Hostile::Huge,
+    ] {
+        hostile_qcow2(&images, kind);
+    }
+    let valid = images.join("valid.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
         "-f",
         "qcow2",
-        "-b",
-        "/etc/passwd",
-        "-F",
-        "raw",
-        &p("backing.qcow2"),
+        valid.to_str().unwrap(),
         "64M",
     ]);
-    create(&[
-        "-f",
-        "qcow2",
-        "-o",
-        &format!("data_file={}", dir.join("datafile.raw").display()),
-        &p("datafile.qcow2"),
-        "64M",
-    ]);
-    create(&[
-        "-f",
-        "qcow2",
-        "--object",
-        "secret,id=sec0,data=password123",
-        "-o",
-        "encrypt.format=luks,encrypt.key-secret=sec0",
-        &p("luks.qcow2"),
-        "64M",
-    ]);
-    create(&["-f", "qcow2", &p("valid.qcow2"), "64M"]);
-    let valid = std::fs::read(images.join("valid.qcow2")).unwrap();
-    std::fs::write(images.join("truncated.qcow2"), &valid[..50]).unwrap();
-    create(&["-f", "qcow2", &p("huge.qcow2"), "2G"]);
 
     let d = Daemon::start(dir, &config);
     let c = client();
@@ -120,7 +100,7 @@ async fn hostile_images_are_rejected_without_running_qemu_img() {
     let id = submit(
         &c,
         &d,
-        json!({"image_url": file_url(&images.join("valid.qcow2")), "volume_name": "fine",
+        json!({"image_url": file_url(&valid), "volume_name": "fine",
                "volume_size_gb": 1}),
     )
     .await;

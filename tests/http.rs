@@ -104,11 +104,7 @@ async fn redirects_to_hosts_outside_the_allow_list_are_not_followed() {
         "the foreign host was never asked"
     );
     assert!(cache_images(&c, &d).await.is_empty(), "nothing was cached");
-    let leftovers: Vec<_> = std::fs::read_dir(s.dir.join("cache"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
+    let leftovers = cache_files(&s.dir);
     assert!(leftovers.is_empty(), "cache files: {leftovers:?}");
 
     // A redirect to an allowed host is followed.
@@ -149,15 +145,8 @@ async fn one_retry_layer_each_attempt_is_one_request() {
         ("/down/img.raw", "/down/img.raw"),
         ("/sum503/img.raw", "/sum503/img.raw.sha256"),
     ] {
-        let (status, v) = post(
-            &c,
-            &d.url("/api/v1/cache/fetch"),
-            &json!({"image_url": s.nginx.url(path)}),
-        )
-        .await;
-        assert_eq!(status, 202, "{v}");
-        let id = v["job_id"].as_str().unwrap();
-        let job = wait_job(&c, &d, id, MINUTE).await;
+        let id = fetch_to_cache(&c, &d, &s.nginx.url(path), None).await;
+        let job = wait_job(&c, &d, &id, MINUTE).await;
         assert_eq!(job["status"], "failed", "{job}");
         let gets = s.nginx.gets(s.nginx.port, uri);
         assert_eq!(
@@ -171,36 +160,7 @@ async fn one_retry_layer_each_attempt_is_one_request() {
 /// Starts the daemon with its cache directory on a `size_mib` tmpfs of its own (a private
 /// mount namespace), so that free space is small and exact.
 fn daemon_with_small_cache(s: &Site, config: TestConfig, size_mib: u32) -> Daemon {
-    let cache = s.dir.join("cache");
-    std::fs::create_dir_all(&cache).unwrap();
-    let config_path = s.dir.join("config.toml");
-    std::fs::write(&config_path, config.render()).unwrap();
-    let mount = format!(r#"mount -t tmpfs -o size={size_mib}m tmpfs "$0" && exec "$@""#);
-    Daemon::spawn_wrapped(
-        &s.dir,
-        &config_path,
-        &[],
-        "http",
-        &[
-            "unshare",
-            "-rm",
-            "sh",
-            "-c",
-            &mount,
-            cache.to_str().unwrap(),
-        ],
-    )
-}
-
-async fn prefetch(c: &reqwest::Client, d: &Daemon, url: &str) -> String {
-    let (status, v) = post(
-        c,
-        &d.url("/api/v1/cache/fetch"),
-        &json!({"image_url": url, "image_type": "raw"}),
-    )
-    .await;
-    assert_eq!(status, 202, "{v}");
-    v["job_id"].as_str().unwrap().to_string()
+    Daemon::start_on_small_tmpfs(&s.dir, &config, &[], &s.dir.join("cache"), size_mib)
 }
 
 #[tokio::test]
@@ -221,7 +181,7 @@ async fn cancelling_the_only_job_stops_its_download_and_frees_its_space() {
     let d = daemon_with_small_cache(&s, config, 64);
     let c = client();
 
-    let id = prefetch(&c, &d, &s.nginx.url("/slow.raw")).await;
+    let id = fetch_to_cache(&c, &d, &s.nginx.url("/slow.raw"), Some("raw")).await;
     wait_until(&c, &d, &id, MINUTE, |v| {
         v["progress"]["bytes_processed"].as_u64().unwrap_or(0) > (2 << 20)
     })
@@ -250,12 +210,12 @@ async fn cancelling_the_only_job_stops_its_download_and_frees_its_space() {
     );
 
     // Its reservation is gone: the 44 MiB prefetch fits.
-    let id = prefetch(&c, &d, &s.nginx.url("/big.raw")).await;
+    let id = fetch_to_cache(&c, &d, &s.nginx.url("/big.raw"), Some("raw")).await;
     let job = wait_job(&c, &d, &id, MINUTE).await;
     assert_eq!(job["status"], "completed", "{job}\n{}", d.log());
 
     // The next job for the stopped key downloads afresh and succeeds.
-    let id = prefetch(&c, &d, &s.nginx.url("/slow.raw")).await;
+    let id = fetch_to_cache(&c, &d, &s.nginx.url("/slow.raw"), Some("raw")).await;
     let job = wait_job(&c, &d, &id, MINUTE).await;
     assert_eq!(job["status"], "completed", "{job}\n{}", d.log());
     let images = cache_images(&c, &d).await;

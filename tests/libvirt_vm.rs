@@ -7,68 +7,42 @@
 
 mod common;
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use futures::FutureExt;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 const URI: &str = "qemu:///system";
 const VG: &str = "vmlv";
 const DIR_POOL: &str = "dirpool";
-const DISK: &str = "/dev/vda";
-const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
 const JOB_TIMEOUT: Duration = Duration::from_secs(240);
 /// The small image most jobs write (raw, made by the test).
 const SMALL: &str = "small.raw";
 
 /// Cases in the order they run (later ones use volumes and domains earlier ones made).
-const CASES: [&str; 5] = [
-    "module_pool_unit_defines_the_pool",
-    "pool_lists_provisioned_lv",
-    "running_domain_protects_its_lv",
-    "running_domain_protects_its_file",
-    "libvirtd_down_and_up",
+const CASES: [Case<Ctx>; 5] = [
+    ("module_pool_unit_defines_the_pool", |c| {
+        Box::pin(module_pool_unit(c))
+    }),
+    ("pool_lists_provisioned_lv", |c| {
+        Box::pin(pool_lists_provisioned_lv(c))
+    }),
+    ("running_domain_protects_its_lv", |c| {
+        Box::pin(running_domain_protects_its_lv(c))
+    }),
+    ("running_domain_protects_its_file", |c| {
+        Box::pin(running_domain_protects_its_file(c))
+    }),
+    ("libvirtd_down_and_up", |c| {
+        Box::pin(libvirtd_down_and_up(c))
+    }),
 ];
-
-type CaseResult = Result<(), String>;
 
 /// Prints how long a step of a case took (the VM test's time budget is tight).
 fn step(started: &mut Instant, what: &str) {
     println!("  {what}: {:.1} s", started.elapsed().as_secs_f64());
     *started = Instant::now();
-}
-
-macro_rules! ensure {
-    ($cond:expr, $($fmt:tt)+) => {
-        if !$cond {
-            return Err(format!($($fmt)+));
-        }
-    };
-}
-
-/// Runs a command; stdout on success, else an error with its stderr.
-fn run(program: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(program)
-        .args(args)
-        .env("LC_ALL", "C")
-        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{program}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "{program} {args:?}: {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
 }
 
 /// `virsh -c qemu:///system ARGS...`.
@@ -220,24 +194,12 @@ fn stop_libvirtd() -> CaseResult {
     Ok(())
 }
 
-/// sha256 (hex) of the first `len` bytes of `path`.
-fn sha256_prefix(path: &Path, len: u64) -> Result<String, String> {
-    let out = run(
-        "sh",
-        &[
-            "-c",
-            &format!("head -c {len} '{}' | sha256sum", path.display()),
-        ],
-    )?;
-    Ok(out
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string())
+fn lv_path(name: &str) -> PathBuf {
+    common::lv_path(VG, name)
 }
 
-fn lv_path(name: &str) -> PathBuf {
-    PathBuf::from(format!("/dev/{VG}/{name}"))
+fn lv_exists(name: &str) -> Result<bool, String> {
+    common::lv_exists(VG, name)
 }
 
 /// `/dev/dm-<minor>` of a device-mapper device (another node of the same device than
@@ -253,94 +215,51 @@ fn kernel_node(lv: &Path) -> Result<PathBuf, String> {
     Ok(node)
 }
 
-fn lv_exists(name: &str) -> Result<bool, String> {
-    let out = run("lvs", &["--noheadings", "-o", "lv_name", VG])?;
-    Ok(out.lines().any(|l| l.trim() == name))
-}
-
-/// A qcow2 image whose first data cluster points at an unaligned offset: it passes the header
-/// inspector, and qemu-img fails reading it mid-conversion (after the volume was created).
-fn corrupt_qcow2(src: &Path, dst: &Path) -> CaseResult {
-    let mut bytes = std::fs::read(src).map_err(|e| format!("{}: {e}", src.display()))?;
-    let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
-    let l1 = be(&bytes, 40) as usize;
-    let l2 = (be(&bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize;
-    ensure!(l2 != 0, "the first L1 entry of {} is empty", src.display());
-    let entry = be(&bytes, l2);
-    let host = entry & 0x00ff_ffff_ffff_fe00;
-    ensure!(host != 0, "the first cluster of {} is empty", src.display());
-    let bad = (entry & 0xff00_0000_0000_0000) | (host + 512);
-    bytes[l2..l2 + 8].copy_from_slice(&bad.to_be_bytes());
-    std::fs::write(dst, bytes).map_err(|e| e.to_string())
-}
-
-/// One daemon under test and how to reach it.
-struct Api<'a> {
-    c: &'a reqwest::Client,
-    d: &'a Daemon,
-}
-
-impl Api<'_> {
-    async fn provision(&self, image: &Path, volume: &str, image_type: &str) -> (u16, Value) {
-        post(
-            self.c,
-            &self.d.url("/api/v1/jobs"),
-            &json!({"image_url": file_url(image), "volume_name": volume,
-                    "volume_size_gb": 1, "image_type": image_type}),
-        )
-        .await
+/// The daemon `d` through `c`, as the VM suites reach it.
+fn api_of<'a>(c: &'a reqwest::Client, d: &'a Daemon) -> Api<'a> {
+    Api {
+        c,
+        d,
+        job_timeout: JOB_TIMEOUT,
     }
+}
 
-    /// Polls job `id` every `every` until `done` holds. Slowly on purpose: every request costs
-    /// the emulated CPU the daemon needs.
-    async fn poll(
+/// What the cases here ask of a daemon beyond the VM suites' `Api`.
+trait LibvirtApi {
+    /// Submits `image` (a file) into `volume` of 1 GB, waits, and requires the job to complete.
+    async fn provision_completed(
         &self,
-        id: &str,
-        every: Duration,
-        done: impl Fn(&Value) -> bool,
-    ) -> Result<Value, String> {
-        let deadline = Instant::now() + JOB_TIMEOUT;
-        loop {
-            let (status, v) = get(self.c, &self.d.url(&format!("/api/v1/jobs/{id}"))).await;
-            ensure!(status == 200, "GET job {id}: {status} {v}");
-            if done(&v) {
-                return Ok(v);
-            }
-            ensure!(Instant::now() < deadline, "job {id} timed out: {v}");
-            tokio::time::sleep(every).await;
-        }
-    }
+        image: &Path,
+        volume: &str,
+        image_type: &str,
+    ) -> Result<Value, String>;
 
-    async fn wait_done(&self, id: &str) -> Result<Value, String> {
-        self.poll(id, Duration::from_millis(500), |v| {
-            ["completed", "failed", "cancelled"].contains(&v["status"].as_str().unwrap_or(""))
-        })
-        .await
-    }
+    /// A reuse request and a DELETE of `volume` both get 409 with a message containing `why`.
+    async fn refused(&self, image: &Path, volume: &str, why: &str) -> CaseResult;
 
-    /// Submits, waits, and requires the job to complete.
+    /// `libvirt_volume_provisioner_<name>` (summed over the label sets with `labels`).
+    async fn metric(&self, name: &str, labels: &str) -> f64;
+
+    /// Waits until `/readyz` shows libvirt up (200) or down (503).
+    async fn wait_libvirt(&self, up: bool) -> CaseResult;
+}
+
+impl LibvirtApi for Api<'_> {
     async fn provision_completed(
         &self,
         image: &Path,
         volume: &str,
         image_type: &str,
     ) -> Result<Value, String> {
-        let (status, v) = self.provision(image, volume, image_type).await;
-        ensure!(status == 202, "submit -> {volume}: {status} {v}");
         let job = self
-            .wait_done(v["job_id"].as_str().unwrap_or_default())
+            .provision_and_wait(image, volume, 1, image_type)
             .await?;
         ensure!(job["status"] == "completed", "job on {volume}: {job}");
         Ok(job)
     }
 
-    async fn delete(&self, volume: &str) -> (u16, Value) {
-        delete(self.c, &self.d.url(&format!("/api/v1/volumes/{volume}"))).await
-    }
-
-    /// A reuse request and a DELETE of `volume` both get 409 with a message containing `why`.
     async fn refused(&self, image: &Path, volume: &str, why: &str) -> CaseResult {
-        let (status, v) = self.provision(image, volume, "raw").await;
+        let (status, v) = self.provision(image, volume, 1, "raw").await;
         let message = v["message"].as_str().unwrap_or("");
         ensure!(
             status == 409 && message.contains(why),
@@ -355,37 +274,14 @@ impl Api<'_> {
         Ok(())
     }
 
-    async fn metric(&self, name: &str, label: Option<&str>) -> Result<f64, String> {
-        let text = self
-            .c
-            .get(self.d.url("/metrics"))
-            .send()
-            .await
-            .map_err(|e| e.to_string())?
-            .text()
-            .await
-            .map_err(|e| e.to_string())?;
+    async fn metric(&self, name: &str, labels: &str) -> f64 {
         let full = format!("libvirt_volume_provisioner_{name}");
-        text.lines()
-            .filter(|l| l.starts_with(&full) && label.is_none_or(|want| l.contains(want)))
-            .find_map(|l| l.rsplit(' ').next()?.parse().ok())
-            .ok_or(format!("no {full} {label:?} in /metrics"))
+        common::metric(self.c, self.d, &full, labels).await
     }
 
-    /// Waits until `/readyz` shows libvirt up (200) or down (503).
     async fn wait_libvirt(&self, up: bool) -> CaseResult {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let (status, v) = get(self.c, &self.d.url("/readyz")).await;
-            if v["dependencies"]["libvirt"] == json!(up) && (status == 200) == up {
-                return Ok(());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "readyz never showed libvirt={up}: {status} {v}"
-            );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        self.wait_ready("libvirt", up, Duration::from_secs(60))
+            .await
     }
 }
 
@@ -440,32 +336,17 @@ impl std::ops::Deref for Ctx {
 
 impl Ctx {
     fn lvm(&self) -> Api<'_> {
-        Api {
-            c: &self.c,
-            d: &self.lvm,
-        }
+        api_of(&self.c, &self.lvm)
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs device-mapper, libvirtd and a disk to format: run scripts/vm-test.sh (boots a VM)"]
 async fn libvirt_end_to_end() {
-    assert_eq!(
-        std::env::var("IN_TEST_VM").as_deref(),
-        Ok("1"),
-        "this test formats {DISK} and starts libvirtd: it runs only inside the test VM \
-         (scripts/vm-test.sh)"
-    );
-    println!("\nVM-CASES {}", CASES.len());
-    let setup = Instant::now();
-    let data = PathBuf::from(
-        std::env::var("VMTEST_DATA")
-            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/vm-test").into()),
-    );
-    setup_libvirt(&data).unwrap();
-    println!("libvirtd up: {:.1} s", setup.elapsed().as_secs_f64());
-    run("pvcreate", &["-q", "-y", "-ff", DISK]).unwrap();
-    run("vgcreate", &["-q", "-s", "8m", VG, DISK]).unwrap();
+    let suite = Suite::start(CASES.len(), &format!("formats {DISK} and starts libvirtd"));
+    setup_libvirt(&suite.data).unwrap();
+    suite.lap("libvirtd up");
+    create_vg(VG, &["-s", "8m"]).unwrap();
 
     let work = tempfile::tempdir().unwrap();
     let dir = work.path().to_path_buf();
@@ -474,11 +355,14 @@ async fn libvirt_end_to_end() {
     std::fs::create_dir_all(dir.join("images")).unwrap();
     make_raw(&dir.join("images").join(SMALL), MIB);
     corrupt_qcow2(
-        &data.join("disk.qcow2"),
+        &suite.data.join("disk.qcow2"),
         &dir.join("images").join("corrupt.qcow2"),
     )
     .unwrap();
-    let paths = Paths { data, work: dir };
+    let paths = Paths {
+        data: suite.data.clone(),
+        work: dir,
+    };
     let lvm_dir = paths.work.join("lvm");
     std::fs::create_dir_all(&lvm_dir).unwrap();
     let ctx = Ctx {
@@ -486,55 +370,8 @@ async fn libvirt_end_to_end() {
         lvm: Daemon::start(&lvm_dir, &paths.lvm_config(&lvm_dir)),
         paths,
     };
-    println!("setup: {:.1} s", setup.elapsed().as_secs_f64());
-
-    let mut failed = Vec::new();
-    for name in CASES {
-        let started = Instant::now();
-        let outcome = std::panic::AssertUnwindSafe(run_case(&ctx, name))
-            .catch_unwind()
-            .await;
-        let secs = started.elapsed().as_secs_f64();
-        match outcome {
-            Ok(Ok(())) => println!("VM-CASE PASS {name} ({secs:.1} s)"),
-            Ok(Err(e)) => {
-                println!("VM-CASE FAIL {name} ({secs:.1} s): {e}");
-                failed.push(name);
-            }
-            Err(panic) => {
-                let msg = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                println!("VM-CASE FAIL {name} ({secs:.1} s): panicked: {msg}");
-                failed.push(name);
-            }
-        }
-    }
-    if !failed.is_empty() {
-        println!("daemon log (last lines):");
-        let log = ctx.lvm.log();
-        let tail: Vec<&str> = log.lines().rev().take(40).collect();
-        for l in tail.into_iter().rev() {
-            println!("  {l}");
-        }
-    }
-    assert!(failed.is_empty(), "failed cases: {failed:?}");
-}
-
-fn run_case<'a>(
-    ctx: &'a Ctx,
-    name: &'a str,
-) -> std::pin::Pin<Box<dyn Future<Output = CaseResult> + Send + 'a>> {
-    match name {
-        "module_pool_unit_defines_the_pool" => Box::pin(module_pool_unit(ctx)),
-        "pool_lists_provisioned_lv" => Box::pin(pool_lists_provisioned_lv(ctx)),
-        "running_domain_protects_its_lv" => Box::pin(running_domain_protects_its_lv(ctx)),
-        "running_domain_protects_its_file" => Box::pin(running_domain_protects_its_file(ctx)),
-        "libvirtd_down_and_up" => Box::pin(libvirtd_down_and_up(ctx)),
-        other => Box::pin(async move { Err(format!("unknown case {other}")) }),
-    }
+    suite.lap("setup");
+    suite.run(&ctx, &CASES, Some(&ctx.lvm)).await;
 }
 
 /// The NixOS module's pool unit (`libvirt.definePool`), its script as the module renders it
@@ -623,7 +460,7 @@ async fn running_domain_protects_its_lv(ctx: &Ctx) -> CaseResult {
 
         // An unrelated job fails after creating its LV: only that LV is rolled back.
         let (status, v) = api
-            .provision(&ctx.image("corrupt.qcow2"), "lv-other", "qcow2")
+            .provision(&ctx.image("corrupt.qcow2"), "lv-other", 1, "qcow2")
             .await;
         ensure!(status == 202, "submit lv-other: {status} {v}");
         let job = api
@@ -683,7 +520,7 @@ async fn running_domain_protects_its_file(ctx: &Ctx) -> CaseResult {
         .set("volumes.directory.path", vols.clone());
     let mut t = Instant::now();
     let d = Daemon::start(&dir, &config);
-    let api = Api { c: &ctx.c, d: &d };
+    let api = api_of(&ctx.c, &d);
     let small = ctx.image(SMALL);
     api.provision_completed(&small, "file-vm", "raw").await?;
     step(&mut t, "daemon up, file-vm provisioned");
@@ -725,10 +562,7 @@ async fn running_domain_protects_its_file(ctx: &Ctx) -> CaseResult {
             "http",
             &["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"],
         );
-        let in_ns = Api {
-            c: &ctx.c,
-            d: &contained,
-        };
+        let in_ns = api_of(&ctx.c, &contained);
         let refused = in_ns.refused(&small, "file-vm", "dom-file").await;
         contained.kill9();
         refused?;
@@ -736,7 +570,7 @@ async fn running_domain_protects_its_file(ctx: &Ctx) -> CaseResult {
 
         // An unrelated job cancelled mid-write: its own new file is rolled back, nothing else.
         let (status, v) = api
-            .provision(&ctx.data.join("cancel.qcow2"), "file-other", "qcow2")
+            .provision(&ctx.data.join("cancel.qcow2"), "file-other", 1, "qcow2")
             .await;
         ensure!(status == 202, "submit file-other: {status} {v}");
         let id = v["job_id"].as_str().unwrap_or_default().to_string();
@@ -749,12 +583,7 @@ async fn running_domain_protects_its_file(ctx: &Ctx) -> CaseResult {
             seen["status"] == "running",
             "file-other ended early: {seen}"
         );
-        let (status, v) = post(
-            api.c,
-            &api.d.url(&format!("/api/v1/jobs/{id}/cancel")),
-            &json!({}),
-        )
-        .await;
+        let (status, v) = api.cancel(&id).await;
         ensure!(status == 200, "cancel: {status} {v}");
         let job = api.wait_done(&id).await?;
         ensure!(job["status"] == "cancelled", "file-other: {job}");
@@ -810,19 +639,17 @@ async fn libvirtd_down_and_up(ctx: &Ctx) -> CaseResult {
         .set("telemetry.probe_interval", "1s");
     let mut t = Instant::now();
     let d = Daemon::start(&dir, &config);
-    let api = Api { c: &ctx.c, d: &d };
+    let api = api_of(&ctx.c, &d);
     api.wait_libvirt(true).await?;
     step(&mut t, "daemon up");
     let up = api
-        .metric("dependencies_up", Some("dependency=\"libvirt\""))
-        .await?;
+        .metric("dependencies_up", "dependency=\"libvirt\"")
+        .await;
     ensure!(
         up == 1.0,
         "dependencies_up{{libvirt}} = {up} while libvirtd runs"
     );
-    let errors_before = api
-        .metric("libvirt_pool_refresh_errors_total", None)
-        .await?;
+    let errors_before = api.metric("libvirt_pool_refresh_errors_total", "").await;
 
     stop_libvirtd()?;
     step(&mut t, "libvirtd stopped");
@@ -830,8 +657,8 @@ async fn libvirtd_down_and_up(ctx: &Ctx) -> CaseResult {
         api.wait_libvirt(false).await?;
         step(&mut t, "readyz down");
         let up = api
-            .metric("dependencies_up", Some("dependency=\"libvirt\""))
-            .await?;
+            .metric("dependencies_up", "dependency=\"libvirt\"")
+            .await;
         ensure!(
             up == 0.0,
             "dependencies_up{{libvirt}} = {up} while libvirtd is stopped"
@@ -839,9 +666,7 @@ async fn libvirtd_down_and_up(ctx: &Ctx) -> CaseResult {
         api.provision_completed(&ctx.image(SMALL), "file-down", "raw")
             .await?;
         step(&mut t, "job completed");
-        let errors = api
-            .metric("libvirt_pool_refresh_errors_total", None)
-            .await?;
+        let errors = api.metric("libvirt_pool_refresh_errors_total", "").await;
         ensure!(
             errors == errors_before + 1.0,
             "libvirt_pool_refresh_errors_total went from {errors_before} to {errors}"

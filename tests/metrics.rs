@@ -67,26 +67,8 @@ async fn job_request_cache_image_and_stage_metrics_move_with_their_events() {
     make_qcow2(&qcow2, "64M");
     let raw = images.join("r.raw");
     make_raw(&raw, 8 << 20);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "/etc/passwd",
-        "-F",
-        "raw",
-        images.join("backing.qcow2").to_str().unwrap(),
-        "64M",
-    ]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        images.join("huge.qcow2").to_str().unwrap(),
-        "2G",
-    ]);
+    hostile_qcow2(&images, Hostile::BackingFile);
+    hostile_qcow2(&images, Hostile::Huge);
     let path = slow_qemu_img_path(dir, 3);
     let d = Daemon::start_with_env(dir, &config, &[("PATH", &path)]);
     let c = client();
@@ -267,14 +249,8 @@ async fn job_request_cache_image_and_stage_metrics_move_with_their_events() {
     assert_eq!(q("active_jobs", ""), 0.0);
 
     // J4: a cache-only fetch of a raw image: the size histogram is labelled by image type.
-    let (status, v) = post(
-        &c,
-        &d.url("/api/v1/cache/fetch"),
-        &json!({"image_url": file_url(&raw)}),
-    )
-    .await;
-    assert_eq!(status, 202, "{v}");
-    let job = wait_job(&c, &d, v["job_id"].as_str().unwrap(), MINUTE).await;
+    let id = fetch_to_cache(&c, &d, &file_url(&raw), None).await;
+    let job = wait_job(&c, &d, &id, MINUTE).await;
     assert_eq!(job["status"], "completed", "{job}");
     let after = scrape(&c, &d).await;
     let q = |name: &str, labels: &str| metric_in(&after, &m(name), labels);
@@ -520,39 +496,12 @@ async fn download_throughput_checksum_errors_and_minio_probe() {
 /// errors and failed operations are counted, and the periodic probe reports storage down.
 #[tokio::test]
 async fn storage_errors_and_storage_probe_when_the_store_disk_is_full() {
-    let ok = std::process::Command::new("unshare")
-        .args(["-rm", "true"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "this test needs `unshare -rm` (util-linux, user and mount namespaces) to put the job \
-         store on a small tmpfs"
-    );
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let state = dir.join("state");
-    std::fs::create_dir_all(&state).unwrap();
-    let config = TestConfig::new(dir).set("telemetry.probe_interval", "1s");
+    let d = Daemon::start_with_small_store(dir, &[]);
     let image = dir.join("images/a.qcow2");
     make_qcow2(&image, "16M");
-    let config_path = dir.join("config.toml");
-    std::fs::write(&config_path, config.render()).unwrap();
-    let d = Daemon::spawn_wrapped(
-        dir,
-        &config_path,
-        &[],
-        "http",
-        &[
-            "unshare",
-            "-rm",
-            "sh",
-            "-c",
-            r#"mount -t tmpfs -o size=16m tmpfs "$0" && exec "$@""#,
-            state.to_str().unwrap(),
-        ],
-    );
+    let state = dir.join("state");
     let c = client();
     let id = submit(
         &c,
@@ -575,18 +524,7 @@ async fn storage_errors_and_storage_probe_when_the_store_disk_is_full() {
     );
 
     // Fill the tmpfs the daemon sees.
-    let inside = format!("/proc/{}/root{}", d.pid(), state.display());
-    let filler = Path::new(&inside).join("filler");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&filler).unwrap();
-        let block = vec![0xa5u8; 1 << 20];
-        let mut written = 0;
-        while f.write_all(&block).is_ok() {
-            written += 1;
-            assert!(written < 64, "the tmpfs did not fill up");
-        }
-    }
+    d.fill_tmpfs(&state);
     // sled keeps writing into log space it already has; jobs (cache-only fetches of the
     // cached image) write job records until it needs new space and fails.
     let deadline = Instant::now() + 2 * MINUTE;

@@ -78,31 +78,46 @@ fn toml_file_as_json(path: &Path) -> Value {
 /// certificate names, its key for key names, a token file, a secret otherwise.
 fn credentials_dir(names: &[String]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let server_key = rcgen::KeyPair::generate().unwrap();
-    let server = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&server_key, &issuer)
-        .unwrap();
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = common::Pki::create(pki_dir.path(), &[]);
+    let pem = |file: &str| std::fs::read_to_string(pki.path(file)).unwrap();
     for name in names {
         let content = if name.contains("token") {
             "ci:0123456789abcdef0123456789abcdef0123\n".to_string()
         } else if name.ends_with(".key") {
-            server_key.serialize_pem()
+            pem("server.key")
         } else if name.contains("ca") {
-            ca.pem()
+            pki.ca_pem.clone()
         } else if name.ends_with(".crt") {
-            server.pem()
+            pem("server.crt")
         } else {
             "secret-value\n".to_string()
         };
         std::fs::write(dir.path().join(name), content).unwrap();
     }
     dir
+}
+
+/// The messages of the module's assertions that fail in an evaluated configuration (its
+/// `assertions` list).
+fn failed_assertions(config: &Value) -> Vec<String> {
+    config["assertions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["assertion"] != true)
+        .map(|a| {
+            a["message"]
+                .as_str()
+                .map_or_else(|| a.to_string(), str::to_string)
+        })
+        .collect()
+}
+
+/// Asserts that bash parses `script` (`what` names it in the failure).
+fn assert_bash_syntax(script: &str, what: &str) {
+    let (ok, out) = common::output_of(Command::new("bash").args(["-n", "-c", script]));
+    assert!(ok, "{what}: {out}");
 }
 
 fn all_credential_names() -> Vec<String> {
@@ -391,12 +406,7 @@ fn strings(v: &Value) -> Vec<&str> {
 #[test]
 fn module_computes_the_hardened_unit_for_the_example() {
     let example = &module_smoke()["example"];
-    let failed: Vec<&Value> = example["assertions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|a| a["assertion"] != true)
-        .collect();
+    let failed = failed_assertions(example);
     assert!(
         failed.is_empty(),
         "assertions fail for the example: {failed:?}"
@@ -488,15 +498,7 @@ fn module_computes_the_hardened_unit_for_the_example() {
         ]
     );
     let script = vg["script"].as_str().unwrap();
-    let syntax = Command::new("bash")
-        .args(["-n", "-c", script])
-        .output()
-        .unwrap();
-    assert!(
-        syntax.status.success(),
-        "volume-group script: {}",
-        String::from_utf8_lossy(&syntax.stderr)
-    );
+    assert_bash_syntax(script, "volume-group script");
     assert!(
         script.starts_with("set -euo pipefail\nvg='vg_vms'\ndevices=('/dev/vdb')\n"),
         "{script}"
@@ -648,13 +650,7 @@ fn module_creates_declared_thin_pools_and_defaults_to_the_first() {
 
 #[test]
 fn module_refuses_secrets_in_the_store() {
-    let failed: Vec<String> = module_smoke()["storeSecrets"]["assertions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|a| a["assertion"] != true)
-        .map(|a| a["message"].as_str().unwrap().to_string())
-        .collect();
+    let failed = failed_assertions(&module_smoke()["storeSecrets"]);
     assert_eq!(failed.len(), 3, "{failed:#?}");
     for needle in [
         "tls.keyFile",
@@ -741,13 +737,7 @@ fn module_has_no_meta_doc_and_the_flake_builds_the_manual() {
 #[test]
 fn module_names_an_invalid_volume_group_instead_of_defaulting_to_it() {
     let smoke = &module_smoke()["invalidFirst"];
-    let failed: Vec<&str> = smoke["assertions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|a| a["assertion"] != true)
-        .map(|a| a["message"].as_str().unwrap())
-        .collect();
+    let failed = failed_assertions(smoke);
     assert_eq!(failed.len(), 1, "{failed:?}");
     assert!(failed[0].contains("lvm.volumeGroups.-bad:"), "{failed:?}");
     // "-bad" sorts first, but the default is the first valid name, so no typed setting fails
@@ -804,18 +794,6 @@ fn find_tool(name: &str) -> Option<PathBuf> {
         .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
         .map(|d| Path::new(d).join(name))
         .find(|p| p.is_file())
-}
-
-fn sh(cmd: &mut Command) -> (bool, String) {
-    let out = cmd.output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 /// Loop devices, an LVM configuration of their own, and logging wrappers for every tool the
@@ -940,10 +918,12 @@ impl LoopLab {
 
     /// Runs a command with the lab's LVM configuration; panics when it fails.
     fn run(&self, program: &str, args: &[&str]) -> String {
-        let (ok, out) = sh(Command::new(find_tool(program).unwrap())
-            .args(args)
-            .env("LVM_SYSTEM_DIR", self.lvm_env())
-            .env("LVM_SUPPRESS_FD_WARNINGS", "1"));
+        let (ok, out) = common::output_of(
+            Command::new(find_tool(program).unwrap())
+                .args(args)
+                .env("LVM_SYSTEM_DIR", self.lvm_env())
+                .env("LVM_SUPPRESS_FD_WARNINGS", "1"),
+        );
         assert!(ok, "{program} {args:?}: {out}");
         out
     }
@@ -988,13 +968,15 @@ impl LoopLab {
             self.dir.path().join("bin").display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        let (ok, output) = sh(Command::new("bash")
-            .arg("-c")
-            .arg(&script)
-            .env("PATH", path)
-            .env("LVM_SYSTEM_DIR", self.lvm_env())
-            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-            .stdin(std::process::Stdio::null()));
+        let (ok, output) = common::output_of(
+            Command::new("bash")
+                .arg("-c")
+                .arg(&script)
+                .env("PATH", path)
+                .env("LVM_SYSTEM_DIR", self.lvm_env())
+                .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+                .stdin(std::process::Stdio::null()),
+        );
         let commands = std::fs::read_to_string(&log)
             .unwrap_or_default()
             .lines()
@@ -1028,7 +1010,7 @@ impl LoopLab {
     }
 
     fn detach(&mut self, dev: &str) {
-        let (ok, out) = sh(Command::new("losetup").arg("-d").arg(dev));
+        let (ok, out) = common::output_of(Command::new("losetup").arg("-d").arg(dev));
         assert!(ok, "losetup -d {dev}: {out}");
         self.loops.retain(|d| d != dev);
     }
@@ -1435,12 +1417,7 @@ fn module_defines_the_libvirt_pool_only_when_asked() {
     assert!(!strings(&example["daemon"]["wants"]).contains(&pool_unit));
 
     let declared = &smoke["definePool"];
-    let failed: Vec<&Value> = declared["assertions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|a| a["assertion"] != true)
-        .collect();
+    let failed = failed_assertions(declared);
     assert!(failed.is_empty(), "{failed:?}");
     let unit = &declared["poolUnit"];
     assert_eq!(strings(&unit["requires"]), ["libvirtd.service"]);
@@ -1471,15 +1448,7 @@ fn module_defines_the_libvirt_pool_only_when_asked() {
     assert_eq!(strings(&sc["RestrictAddressFamilies"]), ["AF_UNIX"]);
 
     let script = unit["script"].as_str().unwrap();
-    let syntax = Command::new("bash")
-        .args(["-n", "-c", script])
-        .output()
-        .unwrap();
-    assert!(
-        syntax.status.success(),
-        "pool script: {}",
-        String::from_utf8_lossy(&syntax.stderr)
-    );
+    assert_bash_syntax(script, "pool script");
     // Over the daemon's volume group (the first declared one), with the names quoted.
     assert!(script.contains("pool='vms pool'"), "{script}");
     assert!(script.contains("vg='vg_a'"), "{script}");
@@ -1504,13 +1473,7 @@ fn module_defines_the_libvirt_pool_only_when_asked() {
     }
     assert!(script.contains("pool-autostart \"$pool\"") && script.contains("pool-start \"$pool\""));
 
-    let refused: Vec<String> = smoke["definePoolWithoutPool"]["assertions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|a| a["assertion"] != true)
-        .map(|a| a["message"].as_str().unwrap().to_string())
-        .collect();
+    let refused = failed_assertions(&smoke["definePoolWithoutPool"]);
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert!(
         refused[0].contains("libvirt.definePool") && refused[0].contains("settings.libvirt.pool"),

@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -57,25 +57,6 @@ fn raw_image(dir: &Path, name: &str, mib: usize) -> std::path::PathBuf {
     p
 }
 
-/// A qcow2 image naming a backing file (refused by the inspector).
-fn hostile_qcow2(dir: &Path) -> std::path::PathBuf {
-    let base = dir.join("images/base.qcow2");
-    let p = dir.join("images/with-backing.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "64M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        base.to_str().unwrap(),
-        "-F",
-        "qcow2",
-        p.to_str().unwrap(),
-    ]);
-    p
-}
-
 fn volumes_in(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir.join("volumes"))
         .map(|r| {
@@ -115,7 +96,7 @@ async fn cli_provision_wait_completes_and_a_rejected_image_fails_with_its_reason
     );
     println!("provision --wait (not a terminal):\n{stdout}");
 
-    let bad = hostile_qcow2(dir.path());
+    let bad = hostile_qcow2(&dir.path().join("images"), Hostile::BackingFile);
     let out = cli(
         &d.base,
         &[
@@ -139,6 +120,24 @@ async fn cli_provision_wait_completes_and_a_rejected_image_fails_with_its_reason
     assert!(!volumes_in(dir.path()).contains(&"vm-2".to_string()));
 }
 
+/// The CLI's arguments that provision the raw image at `url` into `volume` of 1 GB, then
+/// `extra`.
+fn provision_args<'a>(url: &'a str, volume: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "provision",
+        "--image-url",
+        url,
+        "--image-type",
+        "raw",
+        "--volume",
+        volume,
+        "--size-gb",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 /// Starts `provision --wait` (stdin not a terminal) with `extra` arguments and returns the child
 /// once its job runs (the caller waits for it; a failed request to the daemon panics the test,
 /// which ends the CLI with the daemon).
@@ -151,19 +150,7 @@ async fn provision_waiting(
     extra: &[&str],
 ) -> (std::process::Child, String) {
     let url = file_url(image);
-    let mut args = vec![
-        "provision",
-        "--image-url",
-        &url,
-        "--image-type",
-        "raw",
-        "--volume",
-        volume,
-        "--size-gb",
-        "1",
-        "--wait",
-    ];
-    args.extend_from_slice(extra);
+    let args = provision_args(&url, volume, &[&["--wait"], extra].concat());
     let mut child = Command::new(BIN)
         .args(&args)
         .env("LVP_SERVER_URL", &d.base)
@@ -256,18 +243,7 @@ async fn cli_output_json_is_valid_json_everywhere() {
         let out = cli(&d.base, &all);
         (out.status.code(), json_of(&out))
     };
-    let (code, done) = j(&[
-        "provision",
-        "--image-url",
-        &url,
-        "--image-type",
-        "raw",
-        "--volume",
-        "vm-j",
-        "--size-gb",
-        "1",
-        "--wait",
-    ]);
+    let (code, done) = j(&provision_args(&url, "vm-j", &["--wait"]));
     assert_eq!(code, Some(0), "{done}");
     assert_eq!(
         done["status"], "completed",
@@ -341,17 +317,7 @@ async fn cli_text_output_of_every_command() {
         );
         text(&out.stdout)
     };
-    let provisioned = run(&[
-        "provision",
-        "--image-url",
-        &url,
-        "--image-type",
-        "raw",
-        "--volume",
-        "vm-t",
-        "--size-gb",
-        "1",
-    ]);
+    let provisioned = run(&provision_args(&url, "vm-t", &[]));
     let id = provisioned
         .split_whitespace()
         .find(|w| uuid::Uuid::parse_str(w).is_ok())
@@ -393,11 +359,14 @@ async fn cli_says_what_to_do_when_nothing_listens() {
 #[tokio::test(flavor = "multi_thread")]
 async fn cli_mtls_flags_work_and_refusals_say_why() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = TestPki::create(&dir.path().join("pki"), &["operator", "stranger"]);
+    let pki = Pki::create(&dir.path().join("pki"), &["operator", "stranger"]);
     let config = pki.configure(TestConfig::new(dir.path()), &["operator"]);
     let d = Daemon::start_https(dir.path(), &config, &[]);
-    let p = |f: &str| pki.path(f).display().to_string();
-    let (ca, cert, key) = (p("ca.crt"), p("operator.crt"), p("operator.key"));
+    let (ca, cert, key) = (
+        pki.file("ca.crt"),
+        pki.file("operator.crt"),
+        pki.file("operator.key"),
+    );
     let out = cli(
         &d.base,
         &[
@@ -418,7 +387,7 @@ async fn cli_mtls_flags_work_and_refusals_say_why() {
     assert_eq!(out.status.code(), Some(4), "{}", explain(&out));
     assert!(text(&out.stderr).contains("--cacert"), "{}", explain(&out));
 
-    let (scert, skey) = (p("stranger.crt"), p("stranger.key"));
+    let (scert, skey) = (pki.file("stranger.crt"), pki.file("stranger.key"));
     let out = cli(
         &d.base,
         &[
@@ -600,11 +569,7 @@ async fn progress_streams_need_credentials_and_are_bounded() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().await.unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = accepted_job(r).await;
     let events = d.url(&format!("/api/v1/jobs/{id}/events"));
     let r = c.get(&events).send().await.unwrap();
     assert_eq!(r.status(), 401, "unauthenticated streams are refused");
@@ -684,11 +649,7 @@ async fn idempotency_key_returns_the_same_job_across_a_restart() {
     };
     let d = Daemon::start(dir.path(), &config);
     let r = post_with_key(&d, "order-42", &body).await.unwrap();
-    assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().await.unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = accepted_job(r).await;
     let r = post_with_key(&d, "order-42", &body).await.unwrap();
     assert_eq!(r.status(), 200, "a retry gets the existing job");
     assert_eq!(r.headers()["idempotent-replayed"], "true");
@@ -749,10 +710,7 @@ async fn idempotency_key_returns_the_same_job_across_a_restart() {
     .await
     .unwrap();
     assert_eq!(r.status(), 202, "255 characters are fine");
-    let long_job = r.json::<Value>().await.unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let long_job = accepted_job(r).await;
     wait_job(&c, &d, &long_job, Duration::from_secs(60)).await;
     // Racing retries with one key make one job: the others get it (200) or are told to retry (409).
     let race = json!({"image_url": file_url(&image), "image_type": "raw",
@@ -1084,7 +1042,7 @@ async fn preflight_reads_only_the_header_and_creates_nothing() {
     // A 48 MiB dense qcow2 and a 48 MiB raw image, served by nginx.
     make_dense_qcow2(&images.join("big.qcow2"), 48 << 20, 1 << 30, 3);
     raw_image(dir.path(), "big.raw", 48);
-    let backing = hostile_qcow2(dir.path());
+    let backing = hostile_qcow2(&dir.path().join("images"), Hostile::BackingFile);
     let nginx = Nginx::start(
         &dir.path().join("nginx"),
         &format!(
@@ -1152,10 +1110,8 @@ async fn preflight_reads_only_the_header_and_creates_nothing() {
     let v = inspect(json!({"image_url": file_url(&images.join("empty.raw")), "image_type": "raw"}))
         .await;
     assert!(v["reason"].as_str().unwrap().contains("empty"), "{v}");
-    let mut truncated = std::fs::read(&backing).unwrap();
-    truncated.truncate(40);
-    std::fs::write(images.join("short.qcow2"), &truncated).unwrap();
-    let v = inspect(json!({"image_url": file_url(&images.join("short.qcow2"))})).await;
+    let truncated = hostile_qcow2(&images, Hostile::Truncated);
+    let v = inspect(json!({"image_url": file_url(&truncated)})).await;
     assert!(v["reason"].as_str().unwrap().contains("truncated"), "{v}");
     let v = inspect(json!({"image_url": "https://169.254.169.254/latest/meta-data"})).await;
     assert!(
@@ -1342,17 +1298,8 @@ async fn uploads_that_trickle_are_abandoned() {
     let dir = tempfile::tempdir().unwrap();
     let config = TestConfig::new(dir.path()).set("server.body_timeout", "2s");
     let d = Daemon::start(dir.path(), &config);
-    let addr = d.base.trim_start_matches("http://").to_string();
-    let mut sock = std::net::TcpStream::connect(&addr).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
     // 200 000 bytes may take 2 s + 4 s; at 2 KB/s they would take 100 s.
-    write!(
-        sock,
-        "PUT /api/v1/volumes/slow-cidata/content HTTP/1.1\r\nHost: {addr}\r\n\
-         Content-Type: application/octet-stream\r\nContent-Length: 200000\r\n\r\n"
-    )
-    .unwrap();
+    let sock = put_head(&d, "slow-cidata", 200_000);
     let started = Instant::now();
     let mut writer = sock.try_clone().unwrap();
     let trickle = std::thread::spawn(move || {
@@ -1383,9 +1330,9 @@ async fn uploads_that_trickle_are_abandoned() {
     let _ = trickle.join();
 }
 
-/// The status line's code of a PUT that declares `length` bytes and sends none of them.
-fn raw_put_status(d: &Daemon, name: &str, length: u64) -> u16 {
-    use std::io::BufRead;
+/// A connection that has sent the head of an upload of `length` bytes into volume `name`, and
+/// no body yet (answers are awaited for 30 s at most).
+fn put_head(d: &Daemon, name: &str, length: u64) -> std::net::TcpStream {
     let addr = d.base.trim_start_matches("http://").to_string();
     let mut sock = std::net::TcpStream::connect(&addr).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(30)))
@@ -1396,69 +1343,146 @@ fn raw_put_status(d: &Daemon, name: &str, length: u64) -> u16 {
          Content-Type: application/octet-stream\r\nContent-Length: {length}\r\n\r\n"
     )
     .unwrap();
+    sock
+}
+
+/// The status line's code of a PUT that declares `length` bytes and sends none of them.
+fn raw_put_status(d: &Daemon, name: &str, length: u64) -> u16 {
+    use std::io::BufRead;
+    let sock = put_head(d, name, length);
     let mut line = String::new();
     std::io::BufReader::new(sock).read_line(&mut line).unwrap();
     line.split(' ').nth(1).unwrap_or("0").parse().unwrap_or(0)
 }
 
-/// Captures the tmux pane.
-fn capture(session: &str) -> String {
-    text(
-        &Command::new("tmux")
-            .args(["capture-pane", "-p", "-t", session])
-            .output()
-            .unwrap()
-            .stdout,
-    )
+/// A shell script run in a real terminal: a detached tmux session (`lvp-<name>-<pid>`) of
+/// `width` x `height`, killed on drop. The script's last command's status goes to a file
+/// (`exit=<status>`), which tells that it ended.
+struct Terminal {
+    session: String,
+    done: PathBuf,
+}
+
+impl Terminal {
+    /// Writes `script` into `dir/run.sh` and starts it in a new session.
+    fn start(dir: &Path, name: &str, (width, height): (u16, u16), script: &str) -> Terminal {
+        if Command::new("tmux").arg("-V").output().is_err() {
+            panic!("tmux is needed for this test (apt-get install tmux; .ci/run installs it)");
+        }
+        let done = dir.join("done");
+        let file = dir.join("run.sh");
+        let script = format!(
+            "{script}\necho \"exit=$?\" > {}\nsleep 30\n",
+            done.display()
+        );
+        std::fs::write(&file, script).unwrap();
+        let session = format!("lvp-{name}-{}", std::process::id());
+        let (x, y) = (width.to_string(), height.to_string());
+        let status = Command::new("tmux")
+            .args(["new-session", "-d", "-x", &x, "-y", &y, "-s", &session])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let terminal = Terminal { session, done };
+        terminal.keys(&[&format!("clear; sh {}", file.display()), "Enter"]);
+        terminal
+    }
+
+    /// Types `keys` (tmux send-keys names).
+    fn keys(&self, keys: &[&str]) {
+        let mut args = vec!["send-keys", "-t", &self.session];
+        args.extend_from_slice(keys);
+        assert!(Command::new("tmux").args(&args).status().unwrap().success());
+    }
+
+    /// What the pane shows.
+    fn capture(&self) -> String {
+        text(
+            &Command::new("tmux")
+                .args(["capture-pane", "-p", "-t", &self.session])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+    }
+
+    /// Waits until the pane shows `what`; that frame.
+    fn wait_for(&self, what: &str, deadline: Instant) -> String {
+        loop {
+            let frame = self.capture();
+            if frame.contains(what) {
+                return frame;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the pane never showed {what:?}:\n{frame}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the script has ended, giving every frame meanwhile to `frame`; the
+    /// `exit=<status>` line.
+    fn wait_done(&self, deadline: Instant, mut frame: impl FnMut(String)) -> String {
+        loop {
+            // The shell creates the file, then writes the line.
+            let exit = std::fs::read_to_string(&self.done).unwrap_or_default();
+            if exit.ends_with('\n') {
+                return exit;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the command did not finish:\n{}",
+                self.capture()
+            );
+            frame(self.capture());
+            std::thread::sleep(Duration::from_millis(150));
+        }
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", &self.session])
+            .status();
+    }
+}
+
+/// A daemon allowed to download from a slow source (`slow_source` at `bytes_per_sec`) serving
+/// `name`, a raw image of `mib` MiB of random bytes; the source's URL of it.
+fn daemon_with_slow_image(
+    dir: &Path,
+    name: &str,
+    mib: usize,
+    bytes_per_sec: u64,
+) -> (Daemon, Nginx, String) {
+    raw_image(dir, name, mib);
+    let (nginx, proxy) = slow_source(dir, bytes_per_sec);
+    let config = TestConfig::new(dir).set(
+        "sources.allowed_hosts",
+        toml::Value::Array(vec![format!("127.0.0.1:{proxy}").into()]),
+    );
+    let d = Daemon::start(dir, &config);
+    (d, nginx, format!("http://127.0.0.1:{proxy}/{name}"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn progress_bar_in_a_real_terminal() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        panic!("tmux is needed for this test (apt-get install tmux; .ci/run installs it)");
-    }
     let dir = tempfile::tempdir().unwrap();
-    raw_image(dir.path(), "tty.raw", 16);
-    let (_nginx, proxy) = slow_source(dir.path(), 3 << 20);
-    let config = TestConfig::new(dir.path()).set(
-        "sources.allowed_hosts",
-        toml::Value::Array(vec![format!("127.0.0.1:{proxy}").into()]),
-    );
-    let d = Daemon::start(dir.path(), &config);
-    let session = format!("lvp-{}", std::process::id());
-    let done = dir.path().join("done");
-    let script = dir.path().join("run.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "unset NO_COLOR\nexport LVP_SERVER_URL={}\n{BIN} provision --image-url \
-             http://127.0.0.1:{proxy}/tty.raw --image-type raw --volume vm-tty --size-gb 1 \
-             --wait\necho \"exit=$?\" > {}\nsleep 30\n",
-            d.base,
-            done.display()
+    let (d, _nginx, url) = daemon_with_slow_image(dir.path(), "tty.raw", 16, 3 << 20);
+    let terminal = Terminal::start(
+        dir.path(),
+        "tty",
+        (120, 30),
+        &format!(
+            "unset NO_COLOR\nexport LVP_SERVER_URL={}\n{BIN} provision --image-url {url} \
+             --image-type raw --volume vm-tty --size-gb 1 --wait",
+            d.base
         ),
-    )
-    .unwrap();
-    let command = format!("clear; sh {}", script.display());
-    let status = Command::new("tmux")
-        .args(["new-session", "-d", "-x", "120", "-y", "30", "-s", &session])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let kill = scopeguard(session.clone());
-    Command::new("tmux")
-        .args(["send-keys", "-t", &session, &command, "Enter"])
-        .status()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
+    );
     let mut bar_frame = None;
-    while !done.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the command did not finish:\n{}",
-            capture(&session)
-        );
-        let frame = capture(&session);
+    let exit = terminal.wait_done(Instant::now() + Duration::from_secs(120), |frame| {
         // A frame well into the download, when the bar also shows a rate.
         let percent_now = frame
             .lines()
@@ -1477,15 +1501,14 @@ async fn progress_bar_in_a_real_terminal() {
         {
             bar_frame = Some(frame);
         }
-        std::thread::sleep(Duration::from_millis(150));
-    }
+    });
     std::thread::sleep(Duration::from_millis(300));
-    let last = capture(&session);
-    drop(kill);
+    let last = terminal.capture();
+    drop(terminal);
     let bar = bar_frame.expect("a frame showed the bar with stage and percent");
     println!("--- a frame while downloading ---\n{}", bar.trim_end());
     println!("--- the last frame ---\n{}", last.trim_end());
-    assert!(std::fs::read_to_string(&done).unwrap().contains("exit=0"));
+    assert!(exit.contains("exit=0"));
     let final_line = last
         .lines()
         .filter(|l| !l.trim().is_empty())
@@ -1500,56 +1523,25 @@ async fn progress_bar_in_a_real_terminal() {
 /// With `NO_COLOR` set, a terminal gets plain progress lines, not the bar.
 #[tokio::test(flavor = "multi_thread")]
 async fn no_color_on_a_terminal_prints_plain_lines() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        panic!("tmux is needed for this test (apt-get install tmux; .ci/run installs it)");
-    }
     let dir = tempfile::tempdir().unwrap();
-    raw_image(dir.path(), "nc.raw", 4);
-    let (_nginx, proxy) = slow_source(dir.path(), 2 << 20);
-    let config = TestConfig::new(dir.path()).set(
-        "sources.allowed_hosts",
-        toml::Value::Array(vec![format!("127.0.0.1:{proxy}").into()]),
-    );
-    let d = Daemon::start(dir.path(), &config);
-    let session = format!("lvp-nc-{}", std::process::id());
-    let done = dir.path().join("done");
-    let script = dir.path().join("run.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "export NO_COLOR=1 LVP_SERVER_URL={}\n{BIN} provision --image-url \
-             http://127.0.0.1:{proxy}/nc.raw --image-type raw --volume vm-nc --size-gb 1 \
-             --wait\necho \"exit=$?\" > {}\nsleep 30\n",
-            d.base,
-            done.display()
+    let (d, _nginx, url) = daemon_with_slow_image(dir.path(), "nc.raw", 4, 2 << 20);
+    let terminal = Terminal::start(
+        dir.path(),
+        "nc",
+        (160, 40),
+        &format!(
+            "export NO_COLOR=1 LVP_SERVER_URL={}\n{BIN} provision --image-url {url} \
+             --image-type raw --volume vm-nc --size-gb 1 --wait",
+            d.base
         ),
-    )
-    .unwrap();
-    let status = Command::new("tmux")
-        .args(["new-session", "-d", "-x", "160", "-y", "40", "-s", &session])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let _kill = scopeguard(session.clone());
-    let command = format!("clear; sh {}", script.display());
-    Command::new("tmux")
-        .args(["send-keys", "-t", &session, &command, "Enter"])
-        .status()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    );
     let mut frames = Vec::new();
-    while !done.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the command did not finish:\n{}",
-            capture(&session)
-        );
-        frames.push(capture(&session));
-        std::thread::sleep(Duration::from_millis(150));
-    }
-    let last = capture(&session);
+    let exit = terminal.wait_done(Instant::now() + Duration::from_secs(60), |frame| {
+        frames.push(frame)
+    });
+    let last = terminal.capture();
     println!("--- NO_COLOR on a terminal ---\n{}", last.trim_end());
-    assert!(std::fs::read_to_string(&done).unwrap().contains("exit=0"));
+    assert!(exit.contains("exit=0"));
     assert!(
         frames.iter().all(|f| !f.contains("[=")),
         "no bar with NO_COLOR:\n{last}"
@@ -1558,101 +1550,43 @@ async fn no_color_on_a_terminal_prints_plain_lines() {
     assert!(last.contains("completed: volume"), "{last}");
 }
 
-/// Waits until the pane shows `what`.
-fn wait_for_pane(session: &str, what: &str, deadline: Instant) -> String {
-    loop {
-        let frame = capture(session);
-        if frame.contains(what) {
-            return frame;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the pane never showed {what:?}:\n{frame}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Ctrl-C on a terminal asks before cancelling; `n` keeps following, `y` cancels.
 #[tokio::test(flavor = "multi_thread")]
 async fn ctrl_c_in_a_terminal_asks_before_cancelling() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        panic!("tmux is needed for this test (apt-get install tmux; .ci/run installs it)");
-    }
     let dir = tempfile::tempdir().unwrap();
     let image = raw_image(dir.path(), "r.raw", 1);
     let path = slow_qemu_img_path(dir.path(), 60);
     let d = Daemon::start_with_env(dir.path(), &TestConfig::new(dir.path()), &[("PATH", &path)]);
-    let session = format!("lvp-int-{}", std::process::id());
-    let done = dir.path().join("done");
-    let script = dir.path().join("run.sh");
     // The shell survives the terminal's SIGINT (a handler, which the CLI does not inherit).
-    std::fs::write(
-        &script,
-        format!(
+    let terminal = Terminal::start(
+        dir.path(),
+        "int",
+        (120, 30),
+        &format!(
             "trap 'true' INT\nunset NO_COLOR\nexport LVP_SERVER_URL={}\n{BIN} provision --image-url \
-             {} --image-type raw --volume vm-ask --size-gb 1 --wait\necho \"exit=$?\" > {}\nsleep 30\n",
+             {} --image-type raw --volume vm-ask --size-gb 1 --wait",
             d.base,
             file_url(&image),
-            done.display()
         ),
-    )
-    .unwrap();
-    let status = Command::new("tmux")
-        .args(["new-session", "-d", "-x", "120", "-y", "30", "-s", &session])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let _kill = scopeguard(session.clone());
-    let keys = |keys: &[&str]| {
-        let mut args = vec!["send-keys", "-t", &session];
-        args.extend_from_slice(keys);
-        assert!(Command::new("tmux").args(&args).status().unwrap().success());
-    };
-    keys(&[&format!("clear; sh {}", script.display()), "Enter"]);
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
-    wait_for_pane(&session, "converting", deadline);
-    keys(&["C-c"]);
-    wait_for_pane(&session, "[y/N]", deadline);
-    keys(&["n", "Enter"]);
-    wait_for_pane(&session, "still following", deadline);
+    terminal.wait_for("converting", deadline);
+    terminal.keys(&["C-c"]);
+    terminal.wait_for("[y/N]", deadline);
+    terminal.keys(&["n", "Enter"]);
+    terminal.wait_for("still following", deadline);
     let c = client();
     let (_, list) = get(&c, &d.url("/api/v1/jobs?status=running")).await;
     assert_eq!(list["count"], 1, "answered no: the job runs on: {list}");
-    keys(&["C-c"]);
+    terminal.keys(&["C-c"]);
     std::thread::sleep(Duration::from_millis(500));
-    keys(&["y", "Enter"]);
-    while !done.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the CLI did not end:\n{}",
-            capture(&session)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let last = capture(&session);
+    terminal.keys(&["y", "Enter"]);
+    let exit = terminal.wait_done(deadline, |_| {});
+    let last = terminal.capture();
     println!("--- after answering y ---\n{}", last.trim_end());
-    assert!(
-        std::fs::read_to_string(&done).unwrap().contains("exit=3"),
-        "{last}"
-    );
+    assert!(exit.contains("exit=3"), "{last}");
     assert!(last.contains("cancel requested"), "{last}");
     let (_, list) = get(&c, &d.url("/api/v1/jobs?status=cancelled")).await;
     assert_eq!(list["count"], 1, "{list}");
     assert!(!volumes_in(dir.path()).contains(&"vm-ask".to_string()));
-}
-
-/// Kills the tmux session when dropped.
-struct Session(String);
-
-fn scopeguard(name: String) -> Session {
-    Session(name)
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        let _ = Command::new("tmux")
-            .args(["kill-session", "-t", &self.0])
-            .status();
-    }
 }

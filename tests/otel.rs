@@ -168,11 +168,7 @@ async fn job_spans_reach_the_otlp_receiver_as_children_of_the_request() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().await.unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = accepted_job(r).await;
     let job = wait_job(&c, &d, &id, Duration::from_secs(60)).await;
     assert_eq!(job["status"], "completed");
     // Spans still buffered are exported on shutdown.
@@ -268,10 +264,7 @@ async fn a_job_run_after_restart_links_back_to_its_request() {
         .send()
         .await
         .unwrap();
-    let queued = r.json::<Value>().await.unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let queued = accepted_job(r).await;
     d.kill9();
 
     let d = Daemon::start(dir, &config);

@@ -39,18 +39,6 @@ fn tool(name: &str) -> Option<PathBuf> {
     found
 }
 
-fn run(cmd: &mut Command) -> (bool, String) {
-    let out = cmd.output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 /// `name: value` items of a YAML list written one per line as `- name: value`.
 fn yaml_items(text: &str, key: &str) -> Vec<String> {
     let prefix = format!("- {key}:");
@@ -77,17 +65,19 @@ fn promtool_checks_the_rules_runs_their_unit_tests_and_checks_the_scrape_config(
     };
     let alerts = repo("deploy/prometheus/alerts.yml");
     let recording = repo("deploy/prometheus/recording-rules.yml");
-    let (ok, out) = run(Command::new(&promtool)
-        .arg("check")
-        .arg("rules")
-        .arg(&alerts)
-        .arg(&recording));
+    let (ok, out) = output_of(
+        Command::new(&promtool)
+            .arg("check")
+            .arg("rules")
+            .arg(&alerts)
+            .arg(&recording),
+    );
     assert!(ok, "promtool check rules:\n{out}");
     assert!(out.contains("SUCCESS: 7 rules found"), "{out}");
     assert!(out.contains("SUCCESS: 1 rules found"), "{out}");
 
     let tests = rule_test_files();
-    let (ok, out) = run(Command::new(&promtool).args(["test", "rules"]).args(&tests));
+    let (ok, out) = output_of(Command::new(&promtool).args(["test", "rules"]).args(&tests));
     assert!(ok, "promtool test rules:\n{out}");
     eprintln!("{out}");
 
@@ -153,9 +143,11 @@ fn promtool_checks_the_rules_runs_their_unit_tests_and_checks_the_scrape_config(
         shipped.replace("/etc/prometheus/", &format!("{}/", etc.display())),
     )
     .unwrap();
-    let (ok, out) = run(Command::new(&promtool)
-        .args(["check", "config"])
-        .arg(&config));
+    let (ok, out) = output_of(
+        Command::new(&promtool)
+            .args(["check", "config"])
+            .arg(&config),
+    );
     assert!(ok, "promtool check config:\n{out}");
     assert!(out.contains("SUCCESS: 2 rule files found"), "{out}");
 
@@ -180,18 +172,7 @@ fn make_images(dir: &Path) {
     let images = dir.join("images");
     std::fs::create_dir_all(&images).unwrap();
     make_qcow2(&images.join("ok.qcow2"), "32M");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "/etc/passwd",
-        "-F",
-        "raw",
-        images.join("backing.qcow2").to_str().unwrap(),
-        "32M",
-    ]);
+    hostile_qcow2(&images, Hostile::BackingFile);
 }
 
 /// A daemon (plain HTTP) with the images of `make_images`.
@@ -204,7 +185,7 @@ async fn daemon_with_images(dir: &Path, config: TestConfig) -> (Daemon, reqwest:
 async fn mtls_daemon_with_images(
     dir: &Path,
     config: TestConfig,
-    pki: &TestPki,
+    pki: &Pki,
 ) -> (Daemon, reqwest::Client) {
     make_images(dir);
     let config = pki.configure(config, &["orchestrator", "prometheus"]);
@@ -362,12 +343,9 @@ async fn prometheus_scrapes_the_daemon_and_evaluates_every_dashboard_and_rule_ex
         .set("telemetry.probe_interval", "1s")
         .set("auth.protect_metrics", true);
     // Prometheus scrapes over mutual TLS with its own client certificate, as in production.
-    let pki = TestPki::create(&dir.join("pki"), &["orchestrator", "prometheus"]);
+    let pki = Pki::create(&dir.join("pki"), &["orchestrator", "prometheus"]);
     let (d, c) = mtls_daemon_with_images(dir, config, &pki).await;
-    let unauthenticated = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap()])
-        .build()
-        .unwrap();
+    let unauthenticated = pki.anonymous_client();
     assert!(
         unauthenticated.get(d.url("/metrics")).send().await.is_err(),
         "no client certificate, no TLS session"

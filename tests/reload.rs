@@ -7,7 +7,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SerialNumber};
 use serde_json::{Value, json};
 
 const OLD_TOKEN: &str = "old-0123456789abcdef0123456789abcdef";
@@ -74,6 +73,12 @@ async fn config_view(c: &reqwest::Client, d: &Daemon, token: Option<&str>) -> Va
     r.json().await.unwrap()
 }
 
+/// `config_reload_total` of reloads that ended with `result` (`success` or `error`).
+async fn reloads(c: &reqwest::Client, d: &Daemon, result: &str) -> f64 {
+    let labels = format!("result=\"{result}\"");
+    metric(c, d, &format!("{M}_config_reload_total"), &labels).await
+}
+
 #[tokio::test]
 async fn rotated_tokens_apply_while_a_job_runs() {
     let tmp = tempfile::tempdir().unwrap();
@@ -91,11 +96,7 @@ async fn rotated_tokens_apply_while_a_job_runs() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().await.unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = accepted_job(r).await;
     let job_url = d.url(&format!("/api/v1/jobs/{id}"));
     assert_eq!(status_with(&c, &job_url, OLD_TOKEN).await, 200);
     assert_eq!(status_with(&c, &job_url, NEW_TOKEN).await, 401);
@@ -117,38 +118,8 @@ async fn rotated_tokens_apply_while_a_job_runs() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(done["status"], "completed", "{done}");
-    assert_eq!(
-        metric(
-            &c,
-            &d,
-            &format!("{M}_config_reload_total"),
-            "result=\"success\""
-        )
-        .await,
-        1.0
-    );
+    assert_eq!(reloads(&c, &d, "success").await, 1.0);
     assert!(!d.log().contains(NEW_TOKEN) && !d.log().contains(OLD_TOKEN));
-}
-
-fn ca() -> (Issuer<'static, KeyPair>, String) {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "Reload Test CA");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let cert = params.self_signed(&key).unwrap();
-    (Issuer::new(params, key), cert.pem())
-}
-
-/// A server certificate for 127.0.0.1 with `serial`; returns (cert PEM, key PEM).
-fn server_cert(issuer: &Issuer<'_, KeyPair>, serial: u64) -> (String, String) {
-    let key = KeyPair::generate().unwrap();
-    let mut params =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    params.serial_number = Some(SerialNumber::from(serial));
-    let cert = params.signed_by(&key, issuer).unwrap();
-    (cert.pem(), key.serialize_pem())
 }
 
 /// The serial of the certificate the server presents to a new connection (openssl).
@@ -179,74 +150,61 @@ fn presented_serial(port: u16, ca_file: &Path) -> String {
 /// A TLS daemon (certificate serial 1001 from a test CA, the old token) in a fresh directory.
 struct TlsSetup {
     tmp: tempfile::TempDir,
-    issuer: Issuer<'static, KeyPair>,
-    ca_pem: String,
-    ca_file: std::path::PathBuf,
-    cert_file: std::path::PathBuf,
-    key_file: std::path::PathBuf,
+    pki: Pki,
     tokens: std::path::PathBuf,
 }
 
 impl TlsSetup {
     fn new() -> TlsSetup {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().to_path_buf();
-        let (issuer, ca_pem) = ca();
-        let ca_file = dir.join("ca.crt");
-        std::fs::write(&ca_file, &ca_pem).unwrap();
-        let (cert, key) = server_cert(&issuer, 1001);
-        let (cert_file, key_file) = (dir.join("server.crt"), dir.join("server.key"));
-        std::fs::write(&cert_file, cert).unwrap();
-        std::fs::write(&key_file, key).unwrap();
-        let tokens = dir.join("tokens");
+        let pki = Pki::create(tmp.path(), &[]);
+        let (cert, key) = pki.server_pem(Some(1001));
+        std::fs::write(pki.path("server.crt"), cert).unwrap();
+        std::fs::write(pki.path("server.key"), key).unwrap();
+        let tokens = tmp.path().join("tokens");
         std::fs::write(&tokens, format!("ci:{OLD_TOKEN}\n")).unwrap();
-        TlsSetup {
-            tmp,
-            issuer,
-            ca_pem,
-            ca_file,
-            cert_file,
-            key_file,
-            tokens,
-        }
+        TlsSetup { tmp, pki, tokens }
     }
 
     fn config(&self) -> TestConfig {
-        TestConfig::new(self.tmp.path())
-            .set("tls.cert_file", self.cert_file.display().to_string())
-            .set("tls.key_file", self.key_file.display().to_string())
+        self.pki
+            .server_tls(TestConfig::new(self.tmp.path()), None)
             .set("auth.tokens_file", self.tokens.display().to_string())
     }
 
     /// A client that trusts the test CA.
     fn client(&self) -> reqwest::Client {
-        reqwest::Client::builder()
-            .tls_certs_only([reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).unwrap()])
-            .build()
-            .unwrap()
+        self.pki.anonymous_client()
+    }
+
+    /// The serial of the certificate the daemon presents to a new connection.
+    fn serial(&self, d: &Daemon) -> String {
+        let port: u16 = d.base.rsplit(':').next().unwrap().parse().unwrap();
+        presented_serial(port, &self.pki.path("ca.crt"))
+    }
+
+    /// Replaces the server's key, then its certificate, with a new pair of serial 2002.
+    fn replace_server_certificate(&self) {
+        let (cert, key) = self.pki.server_pem(Some(2002));
+        replace(&self.pki.path("server.key"), &key);
+        replace(&self.pki.path("server.crt"), &cert);
     }
 }
 
 #[tokio::test]
 async fn replaced_server_certificate_is_used_by_new_connections() {
     let setup = TlsSetup::new();
-    let (dir, ca_file, issuer) = (setup.tmp.path(), &setup.ca_file, &setup.issuer);
-    let (cert_file, key_file) = (&setup.cert_file, &setup.key_file);
-    let config = setup.config();
-    let d = Daemon::start_https(dir, &config, &[]);
-    let port: u16 = d.base.rsplit(':').next().unwrap().parse().unwrap();
-    assert_eq!(presented_serial(port, ca_file), "serial=03E9");
+    let d = Daemon::start_https(setup.tmp.path(), &setup.config(), &[]);
+    assert_eq!(setup.serial(&d), "serial=03E9");
     // A connection opened before the change keeps working on the old certificate.
     let c = setup.client();
     assert_eq!(c.get(d.url("/health")).send().await.unwrap().status(), 200);
 
-    let (cert, key) = server_cert(issuer, 2002);
     // Key first, then certificate: the reload that sees a mismatched pair fails and keeps
     // the old pair, the next one (after the certificate) succeeds.
-    replace(key_file, &key);
-    replace(cert_file, &cert);
+    setup.replace_server_certificate();
     let took = within(Duration::from_secs(3), "new certificate", || async {
-        presented_serial(port, ca_file) == "serial=07D2"
+        setup.serial(&d) == "serial=07D2"
     })
     .await;
     eprintln!("new certificate presented after {took:?}");
@@ -268,14 +226,7 @@ async fn an_invalid_configuration_keeps_the_running_one() {
         &config.clone().set("jobs.max_concurrent", 0).render(),
     );
     within(Duration::from_secs(3), "error counted", || async {
-        metric(
-            &c,
-            &d,
-            &format!("{M}_config_reload_total"),
-            "result=\"error\"",
-        )
-        .await
-            >= 1.0
+        reloads(&c, &d, "error").await >= 1.0
     })
     .await;
     let view = config_view(&c, &d, None).await;
@@ -304,26 +255,10 @@ async fn an_invalid_configuration_keeps_the_running_one() {
         ),
     );
     within(Duration::from_secs(3), "second error", || async {
-        metric(
-            &c,
-            &d,
-            &format!("{M}_config_reload_total"),
-            "result=\"error\"",
-        )
-        .await
-            >= 2.0
+        reloads(&c, &d, "error").await >= 2.0
     })
     .await;
-    assert_eq!(
-        metric(
-            &c,
-            &d,
-            &format!("{M}_config_reload_total"),
-            "result=\"success\""
-        )
-        .await,
-        0.0
-    );
+    assert_eq!(reloads(&c, &d, "success").await, 0.0);
     // A valid file afterwards applies.
     replace(
         &path,
@@ -475,32 +410,20 @@ async fn restart_only_changes_are_reported_not_applied() {
 #[tokio::test]
 async fn a_reload_refused_by_the_tokens_file_keeps_the_old_certificate() {
     let setup = TlsSetup::new();
-    let (dir, ca_file, issuer) = (setup.tmp.path(), &setup.ca_file, &setup.issuer);
-    let (cert_file, key_file, tokens) = (&setup.cert_file, &setup.key_file, &setup.tokens);
     let config = setup.config().set("reload.watch_files", false);
-    let d = Daemon::start_https(dir, &config, &[]);
-    let port: u16 = d.base.rsplit(':').next().unwrap().parse().unwrap();
-    assert_eq!(presented_serial(port, ca_file), "serial=03E9");
+    let d = Daemon::start_https(setup.tmp.path(), &config, &[]);
+    assert_eq!(setup.serial(&d), "serial=03E9");
     let c = setup.client();
 
-    let (cert, key) = server_cert(issuer, 2002);
-    replace(key_file, &key);
-    replace(cert_file, &cert);
-    replace(tokens, "ci:too-short\n");
+    setup.replace_server_certificate();
+    replace(&setup.tokens, "ci:too-short\n");
     sighup(&d);
     within(Duration::from_secs(5), "refused reload", || async {
-        metric(
-            &c,
-            &d,
-            &format!("{M}_config_reload_total"),
-            "result=\"error\"",
-        )
-        .await
-            >= 1.0
+        reloads(&c, &d, "error").await >= 1.0
     })
     .await;
     assert_eq!(
-        presented_serial(port, ca_file),
+        setup.serial(&d),
         "serial=03E9",
         "the old certificate is still served"
     );

@@ -42,18 +42,6 @@ async fn cache_images(c: &reqwest::Client, d: &Daemon) -> Vec<Value> {
     v["images"].as_array().unwrap().clone()
 }
 
-fn cache_files(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir.join("cache"))
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().to_string())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
 #[tokio::test]
 async fn provisions_from_s3_with_and_without_checksum_and_hits_the_cache() {
     let s = setup();
@@ -363,14 +351,7 @@ async fn interrupted_download_resumes_after_restart_fetching_only_missing_parts(
     let url = format!("http://127.0.0.1:{}/vm-images/big.raw", proxy.port);
 
     let d = Daemon::start(&s.dir, &config);
-    let (status, v) = post(
-        &c,
-        &d.url("/api/v1/cache/fetch"),
-        &json!({"image_url": url, "image_type": "raw"}),
-    )
-    .await;
-    assert_eq!(status, 202, "{v}");
-    let id = v["job_id"].as_str().unwrap().to_string();
+    let id = fetch_to_cache(&c, &d, &url, Some("raw")).await;
     // Until the checkpoint records 7 of the 12 parts as synced.
     let synced_parts = |dir: &Path| -> usize {
         cache_files(dir)
@@ -385,10 +366,7 @@ async fn interrupted_download_resumes_after_restart_fetching_only_missing_parts(
     wait_until(&c, &d, &id, MINUTE, |_| synced_parts(&s.dir) >= 7).await;
     d.kill9();
     let before = proxy.server_bytes();
-    let partials: Vec<String> = cache_files(&s.dir)
-        .into_iter()
-        .filter(|f| f.contains(".partial"))
-        .collect();
+    let partials = partial_files(&s.dir);
     assert_eq!(
         partials.len(),
         2,
@@ -398,13 +376,7 @@ async fn interrupted_download_resumes_after_restart_fetching_only_missing_parts(
     let d = Daemon::start(&s.dir, &config);
     let (_, old) = get(&c, &d.url(&format!("/api/v1/jobs/{id}"))).await;
     assert_eq!(old["error"], "interrupted by daemon restart");
-    let (_, v) = post(
-        &c,
-        &d.url("/api/v1/cache/fetch"),
-        &json!({"image_url": url, "image_type": "raw"}),
-    )
-    .await;
-    let id = v["job_id"].as_str().unwrap().to_string();
+    let id = fetch_to_cache(&c, &d, &url, Some("raw")).await;
     let job = wait_job(&c, &d, &id, MINUTE).await;
     assert_eq!(job["status"], "completed", "{job}");
     assert_eq!(job["kind"], "cache_fetch");
@@ -460,14 +432,8 @@ async fn eviction_keeps_the_bound_and_spares_entries_in_use() {
     })
     .await;
     for n in ["e1", "e2", "e3"] {
-        let (status, v) = post(
-            &c,
-            &d.url("/api/v1/cache/fetch"),
-            &json!({"image_url": url(n)}),
-        )
-        .await;
-        assert_eq!(status, 202);
-        let job = wait_job(&c, &d, v["job_id"].as_str().unwrap(), MINUTE).await;
+        let id = fetch_to_cache(&c, &d, &url(n), None).await;
+        let job = wait_job(&c, &d, &id, MINUTE).await;
         assert_eq!(job["status"], "completed", "{job}");
     }
     let images = cache_images(&c, &d).await;
@@ -496,13 +462,8 @@ async fn eviction_keeps_the_bound_and_spares_entries_in_use() {
     assert_eq!(status, 409, "deleting an entry in use is refused: {v}");
     let job = wait_job(&c, &d, &busy, MINUTE).await;
     assert_eq!(job["status"], "completed", "{job}");
-    let (_, v) = post(
-        &c,
-        &d.url("/api/v1/cache/fetch"),
-        &json!({"image_url": url("e1")}),
-    )
-    .await;
-    wait_job(&c, &d, v["job_id"].as_str().unwrap(), MINUTE).await;
+    let id = fetch_to_cache(&c, &d, &url("e1"), None).await;
+    wait_job(&c, &d, &id, MINUTE).await;
     let total: u64 = cache_images(&c, &d)
         .await
         .iter()
@@ -529,14 +490,8 @@ async fn cache_api_routes() {
     let d = Daemon::start(&s.dir, &s.s3.configure(TestConfig::new(&s.dir)));
     let c = client();
     let url = format!("{}/vm-images/api.qcow2", s.s3.endpoint());
-    let (status, v) = post(
-        &c,
-        &d.url("/api/v1/cache/fetch"),
-        &json!({"image_url": url}),
-    )
-    .await;
-    assert_eq!(status, 202, "{v}");
-    let job = wait_job(&c, &d, v["job_id"].as_str().unwrap(), MINUTE).await;
+    let id = fetch_to_cache(&c, &d, &url, None).await;
+    let job = wait_job(&c, &d, &id, MINUTE).await;
     assert_eq!(job["status"], "completed", "{job}");
     assert_eq!(job["kind"], "cache_fetch");
     assert_eq!(job["progress"]["bytes_total"], bytes.len());

@@ -7,109 +7,57 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::future::Future;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use futures::FutureExt;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 const VG: &str = "vmthin";
 const POOL: &str = "pool";
-const DISK: &str = "/dev/vda";
-const MIB: u64 = 1 << 20;
 const JOB_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Cases in the order they run.
-const CASES: [&str; 7] = [
-    "three_volumes_from_one_golden_image",
-    "golden_bound_removes_the_least_recently_used",
-    "reused_thick_and_thin_lvs_are_fully_overwritten",
-    "kill_during_golden_build_then_restart",
-    "fresh_thin_lvs_follow_the_pools_zeroing",
-    "pool_over_threshold_fails_before_writing",
-    "nixos_volume_group_script_creates_thin_pools",
+const CASES: [Case<Ctx>; 7] = [
+    ("three_volumes_from_one_golden_image", |c| {
+        Box::pin(three_volumes(c))
+    }),
+    ("golden_bound_removes_the_least_recently_used", |c| {
+        Box::pin(golden_bound(c))
+    }),
+    ("reused_thick_and_thin_lvs_are_fully_overwritten", |c| {
+        Box::pin(reused_lvs(c))
+    }),
+    ("kill_during_golden_build_then_restart", |c| {
+        Box::pin(kill_during_build(c))
+    }),
+    ("fresh_thin_lvs_follow_the_pools_zeroing", |c| {
+        Box::pin(fresh_thin_lvs(c))
+    }),
+    ("pool_over_threshold_fails_before_writing", |c| {
+        Box::pin(pool_over_threshold(c))
+    }),
+    ("nixos_volume_group_script_creates_thin_pools", |c| {
+        Box::pin(nixos_thin_pools(c))
+    }),
 ];
 
-type CaseResult = Result<(), String>;
-
-macro_rules! ensure {
-    ($cond:expr, $($fmt:tt)+) => {
-        if !$cond {
-            return Err(format!($($fmt)+));
-        }
-    };
-}
-
-/// Runs a command; stdout on success, else an error with its stderr.
-fn run(program: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(program)
-        .args(args)
-        .env("LC_ALL", "C")
-        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{program}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "{program} {args:?}: {}: {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
 fn lv_path(name: &str) -> PathBuf {
-    PathBuf::from(format!("/dev/{VG}/{name}"))
-}
-
-/// `field` of LV `name` in `vg`, `None` when it does not exist.
-fn lv_field_in(vg: &str, name: &str, field: &str) -> Result<Option<String>, String> {
-    let out = run(
-        "lvs",
-        &[
-            "--noheadings",
-            "--separator",
-            "|",
-            "--units",
-            "b",
-            "--nosuffix",
-            "-o",
-            &format!("lv_name,{field}"),
-            vg,
-        ],
-    )?;
-    Ok(out.lines().find_map(|l| {
-        let (n, v) = l.trim().split_once('|')?;
-        (n == name).then(|| v.trim().to_string())
-    }))
+    common::lv_path(VG, name)
 }
 
 fn lv_field(name: &str, field: &str) -> Result<Option<String>, String> {
-    lv_field_in(VG, name, field)
+    common::lv_field(VG, name, field)
 }
 
 fn lv_exists(name: &str) -> Result<bool, String> {
-    Ok(lv_field(name, "lv_uuid")?.is_some())
-}
-
-/// Names of the LVs of the VG.
-fn lv_names() -> Result<Vec<String>, String> {
-    let out = run("lvs", &["--noheadings", "-o", "lv_name", VG])?;
-    Ok(out.split_whitespace().map(str::to_string).collect())
+    common::lv_exists(VG, name)
 }
 
 /// The golden LVs (by name prefix).
 fn golden_lvs() -> Result<Vec<String>, String> {
-    Ok(lv_names()?
+    Ok(lv_names(VG)?
         .into_iter()
         .filter(|n| n.starts_with("lvp-golden-"))
         .collect())
@@ -128,111 +76,12 @@ fn data_bytes(name: &str) -> Result<u64, String> {
     Ok((pct / 100.0 * size) as u64)
 }
 
-fn sha256_prefix(path: &Path, len: u64) -> Result<String, String> {
-    let out = run(
-        "sh",
-        &[
-            "-c",
-            &format!("head -c {len} '{}' | sha256sum", path.display()),
-        ],
-    )?;
-    Ok(out
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string())
-}
-
-/// A 4 KiB-aligned buffer of `len` bytes for O_DIRECT I/O.
-struct Aligned {
-    raw: Vec<u8>,
-    pad: usize,
-    len: usize,
-}
-
-impl Aligned {
-    fn new(len: usize, byte: u8) -> Aligned {
-        let raw = vec![byte; len + 4096];
-        let pad = raw.as_ptr().align_offset(4096);
-        Aligned { raw, pad, len }
-    }
-    fn buf(&mut self) -> &mut [u8] {
-        &mut self.raw[self.pad..self.pad + self.len]
-    }
-}
-
-/// Writes `byte` over `len` bytes (a multiple of 1 MiB) at `offset` of a block device,
-/// bypassing the page cache.
-fn fill_at(path: &Path, byte: u8, offset: u64, len: u64) -> CaseResult {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(nix::libc::O_DIRECT)
-        .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    f.seek(SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
-    let mut buf = Aligned::new(4 * MIB as usize, byte);
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(4 * MIB) as usize;
-        f.write_all(&buf.buf()[..n])
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        done += n as u64;
-    }
-    f.sync_all().map_err(|e| format!("{}: {e}", path.display()))
-}
-
-/// Checks that `path` reads as zeros from `start` to its end (O_DIRECT: no stale page cache).
-fn zeros_from(path: &Path, start: u64) -> CaseResult {
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_DIRECT)
-        .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    let end = f.seek(SeekFrom::End(0)).map_err(|e| e.to_string())?;
-    let aligned = start / MIB * MIB;
-    f.seek(SeekFrom::Start(aligned))
-        .map_err(|e| e.to_string())?;
-    let mut io_buf = Aligned::new(8 * MIB as usize, 0);
-    let buf = io_buf.buf();
-    let mut off = aligned;
-    while off < end {
-        let n = ((end - off) as usize).min(buf.len());
-        f.read_exact(&mut buf[..n])
-            .map_err(|e| format!("reading {} at {off}: {e}", path.display()))?;
-        let skip = start.saturating_sub(off).min(n as u64) as usize;
-        if let Some(at) = buf[skip..n].iter().position(|b| *b != 0) {
-            return Err(format!(
-                "{} has non-zero data at byte {} (after the image, which ends at {start})",
-                path.display(),
-                off + (skip + at) as u64
-            ));
-        }
-        off += n as u64;
-    }
-    Ok(())
-}
-
-/// Host-made reference conversions: image name -> (raw size, sha256).
-fn references(data: &Path) -> HashMap<String, (u64, String)> {
-    let text =
-        std::fs::read_to_string(data.join("refs.txt")).expect("refs.txt from scripts/vm-test.sh");
-    text.lines()
-        .filter_map(|l| {
-            let mut w = l.split_whitespace();
-            Some((
-                w.next()?.to_string(),
-                (w.next()?.parse().ok()?, w.next()?.to_string()),
-            ))
-        })
-        .collect()
-}
-
 /// What every case shares: the test images, a work directory, an HTTP client.
 struct Ctx {
     c: reqwest::Client,
     data: PathBuf,
     work: PathBuf,
-    refs: HashMap<String, (u64, String)>,
+    refs: References,
 }
 
 impl Ctx {
@@ -251,49 +100,29 @@ impl Ctx {
         (dir, config)
     }
 
+    /// The VM suites' way to reach daemon `d`.
+    fn api<'a>(&'a self, d: &'a Daemon) -> Api<'a> {
+        Api {
+            c: &self.c,
+            d,
+            job_timeout: JOB_TIMEOUT,
+        }
+    }
+
+    /// Submits `image` of the test data (raw or qcow2 by its name) into `volume` of 1 GB.
     async fn submit(&self, d: &Daemon, image: &str, volume: &str) -> Result<String, String> {
         let image_type = if image.ends_with(".raw") {
             "raw"
         } else {
             "qcow2"
         };
-        let (status, v) = post(
-            &self.c,
-            &d.url("/api/v1/jobs"),
-            &json!({"image_url": file_url(&self.data.join(image)), "volume_name": volume,
-                    "volume_size_gb": 1, "image_type": image_type}),
-        )
-        .await;
-        ensure!(status == 202, "submit {image} -> {volume}: {status} {v}");
-        Ok(v["job_id"].as_str().unwrap_or_default().to_string())
-    }
-
-    /// Polls job `id` every `every` until `done` holds (slowly: every request costs the
-    /// emulated CPU the daemon needs).
-    async fn poll(
-        &self,
-        d: &Daemon,
-        id: &str,
-        every: Duration,
-        done: impl Fn(&Value) -> bool,
-    ) -> Result<Value, String> {
-        let deadline = Instant::now() + JOB_TIMEOUT;
-        loop {
-            let (status, v) = get(&self.c, &d.url(&format!("/api/v1/jobs/{id}"))).await;
-            ensure!(status == 200, "GET job {id}: {status} {v}");
-            if done(&v) {
-                return Ok(v);
-            }
-            ensure!(Instant::now() < deadline, "job {id} timed out: {v}");
-            tokio::time::sleep(every).await;
-        }
+        self.api(d)
+            .submit(&self.data.join(image), volume, 1, image_type)
+            .await
     }
 
     async fn wait_done(&self, d: &Daemon, id: &str) -> Result<Value, String> {
-        self.poll(d, id, Duration::from_millis(500), |v| {
-            ["completed", "failed", "cancelled"].contains(&v["status"].as_str().unwrap_or(""))
-        })
-        .await
+        self.api(d).wait_done(id).await
     }
 
     async fn provision(&self, d: &Daemon, image: &str, volume: &str) -> Result<Value, String> {
@@ -301,28 +130,14 @@ impl Ctx {
         self.wait_done(d, &id).await
     }
 
-    fn reference(&self, image: &str) -> Result<(u64, String), String> {
-        self.refs
-            .get(image)
-            .cloned()
-            .ok_or(format!("no reference for {image}"))
-    }
-
     /// The LV's first bytes are the image's (the host's conversion).
     fn check_image_bytes(&self, volume: &str, image: &str) -> CaseResult {
-        let (len, want) = self.reference(image)?;
-        let got = sha256_prefix(&lv_path(volume), len)?;
-        ensure!(
-            got == want,
-            "{volume}: sha256 of the first {len} bytes is {got}, the host's conversion of {image} is {want}"
-        );
-        Ok(())
+        self.refs.check_image_bytes(&lv_path(volume), image)
     }
 
     /// The image's bytes, then zeros to the end.
     fn check_contents(&self, volume: &str, image: &str) -> CaseResult {
-        self.check_image_bytes(volume, image)?;
-        zeros_from(&lv_path(volume), self.reference(image)?.0)
+        self.refs.check_contents(&lv_path(volume), image)
     }
 }
 
@@ -351,21 +166,10 @@ fn convert_args_for(log: &str, volume: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs device-mapper and a disk to format: run scripts/vm-test.sh (boots a VM)"]
 async fn thin_pool_golden_images_end_to_end() {
-    assert_eq!(
-        std::env::var("IN_TEST_VM").as_deref(),
-        Ok("1"),
-        "this test formats {DISK}: it runs only inside the test VM (scripts/vm-test.sh)"
-    );
-    println!("\nVM-CASES {}", CASES.len());
-    let setup = Instant::now();
-    let data = PathBuf::from(
-        std::env::var("VMTEST_DATA")
-            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/vm-test").into()),
-    );
+    let suite = Suite::start(CASES.len(), &format!("formats {DISK}"));
     // Stale data where the pool's data will be: thin LVs must never show it.
     fill_at(Path::new(DISK), 0xab, 0, 1024 * MIB).unwrap();
-    run("pvcreate", &["-q", "-y", "-ff", DISK]).unwrap();
-    run("vgcreate", &["-q", VG, DISK]).unwrap();
+    create_vg(VG, &[]).unwrap();
     run(
         "lvcreate",
         &[
@@ -384,63 +188,12 @@ async fn thin_pool_golden_images_end_to_end() {
     let work = tempfile::tempdir().unwrap();
     let ctx = Ctx {
         c: client(),
-        refs: references(&data),
-        data,
+        refs: suite.references(),
+        data: suite.data.clone(),
         work: work.path().to_path_buf(),
     };
-    println!("setup: {:.1} s", setup.elapsed().as_secs_f64());
-
-    let mut failed = Vec::new();
-    for name in CASES {
-        let started = Instant::now();
-        let outcome = std::panic::AssertUnwindSafe(run_case(&ctx, name))
-            .catch_unwind()
-            .await;
-        let secs = started.elapsed().as_secs_f64();
-        match outcome {
-            Ok(Ok(())) => println!("VM-CASE PASS {name} ({secs:.1} s)"),
-            Ok(Err(e)) => {
-                println!("VM-CASE FAIL {name} ({secs:.1} s): {e}");
-                failed.push(name);
-            }
-            Err(panic) => {
-                let msg = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                println!("VM-CASE FAIL {name} ({secs:.1} s): panicked: {msg}");
-                failed.push(name);
-            }
-        }
-    }
-    assert!(failed.is_empty(), "failed cases: {failed:?}");
-}
-
-fn run_case<'a>(
-    ctx: &'a Ctx,
-    name: &'a str,
-) -> std::pin::Pin<Box<dyn Future<Output = CaseResult> + Send + 'a>> {
-    match name {
-        "three_volumes_from_one_golden_image" => Box::pin(three_volumes(ctx)),
-        "golden_bound_removes_the_least_recently_used" => Box::pin(golden_bound(ctx)),
-        "reused_thick_and_thin_lvs_are_fully_overwritten" => Box::pin(reused_lvs(ctx)),
-        "kill_during_golden_build_then_restart" => Box::pin(kill_during_build(ctx)),
-        "fresh_thin_lvs_follow_the_pools_zeroing" => Box::pin(fresh_thin_lvs(ctx)),
-        "pool_over_threshold_fails_before_writing" => Box::pin(pool_over_threshold(ctx)),
-        "nixos_volume_group_script_creates_thin_pools" => Box::pin(nixos_thin_pools(ctx)),
-        other => Box::pin(async move { Err(format!("unknown case {other}")) }),
-    }
-}
-
-/// Prints the daemon's last log lines when a case fails (the error is returned as it was).
-fn with_log<T>(d: &Daemon, r: Result<T, String>) -> Result<T, String> {
-    r.map_err(|e| {
-        let log = d.log();
-        let tail: Vec<&str> = log.lines().rev().take(40).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        format!("{e}\n  daemon log (last lines):\n  {}", tail.join("\n  "))
-    })
+    suite.lap("setup");
+    suite.run(&ctx, &CASES, None).await;
 }
 
 /// Three volumes from one image, two of them submitted while the first builds the golden LV:
@@ -497,7 +250,7 @@ async fn three_volumes_on(ctx: &Ctx, d: &Daemon) -> CaseResult {
         );
         ctx.check_image_bytes(v, "disk.qcow2")?;
     }
-    let (len, image_sha) = ctx.reference("disk.qcow2")?;
+    let (len, image_sha) = ctx.refs.get("disk.qcow2")?;
     zeros_from(&lv_path("thin-a"), len)?;
     let golden_data = data_bytes(golden)?;
     let pool_used = data_bytes(POOL)?.saturating_sub(pool_before);
@@ -537,25 +290,22 @@ async fn three_volumes_on(ctx: &Ctx, d: &Daemon) -> CaseResult {
 
     step("DELETE of the golden LV");
     // The golden LV is not a volume: DELETE refuses it with the reason.
-    let (status, v) = delete(&ctx.c, &d.url(&format!("/api/v1/volumes/{golden}"))).await;
+    let (status, v) = ctx.api(d).delete(golden).await;
     ensure!(
         status == 409 && v["message"].as_str().unwrap_or("").contains("golden image"),
         "DELETE of the golden LV: {status} {v}"
     );
     ensure!(lv_exists(golden)?, "golden LV removed by DELETE");
     // A job asking for it by name is refused too.
-    let (status, v) = post(
-        &ctx.c,
-        &d.url("/api/v1/jobs"),
-        &json!({"image_url": file_url(&ctx.data.join("disk.qcow2")), "volume_name": golden,
-                "volume_size_gb": 1}),
-    )
-    .await;
+    let (status, v) = ctx
+        .api(d)
+        .provision(&ctx.data.join("disk.qcow2"), golden, 1, "qcow2")
+        .await;
     ensure!(status == 409, "a job onto the golden LV: {status} {v}");
 
     step("DELETE of a clone");
     // Deleting a clone leaves the others.
-    let (status, v) = delete(&ctx.c, &d.url("/api/v1/volumes/thin-c")).await;
+    let (status, v) = ctx.api(d).delete("thin-c").await;
     ensure!(status == 200, "DELETE thin-c: {status} {v}");
     ensure!(!lv_exists("thin-c")?, "thin-c still there");
     ctx.check_image_bytes("thin-a", "disk.qcow2")?;
@@ -587,7 +337,7 @@ async fn three_volumes_on(ctx: &Ctx, d: &Daemon) -> CaseResult {
         "thin-a still names an origin"
     );
     for v in ["thin-a", "thin-b"] {
-        let (status, body) = delete(&ctx.c, &d.url(&format!("/api/v1/volumes/{v}"))).await;
+        let (status, body) = ctx.api(d).delete(v).await;
         ensure!(status == 200, "DELETE {v}: {status} {body}");
     }
     Ok(())
@@ -621,14 +371,7 @@ async fn golden_bound_on(ctx: &Ctx, d: &Daemon, other: &Path) -> CaseResult {
     ensure!(before.len() == 1, "golden LVs after one image: {before:?}");
 
     step("a second image, no room for two golden LVs");
-    let (status, v) = post(
-        &ctx.c,
-        &d.url("/api/v1/jobs"),
-        &json!({"image_url": file_url(other), "volume_name": "bound-b", "volume_size_gb": 1}),
-    )
-    .await;
-    ensure!(status == 202, "submit other.qcow2: {status} {v}");
-    let second = v["job_id"].as_str().unwrap_or_default().to_string();
+    let second = ctx.api(d).submit(other, "bound-b", 1, "qcow2").await?;
     let job = ctx.wait_done(d, &second).await?;
     ensure!(
         job["status"] == "completed" && job["method"] == "thin-snapshot",
@@ -646,7 +389,7 @@ async fn golden_bound_on(ctx: &Ctx, d: &Daemon, other: &Path) -> CaseResult {
     );
     for v in ["bound-a", "bound-b"] {
         ctx.check_image_bytes(v, "disk.qcow2")?;
-        let (status, body) = delete(&ctx.c, &d.url(&format!("/api/v1/volumes/{v}"))).await;
+        let (status, body) = ctx.api(d).delete(v).await;
         ensure!(status == 200, "DELETE {v}: {status} {body}");
     }
     Ok(())
@@ -712,13 +455,7 @@ async fn kill_during_build(ctx: &Ctx) -> CaseResult {
     let (dir, config) = ctx.config("kill");
     let d = Daemon::start(&dir, &config);
     let id = ctx.submit(&d, "slow.qcow2", "vm-kill").await?;
-    let seen = ctx
-        .poll(&d, &id, Duration::from_millis(200), |j| {
-            j["status"] != "running"
-                || (j["progress"]["stage"] == "converting"
-                    && j["progress"]["stage_percent"].as_f64().unwrap_or(0.0) > 0.0)
-        })
-        .await;
+    let seen = ctx.api(&d).wait_converting(&id).await;
     let seen = with_log(&d, seen)?;
     ensure!(
         seen["status"] == "running",
@@ -766,7 +503,7 @@ async fn kill_during_build(ctx: &Ctx) -> CaseResult {
             "rebuilt golden LV not complete"
         );
         ctx.check_contents("vm-kill2", "slow.qcow2")?;
-        let (status, v) = delete(&ctx.c, &d.url("/api/v1/volumes/vm-kill2")).await;
+        let (status, v) = ctx.api(&d).delete("vm-kill2").await;
         ensure!(status == 200, "DELETE: {status} {v}");
         Ok(())
     }
@@ -832,7 +569,7 @@ async fn fresh_thin_lvs(ctx: &Ctx) -> CaseResult {
     run("lvchange", &["-q", "--zero", "y", &format!("{VG}/{POOL}")])?;
     with_log(&d, r)?;
     for v in ["fresh-zeroing", "fresh-nonzeroing"] {
-        let (status, body) = delete(&ctx.c, &d.url(&format!("/api/v1/volumes/{v}"))).await;
+        let (status, body) = ctx.api(&d).delete(v).await;
         ensure!(status == 200, "DELETE {v}: {status} {body}");
     }
     d.stop();
@@ -882,7 +619,7 @@ async fn pool_over_threshold(ctx: &Ctx) -> CaseResult {
             .is_empty(),
             "no recovery log line for the orphaned golden LVs {orphans:?}"
         );
-        let before = lv_names()?;
+        let before = lv_names(VG)?;
         let job = ctx.provision(&d, "disk.qcow2", "over-threshold").await?;
         ensure!(job["status"] == "failed", "job: {job}");
         let err = job["error"].as_str().unwrap_or("");
@@ -893,9 +630,9 @@ async fn pool_over_threshold(ctx: &Ctx) -> CaseResult {
             "error: {err}"
         );
         ensure!(
-            lv_names()? == before,
+            lv_names(VG)? == before,
             "LVs changed: {before:?} -> {:?}",
-            lv_names()?
+            lv_names(VG)?
         );
         let (status, ready) = get(&ctx.c, &d.url("/readyz")).await;
         ensure!(
@@ -943,19 +680,11 @@ async fn nixos_thin_pools(ctx: &Ctx) -> CaseResult {
     let _ = std::fs::remove_file("/dev/lvp-nixthin/disk");
     std::os::unix::fs::symlink(&loopdev, "/dev/lvp-nixthin/disk").map_err(|e| e.to_string())?;
     let script = |name: &str| {
-        let out = Command::new("bash")
-            .arg(scripts.join(name))
-            .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| e.to_string())?;
-        Ok::<_, String>((
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
+        Ok::<_, String>(output_of(
+            Command::new("bash")
+                .arg(scripts.join(name))
+                .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+                .stdin(Stdio::null()),
         ))
     };
     let r = async {
@@ -963,18 +692,18 @@ async fn nixos_thin_pools(ctx: &Ctx) -> CaseResult {
         ensure!(ok, "first run failed:\n{out}");
         ensure!(out.contains("created thin pool nixthin/pool"), "{out}");
         ensure!(
-            lv_field_in("nixthin", "pool", "segtype")?.as_deref() == Some("thin-pool"),
+            common::lv_field("nixthin", "pool", "segtype")?.as_deref() == Some("thin-pool"),
             "no thin pool"
         );
         ensure!(
-            lv_field_in("nixthin", "pool", "chunk_size")?.as_deref() == Some("131072"),
+            common::lv_field("nixthin", "pool", "chunk_size")?.as_deref() == Some("131072"),
             "chunk size {:?}",
-            lv_field_in("nixthin", "pool", "chunk_size")?
+            common::lv_field("nixthin", "pool", "chunk_size")?
         );
         ensure!(
-            lv_field_in("nixthin", "pool", "lv_size")?.as_deref() == Some("268435456"),
+            common::lv_field("nixthin", "pool", "lv_size")?.as_deref() == Some("268435456"),
             "size {:?}",
-            lv_field_in("nixthin", "pool", "lv_size")?
+            common::lv_field("nixthin", "pool", "lv_size")?
         );
         let (ok, out) = script("create.sh")?;
         ensure!(
@@ -991,7 +720,7 @@ async fn nixos_thin_pools(ctx: &Ctx) -> CaseResult {
             "too big:\n{out}"
         );
         ensure!(
-            lv_field_in("nixthin", "big", "lv_uuid")?.is_none(),
+            common::lv_field("nixthin", "big", "lv_uuid")?.is_none(),
             "pool big was created"
         );
         run(
@@ -1004,7 +733,7 @@ async fn nixos_thin_pools(ctx: &Ctx) -> CaseResult {
             "plain LV:\n{out}"
         );
         ensure!(
-            lv_field_in("nixthin", "plain", "segtype")?.as_deref() == Some("linear"),
+            common::lv_field("nixthin", "plain", "segtype")?.as_deref() == Some("linear"),
             "the plain LV changed"
         );
         Ok(())

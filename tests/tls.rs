@@ -6,16 +6,11 @@
 mod common;
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -23,103 +18,18 @@ const TOKEN_CI: &str = "ci-0123456789abcdef0123456789abcdef";
 const TOKEN_ANON: &str = "Zm9vYmFyYmF6cXV4MTIzNDU2Nzg5MGFiY2RlZg";
 const TOKEN_WRONG: &str = "ci-0123456789abcdef0123456789abcdeX";
 
-/// The test PKI, written as PEM files into `dir/pki`.
-struct Pki {
-    dir: PathBuf,
-    ca_pem: String,
-}
-
-impl Pki {
-    fn create(root: &Path) -> Pki {
-        let dir = root.join("pki");
-        std::fs::create_dir_all(&dir).unwrap();
-        let ca = new_ca("Test Provisioner CA");
-        let foreign = new_ca("Some Other CA");
-        let ca_pem = ca.1.clone();
-        std::fs::write(dir.join("ca.crt"), &ca.1).unwrap();
-
-        let server_key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "provisioner.test");
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let server = params.signed_by(&server_key, &ca.0).unwrap();
-        std::fs::write(dir.join("server.crt"), server.pem()).unwrap();
-        std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
-
-        let client = |name: &str,
-                      cn: &str,
-                      sans: Vec<String>,
-                      issuer: &Issuer<'_, KeyPair>,
-                      expired: bool| {
-            let key = KeyPair::generate().unwrap();
-            let mut params = CertificateParams::new(sans).unwrap();
-            params.distinguished_name = rcgen::DistinguishedName::new();
-            params.distinguished_name.push(DnType::CommonName, cn);
-            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-            if expired {
-                params.not_before = rcgen::date_time_ymd(2019, 1, 1);
-                params.not_after = rcgen::date_time_ymd(2020, 1, 1);
-            }
-            let cert = params.signed_by(&key, issuer).unwrap();
-            std::fs::write(dir.join(format!("{name}.crt")), cert.pem()).unwrap();
-            std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
-        };
-        client(
-            "orchestrator",
-            "orchestrator",
-            vec!["orchestrator.example.com".into()],
-            &ca.0,
-            false,
-        );
-        client("intruder", "intruder", vec![], &ca.0, false);
-        client("foreign", "orchestrator", vec![], &foreign.0, false);
-        client("expired", "orchestrator", vec![], &ca.0, true);
-        Pki { dir, ca_pem }
-    }
-
-    fn path(&self, file: &str) -> String {
-        self.dir.join(file).display().to_string()
-    }
-
-    /// A client trusting only the test CA, presenting `identity`'s certificate if given.
-    fn client(&self, identity: Option<&str>) -> reqwest::Client {
-        let mut builder = reqwest::Client::builder()
-            .timeout(Duration::from_secs(60))
-            .tls_certs_only([reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).unwrap()]);
-        if let Some(name) = identity {
-            let mut pem = std::fs::read(self.dir.join(format!("{name}.crt"))).unwrap();
-            pem.extend(std::fs::read(self.dir.join(format!("{name}.key"))).unwrap());
-            builder = builder.identity(reqwest::Identity::from_pem(&pem).unwrap());
-        }
-        builder.build().unwrap()
-    }
-
-    /// TLS settings of the daemon.
-    fn tls_config(&self, dir: &Path, client_auth: Option<&str>) -> TestConfig {
-        let mut config = TestConfig::new(dir)
-            .set("tls.cert_file", self.path("server.crt"))
-            .set("tls.key_file", self.path("server.key"));
-        if let Some(mode) = client_auth {
-            config = config
-                .set("tls.client_ca_file", self.path("ca.crt"))
-                .set("tls.client_auth", mode);
-        }
-        config
-    }
-}
-
-fn new_ca(name: &str) -> (Issuer<'static, KeyPair>, String) {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let cert = params.self_signed(&key).unwrap();
-    (Issuer::new(params, key), cert.pem())
+/// The test PKI in `root/pki`: the server, clients `orchestrator` (with a DNS name) and
+/// `intruder`, and, each with the common name `orchestrator`, a client of another CA (`foreign`)
+/// and an expired one (`expired`).
+fn tls_pki(root: &Path) -> Pki {
+    let pki = Pki::create(&root.join("pki"), &["intruder"]);
+    pki.issue_client(
+        "orchestrator",
+        ClientCert::cn("orchestrator").san("orchestrator.example.com"),
+    );
+    pki.issue_client("foreign", ClientCert::cn("orchestrator").other_ca());
+    pki.issue_client("expired", ClientCert::cn("orchestrator").expired());
+    pki
 }
 
 /// A small qcow2 under the daemon's file root and a provision request for it.
@@ -189,35 +99,34 @@ fn curl(args: &[&str]) -> (i32, u16, String) {
 async fn mtls_required_checks_certificates_and_allowed_clients() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let pki = Pki::create(dir);
+    let pki = tls_pki(dir);
     let config = pki
-        .tls_config(dir, Some("required"))
+        .server_tls(TestConfig::new(dir), Some("required"))
         .set("auth.allowed_clients", vec!["orchestrator"]);
     let d = Daemon::start_https(dir, &config, &[]);
     let body = provision_body(dir, "vm-mtls");
 
     // No certificate: the handshake fails, no HTTP status at all.
-    let err = send(pki.client(None).post(d.url("/api/v1/jobs")).json(&body))
-        .await
-        .unwrap_err();
+    let err = send(
+        pki.anonymous_client()
+            .post(d.url("/api/v1/jobs"))
+            .json(&body),
+    )
+    .await
+    .unwrap_err();
     assert!(err.status().is_none(), "{err:?}");
-    let err = send(pki.client(None).get(d.url("/health")))
+    let err = send(pki.anonymous_client().get(d.url("/health")))
         .await
         .unwrap_err();
     assert!(err.status().is_none(), "{err:?}");
     // A certificate of another CA, and an expired one of ours: refused in the handshake.
     for who in ["foreign", "expired"] {
-        let r = send(
-            pki.client(Some(who))
-                .post(d.url("/api/v1/jobs"))
-                .json(&body),
-        )
-        .await;
+        let r = send(pki.client(who).post(d.url("/api/v1/jobs")).json(&body)).await;
         assert!(r.is_err(), "{who}: {r:?}");
     }
 
     // Valid certificate, not in allowed_clients: 403.
-    let intruder = pki.client(Some("intruder"));
+    let intruder = pki.client("intruder");
     let (status, v) = send(intruder.post(d.url("/api/v1/jobs")).json(&body))
         .await
         .unwrap();
@@ -229,7 +138,7 @@ async fn mtls_required_checks_certificates_and_allowed_clients() {
     assert_eq!(status, 200);
 
     // Valid, allowed certificate: 202 over HTTP/2, and the job records who asked.
-    let c = pki.client(Some("orchestrator"));
+    let c = pki.client("orchestrator");
     let r = c
         .post(d.url("/api/v1/jobs"))
         .json(&body)
@@ -237,11 +146,7 @@ async fn mtls_required_checks_certificates_and_allowed_clients() {
         .await
         .unwrap();
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
-    assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().await.unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = accepted_job(r).await;
     let job = wait_job(&c, &d, &id, Duration::from_secs(60)).await;
     assert_eq!(job["status"], "completed", "{job}");
     assert_eq!(job["requested_by"], "orchestrator", "{job}");
@@ -280,8 +185,8 @@ async fn mtls_required_checks_certificates_and_allowed_clients() {
 
     // curl (OpenSSL) as a second, independent client.
     if curl_available() {
-        let ca = pki.path("ca.crt");
-        let (cert, key) = (pki.path("orchestrator.crt"), pki.path("orchestrator.key"));
+        let ca = pki.file("ca.crt");
+        let (cert, key) = (pki.file("orchestrator.crt"), pki.file("orchestrator.key"));
         let (rc, status, body) = curl(&[
             "--cacert",
             &ca,
@@ -296,7 +201,7 @@ async fn mtls_required_checks_certificates_and_allowed_clients() {
         let (rc, status, _) = curl(&["--cacert", &ca, &d.url("/health")]);
         assert_ne!(rc, 0, "curl without a certificate must fail");
         assert_eq!(status, 0);
-        let (fc, fk) = (pki.path("foreign.crt"), pki.path("foreign.key"));
+        let (fc, fk) = (pki.file("foreign.crt"), pki.file("foreign.key"));
         let (rc, _, _) = curl(&[
             "--cacert",
             &ca,
@@ -307,7 +212,7 @@ async fn mtls_required_checks_certificates_and_allowed_clients() {
             &d.url("/health"),
         ]);
         assert_ne!(rc, 0, "curl with a foreign certificate must fail");
-        let (ic, ik) = (pki.path("intruder.crt"), pki.path("intruder.key"));
+        let (ic, ik) = (pki.file("intruder.crt"), pki.file("intruder.key"));
         let (rc, status, _) = curl(&[
             "--cacert",
             &ca,
@@ -352,7 +257,7 @@ async fn mtls_required_checks_certificates_and_allowed_clients() {
 async fn optional_client_certificates_and_api_tokens() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let pki = Pki::create(dir);
+    let pki = tls_pki(dir);
     let tokens = dir.join("tokens");
     std::fs::write(
         &tokens,
@@ -360,12 +265,12 @@ async fn optional_client_certificates_and_api_tokens() {
     )
     .unwrap();
     let config = pki
-        .tls_config(dir, Some("optional"))
+        .server_tls(TestConfig::new(dir), Some("optional"))
         .set("auth.allowed_clients", vec!["orchestrator.example.com"])
         .set("auth.tokens_file", tokens.display().to_string())
         .set("auth.protect_metrics", true);
     let d = Daemon::start_https(dir, &config, &[]);
-    let anon = pki.client(None);
+    let anon = pki.anonymous_client();
     let jobs = d.url("/api/v1/jobs");
 
     // Nothing presented: 401 without credentials in the body; open routes stay open.
@@ -387,7 +292,7 @@ async fn optional_client_certificates_and_api_tokens() {
         .await
         .unwrap();
     assert_eq!(status, 200);
-    let c = pki.client(Some("orchestrator"));
+    let c = pki.client("orchestrator");
     let (status, _) = send(c.get(d.url("/metrics"))).await.unwrap();
     assert_eq!(status, 200);
 
@@ -505,7 +410,7 @@ async fn optional_client_certificates_and_api_tokens() {
         .await
         .unwrap();
     assert_eq!(job["requested_by"], "orchestrator.example.com", "{job}");
-    let intruder = pki.client(Some("intruder"));
+    let intruder = pki.client("intruder");
     let (status, _) = send(intruder.get(&jobs)).await.unwrap();
     assert_eq!(status, 403);
     let (status, _) = send(intruder.get(&jobs).bearer_auth(TOKEN_CI))
@@ -513,12 +418,12 @@ async fn optional_client_certificates_and_api_tokens() {
         .unwrap();
     assert_eq!(status, 200);
     for who in ["foreign", "expired"] {
-        let r = send(pki.client(Some(who)).get(d.url("/health"))).await;
+        let r = send(pki.client(who).get(d.url("/health"))).await;
         assert!(r.is_err(), "{who}: {r:?}");
     }
 
     if curl_available() {
-        let ca = pki.path("ca.crt");
+        let ca = pki.file("ca.crt");
         let url = d.url("/api/v1/jobs");
         let auth = format!("Authorization: Bearer {TOKEN_CI}");
         let xauth = format!("X-API-Token: {TOKEN_ANON}");
@@ -570,24 +475,6 @@ async fn optional_client_certificates_and_api_tokens() {
     assert_no_secret_in_log(&d);
 }
 
-/// A rustls client for raw-socket tests (no client certificate, ALPN http/1.1).
-fn raw_tls_connector(pki: &Pki) -> tokio_rustls::TlsConnector {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
-        .unwrap();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-}
-
 /// Reads until EOF or error; returns what was read and when the stream ended.
 async fn read_to_end_timed<R: tokio::io::AsyncRead + Unpin>(
     r: &mut R,
@@ -611,7 +498,7 @@ async fn read_to_end_timed<R: tokio::io::AsyncRead + Unpin>(
 async fn slow_clients_and_plain_http_are_cut_off() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let pki = Pki::create(dir);
+    let pki = tls_pki(dir);
     // Files given as systemd credential names, resolved in $CREDENTIALS_DIRECTORY.
     let tokens = pki.dir.join("tokens");
     std::fs::write(&tokens, format!("{TOKEN_CI}\n")).unwrap();
@@ -626,11 +513,11 @@ async fn slow_clients_and_plain_http_are_cut_off() {
     let creds = pki.dir.display().to_string();
     let d = Daemon::start_https(dir, &config, &[("CREDENTIALS_DIRECTORY", &creds)]);
     let addr = d.base.trim_start_matches("https://").to_string();
-    let connector = raw_tls_connector(&pki);
-    let server_name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let connector = pki.rustls_connector(b"http/1.1");
+    let server_name = localhost();
 
     // Metrics are open by default, the API is not.
-    let c = pki.client(None);
+    let c = pki.anonymous_client();
     let (status, _) = send(c.get(d.url("/metrics"))).await.unwrap();
     assert_eq!(status, 200);
     let (status, _) = send(c.get(d.url("/api/v1/jobs"))).await.unwrap();
@@ -728,7 +615,9 @@ async fn slow_clients_and_plain_http_are_cut_off() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let start = Instant::now();
     // A new client: `c` would reuse its pooled connection.
-    let (status, _) = send(pki.client(None).get(d.url("/health"))).await.unwrap();
+    let (status, _) = send(pki.anonymous_client().get(d.url("/health")))
+        .await
+        .unwrap();
     assert_eq!(status, 200);
     assert!(
         start.elapsed() >= Duration::from_millis(1200),
@@ -779,7 +668,7 @@ fn refused_start(dir: &Path, config: &TestConfig) -> String {
 fn insecure_or_broken_security_settings_are_refused_at_start() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let pki = Pki::create(dir);
+    let pki = tls_pki(dir);
 
     // Plain HTTP on a non-loopback address.
     let public = TestConfig::new(dir).set("server.listen", "0.0.0.0:0");
@@ -795,7 +684,9 @@ fn insecure_or_broken_security_settings_are_refused_at_start() {
         "{err}"
     );
     // TLS on a non-loopback address without client CA and tokens.
-    let tls_only = pki.tls_config(dir, None).set("server.listen", "0.0.0.0:0");
+    let tls_only = pki
+        .server_tls(TestConfig::new(dir), None)
+        .set("server.listen", "0.0.0.0:0");
     let err = refused_start(dir, &tls_only);
     assert!(
         err.contains("auth: no client authentication is configured"),
@@ -823,8 +714,8 @@ fn insecure_or_broken_security_settings_are_refused_at_start() {
     // A key that does not belong to the certificate.
     let err = refused_start(
         dir,
-        &pki.tls_config(dir, Some("required"))
-            .set("tls.key_file", pki.path("intruder.key")),
+        &pki.server_tls(TestConfig::new(dir), Some("required"))
+            .set("tls.key_file", pki.file("intruder.key")),
     );
     assert!(
         err.contains("tls.key_file: ") && err.contains("does not fit tls.cert_file"),
@@ -834,7 +725,7 @@ fn insecure_or_broken_security_settings_are_refused_at_start() {
     std::fs::write(dir.join("empty.pem"), "").unwrap();
     let err = refused_start(
         dir,
-        &pki.tls_config(dir, Some("required")).set(
+        &pki.server_tls(TestConfig::new(dir), Some("required")).set(
             "tls.client_ca_file",
             dir.join("empty.pem").display().to_string(),
         ),

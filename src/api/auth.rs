@@ -8,19 +8,14 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-use std::convert::Infallible;
-
 use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
-use warp::Filter;
 use warp::http::StatusCode;
 
+use super::conn::{ClientCert, ConnInfo};
 use super::error::ApiError;
-use super::server::{ClientCert, ConnInfo};
-use super::state::{ApiState, RequestScope};
 use crate::config::{Settings, resolve_credential};
 use crate::jobs::engine::Origin;
-use crate::telemetry::metrics::metrics;
 
 /// Shortest accepted API token, in characters.
 pub(crate) const MIN_TOKEN_LEN: usize = 32;
@@ -297,6 +292,11 @@ impl Authenticator {
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = prepared.0;
     }
 
+    /// Whether `/metrics` needs credentials (`auth.protect_metrics`, as last installed).
+    pub(crate) fn protects_metrics(&self) -> bool {
+        self.policy().protect_metrics
+    }
+
     fn policy(&self) -> Arc<Policy> {
         self.policy
             .read()
@@ -358,79 +358,6 @@ impl Authenticator {
             None => Err(AuthFailure::unauthorized("missing_credentials", None)),
         }
     }
-}
-
-/// Counts and logs a refused call (reason, route, remote, certificate name; never a token).
-fn record_failure(failure: &AuthFailure, conn: Option<&ConnInfo>, scope: Option<&RequestScope>) {
-    metrics()
-        .auth_failures_total
-        .with_label_values(&[failure.reason])
-        .inc();
-    let remote = conn.map(|c| c.remote.to_string()).unwrap_or_default();
-    let route = scope.map(RequestScope::route).unwrap_or("unmatched");
-    let certificate = failure.certificate.as_deref().unwrap_or("-");
-    if failure.reason == "missing_credentials" {
-        tracing::info!(
-            reason = failure.reason,
-            status = failure.status.as_u16(),
-            route,
-            remote,
-            certificate,
-            "request refused"
-        );
-    } else {
-        tracing::warn!(
-            reason = failure.reason,
-            status = failure.status.as_u16(),
-            route,
-            remote,
-            certificate,
-            "request refused"
-        );
-    }
-}
-
-/// The decision on a request; never rejects (the handler answers the error), so a matched
-/// route cannot fall through to another route. Refusals are counted and logged here.
-fn authorized(
-    state: Arc<ApiState>,
-    always: bool,
-) -> impl Filter<Extract = (Result<Caller, ApiError>,), Error = Infallible> + Clone {
-    warp::ext::optional::<ConnInfo>()
-        .and(warp::ext::optional::<RequestScope>())
-        .and(warp::header::headers_cloned())
-        .map(
-            move |conn: Option<ConnInfo>, scope: Option<RequestScope>, headers: http::HeaderMap| {
-                if !always && !state.auth.policy().protect_metrics {
-                    return Ok(Caller::default());
-                }
-                let caller = match state.auth.authorize(conn.as_ref(), &headers) {
-                    Ok(caller) => caller,
-                    Err(failure) => {
-                        record_failure(&failure, conn.as_ref(), scope.as_ref());
-                        return Err(failure.to_api_error());
-                    }
-                };
-                if let (Some(scope), Some(id)) = (scope, caller.identity()) {
-                    scope.set_caller(id);
-                }
-                Ok(caller)
-            },
-        )
-}
-
-/// Protected routes (everything under `/api/` and `/provision`).
-pub(crate) fn caller(
-    state: Arc<ApiState>,
-) -> impl Filter<Extract = (Result<Caller, ApiError>,), Error = Infallible> + Clone {
-    authorized(state, true)
-}
-
-/// `/metrics`: open unless `auth.protect_metrics`.
-pub(crate) fn metrics_caller(
-    state: Arc<ApiState>,
-) -> impl Filter<Extract = (Result<Caller, ApiError>,), Error = Infallible> + Clone {
-    authorized(state, false)
 }
 
 #[cfg(test)]

@@ -62,7 +62,7 @@ pub(crate) fn caller_and_json_body(
     ),
     Error = warp::Rejection,
 > + Clone {
-    super::auth::caller(state.clone())
+    super::caller::caller(state.clone())
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
         .then(

@@ -3,6 +3,8 @@
 
 mod activity;
 pub(crate) mod auth;
+mod caller;
+mod conn;
 pub(crate) mod error;
 mod events;
 mod handlers;
@@ -13,8 +15,10 @@ mod preflight;
 mod reason;
 mod request;
 mod routes;
+mod scope;
 pub(crate) mod server;
 pub(crate) mod state;
+mod streams;
 mod strict_json;
 pub(crate) mod tls;
 mod upload;

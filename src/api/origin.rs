@@ -7,7 +7,7 @@
 //! `evil.example` whose name now resolves to 127.0.0.1) is same-origin for the browser and
 //! sends no `Origin` on GETs, but its `Host` is still `evil.example`.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use warp::Filter;
@@ -15,31 +15,23 @@ use warp::http::HeaderMap;
 use warp::http::header::ORIGIN;
 use warp::http::uri::Authority;
 
+use super::auth::Authenticator;
+use super::conn::Endpoint;
 use super::error::ApiError;
-use super::state::ApiState;
-
-/// Where a connection was accepted, put into each request by the server.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Endpoint {
-    /// `http` or `https`.
-    pub(crate) scheme: &'static str,
-    /// The listener's address as the connection reached it (the socket's local address).
-    pub(crate) local: SocketAddr,
-}
 
 /// Longest `Origin`/`Host` value quoted back in an error message.
 const MAX_QUOTED: usize = 100;
 
 /// Rejects (403, JSON body) requests from another site; passes all others.
 pub(crate) fn same_site_only(
-    state: Arc<ApiState>,
+    auth: Arc<Authenticator>,
 ) -> impl Filter<Extract = (), Error = warp::Rejection> + Clone {
     warp::ext::optional::<Endpoint>()
         .and(warp::host::optional())
         .and(warp::header::headers_cloned())
         .and_then(
             move |endpoint: Option<Endpoint>, host: Option<Authority>, headers: HeaderMap| {
-                let open = state.auth.is_open();
+                let open = auth.is_open();
                 async move {
                     check_origin(&headers, endpoint)
                         .and_then(|_| if open { check_host(host) } else { Ok(()) })

@@ -15,10 +15,9 @@ use warp::Reply;
 use warp::http::{Method, StatusCode, Version};
 use warp::reply::Response;
 
+use super::conn::{ConnInfo, Endpoint};
 use super::error::{ApiError, Reason};
-use super::origin::Endpoint;
-use super::server::ConnInfo;
-use super::state::RequestScope;
+use super::scope::RequestScope;
 use crate::telemetry::metrics::{method_label, metrics};
 
 /// Longest request target (path and query) served; 414 with the JSON body beyond. The API's

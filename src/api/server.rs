@@ -23,35 +23,11 @@ use warp::Filter;
 use warp::reply::Response;
 
 use super::activity::Activity;
-use super::origin::Endpoint;
+use super::conn::Endpoint;
+use super::conn::{ClientCert, ConnInfo};
 use super::peers::PeerSlots;
 use super::request::{self, MAX_HEADER_BYTES, MAX_HEADER_FIELDS};
 use crate::config::ServerSettings;
-
-/// Who is on the other end of a connection.
-#[derive(Debug, Clone)]
-pub(crate) struct ConnInfo {
-    pub(crate) remote: SocketAddr,
-    /// Identities from a verified client certificate (subject CN, DNS and URI SANs).
-    pub(crate) client_cert: Option<Arc<ClientCert>>,
-}
-
-/// A verified client certificate's names.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ClientCert {
-    pub(crate) common_name: Option<String>,
-    pub(crate) sans: Vec<String>,
-}
-
-impl ClientCert {
-    /// The name used as identity in logs and `requested_by`.
-    pub(crate) fn identity(&self) -> String {
-        self.common_name
-            .clone()
-            .or_else(|| self.sans.first().cloned())
-            .unwrap_or_else(|| "<certificate without names>".into())
-    }
-}
 
 /// A connection after the transport handshake.
 pub(crate) trait Conn: AsyncRead + AsyncWrite + Send + Unpin + 'static {}

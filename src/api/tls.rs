@@ -18,7 +18,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use x509_parser::extensions::GeneralName;
 
-use super::server::{Accepted, ClientCert, Conn, Established, HttpProtocol, Transport};
+use super::conn::ClientCert;
+use super::server::{Accepted, Conn, Established, HttpProtocol, Transport};
 use crate::config::{ClientAuthMode, TlsSettings, resolve_credential};
 use crate::telemetry::metrics::metrics;
 

@@ -90,7 +90,9 @@ pub fn load(source: &ConfigSource) -> Result<Settings, ConfigError> {
     let settings: Settings = figment
         .extract()
         .map_err(|e| ConfigError::Invalid(describe(e)))?;
-    settings.validate().map_err(ConfigError::Invalid)?;
+    settings
+        .validate()
+        .map_err(|e| ConfigError::Invalid(e.to_string()))?;
     check_secret_files(&settings)?;
     Ok(settings)
 }

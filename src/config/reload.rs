@@ -76,6 +76,20 @@ fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<(String, toml::Value)>) 
     }
 }
 
+/// The keys both sides have, with their old and new values, paired by name, never by position:
+/// a key present on one side only (a new optional setting, an entry of an array of tables)
+/// cannot shift the others.
+fn paired<'a>(
+    old: &'a [(String, toml::Value)],
+    new: &'a [(String, toml::Value)],
+) -> Vec<(&'a str, &'a toml::Value, &'a toml::Value)> {
+    let new_by_key: std::collections::HashMap<&str, &toml::Value> =
+        new.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    old.iter()
+        .filter_map(|(k, v)| Some((k.as_str(), v, *new_by_key.get(k.as_str())?)))
+        .collect()
+}
+
 /// Every settings key, dotted (`jobs.max_concurrent`), in section order.
 pub fn setting_keys(settings: &Settings) -> Vec<String> {
     let mut out = Vec::new();
@@ -112,8 +126,9 @@ pub(crate) fn split_changes(
     let tls_toggled = old.tls.cert_file.is_empty() != new.tls.cert_file.is_empty();
     let mut effective = new_v.as_table().cloned().unwrap_or_default();
     let mut pending = Vec::new();
-    for ((key, old_value), (_, new_value)) in old_keys.iter().zip(&new_keys) {
-        let restart = needs_restart(key)
+    for (key, old_value, new_value) in paired(&old_keys, &new_keys) {
+        let key = key.to_string();
+        let restart = needs_restart(&key)
             || (tls_toggled
                 && [
                     "tls.cert_file",
@@ -124,13 +139,13 @@ pub(crate) fn split_changes(
                 .contains(&key.as_str()));
         if restart && old_value != new_value {
             pending.push(key.clone());
-            set_dotted(&mut effective, key, old_value.clone());
+            set_dotted(&mut effective, &key, old_value.clone());
         }
     }
     let effective: Settings = toml::Value::Table(effective)
         .try_into()
         .map_err(|e: toml::de::Error| e.to_string())?;
-    effective.validate()?;
+    effective.validate().map_err(|e| e.to_string())?;
     Ok((effective, pending))
 }
 
@@ -407,5 +422,19 @@ mod tests {
         assert!(!needs_restart("auth.tokens_file"));
         assert!(!needs_restart("telemetry.sampling_ratio"));
         assert!(!needs_restart("cache.max_size_bytes"));
+    }
+
+    #[test]
+    fn keys_are_paired_by_name_not_position() {
+        let v = |n: i64| toml::Value::Integer(n);
+        let old = vec![("a.x".to_string(), v(1)), ("b.y".to_string(), v(2))];
+        // A key only the new side has comes first: positions shift, names do not.
+        let new = vec![
+            ("a.new".to_string(), v(9)),
+            ("a.x".to_string(), v(1)),
+            ("b.y".to_string(), v(3)),
+        ];
+        let pairs = paired(&old, &new);
+        assert_eq!(pairs, vec![("a.x", &v(1), &v(1)), ("b.y", &v(2), &v(3))]);
     }
 }

@@ -4,40 +4,15 @@
 //! made (across restarts) and a reused key with another request is refused. Keys leave with
 //! their job when retention prunes it.
 
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use super::model::{Job, JobKind, JobSpec};
+pub(crate) use super::model::IdempotencyKey;
+use super::model::Job;
 use super::store::{Store, StoreError};
 use crate::telemetry::metrics::metrics;
 
 /// Longest accepted key (Stripe and the IETF draft use up to 255 characters).
 pub(crate) const MAX_KEY_LEN: usize = 255;
-
-/// A submission's key, scoped to the caller and the job kind, with the hash of its request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct IdempotencyKey {
-    /// `kind`, caller identity and key, one per line: the index key.
-    pub(crate) scoped: String,
-    /// SHA-256 (hex) of the validated request (kind and spec).
-    pub(crate) request_hash: String,
-}
-
-impl IdempotencyKey {
-    /// The key `key` sent by `caller` for a `kind` job asking for `spec`.
-    pub(crate) fn new(key: &str, caller: Option<&str>, kind: JobKind, spec: &JobSpec) -> Self {
-        let kind = match kind {
-            JobKind::Provision => "provision",
-            JobKind::CacheFetch => "cache_fetch",
-        };
-        let request = serde_json::to_vec(&(kind, spec)).unwrap_or_default();
-        IdempotencyKey {
-            scoped: format!("{kind}\n{}\n{key}", caller.unwrap_or("")),
-            request_hash: hex::encode(Sha256::digest(&request)),
-        }
-    }
-}
 
 /// Checks a key as sent: 1 to `MAX_KEY_LEN` visible ASCII characters.
 pub(crate) fn validate_key(key: &str) -> Result<(), String> {
@@ -130,6 +105,7 @@ impl Store {
 mod tests {
     use super::*;
     use crate::image::ImageType;
+    use crate::jobs::model::{JobKind, JobSpec};
 
     fn spec(volume: &str) -> JobSpec {
         JobSpec {

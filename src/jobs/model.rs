@@ -8,7 +8,6 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::idempotency::IdempotencyKey;
 pub(crate) use crate::image::ImageType;
 
 /// Status of a job. `completed`, `failed` and `cancelled` are terminal and never change again.
@@ -315,6 +314,30 @@ impl Job {
             JobStatus::Pending => {}
         }
         Ok(())
+    }
+}
+
+/// A submission's key, scoped to the caller and the job kind, with the hash of its request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct IdempotencyKey {
+    /// `kind`, caller identity and key, one per line: the index key.
+    pub(crate) scoped: String,
+    /// SHA-256 (hex) of the validated request (kind and spec).
+    pub(crate) request_hash: String,
+}
+
+impl IdempotencyKey {
+    /// The key `key` sent by `caller` for a `kind` job asking for `spec`.
+    pub(crate) fn new(key: &str, caller: Option<&str>, kind: JobKind, spec: &JobSpec) -> Self {
+        let kind = match kind {
+            JobKind::Provision => "provision",
+            JobKind::CacheFetch => "cache_fetch",
+        };
+        let request = serde_json::to_vec(&(kind, spec)).unwrap_or_default();
+        IdempotencyKey {
+            scoped: format!("{kind}\n{}\n{key}", caller.unwrap_or("")),
+            request_hash: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&request)),
+        }
     }
 }
 

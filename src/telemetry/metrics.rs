@@ -13,54 +13,77 @@ const NS: &str = "libvirt_volume_provisioner";
 /// Lookups the rolling cache hit ratio covers.
 const HIT_RATIO_WINDOW: usize = 100;
 
-/// Every metric the daemon exports.
-pub(crate) struct Metrics {
-    pub(crate) registry: Registry,
-    pub(crate) requests_total: IntCounterVec,
-    pub(crate) request_duration_seconds: HistogramVec,
-    pub(crate) active_jobs: IntGauge,
-    pub(crate) jobs_total: IntCounterVec,
-    pub(crate) job_duration_seconds: HistogramVec,
-    pub(crate) cache_hits_total: IntCounter,
-    pub(crate) cache_misses_total: IntCounter,
-    pub(crate) cache_hit_ratio: Gauge,
-    pub(crate) images_downloaded_total: IntCounter,
-    pub(crate) image_download_size_bytes: HistogramVec,
-    pub(crate) image_errors_total: IntCounterVec,
-    pub(crate) storage_operations_total: IntCounterVec,
-    pub(crate) storage_errors_total: IntCounterVec,
-    pub(crate) stage_duration_seconds: HistogramVec,
-    pub(crate) stage_throughput_bytes_per_second: GaugeVec,
-    pub(crate) health_status: IntGauge,
-    pub(crate) dependencies_up: IntGaugeVec,
-    pub(crate) build_info: IntGaugeVec,
-    pub(crate) job_slots: IntGauge,
-    pub(crate) queued_jobs: IntGauge,
-    pub(crate) auth_failures_total: IntCounterVec,
-    pub(crate) config_reload_total: IntCounterVec,
-    pub(crate) config_last_reload_success_timestamp_seconds: Gauge,
-    pub(crate) qemu_img_invocations_total: IntCounterVec,
-    pub(crate) libvirt_pool_refresh_errors_total: IntCounter,
-    pub(crate) cache_evictions_total: CounterVec,
-    pub(crate) download_bytes_total: IntCounter,
+/// Declares `Metrics` from one table: each row is a field, its type, and how it is made (its
+/// name is the field's, prefixed with the namespace). A new metric is one row here.
+macro_rules! metrics {
+    ($( $(#[doc = $doc:literal])* $field:ident : $ty:ty = $make:ident($($arg:expr),* $(,)?); )*) => {
+        /// Every metric the daemon exports.
+        pub(crate) struct Metrics {
+            pub(crate) registry: Registry,
+            $( $(#[doc = $doc])* pub(crate) $field: $ty, )*
+            /// The last lookups, for the rolling hit ratio.
+            hit_window: Mutex<VecDeque<bool>>,
+        }
+
+        impl Metrics {
+            /// Every metric of the table, registered in `r`.
+            fn registered(r: Registry) -> Metrics {
+                Metrics {
+                    $( $field: $make(&r, stringify!($field), $($arg),*), )*
+                    hit_window: Mutex::new(VecDeque::with_capacity(HIT_RATIO_WINDOW)),
+                    registry: r,
+                }
+            }
+        }
+    };
+}
+
+metrics! {
+    requests_total: IntCounterVec = counter_vec("Total HTTP requests", &["method", "endpoint", "status"]);
+    request_duration_seconds: HistogramVec = histogram_vec("HTTP request latency", &["method", "endpoint"], request_buckets());
+    active_jobs: IntGauge = int_gauge("Currently running jobs");
+    jobs_total: IntCounterVec = counter_vec("Jobs by terminal status: completed, failed, cancelled", &["status"]);
+    job_duration_seconds: HistogramVec = histogram_vec("Job execution duration (from start of running)", &["status"], duration_buckets());
+    cache_hits_total: IntCounter = int_counter("Cache hits (image already local and valid)");
+    cache_misses_total: IntCounter = int_counter("Cache misses (download required)");
+    cache_hit_ratio: Gauge = gauge("Rolling cache hit ratio over the last 100 lookups (0.0-1.0)");
+    images_downloaded_total: IntCounter = int_counter("Successful image downloads");
+    image_download_size_bytes: HistogramVec = histogram_vec("Downloaded image sizes", &["image_type"], size_buckets());
+    image_errors_total: IntCounterVec = counter_vec("Image operation errors", &["operation", "error_type"]);
+    storage_operations_total: IntCounterVec = counter_vec("Storage DB operations", &["operation", "result"]);
+    storage_errors_total: IntCounterVec = counter_vec("Storage DB errors", &["operation", "error_type"]);
+    stage_duration_seconds: HistogramVec = histogram_vec("Download/convert stage durations", &["stage"], duration_buckets());
+    stage_throughput_bytes_per_second: GaugeVec = gauge_vec("Current throughput per stage (0 when no stage of that kind runs)", &["stage"]);
+    health_status: IntGauge = int_gauge("1=healthy, 0=degraded (all job slots busy)");
+    dependencies_up: IntGaugeVec = int_gauge_vec("1=up, 0=down per dependency: minio, lvm, libvirt, storage", &["dependency"]);
+    build_info: IntGaugeVec = int_gauge_vec("Build information", &["version"]);
+    job_slots: IntGauge = int_gauge("Configured job slots (jobs.max_concurrent)");
+    queued_jobs: IntGauge = int_gauge("Pending jobs waiting for a slot");
+    auth_failures_total: IntCounterVec = counter_vec("Refused API calls by reason", &["reason"]);
+    config_reload_total: IntCounterVec = counter_vec("Configuration reloads by result", &["result"]);
+    config_last_reload_success_timestamp_seconds: Gauge = gauge("Unix time of the last successful configuration load");
+    qemu_img_invocations_total: IntCounterVec = counter_vec("qemu-img processes started, by subcommand", &["subcommand"]);
+    libvirt_pool_refresh_errors_total: IntCounter = int_counter("Failed libvirt storage pool refreshes");
+    cache_evictions_total: CounterVec = float_counter_vec("Cache entries evicted by reason", &["reason"]);
+    download_bytes_total: IntCounter = int_counter("Image bytes received from sources (a resumed download counts only what it fetched)");
     /// Thin pool data use, 0.0-1.0 (`volumes.lvm.thin_pool`).
-    pub(crate) thin_pool_data_ratio: Gauge,
+    thin_pool_data_ratio: Gauge = gauge("Data use of the thin pool (volumes.lvm.thin_pool), 0.0-1.0");
     /// Thin pool metadata use, 0.0-1.0.
-    pub(crate) thin_pool_metadata_ratio: Gauge,
-    /// Complete golden image LVs.
-    pub(crate) golden_images: IntGauge,
-    /// Pool data the golden image LVs hold.
-    pub(crate) golden_image_bytes: IntGauge,
-    /// Provision jobs completed, by how the volume got its content (`thin-snapshot`, `copy`).
-    pub(crate) volumes_created_total: IntCounterVec,
+    thin_pool_metadata_ratio: Gauge = gauge("Metadata use of the thin pool, 0.0-1.0");
+    /// Complete golden copies (golden LVs on the thin pool, or golden files).
+    golden_images: IntGauge = int_gauge("Complete golden images (golden LVs on the thin pool, or golden files with reflinks)");
+    /// Data the golden copies hold.
+    golden_image_bytes: IntGauge = int_gauge("Data held by golden images (bounded by volumes.lvm.golden_max_bytes or volumes.directory.golden_max_bytes)");
+    /// Provision jobs completed, by how the volume got its content (`thin-snapshot`,
+    /// `reflink`, `copy`).
+    volumes_created_total: IntCounterVec = counter_vec("Provisioned volumes by method: thin-snapshot (of a golden LV), reflink (of a golden file) or copy (qemu-img)", &["method"]);
     /// Ranged GETs sent by downloads (one per part, plus one per part retry).
-    pub(crate) download_ranged_requests_total: IntCounter,
+    download_ranged_requests_total: IntCounter = int_counter("Ranged GETs sent by image downloads (parts and part retries)");
     /// Parts asked for again after a transient failure or a stall.
-    pub(crate) download_part_retries_total: IntCounter,
+    download_part_retries_total: IntCounter = int_counter("Download parts requested again after a transient failure or a stall");
     /// Cache hits by how the entry was confirmed: `skipped` (within
     /// `cache.revalidate_interval`), `unchanged`, `changed`, `source_unavailable`.
-    pub(crate) cache_revalidations_total: IntCounterVec,
-    hit_window: Mutex<VecDeque<bool>>,
+    cache_revalidations_total: IntCounterVec = counter_vec("Cache entries confirmed against their source, by result", &["result"]);
 }
 
 fn name(n: &str) -> String {
@@ -100,6 +123,12 @@ fn int_gauge(r: &Registry, n: &str, help: &str) -> IntGauge {
 
 fn gauge(r: &Registry, n: &str, help: &str) -> Gauge {
     let m = Gauge::with_opts(Opts::new(name(n), help)).expect("valid metric");
+    r.register(Box::new(m.clone())).expect("unique metric");
+    m
+}
+
+fn float_counter_vec(r: &Registry, n: &str, help: &str, labels: &[&str]) -> CounterVec {
+    let m = CounterVec::new(Opts::new(name(n), help), labels).expect("valid metric");
     r.register(Box::new(m.clone())).expect("unique metric");
     m
 }
@@ -147,196 +176,7 @@ impl Metrics {
         #[cfg(target_os = "linux")]
         r.register(Box::new(ProcessMetrics::new()))
             .expect("process collector");
-        let m = Metrics {
-            requests_total: counter_vec(
-                &r,
-                "requests_total",
-                "Total HTTP requests",
-                &["method", "endpoint", "status"],
-            ),
-            request_duration_seconds: histogram_vec(
-                &r,
-                "request_duration_seconds",
-                "HTTP request latency",
-                &["method", "endpoint"],
-                request_buckets(),
-            ),
-            active_jobs: int_gauge(&r, "active_jobs", "Currently running jobs"),
-            jobs_total: counter_vec(
-                &r,
-                "jobs_total",
-                "Jobs by terminal status: completed, failed, cancelled",
-                &["status"],
-            ),
-            job_duration_seconds: histogram_vec(
-                &r,
-                "job_duration_seconds",
-                "Job execution duration (from start of running)",
-                &["status"],
-                duration_buckets(),
-            ),
-            cache_hits_total: int_counter(
-                &r,
-                "cache_hits_total",
-                "Cache hits (image already local and valid)",
-            ),
-            cache_misses_total: int_counter(
-                &r,
-                "cache_misses_total",
-                "Cache misses (download required)",
-            ),
-            cache_hit_ratio: gauge(
-                &r,
-                "cache_hit_ratio",
-                "Rolling cache hit ratio over the last 100 lookups (0.0-1.0)",
-            ),
-            images_downloaded_total: int_counter(
-                &r,
-                "images_downloaded_total",
-                "Successful image downloads",
-            ),
-            image_download_size_bytes: histogram_vec(
-                &r,
-                "image_download_size_bytes",
-                "Downloaded image sizes",
-                &["image_type"],
-                size_buckets(),
-            ),
-            image_errors_total: counter_vec(
-                &r,
-                "image_errors_total",
-                "Image operation errors",
-                &["operation", "error_type"],
-            ),
-            storage_operations_total: counter_vec(
-                &r,
-                "storage_operations_total",
-                "Storage DB operations",
-                &["operation", "result"],
-            ),
-            storage_errors_total: counter_vec(
-                &r,
-                "storage_errors_total",
-                "Storage DB errors",
-                &["operation", "error_type"],
-            ),
-            stage_duration_seconds: histogram_vec(
-                &r,
-                "stage_duration_seconds",
-                "Download/convert stage durations",
-                &["stage"],
-                duration_buckets(),
-            ),
-            stage_throughput_bytes_per_second: gauge_vec(
-                &r,
-                "stage_throughput_bytes_per_second",
-                "Current throughput per stage (0 when no stage of that kind runs)",
-                &["stage"],
-            ),
-            health_status: int_gauge(
-                &r,
-                "health_status",
-                "1=healthy, 0=degraded (all job slots busy)",
-            ),
-            dependencies_up: int_gauge_vec(
-                &r,
-                "dependencies_up",
-                "1=up, 0=down per dependency: minio, lvm, libvirt, storage",
-                &["dependency"],
-            ),
-            build_info: int_gauge_vec(&r, "build_info", "Build information", &["version"]),
-            job_slots: int_gauge(
-                &r,
-                "job_slots",
-                "Configured job slots (jobs.max_concurrent)",
-            ),
-            queued_jobs: int_gauge(&r, "queued_jobs", "Pending jobs waiting for a slot"),
-            auth_failures_total: counter_vec(
-                &r,
-                "auth_failures_total",
-                "Refused API calls by reason",
-                &["reason"],
-            ),
-            config_reload_total: counter_vec(
-                &r,
-                "config_reload_total",
-                "Configuration reloads by result",
-                &["result"],
-            ),
-            config_last_reload_success_timestamp_seconds: gauge(
-                &r,
-                "config_last_reload_success_timestamp_seconds",
-                "Unix time of the last successful configuration load",
-            ),
-            qemu_img_invocations_total: counter_vec(
-                &r,
-                "qemu_img_invocations_total",
-                "qemu-img processes started, by subcommand",
-                &["subcommand"],
-            ),
-            libvirt_pool_refresh_errors_total: int_counter(
-                &r,
-                "libvirt_pool_refresh_errors_total",
-                "Failed libvirt storage pool refreshes",
-            ),
-            cache_evictions_total: {
-                let m = CounterVec::new(
-                    Opts::new(
-                        name("cache_evictions_total"),
-                        "Cache entries evicted by reason",
-                    ),
-                    &["reason"],
-                )
-                .expect("valid metric");
-                r.register(Box::new(m.clone())).expect("unique metric");
-                m
-            },
-            download_bytes_total: int_counter(
-                &r,
-                "download_bytes_total",
-                "Image bytes received from sources (a resumed download counts only what it fetched)",
-            ),
-            thin_pool_data_ratio: gauge(
-                &r,
-                "thin_pool_data_ratio",
-                "Data use of the thin pool (volumes.lvm.thin_pool), 0.0-1.0",
-            ),
-            thin_pool_metadata_ratio: gauge(
-                &r,
-                "thin_pool_metadata_ratio",
-                "Metadata use of the thin pool, 0.0-1.0",
-            ),
-            golden_images: int_gauge(&r, "golden_images", "Complete golden image LVs"),
-            golden_image_bytes: int_gauge(
-                &r,
-                "golden_image_bytes",
-                "Thin pool data held by golden image LVs (bounded by volumes.lvm.golden_max_bytes)",
-            ),
-            volumes_created_total: counter_vec(
-                &r,
-                "volumes_created_total",
-                "Provisioned volumes by method: thin-snapshot (of a golden image) or copy (qemu-img)",
-                &["method"],
-            ),
-            download_ranged_requests_total: int_counter(
-                &r,
-                "download_ranged_requests_total",
-                "Ranged GETs sent by image downloads (parts and part retries)",
-            ),
-            download_part_retries_total: int_counter(
-                &r,
-                "download_part_retries_total",
-                "Download parts requested again after a transient failure or a stall",
-            ),
-            cache_revalidations_total: counter_vec(
-                &r,
-                "cache_revalidations_total",
-                "Cache entries confirmed against their source, by result",
-                &["result"],
-            ),
-            hit_window: Mutex::new(VecDeque::with_capacity(HIT_RATIO_WINDOW)),
-            registry: r,
-        };
+        let m = Metrics::registered(r);
         m.build_info
             .with_label_values(&[concat!("v", env!("CARGO_PKG_VERSION"))])
             .set(1);

@@ -22,7 +22,7 @@ WORK=${WORK:-/tmp/vmrun}; mkdir -p "$WORK"
 KPKG=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}'); KVER=${KPKG#linux-image-}
 [ -n "$KVER" ] || { echo "vm-run.sh: cannot find the kernel package behind linux-image-amd64 (apt-get update?)" >&2; exit 3; }
 K=$WORK/k-$KVER
-MODULES="virtio_pci virtio-rng virtio_blk virtio_net 9pnet_virtio 9p crc32c_generic dm-mod dm-thin-pool dm-snapshot loop"
+MODULES="virtio_pci virtio-rng virtio_blk virtio_net 9pnet_virtio 9p crc32c_generic dm-mod dm-thin-pool dm-snapshot loop xfs"
 # The initramfs name carries the module list, so a changed list never reuses an old image.
 INITRD=$WORK/initrd-9p-$KVER-$(echo "$MODULES ctl-from-cmdline" | md5sum | cut -c1-8).gz
 

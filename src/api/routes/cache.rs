@@ -4,7 +4,7 @@ use warp::Filter;
 use warp::http::Method;
 
 use super::route::{RouteDef, raw_query, with_state};
-use crate::api::{auth, handlers};
+use crate::api::{caller, handlers};
 
 /// The rows of this group.
 pub(crate) const ROUTES: &[RouteDef] = &[
@@ -14,7 +14,7 @@ pub(crate) const ROUTES: &[RouteDef] = &[
         build: |at, s| {
             warp::path!("api" / "v1" / "cache" / "images")
                 .and(at)
-                .and(auth::caller(s.clone()))
+                .and(caller::caller(s.clone()))
                 .and(raw_query())
                 .and(with_state(s))
                 .then(handlers::cache_list)
@@ -42,7 +42,7 @@ pub(crate) const ROUTES: &[RouteDef] = &[
         build: |at, s| {
             warp::path!("api" / "v1" / "cache" / "images" / String)
                 .and(at)
-                .and(auth::caller(s.clone()))
+                .and(caller::caller(s.clone()))
                 .and(with_state(s))
                 .then(handlers::cache_delete)
                 .map(handlers::respond)

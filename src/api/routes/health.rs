@@ -10,7 +10,7 @@ use warp::reply::Response;
 
 use super::route::{At, RouteDef, with_state};
 use crate::api::state::ApiState;
-use crate::api::{auth, handlers};
+use crate::api::{caller, handlers};
 
 /// The rows of this group.
 pub(crate) const ROUTES: &[RouteDef] = &[
@@ -69,7 +69,7 @@ pub(crate) const ROUTES: &[RouteDef] = &[
         build: |at, s| {
             warp::path!("api" / "v1" / "openapi.json")
                 .and(at)
-                .and(auth::caller(s.clone()))
+                .and(caller::caller(s.clone()))
                 .and(with_state(s))
                 .map(handlers::openapi)
                 .boxed()
@@ -81,7 +81,7 @@ pub(crate) const ROUTES: &[RouteDef] = &[
         build: |at, s| {
             warp::path!("api" / "v1" / "config")
                 .and(at)
-                .and(auth::caller(s.clone()))
+                .and(caller::caller(s.clone()))
                 .and(with_state(s))
                 .then(handlers::config)
                 .map(handlers::respond)
@@ -94,7 +94,7 @@ pub(crate) const ROUTES: &[RouteDef] = &[
 fn metrics(at: At, s: Arc<ApiState>) -> BoxedFilter<(Response,)> {
     warp::path!("metrics")
         .and(at)
-        .and(auth::metrics_caller(s))
+        .and(caller::metrics_caller(s))
         .map(handlers::metrics_text)
         .boxed()
 }

@@ -12,7 +12,7 @@ use warp::reply::Response;
 use super::route::{RouteDef, raw_query, with_state};
 use crate::api::state::ApiState;
 use crate::api::views::StateNames;
-use crate::api::{auth, events, handlers, server};
+use crate::api::{caller, conn, events, handlers};
 
 /// The rows of this group.
 pub(crate) const ROUTES: &[RouteDef] = &[
@@ -55,7 +55,7 @@ pub(crate) const ROUTES: &[RouteDef] = &[
         build: |at, s| {
             warp::path!("api" / "v1" / "jobs")
                 .and(at)
-                .and(auth::caller(s.clone()))
+                .and(caller::caller(s.clone()))
                 .and(raw_query())
                 .and(with_state(s))
                 .then(handlers::list)
@@ -93,8 +93,8 @@ pub(crate) const ROUTES: &[RouteDef] = &[
         build: |at, s| {
             warp::path!("api" / "v1" / "jobs" / String / "events")
                 .and(at)
-                .and(auth::caller(s.clone()))
-                .and(warp::ext::optional::<server::ConnInfo>())
+                .and(caller::caller(s.clone()))
+                .and(warp::ext::optional::<conn::ConnInfo>())
                 .and(warp::header::headers_cloned())
                 .and(with_state(s))
                 .then(events::events)
@@ -154,7 +154,7 @@ fn status(
     s: Arc<ApiState>,
     names: StateNames,
 ) -> BoxedFilter<(Response,)> {
-    path.and(auth::caller(s.clone()))
+    path.and(caller::caller(s.clone()))
         .and(with_state(s))
         .and(with_names(names))
         .then(handlers::status)
@@ -168,7 +168,7 @@ fn cancel(
     s: Arc<ApiState>,
     names: StateNames,
 ) -> BoxedFilter<(Response,)> {
-    path.and(auth::caller(s.clone()))
+    path.and(caller::caller(s.clone()))
         .and(with_state(s))
         .and(with_names(names))
         .then(handlers::cancel)

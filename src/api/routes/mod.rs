@@ -48,7 +48,7 @@ pub(crate) fn routes(
     let any_route = table()
         .map(|row| row.filter(state.clone()))
         .fold(unrouted(), |tried, row| row.or(tried).unify().boxed());
-    origin::same_site_only(state)
+    origin::same_site_only(state.auth.clone())
         .and(any_route)
         .recover(error::recover)
         .unify()

@@ -9,7 +9,8 @@ use warp::filters::BoxedFilter;
 use warp::http::Method;
 use warp::reply::Response;
 
-use crate::api::state::{ApiState, RequestScope};
+use crate::api::scope::RequestScope;
+use crate::api::state::ApiState;
 
 /// The filter that matches a route's method and marks the request as handled by its
 /// template; each row puts it right after its path.

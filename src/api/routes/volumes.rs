@@ -4,7 +4,7 @@ use warp::Filter;
 use warp::http::Method;
 
 use super::route::{RouteDef, with_state};
-use crate::api::{auth, handlers, upload};
+use crate::api::{caller, handlers, upload};
 
 /// The rows of this group.
 pub(crate) const ROUTES: &[RouteDef] = &[
@@ -14,7 +14,7 @@ pub(crate) const ROUTES: &[RouteDef] = &[
         build: |at, s| {
             warp::path!("api" / "v1" / "volumes" / String)
                 .and(at)
-                .and(auth::caller(s.clone()))
+                .and(caller::caller(s.clone()))
                 .and(with_state(s))
                 .then(handlers::volume_delete)
                 .map(handlers::respond)
@@ -27,7 +27,7 @@ pub(crate) const ROUTES: &[RouteDef] = &[
         build: |at, s| {
             warp::path!("api" / "v1" / "volumes" / String / "content")
                 .and(at)
-                .and(auth::caller(s.clone()))
+                .and(caller::caller(s.clone()))
                 .and(warp::header::headers_cloned())
                 .and(warp::body::stream())
                 .and(with_state(s))
