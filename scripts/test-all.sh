@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the project: formatting and lints, unit and integration tests against the
-# real binary, the release build as the package makes it (and a smoke run of it), the LVM tests inside a QEMU VM, and the static checks of the Nix files.
+# real binary, the API contract (Schemathesis against the daemon's own OpenAPI document), the
+# release build as the package makes it (and a smoke run of it), the LVM tests inside a QEMU VM,
+# and the static checks of the Nix files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -15,6 +17,9 @@ cargo clippy --all-targets --locked -- -D warnings
 
 step "cargo test"
 cargo test --all-targets --locked
+
+step "API contract: Schemathesis against the debug daemon with its own OpenAPI document (scripts/api-contract.sh)"
+./scripts/api-contract.sh
 
 step "What ships: release build offline from Cargo.lock, release unit tests, smoke run (scripts/release-check.sh)"
 ./scripts/release-check.sh

@@ -375,3 +375,200 @@ async fn timeout_counts_from_running_and_rolls_back() {
         "the full timeout after start: {b}"
     );
 }
+
+/// The Go service's paths show a cancelled job as `failed` (its clients never saw `cancelled`);
+/// every other route shows `cancelled`.
+#[tokio::test]
+async fn legacy_paths_show_a_cancelled_job_as_failed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let path = slow_qemu_img_path(dir, 30);
+    let config = TestConfig::new(dir).set("jobs.max_concurrent", 1);
+    let d = Daemon::start_with_env(dir, &config, &[("PATH", &path)]);
+    let c = client();
+    let url = image(dir);
+    let body = |name: &str| json!({"image_url": url, "volume_name": name, "volume_size_gb": 1});
+    let first = submit(&c, &d, body("busy")).await;
+    wait_until(&c, &d, &first, MINUTE, |v| v["status"] == "running").await;
+    // Queued behind the first, with a key, on the Go service's path; cancelled while pending.
+    let r = c
+        .post(d.url("/api/v1/provision"))
+        .header("idempotency-key", "legacy-1")
+        .json(&body("queued"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, v) = post(&c, &d.url(&format!("/api/v1/jobs/{id}/cancel")), &json!({})).await;
+    assert_eq!(
+        (status, v["status"].clone()),
+        (200, json!("cancelled")),
+        "{v}"
+    );
+
+    let (_, ours) = get(&c, &d.url(&format!("/api/v1/jobs/{id}"))).await;
+    assert_eq!(ours["status"], "cancelled");
+    let (status, legacy) = get(&c, &d.url(&format!("/api/v1/status/{id}"))).await;
+    assert_eq!(status, 200);
+    assert_eq!(legacy["status"], "failed", "{legacy}");
+    assert_eq!(legacy["error"], "cancelled by request");
+    assert_eq!(legacy["job_id"], ours["job_id"]);
+    let (_, list) = get(&c, &d.url("/api/v1/jobs?status=cancelled")).await;
+    assert_eq!(list["jobs"][0]["status"], "cancelled");
+    // The refusal to cancel it again names the state each path shows.
+    let (status, v) = delete(&c, &d.url(&format!("/api/v1/cancel/{id}"))).await;
+    assert_eq!(status, 400);
+    assert_eq!(v["message"], "cannot cancel job in 'failed' status");
+    assert_eq!(v["reason"], "job_terminal");
+    let (status, v) = post(&c, &d.url(&format!("/api/v1/jobs/{id}/cancel")), &json!({})).await;
+    assert_eq!(status, 400);
+    assert_eq!(v["message"], "cannot cancel job in 'cancelled' status");
+    // A replay of the key answers the job as the path names it.
+    for (route, expected) in [
+        ("/api/v1/provision", "failed"),
+        ("/provision", "failed"),
+        ("/api/v1/jobs", "cancelled"),
+    ] {
+        let r = c
+            .post(d.url(route))
+            .header("idempotency-key", "legacy-1")
+            .json(&body("queued"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{route}");
+        assert_eq!(r.headers()["idempotent-replayed"], "true");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["job_id"], json!(id), "{route}");
+        assert_eq!(v["status"], expected, "{route}");
+    }
+    let (status, _) = post(
+        &c,
+        &d.url(&format!("/api/v1/jobs/{first}/cancel")),
+        &json!({}),
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+/// `POST /api/v1/cache/fetch` checks a declared `image_type` against the image exactly as a
+/// provision job does (the same error), and the job shows what was found.
+#[tokio::test]
+async fn cache_fetch_checks_the_declared_image_type() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let d = Daemon::start(dir, &TestConfig::new(dir));
+    let c = client();
+    let raw = dir.join("images/disk.raw");
+    make_raw(&raw, 4 << 20);
+    let raw = file_url(&raw);
+    let qcow2 = image(dir);
+    let fetch = |url: &str, image_type: Option<&str>| {
+        let mut body = json!({"image_url": url});
+        if let Some(t) = image_type {
+            body["image_type"] = json!(t);
+        }
+        let (c, d) = (&c, &d);
+        async move {
+            let (status, v) = post(c, &d.url("/api/v1/cache/fetch"), &body).await;
+            assert_eq!(status, 202, "{body}: {v}");
+            wait_job(c, d, v["job_id"].as_str().unwrap(), MINUTE).await
+        }
+    };
+
+    let job = fetch(&raw, Some("qcow2")).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let mismatch = "image rejected: image_type is qcow2 but the image is raw";
+    assert_eq!(job["error"], mismatch);
+    assert_eq!(
+        (job["image_type"].clone(), job["image_format"].clone()),
+        (json!("qcow2"), json!("raw"))
+    );
+    assert!(job.get("image_path").is_none(), "{job}");
+    // A provision job declaring the same fails with the same error.
+    let id = submit(
+        &c,
+        &d,
+        json!({"image_url": raw, "volume_name": "v-raw", "volume_size_gb": 1}),
+    )
+    .await;
+    let provision = wait_job(&c, &d, &id, MINUTE).await;
+    assert_eq!(provision["error"], mismatch, "{provision}");
+
+    let job = fetch(&raw, Some("raw")).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(
+        (job["image_type"].clone(), job["image_format"].clone()),
+        (json!("raw"), json!("raw"))
+    );
+    // Without a declared type the image is taken as found, and the job says what it found.
+    let job = fetch(&raw, None).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(
+        (job["image_type"].clone(), job["image_format"].clone()),
+        (json!("raw"), json!("raw"))
+    );
+    let job = fetch(&qcow2, None).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["image_type"], "qcow2");
+    let job = fetch(&qcow2, Some("raw")).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(
+        job["error"],
+        "image rejected: image_type is raw but the image is qcow2"
+    );
+    assert_eq!(job["image_format"], "qcow2");
+}
+
+/// `correlation_id` and `image_url` limits count characters, as the document and the messages
+/// say: 256 two-byte characters are accepted, 257 are not.
+#[tokio::test]
+async fn length_limits_count_characters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let d = Daemon::start(dir, &TestConfig::new(dir));
+    let c = client();
+    let url = image(dir);
+    let body = |name: &str, correlation: String| json!({"image_url": url, "volume_name": name, "volume_size_gb": 1, "correlation_id": correlation});
+    let id = submit(&c, &d, body("wide-256", "é".repeat(256))).await;
+    let (_, job) = get(&c, &d.url(&format!("/api/v1/jobs/{id}"))).await;
+    assert_eq!(job["correlation_id"], "é".repeat(256));
+    let (status, v) = post(
+        &c,
+        &d.url("/api/v1/jobs"),
+        &body("wide-257", "é".repeat(257)),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("longer than 256 characters"),
+        "{v}"
+    );
+    // 4096 characters (8 KiB and more of UTF-8) pass the length check and meet the source
+    // check; 4097 do not pass the length check.
+    let long = |n: usize| format!("https://x.example/{}", "é".repeat(n - 18));
+    let probe = |u: String| json!({"image_url": u, "volume_name": "long", "volume_size_gb": 1});
+    let (status, v) = post(&c, &d.url("/api/v1/jobs"), &probe(long(4096))).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        !v["message"].as_str().unwrap().contains("longer than"),
+        "{v}"
+    );
+    let (status, v) = post(&c, &d.url("/api/v1/jobs"), &probe(long(4097))).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("longer than 4096 characters"),
+        "{v}"
+    );
+    wait_job(&c, &d, &id, MINUTE).await;
+}

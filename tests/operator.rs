@@ -971,6 +971,69 @@ async fn openapi_operations_are_the_routes_the_daemon_serves() {
     assert!(volumes_in(dir.path()).is_empty(), "the probes made nothing");
 }
 
+/// `HEAD` on every documented GET path answers as the GET does, without a body; a method a
+/// documented path does not take is 405 with `Allow` naming exactly the documented methods
+/// (and HEAD beside GET). Both come from the route table (`api/routes`).
+#[tokio::test(flavor = "multi_thread")]
+async fn head_and_allow_follow_the_route_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &TestConfig::new(dir.path()));
+    let c = client();
+    let (_, doc) = get(&c, &d.url("/api/v1/openapi.json")).await;
+    let concrete = |template: &str| {
+        template
+            .replace("{id}", "00000000-0000-0000-0000-000000000000")
+            .replace("{key}", &"0".repeat(64))
+            .replace("{name}", "allow-check")
+    };
+    let mut heads = 0;
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        let url = d.url(&concrete(path));
+        let mut documented: Vec<String> = ops
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|m| m.to_uppercase())
+            .collect();
+        if ops.get("get").is_some() {
+            // (The progress stream's GET answers 404 at once here: there is no such job.)
+            let got = c.get(&url).send().await.unwrap();
+            let (get_status, get_type) = (got.status(), got.headers().get("content-type").cloned());
+            let head = c.head(&url).send().await.unwrap();
+            assert_eq!(head.status(), get_status, "HEAD {path}");
+            assert_eq!(
+                head.headers().get("content-type"),
+                get_type.as_ref(),
+                "HEAD {path}"
+            );
+            assert!(
+                head.bytes().await.unwrap().is_empty(),
+                "HEAD {path} has a body"
+            );
+            documented.push("HEAD".into());
+            heads += 1;
+        }
+        documented.sort();
+        let r = c
+            .request(reqwest::Method::OPTIONS, &url)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "OPTIONS {path}");
+        let allow = r.headers()["allow"].to_str().unwrap().to_string();
+        let mut allowed: Vec<String> = allow.split(", ").map(String::from).collect();
+        allowed.sort();
+        assert_eq!(allowed, documented, "Allow of {path}: {allow}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["reason"], "method_not_allowed", "{path}");
+    }
+    assert!(heads >= 12, "{heads} GET paths");
+    // HEAD on a path with no GET is 405 too, and names the methods it has.
+    let r = c.head(d.url("/api/v1/cache/fetch")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "POST");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn preflight_reads_only_the_header_and_creates_nothing() {
     let dir = tempfile::tempdir().unwrap();

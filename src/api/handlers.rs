@@ -20,7 +20,8 @@ use super::error::{ApiError, Reason};
 use super::state::ApiState;
 use super::views::{
     Accepted, CacheDeleted, CacheImage, CacheList, CancelResponse, ConfigResponse, HealthResponse,
-    HealthStatus, JobList, JobLoad, ReadyResponse, StatusResponse, VolumeDeleted, rfc3339,
+    HealthStatus, JobList, JobLoad, ReadyResponse, StateNames, StatusResponse, VolumeDeleted,
+    rfc3339,
 };
 use crate::image::ImageType;
 use crate::image::source;
@@ -33,10 +34,10 @@ use crate::volume::{self, VolumeError};
 use tracing::Instrument;
 
 pub(crate) const MAX_URL_LEN: usize = 4096;
-const MAX_CORRELATION_ID_LEN: usize = 256;
+pub(crate) const MAX_CORRELATION_ID_LEN: usize = 256;
 /// Largest accepted volume: 1 PiB.
-const MAX_VOLUME_GB: u64 = 1 << 20;
-const MAX_LIST_LIMIT: usize = 1000;
+pub(crate) const MAX_VOLUME_GB: u64 = 1 << 20;
+pub(crate) const MAX_LIST_LIMIT: usize = 1000;
 /// How long a cancel request waits for a running job to stop and roll back.
 const CANCEL_WAIT: Duration = Duration::from_secs(60);
 
@@ -228,12 +229,14 @@ pub(crate) fn ready(state: Arc<ApiState>) -> Response {
     )
 }
 
-/// `GET /api/v1/openapi.json`.
-pub(crate) fn openapi(caller: Result<Caller, ApiError>) -> Response {
+/// `GET /api/v1/openapi.json`: the document of this daemon (with the empty security
+/// requirement when it takes requests without credentials).
+pub(crate) fn openapi(caller: Result<Caller, ApiError>, state: Arc<ApiState>) -> Response {
     if let Err(e) = caller {
         return e.into_response();
     }
-    let mut resp = super::openapi::document().into_response();
+    let open = state.auth.is_open();
+    let mut resp = super::openapi::document_for(open).into_response();
     resp.headers_mut().insert(
         "content-type",
         warp::http::HeaderValue::from_static("application/json"),
@@ -254,35 +257,62 @@ pub(crate) fn metrics_text(caller: Result<Caller, ApiError>) -> Response {
 }
 
 /// `POST /api/v1/jobs`: what to provision. Fields are checked one by one (each with its own
-/// message) rather than by serde, so they are optional here and required in the schema.
+/// message) rather than by serde, so they are optional here and required in the schema. The
+/// schema states each check (lengths count characters, as JSON Schema does); the patterns are
+/// tested against the checks in `openapi.rs`. No string of a body may hold a control character.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({
+    "image_url": "s3://vm-images/ubuntu-24.04.qcow2",
+    "volume_name": "vm-disk-001",
+    "volume_size_gb": 50,
+    "image_type": "qcow2",
+    "correlation_id": "provision-vm-001"
+})))]
 pub(crate) struct ProvisionBody {
     /// `s3://bucket/key`, an `http(s)://` URL on the S3 endpoint or `sources.allowed_hosts`,
-    /// or `file://` below `sources.file_roots`; at most 4096 characters.
-    #[schema(required = true, value_type = String)]
+    /// or `file://` below `sources.file_roots` (400 for any other source); not blank; at most
+    /// 4096 characters.
+    #[schema(required = true, value_type = String, min_length = 1, max_length = 4096,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028-\u202f\u205f\u2066-\u2069\u3000][^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$")]
     image_url: Option<String>,
-    /// `[A-Za-z0-9+_.-]`, 1..=127 characters, not `.` or `..`, no leading `-`.
-    #[schema(required = true, value_type = String)]
+    /// `[A-Za-z0-9+_.-]`, 1..=127 characters, not `.` or `..`, no leading `-` (the LVM backend
+    /// also refuses LVM's reserved names).
+    #[schema(required = true, value_type = String, min_length = 1, max_length = 127,
+        pattern = r"^(?:[A-Za-z0-9+_][A-Za-z0-9+_.-]{0,126}|\.[A-Za-z0-9+_-][A-Za-z0-9+_.-]{0,125}|\.\.[A-Za-z0-9+_.-]{1,125})$")]
     volume_name: Option<String>,
-    /// GiB (2^30 bytes), 1..=1048576.
+    /// GiB (2^30 bytes), an integer 1..=1048576.
     #[schema(required = true, value_type = u64, minimum = 1, maximum = 1048576)]
     volume_size_gb: Option<serde_json::Value>,
-    /// `qcow2` (default) or `raw`.
+    /// `qcow2` (default) or `raw`; checked against the image (a mismatch fails the job).
     #[schema(value_type = Option<ImageType>)]
     image_type: Option<String>,
-    /// Echoed in the job, its logs and traces; at most 256 characters.
+    /// Echoed in the job, its logs and traces; at most 256 characters (empty: none).
+    #[schema(
+        max_length = 256,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$"
+    )]
     correlation_id: Option<String>,
 }
 
 /// `POST /api/v1/cache/fetch`: an image to download into the cache only.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({"image_url": "s3://vm-images/ubuntu-24.04.qcow2", "image_type": "qcow2"})))]
 pub(crate) struct CacheFetchBody {
-    #[schema(required = true, value_type = String)]
+    /// As for `POST /api/v1/jobs`.
+    #[schema(required = true, value_type = String, min_length = 1, max_length = 4096,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028-\u202f\u205f\u2066-\u2069\u3000][^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$")]
     image_url: Option<String>,
+    /// `qcow2` or `raw`: checked against the image as for provision jobs (a mismatch fails the
+    /// job); none: the image is taken as found.
     #[schema(value_type = Option<ImageType>)]
     image_type: Option<String>,
+    /// As for `POST /api/v1/jobs`.
+    #[schema(
+        max_length = 256,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$"
+    )]
     correlation_id: Option<String>,
 }
 
@@ -326,37 +356,56 @@ fn refuse_control_characters(value: &serde_json::Value, at: &str) -> Result<(), 
     }
 }
 
-fn check_image_url(url: Option<String>, state: &ApiState) -> Result<String, ApiError> {
+/// `image_url` as sent: present, not blank, at most `MAX_URL_LEN` characters (Unicode scalar
+/// values, as JSON Schema's `maxLength` counts them, not bytes).
+pub(crate) fn check_image_url_text(url: Option<String>) -> Result<String, ApiError> {
     let url = url
         .filter(|u| !u.trim().is_empty())
         .ok_or_else(|| ApiError::bad_request("image_url is required"))?;
-    if url.len() > MAX_URL_LEN {
+    let chars = url.chars().count();
+    if chars > MAX_URL_LEN {
         return Err(ApiError::bad_request(format!(
-            "image_url is longer than {MAX_URL_LEN} characters"
+            "image_url is longer than {MAX_URL_LEN} characters ({chars})"
         )));
     }
+    Ok(url)
+}
+
+fn check_image_url(url: Option<String>, state: &ApiState) -> Result<String, ApiError> {
+    let url = check_image_url_text(url)?;
     source::resolve(&url, &state.settings.current())
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     Ok(url)
 }
 
+/// The declared `image_type`: `qcow2` when none is named (provision jobs, preflight).
 pub(crate) fn check_image_type(t: Option<String>) -> Result<ImageType, ApiError> {
+    Ok(check_declared_image_type(t)?.unwrap_or(ImageType::Qcow2))
+}
+
+/// The declared `image_type`, if any (a cache fetch without one takes the image as found).
+fn check_declared_image_type(t: Option<String>) -> Result<Option<ImageType>, ApiError> {
     match t.as_deref() {
-        None | Some("qcow2") => Ok(ImageType::Qcow2),
-        Some("raw") => Ok(ImageType::Raw),
+        None => Ok(None),
+        Some("qcow2") => Ok(Some(ImageType::Qcow2)),
+        Some("raw") => Ok(Some(ImageType::Raw)),
         Some(other) => Err(ApiError::bad_request(format!(
             "image_type `{other}` is not supported (use qcow2 or raw)"
         ))),
     }
 }
 
+/// `correlation_id`: at most `MAX_CORRELATION_ID_LEN` characters (not bytes); empty is none.
 fn check_correlation_id(c: Option<String>) -> Result<Option<String>, ApiError> {
     match c {
         None => Ok(None),
         Some(c) if c.is_empty() => Ok(None),
-        Some(c) if c.len() > MAX_CORRELATION_ID_LEN => Err(ApiError::bad_request(format!(
-            "correlation_id is longer than {MAX_CORRELATION_ID_LEN} characters"
-        ))),
+        Some(c) if c.chars().count() > MAX_CORRELATION_ID_LEN => {
+            Err(ApiError::bad_request(format!(
+                "correlation_id is longer than {MAX_CORRELATION_ID_LEN} characters ({})",
+                c.chars().count()
+            )))
+        }
         Some(c) if c.chars().any(|ch| ch.is_control()) => Err(ApiError::bad_request(
             "correlation_id must not contain control characters",
         )),
@@ -364,9 +413,16 @@ fn check_correlation_id(c: Option<String>) -> Result<Option<String>, ApiError> {
     }
 }
 
+/// `volume_size_gb`: an integer 1..=`MAX_VOLUME_GB`. A number with a zero fraction (`50.0`)
+/// is an integer, as JSON Schema counts them.
 fn check_size(v: Option<serde_json::Value>) -> Result<u64, ApiError> {
     let v = v.ok_or_else(|| ApiError::bad_request("volume_size_gb is required"))?;
-    match v.as_u64() {
+    let integral = v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < u64::MAX as f64)
+            .map(|f| f as u64)
+    });
+    match integral {
         Some(n) if (1..=MAX_VOLUME_GB).contains(&n) => Ok(n),
         Some(n) if n > MAX_VOLUME_GB => Err(ApiError::bad_request(format!(
             "volume_size_gb {n} is larger than {MAX_VOLUME_GB}"
@@ -401,8 +457,9 @@ fn submit_error(e: SubmitError) -> ApiError {
 }
 
 /// 202 with the new job's id, or 200 with the job an `Idempotency-Key` already made (and
-/// `Idempotent-Replayed: true`); both with the job's `Location`.
-fn accepted(submitted: &Submitted) -> Response {
+/// `Idempotent-Replayed: true`); both with the job's `Location`. The job's state is named as
+/// the route names states (`names`).
+fn accepted(submitted: &Submitted, names: StateNames) -> Response {
     let (job, status, replayed) = match submitted {
         Submitted::New(job) => (job, StatusCode::ACCEPTED, false),
         Submitted::Existing(job) => (job, StatusCode::OK, true),
@@ -410,7 +467,7 @@ fn accepted(submitted: &Submitted) -> Response {
     let mut resp = json_reply(
         &Accepted {
             job_id: job.id,
-            status: job.status,
+            status: names.show(job.status),
         },
         status,
     );
@@ -459,6 +516,7 @@ pub(crate) async fn submit(
     body: Result<serde_json::Value, ApiError>,
     headers: http::HeaderMap,
     state: Arc<ApiState>,
+    names: StateNames,
 ) -> Result<Response, ApiError> {
     let caller = caller?;
     let body = body?;
@@ -471,7 +529,7 @@ pub(crate) async fn submit(
         .and_then(|_| state.volumes.validate_name(&volume_name))
         .map_err(ApiError::bad_request)?;
     let size = check_size(body.volume_size_gb)?;
-    let image_type = check_image_type(body.image_type)?;
+    let image_type = Some(check_image_type(body.image_type)?);
     let correlation_id = check_correlation_id(body.correlation_id)?;
     let spec = JobSpec {
         image_url,
@@ -492,7 +550,7 @@ pub(crate) async fn submit(
         .await
         .map_err(submit_error)?;
     let Submitted::New(job) = &submitted else {
-        return Ok(accepted(&submitted));
+        return Ok(accepted(&submitted, names));
     };
     tracing::info!(
         job_id = %job.id,
@@ -502,7 +560,7 @@ pub(crate) async fn submit(
         requested_by = caller.identity().unwrap_or(""),
         "provision job accepted"
     );
-    Ok(accepted(&submitted))
+    Ok(accepted(&submitted, names))
 }
 
 pub(crate) async fn cache_fetch(
@@ -515,7 +573,7 @@ pub(crate) async fn cache_fetch(
     let body = body?;
     let body: CacheFetchBody = parse_body(body)?;
     let image_url = check_image_url(body.image_url, &state)?;
-    let image_type = check_image_type(body.image_type)?;
+    let image_type = check_declared_image_type(body.image_type)?;
     let correlation_id = check_correlation_id(body.correlation_id)?;
     let spec = JobSpec {
         image_url,
@@ -538,7 +596,7 @@ pub(crate) async fn cache_fetch(
     if let Submitted::New(job) = &submitted {
         tracing::info!(job_id = %job.id, image_url = %job.spec.image_url, "cache fetch job accepted");
     }
-    Ok(accepted(&submitted))
+    Ok(accepted(&submitted, StateNames::Ours))
 }
 
 fn parse_query(raw: &str) -> HashMap<String, String> {
@@ -557,6 +615,19 @@ fn parse_limit(q: &HashMap<String, String>, default: usize) -> Result<usize, Api
             ))),
         },
     }
+}
+
+/// `offset`: an integer 0..=2^63-1 (the document's `int64`); past the end is an empty page.
+fn parse_offset(v: &str) -> Result<usize, ApiError> {
+    v.parse::<i64>()
+        .ok()
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "offset must be an integer between 0 and {}",
+                i64::MAX
+            ))
+        })
 }
 
 pub(crate) async fn list(
@@ -599,10 +670,13 @@ pub(crate) fn parse_job_id(raw: &str) -> Result<Uuid, ApiError> {
         .map_err(|_| ApiError::bad_request(format!("`{raw}` is not a job id (UUID)")))
 }
 
+/// `GET /api/v1/jobs/{id}` and the Go service's `GET /api/v1/status/{id}` (`names`: which
+/// names of the states the route shows).
 pub(crate) async fn status(
     raw_id: String,
     caller: Result<Caller, ApiError>,
     state: Arc<ApiState>,
+    names: StateNames,
 ) -> Result<Response, ApiError> {
     caller?;
     let id = parse_job_id(&raw_id)?;
@@ -613,15 +687,17 @@ pub(crate) async fn status(
         .map_err(|e| ApiError::internal(e.to_string()))?
         .ok_or_else(|| ApiError::not_found(Reason::JobNotFound, format!("job {id} not found")))?;
     Ok(json_reply(
-        &StatusResponse::from_job(&job, state.engine.queue_position(id)),
+        &StatusResponse::from_job(&job, state.engine.queue_position(id)).named(names),
         StatusCode::OK,
     ))
 }
 
+/// `POST /api/v1/jobs/{id}/cancel` and the Go service's `DELETE /api/v1/cancel/{id}`.
 pub(crate) async fn cancel(
     raw_id: String,
     caller: Result<Caller, ApiError>,
     state: Arc<ApiState>,
+    names: StateNames,
 ) -> Result<Response, ApiError> {
     let caller = caller?;
     let id = parse_job_id(&raw_id)?;
@@ -642,10 +718,10 @@ pub(crate) async fn cancel(
             Reason::JobNotFound,
             format!("job {id} not found"),
         )),
-        Err(e @ CancelError::Terminal(_)) => Err(ApiError::new(
+        Err(CancelError::Terminal(status)) => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             Reason::JobTerminal,
-            e.to_string(),
+            CancelError::Terminal(names.show(status)).to_string(),
         )),
         Err(e) => Err(ApiError::internal(e.to_string())),
     }
@@ -661,9 +737,7 @@ pub(crate) async fn cache_list(
     let limit = parse_limit(&q, 100)?;
     let offset = match q.get("offset") {
         None => 0,
-        Some(v) => v
-            .parse::<usize>()
-            .map_err(|_| ApiError::bad_request("offset must be a non-negative integer"))?,
+        Some(v) => parse_offset(v)?,
     };
     let cache = &state.cache;
     let entries = cache.entries();
@@ -698,17 +772,21 @@ pub(crate) async fn cache_list(
     ))
 }
 
+/// A cache key: 64 lowercase hex digits (the SHA-256 of what names the image).
+pub(crate) fn is_cache_key(key: &str) -> bool {
+    key.len() == 64
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 pub(crate) async fn cache_delete(
     key: String,
     caller: Result<Caller, ApiError>,
     state: Arc<ApiState>,
 ) -> Result<Response, ApiError> {
     let caller = caller?;
-    if key.len() != 64
-        || !key
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
+    if !is_cache_key(&key) {
         return Err(ApiError::bad_request(
             "cache key must be 64 lowercase hex digits",
         ));
@@ -827,9 +905,79 @@ mod tests {
     #[test]
     fn sizes() {
         assert_eq!(check_size(Some(json!(50))).unwrap(), 50);
-        for bad in [json!(0), json!(-1), json!(1.5), json!("50"), json!(null)] {
+        // A zero fraction is an integer, as JSON Schema counts them.
+        assert_eq!(check_size(Some(json!(50.0))).unwrap(), 50);
+        assert_eq!(check_size(Some(json!(1048576.0))).unwrap(), MAX_VOLUME_GB);
+        for bad in [
+            json!(0),
+            json!(-1),
+            json!(1.5),
+            json!("50"),
+            json!(null),
+            json!(0.0),
+            json!(-3.0),
+            json!(1048577.0),
+            json!(1e300),
+        ] {
             assert!(check_size(Some(bad.clone())).is_err(), "{bad}");
         }
         assert!(check_size(None).is_err());
+    }
+
+    /// The limits count characters (Unicode scalar values), as the document's `maxLength`
+    /// does and as the messages say, not bytes.
+    #[test]
+    fn length_limits_count_characters_not_bytes() {
+        let wide = |n: usize| "é".repeat(n);
+        assert_eq!(wide(256).len(), 512, "two bytes each");
+        assert_eq!(
+            check_correlation_id(Some(wide(256))).unwrap().unwrap(),
+            wide(256)
+        );
+        let e = check_correlation_id(Some(wide(257))).unwrap_err();
+        assert!(
+            e.message.contains("longer than 256 characters (257)"),
+            "{}",
+            e.message
+        );
+        assert_eq!(check_correlation_id(Some(String::new())).unwrap(), None);
+        let url = |n: usize| format!("s3://b/{}", wide(n - 7));
+        assert_eq!(url(4096).chars().count(), 4096);
+        assert_eq!(check_image_url_text(Some(url(4096))).unwrap(), url(4096));
+        let e = check_image_url_text(Some(url(4097))).unwrap_err();
+        assert!(
+            e.message.contains("longer than 4096 characters (4097)"),
+            "{}",
+            e.message
+        );
+        for blank in ["", " ", "\t\u{3000}\u{a0}"] {
+            assert!(
+                check_image_url_text(Some(blank.into())).is_err(),
+                "{blank:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn declared_image_types() {
+        assert_eq!(check_declared_image_type(None).unwrap(), None);
+        assert_eq!(
+            check_declared_image_type(Some("raw".into())).unwrap(),
+            Some(ImageType::Raw)
+        );
+        assert_eq!(check_image_type(None).unwrap(), ImageType::Qcow2);
+        assert!(check_declared_image_type(Some("vmdk".into())).is_err());
+    }
+
+    #[test]
+    fn offsets() {
+        assert_eq!(parse_offset("0").unwrap(), 0);
+        assert_eq!(
+            parse_offset("9223372036854775807").unwrap(),
+            i64::MAX as usize
+        );
+        for bad in ["-1", "9223372036854775808", "1.5", "x", ""] {
+            assert!(parse_offset(bad).is_err(), "{bad}");
+        }
     }
 }

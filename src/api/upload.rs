@@ -75,7 +75,7 @@ fn check_length(headers: &http::HeaderMap, max: u64) -> Result<u64, ApiError> {
     Ok(length)
 }
 
-fn check_headers(headers: &http::HeaderMap) -> Result<Option<String>, ApiError> {
+pub(super) fn check_headers(headers: &http::HeaderMap) -> Result<Option<String>, ApiError> {
     let content_type = header(headers, "content-type").unwrap_or("none");
     let essence = content_type.split(';').next().unwrap_or("").trim();
     if !essence.eq_ignore_ascii_case("application/octet-stream") {

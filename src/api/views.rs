@@ -21,6 +21,26 @@ pub(crate) fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
+/// Which names of the job states a route shows. The Go service's paths (`GET
+/// /api/v1/status/{id}`, `POST /api/v1/provision`, `POST /provision`, `DELETE
+/// /api/v1/cancel/{id}`) show the states its clients know: it had no `cancelled` and reported a
+/// cancelled job as `failed`. Every other route shows `cancelled`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StateNames {
+    Ours,
+    GoService,
+}
+
+impl StateNames {
+    /// `status` as this route shows it.
+    pub(crate) fn show(self, status: JobStatus) -> JobStatus {
+        match (self, status) {
+            (StateNames::GoService, JobStatus::Cancelled) => JobStatus::Failed,
+            _ => status,
+        }
+    }
+}
+
 /// A job's progress as the API shows it (rounded; `overall_percent` for old clients).
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub(crate) struct ProgressView {
@@ -57,7 +77,14 @@ pub(crate) struct StatusResponse {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) cache_revalidation: Option<String>,
     pub(crate) image_url: String,
-    pub(crate) image_type: ImageType,
+    /// The declared format; for a cache fetch that declared none, the format found once the
+    /// image is in the cache (absent before).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) image_type: Option<ImageType>,
+    /// The format the inspector found, once the image is in the cache. A job whose declared
+    /// `image_type` differs fails (`image_type is qcow2 but the image is raw`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) image_format: Option<ImageType>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) volume_name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -214,7 +241,32 @@ pub(crate) struct Uploaded {
     pub(crate) sha256: String,
 }
 
+/// The body of an upload as the OpenAPI document describes it: the volume's bytes, at least one
+/// (`Content-Length: 0` is 400). Written by hand: the derive takes no `min_length` for it.
+pub(crate) struct UploadContent;
+
+impl utoipa::PartialSchema for UploadContent {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary)))
+            .content_media_type("application/octet-stream")
+            .min_length(Some(1))
+            .description(Some("the volume's content, at least one byte"))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for UploadContent {}
+
 impl StatusResponse {
+    /// The view of `job` with its state named as `names` name it (`GET /api/v1/status/{id}`).
+    pub(crate) fn named(mut self, names: StateNames) -> StatusResponse {
+        self.status = names.show(self.status);
+        self
+    }
+
     /// The API's view of `job`; `queue_position` is shown for pending jobs only.
     pub(crate) fn from_job(job: &Job, queue_position: Option<usize>) -> StatusResponse {
         let p = &job.progress;
@@ -241,7 +293,8 @@ impl StatusResponse {
             cache_hit: job.cache_hit,
             cache_revalidation: job.cache_revalidation.clone(),
             image_url: job.spec.image_url.clone(),
-            image_type: job.spec.image_type,
+            image_type: job.spec.image_type.or(job.image_format),
+            image_format: job.image_format,
             volume_name: job.spec.volume_name.clone(),
             volume_size_gb: job.spec.volume_size_gb,
             image_path: (job.status == JobStatus::Completed)
@@ -291,5 +344,52 @@ mod tests {
         assert_eq!(s["method"], "copy");
         assert_eq!(s["progress"]["percent"], 100.0);
         assert_eq!(s["progress"]["overall_percent"], 100.0);
+    }
+
+    #[test]
+    fn the_go_services_paths_show_cancelled_as_failed() {
+        for status in JobStatus::ALL {
+            assert_eq!(StateNames::Ours.show(status), status);
+            let go = StateNames::GoService.show(status);
+            let expected = if status == JobStatus::Cancelled {
+                JobStatus::Failed
+            } else {
+                status
+            };
+            assert_eq!(go, expected, "{status}");
+        }
+        let mut j = job();
+        j.transition(
+            JobStatus::Cancelled,
+            Some("cancelled by request".into()),
+            Utc::now(),
+        )
+        .unwrap();
+        let view = StatusResponse::from_job(&j, None);
+        let legacy = serde_json::to_value(view.clone().named(StateNames::GoService)).unwrap();
+        assert_eq!(legacy["status"], "failed");
+        assert_eq!(legacy["error"], "cancelled by request");
+        let ours = serde_json::to_value(view.named(StateNames::Ours)).unwrap();
+        assert_eq!(ours["status"], "cancelled");
+    }
+
+    #[test]
+    fn image_type_is_declared_or_found() {
+        let mut j = job();
+        j.spec.image_type = None;
+        let s = serde_json::to_value(StatusResponse::from_job(&j, None)).unwrap();
+        assert!(s.get("image_type").is_none() && s.get("image_format").is_none());
+        j.image_format = Some(ImageType::Raw);
+        let s = serde_json::to_value(StatusResponse::from_job(&j, None)).unwrap();
+        assert_eq!(
+            (s["image_type"].clone(), s["image_format"].clone()),
+            ("raw".into(), "raw".into())
+        );
+        j.spec.image_type = Some(ImageType::Qcow2);
+        let s = serde_json::to_value(StatusResponse::from_job(&j, None)).unwrap();
+        assert_eq!(
+            (s["image_type"].clone(), s["image_format"].clone()),
+            ("qcow2".into(), "raw".into())
+        );
     }
 }

@@ -168,7 +168,7 @@ mod tests {
         backend.started.notified().await;
         let spec = JobSpec {
             image_url: format!("file://{}", image.display()),
-            image_type: ImageType::Raw,
+            image_type: Some(ImageType::Raw),
             volume_name: Some("vm-1".into()),
             volume_size_gb: Some(1),
             correlation_id: None,

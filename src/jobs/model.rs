@@ -134,7 +134,10 @@ impl Default for Progress {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct JobSpec {
     pub(crate) image_url: String,
-    pub(crate) image_type: ImageType,
+    /// The declared format, checked against the inspected image (a mismatch fails the job).
+    /// Provision jobs always declare one (`qcow2` when the request names none); a cache fetch
+    /// without `image_type` declares none and takes the image as it is found.
+    pub(crate) image_type: Option<ImageType>,
     /// Volume to write (provision jobs only).
     pub(crate) volume_name: Option<String>,
     pub(crate) volume_size_gb: Option<u64>,
@@ -212,6 +215,10 @@ pub(crate) struct Job {
     #[serde(default)]
     pub(crate) cache_revalidation: Option<String>,
     pub(crate) image_path: Option<String>,
+    /// The image's format as the inspector found it, once the image is in the cache (records
+    /// of older versions: none).
+    #[serde(default)]
+    pub(crate) image_format: Option<ImageType>,
     pub(crate) volume_path: Option<String>,
     pub(crate) volume_ownership: VolumeOwnership,
     /// How the volume got its content, once the job chose (records of older versions: none).
@@ -252,6 +259,7 @@ impl Job {
             cache_hit: false,
             cache_revalidation: None,
             image_path: None,
+            image_format: None,
             volume_path: None,
             volume_ownership: VolumeOwnership::None,
             method: None,
@@ -345,7 +353,7 @@ pub(crate) mod tests {
             JobKind::Provision,
             JobSpec {
                 image_url: "file:///x.qcow2".into(),
-                image_type: ImageType::Qcow2,
+                image_type: Some(ImageType::Qcow2),
                 volume_name: Some("v".into()),
                 volume_size_gb: Some(1),
                 correlation_id: None,

@@ -15,6 +15,7 @@ use super::handle::JobHandle;
 use super::model::{Job, JobKind, JobSpec, Stage, VolumeMethod, VolumeOwnership};
 use crate::config::LiveSettings;
 use crate::convert::{self, ConvertSpec};
+use crate::image::ImageType;
 use crate::image::cache::{CachedImage, ImageCache, Transfer};
 use crate::image::inspect::{self, Inspection};
 use crate::image::source;
@@ -61,12 +62,16 @@ pub(crate) async fn execute(
     result
 }
 
+/// A cache fetch: the image into the cache, checked against a declared `image_type` exactly as
+/// a provision job checks it (a mismatch fails the job with the same error; the entry stays
+/// cached, as after a provision job's mismatch).
 async fn fetch_only(
     ctx: &RunContext,
     h: &mut JobHandle,
     cancel: &CancellationToken,
 ) -> StepResult<CachedImage> {
     let image = fetch(ctx, h, cancel).await?;
+    check_declared_type(&image.entry.inspection, h.job.spec.image_type)?;
     h.job.image_path = Some(image.path.display().to_string());
     Ok(image)
 }
@@ -125,6 +130,7 @@ async fn fetch(
     span.record("cache_hit", image.hit);
     span.record("bytes", image.entry.size);
     h.job.cache_hit = image.hit;
+    h.job.image_format = Some(image.entry.inspection.format);
     h.job.cache_revalidation = image.hit.then(|| image.revalidation.as_str().to_string());
     if !image.hit {
         h.record_stage(
@@ -272,12 +278,22 @@ fn target_of(spec: &JobSpec) -> StepResult<(String, u64)> {
     Ok((name, size_bytes))
 }
 
-/// The image must be of the requested format and fit the requested size.
-fn check_image(verdict: &Inspection, spec: &JobSpec, size_bytes: u64) -> StepResult<Inspection> {
-    if let Err(e) = inspect::check_requested(verdict, spec.image_type) {
+/// The image must be of the declared format (when one is declared), for provision jobs and
+/// cache fetches alike.
+fn check_declared_type(verdict: &Inspection, declared: Option<ImageType>) -> StepResult<()> {
+    let Some(declared) = declared else {
+        return Ok(());
+    };
+    if let Err(e) = inspect::check_requested(verdict, declared) {
         metrics().image_error("inspect", e.kind());
         return Err(e.into());
     }
+    Ok(())
+}
+
+/// The image must be of the requested format and fit the requested size.
+fn check_image(verdict: &Inspection, spec: &JobSpec, size_bytes: u64) -> StepResult<Inspection> {
+    check_declared_type(verdict, spec.image_type)?;
     if verdict.virtual_size > size_bytes {
         metrics().image_error("inspect", "too_large");
         return Err(JobError::TooLarge {

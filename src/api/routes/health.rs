@@ -69,7 +69,8 @@ pub(crate) const ROUTES: &[RouteDef] = &[
         build: |at, s| {
             warp::path!("api" / "v1" / "openapi.json")
                 .and(at)
-                .and(caller::caller(s))
+                .and(caller::caller(s.clone()))
+                .and(with_state(s))
                 .map(handlers::openapi)
                 .boxed()
         },

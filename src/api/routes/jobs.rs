@@ -1,5 +1,6 @@
 //! Job routes: submit (and the Go service's two legacy paths), list, status (and its legacy
-//! path), the progress stream, cancel (and its legacy path).
+//! path), the progress stream, cancel (and its legacy path). The legacy paths name the job
+//! states as the Go service did (`StateNames::GoService`: `cancelled` shows as `failed`).
 
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use warp::reply::Response;
 
 use super::route::{RouteDef, raw_query, with_state};
 use crate::api::state::ApiState;
+use crate::api::views::StateNames;
 use crate::api::{caller, conn, events, handlers};
 
 /// The rows of this group.
@@ -17,17 +19,35 @@ pub(crate) const ROUTES: &[RouteDef] = &[
     RouteDef {
         method: Method::POST,
         template: "/api/v1/jobs",
-        build: |at, s| submit(warp::path!("api" / "v1" / "jobs").and(at).boxed(), s),
+        build: |at, s| {
+            submit(
+                warp::path!("api" / "v1" / "jobs").and(at).boxed(),
+                s,
+                StateNames::Ours,
+            )
+        },
     },
     RouteDef {
         method: Method::POST,
         template: "/api/v1/provision",
-        build: |at, s| submit(warp::path!("api" / "v1" / "provision").and(at).boxed(), s),
+        build: |at, s| {
+            submit(
+                warp::path!("api" / "v1" / "provision").and(at).boxed(),
+                s,
+                StateNames::GoService,
+            )
+        },
     },
     RouteDef {
         method: Method::POST,
         template: "/provision",
-        build: |at, s| submit(warp::path!("provision").and(at).boxed(), s),
+        build: |at, s| {
+            submit(
+                warp::path!("provision").and(at).boxed(),
+                s,
+                StateNames::GoService,
+            )
+        },
     },
     RouteDef {
         method: Method::GET,
@@ -50,6 +70,7 @@ pub(crate) const ROUTES: &[RouteDef] = &[
             status(
                 warp::path!("api" / "v1" / "jobs" / String).and(at).boxed(),
                 s,
+                StateNames::Ours,
             )
         },
     },
@@ -62,6 +83,7 @@ pub(crate) const ROUTES: &[RouteDef] = &[
                     .and(at)
                     .boxed(),
                 s,
+                StateNames::GoService,
             )
         },
     },
@@ -89,6 +111,7 @@ pub(crate) const ROUTES: &[RouteDef] = &[
                     .and(at)
                     .boxed(),
                 s,
+                StateNames::Ours,
             )
         },
     },
@@ -101,34 +124,53 @@ pub(crate) const ROUTES: &[RouteDef] = &[
                     .and(at)
                     .boxed(),
                 s,
+                StateNames::GoService,
             )
         },
     },
 ];
 
+/// The route's names of the job states, for handlers.
+fn with_names(
+    names: StateNames,
+) -> impl Filter<Extract = (StateNames,), Error = std::convert::Infallible> + Clone {
+    warp::any().map(move || names)
+}
+
 /// `POST` of a provision request, on any of its three paths.
-fn submit(path: BoxedFilter<()>, s: Arc<ApiState>) -> BoxedFilter<(Response,)> {
+fn submit(path: BoxedFilter<()>, s: Arc<ApiState>, names: StateNames) -> BoxedFilter<(Response,)> {
     path.and(handlers::caller_and_json_body(s.clone()))
         .and(warp::header::headers_cloned())
         .and(with_state(s))
+        .and(with_names(names))
         .then(handlers::submit)
         .map(handlers::respond)
         .boxed()
 }
 
 /// A job's status, on either path.
-fn status(path: BoxedFilter<(String,)>, s: Arc<ApiState>) -> BoxedFilter<(Response,)> {
+fn status(
+    path: BoxedFilter<(String,)>,
+    s: Arc<ApiState>,
+    names: StateNames,
+) -> BoxedFilter<(Response,)> {
     path.and(caller::caller(s.clone()))
         .and(with_state(s))
+        .and(with_names(names))
         .then(handlers::status)
         .map(handlers::respond)
         .boxed()
 }
 
 /// Cancelling a job, on either path.
-fn cancel(path: BoxedFilter<(String,)>, s: Arc<ApiState>) -> BoxedFilter<(Response,)> {
+fn cancel(
+    path: BoxedFilter<(String,)>,
+    s: Arc<ApiState>,
+    names: StateNames,
+) -> BoxedFilter<(Response,)> {
     path.and(caller::caller(s.clone()))
         .and(with_state(s))
+        .and(with_names(names))
         .then(handlers::cancel)
         .map(handlers::respond)
         .boxed()
