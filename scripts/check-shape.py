@@ -19,7 +19,14 @@ SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 LONG = 80
 MAX_LONG = 6
 # Long functions that read best whole, each a protocol one can name.
-ALLOWED_LONG = {}
+ALLOWED_LONG = {
+    "inspect_qcow2": "the qcow2 header checklist of image-safety.md, in order",
+    "convert": "one qemu-img convert: spawn, progress, cancel, exit status",
+    "receive": "one download part: request, body, retries, stall cut",
+    "round": "one pass over a download's parts and its checkpoints",
+    "format_event": "one JSON log line, field by field",
+    "connection": "one connection's lifecycle: handshake, limits, serve, drain",
+}
 LVM_NAMES = re.compile(r"\b(LvmBackend|GoldenImages|ThinPool|start_thin_pool|volume::lvm)\b")
 # Folders and the folders they may use (besides the leaves below).
 LAYERS = {
@@ -28,7 +35,7 @@ LAYERS = {
     "image": {"telemetry"},
     "convert": {"image", "telemetry"},
     "volume": {"telemetry"},
-    "config": {"volume", "telemetry"},
+    "config": {"volume", "image", "telemetry"},
     "telemetry": set(),
     "client": set(),
 }
@@ -56,11 +63,37 @@ def module_of(path):
 
 
 def code_only(text):
-    """The text without comments, strings and `#[cfg(test)]` modules."""
-    text = re.sub(r"//[^\n]*", "", text)
-    text = re.sub(r'"(?:\\.|[^"\\])*"', '""', text)
-    cut = re.search(r"#\[cfg\(test\)\]\s*(pub\(crate\) )?mod tests", text)
-    return text[: cut.start()] if cut else text
+    """The text without comments, string and char literals, and `#[cfg(test)]` modules."""
+    out, i, n = [], 0, len(text)
+    while i < n:
+        c = text[i]
+        if text.startswith("//", i):
+            j = text.find("\n", i)
+            i = n if j < 0 else j
+        elif text.startswith("/*", i):
+            j = text.find("*/", i + 2)
+            i = n if j < 0 else j + 2
+        elif c == "r" and re.match(r'r#*"', text[i:]) and (i == 0 or not (text[i - 1].isalnum() or text[i - 1] == "_")):
+            hashes = re.match(r'r(#*)"', text[i:]).group(1)
+            j = text.find('"' + hashes, i + len(hashes) + 2)
+            out.append('""')
+            i = n if j < 0 else j + 1 + len(hashes)
+        elif c == '"':
+            j = i + 1
+            while j < n and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            out.append('""')
+            i = j + 1
+        elif c == "'" and re.match(r"'(\\.|[^\\'])'", text[i:]):
+            m = re.match(r"'(\\.|[^\\'])'", text[i:])
+            out.append("' '")
+            i += m.end()
+        else:
+            out.append(c)
+            i += 1
+    code = "".join(out)
+    cut = re.search(r"#\[cfg\(test\)\]\s*(pub\(crate\) )?mod tests", code)
+    return code[: cut.start()] if cut else code
 
 
 def used_paths(text, module):
@@ -135,7 +168,7 @@ def main():
     longs = long_functions(files.values())
     for name, path, lines in longs:
         if name not in ALLOWED_LONG:
-            pass
+            problems.append("%s in src/%s has %d lines: split it, or name the protocol it spells out in ALLOWED_LONG" % (name, path, lines))
     print("circles: %d" % sum(1 for p in problems if p.startswith("circle")))
     print("layering inversions: %d" % sum(1 for p in problems if p.startswith("layering")))
     print("LVM names outside src/volume/: %d" % len(lvm_outside))

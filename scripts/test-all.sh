@@ -12,6 +12,9 @@ step() { printf '\n== %s ==\n' "$*"; }
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
+step "the shape of src/ (scripts/check-shape.py: no circles, layers, the backend seam, long functions)"
+python3 scripts/check-shape.py
+
 step "cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 

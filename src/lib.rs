@@ -185,6 +185,8 @@ struct LiveControls {
 struct LiveComponents {
     engine: Engine,
     cache: Arc<ImageCache>,
+    /// The image sources (the hosts redirects may lead to follow `sources.allowed_hosts`).
+    sources: Arc<SourceClients>,
     auth: Arc<Authenticator>,
     tls: Option<Arc<TlsTransport>>,
     controls: LiveControls,
@@ -215,7 +217,8 @@ impl config::reload::LiveTarget for LiveComponents {
             new.jobs.queue_capacity,
             new.jobs.timeout,
         );
-        self.cache.set_limits(new);
+        self.cache.set_limits(&new.cache_config());
+        self.sources.apply(&new.source_policy());
         Ok(())
     }
 }
@@ -226,7 +229,6 @@ async fn run(
     controls: LiveControls,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
-    let listen = settings.listen_addr();
     // Certificates and tokens first: a misconfigured listener fails before anything starts.
     let (tls, auth) = security_from_settings(&settings)?;
     let auth = Arc::new(auth);
@@ -236,28 +238,8 @@ async fn run(
             settings.storage.data_dir.display()
         )
     })?;
-    let sources = Arc::new(SourceClients::new(&settings)?);
-    let cache = Arc::new(
-        ImageCache::open(
-            &settings.cache.dir,
-            store.tree("cache"),
-            sources.clone(),
-            &settings,
-        )
-        .context("opening the image cache")?,
-    );
-    cache.evict(None);
-    let mut volumes = volume::select(&settings.volume_spec()).context("volume backend")?;
-    tracing::info!(
-        backend = ?settings.volumes.backend,
-        clones = volumes.clones.as_ref().map_or("none (volumes are full copies)", |c| c.method().as_str()),
-        "volume backend ready"
-    );
-    volumes
-        .start(&cache.entries().into_iter().map(|e| e.key).collect())
-        .await;
-    clones_follow_the_cache(&volumes, &cache);
-    cache.spawn_evictor(CACHE_EVICT_INTERVAL);
+    let (sources, cache) = open_images(&settings, &store)?;
+    let mut volumes = start_volumes(&settings, &cache).await?;
     let (settings_tx, live) = LiveSettings::new(settings.clone());
     let volume_probes = std::mem::take(&mut volumes.probes);
     let ctx = Arc::new(RunContext {
@@ -269,25 +251,18 @@ async fn run(
     let engine = Engine::start(store.clone(), ctx.clone())
         .await
         .context("starting the job engine")?;
-    let health = Arc::new(Health::new(probes(
-        &settings,
-        &ctx.cache,
-        &store,
-        volume_probes,
-    )));
-    health.probe_all().await;
-    health.spawn_prober(settings.telemetry.probe_interval);
+    let health = start_health(&settings, &ctx.cache, &store, volume_probes).await;
     let pruner_settings = live.clone();
     engine.spawn_pruner(PRUNE_INTERVAL, move || {
         pruner_settings.current().jobs.retention
     });
-
     let reloader = config::reload::Reloader::new(
         source,
         settings_tx,
         Box::new(LiveComponents {
             engine: engine.clone(),
             cache: ctx.cache.clone(),
+            sources: sources.clone(),
             auth: auth.clone(),
             tls: tls.clone(),
             controls,
@@ -308,33 +283,7 @@ async fn run(
         event_streams: Default::default(),
         stopping: shutdown.clone(),
     });
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding {listen}"))?;
-    let address = listener.local_addr()?;
-    if auth.is_open() {
-        tracing::warn!(
-            %address,
-            "no client CA and no API tokens are configured: every local process can call the \
-             API (accepted on loopback addresses only)"
-        );
-    }
-    let transport: Arc<dyn Transport> = match &tls {
-        Some(tls) => {
-            tracing::info!(
-                %address,
-                client_auth = api::tls::client_auth_label(&settings.tls),
-                api_tokens = auth.token_count(),
-                "listening (TLS)"
-            );
-            tls.clone()
-        }
-        None => {
-            tracing::info!(%address, api_tokens = auth.token_count(), "listening (plain HTTP)");
-            Arc::new(Plain)
-        }
-    };
-
+    let (listener, transport) = listen(&settings, tls.as_ref(), &auth).await?;
     let server = tokio::spawn(server::serve(
         listener,
         api::routes(state),
@@ -351,6 +300,94 @@ async fn run(
     store.flush().await.context("flushing the job store")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Health over every probe, probed once before the API answers, then periodically.
+async fn start_health(
+    settings: &Settings,
+    cache: &Arc<ImageCache>,
+    store: &Store,
+    volume_probes: Vec<Probe>,
+) -> Arc<Health> {
+    let health = Arc::new(Health::new(probes(settings, cache, store, volume_probes)));
+    health.probe_all().await;
+    health.spawn_prober(settings.telemetry.probe_interval);
+    health
+}
+
+/// The image sources and the cache (bounds applied once at start).
+fn open_images(
+    settings: &Settings,
+    store: &Store,
+) -> anyhow::Result<(Arc<SourceClients>, Arc<ImageCache>)> {
+    let sources = Arc::new(SourceClients::new(
+        &settings.s3_access(),
+        &settings.source_policy(),
+    )?);
+    let cache = Arc::new(
+        ImageCache::open(
+            &settings.cache.dir,
+            store.tree("cache"),
+            sources.clone(),
+            &settings.cache_config(),
+        )
+        .context("opening the image cache")?,
+    );
+    cache.evict(None);
+    Ok((sources, cache))
+}
+
+/// The volume backend and its clone store, started against the cache (before any job).
+async fn start_volumes(settings: &Settings, cache: &Arc<ImageCache>) -> anyhow::Result<Volumes> {
+    let volumes = volume::select(&settings.volume_spec()).context("volume backend")?;
+    tracing::info!(
+        backend = ?settings.volumes.backend,
+        clones = volumes.clones.as_ref().map_or("none (volumes are full copies)", |c| c.method().as_str()),
+        "volume backend ready"
+    );
+    volumes
+        .start(&cache.entries().into_iter().map(|e| e.key).collect())
+        .await;
+    clones_follow_the_cache(&volumes, cache);
+    // Only now: an eviction removes the golden copy of its entry from here on.
+    cache.spawn_evictor(CACHE_EVICT_INTERVAL);
+    Ok(volumes)
+}
+
+/// The listener and its transport (TLS or plain), with the start-up lines that say which.
+async fn listen(
+    settings: &Settings,
+    tls: Option<&Arc<TlsTransport>>,
+    auth: &Authenticator,
+) -> anyhow::Result<(tokio::net::TcpListener, Arc<dyn Transport>)> {
+    let listen = settings.listen_addr();
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let address = listener.local_addr()?;
+    if auth.is_open() {
+        tracing::warn!(
+            %address,
+            "no client CA and no API tokens are configured: every local process can call the \
+             API (accepted on loopback addresses only)"
+        );
+    }
+    let transport: Arc<dyn Transport> = match tls {
+        Some(tls) => {
+            tracing::info!(
+                %address,
+                client_auth = api::tls::client_auth_label(&settings.tls),
+                api_tokens = auth.token_count(),
+                "listening (TLS)"
+            );
+            tls.clone()
+        }
+        None => {
+            tracing::info!(%address, api_tokens = auth.token_count(), "listening (plain HTTP)");
+            Arc::new(Plain)
+        }
+    };
+    Ok((listener, transport))
 }
 
 async fn wait_for_stop_signal() -> anyhow::Result<()> {

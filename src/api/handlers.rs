@@ -8,7 +8,6 @@ use std::time::Duration;
 use bytes::Buf;
 use chrono::Utc;
 use futures::StreamExt;
-use serde::Deserialize;
 use uuid::Uuid;
 use warp::http::StatusCode;
 use warp::reply::Response;
@@ -16,6 +15,7 @@ use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use super::auth::Caller;
+use super::bodies::{CacheFetchBody, ProvisionBody};
 use super::error::{ApiError, Reason};
 use super::state::ApiState;
 use super::views::{
@@ -256,66 +256,6 @@ pub(crate) fn metrics_text(caller: Result<Caller, ApiError>) -> Response {
     resp
 }
 
-/// `POST /api/v1/jobs`: what to provision. Fields are checked one by one (each with its own
-/// message) rather than by serde, so they are optional here and required in the schema. The
-/// schema states each check (lengths count characters, as JSON Schema does); the patterns are
-/// tested against the checks in `openapi.rs`. No string of a body may hold a control character.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-#[schema(examples(json!({
-    "image_url": "s3://vm-images/ubuntu-24.04.qcow2",
-    "volume_name": "vm-disk-001",
-    "volume_size_gb": 50,
-    "image_type": "qcow2",
-    "correlation_id": "provision-vm-001"
-})))]
-pub(crate) struct ProvisionBody {
-    /// `s3://bucket/key`, an `http(s)://` URL on the S3 endpoint or `sources.allowed_hosts`,
-    /// or `file://` below `sources.file_roots` (400 for any other source); not blank; at most
-    /// 4096 characters.
-    #[schema(required = true, value_type = String, min_length = 1, max_length = 4096,
-        pattern = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028-\u202f\u205f\u2066-\u2069\u3000][^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$")]
-    image_url: Option<String>,
-    /// `[A-Za-z0-9+_.-]`, 1..=127 characters, not `.` or `..`, no leading `-` (the LVM backend
-    /// also refuses LVM's reserved names).
-    #[schema(required = true, value_type = String, min_length = 1, max_length = 127,
-        pattern = r"^(?:[A-Za-z0-9+_][A-Za-z0-9+_.-]{0,126}|\.[A-Za-z0-9+_-][A-Za-z0-9+_.-]{0,125}|\.\.[A-Za-z0-9+_.-]{1,125})$")]
-    volume_name: Option<String>,
-    /// GiB (2^30 bytes), an integer 1..=1048576.
-    #[schema(required = true, value_type = u64, minimum = 1, maximum = 1048576)]
-    volume_size_gb: Option<serde_json::Value>,
-    /// `qcow2` (default) or `raw`; checked against the image (a mismatch fails the job).
-    #[schema(value_type = Option<ImageType>)]
-    image_type: Option<String>,
-    /// Echoed in the job, its logs and traces; at most 256 characters (empty: none).
-    #[schema(
-        max_length = 256,
-        pattern = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$"
-    )]
-    correlation_id: Option<String>,
-}
-
-/// `POST /api/v1/cache/fetch`: an image to download into the cache only.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-#[schema(examples(json!({"image_url": "s3://vm-images/ubuntu-24.04.qcow2", "image_type": "qcow2"})))]
-pub(crate) struct CacheFetchBody {
-    /// As for `POST /api/v1/jobs`.
-    #[schema(required = true, value_type = String, min_length = 1, max_length = 4096,
-        pattern = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028-\u202f\u205f\u2066-\u2069\u3000][^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$")]
-    image_url: Option<String>,
-    /// `qcow2` or `raw`: checked against the image as for provision jobs (a mismatch fails the
-    /// job); none: the image is taken as found.
-    #[schema(value_type = Option<ImageType>)]
-    image_type: Option<String>,
-    /// As for `POST /api/v1/jobs`.
-    #[schema(
-        max_length = 256,
-        pattern = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$"
-    )]
-    correlation_id: Option<String>,
-}
-
 pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
     body: serde_json::Value,
 ) -> Result<T, ApiError> {
@@ -373,7 +313,7 @@ pub(crate) fn check_image_url_text(url: Option<String>) -> Result<String, ApiErr
 
 fn check_image_url(url: Option<String>, state: &ApiState) -> Result<String, ApiError> {
     let url = check_image_url_text(url)?;
-    source::resolve(&url, &state.settings.current())
+    source::resolve(&url, &state.settings.current().source_policy())
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     Ok(url)
 }
@@ -599,6 +539,25 @@ pub(crate) async fn cache_fetch(
     Ok(accepted(&submitted, StateNames::Ours))
 }
 
+/// A list request, once its caller was checked: the query parameters and `limit` (1..=1000,
+/// default 100).
+pub(crate) struct Listing {
+    pub(crate) params: HashMap<String, String>,
+    pub(crate) limit: usize,
+}
+
+impl Listing {
+    pub(crate) fn parse(
+        caller: Result<Caller, ApiError>,
+        raw_query: &str,
+    ) -> Result<Listing, ApiError> {
+        caller?;
+        let params = parse_query(raw_query);
+        let limit = parse_limit(&params, 100)?;
+        Ok(Listing { params, limit })
+    }
+}
+
 fn parse_query(raw: &str) -> HashMap<String, String> {
     url::form_urlencoded::parse(raw.as_bytes())
         .into_owned()
@@ -631,13 +590,10 @@ fn parse_offset(v: &str) -> Result<usize, ApiError> {
 }
 
 pub(crate) async fn list(
-    caller: Result<Caller, ApiError>,
-    raw_query: String,
+    listing: Result<Listing, ApiError>,
     state: Arc<ApiState>,
 ) -> Result<Response, ApiError> {
-    caller?;
-    let q = parse_query(&raw_query);
-    let limit = parse_limit(&q, 100)?;
+    let Listing { params: q, limit } = listing?;
     let status = match q.get("status") {
         None => None,
         Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
@@ -665,6 +621,19 @@ pub(crate) async fn list(
 }
 
 /// A job id from the path (400 when malformed, not 404).
+/// The volume name of a path segment: percent-decoded, then checked by the contract's rules
+/// and the backend's.
+pub(crate) fn volume_name_in_path(raw: &str, state: &ApiState) -> Result<String, ApiError> {
+    let name = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| ApiError::bad_request("volume name is not UTF-8 once decoded"))?
+        .into_owned();
+    volume::validate_volume_name(&name)
+        .and_then(|_| state.volumes.validate_name(&name))
+        .map_err(ApiError::bad_request)?;
+    Ok(name)
+}
+
 pub(crate) fn parse_job_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw)
         .map_err(|_| ApiError::bad_request(format!("`{raw}` is not a job id (UUID)")))
@@ -728,13 +697,10 @@ pub(crate) async fn cancel(
 }
 
 pub(crate) async fn cache_list(
-    caller: Result<Caller, ApiError>,
-    raw_query: String,
+    listing: Result<Listing, ApiError>,
     state: Arc<ApiState>,
 ) -> Result<Response, ApiError> {
-    caller?;
-    let q = parse_query(&raw_query);
-    let limit = parse_limit(&q, 100)?;
+    let Listing { params: q, limit } = listing?;
     let offset = match q.get("offset") {
         None => 0,
         Some(v) => parse_offset(v)?,
@@ -825,13 +791,7 @@ pub(crate) async fn volume_delete(
     state: Arc<ApiState>,
 ) -> Result<Response, ApiError> {
     let caller = caller?;
-    let name = percent_encoding::percent_decode_str(&name)
-        .decode_utf8()
-        .map_err(|_| ApiError::bad_request("volume name is not UTF-8 once decoded"))?
-        .into_owned();
-    volume::validate_volume_name(&name)
-        .and_then(|_| state.volumes.validate_name(&name))
-        .map_err(ApiError::bad_request)?;
+    let name = volume_name_in_path(&name, &state)?;
     let span =
         tracing::info_span!("delete_volume", otel.name = "DeleteVolume", volume_name = %name);
     let deleted = state

@@ -3,6 +3,7 @@
 
 mod activity;
 pub(crate) mod auth;
+mod bodies;
 mod caller;
 mod conn;
 pub(crate) mod error;

@@ -16,9 +16,8 @@ use serde_json::{Value, json};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
+use super::bodies::{CacheFetchBody, InspectBody, ProvisionBody};
 use super::error::{ErrorBody, Reason};
-use super::handlers::{CacheFetchBody, ProvisionBody};
-use super::preflight::{InspectBody, InspectResponse};
 use super::views::*;
 
 /// The credentials the API takes: a client certificate (mutual TLS, OpenAPI 3.1's `mutualTLS`)
@@ -75,7 +74,7 @@ impl Modify for Security {
     ),
     paths(
         paths::health, paths::healthz, paths::livez, paths::readyz, paths::metrics,
-        paths::submit, paths::submit_legacy, paths::submit_legacy_root,
+        paths::submit, paths::submit_legacy,
         paths::list_jobs, paths::job_status, paths::job_status_legacy, paths::job_events,
         paths::cancel, paths::cancel_legacy,
         paths::cache_list, paths::cache_fetch, paths::cache_delete,
@@ -133,6 +132,7 @@ const ALWAYS_SENT: [(&str, &str); 4] = [
 
 /// What utoipa 5 cannot express, added to the rendered document.
 fn finish(doc: &mut Value, open: bool) {
+    alias(doc, "/api/v1/provision", "/provision", "submit_legacy_root");
     if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
         for op in paths.values_mut().filter_map(Value::as_object_mut) {
             for op in op.values_mut() {
@@ -197,6 +197,21 @@ fn require_headers(op: &mut Value) {
             }
         }
     }
+}
+
+/// Documents `to` as the same operations as `from` (a legacy path of the same handler), each
+/// with its own operation id (`operation_id`, suffixed by method when there are several).
+fn alias(doc: &mut Value, from: &str, to: &str, operation_id: &str) {
+    let Some(ops) = doc["paths"].get(from).cloned() else {
+        return;
+    };
+    let mut ops = ops;
+    if let Some(ops) = ops.as_object_mut() {
+        for op in ops.values_mut() {
+            op["operationId"] = Value::String(operation_id.to_string());
+        }
+    }
+    doc["paths"][to] = ops;
 }
 
 /// utoipa 5 writes the fields of a Link Object in snake case (`operation_id`); OpenAPI names
@@ -375,28 +390,6 @@ mod paths {
             (status = 429, body = ErrorBody, headers(("Retry-After" = u64))),
             (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
     pub(super) fn submit_legacy() {}
-
-    /// Legacy alias of `POST /api/v1/jobs` (the Go service's path; a replayed job that was
-    /// cancelled shows as `failed`).
-    #[utoipa::path(post, path = "/provision", tag = "jobs", request_body = ProvisionBody,
-        params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255,
-            pattern = r"^[!-~]{1,255}$", description = "as for `POST /api/v1/jobs`")),
-        responses(
-            (status = 202, body = Accepted, headers(("Location" = String)),
-                links(
-                    ("status" = (operation_id = "job_status", parameters(("id" = "$response.body#/job_id")))),
-                    ("legacy_status" = (operation_id = "job_status_legacy", parameters(("id" = "$response.body#/job_id")))),
-                    ("cancel_legacy" = (operation_id = "cancel_legacy", parameters(("id" = "$response.body#/job_id")))))),
-            (status = 200, body = Accepted, headers(("Location" = String), ("Idempotent-Replayed" = String))),
-            (status = 400, body = ErrorBody),
-            (status = 401, body = ErrorBody, headers(("WWW-Authenticate" = String))),
-            (status = 403, body = ErrorBody), (status = 408, body = ErrorBody),
-            (status = 409, body = ErrorBody, headers(("Retry-After" = u64))),
-            (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
-            (status = 422, body = ErrorBody),
-            (status = 429, body = ErrorBody, headers(("Retry-After" = u64))),
-            (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
-    pub(super) fn submit_legacy_root() {}
 
     /// Jobs, newest first.
     #[utoipa::path(get, path = "/api/v1/jobs", tag = "jobs",

@@ -14,11 +14,10 @@ use warp::reply::Response;
 
 use super::auth::Caller;
 use super::error::{ApiError, Reason};
-use super::handlers::json_reply;
+use super::handlers::{json_reply, volume_name_in_path};
 use super::state::ApiState;
 use super::views::Uploaded;
 use crate::jobs::upload::{UploadError, UploadRequest};
-use crate::volume;
 
 /// The header carrying the body's SHA-256 (64 hex digits).
 pub(crate) const SHA256_HEADER: &str = "x-content-sha256";
@@ -106,13 +105,7 @@ fn check_request(
     state: &ApiState,
     settings: &crate::config::Settings,
 ) -> Result<UploadRequest, ApiError> {
-    let name = percent_encoding::percent_decode_str(raw_name)
-        .decode_utf8()
-        .map_err(|_| ApiError::bad_request("volume name is not UTF-8 once decoded"))?
-        .into_owned();
-    volume::validate_volume_name(&name)
-        .and_then(|_| state.volumes.validate_name(&name))
-        .map_err(ApiError::bad_request)?;
+    let name = volume_name_in_path(raw_name, state)?;
     check_name_allowed(&name, &settings.volumes.upload_name_pattern)?;
     let length = check_length(headers, settings.volumes.upload_max_bytes)?;
     let sha256 = check_headers(headers)?;

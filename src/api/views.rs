@@ -313,6 +313,14 @@ impl StatusResponse {
     }
 }
 
+/// The answer of `POST /api/v1/images/inspect`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct InspectResponse {
+    pub(crate) image_url: String,
+    #[serde(flatten)]
+    pub(crate) verdict: crate::image::preflight::Preflight,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -203,3 +203,56 @@ impl S3Settings {
         })
     }
 }
+
+impl super::Settings {
+    /// Which image URLs are accepted, for `image::source`.
+    pub(crate) fn source_policy(&self) -> crate::image::settings::SourcePolicy {
+        crate::image::settings::SourcePolicy {
+            s3_endpoint: self.s3.endpoint.clone(),
+            allowed_hosts: self.sources.allowed_hosts.clone(),
+            file_roots: self.sources.file_roots.clone(),
+        }
+    }
+
+    /// How the S3 client reaches the endpoint (credential files resolved, the endpoint without
+    /// credentials written into it).
+    pub(crate) fn s3_access(&self) -> crate::image::settings::S3Access {
+        let s = &self.s3;
+        let file = |f: &str| (!f.is_empty()).then(|| super::resolve_credential(f));
+        crate::image::settings::S3Access {
+            endpoint: super::without_userinfo(&s.endpoint),
+            region: s.region.clone(),
+            access_key: s.access_key.clone(),
+            secret_key: s.secret_key.clone(),
+            secret_key_file: file(&s.secret_key_file),
+            bucket: s.bucket.clone(),
+            ca_file: file(&s.ca_file),
+            allow_http: s.allow_http,
+            connect_timeout: s.connect_timeout,
+        }
+    }
+
+    /// The cache's bounds and download tuning.
+    pub(crate) fn cache_config(&self) -> crate::image::settings::CacheConfig {
+        use crate::image::settings::{CacheConfig, CacheLimits, RetryPolicy, Tuning};
+        CacheConfig {
+            limits: CacheLimits {
+                max_size_bytes: self.cache.max_size_bytes,
+                max_age: self.cache.max_age,
+                min_free_bytes: self.cache.min_free_bytes,
+                revalidate_interval: self.cache.revalidate_interval,
+            },
+            tuning: Tuning {
+                part_size: self.sources.part_size,
+                parallel_parts: self.sources.parallel_parts,
+                stall_timeout: self.sources.stall_timeout,
+                retry: RetryPolicy {
+                    retries: self.s3.retries,
+                    backoff: self.s3.retry_backoff,
+                    max_backoff: self.s3.retry_max_backoff,
+                },
+            },
+            max_bytes_per_second: self.sources.max_bytes_per_second,
+        }
+    }
+}

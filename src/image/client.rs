@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use url::Url;
 
-use crate::config::Settings;
+use super::settings::SourcePolicy;
 
 /// Hops a request may take before it fails (a chain longer than this is a loop or a trap).
 pub(crate) const MAX_REDIRECTS: usize = 5;
@@ -24,14 +24,13 @@ pub(crate) struct AllowList {
 }
 
 impl AllowList {
-    pub(crate) fn from_settings(settings: &Settings) -> AllowList {
+    pub(crate) fn from_policy(policy: &SourcePolicy) -> AllowList {
         AllowList {
-            s3_endpoint: Url::parse(&settings.s3.endpoint)
+            s3_endpoint: Url::parse(&policy.s3_endpoint)
                 .ok()
                 .as_ref()
                 .and_then(host_port),
-            hosts: settings
-                .sources
+            hosts: policy
                 .allowed_hosts
                 .iter()
                 .map(|h| h.to_ascii_lowercase())
@@ -184,12 +183,13 @@ pub(crate) fn redirect_refused(e: &(dyn std::error::Error + 'static)) -> Option<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Settings;
 
     fn list() -> AllowList {
         let mut s = Settings::default();
         s.s3.endpoint = "https://minio.example.com".into();
         s.sources.allowed_hosts = vec!["images.example.com".into(), "cdn.example.com:8443".into()];
-        AllowList::from_settings(&s)
+        AllowList::from_policy(&s.source_policy())
     }
 
     #[test]

@@ -169,50 +169,58 @@ async fn inspect_within(q: &Query<'_>) -> Preflight {
         .rev()
         .find(|e| super::cache::same_version(&meta, e))
     {
-        let verdict = inspect::check_requested(&entry.inspection, requested);
-        return Preflight {
-            format: Some(entry.inspection.format),
-            virtual_size: Some(entry.inspection.virtual_size),
-            size: Some(entry.size),
-            cache: CacheState::Cached,
-            cache_key: Some(entry.key.clone()),
-            accepted: verdict.is_ok(),
-            reason: verdict.err().map(|e| format!("image rejected: {e}")),
-            bytes_read: 0,
-        };
+        return from_entry(entry, requested);
     }
     let (cache_state, cache_key) = match entries.last() {
         Some(e) => (CacheState::Stale, Some(e.key.clone())),
         None => (CacheState::Absent, None),
     };
-    let (head, bytes_read) = match read_head(&object, meta.size, stall).await {
-        Ok(head) => {
-            let n = head.len() as u64;
-            (head, n)
-        }
-        Err(e) => return Preflight::refused(source_error(&e), cache_state, cache_key),
-    };
-    let verdict = inspect::inspect_bytes(&head, meta.size)
+    match read_head(&object, meta.size, stall).await {
+        Ok(head) => Preflight {
+            cache: cache_state,
+            cache_key,
+            ..from_head(&head, meta.size, requested)
+        },
+        Err(e) => Preflight::refused(source_error(&e), cache_state, cache_key),
+    }
+}
+
+/// The verdict a cache entry of this very version gives (nothing is read from the source).
+fn from_entry(entry: &super::cache::CacheEntry, requested: ImageType) -> Preflight {
+    let verdict = inspect::check_requested(&entry.inspection, requested);
+    Preflight {
+        format: Some(entry.inspection.format),
+        virtual_size: Some(entry.inspection.virtual_size),
+        size: Some(entry.size),
+        cache: CacheState::Cached,
+        cache_key: Some(entry.key.clone()),
+        accepted: verdict.is_ok(),
+        reason: verdict.err().map(|e| format!("image rejected: {e}")),
+        bytes_read: 0,
+    }
+}
+
+/// The verdict on the first bytes of an image of `size` bytes (cache fields left absent).
+fn from_head(head: &[u8], size: u64, requested: ImageType) -> Preflight {
+    let verdict = inspect::inspect_bytes(head, size)
         .and_then(|found| inspect::check_requested(&found, requested).map(|_| found));
     let found = match &verdict {
         Ok(found) => Some(*found),
         // A mismatch still says what the image is.
-        Err(InspectError::FormatMismatch { detected, .. }) => {
-            inspect::inspect_bytes(&head, meta.size)
-                .ok()
-                .filter(|f| f.format == *detected)
-        }
+        Err(InspectError::FormatMismatch { detected, .. }) => inspect::inspect_bytes(head, size)
+            .ok()
+            .filter(|f| f.format == *detected),
         Err(_) => None,
     };
     Preflight {
         format: found.map(|f| f.format),
         virtual_size: found.map(|f| f.virtual_size),
-        size: Some(meta.size),
-        cache: cache_state,
-        cache_key,
+        size: Some(size),
+        cache: CacheState::Absent,
+        cache_key: None,
         accepted: verdict.is_ok(),
         reason: verdict.err().map(|e| format!("image rejected: {e}")),
-        bytes_read,
+        bytes_read: head.len() as u64,
     }
 }
 

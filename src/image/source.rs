@@ -15,7 +15,7 @@ use url::Url;
 
 use super::client::{self, AllowList, LiveAllowList, host_port};
 use super::remote::RemoteObject;
-use crate::config::Settings;
+use super::settings::{S3Access, SourcePolicy};
 
 /// Where an image comes from, after validation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,7 +70,7 @@ fn invalid(msg: impl Into<String>) -> InvalidSource {
 
 /// Validates and resolves an image URL against the settings. Does not touch the network; file
 /// URLs are canonicalised (so `..` and symlinks cannot escape the roots).
-pub(crate) fn resolve(image_url: &str, settings: &Settings) -> Result<Location, InvalidSource> {
+pub(crate) fn resolve(image_url: &str, policy: &SourcePolicy) -> Result<Location, InvalidSource> {
     let url =
         Url::parse(image_url).map_err(|e| invalid(format!("image_url is not a valid URL: {e}")))?;
     if !url.username().is_empty() || url.password().is_some() {
@@ -79,9 +79,9 @@ pub(crate) fn resolve(image_url: &str, settings: &Settings) -> Result<Location, 
         ));
     }
     match url.scheme() {
-        "file" => resolve_file(&url, settings),
+        "file" => resolve_file(&url, policy),
         "s3" => {
-            if settings.s3.endpoint.is_empty() {
+            if policy.s3_endpoint.is_empty() {
                 return Err(invalid("s3:// URLs need s3.endpoint to be configured"));
             }
             let bucket = url
@@ -90,7 +90,7 @@ pub(crate) fn resolve(image_url: &str, settings: &Settings) -> Result<Location, 
             let key = decoded_key(url.path().trim_start_matches('/'))?;
             s3_location(bucket, &key)
         }
-        "http" | "https" => resolve_http(url, settings),
+        "http" | "https" => resolve_http(url, policy),
         other => Err(invalid(format!(
             "image_url scheme `{other}` is not supported (use https, http, s3 or file)"
         ))),
@@ -129,13 +129,13 @@ fn s3_location(bucket: &str, key: &str) -> Result<Location, InvalidSource> {
     })
 }
 
-fn resolve_http(url: Url, settings: &Settings) -> Result<Location, InvalidSource> {
+fn resolve_http(url: Url, policy: &SourcePolicy) -> Result<Location, InvalidSource> {
     let (host, port) = host_port(&url).ok_or_else(|| invalid("image_url has no host"))?;
     if url.query().is_some() || url.fragment().is_some() {
         return Err(invalid("image_url must not have a query or fragment"));
     }
-    if !settings.s3.endpoint.is_empty() {
-        let endpoint = Url::parse(&settings.s3.endpoint).map_err(|e| invalid(e.to_string()))?;
+    if !policy.s3_endpoint.is_empty() {
+        let endpoint = Url::parse(&policy.s3_endpoint).map_err(|e| invalid(e.to_string()))?;
         if let Some((ep_host, ep_port)) = host_port(&endpoint) {
             let base = endpoint.path().trim_end_matches('/');
             if host == ep_host && port == ep_port {
@@ -156,7 +156,7 @@ fn resolve_http(url: Url, settings: &Settings) -> Result<Location, InvalidSource
             }
         }
     }
-    let allowed = AllowList::from_settings(settings).lists(&host, port);
+    let allowed = AllowList::from_policy(policy).lists(&host, port);
     if !allowed {
         return Err(invalid(format!(
             "host `{host}` is neither the S3 endpoint nor listed in sources.allowed_hosts"
@@ -166,8 +166,8 @@ fn resolve_http(url: Url, settings: &Settings) -> Result<Location, InvalidSource
     Ok(Location::Http(url))
 }
 
-fn resolve_file(url: &Url, settings: &Settings) -> Result<Location, InvalidSource> {
-    if settings.sources.file_roots.is_empty() {
+fn resolve_file(url: &Url, policy: &SourcePolicy) -> Result<Location, InvalidSource> {
+    if policy.file_roots.is_empty() {
         return Err(invalid(
             "file:// URLs are disabled (sources.file_roots is empty)",
         ));
@@ -196,15 +196,13 @@ fn resolve_file(url: &Url, settings: &Settings) -> Result<Location, InvalidSourc
             path.display()
         ))
     };
-    let roots: Vec<PathBuf> = settings
-        .sources
+    let roots: Vec<PathBuf> = policy
         .file_roots
         .iter()
         .filter_map(|root| root.canonicalize().ok())
         .collect();
     let lexically_inside = roots.iter().any(|root| path.starts_with(root))
-        || settings
-            .sources
+        || policy
             .file_roots
             .iter()
             .any(|root| root.is_absolute() && path.starts_with(root));
@@ -222,7 +220,8 @@ fn resolve_file(url: &Url, settings: &Settings) -> Result<Location, InvalidSourc
 /// Makes [`RemoteObject`]s for locations: one HTTP client (connection pools survive between
 /// jobs) and one S3 signer per bucket.
 pub(crate) struct SourceClients {
-    s3: crate::config::S3Settings,
+    s3: S3Access,
+    /// The secret key (inline or read from its file).
     secret_key: String,
     /// The one HTTP client every request goes through (its redirect policy guards the hosts).
     http: reqwest::Client,
@@ -243,18 +242,16 @@ impl HttpConnector for Connector {
 }
 
 impl SourceClients {
-    pub(crate) fn new(settings: &Settings) -> anyhow::Result<SourceClients> {
-        let s = &settings.s3;
-        let ca_pem = if s.ca_file.is_empty() {
-            None
-        } else {
-            let path = crate::config::resolve_credential(&s.ca_file);
-            let pem = std::fs::read(&path)
-                .map_err(|e| anyhow::anyhow!("s3.ca_file {}: {e}", path.display()))?;
-            Some(pem)
+    pub(crate) fn new(s: &S3Access, policy: &SourcePolicy) -> anyhow::Result<SourceClients> {
+        let ca_pem = match &s.ca_file {
+            None => None,
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| anyhow::anyhow!("s3.ca_file {}: {e}", path.display()))?,
+            ),
         };
         let allow = LiveAllowList::default();
-        allow.set(AllowList::from_settings(settings));
+        allow.set(AllowList::from_policy(policy));
         let http = client::build(
             &client::ClientSettings {
                 connect_timeout: s.connect_timeout,
@@ -263,14 +260,12 @@ impl SourceClients {
             allow.clone(),
         )
         .map_err(|e| anyhow::anyhow!("s3.ca_file: {e}"))?;
-        let secret_key = if s.secret_key_file.is_empty() {
-            s.secret_key.clone()
-        } else {
-            let path = crate::config::resolve_credential(&s.secret_key_file);
-            std::fs::read_to_string(&path)
+        let secret_key = match &s.secret_key_file {
+            None => s.secret_key.clone(),
+            Some(path) => std::fs::read_to_string(path)
                 .map_err(|e| anyhow::anyhow!("s3.secret_key_file {}: {e}", path.display()))?
                 .trim()
-                .to_string()
+                .to_string(),
         };
         Ok(SourceClients {
             s3: s.clone(),
@@ -281,9 +276,9 @@ impl SourceClients {
         })
     }
 
-    /// Applies reloaded settings: the hosts redirects may lead to.
-    pub(crate) fn apply(&self, settings: &Settings) {
-        self.allow.set(AllowList::from_settings(settings));
+    /// Applies a reloaded policy: the hosts redirects may lead to.
+    pub(crate) fn apply(&self, policy: &SourcePolicy) {
+        self.allow.set(AllowList::from_policy(policy));
     }
 
     /// The bucket image URLs without one use (`s3.bucket`).
@@ -325,9 +320,7 @@ impl SourceClients {
         }
         let store = Arc::new(
             AmazonS3Builder::new()
-                .with_endpoint(
-                    crate::config::without_userinfo(&self.s3.endpoint).trim_end_matches('/'),
-                )
+                .with_endpoint(self.s3.endpoint.trim_end_matches('/'))
                 .with_region(&self.s3.region)
                 .with_bucket_name(bucket)
                 .with_access_key_id(&self.s3.access_key)
@@ -349,6 +342,7 @@ impl SourceClients {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Settings;
 
     fn settings() -> Settings {
         let mut s = Settings::default();
@@ -365,19 +359,31 @@ mod tests {
             key: "ubuntu/24.04.qcow2".into(),
         };
         assert_eq!(
-            resolve("https://minio.example.com/vm-images/ubuntu/24.04.qcow2", &s).unwrap(),
+            resolve(
+                "https://minio.example.com/vm-images/ubuntu/24.04.qcow2",
+                &s.source_policy()
+            )
+            .unwrap(),
             want
         );
         assert_eq!(
-            resolve("https://vm-images.minio.example.com/ubuntu/24.04.qcow2", &s).unwrap(),
+            resolve(
+                "https://vm-images.minio.example.com/ubuntu/24.04.qcow2",
+                &s.source_policy()
+            )
+            .unwrap(),
             want
         );
         assert_eq!(
-            resolve("s3://vm-images/ubuntu/24.04.qcow2", &s).unwrap(),
+            resolve("s3://vm-images/ubuntu/24.04.qcow2", &s.source_policy()).unwrap(),
             want
         );
         assert_eq!(
-            resolve("https://minio.example.com:443/vm-images/a%20b.raw", &s).unwrap(),
+            resolve(
+                "https://minio.example.com:443/vm-images/a%20b.raw",
+                &s.source_policy()
+            )
+            .unwrap(),
             Location::S3 {
                 bucket: "vm-images".into(),
                 key: "a b.raw".into()
@@ -399,14 +405,14 @@ mod tests {
             "https://minio.example.com/onlybucket",
             "https://minio.example.com/b/../k",
         ] {
-            assert!(resolve(bad, &s).is_err(), "{bad}");
+            assert!(resolve(bad, &s.source_policy()).is_err(), "{bad}");
         }
         assert!(matches!(
-            resolve("https://images.example.com/x.qcow2", &s).unwrap(),
+            resolve("https://images.example.com/x.qcow2", &s.source_policy()).unwrap(),
             Location::Http(_)
         ));
         assert!(matches!(
-            resolve("https://cdn.example.com:8443/x.qcow2", &s).unwrap(),
+            resolve("https://cdn.example.com:8443/x.qcow2", &s.source_policy()).unwrap(),
             Location::Http(_)
         ));
     }
@@ -422,18 +428,18 @@ mod tests {
         let mut s = Settings::default();
         s.sources.file_roots = vec![root.path().to_path_buf()];
         let url = |p: &std::path::Path| format!("file://{}", p.display());
-        assert!(resolve(&url(&root.path().join("ok.raw")), &s).is_ok());
+        assert!(resolve(&url(&root.path().join("ok.raw")), &s.source_policy()).is_ok());
         assert!(
-            resolve(&url(&root.path().join("link")), &s).is_err(),
+            resolve(&url(&root.path().join("link")), &s.source_policy()).is_err(),
             "symlink escape"
         );
-        assert!(resolve(&url(&outside.path().join("secret")), &s).is_err());
+        assert!(resolve(&url(&outside.path().join("secret")), &s.source_policy()).is_err());
         let dotdot = format!("file://{}/../x", root.path().display());
-        assert!(resolve(&dotdot, &s).is_err());
-        assert!(resolve(&url(&root.path().join("missing")), &s).is_err());
+        assert!(resolve(&dotdot, &s.source_policy()).is_err());
+        assert!(resolve(&url(&root.path().join("missing")), &s.source_policy()).is_err());
         // Outside the roots, an existing and a missing file get the same answer.
         let message = |p: &std::path::Path| {
-            resolve(&url(p), &s)
+            resolve(&url(p), &s.source_policy())
                 .unwrap_err()
                 .0
                 .replace(&p.display().to_string(), "PATH")
@@ -448,7 +454,7 @@ mod tests {
         );
         s.sources.file_roots.clear();
         assert!(
-            resolve(&url(&root.path().join("ok.raw")), &s).is_err(),
+            resolve(&url(&root.path().join("ok.raw")), &s.source_policy()).is_err(),
             "disabled"
         );
     }

@@ -133,9 +133,15 @@ mod tests {
         settings.volumes.directory.path = dir.path().join("volumes");
         settings.sources.file_roots = vec![dir.path().to_path_buf()];
         let store = Store::open(&dir.path().join("state")).unwrap();
-        let sources = Arc::new(SourceClients::new(&settings).unwrap());
-        let cache =
-            ImageCache::open(&settings.cache.dir, store.tree("cache"), sources, &settings).unwrap();
+        let sources =
+            Arc::new(SourceClients::new(&settings.s3_access(), &settings.source_policy()).unwrap());
+        let cache = ImageCache::open(
+            &settings.cache.dir,
+            store.tree("cache"),
+            sources,
+            &settings.cache_config(),
+        )
+        .unwrap();
         let backend = Arc::new(GatedRemoval {
             inner: DirectoryBackend::new(&settings.volumes.directory.path).unwrap(),
             started: Notify::new(),

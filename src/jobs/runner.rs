@@ -83,7 +83,7 @@ async fn fetch(
     cancel: &CancellationToken,
 ) -> StepResult<CachedImage> {
     let spec = h.job.spec.clone();
-    let location = source::resolve(&spec.image_url, &ctx.settings.current())?;
+    let location = source::resolve(&spec.image_url, &ctx.settings.current().source_policy())?;
     let span = tracing::info_span!(
         "download",
         otel.name = "DownloadImageToPath",

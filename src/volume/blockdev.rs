@@ -86,6 +86,16 @@ pub(crate) fn require_free(dir: &Path, need: u64) -> Result<(), VolumeError> {
     Ok(())
 }
 
+/// Creates `path` as a new file (never an existing one, never through a symbolic link), 0600.
+pub(crate) fn create_new_file(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+}
+
 /// Flushes what was written to `path` (a device or a file) to stable storage, off the async
 /// threads.
 pub(crate) async fn sync_path(path: &Path) -> Result<(), VolumeError> {

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use super::backend::{Blocker, BlockerKind, NewVolume, VolumeBackend, VolumeInfo};
-use super::blockdev::{open_blocker, require_free, sync_path};
+use super::blockdev::{create_new_file, open_blocker, require_free, sync_path};
 use super::error::VolumeError;
 use super::reflink::GOLDEN_DIR;
 
@@ -82,19 +82,13 @@ impl VolumeBackend for DirectoryBackend {
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || -> Result<(), VolumeError> {
             require_free(&dir, size_bytes)?;
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(nix::libc::O_NOFOLLOW)
-                .open(&p)
-                .map_err(|e| {
-                    if e.kind() == std::io::ErrorKind::AlreadyExists {
-                        VolumeError::Conflict(format!("volume file {} already exists", p.display()))
-                    } else {
-                        VolumeError::io(&p, e)
-                    }
-                })?;
+            let file = create_new_file(&p).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    VolumeError::Conflict(format!("volume file {} already exists", p.display()))
+                } else {
+                    VolumeError::io(&p, e)
+                }
+            })?;
             file.set_len(size_bytes)
                 .map_err(|e| VolumeError::io(&p, e))?;
             file.sync_all().map_err(|e| VolumeError::io(&p, e))?;

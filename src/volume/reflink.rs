@@ -6,7 +6,7 @@
 //! opens; a directory without reflinks gets no store and volumes are plain copies.
 
 use std::collections::HashSet;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
@@ -200,13 +200,7 @@ impl CloneStore for ReflinkStore {
         let size = source.virtual_size;
         let p = partial.clone();
         blocking(&partial, move || {
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(nix::libc::O_NOFOLLOW)
-                .open(&p)
-                .map_err(|e| VolumeError::io(&p, e))?;
+            let file = super::blockdev::create_new_file(&p).map_err(|e| VolumeError::io(&p, e))?;
             file.set_len(size).map_err(|e| VolumeError::io(&p, e))
         })
         .await?;

@@ -3,7 +3,7 @@
 use warp::Filter;
 use warp::http::Method;
 
-use super::route::{RouteDef, raw_query, with_state};
+use super::route::{RouteDef, listing, with_state};
 use crate::api::{caller, handlers};
 
 /// The rows of this group.
@@ -14,8 +14,7 @@ pub(crate) const ROUTES: &[RouteDef] = &[
         build: |at, s| {
             warp::path!("api" / "v1" / "cache" / "images")
                 .and(at)
-                .and(caller::caller(s.clone()))
-                .and(raw_query())
+                .and(listing(s.clone()))
                 .and(with_state(s))
                 .then(handlers::cache_list)
                 .map(handlers::respond)

@@ -12,52 +12,30 @@ use super::route::{At, RouteDef, with_state};
 use crate::api::state::ApiState;
 use crate::api::{caller, handlers};
 
+/// A row of an open GET route at `/<segment>` answered by `handler` from the shared state.
+macro_rules! open_get {
+    ($template:literal, $segment:literal, $handler:path) => {
+        RouteDef {
+            method: Method::GET,
+            template: $template,
+            build: |at, s| {
+                warp::path($segment)
+                    .and(warp::path::end())
+                    .and(at)
+                    .and(with_state(s))
+                    .map($handler)
+                    .boxed()
+            },
+        }
+    };
+}
+
 /// The rows of this group.
 pub(crate) const ROUTES: &[RouteDef] = &[
-    RouteDef {
-        method: Method::GET,
-        template: "/health",
-        build: |at, s| {
-            warp::path!("health")
-                .and(at)
-                .and(with_state(s))
-                .map(handlers::health)
-                .boxed()
-        },
-    },
-    RouteDef {
-        method: Method::GET,
-        template: "/healthz",
-        build: |at, s| {
-            warp::path!("healthz")
-                .and(at)
-                .and(with_state(s))
-                .map(handlers::health)
-                .boxed()
-        },
-    },
-    RouteDef {
-        method: Method::GET,
-        template: "/livez",
-        build: |at, s| {
-            warp::path!("livez")
-                .and(at)
-                .and(with_state(s))
-                .map(handlers::health)
-                .boxed()
-        },
-    },
-    RouteDef {
-        method: Method::GET,
-        template: "/readyz",
-        build: |at, s| {
-            warp::path!("readyz")
-                .and(at)
-                .and(with_state(s))
-                .map(handlers::ready)
-                .boxed()
-        },
-    },
+    open_get!("/health", "health", handlers::health),
+    open_get!("/healthz", "healthz", handlers::health),
+    open_get!("/livez", "livez", handlers::health),
+    open_get!("/readyz", "readyz", handlers::ready),
     RouteDef {
         method: Method::GET,
         template: "/metrics",

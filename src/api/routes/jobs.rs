@@ -9,7 +9,9 @@ use warp::filters::BoxedFilter;
 use warp::http::Method;
 use warp::reply::Response;
 
-use super::route::{RouteDef, raw_query, with_state};
+use super::route::{RouteDef, listing, with_state};
+use crate::api::auth::Caller;
+use crate::api::error::ApiError;
 use crate::api::state::ApiState;
 use crate::api::views::StateNames;
 use crate::api::{caller, conn, events, handlers};
@@ -55,8 +57,7 @@ pub(crate) const ROUTES: &[RouteDef] = &[
         build: |at, s| {
             warp::path!("api" / "v1" / "jobs")
                 .and(at)
-                .and(caller::caller(s.clone()))
-                .and(raw_query())
+                .and(listing(s.clone()))
                 .and(with_state(s))
                 .then(handlers::list)
                 .map(handlers::respond)
@@ -67,10 +68,11 @@ pub(crate) const ROUTES: &[RouteDef] = &[
         method: Method::GET,
         template: "/api/v1/jobs/{id}",
         build: |at, s| {
-            status(
+            by_id(
                 warp::path!("api" / "v1" / "jobs" / String).and(at).boxed(),
                 s,
                 StateNames::Ours,
+                handlers::status,
             )
         },
     },
@@ -78,12 +80,13 @@ pub(crate) const ROUTES: &[RouteDef] = &[
         method: Method::GET,
         template: "/api/v1/status/{id}",
         build: |at, s| {
-            status(
+            by_id(
                 warp::path!("api" / "v1" / "status" / String)
                     .and(at)
                     .boxed(),
                 s,
                 StateNames::GoService,
+                handlers::status,
             )
         },
     },
@@ -106,12 +109,13 @@ pub(crate) const ROUTES: &[RouteDef] = &[
         method: Method::POST,
         template: "/api/v1/jobs/{id}/cancel",
         build: |at, s| {
-            cancel(
+            by_id(
                 warp::path!("api" / "v1" / "jobs" / String / "cancel")
                     .and(at)
                     .boxed(),
                 s,
                 StateNames::Ours,
+                handlers::cancel,
             )
         },
     },
@@ -119,12 +123,13 @@ pub(crate) const ROUTES: &[RouteDef] = &[
         method: Method::DELETE,
         template: "/api/v1/cancel/{id}",
         build: |at, s| {
-            cancel(
+            by_id(
                 warp::path!("api" / "v1" / "cancel" / String)
                     .and(at)
                     .boxed(),
                 s,
                 StateNames::GoService,
+                handlers::cancel,
             )
         },
     },
@@ -148,30 +153,25 @@ fn submit(path: BoxedFilter<()>, s: Arc<ApiState>, names: StateNames) -> BoxedFi
         .boxed()
 }
 
-/// A job's status, on either path.
-fn status(
+/// A route about one job (`{id}`): its status or its cancellation, on either path.
+fn by_id<H, Fut>(
     path: BoxedFilter<(String,)>,
     s: Arc<ApiState>,
     names: StateNames,
-) -> BoxedFilter<(Response,)> {
+    handler: H,
+) -> BoxedFilter<(Response,)>
+where
+    H: Fn(String, Result<Caller, ApiError>, Arc<ApiState>, StateNames) -> Fut
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    Fut: std::future::Future<Output = Result<Response, ApiError>> + Send + 'static,
+{
     path.and(caller::caller(s.clone()))
         .and(with_state(s))
         .and(with_names(names))
-        .then(handlers::status)
-        .map(handlers::respond)
-        .boxed()
-}
-
-/// Cancelling a job, on either path.
-fn cancel(
-    path: BoxedFilter<(String,)>,
-    s: Arc<ApiState>,
-    names: StateNames,
-) -> BoxedFilter<(Response,)> {
-    path.and(caller::caller(s.clone()))
-        .and(with_state(s))
-        .and(with_names(names))
-        .then(handlers::cancel)
+        .then(handler)
         .map(handlers::respond)
         .boxed()
 }

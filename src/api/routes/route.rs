@@ -9,6 +9,8 @@ use warp::filters::BoxedFilter;
 use warp::http::Method;
 use warp::reply::Response;
 
+use crate::api::error::ApiError;
+use crate::api::handlers::Listing;
 use crate::api::scope::RequestScope;
 use crate::api::state::ApiState;
 
@@ -65,6 +67,15 @@ pub(crate) fn with_state(
     state: Arc<ApiState>,
 ) -> impl Filter<Extract = (Arc<ApiState>,), Error = Infallible> + Clone {
     warp::any().map(move || state.clone())
+}
+
+/// A list request: the caller checked, then the query parsed (`handlers::Listing`).
+pub(crate) fn listing(
+    state: Arc<ApiState>,
+) -> impl Filter<Extract = (Result<Listing, ApiError>,), Error = Infallible> + Clone {
+    crate::api::caller::caller(state)
+        .and(raw_query())
+        .map(|caller, raw: String| Listing::parse(caller, &raw))
 }
 
 /// The raw query string (empty when there is none).

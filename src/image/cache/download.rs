@@ -22,10 +22,11 @@ use tokio::task::JoinSet;
 use super::checkpoint::{Checkpoint, checkpoint_path, partial_path};
 use super::hasher::{self, Hasher};
 use super::parts::{self, PartError};
-use super::{CacheEntry, FetchError, RetryPolicy, Transfer, mtime_ns, put_entry};
+use super::{CacheEntry, FetchError, Transfer, mtime_ns, put_entry};
 use crate::image::bandwidth::Bandwidth;
 use crate::image::inspect;
 use crate::image::remote::{Meta, RemoteObject};
+use crate::image::settings::Tuning;
 use crate::telemetry::metrics::metrics;
 
 /// How often the partial file is synced and the checkpoint saved while parts arrive.
@@ -37,15 +38,6 @@ pub(crate) struct Remote {
     pub(crate) object: RemoteObject,
     pub(crate) meta: Meta,
     pub(crate) expected_sha256: Option<String>,
-}
-
-/// The download settings in force when a download starts (`[sources]`, `s3.retries`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct Tuning {
-    pub(crate) part_size: u64,
-    pub(crate) parallel_parts: usize,
-    pub(crate) stall_timeout: Duration,
-    pub(crate) retry: RetryPolicy,
 }
 
 /// One download of an object into the cache directory: where it goes, what it is, and how.

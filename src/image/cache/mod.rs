@@ -32,10 +32,10 @@ use super::bandwidth::Bandwidth;
 use super::client::RedirectRefused;
 use super::inspect::{InspectError, Inspection};
 use super::remote::{Meta, SourceError};
+pub(crate) use super::settings::{CacheConfig, CacheLimits, RetryPolicy, Tuning};
 use super::source::{Location, SourceClients};
-use crate::config::Settings;
 use crate::telemetry::metrics::metrics;
-use download::{Download, Remote, Tuning};
+use download::{Download, Remote};
 use flight::FlightResult;
 
 /// One cached image (stored in sled, served by the cache API).
@@ -180,14 +180,6 @@ pub(crate) struct Transfer {
     pub(crate) total: u64,
 }
 
-/// Retries of a failed download (resuming from the last checkpoint each time).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct RetryPolicy {
-    pub(crate) retries: usize,
-    pub(crate) backoff: Duration,
-    pub(crate) max_backoff: Duration,
-}
-
 impl RetryPolicy {
     /// Exponential backoff with full jitter: a delay drawn uniformly from zero up to
     /// `min(backoff * 2^(attempt-1), max_backoff)`, so that many clients retrying the same
@@ -219,37 +211,6 @@ impl RetryPolicy {
             }
         }
     }
-}
-
-/// Size and age bounds of the cache.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct CacheLimits {
-    pub(crate) max_size_bytes: u64,
-    pub(crate) max_age: Duration,
-    pub(crate) min_free_bytes: u64,
-    pub(crate) revalidate_interval: Duration,
-}
-
-/// The limits and retry policy a settings value gives the cache.
-fn cache_settings(settings: &Settings) -> (CacheLimits, Tuning) {
-    (
-        CacheLimits {
-            max_size_bytes: settings.cache.max_size_bytes,
-            max_age: settings.cache.max_age,
-            min_free_bytes: settings.cache.min_free_bytes,
-            revalidate_interval: settings.cache.revalidate_interval,
-        },
-        Tuning {
-            part_size: settings.sources.part_size,
-            parallel_parts: settings.sources.parallel_parts,
-            stall_timeout: settings.sources.stall_timeout,
-            retry: RetryPolicy {
-                retries: settings.s3.retries,
-                backoff: settings.s3.retry_backoff,
-                max_backoff: settings.s3.retry_max_backoff,
-            },
-        },
-    )
 }
 
 /// How often a fetch starts over when the object changes under its download.
@@ -346,22 +307,21 @@ impl ImageCache {
         dir: &Path,
         index: crate::store::Tree,
         sources: Arc<SourceClients>,
-        settings: &Settings,
+        config: &CacheConfig,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("cache.dir {}: {e}", dir.display()))?;
         let dir = dir.canonicalize()?;
-        let (limits, tuning) = cache_settings(settings);
         let bandwidth = Arc::new(Bandwidth::default());
-        bandwidth.set(settings.sources.max_bytes_per_second);
+        bandwidth.set(config.max_bytes_per_second);
         let cache = ImageCache {
             index,
             dir,
             sources,
             flights: flight::Flights::default(),
             in_use: Arc::new(Mutex::new(HashMap::new())),
-            limits: RwLock::new(limits),
-            tuning: RwLock::new(tuning),
+            limits: RwLock::new(config.limits),
+            tuning: RwLock::new(config.tuning),
             bandwidth,
             reserved: Arc::new(AtomicU64::new(0)),
             removal_hooks: RwLock::new(Vec::new()),
@@ -372,12 +332,10 @@ impl ImageCache {
 
     /// Applies new limits and download settings (hot reload): the bandwidth cap at once, the
     /// rest from the next download; evicts at once if the bound shrank.
-    pub(crate) fn set_limits(&self, settings: &Settings) {
-        let (limits, tuning) = cache_settings(settings);
-        *self.limits.write().unwrap_or_else(|e| e.into_inner()) = limits;
-        *self.tuning.write().unwrap_or_else(|e| e.into_inner()) = tuning;
-        self.bandwidth.set(settings.sources.max_bytes_per_second);
-        self.sources.apply(settings);
+    pub(crate) fn set_limits(&self, config: &CacheConfig) {
+        *self.limits.write().unwrap_or_else(|e| e.into_inner()) = config.limits;
+        *self.tuning.write().unwrap_or_else(|e| e.into_inner()) = config.tuning;
+        self.bandwidth.set(config.max_bytes_per_second);
         self.evict(None);
     }
 
@@ -899,13 +857,15 @@ pub(crate) fn same_version(meta: &Meta, entry: &CacheEntry) -> bool {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::config::Settings;
 
     /// A cache in `dir` with its own temporary sled database and default settings.
     pub(crate) fn test_cache(dir: &Path) -> ImageCache {
         let db = crate::store::Db::open(&dir.join("index.db")).unwrap();
         let settings = Settings::default();
-        let sources = Arc::new(SourceClients::new(&settings).unwrap());
-        ImageCache::open(dir, db.tree("cache"), sources, &settings).unwrap()
+        let sources =
+            Arc::new(SourceClients::new(&settings.s3_access(), &settings.source_policy()).unwrap());
+        ImageCache::open(dir, db.tree("cache"), sources, &settings.cache_config()).unwrap()
     }
 
     /// Records an entry with a file of `size` bytes.
@@ -959,7 +919,7 @@ pub(crate) mod tests {
         // A source declaring 1 PiB, with the cache bound out of the way.
         let mut settings = Settings::default();
         settings.cache.max_size_bytes = u64::MAX;
-        cache.set_limits(&settings);
+        cache.set_limits(&settings.cache_config());
         let e = cache.ensure_space(1 << 50, 1 << 50, &[]).unwrap_err();
         assert!(
             matches!(&e, FetchError::NoSpace(m) if m.contains("nothing was evicted")),
@@ -968,7 +928,7 @@ pub(crate) mod tests {
         assert!(cache.get_entry("a").is_some() && cache.get_entry("b").is_some());
         // An image larger than the whole cache may hold is refused the same way.
         settings.cache.max_size_bytes = 15;
-        cache.set_limits(&settings);
+        cache.set_limits(&settings.cache_config());
         add_entry(&cache, "a", 5);
         let e = cache.ensure_space(16, 16, &[]).unwrap_err();
         assert!(
@@ -1043,7 +1003,7 @@ pub(crate) mod tests {
         add_entry(&cache, "new", 10);
         let mut settings = Settings::default();
         settings.cache.max_size_bytes = 15;
-        cache.set_limits(&settings);
+        cache.set_limits(&settings.cache_config());
         cache.remove("new").unwrap();
         assert_eq!(
             *seen.lock().unwrap(),

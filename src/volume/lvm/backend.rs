@@ -225,42 +225,13 @@ impl LvmBackend {
                 place: format!("VG {}", vg.name),
             });
         }
-        let extents = extents.to_string();
-        let virtual_size = format!("{need}b");
-        let mut args = vec!["--yes", "--activate", "y", "--name", name];
-        let pool_arg = self
-            .thin
-            .as_ref()
-            .map(|p| p.arg(&self.vg))
-            .unwrap_or_default();
-        if pool.is_some() {
-            // Unprovisioned thin blocks read zeros: nothing to wipe (and lvcreate refuses
-            // `--zero` here). Thin LVs never get the activation skip flag: a VM's disk must
-            // activate at boot.
-            args.extend([
-                "--setactivationskip",
-                "n",
-                "--virtualsize",
-                &virtual_size,
-                "--thinpool",
-                &pool_arg,
-            ]);
-        } else {
-            args.extend([
-                "--wipesignatures",
-                "y",
-                "--zero",
-                "y",
-                "--extents",
-                &extents,
-            ]);
-        }
-        for tag in tags {
-            args.extend(["--addtag", tag]);
-        }
-        if pool.is_none() {
-            args.push(&self.vg);
-        }
+        let pool_arg = self.thin.as_ref().map(|p| p.arg(&self.vg));
+        let placement = match &pool_arg {
+            Some(pool) => Placement::Thin { pool, bytes: need },
+            None => Placement::Linear { extents },
+        };
+        let args = self.lvcreate_args(name, &placement, tags);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         if let Err(e) = self.run("lvcreate", &args).await {
             // An LV of that name that is not ours: someone else's volume, never touched.
             if let Ok(Some(lv)) = self.lv(name).await
@@ -283,14 +254,49 @@ impl LvmBackend {
         tracing::info!(
             volume = %self.lv_arg(name),
             bytes = lv.size_bytes,
-            extents = %extents,
+            extents,
             extent_size,
-            thin_pool = pool.map(|_| pool_arg.as_str()).unwrap_or(""),
+            thin_pool = pool_arg.as_deref().unwrap_or(""),
             "logical volume created"
         );
         let mut info = self.info(&lv);
         info.reads_zeros = pool.is_some_and(|p| p.zeroes);
         Ok(info)
+    }
+
+    /// The arguments of `lvcreate` for `name` placed as `placement`, tagged with `tags`.
+    fn lvcreate_args(&self, name: &str, placement: &Placement<'_>, tags: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = ["--yes", "--activate", "y", "--name", name]
+            .map(String::from)
+            .to_vec();
+        match placement {
+            // Unprovisioned thin blocks read zeros: nothing to wipe (and lvcreate refuses
+            // `--zero` here). Thin LVs never get the activation skip flag: a VM's disk must
+            // activate at boot.
+            Placement::Thin { pool, bytes } => args.extend([
+                "--setactivationskip".into(),
+                "n".into(),
+                "--virtualsize".into(),
+                format!("{bytes}b"),
+                "--thinpool".into(),
+                pool.to_string(),
+            ]),
+            Placement::Linear { extents } => args.extend([
+                "--wipesignatures".into(),
+                "y".into(),
+                "--zero".into(),
+                "y".into(),
+                "--extents".into(),
+                extents.to_string(),
+            ]),
+        }
+        for tag in tags {
+            args.extend(["--addtag".into(), tag.to_string()]);
+        }
+        if matches!(placement, Placement::Linear { .. }) {
+            args.push(self.vg.clone());
+        }
+        args
     }
 
     /// Start-up: the thin pool's use into the metrics, and a warning when it does not zero
@@ -321,6 +327,14 @@ impl LvmBackend {
             Err(e) => tracing::warn!(thin_pool = %pool_arg, error = %e, "thin pool is not usable"),
         }
     }
+}
+
+/// Where `lvcreate` puts a new LV.
+enum Placement<'a> {
+    /// A thin LV of `bytes` in the thin pool `pool` (`vg/pool`).
+    Thin { pool: &'a str, bytes: u64 },
+    /// A linear LV of `extents` in the VG.
+    Linear { extents: u64 },
 }
 
 /// The error of a pool operation on a backend without a thin pool.

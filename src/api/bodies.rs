@@ -1,0 +1,82 @@
+//! The JSON request bodies of the API, with the rules their fields follow written into their
+//! schema (the handlers check the same rules; `openapi.rs` tests that both agree). Value types:
+//! a leaf of `api/`.
+
+use serde::Deserialize;
+
+use crate::image::ImageType;
+
+/// `POST /api/v1/jobs`: what to provision. Fields are checked one by one (each with its own
+/// message) rather than by serde, so they are optional here and required in the schema. The
+/// schema states each check (lengths count characters, as JSON Schema does); the patterns are
+/// tested against the checks in `openapi.rs`. No string of a body may hold a control character.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(examples(json!({
+    "image_url": "s3://vm-images/ubuntu-24.04.qcow2",
+    "volume_name": "vm-disk-001",
+    "volume_size_gb": 50,
+    "image_type": "qcow2",
+    "correlation_id": "provision-vm-001"
+})))]
+pub(crate) struct ProvisionBody {
+    /// `s3://bucket/key`, an `http(s)://` URL on the S3 endpoint or `sources.allowed_hosts`,
+    /// or `file://` below `sources.file_roots` (400 for any other source); not blank; at most
+    /// 4096 characters.
+    #[schema(required = true, value_type = String, min_length = 1, max_length = 4096,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028-\u202f\u205f\u2066-\u2069\u3000][^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$")]
+    pub(crate) image_url: Option<String>,
+    /// `[A-Za-z0-9+_.-]`, 1..=127 characters, not `.` or `..`, no leading `-` (the LVM backend
+    /// also refuses LVM's reserved names).
+    #[schema(required = true, value_type = String, min_length = 1, max_length = 127,
+        pattern = r"^(?:[A-Za-z0-9+_][A-Za-z0-9+_.-]{0,126}|\.[A-Za-z0-9+_-][A-Za-z0-9+_.-]{0,125}|\.\.[A-Za-z0-9+_.-]{1,125})$")]
+    pub(crate) volume_name: Option<String>,
+    /// GiB (2^30 bytes), an integer 1..=1048576.
+    #[schema(required = true, value_type = u64, minimum = 1, maximum = 1048576)]
+    pub(crate) volume_size_gb: Option<serde_json::Value>,
+    /// `qcow2` (default) or `raw`; checked against the image (a mismatch fails the job).
+    #[schema(value_type = Option<ImageType>)]
+    pub(crate) image_type: Option<String>,
+    /// Echoed in the job, its logs and traces; at most 256 characters (empty: none).
+    #[schema(
+        max_length = 256,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$"
+    )]
+    pub(crate) correlation_id: Option<String>,
+}
+
+/// `POST /api/v1/cache/fetch`: an image to download into the cache only.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(examples(json!({"image_url": "s3://vm-images/ubuntu-24.04.qcow2", "image_type": "qcow2"})))]
+pub(crate) struct CacheFetchBody {
+    /// As for `POST /api/v1/jobs`.
+    #[schema(required = true, value_type = String, min_length = 1, max_length = 4096,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028-\u202f\u205f\u2066-\u2069\u3000][^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$")]
+    pub(crate) image_url: Option<String>,
+    /// `qcow2` or `raw`: checked against the image as for provision jobs (a mismatch fails the
+    /// job); none: the image is taken as found.
+    #[schema(value_type = Option<ImageType>)]
+    pub(crate) image_type: Option<String>,
+    /// As for `POST /api/v1/jobs`.
+    #[schema(
+        max_length = 256,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$"
+    )]
+    pub(crate) correlation_id: Option<String>,
+}
+
+/// `POST /api/v1/images/inspect`: the image a job would fetch.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(examples(json!({"image_url": "s3://vm-images/ubuntu-24.04.qcow2"})))]
+pub(crate) struct InspectBody {
+    /// The image, as a job would name it: not blank, at most 4096 characters (a source the
+    /// configuration refuses is a verdict, not a 400).
+    #[schema(required = true, value_type = String, min_length = 1, max_length = 4096,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028-\u202f\u205f\u2066-\u2069\u3000][^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$")]
+    pub(crate) image_url: Option<String>,
+    /// `qcow2` (default) or `raw`: what a job would declare.
+    #[schema(value_type = Option<crate::image::ImageType>)]
+    pub(crate) image_type: Option<String>,
+}
