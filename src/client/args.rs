@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand, ValueEnum};
 
+use super::fleet_args::FleetArgs;
+
 /// How the server is reached and how answers are printed.
 #[derive(Debug, Clone, Args)]
 pub struct ClientOptions {
@@ -61,6 +63,8 @@ pub enum ClientCommand {
     Image(ImageCommand),
     /// The daemon's health.
     Health,
+    /// Every daemon of a hosts file at once: status, prefetch an image, declared images.
+    Fleet(FleetArgs),
 }
 
 /// Following a job.

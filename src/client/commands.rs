@@ -8,6 +8,7 @@ use super::args::{
     ProvisionArgs, VolumeCommand, WaitArgs,
 };
 use super::exit;
+use super::fleet;
 use super::http::{Api, ClientError, ConnectKind};
 use super::watch::{self, Display, JobView, OnInterrupt, Outcome};
 use indicatif::HumanBytes;
@@ -15,6 +16,9 @@ use indicatif::HumanBytes;
 /// Runs `command`; returns the exit status.
 pub(crate) async fn run(opts: &ClientOptions, command: ClientCommand) -> u8 {
     let json = opts.output == OutputFormat::Json;
+    if let ClientCommand::Fleet(args) = command {
+        return fleet::run(opts, args).await;
+    }
     let result = match Api::new(opts) {
         Ok(api) => dispatch(&api, json, command).await,
         Err(e) => Err(e),
@@ -100,6 +104,7 @@ async fn dispatch(api: &Api, json: bool, command: ClientCommand) -> Result<u8, C
             image_url,
             image_type,
         }) => inspect(api, json, image_url, image_type).await,
+        ClientCommand::Fleet(_) => unreachable!("fleet is run before one server's Api is built"),
         ClientCommand::Health => {
             let body = api.get("/health").await?;
             print_value(json, &body, |b| {
