@@ -134,7 +134,7 @@ pub(crate) fn status_table(outcomes: &[HostOutcome]) -> String {
                 field(&s["version"], "?"),
                 field(&s["uptime"], "?"),
                 format!("{}/{}", s["jobs_running"], s["job_slots"]),
-                s["cached_images"],
+                s["cached_images"].to_string(),
                 HumanBytes(s["cache_bytes"].as_u64().unwrap_or(0)).to_string(),
             ),
             Err(f) => format!("\n{host:<w$}  FAILED    [{}]", f.reason),
