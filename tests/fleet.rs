@@ -172,8 +172,8 @@ async fn a_fleet_of_20_prefetches_within_the_bound_and_shows_it_in_a_terminal() 
     );
     assert_eq!(cached_counts(&fleet).await, vec![2; HOSTS]);
     println!(
-        "FIGURES: {HOSTS} daemons, {} MiB image at {} MiB/s each: --concurrency {BOUND}: all \
-         cached in {:.1} s, peak {bounded_peak} concurrent requests at the server; \
+        "FIGURES: {HOSTS} daemons, a qcow2 of {} MiB of data at {} MiB/s each: --concurrency \
+         {BOUND}: all cached in {:.1} s, peak {bounded_peak} concurrent requests at the server; \
          --concurrency {HOSTS}: {:.1} s, peak {unbounded_peak}",
         IMAGE_BYTES >> 20,
         RATE >> 20,
@@ -252,4 +252,80 @@ async fn images_and_bad_input(fleet: &Fleet, root: &Path) {
     let (code, doc) = fleet_json(&["--hosts", &bad.display().to_string(), "status"]);
     assert_eq!(code, 4, "{doc}");
     assert!(doc["message"].as_str().unwrap().contains("line 1"), "{doc}");
+}
+
+/// `fleet status --output json` with extra client options; the exit status and each host's
+/// reason (`ok` for a host that succeeded).
+fn fleet_reasons(hosts: &Path, options: &[&str]) -> (i32, Vec<String>) {
+    let mut args = options.to_vec();
+    let hosts = hosts.display().to_string();
+    args.extend(["--hosts", &hosts, "status"]);
+    let (code, doc) = fleet_json(&args);
+    let reasons = doc["hosts"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{doc}"))
+        .iter()
+        .map(|h| h["reason"].as_str().unwrap_or("ok").to_string())
+        .collect();
+    (code, reasons)
+}
+
+#[tokio::test]
+async fn fleet_presents_the_client_certificate_or_token_to_every_host() {
+    let root = tempfile::tempdir().unwrap();
+    let pki = Pki::create(&root.path().join("pki"), &["orchestrator", "intruder"]);
+    let token = "fleet-test-token-0123456789abcdef0123456789";
+    let daemons: Vec<Daemon> = (0..2)
+        .map(|i| {
+            let dir = root.path().join(format!("hv{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("tokens"), format!("fleet:{token}\n")).unwrap();
+            let config = pki
+                .server_tls(TestConfig::new(&dir), Some("optional"))
+                .set("auth.allowed_clients", vec!["orchestrator"])
+                .set("auth.tokens_file", dir.join("tokens").display().to_string())
+                .set("telemetry.probe_interval", "1h");
+            Daemon::start_https(&dir, &config, &[])
+        })
+        .collect();
+    let hosts = root.path().join("hosts");
+    let listing: String = daemons.iter().map(|d| format!("{}\n", d.base)).collect();
+    std::fs::write(&hosts, listing).unwrap();
+    let token_file = root.path().join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let (ca, cert, key) = (
+        pki.file("ca.crt"),
+        pki.file("orchestrator.crt"),
+        pki.file("orchestrator.key"),
+    );
+    let (intruder_cert, intruder_key) = (pki.file("intruder.crt"), pki.file("intruder.key"));
+
+    let with_cert = ["--cacert", &ca, "--cert", &cert, "--key", &key];
+    assert_eq!(fleet_reasons(&hosts, &with_cert), (0, vec!["ok".into(); 2]));
+    let token_path = token_file.display().to_string();
+    let with_token = ["--cacert", &ca, "--token-file", &token_path];
+    assert_eq!(
+        fleet_reasons(&hosts, &with_token),
+        (0, vec!["ok".into(); 2])
+    );
+    let neither = ["--cacert", ca.as_str()];
+    assert_eq!(
+        fleet_reasons(&hosts, &neither),
+        (1, vec!["authentication_required".into(); 2])
+    );
+    let intruder = [
+        "--cacert",
+        &ca,
+        "--cert",
+        &intruder_cert,
+        "--key",
+        &intruder_key,
+    ];
+    assert_eq!(
+        fleet_reasons(&hosts, &intruder),
+        (1, vec!["client_certificate_not_allowed".into(); 2])
+    );
+    // Without the CA the daemons' certificates are not trusted.
+    let (code, reasons) = fleet_reasons(&hosts, &["--token-file", &token_path]);
+    assert_eq!((code, reasons), (1, vec!["tls_handshake".into(); 2]));
 }
