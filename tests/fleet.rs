@@ -247,6 +247,17 @@ async fn images_and_bad_input(fleet: &Fleet, root: &Path) {
             assert!(h.get("result").is_none(), "{h}");
         }
     }
+    // A name is sent as `image`; no daemon here declares it, so every host refuses it.
+    let (code, doc) = fleet_json(&[
+        "--hosts",
+        &fleet.hosts.display().to_string(),
+        "prefetch",
+        "no-such-declared-image",
+    ]);
+    assert_eq!((code, &doc["failed"]), (1, &HOSTS.into()), "{doc}");
+    for h in doc["hosts"].as_array().unwrap() {
+        assert!(h["reason"].as_str().is_some_and(|r| !r.is_empty()), "{h}");
+    }
     let bad = root.join("bad-hosts");
     std::fs::write(&bad, "hv1.example.com:8080\n").unwrap();
     let (code, doc) = fleet_json(&["--hosts", &bad.display().to_string(), "status"]);
