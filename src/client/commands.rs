@@ -104,7 +104,10 @@ async fn dispatch(api: &Api, json: bool, command: ClientCommand) -> Result<u8, C
             image_url,
             image_type,
         }) => inspect(api, json, image_url, image_type).await,
-        ClientCommand::Fleet(_) => unreachable!("fleet is run before one server's Api is built"),
+        // `run` hands fleet commands to `fleet::run` before one server's Api is built.
+        ClientCommand::Fleet(_) => Err(ClientError::Setup(
+            "fleet commands run on every host of --hosts, not on --server".into(),
+        )),
         ClientCommand::Health => {
             let body = api.get("/health").await?;
             print_value(json, &body, |b| {
