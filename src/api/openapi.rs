@@ -738,7 +738,11 @@ mod tests {
         );
         assert_eq!(
             schema_at(&d, "/components/schemas/ImageType/enum"),
-            &json!(["qcow2", "raw"])
+            &json!(["qcow2", "raw", "vmdk", "vhdx", "vpc", "vdi"])
+        );
+        assert_eq!(
+            schema_at(&d, "/components/schemas/DeclaredImageType/enum"),
+            &json!(["qcow2", "raw", "vmdk", "vhdx", "vpc", "vdi", "auto"])
         );
     }
 

@@ -127,6 +127,25 @@ pub fn checks(found: Detected) -> &'static [&'static str] {
     }
 }
 
+/// The checks an accepted image went through (reported by preflight): its format's, the
+/// OVA's when it came from one, and the explicit format of every qemu-img call.
+pub fn checks_of(found: &Inspection) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if found.ova_disk.is_some() {
+        out.extend(ova::CHECKS);
+    }
+    out.extend(match found.format {
+        ImageType::Qcow2 => qcow2::CHECKS,
+        ImageType::Vmdk => vmdk::CHECKS,
+        ImageType::Vhdx => vhdx::CHECKS,
+        ImageType::Vpc => vpc::CHECKS,
+        ImageType::Vdi => vdi::CHECKS,
+        ImageType::Raw => checks(Detected::Raw),
+    });
+    out.push("explicit format (-f, or --image-opts driver) on every qemu-img call");
+    out
+}
+
 /// Inspects the start of an image (`head`: the first bytes) of a file of `file_len` bytes.
 /// Reads past `head` come back short (a format that needs them reports a truncated header).
 pub fn inspect_bytes(head: &[u8], file_len: u64) -> Result<Inspection, InspectError> {
