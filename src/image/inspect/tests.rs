@@ -42,11 +42,14 @@ fn check(b: &[u8]) -> Result<Inspection, InspectError> {
     inspect_bytes(b, b.len() as u64)
 }
 
+/// A qemu-img format with its options, and what the inspector must find.
+type Case = (&'static str, &'static [&'static str], ImageType, Option<Subformat>, u64);
+
 #[test]
 fn qemu_img_output_of_every_format_is_accepted() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let cases: [(&str, &[&str], ImageType, Option<Subformat>, u64); 8] = [
+    let cases: [Case; 8] = [
         ("qcow2", &[], ImageType::Qcow2, None, 8 << 20),
         (
             "vmdk",
