@@ -415,6 +415,74 @@ mod tests {
         assert!(seen.windows(2).all(|w| w[0] <= w[1]));
     }
 
+    /// A VMDK inside another file (as in an OVA) converts and maps through `--image-opts`
+    /// exactly as the bare VMDK does.
+    #[tokio::test]
+    async fn a_member_of_a_container_reads_like_the_bare_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("s.raw");
+        let f = std::fs::File::create(&raw).unwrap();
+        f.set_len(8 << 20).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[9u8; 1 << 20], 3 << 20).unwrap();
+        let vmdk = dir.path().join("s.vmdk");
+        let ok = std::process::Command::new("qemu-img")
+            .args([
+                "convert",
+                "-q",
+                "-f",
+                "raw",
+                "-O",
+                "vmdk",
+                "-o",
+                "subformat=streamOptimized",
+            ])
+            .arg(&raw)
+            .arg(&vmdk)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        // 1536 bytes of something else before the disk, 700 after; a comma in the name.
+        let outer = dir.path().join("a,b.ova");
+        let disk = std::fs::read(&vmdk).unwrap();
+        let mut bytes = vec![0x55u8; 1536];
+        bytes.extend_from_slice(&disk);
+        bytes.extend_from_slice(&[0x66u8; 700]);
+        std::fs::write(&outer, bytes).unwrap();
+        let member = Some(Member {
+            offset: 1536,
+            size: disk.len() as u64,
+        });
+        let bare = data_bytes(&vmdk, ImageType::Vmdk, None, 64 << 10)
+            .await
+            .unwrap();
+        let inner = data_bytes(&outer, ImageType::Vmdk, member, 64 << 10)
+            .await
+            .unwrap();
+        assert_eq!((bare, inner), (1 << 20, 1 << 20));
+        let dst = dir.path().join("d.raw");
+        std::fs::File::create(&dst)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        let spec = ConvertSpec {
+            source: outer,
+            format: ImageType::Vmdk,
+            member,
+            target: dst.clone(),
+            direct_io: false,
+            coroutines: 2,
+            cpu_limit: Duration::from_secs(60),
+            target_is_zero: false,
+        };
+        assert!(convert_args(&spec).contains(&"--image-opts".to_string()));
+        assert!(!convert_args(&spec).contains(&"-f".to_string()));
+        convert(&spec, &CancellationToken::new(), |_| {})
+            .await
+            .unwrap();
+        assert!(std::fs::read(&dst).unwrap() == std::fs::read(&raw).unwrap());
+    }
+
     #[tokio::test]
     async fn wrong_format_fails_with_stderr() {
         let dir = tempfile::tempdir().unwrap();

@@ -43,7 +43,13 @@ fn check(b: &[u8]) -> Result<Inspection, InspectError> {
 }
 
 /// A qemu-img format with its options, and what the inspector must find.
-type Case = (&'static str, &'static [&'static str], ImageType, Option<Subformat>, u64);
+type Case = (
+    &'static str,
+    &'static [&'static str],
+    ImageType,
+    Option<Subformat>,
+    u64,
+);
 
 #[test]
 fn qemu_img_output_of_every_format_is_accepted() {
