@@ -744,6 +744,10 @@ mod tests {
             schema_at(&d, "/components/schemas/DeclaredImageType/enum"),
             &json!(["qcow2", "raw", "vmdk", "vhdx", "vpc", "vdi", "auto"])
         );
+        assert_eq!(
+            schema_at(&d, "/components/schemas/Subformat/enum"),
+            &json!(["monolithicSparse", "streamOptimized", "fixed", "dynamic"])
+        );
     }
 
     /// Each pattern accepts exactly what its check accepts, on strings at the edges.
