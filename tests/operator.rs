@@ -1090,13 +1090,14 @@ async fn preflight_reads_only_the_header_and_creates_nothing() {
             .unwrap()
             .contains("image_type is qcow2 but the image is raw")
     );
-    // Bytes at the server: headers plus at most the inspector's 2 MiB per image.
+    // Bytes at the server: headers plus at most the inspector's 2 MiB per image (and, for
+    // the raw image, its last 512 bytes: a fixed VHD has its footer only there).
     for name in ["/big.qcow2", "/big.raw"] {
         let sent = nginx.bytes_sent(nginx.port, name);
         println!("{name}: nginx sent {sent} bytes for the preflights");
         assert!(sent <= 2 * ((2 << 20) + 4096), "{name}: {sent} bytes sent");
         for line in nginx.gets(nginx.port, name) {
-            assert!(line.contains("bytes=0-"), "every GET is ranged: {line}");
+            assert!(line.contains("bytes="), "every GET is ranged: {line}");
         }
     }
     // Hostile cases, each with its reason.

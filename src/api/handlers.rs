@@ -318,20 +318,21 @@ fn check_image_url(url: Option<String>, state: &ApiState) -> Result<String, ApiE
     Ok(url)
 }
 
-/// The declared `image_type`: `qcow2` when none is named (provision jobs, preflight).
-pub(crate) fn check_image_type(t: Option<String>) -> Result<ImageType, ApiError> {
-    Ok(check_declared_image_type(t)?.unwrap_or(ImageType::Qcow2))
+/// The declared `image_type`: `qcow2` when none is named (provision jobs, preflight); `None`
+/// for `auto` (the inspector decides).
+pub(crate) fn check_image_type(t: Option<String>) -> Result<Option<ImageType>, ApiError> {
+    match t {
+        None => Ok(Some(ImageType::Qcow2)),
+        Some(_) => check_declared_image_type(t),
+    }
 }
 
-/// The declared `image_type`, if any (a cache fetch without one takes the image as found).
+/// The declared `image_type`, if any (a cache fetch without one, or with `auto`, takes the
+/// image as found).
 fn check_declared_image_type(t: Option<String>) -> Result<Option<ImageType>, ApiError> {
     match t.as_deref() {
         None => Ok(None),
-        Some("qcow2") => Ok(Some(ImageType::Qcow2)),
-        Some("raw") => Ok(Some(ImageType::Raw)),
-        Some(other) => Err(ApiError::bad_request(format!(
-            "image_type `{other}` is not supported (use qcow2 or raw)"
-        ))),
+        Some(name) => ImageType::parse_declared(name).map_err(ApiError::bad_request),
     }
 }
 
@@ -469,7 +470,7 @@ pub(crate) async fn submit(
         .and_then(|_| state.volumes.validate_name(&volume_name))
         .map_err(ApiError::bad_request)?;
     let size = check_size(body.volume_size_gb)?;
-    let image_type = Some(check_image_type(body.image_type)?);
+    let image_type = check_image_type(body.image_type)?;
     let correlation_id = check_correlation_id(body.correlation_id)?;
     let spec = JobSpec {
         image_url,
@@ -925,8 +926,13 @@ mod tests {
             check_declared_image_type(Some("raw".into())).unwrap(),
             Some(ImageType::Raw)
         );
-        assert_eq!(check_image_type(None).unwrap(), ImageType::Qcow2);
-        assert!(check_declared_image_type(Some("vmdk".into())).is_err());
+        assert_eq!(check_image_type(None).unwrap(), Some(ImageType::Qcow2));
+        assert_eq!(check_image_type(Some("auto".into())).unwrap(), None);
+        assert_eq!(
+            check_declared_image_type(Some("vmdk".into())).unwrap(),
+            Some(ImageType::Vmdk)
+        );
+        assert!(check_declared_image_type(Some("ova".into())).is_err());
     }
 
     #[test]

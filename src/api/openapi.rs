@@ -63,7 +63,7 @@ impl Modify for Security {
 #[openapi(
     info(
         title = "libvirt-volume-provisioner",
-        description = "Provisions libvirt/KVM volumes from qcow2/raw images. Protected routes take a \
+        description = "Provisions libvirt/KVM volumes from qcow2, raw, VMDK, VHDX, VHD, VDI and OVA images. Protected routes take a \
             client certificate (mutual TLS) or an API token (a daemon with neither configured, on \
             loopback only, serves this document with an empty security requirement). Every \
             4xx/5xx body is an ErrorBody with a stable `reason`. Requests with a body need \
@@ -738,7 +738,15 @@ mod tests {
         );
         assert_eq!(
             schema_at(&d, "/components/schemas/ImageType/enum"),
-            &json!(["qcow2", "raw"])
+            &json!(["qcow2", "raw", "vmdk", "vhdx", "vpc", "vdi"])
+        );
+        assert_eq!(
+            schema_at(&d, "/components/schemas/DeclaredImageType/enum"),
+            &json!(["qcow2", "raw", "vmdk", "vhdx", "vpc", "vdi", "auto"])
+        );
+        assert_eq!(
+            schema_at(&d, "/components/schemas/Subformat/enum"),
+            &json!(["monolithicSparse", "streamOptimized", "fixed", "dynamic"])
         );
     }
 

@@ -91,7 +91,7 @@ pub struct ProvisionArgs {
     #[arg(long)]
     pub size_gb: u64,
     /// Format of the image (the daemon checks it).
-    #[arg(long, value_parser = ["qcow2", "raw"])]
+    #[arg(long, value_parser = ["qcow2", "raw", "vmdk", "vhdx", "vpc", "vdi", "auto"])]
     pub image_type: Option<String>,
     /// Echoed in the job, its logs and traces.
     #[arg(long)]
@@ -142,7 +142,7 @@ pub enum CacheCommand {
     /// Download an image into the cache (a prefetch job).
     Fetch {
         image_url: String,
-        #[arg(long, value_parser = ["qcow2", "raw"])]
+        #[arg(long, value_parser = ["qcow2", "raw", "vmdk", "vhdx", "vpc", "vdi", "auto"])]
         image_type: Option<String>,
         /// Idempotency-Key to send (default: a new random one).
         #[arg(long)]
@@ -174,7 +174,7 @@ pub enum ImageCommand {
     /// would accept it (reads only the header of an uncached image).
     Inspect {
         image_url: String,
-        #[arg(long, value_parser = ["qcow2", "raw"])]
+        #[arg(long, value_parser = ["qcow2", "raw", "vmdk", "vhdx", "vpc", "vdi", "auto"])]
         image_type: Option<String>,
     },
 }

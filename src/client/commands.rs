@@ -384,6 +384,12 @@ async fn inspect(
             format!("image:        {}", field(&a["image_url"], "?")),
             format!("format:       {}", field(&a["format"], "unknown")),
         ];
+        if a["subformat"].is_string() {
+            lines.push(format!("subformat:    {}", field(&a["subformat"], "")));
+        }
+        if a["container"].is_string() {
+            lines.push(format!("inside:       {}", field(&a["container"], "")));
+        }
         if let Some(v) = a["virtual_size"].as_u64() {
             lines.push(format!("virtual size: {} ({v} bytes)", HumanBytes(v)));
         }
@@ -391,6 +397,10 @@ async fn inspect(
             lines.push(format!("size on disk: {} ({v} bytes)", HumanBytes(v)));
         }
         lines.push(format!("cache:        {}", field(&a["cache"], "?")));
+        for (i, check) in a["checks"].as_array().into_iter().flatten().enumerate() {
+            let label = if i == 0 { "checks:" } else { "" };
+            lines.push(format!("{label:<14}{}", field(check, "?")));
+        }
         lines.push(if accepted {
             "accepted:     yes".to_string()
         } else {

@@ -193,7 +193,13 @@ async fn from_golden(
     if ctx.volumes.inspect(name).await?.is_some() {
         return Ok(None);
     }
-    let data_bytes = convert::data_bytes(&image.path, verdict.format, clones.granule()).await?;
+    let data_bytes = convert::data_bytes(
+        &image.path,
+        verdict.format,
+        verdict.ova_disk,
+        clones.granule(),
+    )
+    .await?;
     let source = GoldenSource {
         key: &image.entry.key,
         virtual_size: verdict.virtual_size,
@@ -330,6 +336,7 @@ async fn populate(
     let convert_spec = ConvertSpec {
         source: image.path.clone(),
         format: verdict.format,
+        member: verdict.ova_disk,
         target: target.path.clone(),
         direct_io,
         coroutines: 8,

@@ -882,10 +882,7 @@ pub(crate) mod tests {
             size: size as u64,
             sha256: String::new(),
             verified: false,
-            inspection: Inspection {
-                format: crate::image::ImageType::Raw,
-                virtual_size: size as u64,
-            },
+            inspection: Inspection::bare(crate::image::ImageType::Raw, size as u64, None),
             created: now,
             last_used: now,
             validated: now,
