@@ -25,7 +25,7 @@ use super::views::{
 };
 use crate::image::ImageType;
 use crate::image::source;
-use crate::jobs::delete::DeleteError;
+use crate::jobs::delete::{DeleteError, Deletion};
 use crate::jobs::engine::{CancelError, Submission, SubmitError, Submitted};
 use crate::jobs::idempotency::{self, IdempotencyKey};
 use crate::jobs::model::{JobKind, JobSpec, JobStatus};
@@ -794,9 +794,9 @@ pub(crate) async fn volume_delete(
     let name = volume_name_in_path(&name, &state)?;
     let span =
         tracing::info_span!("delete_volume", otel.name = "DeleteVolume", volume_name = %name);
-    let deleted = state
+    let deletion = state
         .engine
-        .delete_volume(&name)
+        .delete_volume(&name, caller.origin())
         .instrument(span)
         .await
         .map_err(|e| match e {
@@ -804,18 +804,27 @@ pub(crate) async fn volume_delete(
             DeleteError::Blocked { .. } | DeleteError::Volume(VolumeError::Conflict(_)) => {
                 ApiError::conflict(Reason::VolumeBlocked, e.to_string())
             }
+            DeleteError::Submit(e) => submit_error(e),
             DeleteError::Volume(_) | DeleteError::Task(_) => ApiError::internal(e.to_string()),
         })?;
-    if deleted {
-        tracing::info!(volume = %name, requested_by = caller.identity().unwrap_or(""), "volume deleted");
+    match deletion {
+        Deletion::Done(existed) => {
+            if existed {
+                tracing::info!(volume = %name, requested_by = caller.identity().unwrap_or(""), "volume deleted");
+            }
+            Ok(json_reply(
+                &VolumeDeleted {
+                    status: "deleted",
+                    volume: name,
+                },
+                StatusCode::OK,
+            ))
+        }
+        Deletion::Queued(job) => {
+            tracing::info!(volume = %name, job_id = %job.id, requested_by = caller.identity().unwrap_or(""), "volume wipe job accepted");
+            Ok(accepted(&Submitted::New(*job), StateNames::Ours))
+        }
     }
-    Ok(json_reply(
-        &VolumeDeleted {
-            status: "deleted",
-            volume: name,
-        },
-        StatusCode::OK,
-    ))
 }
 
 /// `GET /api/v1/config`: the effective configuration (secrets redacted), the last reload and

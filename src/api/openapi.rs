@@ -521,17 +521,22 @@ mod paths {
             (status = 413, body = ErrorBody), (status = 415, body = ErrorBody)))]
     pub(super) fn image_inspect() {}
 
-    /// Delete a volume (absent is also 200). The LVM backend also refuses LVM's reserved names
-    /// (400).
+    /// Delete a volume (absent is also 200), wiped first as `volumes.wipe_on_delete` says. A
+    /// `zero` wipe of more than `volumes.wipe_job_min_bytes` runs as a `wipe` job (202). The
+    /// LVM backend also refuses LVM's reserved names (400).
     #[utoipa::path(delete, path = "/api/v1/volumes/{name}", tag = "volumes",
         params(("name" = String, Path, min_length = 1, max_length = 127,
             pattern = r"^(?:[A-Za-z0-9+_][A-Za-z0-9+_.-]{0,126}|\.[A-Za-z0-9+_-][A-Za-z0-9+_.-]{0,125}|\.\.[A-Za-z0-9+_.-]{1,125})$",
             description = "`[A-Za-z0-9+_.-]`, 1..=127 characters, not `.` or `..`, no leading `-`")),
-        responses((status = 200, body = VolumeDeleted), (status = 400, body = ErrorBody),
+        responses((status = 200, body = VolumeDeleted),
+            (status = 202, description = "the wipe runs long: a `wipe` job wipes and removes the volume", body = Accepted, headers(("Location" = String))),
+            (status = 400, body = ErrorBody),
             (status = 401, body = ErrorBody, headers(("WWW-Authenticate" = String))),
             (status = 403, body = ErrorBody),
             (status = 409, description = "in use by a job, an upload or a VM", body = ErrorBody),
-            (status = 500, body = ErrorBody)))]
+            (status = 429, description = "the wipe job finds the queue full", body = ErrorBody,
+                headers(("Retry-After" = u64, description = "seconds"))),
+            (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
     pub(super) fn volume_delete() {}
 
     /// Write a small file (a cloud-init seed image) into a new volume named like

@@ -21,7 +21,7 @@ use crate::image::inspect::{self, Inspection};
 use crate::image::source;
 use crate::telemetry::metrics::metrics;
 use crate::volume::clones::{CloneStore, Golden, GoldenSource};
-use crate::volume::{self, NewVolume, VolumeBackend, VolumeError, VolumeInfo};
+use crate::volume::{self, NewVolume, VolumeBackend, VolumeError, VolumeInfo, WipeMode};
 
 /// Everything jobs use.
 pub(crate) struct RunContext {
@@ -57,6 +57,10 @@ pub(crate) async fn execute(
     let result = match h.job.kind {
         JobKind::Provision => provision(ctx, h, cancel).await,
         JobKind::CacheFetch => fetch_only(ctx, h, cancel).await.map(|_| ()),
+        JobKind::Wipe => {
+            let setting = ctx.settings.current().volumes.wipe_on_delete;
+            super::wipe::run(ctx.volumes.as_ref(), setting, h, cancel).await
+        }
     };
     h.publish(true);
     result
@@ -422,8 +426,11 @@ async fn prepare_volume(
         reused = tracing::field::Empty,
     );
     async {
+        let mut tail = WipeMode::Zero;
         let target = match ctx.volumes.inspect(name).await? {
             Some(existing) => {
+                let setting = ctx.settings.current().volumes.wipe_on_reuse;
+                tail = volume::effective_wipe(setting, existing.kind);
                 volume::check_reusable(&existing, size_bytes)?;
                 if existing.size_bytes < image_size {
                     return Err(JobError::VolumeTooSmall {
@@ -459,7 +466,7 @@ async fn prepare_volume(
             }
         };
         ctx.volumes
-            .prepare_overwrite(&target, image_size, cancel)
+            .prepare_overwrite(&target, image_size, tail, cancel)
             .await?;
         Ok(target)
     }

@@ -2,11 +2,14 @@
 //! volume (`VolumeInfo`, `Blocker`), and the reuse rule shared by every backend.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use super::error::VolumeError;
+pub(crate) use super::wipe::VolumeKind;
+use super::wipe::{WipeMode, WipeProgress};
 
 /// An existing volume is reused when its size is within this fraction of the request.
 pub(crate) const REUSE_TOLERANCE: f64 = 0.05;
@@ -25,6 +28,8 @@ pub(crate) struct VolumeInfo {
     /// zeroes newly provisioned chunks (the writer may then skip zeros, and nothing past the
     /// image needs zeroing). Never set for an existing volume.
     pub(crate) reads_zeros: bool,
+    /// What holds the volume's bytes (decides the default wipe and how it grows).
+    pub(crate) kind: VolumeKind,
 }
 
 /// A volume to make: its name, its least size and who makes it.
@@ -96,12 +101,14 @@ pub(crate) trait VolumeBackend: Send + Sync {
     async fn create(&self, new: &NewVolume<'_>) -> Result<VolumeInfo, VolumeError>;
 
     /// Makes a volume (new or reused) ready to be written: everything from `image_size` to
-    /// the end must read as zeros afterwards (the writer covers the rest, zeros included).
+    /// the end is wiped as `tail` says (`Zero` for a new volume: it must read as zeros; a
+    /// reused one gets `volumes.wipe_on_reuse`); the writer covers the rest, zeros included.
     /// Stops early with an error when `cancel` fires.
     async fn prepare_overwrite(
         &self,
         volume: &VolumeInfo,
         image_size: u64,
+        tail: WipeMode,
         cancel: &CancellationToken,
     ) -> Result<(), VolumeError>;
 
@@ -115,6 +122,36 @@ pub(crate) trait VolumeBackend: Send + Sync {
     /// Rollback: removes the volume only if `owner` created it (absent is success). A backend
     /// that records owners answers `Conflict` for a volume without `owner`'s record.
     async fn remove_created(&self, name: &str, owner: &str) -> Result<(), VolumeError>;
+
+    /// Removes a volume like `remove`, after wiping it as `mode` says. The intent is recorded
+    /// durably on the volume before the first byte is wiped (an LV tag, a move into a wiping
+    /// folder), so that a wipe cut short (a crash, a stop through `cancel`) leaves a volume
+    /// that is never reused and is finished by `finish_wipes` at the next start.
+    async fn remove_wiped(
+        &self,
+        name: &str,
+        mode: WipeMode,
+        progress: &Arc<WipeProgress>,
+        cancel: &CancellationToken,
+    ) -> Result<(), VolumeError>;
+
+    /// Start-up: the names of volumes whose wipe was cut short, each with the mode it was
+    /// started with.
+    async fn unfinished_wipes(&self) -> Result<Vec<(String, WipeMode)>, VolumeError> {
+        Ok(Vec::new())
+    }
+
+    /// Finishes a wipe `unfinished_wipes` listed (and removes what it wiped); never touches
+    /// a new volume made under the name since.
+    async fn finish_wipe(
+        &self,
+        _name: &str,
+        _mode: WipeMode,
+        _progress: &Arc<WipeProgress>,
+        _cancel: &CancellationToken,
+    ) -> Result<(), VolumeError> {
+        Ok(())
+    }
 
     /// Whether the backend is usable now (the `lvm` dependency of the readiness probe).
     async fn probe(&self) -> Result<(), VolumeError>;
@@ -151,6 +188,7 @@ mod tests {
             size_bytes: size,
             reuse_blocker: None,
             reads_zeros: false,
+            kind: VolumeKind::ThickLv,
         };
         let req = 100 * GIB;
         assert!(check_reusable(&v(req), req).is_ok());

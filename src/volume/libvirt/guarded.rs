@@ -14,6 +14,7 @@ use super::Libvirt;
 use super::domains::domains_using;
 use crate::volume::backend::{Blocker, BlockerKind, NewVolume, VolumeBackend, VolumeInfo};
 use crate::volume::error::VolumeError;
+use crate::volume::wipe::{WipeMode, WipeProgress};
 
 /// What libvirt says about a volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,10 +151,11 @@ impl VolumeBackend for LibvirtVolumes {
         &self,
         volume: &VolumeInfo,
         image_size: u64,
+        tail: WipeMode,
         cancel: &CancellationToken,
     ) -> Result<(), VolumeError> {
         self.inner
-            .prepare_overwrite(volume, image_size, cancel)
+            .prepare_overwrite(volume, image_size, tail, cancel)
             .await
     }
 
@@ -168,6 +170,37 @@ impl VolumeBackend for LibvirtVolumes {
     /// the pool so libvirt no longer lists it.
     async fn remove(&self, name: &str) -> Result<(), VolumeError> {
         self.inner.remove(name).await?;
+        self.libvirt.refresh().await;
+        Ok(())
+    }
+
+    /// As `remove`, wiped first.
+    async fn remove_wiped(
+        &self,
+        name: &str,
+        mode: WipeMode,
+        progress: &Arc<WipeProgress>,
+        cancel: &CancellationToken,
+    ) -> Result<(), VolumeError> {
+        self.inner
+            .remove_wiped(name, mode, progress, cancel)
+            .await?;
+        self.libvirt.refresh().await;
+        Ok(())
+    }
+
+    async fn unfinished_wipes(&self) -> Result<Vec<(String, WipeMode)>, VolumeError> {
+        self.inner.unfinished_wipes().await
+    }
+
+    async fn finish_wipe(
+        &self,
+        name: &str,
+        mode: WipeMode,
+        progress: &Arc<WipeProgress>,
+        cancel: &CancellationToken,
+    ) -> Result<(), VolumeError> {
+        self.inner.finish_wipe(name, mode, progress, cancel).await?;
         self.libvirt.refresh().await;
         Ok(())
     }
