@@ -1,5 +1,7 @@
 //! A disk's life on the host (directory backend, the real binary): wiping on delete (a small
-//! wipe answers 200, a long one is a `wipe` job; a wipe cut short is finished at start-up).
+//! wipe answers 200, a long one is a `wipe` job; a wipe cut short is finished at start-up),
+//! growing (never shrinking), each through the API (checked against the OpenAPI document) and
+//! the CLI.
 //! The LVM and libvirt side is tests/lifecycle_vm.rs.
 
 mod common;
@@ -7,6 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use serde_json::{Value, json};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -84,4 +87,145 @@ async fn a_wipe_cut_short_is_finished_at_start_up() {
     }
     assert!(!wiping.join("vm-1").exists(), "wiped and removed");
     assert!(live.exists(), "the new volume of that name is untouched");
+}
+
+/// Validates `body` against the document's schema of `path`/`method`/`status`.
+fn assert_documented(doc: &Value, path: &str, method: &str, status: u16, body: &Value) {
+    let reference = &doc["paths"][path][method]["responses"][status.to_string()]["content"]["application/json"]
+        ["schema"];
+    assert!(
+        reference.is_object(),
+        "{method} {path} {status} is not documented"
+    );
+    let mut schema = reference.clone();
+    schema["components"] = doc["components"].clone();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let errors: Vec<String> = validator.iter_errors(body).map(|e| e.to_string()).collect();
+    assert!(
+        errors.is_empty(),
+        "{method} {path} {status}: {errors:?}\n{body}"
+    );
+}
+
+/// The CLI against the daemon at `server`: (exit code, stdout).
+fn cli(server: &str, args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(BIN)
+        .args(args)
+        .env("LVP_SERVER_URL", server)
+        .env_remove("LVP_TOKEN")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_file_volume_grows_and_never_shrinks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let d = Daemon::start(dir, &TestConfig::new(dir));
+    let c = client();
+    let (_, doc) = get(&c, &d.url("/api/v1/openapi.json")).await;
+    let path = "/api/v1/volumes/{name}/resize";
+    let file = volume_file(dir, "vm-g", 4096);
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let url = d.url("/api/v1/volumes/vm-g/resize");
+
+    let (s, v) = post(&c, &url, &json!({"size_gb": 2})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v,
+        json!({"volume": "vm-g", "size_bytes": 2u64 << 30, "live": false})
+    );
+    assert_documented(&doc, path, "post", s, &v);
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 2 << 30);
+    assert_eq!(
+        &std::fs::read(&file).unwrap()[..4096],
+        &[0xa5u8; 4096][..],
+        "data kept"
+    );
+
+    let (s, v) = post(&c, &url, &json!({"size_gb": 2})).await;
+    assert_eq!(
+        (s, &v["size_bytes"]),
+        (200, &json!(2u64 << 30)),
+        "same size: {v}"
+    );
+    let (s, v) = post(&c, &url, &json!({"size_gb": 1})).await;
+    assert_eq!(
+        (s, v["reason"].as_str()),
+        (409, Some("shrink_refused")),
+        "{v}"
+    );
+    assert_documented(&doc, path, "post", s, &v);
+    let (s, v) = post(
+        &c,
+        &d.url("/api/v1/volumes/nope/resize"),
+        &json!({"size_gb": 1}),
+    )
+    .await;
+    assert_eq!(
+        (s, v["reason"].as_str()),
+        (404, Some("volume_not_found")),
+        "{v}"
+    );
+    assert_documented(&doc, path, "post", s, &v);
+    for bad in [
+        json!({"size_gb": 0}),
+        json!({"size_gb": "3"}),
+        json!({}),
+        json!({"size_gb": 3, "x": 1}),
+    ] {
+        let (s, v) = post(&c, &url, &bad).await;
+        assert_eq!(s, 400, "{bad}: {v}");
+        assert_documented(&doc, path, "post", s, &v);
+    }
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().len(),
+        2 << 30,
+        "unchanged by refusals"
+    );
+
+    // The CLI, as text and as the API's own body.
+    let base = d.url("");
+    let base = base.trim_end_matches('/');
+    let (code, out) = cli(base, &["volume", "resize", "vm-g", "--size-gb", "3"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.trim(), format!("volume vm-g: {} bytes", 3u64 << 30));
+    let (code, out) = cli(
+        base,
+        &[
+            "--output",
+            "json",
+            "volume",
+            "resize",
+            "vm-g",
+            "--size-gb",
+            "3",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["size_bytes"], 3u64 << 30);
+    let (code, out) = cli(
+        base,
+        &[
+            "--output",
+            "json",
+            "volume",
+            "resize",
+            "vm-g",
+            "--size-gb",
+            "1",
+        ],
+    );
+    assert_ne!(code, 0, "a refused shrink fails the command: {out}");
 }

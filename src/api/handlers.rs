@@ -356,7 +356,12 @@ fn check_correlation_id(c: Option<String>) -> Result<Option<String>, ApiError> {
 /// `volume_size_gb`: an integer 1..=`MAX_VOLUME_GB`. A number with a zero fraction (`50.0`)
 /// is an integer, as JSON Schema counts them.
 fn check_size(v: Option<serde_json::Value>) -> Result<u64, ApiError> {
-    let v = v.ok_or_else(|| ApiError::bad_request("volume_size_gb is required"))?;
+    check_size_field("volume_size_gb", v)
+}
+
+/// A size in GiB named `field`: an integer 1..=`MAX_VOLUME_GB`.
+pub(crate) fn check_size_field(field: &str, v: Option<serde_json::Value>) -> Result<u64, ApiError> {
+    let v = v.ok_or_else(|| ApiError::bad_request(format!("{field} is required")))?;
     let integral = v.as_u64().or_else(|| {
         v.as_f64()
             .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < u64::MAX as f64)
@@ -365,10 +370,10 @@ fn check_size(v: Option<serde_json::Value>) -> Result<u64, ApiError> {
     match integral {
         Some(n) if (1..=MAX_VOLUME_GB).contains(&n) => Ok(n),
         Some(n) if n > MAX_VOLUME_GB => Err(ApiError::bad_request(format!(
-            "volume_size_gb {n} is larger than {MAX_VOLUME_GB}"
+            "{field} {n} is larger than {MAX_VOLUME_GB}"
         ))),
         _ => Err(ApiError::bad_request(format!(
-            "volume_size_gb must be an integer >= 1 (GiB), got {v}"
+            "{field} must be an integer >= 1 (GiB), got {v}"
         ))),
     }
 }

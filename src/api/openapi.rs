@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::bodies::{CacheFetchBody, InspectBody, ProvisionBody};
+use super::bodies::{CacheFetchBody, InspectBody, ProvisionBody, ResizeBody};
 use super::error::{ErrorBody, Reason};
 use super::views::*;
 
@@ -79,14 +79,14 @@ impl Modify for Security {
         paths::cancel, paths::cancel_legacy,
         paths::cache_list, paths::cache_fetch, paths::cache_delete,
         paths::image_inspect,
-        paths::volume_delete, paths::volume_upload,
+        paths::volume_delete, paths::volume_upload, paths::volume_resize,
         paths::config, paths::openapi,
     ),
     components(schemas(
         ErrorBody, StatusResponse, ProgressView, Accepted, JobList, CancelResponse,
         CacheImage, CacheList, CacheDeleted, VolumeDeleted, ConfigResponse, HealthResponse,
         HealthStatus, JobLoad, ReadyResponse, Uploaded, ProvisionBody, CacheFetchBody,
-        InspectBody, InspectResponse, Reason, UploadContent,
+        InspectBody, InspectResponse, Reason, UploadContent, ResizeBody, VolumeResized,
     )),
     modifiers(&Security),
     security(("client_certificate" = []), ("bearer" = []), ("api_token" = [])),
@@ -565,6 +565,26 @@ mod paths {
                 headers(("Retry-After" = u64, description = "seconds"))),
             (status = 500, body = ErrorBody), (status = 507, body = ErrorBody)))]
     pub(super) fn volume_upload() {}
+
+    /// Grow a volume to `size_gb` GiB (LVM thick and thin LVs: `lvextend`; files). Volumes
+    /// only grow: a smaller size is 409 `shrink_refused`, the same size 200 with nothing done.
+    /// When a running (or paused) libvirt domain has the volume as a disk, it is told the new
+    /// size (`blockresize`) and the answer says `"live": true` with the domain.
+    #[utoipa::path(post, path = "/api/v1/volumes/{name}/resize", tag = "volumes",
+        params(("name" = String, Path, min_length = 1, max_length = 127,
+            pattern = r"^(?:[A-Za-z0-9+_][A-Za-z0-9+_.-]{0,126}|\.[A-Za-z0-9+_-][A-Za-z0-9+_.-]{0,125}|\.\.[A-Za-z0-9+_.-]{1,125})$",
+            description = "a volume name, as for `DELETE /api/v1/volumes/{name}`")),
+        request_body = ResizeBody,
+        responses((status = 200, body = VolumeResized),
+            (status = 400, body = ErrorBody),
+            (status = 401, body = ErrorBody, headers(("WWW-Authenticate" = String))),
+            (status = 403, body = ErrorBody),
+            (status = 404, description = "no volume of this name", body = ErrorBody),
+            (status = 409, description = "smaller than the volume (shrink_refused), held by a job, a golden image or not a plain volume", body = ErrorBody),
+            (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+            (status = 500, body = ErrorBody),
+            (status = 507, description = "the VG, the thin pool or the file system has not the room", body = ErrorBody)))]
+    pub(super) fn volume_resize() {}
 
     /// The effective configuration (secrets redacted) and the last reload.
     #[utoipa::path(get, path = "/api/v1/config", tag = "config",

@@ -163,7 +163,7 @@ mod tests {
     use crate::jobs::runner::RunContext;
     use crate::jobs::store::Store;
     use crate::volume::directory::DirectoryBackend;
-    use crate::volume::{NewVolume, VolumeBackend, VolumeInfo};
+    use crate::volume::{Grown, NewVolume, VolumeBackend, VolumeInfo};
 
     /// A directory backend whose `remove` waits until the test lets it go: the only way to
     /// hold a real removal open long enough to race a submission against it.
@@ -211,6 +211,9 @@ mod tests {
             self.started.notify_one();
             self.release.notified().await;
             self.inner.remove_wiped(name, mode, progress, cancel).await
+        }
+        async fn grow(&self, v: &VolumeInfo, size: u64) -> Result<Grown, VolumeError> {
+            self.inner.grow(v, size).await
         }
         async fn remove_created(&self, name: &str, owner: &str) -> Result<(), VolumeError> {
             self.inner.remove_created(name, owner).await

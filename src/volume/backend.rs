@@ -43,6 +43,16 @@ pub(crate) struct NewVolume<'a> {
     pub(crate) owner: &'a str,
 }
 
+/// A grown volume.
+#[derive(Debug, Clone)]
+pub(crate) struct Grown {
+    /// Its size now (rounded up to the backend's unit).
+    pub(crate) size_bytes: u64,
+    /// The running (or paused) libvirt domain that was told the new size (`blockresize`), so
+    /// its guest sees it without a reboot.
+    pub(crate) live_domain: Option<String>,
+}
+
 /// What kind of reason keeps a volume from being reused; decides whether it may be deleted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BlockerKind {
@@ -152,6 +162,11 @@ pub(crate) trait VolumeBackend: Send + Sync {
     ) -> Result<(), VolumeError> {
         Ok(())
     }
+
+    /// Grows the volume to at least `size_bytes` (backends round up to their unit); callers
+    /// have checked that it exists, may be grown and is smaller. Returns the volume as it is
+    /// now, and the running domain told about the new size, if one uses it.
+    async fn grow(&self, volume: &VolumeInfo, size_bytes: u64) -> Result<Grown, VolumeError>;
 
     /// Whether the backend is usable now (the `lvm` dependency of the readiness probe).
     async fn probe(&self) -> Result<(), VolumeError>;

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::backend::{Blocker, BlockerKind, NewVolume, VolumeBackend, VolumeInfo, VolumeKind};
+use super::backend::{
+    Blocker, BlockerKind, Grown, NewVolume, VolumeBackend, VolumeInfo, VolumeKind,
+};
 use super::blockdev::{create_new_file, open_blocker, require_free, sync_path, wipe_file};
 use super::error::VolumeError;
 use super::reflink::GOLDEN_DIR;
@@ -237,6 +239,29 @@ impl VolumeBackend for DirectoryBackend {
             .filter_map(|e| e.file_name().to_str().map(str::to_string))
             .map(|name| (name, WipeMode::Zero))
             .collect())
+    }
+
+    /// `set_len` on the file, once the file system has the added bytes free.
+    async fn grow(&self, volume: &VolumeInfo, size_bytes: u64) -> Result<Grown, VolumeError> {
+        let (path, dir) = (volume.path.clone(), self.dir.clone());
+        let added = size_bytes.saturating_sub(volume.size_bytes);
+        tokio::task::spawn_blocking(move || -> Result<(), VolumeError> {
+            require_free(&dir, added)?;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&path)
+                .map_err(|e| VolumeError::io(&path, e))?;
+            f.set_len(size_bytes)
+                .map_err(|e| VolumeError::io(&path, e))?;
+            f.sync_all().map_err(|e| VolumeError::io(&path, e))
+        })
+        .await
+        .map_err(|e| VolumeError::io(&volume.path, std::io::Error::other(e)))??;
+        Ok(Grown {
+            size_bytes,
+            live_domain: None,
+        })
     }
 
     /// Files carry no owner record: `create` refuses an existing file (`create_new`) and the

@@ -19,7 +19,11 @@ mod select;
 pub(crate) mod spec;
 mod wipe;
 
-pub(crate) use backend::{Blocker, NewVolume, VolumeBackend, VolumeInfo, check_reusable};
+#[cfg(test)]
+pub(crate) use backend::Grown;
+pub(crate) use backend::{
+    Blocker, BlockerKind, NewVolume, VolumeBackend, VolumeInfo, check_reusable,
+};
 pub(crate) use error::VolumeError;
 pub(crate) use names::{gib_to_bytes, validate_lvm_name, validate_volume_name};
 pub(crate) use select::{Volumes, select};

@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use super::Libvirt;
-use super::domains::domains_using;
-use crate::volume::backend::{Blocker, BlockerKind, NewVolume, VolumeBackend, VolumeInfo};
+use super::domains::{domains_using, top_disks_on};
+use crate::volume::backend::{Blocker, BlockerKind, Grown, NewVolume, VolumeBackend, VolumeInfo};
 use crate::volume::error::VolumeError;
 use crate::volume::wipe::{WipeMode, WipeProgress};
 
@@ -187,6 +187,32 @@ impl VolumeBackend for LibvirtVolumes {
             .await?;
         self.libvirt.refresh().await;
         Ok(())
+    }
+
+    /// Grows the volume, then tells the running domain that has it as a disk (not as a
+    /// backing file: a qcow2 overlay above it keeps its own size) through `blockresize`.
+    async fn grow(&self, volume: &VolumeInfo, size_bytes: u64) -> Result<Grown, VolumeError> {
+        let mut grown = self.inner.grow(volume, size_bytes).await?;
+        let disks = match self.libvirt.active_domain_disks().await {
+            Ok(disks) => disks,
+            Err(e) => {
+                tracing::warn!(volume = %volume.name, error = %e, "grown, but cannot ask libvirt which domain uses it");
+                return Ok(grown);
+            }
+        };
+        let path = volume.path.clone();
+        let using = tokio::task::spawn_blocking(move || top_disks_on(&path, &disks))
+            .await
+            .unwrap_or_default();
+        if let Some(disk) = using.into_iter().next() {
+            self.libvirt
+                .block_resize(&disk.domain, &disk.path, grown.size_bytes)
+                .await?;
+            tracing::info!(volume = %volume.name, domain = %disk.domain, bytes = grown.size_bytes, "running domain told the new size");
+            grown.live_domain = Some(disk.domain);
+        }
+        self.libvirt.refresh().await;
+        Ok(grown)
     }
 
     async fn unfinished_wipes(&self) -> Result<Vec<(String, WipeMode)>, VolumeError> {

@@ -18,7 +18,7 @@ use super::report::{
 };
 use super::thin::{PoolUse, ThinPool};
 use crate::command;
-use crate::volume::backend::{NewVolume, VolumeBackend, VolumeInfo, VolumeKind};
+use crate::volume::backend::{Grown, NewVolume, VolumeBackend, VolumeInfo, VolumeKind};
 use crate::volume::blockdev;
 use crate::volume::error::VolumeError;
 use crate::volume::names::validate_lvm_name;
@@ -540,6 +540,44 @@ impl VolumeBackend for LvmBackend {
             }
             _ => Ok(()),
         }
+    }
+
+    /// `lvextend` to whole extents, after the space check of a new LV of the added size (the
+    /// thin pool's threshold, the VG's free extents).
+    async fn grow(&self, volume: &VolumeInfo, size_bytes: u64) -> Result<Grown, VolumeError> {
+        let extent_size = self.extent_size().await?;
+        let need = extents_for(size_bytes, extent_size)
+            .map(|e| e * extent_size)
+            .ok_or_else(|| {
+                Self::report_error("lvextend", format!("cannot size {size_bytes} bytes"))
+            })?;
+        let added = need.saturating_sub(volume.size_bytes);
+        if volume.kind == VolumeKind::ThinLv {
+            self.check_pool().await?;
+        } else {
+            let vg = self.vg().await?;
+            if added > vg.free_bytes {
+                return Err(VolumeError::InsufficientSpace {
+                    need: added,
+                    have: vg.free_bytes,
+                    place: format!("VG {}", vg.name),
+                });
+            }
+        }
+        let size = format!("{need}b");
+        self.run("lvextend", &["--size", &size, &self.lv_arg(&volume.name)])
+            .await?;
+        let lv = self.lv(&volume.name).await?.ok_or_else(|| {
+            Self::report_error(
+                "lvs",
+                format!("{} is not listed after lvextend", volume.name),
+            )
+        })?;
+        tracing::info!(volume = %self.lv_arg(&volume.name), from = volume.size_bytes, to = lv.size_bytes, "logical volume extended");
+        Ok(Grown {
+            size_bytes: lv.size_bytes,
+            live_domain: None,
+        })
     }
 
     async fn remove_created(&self, name: &str, owner: &str) -> Result<(), VolumeError> {
