@@ -553,7 +553,11 @@ impl VolumeBackend for LvmBackend {
             })?;
         let added = need.saturating_sub(volume.size_bytes);
         if volume.kind == VolumeKind::ThinLv {
-            self.check_pool().await?;
+            // Only the configured pool has a threshold; a thin LV of another pool grows as
+            // lvextend allows.
+            if self.thin.is_some() {
+                self.check_pool().await?;
+            }
         } else {
             let vg = self.vg().await?;
             if added > vg.free_bytes {
