@@ -229,3 +229,63 @@ async fn a_file_volume_grows_and_never_shrinks() {
     );
     assert_ne!(code, 0, "a refused shrink fails the command: {out}");
 }
+
+/// The measured defect: a prefetch of a 64 MiB image with `cache.max_size_bytes` at
+/// 48 MiB completed. It must fail before the download, naming the numbers.
+#[tokio::test]
+async fn an_image_larger_than_the_cache_fails_before_downloading() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let d = Daemon::start(
+        dir,
+        &TestConfig::new(dir).set("cache.max_size_bytes", 48 << 20),
+    );
+    let c = client();
+    let image = dir.join("images/big.raw");
+    make_raw(&image, 64 << 20);
+    let (s, v) = post(
+        &c,
+        &d.url("/api/v1/cache/fetch"),
+        &json!({"image_url": file_url(&image)}),
+    )
+    .await;
+    assert_eq!(s, 202, "{v}");
+    let job = wait_job(&c, &d, v["job_id"].as_str().unwrap(), MINUTE).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&(64u64 << 20).to_string()) && error.contains("cache.max_size_bytes"),
+        "{error}"
+    );
+    assert_eq!(
+        job["progress"]["bytes_processed"], 0,
+        "nothing downloaded: {job}"
+    );
+}
+
+/// A volume the backend has not the room for fails the job before a byte is downloaded.
+#[tokio::test]
+async fn a_volume_that_cannot_fit_fails_before_downloading() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let d = Daemon::start(dir, &TestConfig::new(dir));
+    let c = client();
+    let image = dir.join("images/small.raw");
+    make_raw(&image, 1 << 20);
+    let body = json!({"image_url": file_url(&image), "volume_name": "huge",
+                      "volume_size_gb": 1 << 20, "image_type": "raw"});
+    let id = submit(&c, &d, body).await;
+    let job = wait_job(&c, &d, &id, MINUTE).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("not enough space") && error.contains(&(1u64 << 50).to_string()),
+        "{error}"
+    );
+    assert_eq!(job["cache_hit"], false);
+    assert!(
+        cache_files(dir).is_empty(),
+        "nothing downloaded: {:?}",
+        cache_files(dir)
+    );
+}

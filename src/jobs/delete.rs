@@ -212,6 +212,9 @@ mod tests {
             self.release.notified().await;
             self.inner.remove_wiped(name, mode, progress, cancel).await
         }
+        async fn check_room(&self, size: u64) -> Result<(), VolumeError> {
+            self.inner.check_room(size).await
+        }
         async fn grow(&self, v: &VolumeInfo, size: u64) -> Result<Grown, VolumeError> {
             self.inner.grow(v, size).await
         }

@@ -153,6 +153,10 @@ async fn provision(
 ) -> StepResult<()> {
     let spec = h.job.spec.clone();
     let (name, size_bytes) = target_of(&spec)?;
+    // A new volume that cannot fit fails the job before a byte is downloaded.
+    if ctx.volumes.inspect(&name).await?.is_none() {
+        ctx.volumes.check_room(size_bytes).await?;
+    }
     let image = fetch(ctx, h, cancel).await?;
     let verdict = check_image(&image.entry.inspection, &spec, size_bytes)?;
     h.job.image_path = Some(image.path.display().to_string());

@@ -163,6 +163,13 @@ pub(crate) trait VolumeBackend: Send + Sync {
         Ok(())
     }
 
+    /// Whether a new volume of `size_bytes` would fit now (the VG's free space, the thin
+    /// pool's threshold, the file system's free space): checked before anything is downloaded
+    /// for it, so a job that cannot end well fails at once, naming the numbers.
+    async fn check_room(&self, _size_bytes: u64) -> Result<(), VolumeError> {
+        Ok(())
+    }
+
     /// Grows the volume to at least `size_bytes` (backends round up to their unit); callers
     /// have checked that it exists, may be grown and is smaller. Returns the volume as it is
     /// now, and the running domain told about the new size, if one uses it.

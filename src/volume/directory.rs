@@ -241,6 +241,13 @@ impl VolumeBackend for DirectoryBackend {
             .collect())
     }
 
+    async fn check_room(&self, size_bytes: u64) -> Result<(), VolumeError> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || require_free(&dir, size_bytes))
+            .await
+            .map_err(|e| VolumeError::io(&self.dir, std::io::Error::other(e)))?
+    }
+
     /// `set_len` on the file, once the file system has the added bytes free.
     async fn grow(&self, volume: &VolumeInfo, size_bytes: u64) -> Result<Grown, VolumeError> {
         let (path, dir) = (volume.path.clone(), self.dir.clone());

@@ -189,6 +189,10 @@ impl VolumeBackend for LibvirtVolumes {
         Ok(())
     }
 
+    async fn check_room(&self, size_bytes: u64) -> Result<(), VolumeError> {
+        self.inner.check_room(size_bytes).await
+    }
+
     /// Grows the volume, then tells the running domain that has it as a disk (not as a
     /// backing file: a qcow2 overlay above it keeps its own size) through `blockresize`.
     async fn grow(&self, volume: &VolumeInfo, size_bytes: u64) -> Result<Grown, VolumeError> {

@@ -542,6 +542,24 @@ impl VolumeBackend for LvmBackend {
         }
     }
 
+    async fn check_room(&self, size_bytes: u64) -> Result<(), VolumeError> {
+        if self.thin.is_some() {
+            return self.check_pool().await.map(|_| ());
+        }
+        let vg = self.vg().await?;
+        let need = extents_for(size_bytes, vg.extent_size)
+            .map(|e| e * vg.extent_size)
+            .unwrap_or(u64::MAX);
+        if need > vg.free_bytes {
+            return Err(VolumeError::InsufficientSpace {
+                need,
+                have: vg.free_bytes,
+                place: format!("VG {}", vg.name),
+            });
+        }
+        Ok(())
+    }
+
     /// `lvextend` to whole extents, after the space check of a new LV of the added size (the
     /// thin pool's threshold, the VG's free extents).
     async fn grow(&self, volume: &VolumeInfo, size_bytes: u64) -> Result<Grown, VolumeError> {
