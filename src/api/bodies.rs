@@ -80,3 +80,14 @@ pub(crate) struct InspectBody {
     #[schema(value_type = Option<crate::image::DeclaredImageType>)]
     pub(crate) image_type: Option<String>,
 }
+
+/// `POST /api/v1/volumes/{name}/resize`: the new size; volumes only grow.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(examples(json!({"size_gb": 80})))]
+pub(crate) struct ResizeBody {
+    /// GiB (2^30 bytes), an integer 1..=1048576; smaller than the volume is 409
+    /// (`shrink_refused`), its size is 200 with nothing done.
+    #[schema(required = true, value_type = u64, minimum = 1, maximum = 1048576)]
+    pub(crate) size_gb: Option<serde_json::Value>,
+}

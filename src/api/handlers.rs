@@ -25,7 +25,7 @@ use super::views::{
 };
 use crate::image::ImageType;
 use crate::image::source;
-use crate::jobs::delete::DeleteError;
+use crate::jobs::delete::{DeleteError, Deletion};
 use crate::jobs::engine::{CancelError, Submission, SubmitError, Submitted};
 use crate::jobs::idempotency::{self, IdempotencyKey};
 use crate::jobs::model::{JobKind, JobSpec, JobStatus};
@@ -357,7 +357,12 @@ fn check_correlation_id(c: Option<String>) -> Result<Option<String>, ApiError> {
 /// `volume_size_gb`: an integer 1..=`MAX_VOLUME_GB`. A number with a zero fraction (`50.0`)
 /// is an integer, as JSON Schema counts them.
 fn check_size(v: Option<serde_json::Value>) -> Result<u64, ApiError> {
-    let v = v.ok_or_else(|| ApiError::bad_request("volume_size_gb is required"))?;
+    check_size_field("volume_size_gb", v)
+}
+
+/// A size in GiB named `field`: an integer 1..=`MAX_VOLUME_GB`.
+pub(crate) fn check_size_field(field: &str, v: Option<serde_json::Value>) -> Result<u64, ApiError> {
+    let v = v.ok_or_else(|| ApiError::bad_request(format!("{field} is required")))?;
     let integral = v.as_u64().or_else(|| {
         v.as_f64()
             .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < u64::MAX as f64)
@@ -366,10 +371,10 @@ fn check_size(v: Option<serde_json::Value>) -> Result<u64, ApiError> {
     match integral {
         Some(n) if (1..=MAX_VOLUME_GB).contains(&n) => Ok(n),
         Some(n) if n > MAX_VOLUME_GB => Err(ApiError::bad_request(format!(
-            "volume_size_gb {n} is larger than {MAX_VOLUME_GB}"
+            "{field} {n} is larger than {MAX_VOLUME_GB}"
         ))),
         _ => Err(ApiError::bad_request(format!(
-            "volume_size_gb must be an integer >= 1 (GiB), got {v}"
+            "{field} must be an integer >= 1 (GiB), got {v}"
         ))),
     }
 }
@@ -795,9 +800,9 @@ pub(crate) async fn volume_delete(
     let name = volume_name_in_path(&name, &state)?;
     let span =
         tracing::info_span!("delete_volume", otel.name = "DeleteVolume", volume_name = %name);
-    let deleted = state
+    let deletion = state
         .engine
-        .delete_volume(&name)
+        .delete_volume(&name, caller.origin())
         .instrument(span)
         .await
         .map_err(|e| match e {
@@ -805,18 +810,27 @@ pub(crate) async fn volume_delete(
             DeleteError::Blocked { .. } | DeleteError::Volume(VolumeError::Conflict(_)) => {
                 ApiError::conflict(Reason::VolumeBlocked, e.to_string())
             }
+            DeleteError::Submit(e) => submit_error(e),
             DeleteError::Volume(_) | DeleteError::Task(_) => ApiError::internal(e.to_string()),
         })?;
-    if deleted {
-        tracing::info!(volume = %name, requested_by = caller.identity().unwrap_or(""), "volume deleted");
+    match deletion {
+        Deletion::Done(existed) => {
+            if existed {
+                tracing::info!(volume = %name, requested_by = caller.identity().unwrap_or(""), "volume deleted");
+            }
+            Ok(json_reply(
+                &VolumeDeleted {
+                    status: "deleted",
+                    volume: name,
+                },
+                StatusCode::OK,
+            ))
+        }
+        Deletion::Queued(job) => {
+            tracing::info!(volume = %name, job_id = %job.id, requested_by = caller.identity().unwrap_or(""), "volume wipe job accepted");
+            Ok(accepted(&Submitted::New(*job), StateNames::Ours))
+        }
     }
-    Ok(json_reply(
-        &VolumeDeleted {
-            status: "deleted",
-            volume: name,
-        },
-        StatusCode::OK,
-    ))
 }
 
 /// `GET /api/v1/config`: the effective configuration (secrets redacted), the last reload and

@@ -55,7 +55,7 @@ pub enum ClientCommand {
     /// The image cache: list, prefetch, delete.
     #[command(subcommand)]
     Cache(CacheCommand),
-    /// Volumes: delete, upload small content (cloud-init seeds).
+    /// Volumes: delete, grow, upload small content (cloud-init seeds).
     #[command(subcommand)]
     Volume(VolumeCommand),
     /// Images: check one before provisioning from it.
@@ -165,6 +165,13 @@ pub enum VolumeCommand {
     Delete { name: String },
     /// Write a small file (a cloud-init seed image) into a new volume.
     Upload { name: String, file: PathBuf },
+    /// Grow a volume (a running VM using it is told the new size; volumes never shrink).
+    Resize {
+        name: String,
+        /// The new size in GiB (at least the current size).
+        #[arg(long)]
+        size_gb: u64,
+    },
 }
 
 /// `image ...`.

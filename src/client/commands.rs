@@ -88,18 +88,7 @@ async fn dispatch(api: &Api, json: bool, command: ClientCommand) -> Result<u8, C
             Ok(exit::OK)
         }
         ClientCommand::Cache(c) => cache(api, json, c).await,
-        ClientCommand::Volume(VolumeCommand::Delete { name }) => {
-            let body = api
-                .delete(&format!("/api/v1/volumes/{}", path_part(&name)))
-                .await?;
-            print_value(json, &body, |b| {
-                format!("volume {} deleted", field(&b["volume"], &name))
-            });
-            Ok(exit::OK)
-        }
-        ClientCommand::Volume(VolumeCommand::Upload { name, file }) => {
-            upload(api, json, &name, &file).await
-        }
+        ClientCommand::Volume(v) => volume(api, json, v).await,
         ClientCommand::Image(ImageCommand::Inspect {
             image_url,
             image_type,
@@ -122,6 +111,46 @@ async fn dispatch(api: &Api, json: bool, command: ClientCommand) -> Result<u8, C
             });
             Ok(exit::OK)
         }
+    }
+}
+
+/// `volume ...`: delete (maybe through a wipe job), grow, upload.
+async fn volume(api: &Api, json: bool, command: VolumeCommand) -> Result<u8, ClientError> {
+    match command {
+        VolumeCommand::Delete { name } => {
+            let body = api
+                .delete(&format!("/api/v1/volumes/{}", path_part(&name)))
+                .await?;
+            print_value(json, &body, |b| match b["job_id"].as_str() {
+                Some(id) => format!(
+                    "volume {name}: wiped and removed by job {id} (follow it: job watch {id})"
+                ),
+                None => format!("volume {} deleted", field(&b["volume"], &name)),
+            });
+            Ok(exit::OK)
+        }
+        VolumeCommand::Resize { name, size_gb } => {
+            let (_, body) = api
+                .post(
+                    &format!("/api/v1/volumes/{}/resize", path_part(&name)),
+                    &json!({ "size_gb": size_gb }),
+                    None,
+                )
+                .await?;
+            print_value(json, &body, |b| {
+                let live = match b["domain"].as_str() {
+                    Some(d) => format!(" (running domain {} told)", crate::text::escape(d)),
+                    None => String::new(),
+                };
+                format!(
+                    "volume {}: {} bytes{live}",
+                    field(&b["volume"], &name),
+                    b["size_bytes"]
+                )
+            });
+            Ok(exit::OK)
+        }
+        VolumeCommand::Upload { name, file } => upload(api, json, &name, &file).await,
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod daemon;
 pub mod images;
+pub mod libvirt;
 pub mod metrics;
 pub mod pki;
 pub mod proxies;
