@@ -9,5 +9,6 @@ pub(crate) mod preflight;
 mod remote;
 pub(crate) mod settings;
 pub(crate) mod source;
+pub(crate) mod verify;
 
 pub use format::ImageType;
