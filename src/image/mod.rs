@@ -7,6 +7,7 @@ mod format;
 pub mod inspect;
 pub(crate) mod preflight;
 mod remote;
+pub(crate) mod resolved;
 pub(crate) mod settings;
 pub(crate) mod source;
 pub(crate) mod verify;

@@ -131,9 +131,16 @@ mod tests {
 
     #[test]
     fn gnu_text_and_binary_entries() {
-        let m = format!("{A} *noble-server-cloudimg-amd64.img\n{B}  noble-server-cloudimg-arm64.img\n");
-        assert_eq!(find(&m, "noble-server-cloudimg-amd64.img").unwrap(), sha256(A));
-        assert_eq!(find(&m, "noble-server-cloudimg-arm64.img").unwrap(), sha256(B));
+        let m =
+            format!("{A} *noble-server-cloudimg-amd64.img\n{B}  noble-server-cloudimg-arm64.img\n");
+        assert_eq!(
+            find(&m, "noble-server-cloudimg-amd64.img").unwrap(),
+            sha256(A)
+        );
+        assert_eq!(
+            find(&m, "noble-server-cloudimg-arm64.img").unwrap(),
+            sha256(B)
+        );
         assert_eq!(
             find(&m, "noble-server-cloudimg-amd64"),
             Err(ManifestError::NoEntry("noble-server-cloudimg-amd64".into()))
@@ -176,7 +183,10 @@ mod tests {
     #[test]
     fn sidecars() {
         assert_eq!(sidecar(A.as_bytes()).unwrap(), sha256(A));
-        assert_eq!(sidecar(format!("{A}  x.img\n").as_bytes()).unwrap(), sha256(A));
+        assert_eq!(
+            sidecar(format!("{A}  x.img\n").as_bytes()).unwrap(),
+            sha256(A)
+        );
         assert_eq!(sidecar(b"xyz"), Err(ManifestError::BadSidecar));
         assert_eq!(sidecar(b""), Err(ManifestError::BadSidecar));
     }

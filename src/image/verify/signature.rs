@@ -11,8 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use pgp::composed::{
-    CleartextSignedMessage, Deserializable, DetachedSignature, SignedPublicKey,
-    SignedPublicSubKey,
+    CleartextSignedMessage, Deserializable, DetachedSignature, SignedPublicKey, SignedPublicSubKey,
 };
 use pgp::crypto::hash::HashAlgorithm;
 use pgp::packet::{Signature, SignatureType};
@@ -148,7 +147,12 @@ impl Keyring {
     }
 
     /// One signature over `data`, against every certificate it may come from.
-    fn check(&self, sig: &Signature, data: &[u8], now: SystemTime) -> Result<String, SignatureError> {
+    fn check(
+        &self,
+        sig: &Signature,
+        data: &[u8],
+        now: SystemTime,
+    ) -> Result<String, SignatureError> {
         let strong = matches!(
             sig.hash_alg(),
             Some(
@@ -230,7 +234,10 @@ fn names(sig: &Signature, key: &impl KeyDetails) -> bool {
     sig.issuer_fingerprint()
         .iter()
         .any(|fp| **fp == key.fingerprint())
-        || sig.issuer_key_id().iter().any(|id| **id == key.legacy_key_id())
+        || sig
+            .issuer_key_id()
+            .iter()
+            .any(|id| **id == key.legacy_key_id())
 }
 
 /// The certificate is not revoked and, by its newest valid self-signature, not expired.
@@ -309,8 +316,8 @@ fn subkey_valid(
 
 /// Whether `now` is past `start + secs`.
 fn after(start: Timestamp, secs: u32, now: SystemTime) -> bool {
-    let end = SystemTime::UNIX_EPOCH
-        + Duration::from_secs(u64::from(start.as_secs()) + u64::from(secs));
+    let end =
+        SystemTime::UNIX_EPOCH + Duration::from_secs(u64::from(start.as_secs()) + u64::from(secs));
     now > end
 }
 
@@ -346,11 +353,22 @@ mod tests {
             let out = Command::new("gpg")
                 .arg("--homedir")
                 .arg(self.0.path())
-                .args(["--batch", "--yes", "--pinentry-mode", "loopback", "--passphrase", ""])
+                .args([
+                    "--batch",
+                    "--yes",
+                    "--pinentry-mode",
+                    "loopback",
+                    "--passphrase",
+                    "",
+                ])
                 .args(args)
                 .output()
                 .expect("gpg runs");
-            assert!(out.status.success(), "gpg {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "gpg {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             out.stdout
         }
 
@@ -362,7 +380,8 @@ mod tests {
             }
             args.extend(["--quick-gen-key", uid, algo, "sign", expire]);
             self.run(&args);
-            let listing = String::from_utf8(self.run(&["--with-colons", "--list-keys", uid])).unwrap();
+            let listing =
+                String::from_utf8(self.run(&["--with-colons", "--list-keys", uid])).unwrap();
             listing
                 .lines()
                 .find_map(|l| l.strip_prefix("fpr:"))
@@ -391,7 +410,8 @@ mod tests {
         }
     }
 
-    const SUMS: &[u8] = b"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa  disk.img\n";
+    const SUMS: &[u8] =
+        b"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa  disk.img\n";
 
     #[test]
     fn detached_and_clearsigned_manifests() {
@@ -418,7 +438,10 @@ mod tests {
         assert!(text.starts_with("aaaa"), "{text}");
         // A changed signed line fails; lines added after the signature make it unreadable.
         let changed = clear.replacen("aaaa", "abaa", 1);
-        assert!(matches!(ring.verify_clearsigned(&changed, now), Err(SignatureError::Bad(_))));
+        assert!(matches!(
+            ring.verify_clearsigned(&changed, now),
+            Err(SignatureError::Bad(_))
+        ));
         assert_eq!(clearsigned_text(&clear).unwrap(), text);
         assert!(clearsigned_text(&format!("{clear}\nbbbb  disk.img\n")).is_err());
     }
@@ -438,7 +461,12 @@ mod tests {
         // A key made in 2020 that expired a day later; it signed while it was valid.
         let old = gpg.key("old@example.com", "ed25519", "1d", Some("20200101T000000"));
         let old_ring = Keyring::load(&gpg.keyring("old@example.com")).unwrap();
-        let sig = gpg.sign("old@example.com", "--detach-sign", SUMS, Some("20200101T120000"));
+        let sig = gpg.sign(
+            "old@example.com",
+            "--detach-sign",
+            SUMS,
+            Some("20200101T120000"),
+        );
         assert_eq!(
             old_ring.verify_detached(SUMS, &sig, now),
             Err(SignatureError::ExpiredKey(old.clone()))
