@@ -763,6 +763,7 @@ pub(crate) async fn cache_list(
             size: e.size,
             checksum: e.sha256.clone(),
             checksum_verified: e.verified,
+            verified: e.verification.clone(),
             image_url: e.image_url.clone(),
             format: e.inspection.format,
             virtual_size: e.inspection.virtual_size,

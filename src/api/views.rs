@@ -185,8 +185,11 @@ pub(crate) struct CacheImage {
     pub(crate) size: u64,
     /// SHA-256 of the content.
     pub(crate) checksum: String,
-    /// Whether the checksum was checked against a published `.sha256`.
+    /// Whether the download was checked against a digest (given, a manifest, a `.sha256`).
     pub(crate) checksum_verified: bool,
+    /// What it was checked against, and who signed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) verified: Option<crate::image::verify::Verified>,
     pub(crate) image_url: String,
     pub(crate) format: ImageType,
     pub(crate) virtual_size: u64,

@@ -314,6 +314,21 @@ impl Source {
     }
 }
 
+impl Source {
+    /// What a cache hit `accepts` let through was checked against, as this request asked:
+    /// the request's own digest, else what the entry records.
+    pub(crate) fn reported(&self, recorded: Option<&Verified>) -> Option<Verified> {
+        match &self.checksum {
+            ChecksumOrigin::Given(d) => Some(Verified {
+                digest: d.to_string(),
+                signed_by: None,
+                manifest: None,
+            }),
+            _ => recorded.cloned(),
+        }
+    }
+}
+
 /// A small file, `None` when it does not exist.
 async fn fetch(
     object: &RemoteObject,

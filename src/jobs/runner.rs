@@ -138,7 +138,7 @@ async fn fetch(
     span.record("bytes", image.entry.size);
     h.job.cache_hit = image.hit;
     h.job.image_format = Some(image.entry.inspection.format);
-    h.job.verified = image.entry.verification.clone();
+    h.job.verified = image.verified.clone();
     h.job.cache_revalidation = image.hit.then(|| image.revalidation.as_str().to_string());
     if !image.hit {
         h.record_stage(

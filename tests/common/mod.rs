@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod gpg;
 pub mod images;
 pub mod metrics;
 pub mod pki;
@@ -13,4 +14,4 @@ pub mod vm;
 
 // Not every binary uses every file.
 #[allow(unused_imports)]
-pub use {daemon::*, images::*, metrics::*, pki::*, proxies::*, servers::*, vm::*};
+pub use {daemon::*, gpg::*, images::*, metrics::*, pki::*, proxies::*, servers::*, vm::*};

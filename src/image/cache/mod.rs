@@ -260,6 +260,8 @@ pub(crate) struct CachedImage {
     pub(crate) hit: bool,
     /// How a hit was confirmed (`NotNeeded` for a download).
     pub(crate) revalidation: Revalidation,
+    /// What this fetch checked the image against (none: nothing named a checksum).
+    pub(crate) verified: Option<Verified>,
     _use: InUse,
 }
 
@@ -549,6 +551,7 @@ impl ImageCache {
         put_entry(&self.index, &entry)?;
         Ok(Some(CachedImage {
             path: self.path_of(&entry.key),
+            verified: source.reported(entry.verification.as_ref()),
             entry,
             hit: true,
             revalidation,
@@ -613,6 +616,7 @@ impl ImageCache {
             put_entry(&self.index, &entry)?;
             return Ok(CachedImage {
                 path: self.path_of(&key),
+                verified: remote.expected.map(|e| e.verified),
                 entry,
                 hit: true,
                 revalidation: Revalidation::Revalidated,
@@ -644,6 +648,7 @@ impl ImageCache {
         self.evict(None);
         Ok(CachedImage {
             path: self.path_of(&key),
+            verified: entry.verification.clone(),
             entry,
             hit: false,
             revalidation: Revalidation::NotNeeded,
