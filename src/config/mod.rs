@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 pub(crate) use access::{AuthSettings, ClientAuthMode, TlsSettings};
 pub use error::SettingError;
-pub(crate) use images::{CacheSettings, S3Settings, SourcesSettings, TrustSettings};
+pub(crate) use images::{CacheSettings, S3Settings, SourcesSettings};
 pub(crate) use jobs::{JobsSettings, StorageSettings};
 pub use load::{ConfigError, ConfigSource, Profile, load, redacted_toml};
 pub(crate) use load::{redact_url, resolve_credential, without_userinfo};

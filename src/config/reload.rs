@@ -420,7 +420,7 @@ mod tests {
 
     #[test]
     fn trust_rules_apply_live_as_one_array() {
-        use crate::config::TrustSettings;
+        use crate::config::images::TrustSettings;
         let rule = |host: &str, required| TrustSettings {
             hosts: vec![host.into()],
             keyring: format!("/etc/{host}.gpg").into(),
