@@ -97,4 +97,10 @@ pub(crate) struct InspectBody {
     /// `qcow2` (default) or `raw`: what a job would declare.
     #[schema(value_type = Option<crate::image::ImageType>)]
     pub(crate) image_type: Option<String>,
+    /// As for `POST /api/v1/jobs`: the answer's `verified` names the digest a job would check.
+    #[schema(pattern = r"^(?i:sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")]
+    pub(crate) checksum: Option<String>,
+    /// As for `POST /api/v1/jobs`: the manifest (and its signature) is fetched and checked.
+    #[schema(min_length = 1, max_length = 4096)]
+    pub(crate) checksum_url: Option<String>,
 }
