@@ -45,7 +45,7 @@ pub(crate) struct ProvisionBody {
     pub(crate) correlation_id: Option<String>,
     /// The digest the image as downloaded must match: `sha256:<64 hex>` or `sha512:<128 hex>`
     /// (a mismatch fails the job; nothing is cached). Not with `checksum_url`.
-    #[schema(pattern = r"^(?i:sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")]
+    #[schema(pattern = r"^(?:[sS][hH][aA]256:[0-9a-fA-F]{64}|[sS][hH][aA]512:[0-9a-fA-F]{128})$")]
     pub(crate) checksum: Option<String>,
     /// A checksum manifest (GNU `sha256sum`/`sha512sum` or BSD format, optionally OpenPGP
     /// signed) on an allowed source, listing the image by its file name; at most 4096
@@ -75,7 +75,7 @@ pub(crate) struct CacheFetchBody {
     pub(crate) correlation_id: Option<String>,
     /// The digest the image as downloaded must match: `sha256:<64 hex>` or `sha512:<128 hex>`
     /// (a mismatch fails the job; nothing is cached). Not with `checksum_url`.
-    #[schema(pattern = r"^(?i:sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")]
+    #[schema(pattern = r"^(?:[sS][hH][aA]256:[0-9a-fA-F]{64}|[sS][hH][aA]512:[0-9a-fA-F]{128})$")]
     pub(crate) checksum: Option<String>,
     /// A checksum manifest (GNU `sha256sum`/`sha512sum` or BSD format, optionally OpenPGP
     /// signed) on an allowed source, listing the image by its file name; at most 4096
@@ -98,7 +98,7 @@ pub(crate) struct InspectBody {
     #[schema(value_type = Option<crate::image::ImageType>)]
     pub(crate) image_type: Option<String>,
     /// As for `POST /api/v1/jobs`: the answer's `verified` names the digest a job would check.
-    #[schema(pattern = r"^(?i:sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")]
+    #[schema(pattern = r"^(?:[sS][hH][aA]256:[0-9a-fA-F]{64}|[sS][hH][aA]512:[0-9a-fA-F]{128})$")]
     pub(crate) checksum: Option<String>,
     /// As for `POST /api/v1/jobs`: the manifest (and its signature) is fetched and checked.
     #[schema(min_length = 1, max_length = 4096)]
