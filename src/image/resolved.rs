@@ -343,3 +343,75 @@ async fn fetch(
             error,
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+
+    fn clients_and_policy() -> (SourceClients, SourcePolicy) {
+        let mut s = Settings::default();
+        s.sources.allowed_hosts = vec!["images.example.com".into()];
+        let policy = s.source_policy();
+        let clients = SourceClients::new(&s.s3_access(), &policy, Default::default()).unwrap();
+        (clients, policy)
+    }
+
+    fn request<'a>(checksum: Option<&'a str>, checksum_url: Option<&'a str>) -> SourceRequest<'a> {
+        SourceRequest {
+            image_url: "https://images.example.com/rel/disk%20one.qcow2",
+            checksum,
+            checksum_url,
+        }
+    }
+
+    #[test]
+    fn a_request_resolves_once_into_its_checksum_origin() {
+        let (clients, policy) = clients_and_policy();
+        let source = resolve(&clients, &request(None, None), &policy).unwrap();
+        assert_eq!(source.location.file_name(), "disk one.qcow2");
+        assert!(matches!(&source.checksum, ChecksumOrigin::Sidecar(p)
+            if p.shown == "https://images.example.com/rel/disk%20one.qcow2.sha256"));
+        let url = "https://images.example.com/rel/SHA256SUMS";
+        let source = resolve(&clients, &request(None, Some(url)), &policy).unwrap();
+        let ChecksumOrigin::Manifest(p) = &source.checksum else {
+            panic!("a manifest");
+        };
+        let names: Vec<&str> = p.signatures.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names[0], "https://images.example.com/rel/SHA256SUMS.gpg");
+        assert_eq!(names.len(), SIGNATURE_SUFFIXES.len());
+        for (checksum, checksum_url) in [
+            (Some("sha256:00"), None),
+            (Some(&*format!("sha256:{}", "a".repeat(64))), Some(url)),
+            (None, Some("https://elsewhere.example.com/SHA256SUMS")),
+        ] {
+            assert!(matches!(
+                resolve(&clients, &request(checksum, checksum_url), &policy),
+                Err(RequestError::Invalid(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn a_hit_must_have_been_checked_as_the_request_asks() {
+        let (clients, policy) = clients_and_policy();
+        let sum = "b".repeat(64);
+        let given = format!("sha256:{sum}");
+        let source = resolve(&clients, &request(Some(&given), None), &policy).unwrap();
+        assert!(source.accepts(&sum, None), "the digest of the bytes held");
+        assert!(!source.accepts(&"c".repeat(64), None));
+        let url = "https://images.example.com/rel/SHA256SUMS";
+        let source = resolve(&clients, &request(None, Some(url)), &policy).unwrap();
+        let from = |manifest: &str| Verified {
+            digest: given.clone(),
+            signed_by: None,
+            manifest: Some(manifest.into()),
+        };
+        assert!(source.accepts(&sum, Some(&from(url))));
+        assert!(!source.accepts(&sum, Some(&from("https://images.example.com/CHECKSUM"))));
+        assert!(
+            !source.accepts(&sum, None),
+            "never checked against the manifest"
+        );
+    }
+}
