@@ -203,6 +203,7 @@ impl config::reload::LiveTarget for LiveComponents {
         };
         let policy = Authenticator::prepare(new)?;
         let filter = telemetry::logs::LogControl::prepare(&new.log.level)?;
+        let trust = image::verify::trust::Trust::load(&new.trust_policies())?;
 
         if let (Some(transport), Some(config)) = (&self.tls, tls) {
             transport.install(config);
@@ -218,7 +219,7 @@ impl config::reload::LiveTarget for LiveComponents {
             new.jobs.timeout,
         );
         self.cache.set_limits(&new.cache_config());
-        self.sources.apply(&new.source_policy());
+        self.sources.apply(&new.source_policy(), trust);
         Ok(())
     }
 }
@@ -324,6 +325,8 @@ fn open_images(
     let sources = Arc::new(SourceClients::new(
         &settings.s3_access(),
         &settings.source_policy(),
+        image::verify::trust::Trust::load(&settings.trust_policies())
+            .map_err(anyhow::Error::msg)?,
     )?);
     let cache = Arc::new(
         ImageCache::open(

@@ -43,6 +43,15 @@ pub(crate) struct ProvisionBody {
         pattern = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$"
     )]
     pub(crate) correlation_id: Option<String>,
+    /// The digest the image as downloaded must match: `sha256:<64 hex>` or `sha512:<128 hex>`
+    /// (a mismatch fails the job; nothing is cached). Not with `checksum_url`.
+    #[schema(pattern = r"^(?:[sS][hH][aA]256:[0-9a-fA-F]{64}|[sS][hH][aA]512:[0-9a-fA-F]{128})$")]
+    pub(crate) checksum: Option<String>,
+    /// A checksum manifest (GNU `sha256sum`/`sha512sum` or BSD format, optionally OpenPGP
+    /// signed) on an allowed source, listing the image by its file name; at most 4096
+    /// characters. Not with `checksum`.
+    #[schema(min_length = 1, max_length = 4096)]
+    pub(crate) checksum_url: Option<String>,
 }
 
 /// `POST /api/v1/cache/fetch`: an image to download into the cache only.
@@ -64,6 +73,15 @@ pub(crate) struct CacheFetchBody {
         pattern = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$"
     )]
     pub(crate) correlation_id: Option<String>,
+    /// The digest the image as downloaded must match: `sha256:<64 hex>` or `sha512:<128 hex>`
+    /// (a mismatch fails the job; nothing is cached). Not with `checksum_url`.
+    #[schema(pattern = r"^(?:[sS][hH][aA]256:[0-9a-fA-F]{64}|[sS][hH][aA]512:[0-9a-fA-F]{128})$")]
+    pub(crate) checksum: Option<String>,
+    /// A checksum manifest (GNU `sha256sum`/`sha512sum` or BSD format, optionally OpenPGP
+    /// signed) on an allowed source, listing the image by its file name; at most 4096
+    /// characters. Not with `checksum`.
+    #[schema(min_length = 1, max_length = 4096)]
+    pub(crate) checksum_url: Option<String>,
 }
 
 /// `POST /api/v1/images/inspect`: the image a job would fetch.
@@ -79,6 +97,12 @@ pub(crate) struct InspectBody {
     /// `qcow2` (default) or `raw`: what a job would declare.
     #[schema(value_type = Option<crate::image::DeclaredImageType>)]
     pub(crate) image_type: Option<String>,
+    /// As for `POST /api/v1/jobs`: the answer's `verified` names the digest a job would check.
+    #[schema(pattern = r"^(?:[sS][hH][aA]256:[0-9a-fA-F]{64}|[sS][hH][aA]512:[0-9a-fA-F]{128})$")]
+    pub(crate) checksum: Option<String>,
+    /// As for `POST /api/v1/jobs`: the manifest (and its signature) is fetched and checked.
+    #[schema(min_length = 1, max_length = 4096)]
+    pub(crate) checksum_url: Option<String>,
 }
 
 /// `POST /api/v1/volumes/{name}/resize`: the new size; volumes only grow.

@@ -24,7 +24,7 @@ use super::views::{
     rfc3339,
 };
 use crate::image::ImageType;
-use crate::image::source;
+use crate::image::resolved::{self, RequestError, SourceRequest};
 use crate::jobs::delete::{DeleteError, Deletion};
 use crate::jobs::engine::{CancelError, Submission, SubmitError, Submitted};
 use crate::jobs::idempotency::{self, IdempotencyKey};
@@ -311,11 +311,51 @@ pub(crate) fn check_image_url_text(url: Option<String>) -> Result<String, ApiErr
     Ok(url)
 }
 
-fn check_image_url(url: Option<String>, state: &ApiState) -> Result<String, ApiError> {
-    let url = check_image_url_text(url)?;
-    source::resolve(&url, &state.settings.current().source_policy())
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    Ok(url)
+/// The image a job names and how it is checked: `image_url`, `checksum`, `checksum_url`.
+struct ImageRequest {
+    image_url: String,
+    checksum: Option<String>,
+    checksum_url: Option<String>,
+}
+
+/// Checks the image, its checksum and manifest against the settings as a job will resolve
+/// them (allow-lists, digest syntax, a host's signature requirement).
+fn check_image_request(
+    image_url: Option<String>,
+    checksum: Option<String>,
+    checksum_url: Option<String>,
+    state: &ApiState,
+) -> Result<ImageRequest, ApiError> {
+    let image_url = check_image_url_text(image_url)?;
+    let checksum_url = match checksum_url {
+        None => None,
+        Some(u) => Some(check_image_url_text(Some(u)).map_err(|_| {
+            ApiError::bad_request(format!(
+                "checksum_url must be a URL of at most {MAX_URL_LEN} characters"
+            ))
+        })?),
+    };
+    let request = SourceRequest {
+        image_url: &image_url,
+        checksum: checksum.as_deref(),
+        checksum_url: checksum_url.as_deref(),
+    };
+    resolved::resolve(
+        &state.sources,
+        &request,
+        &state.settings.current().source_policy(),
+    )
+    .map_err(|e| match e {
+        RequestError::Invalid(e) => ApiError::bad_request(e.to_string()),
+        RequestError::SignatureRequired(m) => {
+            ApiError::new(StatusCode::BAD_REQUEST, Reason::SignatureRequired, m)
+        }
+    })?;
+    Ok(ImageRequest {
+        image_url,
+        checksum,
+        checksum_url,
+    })
 }
 
 /// The declared `image_type`: `qcow2` when none is named (provision jobs, preflight); `None`
@@ -467,7 +507,7 @@ pub(crate) async fn submit(
     let caller = caller?;
     let body = body?;
     let body: ProvisionBody = parse_body(body)?;
-    let image_url = check_image_url(body.image_url, &state)?;
+    let image = check_image_request(body.image_url, body.checksum, body.checksum_url, &state)?;
     let volume_name = body
         .volume_name
         .ok_or_else(|| ApiError::bad_request("volume_name is required"))?;
@@ -478,11 +518,13 @@ pub(crate) async fn submit(
     let image_type = check_image_type(body.image_type)?;
     let correlation_id = check_correlation_id(body.correlation_id)?;
     let spec = JobSpec {
-        image_url,
+        image_url: image.image_url,
         image_type,
         volume_name: Some(volume_name),
         volume_size_gb: Some(size),
         correlation_id,
+        checksum: image.checksum,
+        checksum_url: image.checksum_url,
     };
     let key = idempotency_key(&headers, &caller, JobKind::Provision, &spec)?;
     let submitted = state
@@ -518,15 +560,17 @@ pub(crate) async fn cache_fetch(
     let caller = caller?;
     let body = body?;
     let body: CacheFetchBody = parse_body(body)?;
-    let image_url = check_image_url(body.image_url, &state)?;
+    let image = check_image_request(body.image_url, body.checksum, body.checksum_url, &state)?;
     let image_type = check_declared_image_type(body.image_type)?;
     let correlation_id = check_correlation_id(body.correlation_id)?;
     let spec = JobSpec {
-        image_url,
+        image_url: image.image_url,
         image_type,
         volume_name: None,
         volume_size_gb: None,
         correlation_id,
+        checksum: image.checksum,
+        checksum_url: image.checksum_url,
     };
     let key = idempotency_key(&headers, &caller, JobKind::CacheFetch, &spec)?;
     let submitted = state
@@ -725,6 +769,7 @@ pub(crate) async fn cache_list(
             size: e.size,
             checksum: e.sha256.clone(),
             checksum_verified: e.verified,
+            verified: e.verification.clone(),
             image_url: e.image_url.clone(),
             format: e.inspection.format,
             virtual_size: e.inspection.virtual_size,

@@ -1020,6 +1020,30 @@ mod tests {
     }
 
     #[test]
+    fn verified_is_a_schema_of_the_document() {
+        let doc: serde_json::Value = serde_json::from_str(document()).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        assert!(
+            schemas["Verified"]["properties"]["signed_by"].is_object(),
+            "{}",
+            schemas["Verified"]
+        );
+        for owner in ["StatusResponse", "CacheImage", "Preflight"] {
+            let text = schemas[owner].to_string();
+            assert!(
+                text.contains("#/components/schemas/Verified"),
+                "{owner}: {text}"
+            );
+        }
+        for body in ["ProvisionBody", "CacheFetchBody", "InspectBody"] {
+            assert!(
+                schemas[body]["properties"]["checksum_url"].is_object(),
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
     fn every_reason_is_in_the_document_and_in_docs_api_md() {
         let doc: serde_json::Value = serde_json::from_str(document()).unwrap();
         let listed = doc["components"]["schemas"]["Reason"].to_string();

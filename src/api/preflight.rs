@@ -1,4 +1,5 @@
-//! `POST /api/v1/images/inspect {image_url, image_type?}`: would a job accept this image?
+//! `POST /api/v1/images/inspect {image_url, image_type?, checksum?, checksum_url?}`: would a
+//! job accept this image, and what would it check it against?
 //! Format, sizes, cache state and the verdict of the same allow-lists and inspector a job
 //! meets, without a job or a volume (`image/preflight.rs`). A request that is malformed gets
 //! 400; an image a job would refuse (outside the allow-lists, missing, hostile) gets 200 with
@@ -16,7 +17,7 @@ use super::handlers::{check_image_type, check_image_url_text, json_reply, parse_
 use super::state::ApiState;
 use super::views::InspectResponse;
 use crate::image::preflight::{self, CacheState, Preflight};
-use crate::image::source;
+use crate::image::resolved::{self, SourceRequest};
 
 pub(crate) async fn inspect(
     caller: Result<Caller, ApiError>,
@@ -28,17 +29,24 @@ pub(crate) async fn inspect(
     let image_url = check_image_url_text(body.image_url)?;
     let requested = check_image_type(body.image_type)?;
     let settings = state.settings.current();
-    let verdict = match source::resolve(&image_url, &settings.source_policy()) {
-        Ok(location) => {
+    let request = SourceRequest {
+        image_url: &image_url,
+        checksum: body.checksum.as_deref(),
+        checksum_url: body.checksum_url.as_deref(),
+    };
+    let verdict = match resolved::resolve(&state.sources, &request, &settings.source_policy()) {
+        Ok(source) => {
             let stall = settings.sources.stall_timeout;
-            preflight::inspect(&preflight::Query {
+            let mut verdict = preflight::inspect(&preflight::Query {
                 sources: &state.sources,
                 cache: &state.cache,
-                location: &location,
+                location: &source.location,
                 requested,
                 stall,
             })
-            .await
+            .await;
+            preflight::verify(&source, stall, &mut verdict).await;
+            verdict
         }
         Err(refused) => Preflight::refused(refused.to_string(), CacheState::Absent, None),
     };

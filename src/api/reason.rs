@@ -85,8 +85,13 @@ reasons! {
     IdempotencyKeyInFlight = "idempotency_key_in_flight",
     /// The `Idempotency-Key` was used for a different request (422).
     IdempotencyKeyReused = "idempotency_key_reused",
-    /// An upload's content does not match `X-Content-SHA256` (422).
+    /// An upload's content does not match `X-Content-SHA256` (422); a job's image does not
+    /// match its checksum.
     ChecksumMismatch = "checksum_mismatch",
+    /// The image's host requires a signed checksum manifest (`sources.trust`
+    /// `require_signature`) and the request gave its own `checksum` (400); a job's image
+    /// without a valid signature fails with this reason.
+    SignatureRequired = "signature_required",
     /// The job queue is full (429, with `Retry-After`).
     QueueFull = "queue_full",
     /// Too many progress streams are open (429, with `Retry-After`).

@@ -85,6 +85,14 @@ pub(crate) struct StatusResponse {
     /// `image_type` differs fails (`image_type is qcow2 but the image is raw`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) image_format: Option<ImageType>,
+    /// What the image was checked against (`digest`, `signed_by` when a signed manifest
+    /// named it, `manifest`), once it is in the cache; absent when nothing named a checksum.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) verified: Option<crate::image::verify::Verified>,
+    /// The stable code of a failed job's error, where it has one: `checksum_mismatch`,
+    /// `checksum_unavailable`, `signature_required`, `signature_invalid`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) volume_name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -177,8 +185,11 @@ pub(crate) struct CacheImage {
     pub(crate) size: u64,
     /// SHA-256 of the content.
     pub(crate) checksum: String,
-    /// Whether the checksum was checked against a published `.sha256`.
+    /// Whether the download was checked against a digest (given, a manifest, a `.sha256`).
     pub(crate) checksum_verified: bool,
+    /// What it was checked against, and who signed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) verified: Option<crate::image::verify::Verified>,
     pub(crate) image_url: String,
     pub(crate) format: ImageType,
     pub(crate) virtual_size: u64,
@@ -309,6 +320,8 @@ impl StatusResponse {
             image_url: job.spec.image_url.clone(),
             image_type: job.spec.image_type.or(job.image_format),
             image_format: job.image_format,
+            verified: job.verified.clone(),
+            reason: job.reason.clone(),
             volume_name: job.spec.volume_name.clone(),
             volume_size_gb: job.spec.volume_size_gb,
             image_path: (job.status == JobStatus::Completed)

@@ -96,6 +96,12 @@ pub struct ProvisionArgs {
     /// Echoed in the job, its logs and traces.
     #[arg(long)]
     pub correlation_id: Option<String>,
+    /// Digest the image must match: `sha256:<hex>` or `sha512:<hex>`.
+    #[arg(long, conflicts_with = "checksum_url")]
+    pub checksum: Option<String>,
+    /// Checksum manifest (SHA256SUMS, SHA512SUMS, CHECKSUM; signed or not) listing the image.
+    #[arg(long)]
+    pub checksum_url: Option<String>,
     /// Idempotency-Key to send (default: a new random one; pass the same key when retrying
     /// the same request from a script to get the job it already made).
     #[arg(long)]

@@ -197,6 +197,12 @@ async fn provision(api: &Api, json: bool, args: ProvisionArgs) -> Result<u8, Cli
     if let Some(c) = args.correlation_id {
         body["correlation_id"] = json!(c);
     }
+    if let Some(c) = args.checksum {
+        body["checksum"] = json!(c);
+    }
+    if let Some(u) = args.checksum_url {
+        body["checksum_url"] = json!(u);
+    }
     let key = idempotency_key(args.idempotency_key);
     submit(api, json, "/api/v1/jobs", &body, &key, args.wait).await
 }
@@ -310,6 +316,7 @@ fn describe_job(j: &Value) -> String {
         ("volume:     ", "volume_name"),
         ("path:       ", "volume_path"),
         ("error:      ", "error"),
+        ("reason:     ", "reason"),
         ("correlation:", "correlation_id"),
         ("created:    ", "created_at"),
         ("finished:   ", "finished_at"),
@@ -317,6 +324,17 @@ fn describe_job(j: &Value) -> String {
         if let Some(v) = j[key].as_str() {
             lines.push(format!("{label} {}", crate::text::escape(v)));
         }
+    }
+    if let Some(d) = j["verified"]["digest"].as_str() {
+        let by = j["verified"]["signed_by"]
+            .as_str()
+            .map(|f| format!(", signed by {f}"))
+            .unwrap_or_default();
+        lines.push(format!(
+            "verified:    {}{}",
+            crate::text::escape(d),
+            crate::text::escape(&by)
+        ));
     }
     lines.join("\n")
 }

@@ -48,6 +48,22 @@ pub(crate) struct SourcesSettings {
     pub(crate) stall_timeout: Duration,
     /// Bandwidth of all downloads together, bytes per second (`0`: unlimited).
     pub(crate) max_bytes_per_second: u64,
+    /// `[[sources.trust]]`: keyrings that sign the checksum manifests of hosts.
+    #[serde(default)]
+    pub(crate) trust: Vec<TrustSettings>,
+}
+
+/// One `[[sources.trust]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TrustSettings {
+    /// Image hosts this keyring vouches for (`host` or `host:port`, as `allowed_hosts`).
+    pub(crate) hosts: Vec<String>,
+    /// OpenPGP public keys (`gpg --export`, armored or binary) whose signatures count.
+    pub(crate) keyring: PathBuf,
+    /// Refuse images from these hosts without a valid signature (`signature_required`).
+    #[serde(default)]
+    pub(crate) require_signature: bool,
 }
 
 /// `[s3]`: the S3/MinIO source and its client.
@@ -115,6 +131,7 @@ impl SourcesSettings {
             parallel_parts: 8,
             stall_timeout: Duration::from_secs(30),
             max_bytes_per_second: 0,
+            trust: vec![],
         }
     }
 
@@ -140,14 +157,32 @@ impl SourcesSettings {
             || "must be 0 (unlimited) or at least 65536".into(),
         )?;
         for host in &self.allowed_hosts {
+            check_host(host, "sources.allowed_hosts")?;
+        }
+        for rule in &self.trust {
+            check(!rule.hosts.is_empty(), "sources.trust.hosts", || {
+                "must name at least one host".into()
+            })?;
+            for host in &rule.hosts {
+                check_host(host, "sources.trust.hosts")?;
+            }
             check(
-                !(host.is_empty() || host.contains('/') || host.contains(char::is_whitespace)),
-                "sources.allowed_hosts",
-                || format!("`{host}` is not a host name (write `host` or `host:port`)"),
+                !rule.keyring.as_os_str().is_empty(),
+                "sources.trust.keyring",
+                || "must name a keyring file".into(),
             )?;
         }
         Ok(())
     }
+}
+
+/// A host as `sources.allowed_hosts` and `sources.trust.hosts` take it.
+fn check_host(host: &str, key: &'static str) -> Result<(), SettingError> {
+    check(
+        !(host.is_empty() || host.contains('/') || host.contains(char::is_whitespace)),
+        key,
+        || format!("`{host}` is not a host name (write `host` or `host:port`)"),
+    )
 }
 
 impl Default for S3Settings {
@@ -212,6 +247,19 @@ impl super::Settings {
             allowed_hosts: self.sources.allowed_hosts.clone(),
             file_roots: self.sources.file_roots.clone(),
         }
+    }
+
+    /// Which keyrings vouch for which hosts (`[[sources.trust]]`), for `image::verify`.
+    pub(crate) fn trust_policies(&self) -> Vec<crate::image::settings::TrustPolicy> {
+        self.sources
+            .trust
+            .iter()
+            .map(|t| crate::image::settings::TrustPolicy {
+                hosts: t.hosts.clone(),
+                keyring: t.keyring.clone(),
+                require_signature: t.require_signature,
+            })
+            .collect()
     }
 
     /// How the S3 client reaches the endpoint (credential files resolved, the endpoint without

@@ -328,6 +328,10 @@ fn watched_files(config: &Path, s: &Settings) -> BTreeSet<PathBuf> {
             files.insert(absolute(&resolve_credential(f)));
         }
     }
+    // A replaced keyring takes effect like a changed config file.
+    for rule in &s.sources.trust {
+        files.insert(absolute(&rule.keyring));
+    }
     files
 }
 
@@ -412,6 +416,31 @@ mod tests {
         let (eff, pending) = split_changes(&a, &b).unwrap();
         assert!(pending.is_empty());
         assert_eq!(eff.tls.cert_file, "/c2.pem");
+    }
+
+    #[test]
+    fn trust_rules_apply_live_as_one_array() {
+        use crate::config::images::TrustSettings;
+        let rule = |host: &str, required| TrustSettings {
+            hosts: vec![host.into()],
+            keyring: format!("/etc/{host}.gpg").into(),
+            require_signature: required,
+        };
+        let mut old = Settings::default();
+        old.sources.trust = vec![rule("a.example", true), rule("b.example", false)];
+        // One rule removed from the front, another changed, one added; and a restart key.
+        let mut new = old.clone();
+        new.sources.trust = vec![rule("b.example", true), rule("c.example", false)];
+        new.cache.dir = "/elsewhere".into();
+        let (eff, pending) = split_changes(&old, &new).unwrap();
+        assert_eq!(pending, vec!["cache.dir"]);
+        assert_eq!(
+            eff.sources.trust, new.sources.trust,
+            "the whole array applies"
+        );
+        assert!(setting_keys(&new).contains(&"sources.trust".to_string()));
+        let files = watched_files(Path::new("/etc/lvp/config.toml"), &new);
+        assert!(files.contains(Path::new("/etc/c.example.gpg")), "{files:?}");
     }
 
     #[test]

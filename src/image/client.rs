@@ -38,6 +38,15 @@ impl AllowList {
         }
     }
 
+    /// A list of hosts alone (no S3 endpoint), matched as `sources.allowed_hosts` entries are
+    /// (`sources.trust[].hosts`).
+    pub(crate) fn of_hosts(hosts: &[String]) -> AllowList {
+        AllowList {
+            s3_endpoint: None,
+            hosts: hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        }
+    }
+
     /// Whether `host:port` is listed in `sources.allowed_hosts`.
     pub(crate) fn lists(&self, host: &str, port: u16) -> bool {
         self.hosts.iter().any(|entry| match entry.rsplit_once(':') {

@@ -7,7 +7,9 @@ mod format;
 pub mod inspect;
 pub(crate) mod preflight;
 mod remote;
+pub(crate) mod resolved;
 pub(crate) mod settings;
 pub(crate) mod source;
+pub(crate) mod verify;
 
 pub use format::{DeclaredImageType, ImageType};

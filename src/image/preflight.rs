@@ -62,6 +62,10 @@ pub(crate) struct Preflight {
     pub(crate) reason: Option<String>,
     /// Bytes of the image read from the source for this answer.
     pub(crate) bytes_read: u64,
+    /// The digest a job would check the image against, and who signed the manifest naming
+    /// it (the manifest and its signatures are fetched and checked; the image is not hashed).
+    /// Absent when nothing names a checksum, or the image was refused before.
+    pub(crate) verified: Option<super::verify::Verified>,
 }
 
 impl Preflight {
@@ -83,6 +87,7 @@ impl Preflight {
             accepted: false,
             reason: Some(reason),
             bytes_read: 0,
+            verified: None,
         }
     }
 }
@@ -211,6 +216,33 @@ async fn inspect_within(q: &Query<'_>) -> Preflight {
     }
 }
 
+/// The checks a job would make: the digest of its checksum origin, the manifest's signature;
+/// a verdict that was accepted is refused when they fail (within `stall` twice).
+pub(crate) async fn verify(
+    source: &super::resolved::Source,
+    stall: Duration,
+    verdict: &mut Preflight,
+) {
+    if !verdict.accepted {
+        return;
+    }
+    let overall = stall.saturating_mul(2);
+    match tokio::time::timeout(overall, source.expected()).await {
+        Ok(Ok(expected)) => verdict.verified = expected.map(|e| e.verified),
+        Ok(Err(e)) => {
+            verdict.accepted = false;
+            verdict.reason = Some(e.to_string());
+        }
+        Err(_) => {
+            verdict.accepted = false;
+            verdict.reason = Some(format!(
+                "cannot read the checksum manifest within {}s (twice sources.stall_timeout)",
+                overall.as_secs()
+            ));
+        }
+    }
+}
+
 /// The verdict a cache entry of this very version gives (nothing is read from the source).
 fn from_entry(entry: &super::cache::CacheEntry, requested: Option<ImageType>) -> Preflight {
     let found = entry.inspection;
@@ -244,6 +276,7 @@ fn described(found: &Inspection, size: u64) -> Preflight {
         accepted: true,
         reason: None,
         bytes_read: 0,
+        verified: None,
     }
 }
 

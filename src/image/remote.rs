@@ -1,6 +1,6 @@
 //! Requests to an image's source, answered in types: the object's size, ETag and range
-//! support (HEAD), a whole or ranged GET guarded by `If-Match`, and small reads (the `.sha256`
-//! beside an image). S3 requests are presigned with SigV4 by object_store and sent, like plain
+//! support (HEAD), a whole or ranged GET guarded by `If-Match`, and small reads (checksum
+//! manifests and signatures). S3 requests are presigned with SigV4 by object_store and sent, like plain
 //! HTTP(S), through the one client of `client.rs`; `file://` objects are read from disk. Every
 //! failure becomes a [`SourceError`] decided from the HTTP status or the transport error.
 
@@ -21,8 +21,6 @@ use super::client::{RedirectRefused, redirect_refused};
 
 /// How long a presigned S3 request stays valid (one request, sent right away).
 const PRESIGN_EXPIRY: Duration = Duration::from_secs(15 * 60);
-/// Largest `.sha256` (or other small object) read.
-const SMALL_OBJECT_LIMIT: usize = 64 << 10;
 
 /// Why a request to the source failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -285,12 +283,13 @@ impl RemoteObject {
         })
     }
 
-    /// A small object in full (at most 64 KiB), or `None` when it does not exist.
-    pub(crate) async fn get_small(&self) -> Result<Option<Bytes>, SourceError> {
+    /// A small object in full (at most `limit` bytes: a checksum manifest or a signature), or
+    /// `None` when it does not exist.
+    pub(crate) async fn get_small(&self, limit: usize) -> Result<Option<Bytes>, SourceError> {
         if let Target::File(path) = &self.target {
             // A local sidecar must be a regular file beside the image, not a symlink elsewhere.
             return match std::fs::symlink_metadata(path) {
-                Ok(m) if m.is_file() && m.len() as usize <= SMALL_OBJECT_LIMIT => {
+                Ok(m) if m.is_file() && m.len() as usize <= limit => {
                     let bytes = tokio::fs::read(path)
                         .await
                         .map_err(|e| SourceError::Io(format!("{}: {e}", path.display())))?;
@@ -304,20 +303,23 @@ impl RemoteObject {
             Err(SourceError::NotFound(_)) => return Ok(None),
             Err(e) => return Err(e),
         };
-        if reply.total as usize > SMALL_OBJECT_LIMIT {
+        if reply.total as usize > limit {
             return Err(SourceError::Refused {
                 status: 200,
-                message: format!("{} bytes, expected a checksum file", reply.total),
+                message: format!(
+                    "{} bytes, more than a checksum manifest or signature may have ({limit})",
+                    reply.total
+                ),
             });
         }
         let mut body = reply.body;
         let mut out = Vec::new();
         while let Some(chunk) = body.next().await {
             out.extend_from_slice(&chunk?);
-            if out.len() > SMALL_OBJECT_LIMIT {
+            if out.len() > limit {
                 return Err(SourceError::Refused {
                     status: 200,
-                    message: "longer than a checksum file".into(),
+                    message: format!("longer than a checksum manifest may be ({limit} bytes)"),
                 });
             }
         }

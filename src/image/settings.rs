@@ -1,5 +1,6 @@
 //! What the image side takes from the settings, as its own small types: which URLs are
-//! accepted (`SourcePolicy`), how to reach S3 (`S3Access`), and the cache's bounds and download
+//! accepted (`SourcePolicy`), which keyrings vouch for which hosts
+//! (`TrustPolicy`), how to reach S3 (`S3Access`), and the cache's bounds and download
 //! tuning (`CacheConfig`). The wiring builds them from the settings (`config/images.rs`); `image/`
 //! reads no settings type. A leaf of `image/`.
 
@@ -15,6 +16,17 @@ pub(crate) struct SourcePolicy {
     pub(crate) allowed_hosts: Vec<String>,
     /// `sources.file_roots`; empty: no `file://` URL.
     pub(crate) file_roots: Vec<PathBuf>,
+}
+
+/// One `[[sources.trust]]` entry: the keyring that vouches for images from `hosts`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct TrustPolicy {
+    /// `host` or `host:port`, as in `sources.allowed_hosts`.
+    pub(crate) hosts: Vec<String>,
+    /// OpenPGP public keys (`gpg --export`, armored or binary).
+    pub(crate) keyring: PathBuf,
+    /// Refuse images from these hosts that come without a valid signature.
+    pub(crate) require_signature: bool,
 }
 
 /// How the S3 client reaches the endpoint (`s3.*`).

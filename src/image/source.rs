@@ -16,6 +16,7 @@ use url::Url;
 use super::client::{self, AllowList, LiveAllowList, host_port};
 use super::remote::RemoteObject;
 use super::settings::{S3Access, SourcePolicy};
+use super::verify::trust::{Trust, TrustRule};
 
 /// Where an image comes from, after validation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,23 +39,53 @@ impl Location {
         }
     }
 
-    /// The location of the `.sha256` object beside this one.
-    pub(crate) fn checksum_location(&self) -> Location {
+    /// The object beside this one whose name adds `suffix` (`.sha256`, `.gpg`).
+    pub(crate) fn beside(&self, suffix: &str) -> Location {
         match self {
             Location::File(p) => {
                 let mut s = p.clone().into_os_string();
-                s.push(".sha256");
+                s.push(suffix);
                 Location::File(PathBuf::from(s))
             }
             Location::Http(u) => {
                 let mut u = u.clone();
-                u.set_path(&format!("{}.sha256", u.path()));
+                u.set_path(&format!("{}{suffix}", u.path()));
                 Location::Http(u)
             }
             Location::S3 { bucket, key } => Location::S3 {
                 bucket: bucket.clone(),
-                key: format!("{key}.sha256"),
+                key: format!("{key}{suffix}"),
             },
+        }
+    }
+
+    /// The object's file name (the last segment of its path or key, decoded), by which a
+    /// manifest lists it.
+    pub(crate) fn file_name(&self) -> String {
+        match self {
+            Location::File(p) => p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            Location::Http(u) => {
+                let last = u.path().rsplit('/').next().unwrap_or("");
+                percent_encoding::percent_decode_str(last)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            }
+            Location::S3 { key, .. } => key.rsplit('/').next().unwrap_or("").to_string(),
+        }
+    }
+
+    /// Host and port the object is fetched from (`None` for local files).
+    pub(crate) fn host(&self, policy: &SourcePolicy) -> Option<(String, u16)> {
+        match self {
+            Location::File(_) => None,
+            Location::Http(u) => host_port(u),
+            Location::S3 { .. } => Url::parse(&policy.s3_endpoint)
+                .ok()
+                .as_ref()
+                .and_then(host_port),
         }
     }
 }
@@ -229,6 +260,8 @@ pub(crate) struct SourceClients {
     allow: LiveAllowList,
     /// SigV4 signers by bucket.
     signers: Mutex<HashMap<String, Arc<AmazonS3>>>,
+    /// Keyrings by source host (`[[sources.trust]]`; replaced on reload).
+    trust: std::sync::RwLock<Arc<Trust>>,
 }
 
 /// Hands object_store our reqwest client, should it send anything itself (it only signs).
@@ -242,7 +275,11 @@ impl HttpConnector for Connector {
 }
 
 impl SourceClients {
-    pub(crate) fn new(s: &S3Access, policy: &SourcePolicy) -> anyhow::Result<SourceClients> {
+    pub(crate) fn new(
+        s: &S3Access,
+        policy: &SourcePolicy,
+        trust: Trust,
+    ) -> anyhow::Result<SourceClients> {
         let ca_pem = match &s.ca_file {
             None => None,
             Some(path) => Some(
@@ -273,12 +310,23 @@ impl SourceClients {
             http,
             allow,
             signers: Mutex::new(HashMap::new()),
+            trust: std::sync::RwLock::new(Arc::new(trust)),
         })
     }
 
-    /// Applies a reloaded policy: the hosts redirects may lead to.
-    pub(crate) fn apply(&self, policy: &SourcePolicy) {
+    /// Applies a reloaded policy: the hosts redirects may lead to, the keyrings (read by the
+    /// caller before anything is applied).
+    pub(crate) fn apply(&self, policy: &SourcePolicy, trust: Trust) {
         self.allow.set(AllowList::from_policy(policy));
+        *self.trust.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(trust);
+    }
+
+    /// The `[[sources.trust]]` rule for images from `host:port`, if any.
+    pub(crate) fn trust_for(&self, host: &str, port: u16) -> Option<Arc<TrustRule>> {
+        self.trust
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .for_host(host, port)
     }
 
     /// The bucket image URLs without one use (`s3.bucket`).

@@ -96,6 +96,8 @@ impl Engine {
             volume_name: Some(name.to_string()),
             volume_size_gb: None,
             correlation_id: None,
+            checksum: None,
+            checksum_url: None,
         };
         let submission = Submission {
             kind: JobKind::Wipe,
@@ -234,8 +236,14 @@ mod tests {
         settings.volumes.directory.path = dir.path().join("volumes");
         settings.sources.file_roots = vec![dir.path().to_path_buf()];
         let store = Store::open(&dir.path().join("state")).unwrap();
-        let sources =
-            Arc::new(SourceClients::new(&settings.s3_access(), &settings.source_policy()).unwrap());
+        let sources = Arc::new(
+            SourceClients::new(
+                &settings.s3_access(),
+                &settings.source_policy(),
+                Default::default(),
+            )
+            .unwrap(),
+        );
         let cache = ImageCache::open(
             &settings.cache.dir,
             store.tree("cache"),
@@ -279,6 +287,8 @@ mod tests {
             volume_name: Some("vm-1".into()),
             volume_size_gb: Some(1),
             correlation_id: None,
+            checksum: None,
+            checksum_url: None,
         };
         let refused = engine
             .submit(Submission {

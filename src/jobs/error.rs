@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::convert::ConvertError;
 use crate::image::cache::FetchError;
 use crate::image::inspect::InspectError;
+use crate::image::resolved::RequestError;
 use crate::image::source::InvalidSource;
 use crate::jobs::store::StoreError;
 use crate::volume::VolumeError;
@@ -21,6 +22,9 @@ pub(crate) enum JobError {
     /// The image URL is no longer accepted (settings changed since submission).
     #[error("{0}")]
     Source(#[from] InvalidSource),
+    /// The request and its checksum are no longer accepted (settings changed since submission).
+    #[error("{0}")]
+    Request(#[from] RequestError),
     #[error("{0}")]
     Fetch(#[from] FetchError),
     #[error("image rejected: {0}")]
@@ -74,6 +78,25 @@ pub(crate) enum JobError {
         error: Box<JobError>,
         rollback: VolumeError,
     },
+}
+
+impl JobError {
+    /// The stable code of the failure, where clients decide on it (the API's `reason` of a
+    /// failed job): a checksum that does not match, and missing or invalid signatures.
+    pub(crate) fn reason(&self) -> Option<&'static str> {
+        match self {
+            JobError::Fetch(e) => match e.kind() {
+                k @ ("checksum_mismatch"
+                | "checksum_unavailable"
+                | "signature_required"
+                | "signature_invalid") => Some(k),
+                _ => None,
+            },
+            JobError::Request(RequestError::SignatureRequired(_)) => Some("signature_required"),
+            JobError::RollbackFailed { error, .. } => error.reason(),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]

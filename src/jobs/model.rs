@@ -154,6 +154,13 @@ pub(crate) struct JobSpec {
     pub(crate) volume_name: Option<String>,
     pub(crate) volume_size_gb: Option<u64>,
     pub(crate) correlation_id: Option<String>,
+    /// The digest the image must match (`sha256:<hex>`, `sha512:<hex>`); absent from records
+    /// (and idempotency hashes) of requests without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) checksum: Option<String>,
+    /// A checksum manifest listing the image by its file name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) checksum_url: Option<String>,
 }
 
 /// Whether the job's volume existed before the job, so rollback never deletes what it did not make.
@@ -231,6 +238,13 @@ pub(crate) struct Job {
     /// of older versions: none).
     #[serde(default)]
     pub(crate) image_format: Option<ImageType>,
+    /// What the image was checked against, once it is in the cache (none: no checksum).
+    #[serde(default)]
+    pub(crate) verified: Option<crate::image::verify::Verified>,
+    /// The stable code of a failed job's error (`checksum_mismatch`, `signature_required`...),
+    /// when it has one.
+    #[serde(default)]
+    pub(crate) reason: Option<String>,
     pub(crate) volume_path: Option<String>,
     pub(crate) volume_ownership: VolumeOwnership,
     /// How the volume got its content, once the job chose (records of older versions: none).
@@ -272,6 +286,8 @@ impl Job {
             cache_revalidation: None,
             image_path: None,
             image_format: None,
+            verified: None,
+            reason: None,
             volume_path: None,
             volume_ownership: VolumeOwnership::None,
             method: None,
@@ -366,6 +382,8 @@ pub(crate) mod tests {
                 volume_name: Some("v".into()),
                 volume_size_gb: Some(1),
                 correlation_id: None,
+                checksum: None,
+                checksum_url: None,
             },
             Utc::now(),
         )

@@ -18,7 +18,7 @@ use crate::convert::{self, ConvertSpec};
 use crate::image::ImageType;
 use crate::image::cache::{CachedImage, ImageCache, Transfer};
 use crate::image::inspect::{self, Inspection};
-use crate::image::source;
+use crate::image::resolved::SourceRequest;
 use crate::telemetry::metrics::metrics;
 use crate::volume::clones::{CloneStore, Golden, GoldenSource};
 use crate::volume::{self, NewVolume, VolumeBackend, VolumeError, VolumeInfo, WipeMode};
@@ -87,7 +87,14 @@ async fn fetch(
     cancel: &CancellationToken,
 ) -> StepResult<CachedImage> {
     let spec = h.job.spec.clone();
-    let location = source::resolve(&spec.image_url, &ctx.settings.current().source_policy())?;
+    let source = ctx.cache.source(
+        &SourceRequest {
+            image_url: &spec.image_url,
+            checksum: spec.checksum.as_deref(),
+            checksum_url: spec.checksum_url.as_deref(),
+        },
+        &ctx.settings.current().source_policy(),
+    )?;
     let span = tracing::info_span!(
         "download",
         otel.name = "DownloadImageToPath",
@@ -101,7 +108,7 @@ async fn fetch(
     );
     let started = Instant::now();
     let mut downloading = false;
-    let fetch = ctx.cache.fetch(&location, &spec.image_url, |t: Transfer| {
+    let fetch = ctx.cache.fetch(&source, |t: Transfer| {
         let now = Instant::now();
         if !downloading {
             downloading = true;
@@ -135,6 +142,7 @@ async fn fetch(
     span.record("bytes", image.entry.size);
     h.job.cache_hit = image.hit;
     h.job.image_format = Some(image.entry.inspection.format);
+    h.job.verified = image.verified.clone();
     h.job.cache_revalidation = image.hit.then(|| image.revalidation.as_str().to_string());
     if !image.hit {
         h.record_stage(

@@ -319,6 +319,8 @@ mod tests {
                 volume_name: Some(format!("v{seq}")),
                 volume_size_gb: Some(1),
                 correlation_id: None,
+                checksum: None,
+                checksum_url: None,
             },
             Utc::now(),
         )

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod gpg;
 pub mod images;
 pub mod libvirt;
 pub mod metrics;
@@ -15,4 +16,6 @@ pub mod vm;
 
 // Not every binary uses every file.
 #[allow(unused_imports)]
-pub use {daemon::*, images::*, metrics::*, pki::*, proxies::*, servers::*, terminal::*, vm::*};
+pub use {
+    daemon::*, gpg::*, images::*, metrics::*, pki::*, proxies::*, servers::*, terminal::*, vm::*,
+};

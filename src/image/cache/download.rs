@@ -37,7 +37,8 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 pub(crate) struct Remote {
     pub(crate) object: RemoteObject,
     pub(crate) meta: Meta,
-    pub(crate) expected_sha256: Option<String>,
+    /// The digest the bytes must match, and what vouched for it.
+    pub(crate) expected: Option<crate::image::resolved::Expected>,
 }
 
 /// One download of an object into the cache directory: where it goes, what it is, and how.
@@ -393,14 +394,11 @@ impl Download {
         let partial = partial_path(&self.dir, &self.key);
         let io = |e: std::io::Error| FetchError::Io(format!("{}: {e}", partial.display()));
         let total = self.remote.meta.size;
-        if let Some(expected) = &self.remote.expected_sha256
-            && *expected != actual
+        if let Some(expected) = &self.remote.expected
+            && let Err(e) = self.check_digest(expected, &actual).await
         {
             self.discard();
-            return Err(FetchError::ChecksumMismatch {
-                expected: expected.clone(),
-                actual,
-            });
+            return Err(e);
         }
         let p = partial.clone();
         tokio::task::spawn_blocking(move || std::fs::File::open(&p).and_then(|f| f.sync_all()))
@@ -437,7 +435,8 @@ impl Download {
             last_modified: self.remote.meta.last_modified.clone(),
             size: total,
             sha256: actual,
-            verified: self.remote.expected_sha256.is_some(),
+            verified: self.remote.expected.is_some(),
+            verification: self.remote.expected.as_ref().map(|e| e.verified.clone()),
             inspection,
             created: now,
             last_used: now,
@@ -446,6 +445,40 @@ impl Download {
         };
         put_entry(&self.index, &entry)?;
         Ok(entry)
+    }
+}
+
+impl Download {
+    /// The downloaded bytes against the expected digest: the SHA-256 computed in order, or a
+    /// SHA-512 from one read of the partial file (still the object as downloaded).
+    async fn check_digest(
+        &self,
+        expected: &crate::image::resolved::Expected,
+        sha256: &str,
+    ) -> Result<(), FetchError> {
+        use crate::image::verify::digest::{Algorithm, sha512_of_file};
+        let actual = match expected.digest.algorithm {
+            Algorithm::Sha256 => sha256.to_string(),
+            Algorithm::Sha512 => {
+                let partial = partial_path(&self.dir, &self.key);
+                tokio::task::spawn_blocking(move || sha512_of_file(&partial))
+                    .await
+                    .map_err(|e| FetchError::Io(e.to_string()))?
+                    .map_err(|e| FetchError::Io(format!("hashing the partial file: {e}")))?
+            }
+        };
+        if actual == expected.digest.hex {
+            return Ok(());
+        }
+        Err(FetchError::ChecksumMismatch {
+            expected: expected.digest.to_string(),
+            actual: format!("{}:{actual}", expected.digest.algorithm.as_str()),
+            from: expected
+                .verified
+                .manifest
+                .clone()
+                .unwrap_or_else(|| "the request".into()),
+        })
     }
 }
 

@@ -32,8 +32,11 @@ use super::bandwidth::Bandwidth;
 use super::client::RedirectRefused;
 use super::inspect::{InspectError, Inspection};
 use super::remote::{Meta, SourceError};
+use super::resolved::{Source, VerifyError};
 pub(crate) use super::settings::{CacheConfig, CacheLimits, RetryPolicy, Tuning};
 use super::source::{Location, SourceClients};
+use super::verify::Verified;
+use super::verify::digest::Algorithm;
 use crate::telemetry::metrics::metrics;
 use download::{Download, Remote};
 use flight::FlightResult;
@@ -53,8 +56,11 @@ pub(crate) struct CacheEntry {
     pub(crate) size: u64,
     /// SHA-256 of the content, computed while downloading.
     pub(crate) sha256: String,
-    /// Whether `sha256` was checked against a published `.sha256`.
+    /// Whether the download was checked against a digest (given, or published).
     pub(crate) verified: bool,
+    /// What it was checked against (records of older versions: none).
+    #[serde(default)]
+    pub(crate) verification: Option<Verified>,
     pub(crate) inspection: Inspection,
     pub(crate) created: DateTime<Utc>,
     pub(crate) last_used: DateTime<Utc>,
@@ -73,8 +79,17 @@ pub(crate) enum FetchError {
     NotFound(String),
     #[error("access to the image was refused: {0}")]
     Auth(String),
-    #[error("checksum mismatch: expected {expected} (from .sha256), downloaded {actual}")]
-    ChecksumMismatch { expected: String, actual: String },
+    #[error("checksum mismatch: expected {expected} ({from}), downloaded {actual}")]
+    ChecksumMismatch {
+        expected: String,
+        actual: String,
+        /// Where the expected digest came from (the manifest, or `the request`).
+        from: String,
+    },
+    /// No usable checksum: the manifest or its entry is missing, or a signature is missing
+    /// or invalid.
+    #[error("{0}")]
+    Unverified(VerifyError),
     #[error("malformed checksum file {0}")]
     BadChecksumFile(String),
     #[error("image rejected: {0}")]
@@ -100,7 +115,7 @@ pub(crate) enum FetchError {
 impl FetchError {
     /// Every `kind` label of the error's own variants (a rejection carries the inspector's
     /// kinds, `InspectError::KINDS`), so the metric's series exist from the start.
-    pub(crate) const KINDS: [&'static str; 11] = [
+    pub(crate) const KINDS: [&'static str; 14] = [
         "not_found",
         "auth",
         "checksum_mismatch",
@@ -112,6 +127,9 @@ impl FetchError {
         "stopped",
         "changed",
         "refused",
+        "checksum_unavailable",
+        "signature_required",
+        "signature_invalid",
     ];
 
     /// Label for `image_errors_total{error_type}`.
@@ -129,6 +147,25 @@ impl FetchError {
             FetchError::Stopped => "stopped",
             FetchError::Changed(_) => "changed",
             FetchError::Refused(_) => "refused",
+            FetchError::Unverified(VerifyError::SignatureRequired(_)) => "signature_required",
+            FetchError::Unverified(VerifyError::Signature { .. }) => "signature_invalid",
+            FetchError::Unverified(_) => "checksum_unavailable",
+        }
+    }
+
+    /// The failure a checksum lookup stands for: network trouble stays retryable.
+    pub(crate) fn from_verify(e: VerifyError) -> FetchError {
+        if let VerifyError::Source { error, .. } = &e
+            && error.is_transient()
+        {
+            return FetchError::Transfer(e.to_string());
+        }
+        match e {
+            VerifyError::Manifest {
+                error: crate::image::verify::manifest::ManifestError::BadSidecar,
+                manifest,
+            } => FetchError::BadChecksumFile(format!("{manifest}: expected 64 hex digits")),
+            other => FetchError::Unverified(other),
         }
     }
 
@@ -223,6 +260,8 @@ pub(crate) struct CachedImage {
     pub(crate) hit: bool,
     /// How a hit was confirmed (`NotNeeded` for a download).
     pub(crate) revalidation: Revalidation,
+    /// What this fetch checked the image against (none: nothing named a checksum).
+    pub(crate) verified: Option<Verified>,
     _use: InUse,
 }
 
@@ -405,51 +444,37 @@ impl ImageCache {
             })
     }
 
-    /// Asks the source for the object's size, ETag and published checksum.
-    async fn remote(&self, location: &Location) -> Result<Remote, FetchError> {
-        let object = self
-            .sources
-            .object(location)
-            .map_err(|e| FetchError::Io(e.to_string()))?;
-        let meta = object
+    /// Asks the source for the object's size and ETag, and for the digest it must match.
+    async fn remote(&self, source: &Source) -> Result<Remote, FetchError> {
+        let meta = source
+            .object
             .head(None)
             .await
             .map_err(FetchError::from_source)?
             .ok_or_else(|| FetchError::Transfer("304 to a HEAD without a condition".into()))?;
-        let sidecar_location = location.checksum_location();
-        let sidecar = self
-            .sources
-            .object(&sidecar_location)
-            .map_err(|e| FetchError::Io(e.to_string()))?;
-        let expected_sha256 = match sidecar.get_small().await.map_err(FetchError::from_source)? {
-            Some(bytes) => Some(checksum_or_error(&bytes, &sidecar_location.identity())?),
-            None => None,
-        };
+        let expected = source.expected().await.map_err(FetchError::from_verify)?;
         Ok(Remote {
-            object,
+            object: source.object.clone(),
             meta,
-            expected_sha256,
+            expected,
         })
     }
 
-    /// Makes the image of `location` available locally: a recent enough entry without asking
+    /// Makes the image of `source` available locally: a recent enough entry without asking
     /// the source, a confirmed entry, or a download. `on_progress` sees download progress
     /// (also when another job leads the download).
     pub(crate) async fn fetch(
         &self,
-        location: &Location,
-        image_url: &str,
+        source: &Source,
         mut on_progress: impl FnMut(Transfer),
     ) -> Result<CachedImage, FetchError> {
-        if let Some(hit) = self.known_hit(location).await? {
+        if let Some(hit) = self.known_hit(source).await? {
             return Ok(hit);
         }
+        let image_url = source.image_url.as_str();
         let mut restarts = 0;
         loop {
-            match self
-                .fetch_remote(location, image_url, &mut on_progress)
-                .await
-            {
+            match self.fetch_remote(source, &mut on_progress).await {
                 Err(FetchError::Changed(why)) if restarts < CHANGED_RESTARTS => {
                     restarts += 1;
                     tracing::warn!(image_url, reason = %why, restarts, "the image changed at the source during the download; starting over");
@@ -461,9 +486,11 @@ impl ImageCache {
 
     /// A hit on the entry last downloaded from this source, confirmed without a request
     /// within `cache.revalidate_interval`, else with one conditional HEAD; when the source
-    /// cannot be reached, a checksum-verified entry serves anyway. `None`: no such entry, or
-    /// the object changed (the caller downloads).
-    async fn known_hit(&self, location: &Location) -> Result<Option<CachedImage>, FetchError> {
+    /// cannot be reached, a checksum-verified entry serves anyway. `None`: no such entry, the
+    /// entry was not checked the way this request asks (its digest, manifest or signer), or
+    /// the object changed (the caller asks the source and downloads).
+    async fn known_hit(&self, source: &Source) -> Result<Option<CachedImage>, FetchError> {
+        let location = &source.location;
         let identity = location.identity();
         let Some(entry) = self
             .entries()
@@ -477,6 +504,9 @@ impl ImageCache {
         let Some(mut entry) = self.valid_entry(&entry.key) else {
             return Ok(None);
         };
+        if !source.accepts(&entry.sha256, entry.verification.as_ref()) {
+            return Ok(None);
+        }
         let m = metrics();
         let interval = chrono::Duration::from_std(self.limits().revalidate_interval)
             .unwrap_or(chrono::Duration::MAX);
@@ -488,7 +518,7 @@ impl ImageCache {
                 .inc();
             Revalidation::NotNeeded
         } else {
-            match self.still_current(location, &entry).await {
+            match self.still_current(source, &entry).await {
                 Ok(true) => {
                     m.cache_revalidations_total
                         .with_label_values(&["unchanged"])
@@ -521,6 +551,7 @@ impl ImageCache {
         put_entry(&self.index, &entry)?;
         Ok(Some(CachedImage {
             path: self.path_of(&entry.key),
+            verified: source.reported(entry.verification.as_ref()),
             entry,
             hit: true,
             revalidation,
@@ -530,15 +561,8 @@ impl ImageCache {
 
     /// Whether the object at the source is still the one `entry` holds (one HEAD with
     /// `If-None-Match`, retried like any request).
-    async fn still_current(
-        &self,
-        location: &Location,
-        entry: &CacheEntry,
-    ) -> Result<bool, FetchError> {
-        let object = self
-            .sources
-            .object(location)
-            .map_err(|e| FetchError::Io(e.to_string()))?;
+    async fn still_current(&self, source: &Source, entry: &CacheEntry) -> Result<bool, FetchError> {
+        let object = source.object.clone();
         let etag = entry.etag.clone();
         let answer = self
             .retry_policy()
@@ -561,19 +585,21 @@ impl ImageCache {
     /// Asks the source, then serves the entry its answer names or downloads it.
     async fn fetch_remote(
         &self,
-        location: &Location,
-        image_url: &str,
+        source: &Source,
         on_progress: &mut impl FnMut(Transfer),
     ) -> Result<CachedImage, FetchError> {
         let remote = self
             .retry_policy()
             .run("asking the source for the image", || {
-                self.within_stall_timeout(self.remote(location))
+                self.within_stall_timeout(self.remote(source))
             })
             .await?;
-        let identity = location.identity();
-        let key = match &remote.expected_sha256 {
-            Some(sum) => sum.clone(),
+        let image_url = source.image_url.as_str();
+        let identity = source.location.identity();
+        let key = match remote.expected.as_ref().map(|e| &e.digest) {
+            Some(d) if d.algorithm == Algorithm::Sha256 => d.hex.clone(),
+            // A SHA-512 is part of the key: an entry under it was checked against it.
+            Some(d) => version_key(&format!("{identity}\n{d}"), &remote.meta),
             None => version_key(&identity, &remote.meta),
         };
         // Hold the entry before looking, so eviction cannot take it between check and use.
@@ -582,9 +608,15 @@ impl ImageCache {
             metrics().cache_lookup(true);
             entry.last_used = Utc::now();
             entry.validated = entry.last_used;
+            // The key is the digest checked now: record what vouched for it this time.
+            if let Some(expected) = &remote.expected {
+                entry.verified = true;
+                entry.verification = Some(expected.verified.clone());
+            }
             put_entry(&self.index, &entry)?;
             return Ok(CachedImage {
                 path: self.path_of(&key),
+                verified: remote.expected.map(|e| e.verified),
                 entry,
                 hit: true,
                 revalidation: Revalidation::Revalidated,
@@ -616,6 +648,7 @@ impl ImageCache {
         self.evict(None);
         Ok(CachedImage {
             path: self.path_of(&key),
+            verified: entry.verification.clone(),
             entry,
             hit: false,
             revalidation: Revalidation::NotNeeded,
@@ -757,6 +790,15 @@ impl ImageCache {
         }
     }
 
+    /// Resolves a request into the source the cache fetches (`image/resolved.rs`).
+    pub(crate) fn source(
+        &self,
+        request: &crate::image::resolved::SourceRequest<'_>,
+        policy: &crate::image::settings::SourcePolicy,
+    ) -> Result<Source, crate::image::resolved::RequestError> {
+        crate::image::resolved::resolve(&self.sources, request, policy)
+    }
+
     /// All entries (for the cache API), oldest use first.
     pub(crate) fn entries(&self) -> Vec<CacheEntry> {
         let mut v: Vec<CacheEntry> = self
@@ -800,19 +842,6 @@ fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
         .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
         .map(|d| d.as_nanos() as i128)
         .unwrap_or(0)
-}
-
-fn checksum_or_error(bytes: &[u8], name: &str) -> Result<String, FetchError> {
-    parse_checksum_file(bytes)
-        .ok_or_else(|| FetchError::BadChecksumFile(format!("{name}: expected 64 hex digits")))
-}
-
-/// The hex digest of a `.sha256` file: raw hex or `sha256sum` output, any case.
-pub(crate) fn parse_checksum_file(bytes: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(bytes).ok()?;
-    let token = text.split_whitespace().next()?;
-    (token.len() == 64 && token.bytes().all(|b| b.is_ascii_hexdigit()))
-        .then(|| token.to_ascii_lowercase())
 }
 
 /// Makes a rename durable (an error is the download's error: the entry might not survive a
@@ -863,8 +892,14 @@ pub(crate) mod tests {
     pub(crate) fn test_cache(dir: &Path) -> ImageCache {
         let db = crate::store::Db::open(&dir.join("index.db")).unwrap();
         let settings = Settings::default();
-        let sources =
-            Arc::new(SourceClients::new(&settings.s3_access(), &settings.source_policy()).unwrap());
+        let sources = Arc::new(
+            SourceClients::new(
+                &settings.s3_access(),
+                &settings.source_policy(),
+                Default::default(),
+            )
+            .unwrap(),
+        );
         ImageCache::open(dir, db.tree("cache"), sources, &settings.cache_config()).unwrap()
     }
 
@@ -882,6 +917,7 @@ pub(crate) mod tests {
             size: size as u64,
             sha256: String::new(),
             verified: false,
+            verification: None,
             inspection: Inspection::bare(crate::image::ImageType::Raw, size as u64, None),
             created: now,
             last_used: now,
@@ -1017,22 +1053,6 @@ pub(crate) mod tests {
         assert!(sync_dir(tmp.path()).await.is_ok());
         let e = sync_dir(&tmp.path().join("gone")).await.unwrap_err();
         assert!(matches!(e, FetchError::Io(_)), "{e}");
-    }
-
-    #[test]
-    fn checksum_files() {
-        let h = "ABCDEF0123456789abcdef0123456789ABCDEF0123456789abcdef0123456789";
-        assert_eq!(
-            parse_checksum_file(h.as_bytes()),
-            Some(h.to_ascii_lowercase())
-        );
-        let sum = format!("{h}  ubuntu.qcow2\n");
-        assert_eq!(
-            parse_checksum_file(sum.as_bytes()),
-            Some(h.to_ascii_lowercase())
-        );
-        assert_eq!(parse_checksum_file(b"xyz"), None);
-        assert_eq!(parse_checksum_file(b""), None);
     }
 
     #[test]
