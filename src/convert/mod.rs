@@ -42,6 +42,9 @@ pub(crate) struct ConvertSpec {
     pub(crate) target_is_zero: bool,
     /// CPU seconds the child may use.
     pub(crate) cpu_limit: Duration,
+    /// Read the source without taking its locks (`-U`): a volume a running domain has open,
+    /// copied as it is on request (a clone with `allow_in_use`).
+    pub(crate) force_share: bool,
 }
 
 /// Why a conversion did not finish.
@@ -85,6 +88,9 @@ pub(crate) fn source_args(
 pub(crate) fn convert_args(spec: &ConvertSpec) -> Vec<String> {
     let (flags, source) = source_args(&spec.source, spec.format, spec.member);
     let mut args = vec!["convert".to_string(), "-p".into()];
+    if spec.force_share {
+        args.push("-U".into());
+    }
     args.extend(flags);
     args.extend([
         "-O".into(),
@@ -319,6 +325,7 @@ mod tests {
             direct_io: true,
             coroutines: 8,
             cpu_limit: Duration::from_secs(3600),
+            force_share: false,
             target_is_zero: false,
         };
         let args = convert_args(&spec);
@@ -330,11 +337,20 @@ mod tests {
         assert!(!joined.contains("target-is-zero"));
         let zeroed = ConvertSpec {
             target_is_zero: true,
-            ..spec
+            ..spec.clone()
         };
         assert_eq!(
             convert_args(&zeroed).join(" "),
             "convert -p -f raw -O raw -n -W -m 8 -t none --target-is-zero /c/k.img /dev/vg0/v"
+        );
+        let shared = ConvertSpec {
+            force_share: true,
+            ..spec
+        };
+        assert!(
+            convert_args(&shared)
+                .join(" ")
+                .starts_with("convert -p -U -f raw")
         );
     }
 
@@ -405,6 +421,7 @@ mod tests {
             direct_io: supports_direct_io(&dst),
             coroutines: 4,
             cpu_limit: Duration::from_secs(60),
+            force_share: false,
             target_is_zero: false,
         };
         let mut seen = Vec::new();
@@ -473,6 +490,7 @@ mod tests {
             direct_io: false,
             coroutines: 2,
             cpu_limit: Duration::from_secs(60),
+            force_share: false,
             target_is_zero: false,
         };
         assert!(convert_args(&spec).contains(&"--image-opts".to_string()));
@@ -498,6 +516,7 @@ mod tests {
             direct_io: false,
             coroutines: 1,
             cpu_limit: Duration::from_secs(60),
+            force_share: false,
             target_is_zero: false,
         };
         let err = convert(&spec, &CancellationToken::new(), |_| {})

@@ -96,6 +96,7 @@ impl Engine {
             volume_name: Some(name.to_string()),
             volume_size_gb: None,
             correlation_id: None,
+            clone: None,
         };
         let submission = Submission {
             kind: JobKind::Wipe,
@@ -279,6 +280,7 @@ mod tests {
             volume_name: Some("vm-1".into()),
             volume_size_gb: Some(1),
             correlation_id: None,
+            clone: None,
         };
         let refused = engine
             .submit(Submission {

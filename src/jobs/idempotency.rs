@@ -114,6 +114,7 @@ mod tests {
             volume_name: Some(volume.into()),
             volume_size_gb: Some(1),
             correlation_id: None,
+            clone: None,
         }
     }
 

@@ -39,7 +39,7 @@ pub(crate) struct RunContext {
 type StepResult<T> = Result<T, JobError>;
 
 /// `Stopped` once cancel, timeout or shutdown fired.
-fn check_stop(cancel: &CancellationToken) -> StepResult<()> {
+pub(super) fn check_stop(cancel: &CancellationToken) -> StepResult<()> {
     if cancel.is_cancelled() {
         Err(JobError::Stopped)
     } else {
@@ -61,6 +61,8 @@ pub(crate) async fn execute(
             let setting = ctx.settings.current().volumes.wipe_on_delete;
             super::wipe::run(ctx.volumes.as_ref(), setting, h, cancel).await
         }
+        // Run by the engine through `clone::execute` (which uses the steps here).
+        JobKind::Clone => Err(JobError::InvalidSpec("clone jobs run through jobs::clone")),
     };
     h.publish(true);
     result
@@ -255,7 +257,7 @@ async fn from_golden(
 /// anything is made (so rollback and restart recovery know), `created` after; a `Conflict`
 /// (someone else's volume appeared under the name) records `none`, so rollback never removes a
 /// volume the job did not make.
-async fn create_owned(
+pub(super) async fn create_owned(
     h: &mut JobHandle,
     create: impl std::future::Future<Output = Result<VolumeInfo, VolumeError>>,
 ) -> StepResult<VolumeInfo> {
@@ -350,6 +352,7 @@ async fn populate(
         coroutines: 8,
         cpu_limit: ctx.settings.current().jobs.timeout,
         target_is_zero: target.reads_zeros,
+        force_share: false,
     };
     let span = tracing::info_span!(
         "populate",
@@ -397,7 +400,11 @@ async fn populate(
 
 /// Flushes the volume to stable storage (with libvirt integration, the backend then refreshes
 /// the pool).
-async fn finalize(ctx: &RunContext, h: &mut JobHandle, target: &VolumeInfo) -> StepResult<()> {
+pub(super) async fn finalize(
+    ctx: &RunContext,
+    h: &mut JobHandle,
+    target: &VolumeInfo,
+) -> StepResult<()> {
     h.tracker.start_finalize(Instant::now());
     h.publish(true);
     ctx.volumes

@@ -319,6 +319,7 @@ mod tests {
                 volume_name: Some(format!("v{seq}")),
                 volume_size_gb: Some(1),
                 correlation_id: None,
+                clone: None,
             },
             Utc::now(),
         )
