@@ -385,15 +385,16 @@ mod tests {
     /// snapshots stay protected.
     #[test]
     fn clones_of_golden_images_are_plain_volumes() {
-        let lvs = |origin: &str| {
+        let lvs_tagged = |origin: &str, tags: &str| {
             let json = format!(
                 r#"{{"report":[{{"lv":[{{"lv_name":"vm-1","vg_name":"v","lv_size":"1073741824",
-                "lv_attr":"Vwi-a-tz--","lv_tags":"lvp_job_x","origin":"{origin}",
+                "lv_attr":"Vwi-a-tz--","lv_tags":"{tags}","origin":"{origin}",
                 "pool_lv":"pool","segtype":"thin","data_percent":"0.50","metadata_percent":"",
                 "zero":"zero"}}]}}]}}"#
             );
             parse_lvs(&json).unwrap().remove(0)
         };
+        let lvs = |origin: &str| lvs_tagged(origin, "lvp_job_x");
         let clone = lvs("lvp-golden-0123456789abcdef");
         assert_eq!(clone.removal_blocker(), None);
         assert_eq!(clone.reuse_blocker(), None);
@@ -403,6 +404,10 @@ mod tests {
         let snapshot = lvs("vm-0");
         let blocker = snapshot.removal_blocker().unwrap();
         assert!(blocker.reason.contains("snapshot of vm-0"), "{blocker}");
+        // A clone job's thin snapshot of a volume carries the clone tag: a plain volume too.
+        let cloned = lvs_tagged("vm-0", "lvp_job_x,lvp_clone");
+        assert_eq!(cloned.removal_blocker(), None);
+        assert_eq!(cloned.reuse_blocker(), None);
     }
 
     #[test]
