@@ -444,3 +444,38 @@ async fn a_cancelled_clone_leaves_no_target() {
     assert!(!dir.join("volumes/vm-copy").exists(), "no target left");
     assert!(dir.join("volumes/vm-src").exists(), "the source stays");
 }
+
+/// `volumes.io.write_bytes_per_second` paces a `zero` wipe; one that would take 10 s or more
+/// under the limit runs as a job.
+#[tokio::test]
+async fn a_zero_wipe_keeps_to_the_write_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let config = TestConfig::new(dir)
+        .set("volumes.wipe_on_delete", "zero")
+        .set("volumes.io.write_bytes_per_second", 2 << 20);
+    let d = Daemon::start(dir, &config);
+    let c = client();
+    volume_file(dir, "small", 1 << 20);
+    let started = std::time::Instant::now();
+    let (status, body) = delete(&c, &d.url("/api/v1/volumes/small")).await;
+    let took = started.elapsed().as_secs_f64();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        (0.45..3.0).contains(&took),
+        "1 MiB at 2 MiB/s took {took} s"
+    );
+    volume_file(dir, "big", 24 << 20);
+    let (status, body) = delete(&c, &d.url("/api/v1/volumes/big")).await;
+    assert_eq!(status, 202, "12 s under the limit: a job: {body}");
+    let id = body["job_id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, job) = get(&c, &d.url(&format!("/api/v1/jobs/{id}"))).await;
+    let done = job["progress"]["bytes_processed"].as_u64().unwrap_or(0);
+    assert!(
+        done <= 8 << 20,
+        "about 2 MiB/s after 2 s, not {done} bytes: {job}"
+    );
+    let (status, v) = post(&c, &d.url(&format!("/api/v1/jobs/{id}/cancel")), &json!({})).await;
+    assert_eq!(status, 200, "{v}");
+}

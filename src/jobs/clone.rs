@@ -201,6 +201,7 @@ async fn copy(
     let direct_io = tokio::task::spawn_blocking(move || convert::supports_direct_io(&target_path))
         .await
         .unwrap_or(false);
+    let io = ctx.settings.current().volumes.io.clone();
     let spec = ConvertSpec {
         source: plan.source.path.clone(),
         format: ImageType::Raw,
@@ -211,6 +212,8 @@ async fn copy(
         target_is_zero: target.reads_zeros,
         cpu_limit: ctx.settings.current().jobs.timeout,
         force_share: plan.in_use,
+        rate_limit: io.copy_rate(),
+        io_priority: io.priority.ioprio(),
     };
     let total = plan.source.size_bytes;
     let counter = metrics().bulk_io_bytes_total.with_label_values(&["clone"]);
