@@ -13,7 +13,8 @@
 # when libvirt is not (the lvm suite runs, the libvirt suite is skipped).
 # - reflink (tests/reflink_vm.rs): the directory backend's reflink clones on an XFS file system
 #   with reflink=1 made on the VM's disk.
-# - lifecycle (tests/lifecycle_vm.rs): growing thick and thin LVs (one under a paused domain),
+# - lifecycle (tests/lifecycle_vm.rs): growing thick and thin LVs (one under a paused domain), cloning (thin
+#   snapshot, copy, an in-use source refused then allowed, clone times of 1 GiB), the write cap on a wipe,
 #   wiping on delete (markers, kill -9 mid-wipe), the wipe's throughput beside blkdiscard -z.
 # Environment: VM_SUITES (default "lvm thin libvirt reflink lifecycle"), VM_TIMEOUT (seconds per suite, default 2100),
 # WORK (VM cache, default /tmp/vmrun).

@@ -115,3 +115,22 @@ pub(crate) struct ResizeBody {
     #[schema(required = true, value_type = u64, minimum = 1, maximum = 1048576)]
     pub(crate) size_gb: Option<serde_json::Value>,
 }
+
+/// `POST /api/v1/volumes/{name}/clone`: the new volume the source is copied into.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(examples(json!({"target": "vm-2-disk", "size_gb": 40})))]
+pub(crate) struct CloneBody {
+    /// The new volume's name (the rules of `volume_name`); it must not exist (409
+    /// `volume_exists`).
+    #[schema(required = true, value_type = String, min_length = 1, max_length = 127)]
+    pub(crate) target: Option<String>,
+    /// GiB (2^30 bytes), an integer 1..=1048576, at least the source's size (else 409
+    /// `shrink_refused`); default: the source's size.
+    #[schema(value_type = Option<u64>, minimum = 1, maximum = 1048576)]
+    pub(crate) size_gb: Option<serde_json::Value>,
+    /// Copy a source that a running domain uses, as it is (crash-consistent at best); without
+    /// it such a source is 409 `volume_in_use`.
+    #[serde(default)]
+    pub(crate) allow_in_use: bool,
+}

@@ -419,10 +419,12 @@ pub(crate) fn check_size_field(field: &str, v: Option<serde_json::Value>) -> Res
     }
 }
 
-fn submit_error(e: SubmitError) -> ApiError {
+pub(crate) fn submit_error(e: SubmitError) -> ApiError {
     match e {
         SubmitError::VolumeBusy { .. } => ApiError::conflict(Reason::VolumeInUse, e.to_string()),
-        SubmitError::VolumeUnusable(_) => ApiError::conflict(Reason::VolumeUnusable, e.to_string()),
+        SubmitError::VolumeUnusable(_) | SubmitError::Clone(_) => {
+            ApiError::conflict(Reason::VolumeUnusable, e.to_string())
+        }
         SubmitError::QueueFull(_) => ApiError::too_many(Reason::QueueFull, e.to_string(), 30),
         SubmitError::ShuttingDown => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -445,7 +447,7 @@ fn submit_error(e: SubmitError) -> ApiError {
 /// 202 with the new job's id, or 200 with the job an `Idempotency-Key` already made (and
 /// `Idempotent-Replayed: true`); both with the job's `Location`. The job's state is named as
 /// the route names states (`names`).
-fn accepted(submitted: &Submitted, names: StateNames) -> Response {
+pub(crate) fn accepted(submitted: &Submitted, names: StateNames) -> Response {
     let (job, status, replayed) = match submitted {
         Submitted::New(job) => (job, StatusCode::ACCEPTED, false),
         Submitted::Existing(job) => (job, StatusCode::OK, true),
@@ -470,7 +472,7 @@ fn accepted(submitted: &Submitted, names: StateNames) -> Response {
 }
 
 /// The `Idempotency-Key` header, checked, scoped to the caller and the request.
-fn idempotency_key(
+pub(crate) fn idempotency_key(
     headers: &http::HeaderMap,
     caller: &Caller,
     kind: JobKind,
@@ -525,6 +527,7 @@ pub(crate) async fn submit(
         correlation_id,
         checksum: image.checksum,
         checksum_url: image.checksum_url,
+        clone: None,
     };
     let key = idempotency_key(&headers, &caller, JobKind::Provision, &spec)?;
     let submitted = state
@@ -571,6 +574,7 @@ pub(crate) async fn cache_fetch(
         correlation_id,
         checksum: image.checksum,
         checksum_url: image.checksum_url,
+        clone: None,
     };
     let key = idempotency_key(&headers, &caller, JobKind::CacheFetch, &spec)?;
     let submitted = state

@@ -1,5 +1,6 @@
 //! Handlers of a volume's life after it was made: growing it (`POST
-//! /api/v1/volumes/{name}/resize`). Deleting is in `handlers.rs`, uploading in `upload.rs`.
+//! /api/v1/volumes/{name}/resize`) and cloning it (`POST /api/v1/volumes/{name}/clone`, a job).
+//! Deleting is in `handlers.rs`, uploading in `upload.rs`.
 
 use std::sync::Arc;
 
@@ -8,12 +9,18 @@ use tracing::Instrument;
 use warp::reply::Response;
 
 use super::auth::Caller;
-use super::bodies::ResizeBody;
+use super::bodies::{CloneBody, ResizeBody};
 use super::error::ApiError;
-use super::handlers::{check_size_field, json_reply, parse_body, volume_name_in_path};
+use super::handlers::{
+    accepted, check_size_field, idempotency_key, json_reply, parse_body, submit_error,
+    volume_name_in_path,
+};
 use super::reason::Reason;
 use super::state::ApiState;
-use super::views::VolumeResized;
+use super::views::{StateNames, VolumeResized};
+use crate::jobs::clone::CloneRefused;
+use crate::jobs::engine::{Submission, SubmitError, Submitted};
+use crate::jobs::model::{CloneSpec, JobKind, JobSpec};
 use crate::jobs::resize::ResizeError;
 
 /// `POST /api/v1/volumes/{name}/resize`: grows the volume (under its lock); a running domain
@@ -71,5 +78,90 @@ fn resize_error(e: ResizeError) -> ApiError {
             ApiError::conflict(Reason::VolumeBlocked, e.to_string())
         }
         ResizeError::Volume(_) | ResizeError::Task(_) => ApiError::internal(e.to_string()),
+    }
+}
+
+/// `POST /api/v1/volumes/{name}/clone`: a `clone` job that makes `target` a copy of the volume
+/// (a thin snapshot, or a copy); the source and the target are checked before the job exists.
+pub(crate) async fn clone(
+    name: String,
+    caller: Result<Caller, ApiError>,
+    body: Result<serde_json::Value, ApiError>,
+    headers: http::HeaderMap,
+    state: Arc<ApiState>,
+) -> Result<Response, ApiError> {
+    let caller = caller?;
+    let body: CloneBody = parse_body(body?)?;
+    let source = volume_name_in_path(&name, &state)?;
+    let target = body
+        .target
+        .ok_or_else(|| ApiError::bad_request("target is required"))?;
+    crate::volume::validate_volume_name(&target)
+        .and_then(|_| state.volumes.validate_name(&target))
+        .map_err(|e| ApiError::bad_request(format!("target: {e}")))?;
+    if target == source {
+        return Err(ApiError::bad_request("target must differ from the source"));
+    }
+    let size_gb = match body.size_gb {
+        Some(v) => Some(check_size_field("size_gb", Some(v))?),
+        None => None,
+    };
+    let spec = JobSpec {
+        image_url: String::new(),
+        image_type: None,
+        volume_name: Some(target),
+        volume_size_gb: size_gb,
+        correlation_id: None,
+        checksum: None,
+        checksum_url: None,
+        clone: Some(CloneSpec {
+            source,
+            allow_in_use: body.allow_in_use,
+        }),
+    };
+    let key = idempotency_key(&headers, &caller, JobKind::Clone, &spec)?;
+    let submitted = state
+        .engine
+        .submit(Submission {
+            kind: JobKind::Clone,
+            spec,
+            origin: caller.origin(),
+            key,
+        })
+        .await
+        .map_err(|e| match e {
+            SubmitError::Clone(refused) => clone_refused(refused),
+            other => submit_error(other),
+        })?;
+    if let Submitted::New(job) = &submitted {
+        tracing::info!(
+            job_id = %job.id,
+            source = %name,
+            volume_name = job.spec.volume_name.as_deref().unwrap_or(""),
+            requested_by = caller.identity().unwrap_or(""),
+            "clone job accepted"
+        );
+    }
+    Ok(accepted(&submitted, StateNames::Ours))
+}
+
+fn clone_refused(e: CloneRefused) -> ApiError {
+    match e {
+        CloneRefused::SourceNotFound(_) => {
+            ApiError::not_found(Reason::VolumeNotFound, e.to_string())
+        }
+        CloneRefused::TargetExists(_) => ApiError::conflict(Reason::VolumeExists, e.to_string()),
+        CloneRefused::InUse { .. } => ApiError::conflict(Reason::VolumeInUse, e.to_string()),
+        CloneRefused::Blocked { .. } => ApiError::conflict(Reason::VolumeBlocked, e.to_string()),
+        CloneRefused::Shrink { .. } => ApiError::conflict(Reason::ShrinkRefused, e.to_string()),
+        CloneRefused::Volume(ref v) if v.is_out_of_space() => ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            Reason::InsufficientStorage,
+            e.to_string(),
+        ),
+        CloneRefused::Volume(crate::volume::VolumeError::Conflict(_)) => {
+            ApiError::conflict(Reason::VolumeBlocked, e.to_string())
+        }
+        CloneRefused::Spec(_) | CloneRefused::Volume(_) => ApiError::internal(e.to_string()),
     }
 }

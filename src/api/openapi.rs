@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::bodies::{CacheFetchBody, InspectBody, ProvisionBody, ResizeBody};
+use super::bodies::{CacheFetchBody, CloneBody, InspectBody, ProvisionBody, ResizeBody};
 use super::error::{ErrorBody, Reason};
 use super::views::*;
 
@@ -79,14 +79,14 @@ impl Modify for Security {
         paths::cancel, paths::cancel_legacy,
         paths::cache_list, paths::cache_fetch, paths::cache_delete,
         paths::image_inspect,
-        paths::volume_delete, paths::volume_upload, paths::volume_resize,
+        paths::volume_delete, paths::volume_upload, paths::volume_resize, paths::volume_clone,
         paths::config, paths::openapi,
     ),
     components(schemas(
         ErrorBody, StatusResponse, ProgressView, Accepted, JobList, CancelResponse,
         CacheImage, CacheList, CacheDeleted, VolumeDeleted, ConfigResponse, HealthResponse,
         HealthStatus, JobLoad, ReadyResponse, Uploaded, ProvisionBody, CacheFetchBody,
-        InspectBody, InspectResponse, Reason, UploadContent, ResizeBody, VolumeResized,
+        InspectBody, InspectResponse, Reason, UploadContent, ResizeBody, VolumeResized, CloneBody,
     )),
     modifiers(&Security),
     security(("client_certificate" = []), ("bearer" = []), ("api_token" = [])),
@@ -585,6 +585,40 @@ mod paths {
             (status = 500, body = ErrorBody),
             (status = 507, description = "the VG, the thin pool or the file system has not the room", body = ErrorBody)))]
     pub(super) fn volume_resize() {}
+
+    /// Clone a volume into a new volume `target` (a `clone` job: progress, cancel and
+    /// Idempotency-Key as for `POST /api/v1/jobs`). On an LVM thin pool a thin snapshot
+    /// (`method: thin-snapshot`); otherwise a copy with `qemu-img convert` into a new volume
+    /// (`method: copy`). A source a running domain uses is 409 `volume_in_use` unless
+    /// `allow_in_use` is true: then it is copied as it is, crash-consistent at best.
+    #[utoipa::path(post, path = "/api/v1/volumes/{name}/clone", tag = "volumes",
+        params(("name" = String, Path, min_length = 1, max_length = 127,
+            pattern = r"^(?:[A-Za-z0-9+_][A-Za-z0-9+_.-]{0,126}|\.[A-Za-z0-9+_-][A-Za-z0-9+_.-]{0,125}|\.\.[A-Za-z0-9+_.-]{1,125})$",
+            description = "the source volume, named as for `DELETE /api/v1/volumes/{name}`"),
+            ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255,
+            pattern = r"^[!-~]{1,255}$",
+            description = "as for `POST /api/v1/jobs`")),
+        request_body = CloneBody,
+        responses(
+            (status = 202, description = "accepted: a clone job", body = Accepted,
+                headers(("Location" = String, description = "the job's URL: /api/v1/jobs/{id}")),
+                links(
+                    ("status" = (operation_id = "job_status", parameters(("id" = "$response.body#/job_id")))),
+                    ("cancel" = (operation_id = "cancel", parameters(("id" = "$response.body#/job_id")))))),
+            (status = 200, description = "the job this Idempotency-Key already made", body = Accepted,
+                headers(("Location" = String), ("Idempotent-Replayed" = String, description = "`true`"))),
+            (status = 400, body = ErrorBody),
+            (status = 401, body = ErrorBody, headers(("WWW-Authenticate" = String))),
+            (status = 403, body = ErrorBody),
+            (status = 404, description = "no source volume of this name (volume_not_found)", body = ErrorBody),
+            (status = 409, description = "the target exists (volume_exists), the source is in use (volume_in_use), a golden image or not a plain volume (volume_blocked), size_gb smaller than the source (shrink_refused), either is held by a job, or the same Idempotency-Key in flight", body = ErrorBody),
+            (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+            (status = 422, description = "Idempotency-Key used with another request", body = ErrorBody),
+            (status = 429, description = "queue full", body = ErrorBody,
+                headers(("Retry-After" = u64, description = "seconds"))),
+            (status = 500, body = ErrorBody),
+            (status = 507, description = "the VG, the thin pool or the file system has not the room", body = ErrorBody)))]
+    pub(super) fn volume_clone() {}
 
     /// The effective configuration (secrets redacted) and the last reload.
     #[utoipa::path(get, path = "/api/v1/config", tag = "config",

@@ -69,15 +69,15 @@ reasons! {
     VolumeNotFound = "volume_not_found",
     /// The job is completed, failed or cancelled already (400 on cancel, as the Go service).
     JobTerminal = "job_terminal",
-    /// A job, a deletion or an upload holds the volume name (409).
+    /// A job, a deletion or an upload holds the volume name, or a running domain uses a clone's source (409).
     VolumeInUse = "volume_in_use",
     /// The volume exists and cannot be reused for this request (409).
     VolumeUnusable = "volume_unusable",
-    /// The volume cannot be deleted: open, a golden image, another owner's (409).
+    /// The volume cannot be deleted or cloned: open, a golden image, another owner's (409).
     VolumeBlocked = "volume_blocked",
-    /// An upload's volume exists already (409).
+    /// An upload's or a clone's target volume exists already (409).
     VolumeExists = "volume_exists",
-    /// A resize to a smaller size: volumes only grow (409).
+    /// A resize, or a clone's `size_gb`, smaller than the volume: volumes only grow (409).
     ShrinkRefused = "shrink_refused",
     /// A job uses the cache entry (409).
     CacheEntryInUse = "cache_entry_in_use",

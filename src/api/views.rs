@@ -327,9 +327,10 @@ impl StatusResponse {
             image_path: (job.status == JobStatus::Completed)
                 .then(|| job.image_path.clone())
                 .flatten(),
-            volume_path: (job.status == JobStatus::Completed && job.kind == JobKind::Provision)
-                .then(|| job.volume_path.clone())
-                .flatten(),
+            volume_path: (job.status == JobStatus::Completed
+                && matches!(job.kind, JobKind::Provision | JobKind::Clone))
+            .then(|| job.volume_path.clone())
+            .flatten(),
             method: job.method,
             requested_by: job.requested_by.clone(),
             created_at: rfc3339(job.created_at),

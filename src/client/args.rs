@@ -178,6 +178,24 @@ pub enum VolumeCommand {
         #[arg(long)]
         size_gb: u64,
     },
+    /// Copy a volume into a new one (a clone job: a thin snapshot on a thin pool, else a copy).
+    Clone {
+        name: String,
+        /// The new volume.
+        #[arg(long)]
+        target: String,
+        /// Its size in GiB (at least the source's; default: the source's size).
+        #[arg(long)]
+        size_gb: Option<u64>,
+        /// Copy a source a running VM uses, as it is (crash-consistent at best).
+        #[arg(long)]
+        allow_in_use: bool,
+        /// Idempotency-Key to send (default: a new random one).
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
 }
 
 /// `image ...`.

@@ -151,6 +151,24 @@ async fn volume(api: &Api, json: bool, command: VolumeCommand) -> Result<u8, Cli
             Ok(exit::OK)
         }
         VolumeCommand::Upload { name, file } => upload(api, json, &name, &file).await,
+        VolumeCommand::Clone {
+            name,
+            target,
+            size_gb,
+            allow_in_use,
+            idempotency_key: key,
+            wait,
+        } => {
+            let mut body = json!({ "target": target });
+            if let Some(gb) = size_gb {
+                body["size_gb"] = json!(gb);
+            }
+            if allow_in_use {
+                body["allow_in_use"] = json!(true);
+            }
+            let path = format!("/api/v1/volumes/{}/clone", path_part(&name));
+            submit(api, json, &path, &body, &idempotency_key(key), wait).await
+        }
     }
 }
 

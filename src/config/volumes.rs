@@ -47,6 +47,60 @@ pub(crate) struct VolumesSettings {
     /// ones answer when done (200).
     #[serde(default = "default_wipe_job_min_bytes")]
     pub(crate) wipe_job_min_bytes: u64,
+    /// Limits of the bulk writers (image writes, clone copies, wipes).
+    #[serde(default)]
+    pub(crate) io: IoSettings,
+}
+
+/// `[volumes.io]`: what the bulk writers may take from the disks under running VMs. Read when
+/// each job (or wipe) starts: a change applies to the next ones.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct IoSettings {
+    /// Bytes per second each bulk writer may write; 0: unlimited.
+    pub(crate) write_bytes_per_second: u64,
+    /// Bytes per second each bulk copy may read; 0: unlimited.
+    pub(crate) read_bytes_per_second: u64,
+    /// The IO scheduling class of `qemu-img` children (`ioprio_set`).
+    pub(crate) priority: IoPriority,
+}
+
+impl IoSettings {
+    /// The rate a copy (which reads and writes as much) may run at: the smaller of the two
+    /// limits that are set; 0: unlimited.
+    pub(crate) fn copy_rate(&self) -> u64 {
+        match (self.read_bytes_per_second, self.write_bytes_per_second) {
+            (0, w) => w,
+            (r, 0) => r,
+            (r, w) => r.min(w),
+        }
+    }
+}
+
+/// An IO scheduling class (`volumes.io.priority`); honoured by the BFQ and mq-deadline
+/// schedulers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum IoPriority {
+    /// The daemon's own class (inherited).
+    None,
+    /// Best effort at its lowest level (7): served after the VMs' best-effort IO of a higher
+    /// level, never starved.
+    #[default]
+    BestEffort,
+    /// Only when the disk is otherwise idle: may wait indefinitely on a busy disk.
+    Idle,
+}
+
+impl IoPriority {
+    /// The `ioprio_set` value (class << 13 | level); `None` for the inherited class.
+    pub(crate) fn ioprio(self) -> Option<i32> {
+        match self {
+            IoPriority::None => None,
+            IoPriority::BestEffort => Some((2 << 13) | 7),
+            IoPriority::Idle => Some(3 << 13),
+        }
+    }
 }
 
 fn default_wipe_job_min_bytes() -> u64 {
@@ -128,6 +182,7 @@ impl VolumesSettings {
             wipe_on_delete: None,
             wipe_on_reuse: None,
             wipe_job_min_bytes: default_wipe_job_min_bytes(),
+            io: IoSettings::default(),
         }
     }
 

@@ -42,6 +42,13 @@ pub(crate) struct ConvertSpec {
     pub(crate) target_is_zero: bool,
     /// CPU seconds the child may use.
     pub(crate) cpu_limit: Duration,
+    /// Read the source without taking its locks (`-U`): a volume a running domain has open,
+    /// copied as it is on request (a clone with `allow_in_use`).
+    pub(crate) force_share: bool,
+    /// At most this many bytes per second (`-r`; `volumes.io.*_bytes_per_second`); 0: no limit.
+    pub(crate) rate_limit: u64,
+    /// The child's IO priority (`ioprio_set` value, see `config::IoPriority::ioprio`).
+    pub(crate) io_priority: Option<i32>,
 }
 
 /// Why a conversion did not finish.
@@ -85,6 +92,9 @@ pub(crate) fn source_args(
 pub(crate) fn convert_args(spec: &ConvertSpec) -> Vec<String> {
     let (flags, source) = source_args(&spec.source, spec.format, spec.member);
     let mut args = vec!["convert".to_string(), "-p".into()];
+    if spec.force_share {
+        args.push("-U".into());
+    }
     args.extend(flags);
     args.extend([
         "-O".into(),
@@ -98,6 +108,9 @@ pub(crate) fn convert_args(spec: &ConvertSpec) -> Vec<String> {
     ]);
     if spec.target_is_zero {
         args.push("--target-is-zero".into());
+    }
+    if spec.rate_limit > 0 {
+        args.extend(["-r".into(), spec.rate_limit.to_string()]);
     }
     args.push(source);
     args.push(spec.target.display().to_string());
@@ -199,6 +212,7 @@ pub(crate) async fn convert(
         .process_group(0)
         .kill_on_drop(true);
     let cpu = spec.cpu_limit.as_secs().max(60);
+    let io_priority = spec.io_priority;
     let daemon = nix::unistd::getpid();
     // SAFETY: only async-signal-safe calls (prctl, getppid, setrlimit) between fork and exec.
     unsafe {
@@ -221,6 +235,12 @@ pub(crate) async fn convert(
             )?;
             setrlimit(Resource::RLIMIT_CPU, cpu, cpu)?;
             setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
+            if let Some(prio) = io_priority {
+                // ioprio_set(IOPRIO_WHO_PROCESS, this process, prio): a plain syscall. A kernel
+                // that refuses it leaves the inherited class (not worth failing the write). No
+                // pointers are passed.
+                let _ = nix::libc::syscall(nix::libc::SYS_ioprio_set, 1, 0, prio);
+            }
             Ok(())
         });
     }
@@ -319,6 +339,9 @@ mod tests {
             direct_io: true,
             coroutines: 8,
             cpu_limit: Duration::from_secs(3600),
+            force_share: false,
+            rate_limit: 0,
+            io_priority: None,
             target_is_zero: false,
         };
         let args = convert_args(&spec);
@@ -330,11 +353,20 @@ mod tests {
         assert!(!joined.contains("target-is-zero"));
         let zeroed = ConvertSpec {
             target_is_zero: true,
-            ..spec
+            ..spec.clone()
         };
         assert_eq!(
             convert_args(&zeroed).join(" "),
             "convert -p -f raw -O raw -n -W -m 8 -t none --target-is-zero /c/k.img /dev/vg0/v"
+        );
+        let shared = ConvertSpec {
+            force_share: true,
+            ..spec
+        };
+        assert!(
+            convert_args(&shared)
+                .join(" ")
+                .starts_with("convert -p -U -f raw")
         );
     }
 
@@ -405,6 +437,9 @@ mod tests {
             direct_io: supports_direct_io(&dst),
             coroutines: 4,
             cpu_limit: Duration::from_secs(60),
+            force_share: false,
+            rate_limit: 0,
+            io_priority: None,
             target_is_zero: false,
         };
         let mut seen = Vec::new();
@@ -473,6 +508,9 @@ mod tests {
             direct_io: false,
             coroutines: 2,
             cpu_limit: Duration::from_secs(60),
+            force_share: false,
+            rate_limit: 0,
+            io_priority: None,
             target_is_zero: false,
         };
         assert!(convert_args(&spec).contains(&"--image-opts".to_string()));
@@ -498,6 +536,9 @@ mod tests {
             direct_io: false,
             coroutines: 1,
             cpu_limit: Duration::from_secs(60),
+            force_share: false,
+            rate_limit: 0,
+            io_priority: None,
             target_is_zero: false,
         };
         let err = convert(&spec, &CancellationToken::new(), |_| {})

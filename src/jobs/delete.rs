@@ -77,12 +77,16 @@ impl Engine {
         }
         let settings = self.context().settings.current();
         let mode = volume::effective_wipe(settings.volumes.wipe_on_delete, volume.kind);
-        if mode == WipeMode::Zero && volume.size_bytes > settings.volumes.wipe_job_min_bytes {
+        let limit = settings.volumes.io.write_bytes_per_second;
+        // Under a rate limit, a zero wipe that takes more than about 10 s is a job too.
+        let long = volume.size_bytes > settings.volumes.wipe_job_min_bytes
+            || (limit > 0 && volume.size_bytes / limit >= 10);
+        if mode == WipeMode::Zero && long {
             // The job takes the name; a submission between the two gets it first (409).
             drop(claim);
             return self.submit_wipe(name, origin).await;
         }
-        let progress = Arc::new(WipeProgress::default());
+        let progress = Arc::new(WipeProgress::limited(limit));
         volumes
             .remove_wiped(name, mode, &progress, &CancellationToken::new())
             .await?;
@@ -98,6 +102,7 @@ impl Engine {
             correlation_id: None,
             checksum: None,
             checksum_url: None,
+            clone: None,
         };
         let submission = Submission {
             kind: JobKind::Wipe,
@@ -134,7 +139,14 @@ impl Engine {
                     continue;
                 };
                 tracing::warn!(volume = %name, mode = mode.as_str(), "finishing an interrupted wipe");
-                let progress = Arc::new(WipeProgress::default());
+                let limit = engine
+                    .context()
+                    .settings
+                    .current()
+                    .volumes
+                    .io
+                    .write_bytes_per_second;
+                let progress = Arc::new(WipeProgress::limited(limit));
                 match volumes
                     .finish_wipe(&name, mode, &progress, &CancellationToken::new())
                     .await
@@ -289,6 +301,7 @@ mod tests {
             correlation_id: None,
             checksum: None,
             checksum_url: None,
+            clone: None,
         };
         let refused = engine
             .submit(Submission {

@@ -32,6 +32,9 @@ pub(crate) enum SubmitError {
     /// The volume exists and cannot be reused for this request.
     #[error(transparent)]
     VolumeUnusable(VolumeError),
+    /// A clone whose source or target does not allow it (checked again when it runs).
+    #[error(transparent)]
+    Clone(super::clone::CloneRefused),
     #[error("job queue is full ({0} jobs waiting)")]
     QueueFull(usize),
     #[error("the daemon is shutting down")]
@@ -153,8 +156,8 @@ impl Engine {
                 JobStatus::Running if job.kind == JobKind::Wipe => {
                     tracing::warn!(job_id = %job.id, "resuming interrupted wipe job");
                     let mut st = self.state();
-                    if let Some(v) = &job.spec.volume_name {
-                        st.volumes.insert(v.clone(), Holder::Job(job.id));
+                    for v in job.spec.held_volumes() {
+                        st.volumes.insert(v.to_string(), Holder::Job(job.id));
                     }
                     st.queue.push_front(job.id);
                 }
@@ -175,8 +178,8 @@ impl Engine {
                 }
                 JobStatus::Pending => {
                     let mut st = self.state();
-                    if let Some(v) = &job.spec.volume_name {
-                        st.volumes.insert(v.clone(), Holder::Job(job.id));
+                    for v in job.spec.held_volumes() {
+                        st.volumes.insert(v.to_string(), Holder::Job(job.id));
                     }
                     st.queue.push_back(job.id);
                 }
@@ -238,21 +241,26 @@ impl Engine {
         if !st.accepting {
             return Err(SubmitError::ShuttingDown);
         }
-        let volume = spec.volume_name.as_deref();
-        if let Some(v) = volume
-            && let Some(holder) = st.volumes.get(v)
-        {
-            return Err(SubmitError::VolumeBusy {
-                volume: v.to_string(),
-                holder: *holder,
-            });
+        let volumes = spec.held_volumes();
+        for v in &volumes {
+            if let Some(holder) = st.volumes.get(*v) {
+                return Err(SubmitError::VolumeBusy {
+                    volume: v.to_string(),
+                    holder: *holder,
+                });
+            }
         }
         let in_system = st.running.len() + st.queue.len() + st.reserved;
         if in_system >= st.max_concurrent + st.queue_capacity {
             return Err(SubmitError::QueueFull(st.queue.len() + st.reserved));
         }
         let scoped = key.map(|k| k.scoped.as_str());
-        Ok(Ok(Admission::take(self.shared(), &mut st, volume, scoped)))
+        Ok(Ok(Admission::take(
+            self.shared(),
+            &mut st,
+            &volumes,
+            scoped,
+        )))
     }
 
     async fn store_new(&self, s: Submission) -> Result<Job, SubmitError> {
@@ -266,6 +274,11 @@ impl Engine {
             runner::check_volume_usable(&self.inner.ctx, &spec)
                 .await
                 .map_err(SubmitError::VolumeUnusable)?;
+        }
+        if kind == JobKind::Clone {
+            super::clone::check(&self.inner.ctx, &spec)
+                .await
+                .map_err(SubmitError::Clone)?;
         }
         let seq = self.inner.store.next_seq()?;
         let mut job = Job::new(Uuid::new_v4(), seq, kind, spec, Utc::now());
@@ -341,6 +354,7 @@ impl Engine {
                 JobKind::Provision => "runJob",
                 JobKind::CacheFetch => "runCacheJob",
                 JobKind::Wipe => "runWipeJob",
+                JobKind::Clone => "runCloneJob",
             };
             let span = tracing::info_span!(
                 "job",
@@ -402,7 +416,11 @@ impl Engine {
             })
         };
         let mut handle = JobHandle::new(store.clone(), job, cancel.clone());
-        let outcome = runner::execute(&self.inner.ctx, &mut handle, &cancel).await;
+        let outcome = if handle.job.kind == JobKind::Clone {
+            super::clone::execute(&self.inner.ctx, &mut handle, &cancel).await
+        } else {
+            runner::execute(&self.inner.ctx, &mut handle, &cancel).await
+        };
         timer.abort();
         let (job, store_error) = handle.finish();
 

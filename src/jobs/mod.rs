@@ -1,7 +1,8 @@
 //! Jobs: the model and state machine, progress estimation, the durable store, the engine
-//! (queue, slots, cancel, recovery), idempotent submission, deleting, growing and uploading
-//! volumes under its locks, and the runner (what a job does; a wipe job's step in `wipe.rs`).
+//! (queue, slots, cancel, recovery), idempotent submission, deleting, growing, cloning and
+//! uploading volumes under its locks, and the runner (what a job does; a wipe job's step in `wipe.rs`).
 
+pub(crate) mod clone;
 pub(crate) mod delete;
 pub(crate) mod engine;
 mod error;

@@ -81,6 +81,8 @@ pub(crate) enum JobKind {
     CacheFetch,
     /// Wipe a volume, then remove it (a `DELETE` whose wipe runs long).
     Wipe,
+    /// Make a new volume as a copy of an existing one (`POST /api/v1/volumes/{name}/clone`).
+    Clone,
 }
 
 impl JobKind {
@@ -89,6 +91,7 @@ impl JobKind {
             JobKind::Provision => "provision",
             JobKind::CacheFetch => "cache_fetch",
             JobKind::Wipe => "wipe",
+            JobKind::Clone => "clone",
         }
     }
 }
@@ -161,6 +164,32 @@ pub(crate) struct JobSpec {
     /// A checksum manifest listing the image by its file name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) checksum_url: Option<String>,
+    /// Clone jobs only: the volume copied into `volume_name` (absent from other jobs' records,
+    /// so their idempotency hashes stay as they were).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) clone: Option<CloneSpec>,
+}
+
+impl JobSpec {
+    /// Every volume name the job holds while pending or running: its volume and, for a clone,
+    /// the source.
+    pub(crate) fn held_volumes(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.volume_name.iter().map(String::as_str).collect();
+        if let Some(c) = &self.clone {
+            names.push(&c.source);
+        }
+        names
+    }
+}
+
+/// What a clone job copies (`volume_name` is the target, `volume_size_gb` its size when given).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct CloneSpec {
+    /// The existing volume to copy.
+    pub(crate) source: String,
+    /// Copy the source even while a running domain uses it (crash-consistent at best).
+    #[serde(default)]
+    pub(crate) allow_in_use: bool,
 }
 
 /// Whether the job's volume existed before the job, so rollback never deletes what it did not make.
@@ -384,6 +413,7 @@ pub(crate) mod tests {
                 correlation_id: None,
                 checksum: None,
                 checksum_url: None,
+                clone: None,
             },
             Utc::now(),
         )

@@ -39,7 +39,7 @@ pub(crate) struct RunContext {
 type StepResult<T> = Result<T, JobError>;
 
 /// `Stopped` once cancel, timeout or shutdown fired.
-fn check_stop(cancel: &CancellationToken) -> StepResult<()> {
+pub(super) fn check_stop(cancel: &CancellationToken) -> StepResult<()> {
     if cancel.is_cancelled() {
         Err(JobError::Stopped)
     } else {
@@ -58,9 +58,15 @@ pub(crate) async fn execute(
         JobKind::Provision => provision(ctx, h, cancel).await,
         JobKind::CacheFetch => fetch_only(ctx, h, cancel).await.map(|_| ()),
         JobKind::Wipe => {
-            let setting = ctx.settings.current().volumes.wipe_on_delete;
-            super::wipe::run(ctx.volumes.as_ref(), setting, h, cancel).await
+            let settings = ctx.settings.current();
+            let (setting, limit) = (
+                settings.volumes.wipe_on_delete,
+                settings.volumes.io.write_bytes_per_second,
+            );
+            super::wipe::run(ctx.volumes.as_ref(), setting, limit, h, cancel).await
         }
+        // Run by the engine through `clone::execute` (which uses the steps here).
+        JobKind::Clone => Err(JobError::InvalidSpec("clone jobs run through jobs::clone")),
     };
     h.publish(true);
     result
@@ -263,7 +269,7 @@ async fn from_golden(
 /// anything is made (so rollback and restart recovery know), `created` after; a `Conflict`
 /// (someone else's volume appeared under the name) records `none`, so rollback never removes a
 /// volume the job did not make.
-async fn create_owned(
+pub(super) async fn create_owned(
     h: &mut JobHandle,
     create: impl std::future::Future<Output = Result<VolumeInfo, VolumeError>>,
 ) -> StepResult<VolumeInfo> {
@@ -327,6 +333,40 @@ fn check_image(verdict: &Inspection, spec: &JobSpec, size_bytes: u64) -> StepRes
     Ok(*verdict)
 }
 
+/// The conversion of `image` into `target`: O_DIRECT when the target takes it, the IO limits
+/// of the settings now.
+async fn spec_for(
+    ctx: &RunContext,
+    image: &CachedImage,
+    verdict: &Inspection,
+    target: &VolumeInfo,
+) -> ConvertSpec {
+    let target_path = target.path.clone();
+    let direct_io = tokio::task::spawn_blocking(move || convert::supports_direct_io(&target_path))
+        .await
+        .unwrap_or(false);
+    if !direct_io {
+        tracing::info!(
+            volume = %target.path.display(),
+            "target does not support O_DIRECT; writing through the page cache (-t writeback)"
+        );
+    }
+    let io = ctx.settings.current().volumes.io.clone();
+    ConvertSpec {
+        source: image.path.clone(),
+        format: verdict.format,
+        member: verdict.ova_disk,
+        target: target.path.clone(),
+        direct_io,
+        coroutines: 8,
+        cpu_limit: ctx.settings.current().jobs.timeout,
+        target_is_zero: target.reads_zeros,
+        force_share: false,
+        rate_limit: io.copy_rate(),
+        io_priority: io.priority.ioprio(),
+    }
+}
+
 /// Writes the image into the volume with qemu-img, reporting its progress.
 async fn populate(
     ctx: &RunContext,
@@ -339,26 +379,7 @@ async fn populate(
     let started = Instant::now();
     h.tracker.start_convert(verdict.virtual_size, started);
     h.publish(true);
-    let target_path = target.path.clone();
-    let direct_io = tokio::task::spawn_blocking(move || convert::supports_direct_io(&target_path))
-        .await
-        .unwrap_or(false);
-    if !direct_io {
-        tracing::info!(
-            volume = %target.path.display(),
-            "target does not support O_DIRECT; writing through the page cache (-t writeback)"
-        );
-    }
-    let convert_spec = ConvertSpec {
-        source: image.path.clone(),
-        format: verdict.format,
-        member: verdict.ova_disk,
-        target: target.path.clone(),
-        direct_io,
-        coroutines: 8,
-        cpu_limit: ctx.settings.current().jobs.timeout,
-        target_is_zero: target.reads_zeros,
-    };
+    let convert_spec = spec_for(ctx, image, verdict, target).await;
     let span = tracing::info_span!(
         "populate",
         otel.name = "PopulateVolume",
@@ -369,8 +390,16 @@ async fn populate(
         virtual_size = verdict.virtual_size,
         target_is_zero = target.reads_zeros,
     );
+    let written = metrics()
+        .bulk_io_bytes_total
+        .with_label_values(&["convert"]);
+    let mut counted = 0u64;
     let converted = convert::convert(&convert_spec, cancel, |fraction| {
         let now = Instant::now();
+        // The image's virtual bytes processed (zeros included): what the limit paces.
+        let done = (fraction.clamp(0.0, 1.0) * verdict.virtual_size as f64) as u64;
+        written.inc_by(done.saturating_sub(counted));
+        counted = counted.max(done);
         h.tracker.update_fraction(fraction, now);
         if let Some(rate) = h.tracker.current_rate(now) {
             metrics()
@@ -405,7 +434,11 @@ async fn populate(
 
 /// Flushes the volume to stable storage (with libvirt integration, the backend then refreshes
 /// the pool).
-async fn finalize(ctx: &RunContext, h: &mut JobHandle, target: &VolumeInfo) -> StepResult<()> {
+pub(super) async fn finalize(
+    ctx: &RunContext,
+    h: &mut JobHandle,
+    target: &VolumeInfo,
+) -> StepResult<()> {
     h.tracker.start_finalize(Instant::now());
     h.publish(true);
     ctx.volumes

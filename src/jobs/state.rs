@@ -138,12 +138,12 @@ impl Drop for VolumeClaim {
     }
 }
 
-/// What a submission holds while its job is being stored: a queue place, its volume name (as
-/// `Holder::Submitting`) and its idempotency key. Dropped, it gives all three back; `admit`
+/// What a submission holds while its job is being stored: a queue place, its volume names (as
+/// `Holder::Submitting`; a clone holds its source too) and its idempotency key. Dropped, it gives all three back; `admit`
 /// hands them over to the stored job instead.
 pub(super) struct Admission {
     shared: Shared,
-    volume: Option<String>,
+    volumes: Vec<String>,
     key: Option<String>,
     /// `false` once handed over.
     armed: bool,
@@ -154,11 +154,11 @@ impl Admission {
     pub(super) fn take(
         shared: &Shared,
         st: &mut State,
-        volume: Option<&str>,
+        volumes: &[&str],
         key: Option<&str>,
     ) -> Admission {
         st.reserved += 1;
-        if let Some(v) = volume {
+        for v in volumes {
             st.volumes.insert(v.to_string(), Holder::Submitting);
         }
         if let Some(k) = key {
@@ -166,17 +166,17 @@ impl Admission {
         }
         Admission {
             shared: shared.clone(),
-            volume: volume.map(str::to_string),
+            volumes: volumes.iter().map(|v| v.to_string()).collect(),
             key: key.map(str::to_string),
             armed: true,
         }
     }
 
-    /// The job `id` is stored: its volume name passes to it and it joins the queue (with the
+    /// The job `id` is stored: its volume names pass to it and it joins the queue (with the
     /// state locked by the caller).
     pub(super) fn admit(mut self, st: &mut State, id: Uuid) {
         self.give_back(st);
-        if let Some(v) = self.volume.take() {
+        for v in std::mem::take(&mut self.volumes) {
             st.volumes.insert(v, Holder::Job(id));
         }
         st.queue.push_back(id);
@@ -188,10 +188,10 @@ impl Admission {
         if let Some(k) = &self.key {
             st.keys_in_flight.remove(k);
         }
-        if let Some(v) = &self.volume
-            && st.volumes.get(v) == Some(&Holder::Submitting)
-        {
-            st.volumes.remove(v);
+        for v in &self.volumes {
+            if st.volumes.get(v) == Some(&Holder::Submitting) {
+                st.volumes.remove(v);
+            }
         }
     }
 }
@@ -214,7 +214,7 @@ mod tests {
         let shared = Shared::new(State::new(1, 1));
         let admission = {
             let mut st = shared.lock();
-            Admission::take(&shared, &mut st, Some("vm-1"), Some("key"))
+            Admission::take(&shared, &mut st, &["vm-1"], Some("key"))
         };
         {
             let st = shared.lock();
@@ -234,7 +234,7 @@ mod tests {
         let id = Uuid::new_v4();
         {
             let mut st = shared.lock();
-            let admission = Admission::take(&shared, &mut st, Some("vm-1"), Some("key"));
+            let admission = Admission::take(&shared, &mut st, &["vm-1"], Some("key"));
             admission.admit(&mut st, id);
         }
         let st = shared.lock();

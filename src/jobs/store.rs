@@ -321,6 +321,7 @@ mod tests {
                 correlation_id: None,
                 checksum: None,
                 checksum_url: None,
+                clone: None,
             },
             Utc::now(),
         )

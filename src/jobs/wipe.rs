@@ -20,6 +20,7 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 pub(super) async fn run(
     volumes: &dyn VolumeBackend,
     setting: Option<WipeMode>,
+    limit: u64,
     h: &mut JobHandle,
     cancel: &CancellationToken,
 ) -> Result<(), JobError> {
@@ -40,7 +41,7 @@ pub(super) async fn run(
     let mode = volume::effective_wipe(setting, target.kind);
     h.tracker.start_convert(target.size_bytes, Instant::now());
     h.publish(true);
-    let progress = Arc::new(WipeProgress::default());
+    let progress = Arc::new(WipeProgress::limited(limit));
     let work = volumes.remove_wiped(&name, mode, &progress, cancel);
     tokio::pin!(work);
     let mut tick = tokio::time::interval(PROGRESS_EVERY);

@@ -175,6 +175,26 @@ pub(crate) trait VolumeBackend: Send + Sync {
     /// now, and the running domain told about the new size, if one uses it.
     async fn grow(&self, volume: &VolumeInfo, size_bytes: u64) -> Result<Grown, VolumeError>;
 
+    /// Whether `snapshot` can make a clone of `source` (an LVM thin LV: a thin snapshot).
+    fn can_snapshot(&self, _source: &VolumeInfo) -> bool {
+        false
+    }
+
+    /// Makes `new` as a snapshot of `source` that shares its blocks until written (an LVM
+    /// thin snapshot, activated, writable, tagged as created by `new.owner`), grown to
+    /// `new.size_bytes` when that is larger. Only called when `can_snapshot` said so; `Conflict`
+    /// when a volume of that name exists.
+    async fn snapshot(
+        &self,
+        source: &VolumeInfo,
+        _new: &NewVolume<'_>,
+    ) -> Result<VolumeInfo, VolumeError> {
+        Err(VolumeError::Conflict(format!(
+            "volume {} cannot be snapshotted on this backend",
+            source.name
+        )))
+    }
+
     /// Whether the backend is usable now (the `lvm` dependency of the readiness probe).
     async fn probe(&self) -> Result<(), VolumeError>;
 }

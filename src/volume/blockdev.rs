@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::backend::{Blocker, BlockerKind};
 use super::error::VolumeError;
-use super::wipe::{WipeMode, WipeProgress};
+use super::wipe::{Pacer, WipeMode, WipeProgress};
 
 /// Bytes zeroed or discarded per ioctl; cancellation is checked and progress counted between
 /// calls.
@@ -85,6 +85,7 @@ impl Device {
         discard: bool,
     ) -> Result<(), VolumeError> {
         let fd = self.file.as_raw_fd();
+        let mut pacer = Pacer::new(progress);
         let mut off = start;
         while off < end {
             if cancel.is_cancelled() {
@@ -93,7 +94,8 @@ impl Device {
                     std::io::Error::new(std::io::ErrorKind::Interrupted, "wiping stopped"),
                 ));
             }
-            let len = ZERO_CHUNK.min(end - off);
+            // Paced ranges stay whole sectors (the chunk is whole MiB).
+            let len = pacer.chunk(ZERO_CHUNK).min(end - off);
             let range = [off, len];
             // SAFETY: range is a valid [start, length] pair for the duration of the call.
             let done = if discard {
@@ -103,6 +105,7 @@ impl Device {
             };
             done?;
             progress.add(len);
+            pacer.wait(len, cancel);
             off += len;
         }
         Ok(())
@@ -194,6 +197,7 @@ pub(crate) fn wipe_file(
         }
         WipeMode::Zero => {
             let zeros = vec![0u8; 8 << 20];
+            let mut pacer = Pacer::new(progress);
             let mut off = 0u64;
             while off < size {
                 if cancel.is_cancelled() {
@@ -202,9 +206,10 @@ pub(crate) fn wipe_file(
                         "wiping stopped",
                     )));
                 }
-                let len = (zeros.len() as u64).min(size - off);
+                let len = pacer.chunk(zeros.len() as u64).min(size - off);
                 file.write_all_at(&zeros[..len as usize], off).map_err(io)?;
                 progress.add(len);
+                pacer.wait(len, cancel);
                 off += len;
             }
         }

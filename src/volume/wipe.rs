@@ -1,7 +1,8 @@
 //! What wiping a volume means, as values: what holds a volume's bytes (`VolumeKind`), the
 //! modes (`WipeMode`), the default a kind of volume
-//! gets (`default_for`), and the progress counter a wipe shares with whoever reports it
-//! (`WipeProgress`). The wiping itself is in `blockdev.rs`. A leaf of `volume/`.
+//! gets (`default_for`), the progress counter a wipe shares with whoever reports it
+//! (`WipeProgress`, which also carries the rate limit), and the pacing of a limited wipe
+//! (`Pacer`). The wiping itself is in `blockdev.rs`. A leaf of `volume/`.
 
 /// What holds a volume's bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,9 +53,64 @@ pub(crate) struct WipeProgress {
     pub(crate) done: std::sync::atomic::AtomicU64,
     /// Bytes the wipe covers (known once the device is open).
     pub(crate) total: std::sync::atomic::AtomicU64,
+    /// At most this many bytes per second (`volumes.io.write_bytes_per_second`); 0: unlimited.
+    pub(crate) limit: std::sync::atomic::AtomicU64,
+}
+
+/// Least bytes per wipe call under a rate limit (the sleeps between calls pace the wipe).
+const PACED_CHUNK_MIN: u64 = 1 << 20;
+
+/// Paces a wipe to its progress's limit: after each range, sleeps until the bytes done so far
+/// took at least as long as the limit allows.
+pub(crate) struct Pacer {
+    limit: u64,
+    started: std::time::Instant,
+    done: u64,
+}
+
+impl Pacer {
+    pub(crate) fn new(progress: &WipeProgress) -> Pacer {
+        Pacer {
+            limit: progress.limit.load(std::sync::atomic::Ordering::Relaxed),
+            started: std::time::Instant::now(),
+            done: 0,
+        }
+    }
+
+    /// The range to wipe per call: `max` unlimited, else about an eighth of a second's worth
+    /// (whole MiB, at least one).
+    pub(crate) fn chunk(&self, max: u64) -> u64 {
+        if self.limit == 0 {
+            return max;
+        }
+        (self.limit / 8 / PACED_CHUNK_MIN * PACED_CHUNK_MIN).clamp(PACED_CHUNK_MIN, max)
+    }
+
+    /// Counts `bytes` done, then sleeps (in steps, stopping early when `cancel` fires) until the
+    /// rate is within the limit.
+    pub(crate) fn wait(&mut self, bytes: u64, cancel: &tokio_util::sync::CancellationToken) {
+        self.done += bytes;
+        if self.limit == 0 {
+            return;
+        }
+        let due = std::time::Duration::from_secs_f64(self.done as f64 / self.limit as f64);
+        while !cancel.is_cancelled() {
+            let Some(left) = due.checked_sub(self.started.elapsed()) else {
+                return;
+            };
+            std::thread::sleep(left.min(std::time::Duration::from_millis(100)));
+        }
+    }
 }
 
 impl WipeProgress {
+    /// A counter for a wipe of at most `limit` bytes per second (0: unlimited).
+    pub(crate) fn limited(limit: u64) -> WipeProgress {
+        let p = WipeProgress::default();
+        p.limit.store(limit, std::sync::atomic::Ordering::Relaxed);
+        p
+    }
+
     pub(super) fn set_total(&self, total: u64) {
         self.total
             .store(total, std::sync::atomic::Ordering::Relaxed);
@@ -94,6 +150,37 @@ pub(crate) fn effective(setting: Option<WipeMode>, kind: VolumeKind) -> WipeMode
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_limited_wipe_is_paced() {
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let mut open = Pacer::new(&WipeProgress::default());
+        assert_eq!(open.chunk(256 << 20), 256 << 20);
+        let t = std::time::Instant::now();
+        open.wait(1 << 30, &cancel);
+        assert!(t.elapsed() < std::time::Duration::from_millis(50));
+        let mut paced = Pacer::new(&WipeProgress::limited(64 << 20));
+        assert_eq!(paced.chunk(256 << 20), 8 << 20);
+        assert_eq!(
+            Pacer::new(&WipeProgress::limited(1000)).chunk(256 << 20),
+            1 << 20
+        );
+        for _ in 0..4 {
+            paced.wait(8 << 20, &cancel);
+        }
+        let took = paced.started.elapsed().as_secs_f64();
+        assert!(
+            (0.5..0.7).contains(&took),
+            "32 MiB at 64 MiB/s took {took} s"
+        );
+        cancel.cancel();
+        let t = std::time::Instant::now();
+        paced.wait(1 << 30, &cancel);
+        assert!(
+            t.elapsed() < std::time::Duration::from_millis(50),
+            "cancel stops the wait"
+        );
+    }
 
     #[test]
     fn defaults_per_kind_and_names() {

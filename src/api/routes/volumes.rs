@@ -1,4 +1,4 @@
-//! Volume routes: delete, upload content, resize.
+//! Volume routes: delete, upload content, resize, clone.
 
 use warp::Filter;
 use warp::http::Method;
@@ -45,6 +45,20 @@ pub(crate) const ROUTES: &[RouteDef] = &[
                 .and(handlers::caller_and_json_body(s.clone()))
                 .and(with_state(s))
                 .then(lifecycle::resize)
+                .map(handlers::respond)
+                .boxed()
+        },
+    },
+    RouteDef {
+        method: Method::POST,
+        template: "/api/v1/volumes/{name}/clone",
+        build: |at, s| {
+            warp::path!("api" / "v1" / "volumes" / String / "clone")
+                .and(at)
+                .and(handlers::caller_and_json_body(s.clone()))
+                .and(warp::header::headers_cloned())
+                .and(with_state(s))
+                .then(lifecycle::clone)
                 .map(handlers::respond)
                 .boxed()
         },

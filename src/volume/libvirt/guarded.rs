@@ -223,6 +223,18 @@ impl VolumeBackend for LibvirtVolumes {
         self.inner.unfinished_wipes().await
     }
 
+    fn can_snapshot(&self, source: &VolumeInfo) -> bool {
+        self.inner.can_snapshot(source)
+    }
+
+    async fn snapshot(
+        &self,
+        source: &VolumeInfo,
+        new: &NewVolume<'_>,
+    ) -> Result<VolumeInfo, VolumeError> {
+        self.inner.snapshot(source, new).await
+    }
+
     async fn finish_wipe(
         &self,
         name: &str,

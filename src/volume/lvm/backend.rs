@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::naming::{GOLDEN_PREFIX, owner_tag, wipe_in_tags, wipe_tag};
+use super::naming::{CLONE_TAG, GOLDEN_PREFIX, owner_tag, wipe_in_tags, wipe_tag};
 use super::report::{
     LV_FIELDS, LvInfo, REPORT_ARGS, VG_FIELDS, VgInfo, extents_for, parse_lvs, parse_vgs,
 };
@@ -304,6 +304,84 @@ impl LvmBackend {
             args.push(self.vg.clone());
         }
         args
+    }
+
+    /// A new volume `new.name` of at least `new.size_bytes`: a thin snapshot of `golden` (a
+    /// golden image, or a thin LV being cloned), activated (no activation skip), writable,
+    /// extended to the size, tagged as created by `new.owner` and with `extra_tags`. Checks
+    /// the pool first. `Conflict` when an LV of that name exists.
+    pub(super) async fn thin_snapshot(
+        &self,
+        golden: &VolumeInfo,
+        new: &NewVolume<'_>,
+        extra_tags: &[&str],
+    ) -> Result<VolumeInfo, VolumeError> {
+        let (name, size_bytes, owner) = (new.name, new.size_bytes, new.owner);
+        validate_lvm_name(name).map_err(VolumeError::InvalidName)?;
+        let tag = owner_tag(owner)?;
+        self.check_pool().await?;
+        let origin = self.lv_arg(&golden.name);
+        let mut args = vec![
+            "--yes",
+            "--snapshot",
+            "--setactivationskip",
+            "n",
+            "--activate",
+            "y",
+            "--name",
+            name,
+            "--addtag",
+            &tag,
+        ];
+        for t in extra_tags {
+            args.extend(["--addtag", t]);
+        }
+        args.push(&origin);
+        let created = self.run("lvcreate", &args).await;
+        if let Err(e) = created {
+            if let Ok(Some(lv)) = self.lv(name).await
+                && !lv.tags.contains(&tag)
+            {
+                return Err(VolumeError::Conflict(format!(
+                    "volume {name} already exists in VG {}",
+                    self.vg_name()
+                )));
+            }
+            return Err(e);
+        }
+        let vg = self.vg().await?;
+        let extents = extents_for(size_bytes, vg.extent_size).ok_or_else(|| {
+            Self::report_error(
+                "lvextend",
+                format!(
+                    "cannot size {size_bytes} bytes in extents of {}",
+                    vg.extent_size
+                ),
+            )
+        })?;
+        let volume = self.lv_arg(name);
+        if extents * vg.extent_size > golden.size_bytes {
+            let extents = extents.to_string();
+            self.run("lvextend", &["--yes", "--extents", &extents, &volume])
+                .await?;
+        }
+        let lv = self.lv(name).await?.ok_or_else(|| {
+            Self::report_error("lvs", format!("{name} is not listed after lvcreate"))
+        })?;
+        if lv.attr.skip_activation == 'k' {
+            self.run("lvchange", &["--setactivationskip", "n", &volume])
+                .await?;
+        }
+        if !lv.attr.is_active() {
+            self.activate(name).await?;
+        }
+        if lv.attr.permissions != 'w' {
+            self.run("lvchange", &["--permission", "rw", &volume])
+                .await?;
+        }
+        self.wait_for_node(name).await?;
+        tracing::info!(volume = %volume, origin = %origin, bytes = lv.size_bytes, "thin snapshot created");
+        Ok(self.info(&lv))
     }
 
     /// Start-up: the thin pool's use into the metrics, and a warning when it does not zero
@@ -612,6 +690,26 @@ impl VolumeBackend for LvmBackend {
                  left in place"
             ))),
         }
+    }
+
+    /// Thin LVs are snapshotted when a thin pool is configured (its threshold is checked
+    /// first); thick LVs are copied.
+    fn can_snapshot(&self, source: &VolumeInfo) -> bool {
+        source.kind == VolumeKind::ThinLv && self.thin.is_some()
+    }
+
+    /// A thin snapshot of `source`, tagged as a clone so that it counts as a plain volume.
+    async fn snapshot(
+        &self,
+        source: &VolumeInfo,
+        new: &NewVolume<'_>,
+    ) -> Result<VolumeInfo, VolumeError> {
+        if new.name.starts_with(GOLDEN_PREFIX) {
+            return Err(VolumeError::Conflict(format!(
+                "volume names starting with {GOLDEN_PREFIX} are reserved for golden images"
+            )));
+        }
+        self.thin_snapshot(source, new, &[CLONE_TAG]).await
     }
 
     async fn probe(&self) -> Result<(), VolumeError> {

@@ -13,8 +13,8 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use super::backend::LvmBackend;
-use super::naming::{COMPLETE_TAG, GOLDEN_TAG, golden_name, key_tag, owner_tag};
-use super::report::{LvInfo, extents_for};
+use super::naming::{COMPLETE_TAG, GOLDEN_TAG, golden_name, key_tag};
+use super::report::LvInfo;
 use crate::telemetry::metrics::metrics;
 use crate::volume::backend::{NewVolume, VolumeBackend, VolumeInfo};
 use crate::volume::blockdev;
@@ -22,7 +22,6 @@ use crate::volume::clones::{
     CloneMethod, CloneStore, Golden, GoldenBuild, GoldenSource, KeyLocks, check_key, within_bound,
 };
 use crate::volume::error::VolumeError;
-use crate::volume::names::validate_lvm_name;
 
 /// Granule in which the thin pool provisions data (LVM's smallest and usual chunk size), for
 /// estimating a golden image's pool use.
@@ -275,77 +274,7 @@ impl CloneStore for GoldenImages {
         golden: &VolumeInfo,
         new: &NewVolume<'_>,
     ) -> Result<VolumeInfo, VolumeError> {
-        let (name, size_bytes, owner) = (new.name, new.size_bytes, new.owner);
-        validate_lvm_name(name).map_err(VolumeError::InvalidName)?;
-        let tag = owner_tag(owner)?;
-        self.lvm.check_pool().await?;
-        let origin = self.lvm.lv_arg(&golden.name);
-        let created = self
-            .lvm
-            .run(
-                "lvcreate",
-                &[
-                    "--yes",
-                    "--snapshot",
-                    "--setactivationskip",
-                    "n",
-                    "--activate",
-                    "y",
-                    "--name",
-                    name,
-                    "--addtag",
-                    &tag,
-                    &origin,
-                ],
-            )
-            .await;
-        if let Err(e) = created {
-            if let Ok(Some(lv)) = self.lvm.lv(name).await
-                && !lv.tags.contains(&tag)
-            {
-                return Err(VolumeError::Conflict(format!(
-                    "volume {name} already exists in VG {}",
-                    self.lvm.vg_name()
-                )));
-            }
-            return Err(e);
-        }
-        let vg = self.lvm.vg().await?;
-        let extents = extents_for(size_bytes, vg.extent_size).ok_or_else(|| {
-            LvmBackend::report_error(
-                "lvextend",
-                format!(
-                    "cannot size {size_bytes} bytes in extents of {}",
-                    vg.extent_size
-                ),
-            )
-        })?;
-        let volume = self.lvm.lv_arg(name);
-        if extents * vg.extent_size > golden.size_bytes {
-            let extents = extents.to_string();
-            self.lvm
-                .run("lvextend", &["--yes", "--extents", &extents, &volume])
-                .await?;
-        }
-        let lv = self.lvm.lv(name).await?.ok_or_else(|| {
-            LvmBackend::report_error("lvs", format!("{name} is not listed after lvcreate"))
-        })?;
-        if lv.attr.skip_activation == 'k' {
-            self.lvm
-                .run("lvchange", &["--setactivationskip", "n", &volume])
-                .await?;
-        }
-        if !lv.attr.is_active() {
-            self.lvm.activate(name).await?;
-        }
-        if lv.attr.permissions != 'w' {
-            self.lvm
-                .run("lvchange", &["--permission", "rw", &volume])
-                .await?;
-        }
-        self.lvm.wait_for_node(name).await?;
-        tracing::info!(volume = %volume, origin = %origin, bytes = lv.size_bytes, "thin snapshot of the golden image created");
-        Ok(self.lvm.info(&lv))
+        self.lvm.thin_snapshot(golden, new, &[]).await
     }
 
     async fn forget(&self, key: &str) -> Result<bool, VolumeError> {
@@ -456,15 +385,16 @@ mod tests {
     /// snapshots stay protected.
     #[test]
     fn clones_of_golden_images_are_plain_volumes() {
-        let lvs = |origin: &str| {
+        let lvs_tagged = |origin: &str, tags: &str| {
             let json = format!(
                 r#"{{"report":[{{"lv":[{{"lv_name":"vm-1","vg_name":"v","lv_size":"1073741824",
-                "lv_attr":"Vwi-a-tz--","lv_tags":"lvp_job_x","origin":"{origin}",
+                "lv_attr":"Vwi-a-tz--","lv_tags":"{tags}","origin":"{origin}",
                 "pool_lv":"pool","segtype":"thin","data_percent":"0.50","metadata_percent":"",
                 "zero":"zero"}}]}}]}}"#
             );
             parse_lvs(&json).unwrap().remove(0)
         };
+        let lvs = |origin: &str| lvs_tagged(origin, "lvp_job_x");
         let clone = lvs("lvp-golden-0123456789abcdef");
         assert_eq!(clone.removal_blocker(), None);
         assert_eq!(clone.reuse_blocker(), None);
@@ -474,6 +404,10 @@ mod tests {
         let snapshot = lvs("vm-0");
         let blocker = snapshot.removal_blocker().unwrap();
         assert!(blocker.reason.contains("snapshot of vm-0"), "{blocker}");
+        // A clone job's thin snapshot of a volume carries the clone tag: a plain volume too.
+        let cloned = lvs_tagged("vm-0", "lvp_job_x,lvp_clone");
+        assert_eq!(cloned.removal_blocker(), None);
+        assert_eq!(cloned.reuse_blocker(), None);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Names and tags the daemon gives LVs: the tag naming the job that created an LV (rollback
-//! removes only LVs with its own tag), and the golden images' reserved name prefix and tags. A
+//! removes only LVs with its own tag), and the golden images' reserved name prefix and tags, the clone tag. A
 //! leaf of `lvm/`.
 
 use crate::volume::error::VolumeError;
@@ -15,6 +15,9 @@ pub(crate) const GOLDEN_PREFIX: &str = "lvp-golden-";
 pub(crate) const KEY_TAG_PREFIX: &str = "lvp_image_";
 /// Tag a golden LV gets once it is written, flushed and read-only; without it, it is never used.
 pub(crate) const COMPLETE_TAG: &str = "lvp_golden_complete";
+/// Tag of a thin snapshot made by a clone job (`POST /api/v1/volumes/{name}/clone`): a plain
+/// volume, though LVM lists its origin.
+pub(crate) const CLONE_TAG: &str = "lvp_clone";
 /// Prefix of the tag an LV gets before it is wiped for deletion, followed by the wipe mode
 /// (`lvp_wipe_zero`): the durable intent that start-up finishes after a crash.
 pub(crate) const WIPE_TAG_PREFIX: &str = "lvp_wipe_";

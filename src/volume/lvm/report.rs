@@ -4,7 +4,7 @@
 
 use serde::Deserialize;
 
-use super::naming::{GOLDEN_PREFIX, GOLDEN_TAG, KEY_TAG_PREFIX, wipe_in_tags};
+use super::naming::{CLONE_TAG, GOLDEN_PREFIX, GOLDEN_TAG, KEY_TAG_PREFIX, wipe_in_tags};
 use crate::volume::backend::{Blocker, BlockerKind};
 
 /// Options every report command gets: machine-readable JSON, sizes as plain byte counts.
@@ -159,11 +159,12 @@ impl LvInfo {
         Some(key.to_string())
     }
 
-    /// A thin snapshot of a golden image: it shares the golden LV's blocks but does not depend
-    /// on it (dm-thin keeps shared blocks until the last user is gone), so it is a plain thin
-    /// volume that may be overwritten or removed.
+    /// A thin snapshot of a golden image, or one a clone job made (tagged): it shares its
+    /// origin's blocks but does not depend on it (dm-thin keeps shared blocks until the last
+    /// user is gone), so it is a plain thin volume that may be overwritten or removed.
     fn is_golden_clone(&self) -> bool {
-        self.segtype == "thin" && self.origin.starts_with(GOLDEN_PREFIX)
+        self.segtype == "thin"
+            && (self.origin.starts_with(GOLDEN_PREFIX) || self.tags.iter().any(|t| t == CLONE_TAG))
     }
 
     /// Why this LV must not be overwritten by a job (the API answers 409 with it); `None` when
