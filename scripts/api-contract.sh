@@ -31,6 +31,8 @@ trap cleanup EXIT
 mkdir -p "$WORK/var/images"
 qemu-img create -q -f qcow2 "$WORK/var/images/small.qcow2" 1M
 IMAGE_URL="file://$WORK/var/images/small.qcow2"
+(cd "$WORK/var/images" && sha256sum small.qcow2 > SHA256SUMS)
+MANIFEST_URL="file://$WORK/var/images/SHA256SUMS"
 TOKEN=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
 printf 'schemathesis:%s\n' "$TOKEN" > "$WORK/tokens"
 chmod 600 "$WORK/tokens"
@@ -64,7 +66,7 @@ BASE="http://$ADDRESS"
 [ -n "$ADDRESS" ] && curl -fsS "$BASE/health" >/dev/null || { echo "the daemon did not start:"; cat "$WORK/daemon.log"; exit 1; }
 echo "daemon $BIN on $BASE (state in $WORK)"
 
-export LVP_CONTRACT_IMAGE_URL=$IMAGE_URL
+export LVP_CONTRACT_IMAGE_URL=$IMAGE_URL LVP_CONTRACT_MANIFEST_URL=$MANIFEST_URL
 export SCHEMATHESIS_HOOKS=api_contract_hooks
 export PYTHONPATH="$ROOT/scripts${PYTHONPATH:+:$PYTHONPATH}"
 started=$(date +%s)

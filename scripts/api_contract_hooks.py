@@ -9,6 +9,8 @@ stays invalid (its invalid part is left as it is):
 - image_url: which sources a daemon accepts is its configuration (sources.file_roots,
   sources.allowed_hosts, s3.endpoint; 400 otherwise). A well-formed image_url becomes the small
   qcow2 the script serves below file_roots, so valid requests make real jobs that complete.
+- checksum_url: the same rule; a well-formed one becomes a real `sha256sum` manifest beside the
+  qcow2 that lists it.
 - Idempotency-Key: one key names one request, so two cases that happen to draw the same key
   with different bodies get 422 by design. A well-formed key is made unique to its case.
 - X-Content-SHA256: a well-formed digest becomes the body's real one (a mismatch is 422 by
@@ -38,20 +40,21 @@ import schemathesis
 from schemathesis.transport.serialization import serialize_binary
 
 IMAGE_URL = os.environ["LVP_CONTRACT_IMAGE_URL"]
+MANIFEST_URL = os.environ["LVP_CONTRACT_MANIFEST_URL"]
 IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,255}")
 SHA256_HEX = re.compile(r"[0-9A-Fa-f]{64}")
 UPLOAD = "PUT /api/v1/volumes/{name}/content"
 
 
-def _image_url_rule(case):
-    """The image_url schema of the operation's body, as the daemon's document states it."""
+def _field_rule(case, field):
+    """The schema of a field of the operation's body, as the daemon's document states it."""
     body = case.operation.definition.raw.get("requestBody", {})
     schema = body.get("content", {}).get("application/json", {}).get("schema", {})
     ref = schema.get("$ref", "")
     if not ref.startswith("#/components/schemas/"):
         return None
     components = case.operation.schema.raw_schema["components"]["schemas"]
-    return components[ref.rsplit("/", 1)[1]].get("properties", {}).get("image_url")
+    return components[ref.rsplit("/", 1)[1]].get("properties", {}).get(field)
 
 
 def _well_formed_url(value, rule):
@@ -93,10 +96,11 @@ class _Streamed:
 @schemathesis.hook
 def before_call(context, case, kwargs):
     body = case.body
-    if isinstance(body, dict) and "image_url" in body:
-        rule = _image_url_rule(case)
-        if rule is not None and _well_formed_url(body["image_url"], rule):
-            body["image_url"] = IMAGE_URL
+    for field, url in (("image_url", IMAGE_URL), ("checksum_url", MANIFEST_URL)):
+        if isinstance(body, dict) and field in body:
+            rule = _field_rule(case, field)
+            if rule is not None and _well_formed_url(body[field], rule):
+                body[field] = url
     headers = case.headers
     key = _header(headers, "Idempotency-Key")
     if key is not None and isinstance(headers[key], str) and IDEMPOTENCY_KEY.fullmatch(headers[key]):

@@ -100,7 +100,11 @@ pub(crate) async fn clone(
         .and_then(|_| state.volumes.validate_name(&target))
         .map_err(|e| ApiError::bad_request(format!("target: {e}")))?;
     if target == source {
-        return Err(ApiError::bad_request("target must differ from the source"));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            Reason::VolumeExists,
+            "target is the source volume itself: name a new volume",
+        ));
     }
     let size_gb = match body.size_gb {
         Some(v) => Some(check_size_field("size_gb", Some(v))?),

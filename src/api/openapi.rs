@@ -174,6 +174,10 @@ fn finish(doc: &mut Value, open: bool) {
     }
     if let Some(schemas) = at(doc, &["components", "schemas"]) {
         one_checksum(schemas);
+        for body in ["ProvisionBody", "CacheFetchBody", "InspectBody"] {
+            let url_rule = schemas[body]["properties"]["image_url"].clone();
+            schemas[body]["properties"]["checksum_url"]["pattern"] = url_rule["pattern"].clone();
+        }
         let name_rule = schemas["ProvisionBody"]["properties"]["volume_name"].clone();
         schemas["CloneBody"]["properties"]["target"] = name_rule;
     }
@@ -741,6 +745,7 @@ mod tests {
         assert_eq!(body("ProvisionBody", "volume_name")["pattern"], VOLUME_NAME);
         assert_eq!(body("CloneBody", "target")["pattern"], VOLUME_NAME);
         for schema in ["ProvisionBody", "CacheFetchBody", "InspectBody"] {
+            assert_eq!(body(schema, "checksum_url")["pattern"], NON_BLANK_TEXT);
             assert_eq!(
                 schema_at(&d, &format!("/components/schemas/{schema}/not/required")),
                 &json!(["checksum", "checksum_url"]),
