@@ -8,12 +8,14 @@
 //! `flight.rs` the single-flight table, `evict.rs` the eviction rules.
 
 mod checkpoint;
+mod decompress;
 mod download;
 mod evict;
 mod flight;
 mod hasher;
 mod parts;
 
+pub(crate) use decompress::{Compression, DecompressError};
 pub(crate) use evict::EvictReason;
 
 use std::collections::HashMap;
@@ -50,11 +52,23 @@ pub(crate) struct CacheEntry {
     /// `Last-Modified` of the version held (what tells versions apart without an ETag).
     #[serde(default)]
     pub(crate) last_modified: Option<String>,
+    /// Size of the cached file (the decompressed image for a compressed source).
     pub(crate) size: u64,
-    /// SHA-256 of the content, computed while downloading.
+    /// SHA-256 of the object as downloaded (what a `.sha256` names; for a compressed source
+    /// the compressed file), computed while downloading.
     pub(crate) sha256: String,
     /// Whether `sha256` was checked against a published `.sha256`.
     pub(crate) verified: bool,
+    /// The unwrapped compression of a compressed source (`None`: stored as downloaded).
+    #[serde(default)]
+    pub(crate) compression: Option<Compression>,
+    /// For a compressed source: the size of the object as downloaded (`size` is the
+    /// content's), which revalidation compares with the source's.
+    #[serde(default)]
+    pub(crate) source_size: Option<u64>,
+    /// For a compressed source: the SHA-256 of the decompressed image held.
+    #[serde(default)]
+    pub(crate) content_sha256: Option<String>,
     pub(crate) inspection: Inspection,
     pub(crate) created: DateTime<Utc>,
     pub(crate) last_used: DateTime<Utc>,
@@ -95,12 +109,18 @@ pub(crate) enum FetchError {
     /// A 4xx answer other than 401/403/404/412.
     #[error("the source refused the download: {0}")]
     Refused(String),
+    /// The object is larger than `cache.max_image_bytes` (refused before downloading).
+    #[error("the image is {size} bytes, more than cache.max_image_bytes ({limit} bytes)")]
+    TooLarge { size: u64, limit: u64 },
+    /// A compressed source could not be unwrapped (corrupt, truncated, a bomb).
+    #[error("image rejected: {0}")]
+    Unwrap(DecompressError),
 }
 
 impl FetchError {
     /// Every `kind` label of the error's own variants (a rejection carries the inspector's
     /// kinds, `InspectError::KINDS`), so the metric's series exist from the start.
-    pub(crate) const KINDS: [&'static str; 11] = [
+    pub(crate) const KINDS: [&'static str; 13] = [
         "not_found",
         "auth",
         "checksum_mismatch",
@@ -112,6 +132,8 @@ impl FetchError {
         "stopped",
         "changed",
         "refused",
+        "too_large",
+        "corrupt_compressed",
     ];
 
     /// Label for `image_errors_total{error_type}`.
@@ -129,6 +151,8 @@ impl FetchError {
             FetchError::Stopped => "stopped",
             FetchError::Changed(_) => "changed",
             FetchError::Refused(_) => "refused",
+            FetchError::TooLarge { .. } => "too_large",
+            FetchError::Unwrap(e) => e.kind(),
         }
     }
 
@@ -653,6 +677,7 @@ impl ImageCache {
             remote,
             tuning: self.tuning(),
             bandwidth: self.bandwidth.clone(),
+            max_image_bytes: self.limits().max_image_bytes(),
         };
         // The download runs on its own task: a job cancelled while others wait does not break
         // it. Its log lines and spans belong to the job that started it.
@@ -851,7 +876,7 @@ pub(crate) fn same_version(meta: &Meta, entry: &CacheEntry) -> bool {
         (None, None) => meta.last_modified == entry.last_modified,
         _ => false,
     };
-    validators && meta.size == entry.size
+    validators && meta.size == entry.source_size.unwrap_or(entry.size)
 }
 
 #[cfg(test)]
@@ -882,6 +907,9 @@ pub(crate) mod tests {
             size: size as u64,
             sha256: String::new(),
             verified: false,
+            compression: None,
+            source_size: None,
+            content_sha256: None,
             inspection: Inspection {
                 format: crate::image::ImageType::Raw,
                 virtual_size: size as u64,
