@@ -91,11 +91,18 @@ enum RoundError {
 }
 
 impl Download {
-    /// Runs the download; the entry is recorded in the index before this returns.
+    /// Runs the download; the entry is recorded in the index before this returns. Then
+    /// gives the memory it used back to the system.
     pub(crate) async fn run(
         self,
         progress: watch::Sender<Transfer>,
     ) -> Result<CacheEntry, FetchError> {
+        let result = self.download(progress).await;
+        give_back_memory().await;
+        result
+    }
+
+    async fn download(self, progress: watch::Sender<Transfer>) -> Result<CacheEntry, FetchError> {
         let started = Instant::now();
         let meta = &self.remote.meta;
         if meta.size > self.max_image_bytes {
@@ -296,7 +303,9 @@ impl Download {
                     .map_err(|e| RoundError::Failed(pass_error(e)))
             }
             // The pass ended early: its own error says why (a refused compressed stream).
-            Err(PartError::Failed(_)) if hasher.frontier.has_changed().is_err() => {
+            Err(PartError::Failed(_))
+                if hasher.frontier.has_changed().is_err() && *hasher.frontier.borrow() < parts =>
+            {
                 drop(shared);
                 Err(RoundError::Failed(match hasher.finish().await {
                     Err(e) => pass_error(e),
@@ -374,7 +383,9 @@ impl Download {
                 }
                 changed = frontier.changed(), if !hasher_gone => {
                     hasher_gone = changed.is_err();
-                    if hasher_gone {
+                    // Gone with every part hashed is the normal end (the last part task may
+                    // not be joined yet); gone before is a failure.
+                    if hasher_gone && *frontier.borrow() < parts {
                         // The pass refused the bytes (a corrupt or too large compressed
                         // stream): no use fetching the rest.
                         return Err(PartError::Failed(FetchError::Io("the hasher stopped".into())));
@@ -540,6 +551,18 @@ fn pass_error(e: PassError) -> FetchError {
         PassError::Decompress(super::DecompressError::Aborted) => FetchError::Stopped,
         PassError::Decompress(e) => FetchError::Unwrap(e),
     }
+}
+
+/// Returns the free pages of every malloc arena to the system. glibc keeps what the threads
+/// of a download (receiving, writing, hashing, decoding) freed in their arenas; measured here,
+/// the daemon held 25 MiB more than before two 256 MiB downloads, for good, without this.
+async fn give_back_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    let _ = tokio::task::spawn_blocking(|| {
+        // SAFETY: malloc_trim only takes the allocator's own locks; no pointer is passed.
+        unsafe { libc::malloc_trim(0) }
+    })
+    .await;
 }
 
 /// SHA-256 of a cache key seed (kept here so the digest type stays in one place).
