@@ -171,6 +171,7 @@ async fn refused(c: &reqwest::Client, d: &Daemon, web: &Nginx, dir: &Path, name:
     assert_eq!(job["status"], "failed", "{name}: {job}");
     let error = job["error"].as_str().unwrap();
     assert!(error.contains(says), "{name}: {error}");
+    assert_eq!(job["reason"], "image_rejected", "{name}: {job}");
     let left = cache_files(dir);
     assert!(left.is_empty(), "{name} left {left:?}");
 }

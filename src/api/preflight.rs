@@ -41,6 +41,7 @@ pub(crate) async fn inspect(
             .await
         }
         Err(refused) => Preflight {
+            compression: None,
             format: None,
             virtual_size: None,
             size: None,

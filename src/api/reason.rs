@@ -28,6 +28,14 @@ macro_rules! reasons {
                     $(Reason::$variant => $code,)*
                 }
             }
+
+            /// The reason a code names (a failed job's stored code).
+            pub(crate) fn from_code(code: &str) -> Option<Reason> {
+                match code {
+                    $($code => Some(Reason::$variant),)*
+                    _ => None,
+                }
+            }
         }
     };
 }
@@ -81,8 +89,12 @@ reasons! {
     IdempotencyKeyInFlight = "idempotency_key_in_flight",
     /// The `Idempotency-Key` was used for a different request (422).
     IdempotencyKeyReused = "idempotency_key_reused",
-    /// An upload's content does not match `X-Content-SHA256` (422).
+    /// An upload's content does not match `X-Content-SHA256` (422); a failed job's image
+    /// does not match its published checksum.
     ChecksumMismatch = "checksum_mismatch",
+    /// A failed job's image was refused: the header inspector, a corrupt or truncated
+    /// compressed stream, a decompression bomb or an image over `cache.max_image_bytes`.
+    ImageRejected = "image_rejected",
     /// The job queue is full (429, with `Retry-After`).
     QueueFull = "queue_full",
     /// Too many progress streams are open (429, with `Retry-After`).
@@ -112,6 +124,13 @@ mod tests {
             );
             assert!(seen.insert(code), "{code} twice");
             assert_eq!(serde_json::to_value(reason).unwrap(), code);
+        }
+    }
+
+    #[test]
+    fn every_job_failure_reason_is_a_reason() {
+        for code in crate::jobs::FAILURE_REASONS {
+            assert!(Reason::from_code(code).is_some(), "{code}");
         }
     }
 }

@@ -70,6 +70,10 @@ pub(crate) struct StatusResponse {
     pub(crate) queue_position: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) error: Option<String>,
+    /// For a failed job whose cause clients decide on: a `Reason` code (`image_rejected`,
+    /// `checksum_mismatch`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) reason: Option<super::reason::Reason>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) correlation_id: Option<String>,
     pub(crate) cache_hit: bool,
@@ -289,6 +293,10 @@ impl StatusResponse {
                 None
             },
             error: job.error.clone(),
+            reason: job
+                .reason
+                .as_deref()
+                .and_then(super::reason::Reason::from_code),
             correlation_id: job.spec.correlation_id.clone(),
             cache_hit: job.cache_hit,
             cache_revalidation: job.cache_revalidation.clone(),

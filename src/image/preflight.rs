@@ -10,7 +10,7 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use super::ImageType;
-use super::cache::ImageCache;
+use super::cache::{Compression, ImageCache, content_prefix};
 use super::inspect::{self, InspectError, MAX_HEADER_READ};
 use super::remote::{RemoteObject, SourceError};
 use super::source::{Location, SourceClients};
@@ -30,6 +30,10 @@ pub(crate) enum CacheState {
 /// The verdict on an image.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub(crate) struct Preflight {
+    /// The wrapper around the image (`gzip`, `xz`, `bzip2`, `zstd`), found from its first
+    /// bytes; `null` for a bare image. `format` and `virtual_size` are then of the image
+    /// inside (the virtual size of a compressed raw image is not known before its download).
+    pub(crate) compression: Option<Compression>,
     /// `qcow2` or `raw`; `null` when the image could not be read.
     pub(crate) format: Option<ImageType>,
     /// Size of the disk the image describes.
@@ -50,6 +54,7 @@ pub(crate) struct Preflight {
 impl Preflight {
     fn refused(reason: String, cache: CacheState, cache_key: Option<String>) -> Preflight {
         Preflight {
+            compression: None,
             format: None,
             virtual_size: None,
             size: None,
@@ -189,6 +194,7 @@ async fn inspect_within(q: &Query<'_>) -> Preflight {
 fn from_entry(entry: &super::cache::CacheEntry, requested: ImageType) -> Preflight {
     let verdict = inspect::check_requested(&entry.inspection, requested);
     Preflight {
+        compression: entry.compression,
         format: Some(entry.inspection.format),
         virtual_size: Some(entry.inspection.virtual_size),
         size: Some(entry.size),
@@ -200,27 +206,41 @@ fn from_entry(entry: &super::cache::CacheEntry, requested: ImageType) -> Preflig
     }
 }
 
-/// The verdict on the first bytes of an image of `size` bytes (cache fields left absent).
-fn from_head(head: &[u8], size: u64, requested: ImageType) -> Preflight {
-    let verdict = inspect::inspect_bytes(head, size)
+/// The verdict on the first bytes of an image of `size` bytes (cache fields left absent). A
+/// compressed image is judged by the start of its content (whose size is not known yet).
+fn from_head(raw_head: &[u8], size: u64, requested: ImageType) -> Preflight {
+    let compression = Compression::detect(raw_head);
+    let content;
+    let (head, content_size) = match compression {
+        Some(c) => {
+            content = content_prefix(c, raw_head, MAX_HEADER_READ);
+            (&content[..], u64::MAX)
+        }
+        None => (raw_head, size),
+    };
+    let verdict = inspect::inspect_bytes(head, content_size)
         .and_then(|found| inspect::check_requested(&found, requested).map(|_| found));
     let found = match &verdict {
         Ok(found) => Some(*found),
         // A mismatch still says what the image is.
-        Err(InspectError::FormatMismatch { detected, .. }) => inspect::inspect_bytes(head, size)
-            .ok()
-            .filter(|f| f.format == *detected),
+        Err(InspectError::FormatMismatch { detected, .. }) => {
+            inspect::inspect_bytes(head, content_size)
+                .ok()
+                .filter(|f| f.format == *detected)
+        }
         Err(_) => None,
     };
     Preflight {
+        compression,
         format: found.map(|f| f.format),
-        virtual_size: found.map(|f| f.virtual_size),
+        // A compressed raw image's size is the content's, unknown before the download.
+        virtual_size: found.map(|f| f.virtual_size).filter(|&v| v != u64::MAX),
         size: Some(size),
         cache: CacheState::Absent,
         cache_key: None,
         accepted: verdict.is_ok(),
         reason: verdict.err().map(|e| format!("image rejected: {e}")),
-        bytes_read: head.len() as u64,
+        bytes_read: raw_head.len() as u64,
     }
 }
 
@@ -246,4 +266,38 @@ async fn read_head(
         }
     }
     Ok(head)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_compressed_qcow2_is_judged_by_the_header_inside() {
+        let tmp = tempfile::tempdir().unwrap();
+        let img = tmp.path().join("d.qcow2");
+        let ok = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg("3G")
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let out = std::process::Command::new("xz")
+            .args(["-c", "-T2"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        let p = from_head(&out.stdout, out.stdout.len() as u64, ImageType::Qcow2);
+        assert_eq!(p.compression, Some(Compression::Xz));
+        assert_eq!(p.format, Some(ImageType::Qcow2));
+        assert_eq!(p.virtual_size, Some(3 << 30));
+        assert!(p.accepted, "{:?}", p.reason);
+        let p = from_head(&out.stdout, out.stdout.len() as u64, ImageType::Raw);
+        assert!(!p.accepted, "a declared raw is refused for a qcow2 inside");
+        // A wrapped raw image: its size is unknown before the download.
+        let p = from_head(&[0x1f, 0x8b, 0x08, 0, 0, 0], 6, ImageType::Raw);
+        assert_eq!(p.compression, Some(Compression::Gzip));
+        assert_eq!(p.virtual_size, None);
+    }
 }

@@ -437,6 +437,10 @@ impl Engine {
             None => None,
         };
         let mut job = running.clone();
+        job.reason = error
+            .as_ref()
+            .and_then(JobError::reason)
+            .map(str::to_string);
         let message = error.map(|e| e.to_string());
         if let Err(e) = job.transition(status, message.clone(), Utc::now()) {
             tracing::error!(error = %e, "invalid final transition");

@@ -76,6 +76,27 @@ pub(crate) enum JobError {
     },
 }
 
+impl JobError {
+    /// Every code `reason` returns (each one an API `Reason`, checked there).
+    #[cfg(test)]
+    pub(crate) const REASONS: [&'static str; 2] = ["image_rejected", "checksum_mismatch"];
+
+    /// The API's `reason` code of this failure, when clients decide on its cause: the image
+    /// was refused (inspector, corrupt or truncated compressed stream, decompression bomb,
+    /// too large) or its checksum did not match.
+    pub(crate) fn reason(&self) -> Option<&'static str> {
+        match self {
+            JobError::Rejected(_)
+            | JobError::Fetch(
+                FetchError::Rejected(_) | FetchError::Unwrap(_) | FetchError::TooLarge { .. },
+            ) => Some("image_rejected"),
+            JobError::Fetch(FetchError::ChecksumMismatch { .. }) => Some("checksum_mismatch"),
+            JobError::RollbackFailed { error, .. } => error.reason(),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -209,6 +209,9 @@ pub(crate) struct Job {
     pub(crate) spec: JobSpec,
     pub(crate) progress: Progress,
     pub(crate) error: Option<String>,
+    /// The `reason` code of a failure whose cause clients decide on (`JobError::reason`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) reason: Option<String>,
     pub(crate) cache_hit: bool,
     /// How a cache hit was confirmed: `not_needed` (within `cache.revalidate_interval`),
     /// `revalidated` (one request to the source), `source_unavailable` (served without it).
@@ -256,6 +259,7 @@ impl Job {
             spec,
             progress: Progress::default(),
             error: None,
+            reason: None,
             cache_hit: false,
             cache_revalidation: None,
             image_path: None,

@@ -411,6 +411,28 @@ fn decode(
     }
 }
 
+/// The first bytes (at most `max`) of the image inside `head`, the first bytes of an object
+/// wrapped by `compression`: what a preflight inspects without the whole object. A stream cut
+/// short (as `head` is) gives what it decoded; a corrupt one, what came before the damage.
+pub(crate) fn content_prefix(compression: Compression, head: &[u8], max: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let decoder: std::io::Result<Box<dyn Read + '_>> = match compression {
+        Compression::Gzip => Ok(Box::new(flate2::bufread::MultiGzDecoder::new(head))),
+        Compression::Bzip2 => Ok(Box::new(bzip2::bufread::MultiBzDecoder::new(head))),
+        Compression::Zstd => zstd::stream::read::Decoder::with_buffer(head).and_then(|mut d| {
+            d.window_log_max(ZSTD_WINDOW_LOG_MAX)?;
+            Ok(Box::new(d) as Box<dyn Read>)
+        }),
+        Compression::Xz => liblzma::stream::Stream::new_stream_decoder(XZ_MEMLIMIT_STOP, 0)
+            .map(|s| Box::new(liblzma::bufread::XzDecoder::new_stream(head, s)) as Box<dyn Read>)
+            .map_err(std::io::Error::other),
+    };
+    if let Ok(decoder) = decoder {
+        let _ = decoder.take(max as u64).read_to_end(&mut out);
+    }
+    out
+}
+
 /// liblzma's multi-threaded decoder: it decodes the blocks of an xz file made with `xz -T`
 /// (xz 5.4 and later split by default then) on several threads, and single-block files on one.
 fn xz_stream() -> std::io::Result<liblzma::stream::Stream> {

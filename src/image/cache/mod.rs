@@ -1,10 +1,12 @@
-//! The local image cache: images exactly as downloaded (qcow2 stays compressed), verified
+//! The local image cache: images as downloaded (qcow2 stays compressed; a gzip, xz, bzip2 or
+//! zstd wrapper is unwrapped on the way, `decompress.rs`), verified
 //! against the `.sha256` object beside them, inspected once, and indexed in sled (key, url,
 //! ETag, size, sha256, inspection verdict, created, last use). Downloads are single-flight,
 //! resumable, and land in `<key>.partial` until complete, verified and synced; entries in use
 //! are never evicted. A hit asks the source at most once per `cache.revalidate_interval`
 //! whether the object changed, and a checksum-verified entry serves while the source is down.
-//! `download.rs` holds one download (`parts.rs`, `hasher.rs`, `checkpoint.rs` its pieces),
+//! `download.rs` holds one download (`parts.rs`, `hasher.rs`, `decompress.rs`,
+//! `checkpoint.rs` its pieces),
 //! `flight.rs` the single-flight table, `evict.rs` the eviction rules.
 
 mod checkpoint;
@@ -15,7 +17,7 @@ mod flight;
 mod hasher;
 mod parts;
 
-pub(crate) use decompress::{Compression, DecompressError};
+pub(crate) use decompress::{Compression, DecompressError, content_prefix};
 pub(crate) use evict::EvictReason;
 
 use std::collections::HashMap;
