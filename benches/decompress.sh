@@ -16,8 +16,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 IMG_MIB=${1:-1024}
 RUNS=${2:-3}
-cargo build --release --quiet --locked
-BIN=$PWD/target/release/libvirt-volume-provisioner
+# LVP_BIN: a daemon binary built already (skips the release build).
+BIN=${LVP_BIN:-$PWD/target/release/libvirt-volume-provisioner}
+[ -n "${LVP_BIN:-}" ] || cargo build --release --quiet --locked
 W=$(mktemp -d /var/tmp/lvp-dec-bench.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$W"' EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

@@ -416,4 +416,37 @@ mod tests {
             "dropped content is removed"
         );
     }
+
+    #[tokio::test]
+    async fn a_resumed_compressed_download_unwraps_again_from_the_first_byte() {
+        let tmp = tempfile::tempdir().unwrap();
+        let image: Vec<u8> = (0..5 << 20).map(|_| rand::random::<u8>()).collect();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &image).unwrap();
+        let packed = gz.finish().unwrap();
+        let part = 1u64 << 20;
+        let parts = packed.len().div_ceil(part as usize);
+        // Parts 0 and 1 were downloaded and hashed before a restart.
+        let file = tempfile::tempfile().unwrap();
+        file.write_all_at(&packed[..2 << 20], 0).unwrap();
+        let mut state = Sha256::new();
+        state.update(&packed[..2 << 20]);
+        let mut on_disk = vec![false; parts];
+        on_disk[..2].fill(true);
+        let writer = file.try_clone().unwrap();
+        let mut s = start(file, packed.len() as u64, part, on_disk, tmp.path());
+        s.state = state;
+        s.hashed = 2;
+        let h = Hasher::spawn(s);
+        for i in 2..parts {
+            let from = i * part as usize;
+            let to = (from + part as usize).min(packed.len());
+            writer.write_all_at(&packed[from..to], from as u64).unwrap();
+            h.feed.send(Feed::End(i)).unwrap();
+        }
+        let d = h.finish().await.unwrap();
+        assert_eq!(d.sha256, hex::encode(Sha256::digest(&packed)));
+        let (_, content) = d.content.expect("a gzip wrapper");
+        assert_eq!(content.sha256, hex::encode(Sha256::digest(&image)));
+    }
 }
