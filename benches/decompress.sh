@@ -12,13 +12,15 @@
 #     and the daemon's RSS after the downloads.
 # Release build. Usage: benches/decompress.sh [IMG_MIB] [RUNS]  (default 1024 3; needs nginx,
 # aria2c, curl, qemu-img, gzip, xz, bzip2, zstd, python3; about 6 x IMG_MIB free in /var/tmp).
+# FAST=1 compresses with xz -1 and bzip2 -1 instead of -6 and -9 (making the files is the slow
+# part on a loaded host; the decoders' speed changes little).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IMG_MIB=${1:-1024}
 RUNS=${2:-3}
-# LVP_BIN: a daemon binary built already (skips the release build).
-BIN=${LVP_BIN:-$PWD/target/release/libvirt-volume-provisioner}
-[ -n "${LVP_BIN:-}" ] || cargo build --release --quiet --locked
+# DAEMON_BIN: a daemon binary built already (skips the release build).
+BIN=${DAEMON_BIN:-$PWD/target/release/libvirt-volume-provisioner}
+[ -n "${DAEMON_BIN:-}" ] || cargo build --release --quiet --locked
 W=$(mktemp -d /var/tmp/lvp-dec-bench.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$W"' EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -35,8 +37,9 @@ qemu-img convert -q -f raw -O qcow2 "$W/data.raw" "$W/www/image.qcow2"
 rm "$W/data.raw"
 IMG=$(stat -c %s "$W/www/image.qcow2")
 gzip -c -6 "$W/www/image.qcow2" > "$W/www/image.qcow2.gz"
-xz -c -6 -T0 "$W/www/image.qcow2" > "$W/www/image.qcow2.xz"
-bzip2 -c -9 "$W/www/image.qcow2" > "$W/www/image.qcow2.bz2"
+XZL=-6; BZL=-9; [ -n "${FAST:-}" ] && { XZL=-1; BZL=-1; }
+xz -c $XZL -T0 "$W/www/image.qcow2" > "$W/www/image.qcow2.xz"
+bzip2 -c $BZL "$W/www/image.qcow2" > "$W/www/image.qcow2.bz2"
 zstd -q -c -3 -T0 "$W/www/image.qcow2" > "$W/www/image.qcow2.zst"
 ls -l "$W/www"
 
@@ -148,7 +151,7 @@ for _ in $(seq "$RUNS"); do
 done
 
 echo
-echo "Image: $IMG bytes (qcow2 of $IMG_MIB MiB of /usr); $(nproc) cores, shared; release build"
+echo "Image: $IMG bytes (qcow2 of $IMG_MIB MiB of /usr); xz $XZL, bzip2 $BZL, gzip -6, zstd -3; $(nproc) cores, shared; release build"
 echo "| wrapper | reference | ref time | ref rate | daemon prefetch | daemon rate | daemon/ref |"
 echo "|---|---|---|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"
