@@ -101,7 +101,7 @@ timed_job() {  # path body -> seconds
   local t0 t1 id
   t0=$(now)
   id=$(curl -fsS -H 'content-type: application/json' -X POST "$B$1" -d "$2" | sed -E 's/.*"job_id":"([^"]+)".*/\1/')
-  wait_job "$id"; t1=$(now)
+  wait_job "$id" || exit 1; t1=$(now)
   secs "$t0" "$t1"
 }
 reference() {  # command... -> seconds, output into $W/out/ref, synced
