@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the project: formatting and lints, unit and integration tests against the
 # real binary, the API contract (Schemathesis against the daemon's own OpenAPI document), the
+# Ansible collection (sanity and a playbook against a real daemon), the
 # release build as the package makes it (and a smoke run of it), the LVM tests inside a QEMU VM,
 # and the static checks of the Nix files.
 set -euo pipefail
@@ -23,6 +24,9 @@ cargo test --all-targets --locked
 
 step "API contract: Schemathesis against the debug daemon with its own OpenAPI document (scripts/api-contract.sh)"
 ./scripts/api-contract.sh
+
+step "Ansible collection: ansible-test sanity and a playbook against a real daemon (scripts/ansible-check.sh)"
+./scripts/ansible-check.sh
 
 step "What ships: release build offline from Cargo.lock, release unit tests, smoke run (scripts/release-check.sh)"
 ./scripts/release-check.sh

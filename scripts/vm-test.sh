@@ -13,7 +13,9 @@
 # when libvirt is not (the lvm suite runs, the libvirt suite is skipped).
 # - reflink (tests/reflink_vm.rs): the directory backend's reflink clones on an XFS file system
 #   with reflink=1 made on the VM's disk.
-# Environment: VM_SUITES (default "lvm thin libvirt reflink"), VM_TIMEOUT (seconds per suite, default 2100),
+# - lifecycle (tests/lifecycle_vm.rs): growing thick and thin LVs (one under a paused domain),
+#   wiping on delete (markers, kill -9 mid-wipe), the wipe's throughput beside blkdiscard -z.
+# Environment: VM_SUITES (default "lvm thin libvirt reflink lifecycle"), VM_TIMEOUT (seconds per suite, default 2100),
 # WORK (VM cache, default /tmp/vmrun).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,13 +32,13 @@ for tool in qemu-system-x86_64 busybox; do
   command -v "$tool" >/dev/null || { skip "the VM tests cannot run: $tool is not installed"; exit 77; }
 done
 qemu-system-x86_64 --version >/dev/null 2>&1 || { skip "the VM tests cannot run: qemu-system-x86_64 does not run"; exit 77; }
-SUITES=${VM_SUITES:-lvm thin libvirt reflink}
+SUITES=${VM_SUITES:-lvm thin libvirt reflink lifecycle}
 skipped=0
-case " $SUITES " in *" libvirt "*)
+case " $SUITES " in *" libvirt "*|*" lifecycle "*)
   for tool in virsh libvirtd virtlogd nix-instantiate; do
     if ! command -v "$tool" >/dev/null; then
-      skip "the libvirt VM tests cannot run: $tool is not installed (apt-get install libvirt-daemon-system libvirt-clients nix-bin)"
-      SUITES=${SUITES//libvirt/}; skipped=1; break
+      skip "the libvirt and lifecycle VM tests cannot run: $tool is not installed (apt-get install libvirt-daemon-system libvirt-clients nix-bin)"
+      SUITES=${SUITES//libvirt/}; SUITES=${SUITES//lifecycle/}; skipped=1; break
     fi
   done;;
 esac
@@ -48,8 +50,8 @@ echo "== building the release daemon and the test binaries (host) =="
 cargo build --locked --release
 export TEST_DAEMON_BIN=$ROOT/target/release/libvirt-volume-provisioner
 declare -A BINS
-json=$(cargo test --locked --test lvm_vm --test thin_vm --test libvirt_vm --test reflink_vm --no-run --message-format=json 2>/dev/null)
-for suite in lvm thin libvirt reflink; do
+json=$(cargo test --locked --test lvm_vm --test thin_vm --test libvirt_vm --test reflink_vm --test lifecycle_vm --no-run --message-format=json 2>/dev/null)
+for suite in lvm thin libvirt reflink lifecycle; do
   BINS[$suite]=$(sed -n 's/.*"executable":"\([^"]*\/'$suite'_vm-[^"]*\)".*/\1/p' <<<"$json" | tail -1)
   [ -x "${BINS[$suite]}" ] || { echo "cannot find the ${suite}_vm test binary" >&2; exit 1; }
 done

@@ -251,6 +251,7 @@ async fn run(
     let engine = Engine::start(store.clone(), ctx.clone())
         .await
         .context("starting the job engine")?;
+    engine.finish_wipes();
     let health = start_health(&settings, &ctx.cache, &store, volume_probes).await;
     let pruner_settings = live.clone();
     engine.spawn_pruner(PRUNE_INTERVAL, move || {

@@ -113,7 +113,7 @@ async fn invalid_requests_get_400_and_create_no_job() {
         (with("volume_size_gb", json!(-5)), "volume_size_gb"),
         (with("volume_size_gb", json!(1.5)), "volume_size_gb"),
         (with("volume_size_gb", json!("50")), "volume_size_gb"),
-        (with("image_type", json!("vmdk")), "image_type"),
+        (with("image_type", json!("iso")), "image_type"),
         (with("correlation_id", json!("a\nb")), "correlation_id"),
         (with("extra_field", json!(1)), "unknown field"),
         (json!([1, 2]), "JSON object"),

@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -1090,13 +1090,14 @@ async fn preflight_reads_only_the_header_and_creates_nothing() {
             .unwrap()
             .contains("image_type is qcow2 but the image is raw")
     );
-    // Bytes at the server: headers plus at most the inspector's 2 MiB per image.
+    // Bytes at the server: headers plus at most the inspector's 2 MiB per image (and, for
+    // the raw image, its last 512 bytes: a fixed VHD has its footer only there).
     for name in ["/big.qcow2", "/big.raw"] {
         let sent = nginx.bytes_sent(nginx.port, name);
         println!("{name}: nginx sent {sent} bytes for the preflights");
         assert!(sent <= 2 * ((2 << 20) + 4096), "{name}: {sent} bytes sent");
         for line in nginx.gets(nginx.port, name) {
-            assert!(line.contains("bytes=0-"), "every GET is ranged: {line}");
+            assert!(line.contains("bytes="), "every GET is ranged: {line}");
         }
     }
     // Hostile cases, each with its reason.
@@ -1353,100 +1354,6 @@ fn raw_put_status(d: &Daemon, name: &str, length: u64) -> u16 {
     let mut line = String::new();
     std::io::BufReader::new(sock).read_line(&mut line).unwrap();
     line.split(' ').nth(1).unwrap_or("0").parse().unwrap_or(0)
-}
-
-/// A shell script run in a real terminal: a detached tmux session (`lvp-<name>-<pid>`) of
-/// `width` x `height`, killed on drop. The script's last command's status goes to a file
-/// (`exit=<status>`), which tells that it ended.
-struct Terminal {
-    session: String,
-    done: PathBuf,
-}
-
-impl Terminal {
-    /// Writes `script` into `dir/run.sh` and starts it in a new session.
-    fn start(dir: &Path, name: &str, (width, height): (u16, u16), script: &str) -> Terminal {
-        if Command::new("tmux").arg("-V").output().is_err() {
-            panic!("tmux is needed for this test (apt-get install tmux; .ci/run installs it)");
-        }
-        let done = dir.join("done");
-        let file = dir.join("run.sh");
-        let script = format!(
-            "{script}\necho \"exit=$?\" > {}\nsleep 30\n",
-            done.display()
-        );
-        std::fs::write(&file, script).unwrap();
-        let session = format!("lvp-{name}-{}", std::process::id());
-        let (x, y) = (width.to_string(), height.to_string());
-        let status = Command::new("tmux")
-            .args(["new-session", "-d", "-x", &x, "-y", &y, "-s", &session])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let terminal = Terminal { session, done };
-        terminal.keys(&[&format!("clear; sh {}", file.display()), "Enter"]);
-        terminal
-    }
-
-    /// Types `keys` (tmux send-keys names).
-    fn keys(&self, keys: &[&str]) {
-        let mut args = vec!["send-keys", "-t", &self.session];
-        args.extend_from_slice(keys);
-        assert!(Command::new("tmux").args(&args).status().unwrap().success());
-    }
-
-    /// What the pane shows.
-    fn capture(&self) -> String {
-        text(
-            &Command::new("tmux")
-                .args(["capture-pane", "-p", "-t", &self.session])
-                .output()
-                .unwrap()
-                .stdout,
-        )
-    }
-
-    /// Waits until the pane shows `what`; that frame.
-    fn wait_for(&self, what: &str, deadline: Instant) -> String {
-        loop {
-            let frame = self.capture();
-            if frame.contains(what) {
-                return frame;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the pane never showed {what:?}:\n{frame}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Waits until the script has ended, giving every frame meanwhile to `frame`; the
-    /// `exit=<status>` line.
-    fn wait_done(&self, deadline: Instant, mut frame: impl FnMut(String)) -> String {
-        loop {
-            // The shell creates the file, then writes the line.
-            let exit = std::fs::read_to_string(&self.done).unwrap_or_default();
-            if exit.ends_with('\n') {
-                return exit;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the command did not finish:\n{}",
-                self.capture()
-            );
-            frame(self.capture());
-            std::thread::sleep(Duration::from_millis(150));
-        }
-    }
-}
-
-impl Drop for Terminal {
-    fn drop(&mut self) {
-        let _ = Command::new("tmux")
-            .args(["kill-session", "-t", &self.session])
-            .status();
-    }
 }
 
 /// A daemon allowed to download from a slow source (`slow_source` at `bytes_per_sec`) serving

@@ -4,7 +4,7 @@
 
 use serde::Deserialize;
 
-use crate::image::ImageType;
+use crate::image::DeclaredImageType;
 
 /// `POST /api/v1/jobs`: what to provision. Fields are checked one by one (each with its own
 /// message) rather than by serde, so they are optional here and required in the schema. The
@@ -35,7 +35,7 @@ pub(crate) struct ProvisionBody {
     #[schema(required = true, value_type = u64, minimum = 1, maximum = 1048576)]
     pub(crate) volume_size_gb: Option<serde_json::Value>,
     /// `qcow2` (default) or `raw`; checked against the image (a mismatch fails the job).
-    #[schema(value_type = Option<ImageType>)]
+    #[schema(value_type = Option<DeclaredImageType>)]
     pub(crate) image_type: Option<String>,
     /// Echoed in the job, its logs and traces; at most 256 characters (empty: none).
     #[schema(
@@ -56,7 +56,7 @@ pub(crate) struct CacheFetchBody {
     pub(crate) image_url: Option<String>,
     /// `qcow2` or `raw`: checked against the image as for provision jobs (a mismatch fails the
     /// job); none: the image is taken as found.
-    #[schema(value_type = Option<ImageType>)]
+    #[schema(value_type = Option<DeclaredImageType>)]
     pub(crate) image_type: Option<String>,
     /// As for `POST /api/v1/jobs`.
     #[schema(
@@ -77,6 +77,17 @@ pub(crate) struct InspectBody {
         pattern = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028-\u202f\u205f\u2066-\u2069\u3000][^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$")]
     pub(crate) image_url: Option<String>,
     /// `qcow2` (default) or `raw`: what a job would declare.
-    #[schema(value_type = Option<crate::image::ImageType>)]
+    #[schema(value_type = Option<crate::image::DeclaredImageType>)]
     pub(crate) image_type: Option<String>,
+}
+
+/// `POST /api/v1/volumes/{name}/resize`: the new size; volumes only grow.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(examples(json!({"size_gb": 80})))]
+pub(crate) struct ResizeBody {
+    /// GiB (2^30 bytes), an integer 1..=1048576; smaller than the volume is 409
+    /// (`shrink_refused`), its size is 200 with nothing done.
+    #[schema(required = true, value_type = u64, minimum = 1, maximum = 1048576)]
+    pub(crate) size_gb: Option<serde_json::Value>,
 }

@@ -25,7 +25,7 @@ use super::views::{
 };
 use crate::image::ImageType;
 use crate::image::source;
-use crate::jobs::delete::DeleteError;
+use crate::jobs::delete::{DeleteError, Deletion};
 use crate::jobs::engine::{CancelError, Submission, SubmitError, Submitted};
 use crate::jobs::idempotency::{self, IdempotencyKey};
 use crate::jobs::model::{JobKind, JobSpec, JobStatus};
@@ -318,20 +318,21 @@ fn check_image_url(url: Option<String>, state: &ApiState) -> Result<String, ApiE
     Ok(url)
 }
 
-/// The declared `image_type`: `qcow2` when none is named (provision jobs, preflight).
-pub(crate) fn check_image_type(t: Option<String>) -> Result<ImageType, ApiError> {
-    Ok(check_declared_image_type(t)?.unwrap_or(ImageType::Qcow2))
+/// The declared `image_type`: `qcow2` when none is named (provision jobs, preflight); `None`
+/// for `auto` (the inspector decides).
+pub(crate) fn check_image_type(t: Option<String>) -> Result<Option<ImageType>, ApiError> {
+    match t {
+        None => Ok(Some(ImageType::Qcow2)),
+        Some(_) => check_declared_image_type(t),
+    }
 }
 
-/// The declared `image_type`, if any (a cache fetch without one takes the image as found).
+/// The declared `image_type`, if any (a cache fetch without one, or with `auto`, takes the
+/// image as found).
 fn check_declared_image_type(t: Option<String>) -> Result<Option<ImageType>, ApiError> {
     match t.as_deref() {
         None => Ok(None),
-        Some("qcow2") => Ok(Some(ImageType::Qcow2)),
-        Some("raw") => Ok(Some(ImageType::Raw)),
-        Some(other) => Err(ApiError::bad_request(format!(
-            "image_type `{other}` is not supported (use qcow2 or raw)"
-        ))),
+        Some(name) => ImageType::parse_declared(name).map_err(ApiError::bad_request),
     }
 }
 
@@ -356,7 +357,12 @@ fn check_correlation_id(c: Option<String>) -> Result<Option<String>, ApiError> {
 /// `volume_size_gb`: an integer 1..=`MAX_VOLUME_GB`. A number with a zero fraction (`50.0`)
 /// is an integer, as JSON Schema counts them.
 fn check_size(v: Option<serde_json::Value>) -> Result<u64, ApiError> {
-    let v = v.ok_or_else(|| ApiError::bad_request("volume_size_gb is required"))?;
+    check_size_field("volume_size_gb", v)
+}
+
+/// A size in GiB named `field`: an integer 1..=`MAX_VOLUME_GB`.
+pub(crate) fn check_size_field(field: &str, v: Option<serde_json::Value>) -> Result<u64, ApiError> {
+    let v = v.ok_or_else(|| ApiError::bad_request(format!("{field} is required")))?;
     let integral = v.as_u64().or_else(|| {
         v.as_f64()
             .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < u64::MAX as f64)
@@ -365,10 +371,10 @@ fn check_size(v: Option<serde_json::Value>) -> Result<u64, ApiError> {
     match integral {
         Some(n) if (1..=MAX_VOLUME_GB).contains(&n) => Ok(n),
         Some(n) if n > MAX_VOLUME_GB => Err(ApiError::bad_request(format!(
-            "volume_size_gb {n} is larger than {MAX_VOLUME_GB}"
+            "{field} {n} is larger than {MAX_VOLUME_GB}"
         ))),
         _ => Err(ApiError::bad_request(format!(
-            "volume_size_gb must be an integer >= 1 (GiB), got {v}"
+            "{field} must be an integer >= 1 (GiB), got {v}"
         ))),
     }
 }
@@ -469,7 +475,7 @@ pub(crate) async fn submit(
         .and_then(|_| state.volumes.validate_name(&volume_name))
         .map_err(ApiError::bad_request)?;
     let size = check_size(body.volume_size_gb)?;
-    let image_type = Some(check_image_type(body.image_type)?);
+    let image_type = check_image_type(body.image_type)?;
     let correlation_id = check_correlation_id(body.correlation_id)?;
     let spec = JobSpec {
         image_url,
@@ -794,9 +800,9 @@ pub(crate) async fn volume_delete(
     let name = volume_name_in_path(&name, &state)?;
     let span =
         tracing::info_span!("delete_volume", otel.name = "DeleteVolume", volume_name = %name);
-    let deleted = state
+    let deletion = state
         .engine
-        .delete_volume(&name)
+        .delete_volume(&name, caller.origin())
         .instrument(span)
         .await
         .map_err(|e| match e {
@@ -804,18 +810,27 @@ pub(crate) async fn volume_delete(
             DeleteError::Blocked { .. } | DeleteError::Volume(VolumeError::Conflict(_)) => {
                 ApiError::conflict(Reason::VolumeBlocked, e.to_string())
             }
+            DeleteError::Submit(e) => submit_error(e),
             DeleteError::Volume(_) | DeleteError::Task(_) => ApiError::internal(e.to_string()),
         })?;
-    if deleted {
-        tracing::info!(volume = %name, requested_by = caller.identity().unwrap_or(""), "volume deleted");
+    match deletion {
+        Deletion::Done(existed) => {
+            if existed {
+                tracing::info!(volume = %name, requested_by = caller.identity().unwrap_or(""), "volume deleted");
+            }
+            Ok(json_reply(
+                &VolumeDeleted {
+                    status: "deleted",
+                    volume: name,
+                },
+                StatusCode::OK,
+            ))
+        }
+        Deletion::Queued(job) => {
+            tracing::info!(volume = %name, job_id = %job.id, requested_by = caller.identity().unwrap_or(""), "volume wipe job accepted");
+            Ok(accepted(&Submitted::New(*job), StateNames::Ours))
+        }
     }
-    Ok(json_reply(
-        &VolumeDeleted {
-            status: "deleted",
-            volume: name,
-        },
-        StatusCode::OK,
-    ))
 }
 
 /// `GET /api/v1/config`: the effective configuration (secrets redacted), the last reload and
@@ -925,8 +940,13 @@ mod tests {
             check_declared_image_type(Some("raw".into())).unwrap(),
             Some(ImageType::Raw)
         );
-        assert_eq!(check_image_type(None).unwrap(), ImageType::Qcow2);
-        assert!(check_declared_image_type(Some("vmdk".into())).is_err());
+        assert_eq!(check_image_type(None).unwrap(), Some(ImageType::Qcow2));
+        assert_eq!(check_image_type(Some("auto".into())).unwrap(), None);
+        assert_eq!(
+            check_declared_image_type(Some("vmdk".into())).unwrap(),
+            Some(ImageType::Vmdk)
+        );
+        assert!(check_declared_image_type(Some("ova".into())).is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod conn;
 pub(crate) mod error;
 mod events;
 mod handlers;
+mod lifecycle;
 pub(crate) mod openapi;
 mod origin;
 mod peers;

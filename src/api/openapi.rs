@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::bodies::{CacheFetchBody, InspectBody, ProvisionBody};
+use super::bodies::{CacheFetchBody, InspectBody, ProvisionBody, ResizeBody};
 use super::error::{ErrorBody, Reason};
 use super::views::*;
 
@@ -63,7 +63,7 @@ impl Modify for Security {
 #[openapi(
     info(
         title = "libvirt-volume-provisioner",
-        description = "Provisions libvirt/KVM volumes from qcow2/raw images. Protected routes take a \
+        description = "Provisions libvirt/KVM volumes from qcow2, raw, VMDK, VHDX, VHD, VDI and OVA images. Protected routes take a \
             client certificate (mutual TLS) or an API token (a daemon with neither configured, on \
             loopback only, serves this document with an empty security requirement). Every \
             4xx/5xx body is an ErrorBody with a stable `reason`. Requests with a body need \
@@ -79,14 +79,14 @@ impl Modify for Security {
         paths::cancel, paths::cancel_legacy,
         paths::cache_list, paths::cache_fetch, paths::cache_delete,
         paths::image_inspect,
-        paths::volume_delete, paths::volume_upload,
+        paths::volume_delete, paths::volume_upload, paths::volume_resize,
         paths::config, paths::openapi,
     ),
     components(schemas(
         ErrorBody, StatusResponse, ProgressView, Accepted, JobList, CancelResponse,
         CacheImage, CacheList, CacheDeleted, VolumeDeleted, ConfigResponse, HealthResponse,
         HealthStatus, JobLoad, ReadyResponse, Uploaded, ProvisionBody, CacheFetchBody,
-        InspectBody, InspectResponse, Reason, UploadContent,
+        InspectBody, InspectResponse, Reason, UploadContent, ResizeBody, VolumeResized,
     )),
     modifiers(&Security),
     security(("client_certificate" = []), ("bearer" = []), ("api_token" = [])),
@@ -521,17 +521,22 @@ mod paths {
             (status = 413, body = ErrorBody), (status = 415, body = ErrorBody)))]
     pub(super) fn image_inspect() {}
 
-    /// Delete a volume (absent is also 200). The LVM backend also refuses LVM's reserved names
-    /// (400).
+    /// Delete a volume (absent is also 200), wiped first as `volumes.wipe_on_delete` says. A
+    /// `zero` wipe of more than `volumes.wipe_job_min_bytes` runs as a `wipe` job (202). The
+    /// LVM backend also refuses LVM's reserved names (400).
     #[utoipa::path(delete, path = "/api/v1/volumes/{name}", tag = "volumes",
         params(("name" = String, Path, min_length = 1, max_length = 127,
             pattern = r"^(?:[A-Za-z0-9+_][A-Za-z0-9+_.-]{0,126}|\.[A-Za-z0-9+_-][A-Za-z0-9+_.-]{0,125}|\.\.[A-Za-z0-9+_.-]{1,125})$",
             description = "`[A-Za-z0-9+_.-]`, 1..=127 characters, not `.` or `..`, no leading `-`")),
-        responses((status = 200, body = VolumeDeleted), (status = 400, body = ErrorBody),
+        responses((status = 200, body = VolumeDeleted),
+            (status = 202, description = "the wipe runs long: a `wipe` job wipes and removes the volume", body = Accepted, headers(("Location" = String))),
+            (status = 400, body = ErrorBody),
             (status = 401, body = ErrorBody, headers(("WWW-Authenticate" = String))),
             (status = 403, body = ErrorBody),
             (status = 409, description = "in use by a job, an upload or a VM", body = ErrorBody),
-            (status = 500, body = ErrorBody)))]
+            (status = 429, description = "the wipe job finds the queue full", body = ErrorBody,
+                headers(("Retry-After" = u64, description = "seconds"))),
+            (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
     pub(super) fn volume_delete() {}
 
     /// Write a small file (a cloud-init seed image) into a new volume named like
@@ -560,6 +565,26 @@ mod paths {
                 headers(("Retry-After" = u64, description = "seconds"))),
             (status = 500, body = ErrorBody), (status = 507, body = ErrorBody)))]
     pub(super) fn volume_upload() {}
+
+    /// Grow a volume to `size_gb` GiB (LVM thick and thin LVs: `lvextend`; files). Volumes
+    /// only grow: a smaller size is 409 `shrink_refused`, the same size 200 with nothing done.
+    /// When a running (or paused) libvirt domain has the volume as a disk, it is told the new
+    /// size (`blockresize`) and the answer says `"live": true` with the domain.
+    #[utoipa::path(post, path = "/api/v1/volumes/{name}/resize", tag = "volumes",
+        params(("name" = String, Path, min_length = 1, max_length = 127,
+            pattern = r"^(?:[A-Za-z0-9+_][A-Za-z0-9+_.-]{0,126}|\.[A-Za-z0-9+_-][A-Za-z0-9+_.-]{0,125}|\.\.[A-Za-z0-9+_.-]{1,125})$",
+            description = "a volume name, as for `DELETE /api/v1/volumes/{name}`")),
+        request_body = ResizeBody,
+        responses((status = 200, body = VolumeResized),
+            (status = 400, body = ErrorBody),
+            (status = 401, body = ErrorBody, headers(("WWW-Authenticate" = String))),
+            (status = 403, body = ErrorBody),
+            (status = 404, description = "no volume of this name", body = ErrorBody),
+            (status = 409, description = "smaller than the volume (shrink_refused), held by a job, a golden image or not a plain volume", body = ErrorBody),
+            (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+            (status = 500, body = ErrorBody),
+            (status = 507, description = "the VG, the thin pool or the file system has not the room", body = ErrorBody)))]
+    pub(super) fn volume_resize() {}
 
     /// The effective configuration (secrets redacted) and the last reload.
     #[utoipa::path(get, path = "/api/v1/config", tag = "config",
@@ -738,7 +763,15 @@ mod tests {
         );
         assert_eq!(
             schema_at(&d, "/components/schemas/ImageType/enum"),
-            &json!(["qcow2", "raw"])
+            &json!(["qcow2", "raw", "vmdk", "vhdx", "vpc", "vdi"])
+        );
+        assert_eq!(
+            schema_at(&d, "/components/schemas/DeclaredImageType/enum"),
+            &json!(["qcow2", "raw", "vmdk", "vhdx", "vpc", "vdi", "auto"])
+        );
+        assert_eq!(
+            schema_at(&d, "/components/schemas/Subformat/enum"),
+            &json!(["monolithicSparse", "streamOptimized", "fixed", "dynamic"])
         );
     }
 

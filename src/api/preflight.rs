@@ -40,17 +40,7 @@ pub(crate) async fn inspect(
             })
             .await
         }
-        Err(refused) => Preflight {
-            compression: None,
-            format: None,
-            virtual_size: None,
-            size: None,
-            cache: CacheState::Absent,
-            cache_key: None,
-            accepted: false,
-            reason: Some(refused.to_string()),
-            bytes_read: 0,
-        },
+        Err(refused) => Preflight::refused(refused.to_string(), CacheState::Absent, None),
     };
     Ok(json_reply(
         &InspectResponse { image_url, verdict },

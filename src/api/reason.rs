@@ -73,6 +73,8 @@ reasons! {
     JobNotFound = "job_not_found",
     /// No cache entry with this key (404).
     CacheEntryNotFound = "cache_entry_not_found",
+    /// No volume of this name (404).
+    VolumeNotFound = "volume_not_found",
     /// The job is completed, failed or cancelled already (400 on cancel, as the Go service).
     JobTerminal = "job_terminal",
     /// A job, a deletion or an upload holds the volume name (409).
@@ -83,6 +85,8 @@ reasons! {
     VolumeBlocked = "volume_blocked",
     /// An upload's volume exists already (409).
     VolumeExists = "volume_exists",
+    /// A resize to a smaller size: volumes only grow (409).
+    ShrinkRefused = "shrink_refused",
     /// A job uses the cache entry (409).
     CacheEntryInUse = "cache_entry_in_use",
     /// A request with this `Idempotency-Key` is being stored right now; retry (409).

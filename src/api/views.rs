@@ -218,6 +218,20 @@ pub(crate) struct VolumeDeleted {
     pub(crate) volume: String,
 }
 
+/// `POST /api/v1/volumes/{name}/resize`: the volume's size now.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct VolumeResized {
+    pub(crate) volume: String,
+    /// The size now, in bytes (rounded up to the backend's unit).
+    pub(crate) size_bytes: u64,
+    /// Whether a running (or paused) libvirt domain uses the volume and was told the new size
+    /// (`blockresize`), so its guest sees it without a reboot.
+    pub(crate) live: bool,
+    /// That domain.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) domain: Option<String>,
+}
+
 /// `GET /api/v1/config`: the effective configuration and the last reload.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct ConfigResponse {

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand, ValueEnum};
 
+use super::fleet_args::FleetArgs;
+
 /// How the server is reached and how answers are printed.
 #[derive(Debug, Clone, Args)]
 pub struct ClientOptions {
@@ -53,7 +55,7 @@ pub enum ClientCommand {
     /// The image cache: list, prefetch, delete.
     #[command(subcommand)]
     Cache(CacheCommand),
-    /// Volumes: delete, upload small content (cloud-init seeds).
+    /// Volumes: delete, grow, upload small content (cloud-init seeds).
     #[command(subcommand)]
     Volume(VolumeCommand),
     /// Images: check one before provisioning from it.
@@ -61,6 +63,8 @@ pub enum ClientCommand {
     Image(ImageCommand),
     /// The daemon's health.
     Health,
+    /// Every daemon of a hosts file at once: status, prefetch an image, declared images.
+    Fleet(FleetArgs),
 }
 
 /// Following a job.
@@ -87,7 +91,7 @@ pub struct ProvisionArgs {
     #[arg(long)]
     pub size_gb: u64,
     /// Format of the image (the daemon checks it).
-    #[arg(long, value_parser = ["qcow2", "raw"])]
+    #[arg(long, value_parser = ["qcow2", "raw", "vmdk", "vhdx", "vpc", "vdi", "auto"])]
     pub image_type: Option<String>,
     /// Echoed in the job, its logs and traces.
     #[arg(long)]
@@ -138,7 +142,7 @@ pub enum CacheCommand {
     /// Download an image into the cache (a prefetch job).
     Fetch {
         image_url: String,
-        #[arg(long, value_parser = ["qcow2", "raw"])]
+        #[arg(long, value_parser = ["qcow2", "raw", "vmdk", "vhdx", "vpc", "vdi", "auto"])]
         image_type: Option<String>,
         /// Idempotency-Key to send (default: a new random one).
         #[arg(long)]
@@ -161,6 +165,13 @@ pub enum VolumeCommand {
     Delete { name: String },
     /// Write a small file (a cloud-init seed image) into a new volume.
     Upload { name: String, file: PathBuf },
+    /// Grow a volume (a running VM using it is told the new size; volumes never shrink).
+    Resize {
+        name: String,
+        /// The new size in GiB (at least the current size).
+        #[arg(long)]
+        size_gb: u64,
+    },
 }
 
 /// `image ...`.
@@ -170,7 +181,7 @@ pub enum ImageCommand {
     /// would accept it (reads only the header of an uncached image).
     Inspect {
         image_url: String,
-        #[arg(long, value_parser = ["qcow2", "raw"])]
+        #[arg(long, value_parser = ["qcow2", "raw", "vmdk", "vhdx", "vpc", "vdi", "auto"])]
         image_type: Option<String>,
     },
 }

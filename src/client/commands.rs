@@ -8,6 +8,7 @@ use super::args::{
     ProvisionArgs, VolumeCommand, WaitArgs,
 };
 use super::exit;
+use super::fleet;
 use super::http::{Api, ClientError, ConnectKind};
 use super::watch::{self, Display, JobView, OnInterrupt, Outcome};
 use indicatif::HumanBytes;
@@ -15,6 +16,9 @@ use indicatif::HumanBytes;
 /// Runs `command`; returns the exit status.
 pub(crate) async fn run(opts: &ClientOptions, command: ClientCommand) -> u8 {
     let json = opts.output == OutputFormat::Json;
+    if let ClientCommand::Fleet(args) = command {
+        return fleet::run(opts, args).await;
+    }
     let result = match Api::new(opts) {
         Ok(api) => dispatch(&api, json, command).await,
         Err(e) => Err(e),
@@ -84,22 +88,15 @@ async fn dispatch(api: &Api, json: bool, command: ClientCommand) -> Result<u8, C
             Ok(exit::OK)
         }
         ClientCommand::Cache(c) => cache(api, json, c).await,
-        ClientCommand::Volume(VolumeCommand::Delete { name }) => {
-            let body = api
-                .delete(&format!("/api/v1/volumes/{}", path_part(&name)))
-                .await?;
-            print_value(json, &body, |b| {
-                format!("volume {} deleted", field(&b["volume"], &name))
-            });
-            Ok(exit::OK)
-        }
-        ClientCommand::Volume(VolumeCommand::Upload { name, file }) => {
-            upload(api, json, &name, &file).await
-        }
+        ClientCommand::Volume(v) => volume(api, json, v).await,
         ClientCommand::Image(ImageCommand::Inspect {
             image_url,
             image_type,
         }) => inspect(api, json, image_url, image_type).await,
+        // `run` hands fleet commands to `fleet::run` before one server's Api is built.
+        ClientCommand::Fleet(_) => Err(ClientError::Setup(
+            "fleet commands run on every host of --hosts, not on --server".into(),
+        )),
         ClientCommand::Health => {
             let body = api.get("/health").await?;
             print_value(json, &body, |b| {
@@ -114,6 +111,46 @@ async fn dispatch(api: &Api, json: bool, command: ClientCommand) -> Result<u8, C
             });
             Ok(exit::OK)
         }
+    }
+}
+
+/// `volume ...`: delete (maybe through a wipe job), grow, upload.
+async fn volume(api: &Api, json: bool, command: VolumeCommand) -> Result<u8, ClientError> {
+    match command {
+        VolumeCommand::Delete { name } => {
+            let body = api
+                .delete(&format!("/api/v1/volumes/{}", path_part(&name)))
+                .await?;
+            print_value(json, &body, |b| match b["job_id"].as_str() {
+                Some(id) => format!(
+                    "volume {name}: wiped and removed by job {id} (follow it: job watch {id})"
+                ),
+                None => format!("volume {} deleted", field(&b["volume"], &name)),
+            });
+            Ok(exit::OK)
+        }
+        VolumeCommand::Resize { name, size_gb } => {
+            let (_, body) = api
+                .post(
+                    &format!("/api/v1/volumes/{}/resize", path_part(&name)),
+                    &json!({ "size_gb": size_gb }),
+                    None,
+                )
+                .await?;
+            print_value(json, &body, |b| {
+                let live = match b["domain"].as_str() {
+                    Some(d) => format!(" (running domain {} told)", crate::text::escape(d)),
+                    None => String::new(),
+                };
+                format!(
+                    "volume {}: {} bytes{live}",
+                    field(&b["volume"], &name),
+                    b["size_bytes"]
+                )
+            });
+            Ok(exit::OK)
+        }
+        VolumeCommand::Upload { name, file } => upload(api, json, &name, &file).await,
     }
 }
 
@@ -376,6 +413,12 @@ async fn inspect(
             format!("image:        {}", field(&a["image_url"], "?")),
             format!("format:       {}", field(&a["format"], "unknown")),
         ];
+        if a["subformat"].is_string() {
+            lines.push(format!("subformat:    {}", field(&a["subformat"], "")));
+        }
+        if a["container"].is_string() {
+            lines.push(format!("inside:       {}", field(&a["container"], "")));
+        }
         if let Some(v) = a["virtual_size"].as_u64() {
             lines.push(format!("virtual size: {} ({v} bytes)", HumanBytes(v)));
         }
@@ -383,6 +426,10 @@ async fn inspect(
             lines.push(format!("size on disk: {} ({v} bytes)", HumanBytes(v)));
         }
         lines.push(format!("cache:        {}", field(&a["cache"], "?")));
+        for (i, check) in a["checks"].as_array().into_iter().flatten().enumerate() {
+            let label = if i == 0 { "checks:" } else { "" };
+            lines.push(format!("{label:<14}{}", field(check, "?")));
+        }
         lines.push(if accepted {
             "accepted:     yes".to_string()
         } else {

@@ -4,12 +4,18 @@
 
 mod args;
 mod commands;
+mod fleet;
+mod fleet_args;
+mod fleet_ops;
+mod fleet_report;
+mod fleet_view;
 mod http;
 mod watch;
 
 use std::process::ExitCode;
 
 pub use args::{ClientCommand, ClientOptions, OutputFormat};
+pub use fleet_args::{FleetArgs, FleetCommand};
 
 /// Exit statuses of the client subcommands.
 pub mod exit {

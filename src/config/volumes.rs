@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::error::{SettingError, check};
+use crate::volume::WipeMode;
 
 const GIB: u64 = 1 << 30;
 
@@ -34,6 +35,22 @@ pub(crate) struct VolumesSettings {
     pub(crate) upload_name_pattern: String,
     /// Uploads in progress at once (each holds a connection and a new volume); 429 beyond.
     pub(crate) upload_max_concurrent: usize,
+    /// How a volume is wiped before `DELETE` removes it; `None`: `zero` for thick LVs,
+    /// `discard` for thin LVs and files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) wipe_on_delete: Option<WipeMode>,
+    /// How the part of a reused volume the image does not cover is wiped; `None`: as for
+    /// `wipe_on_delete`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) wipe_on_reuse: Option<WipeMode>,
+    /// A `DELETE` whose `zero` wipe covers more bytes than this runs as a job (202); smaller
+    /// ones answer when done (200).
+    #[serde(default = "default_wipe_job_min_bytes")]
+    pub(crate) wipe_job_min_bytes: u64,
+}
+
+fn default_wipe_job_min_bytes() -> u64 {
+    GIB
 }
 
 /// `[volumes.lvm]`: the LVM backend.
@@ -108,6 +125,9 @@ impl VolumesSettings {
             upload_max_bytes: 64 << 20,
             upload_name_pattern: "*-cidata".into(),
             upload_max_concurrent: 4,
+            wipe_on_delete: None,
+            wipe_on_reuse: None,
+            wipe_job_min_bytes: default_wipe_job_min_bytes(),
         }
     }
 

@@ -1,5 +1,6 @@
 //! Writing images into volumes with `qemu-img convert`: always an explicit `-f` (never format
-//! probing), `-O raw -n` onto the existing volume (`--target-is-zero` only onto a volume that
+//! probing; the disk inside an OVA is named by `--image-opts` with its driver and a `raw`
+//! window of the OVA file, which is as explicit), `-O raw -n` onto the existing volume (`--target-is-zero` only onto a volume that
 //! is known to read zeros), resource limits and a process group for the child, cancellation
 //! that kills it, and progress parsed from `-p` output. Also how much data an image holds
 //! (`qemu-img map`).
@@ -13,6 +14,7 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 use crate::image::ImageType;
+use crate::image::inspect::Member;
 use crate::telemetry::metrics::metrics;
 
 /// Address-space limit of a qemu-img child (image-safety checklist item 6).
@@ -27,6 +29,8 @@ pub(crate) struct ConvertSpec {
     pub(crate) source: PathBuf,
     /// Format decided by the inspector.
     pub(crate) format: ImageType,
+    /// Where the image lies inside `source` when that is an OVA (the inspector's `ova_disk`).
+    pub(crate) member: Option<Member>,
     /// The volume.
     pub(crate) target: PathBuf,
     /// Write with O_DIRECT (`-t none`); false falls back to the page cache (`-t writeback`).
@@ -51,13 +55,38 @@ pub(crate) enum ConvertError {
     Cancelled,
 }
 
+/// How qemu-img is told what the source is: `-f <format>` and the path, or, for the disk in
+/// an OVA, `--image-opts` and an option string (`driver=<format>` over a `raw` driver with the
+/// member's offset and size over the file; commas in the path doubled, as QemuOpts wants).
+/// Returns the flags and the source argument.
+pub(crate) fn source_args(
+    path: &Path,
+    format: ImageType,
+    member: Option<Member>,
+) -> (Vec<String>, String) {
+    let path = path.display().to_string();
+    match member {
+        None => (vec!["-f".into(), format.as_str().into()], path),
+        Some(m) => (
+            vec!["--image-opts".into()],
+            format!(
+                "driver={},file.driver=raw,file.offset={},file.size={},\
+                 file.file.driver=file,file.file.filename={}",
+                format.as_str(),
+                m.offset,
+                m.size,
+                path.replace(',', ",,")
+            ),
+        ),
+    }
+}
+
 /// The argument list (without the program name).
 pub(crate) fn convert_args(spec: &ConvertSpec) -> Vec<String> {
-    let mut args = vec![
-        "convert".to_string(),
-        "-p".into(),
-        "-f".into(),
-        spec.format.as_str().into(),
+    let (flags, source) = source_args(&spec.source, spec.format, spec.member);
+    let mut args = vec!["convert".to_string(), "-p".into()];
+    args.extend(flags);
+    args.extend([
         "-O".into(),
         "raw".into(),
         "-n".into(),
@@ -66,11 +95,11 @@ pub(crate) fn convert_args(spec: &ConvertSpec) -> Vec<String> {
         spec.coroutines.clamp(1, 16).to_string(),
         "-t".into(),
         if spec.direct_io { "none" } else { "writeback" }.into(),
-    ];
+    ]);
     if spec.target_is_zero {
         args.push("--target-is-zero".into());
     }
-    args.push(spec.source.display().to_string());
+    args.push(source);
     args.push(spec.target.display().to_string());
     args
 }
@@ -90,16 +119,13 @@ struct MapExtent {
 pub(crate) async fn data_bytes(
     source: &Path,
     format: ImageType,
+    member: Option<Member>,
     granule: u64,
 ) -> Result<u64, ConvertError> {
-    let source = source.display().to_string();
-    let args = [
-        "map",
-        "-f",
-        format.as_str(),
-        "--output=json",
-        source.as_str(),
-    ];
+    let (flags, source) = source_args(source, format, member);
+    let mut args: Vec<&str> = vec!["map"];
+    args.extend(flags.iter().map(String::as_str));
+    args.extend(["--output=json", source.as_str()]);
     let limit = crate::command::Limit {
         timeout: Duration::from_secs(300),
         setting: None,
@@ -288,6 +314,7 @@ mod tests {
         let spec = ConvertSpec {
             source: "/c/k.img".into(),
             format: ImageType::Raw,
+            member: None,
             target: "/dev/vg0/v".into(),
             direct_io: true,
             coroutines: 8,
@@ -348,7 +375,9 @@ mod tests {
             .status()
             .unwrap();
         assert!(ok.success());
-        let bytes = data_bytes(&qcow, ImageType::Qcow2, 64 << 10).await.unwrap();
+        let bytes = data_bytes(&qcow, ImageType::Qcow2, None, 64 << 10)
+            .await
+            .unwrap();
         assert_eq!(bytes, 1 << 20);
     }
 
@@ -371,6 +400,7 @@ mod tests {
         let spec = ConvertSpec {
             source: src,
             format: ImageType::Qcow2,
+            member: None,
             target: dst.clone(),
             direct_io: supports_direct_io(&dst),
             coroutines: 4,
@@ -385,6 +415,74 @@ mod tests {
         assert!(seen.windows(2).all(|w| w[0] <= w[1]));
     }
 
+    /// A VMDK inside another file (as in an OVA) converts and maps through `--image-opts`
+    /// exactly as the bare VMDK does.
+    #[tokio::test]
+    async fn a_member_of_a_container_reads_like_the_bare_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("s.raw");
+        let f = std::fs::File::create(&raw).unwrap();
+        f.set_len(8 << 20).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[9u8; 1 << 20], 3 << 20).unwrap();
+        let vmdk = dir.path().join("s.vmdk");
+        let ok = std::process::Command::new("qemu-img")
+            .args([
+                "convert",
+                "-q",
+                "-f",
+                "raw",
+                "-O",
+                "vmdk",
+                "-o",
+                "subformat=streamOptimized",
+            ])
+            .arg(&raw)
+            .arg(&vmdk)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        // 1536 bytes of something else before the disk, 700 after; a comma in the name.
+        let outer = dir.path().join("a,b.ova");
+        let disk = std::fs::read(&vmdk).unwrap();
+        let mut bytes = vec![0x55u8; 1536];
+        bytes.extend_from_slice(&disk);
+        bytes.extend_from_slice(&[0x66u8; 700]);
+        std::fs::write(&outer, bytes).unwrap();
+        let member = Some(Member {
+            offset: 1536,
+            size: disk.len() as u64,
+        });
+        let bare = data_bytes(&vmdk, ImageType::Vmdk, None, 64 << 10)
+            .await
+            .unwrap();
+        let inner = data_bytes(&outer, ImageType::Vmdk, member, 64 << 10)
+            .await
+            .unwrap();
+        assert_eq!((bare, inner), (1 << 20, 1 << 20));
+        let dst = dir.path().join("d.raw");
+        std::fs::File::create(&dst)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        let spec = ConvertSpec {
+            source: outer,
+            format: ImageType::Vmdk,
+            member,
+            target: dst.clone(),
+            direct_io: false,
+            coroutines: 2,
+            cpu_limit: Duration::from_secs(60),
+            target_is_zero: false,
+        };
+        assert!(convert_args(&spec).contains(&"--image-opts".to_string()));
+        assert!(!convert_args(&spec).contains(&"-f".to_string()));
+        convert(&spec, &CancellationToken::new(), |_| {})
+            .await
+            .unwrap();
+        assert!(std::fs::read(&dst).unwrap() == std::fs::read(&raw).unwrap());
+    }
+
     #[tokio::test]
     async fn wrong_format_fails_with_stderr() {
         let dir = tempfile::tempdir().unwrap();
@@ -395,6 +493,7 @@ mod tests {
         let spec = ConvertSpec {
             source: src,
             format: ImageType::Qcow2,
+            member: None,
             target: dst,
             direct_io: false,
             coroutines: 1,

@@ -10,4 +10,4 @@ mod remote;
 pub(crate) mod settings;
 pub(crate) mod source;
 
-pub use format::ImageType;
+pub use format::{DeclaredImageType, ImageType};

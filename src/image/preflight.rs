@@ -1,8 +1,10 @@
 //! Preflight inspection (`POST /api/v1/images/inspect`): what a job would find in an image,
 //! without a job, a volume or a download. The source is asked for the object's size and ETag;
 //! a cache entry of the same object answers from its stored verdict, anything else is judged
-//! from a ranged GET of at most `inspect::MAX_HEADER_READ` bytes (never the whole object) by
-//! the same inspector the cache runs on every download.
+//! by the same inspector the cache runs on every download, fed by ranged GETs: first the head
+//! (at most `inspect::MAX_HEADER_READ` bytes), then whatever range the inspector reports
+//! missing (a VHD footer, a VHDX metadata table, an OVA's next tar header), at most
+//! `MAX_ROUNDS` more requests and `MAX_PREFLIGHT_BYTES` in all, never the whole object.
 
 use std::time::Duration;
 
@@ -11,7 +13,7 @@ use serde::Serialize;
 
 use super::ImageType;
 use super::cache::{Compression, ImageCache, content_prefix};
-use super::inspect::{self, InspectError, MAX_HEADER_READ};
+use super::inspect::{self, InspectError, Inspection, MAX_HEADER_READ, Ranges, Subformat};
 use super::remote::{RemoteObject, SourceError};
 use super::source::{Location, SourceClients};
 
@@ -27,17 +29,31 @@ pub(crate) enum CacheState {
     Absent,
 }
 
+/// Ranged requests after the head, at most.
+const MAX_ROUNDS: usize = 32;
+/// Bytes read from the source for one preflight, at most.
+const MAX_PREFLIGHT_BYTES: u64 = 8 << 20;
+/// The least a follow-up request asks for (fewer round trips for neighbouring reads).
+const MIN_RANGE: u64 = 64 << 10;
+
 /// The verdict on an image.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub(crate) struct Preflight {
     /// The wrapper around the image (`gzip`, `xz`, `bzip2`, `zstd`), found from its first
-    /// bytes; `null` for a bare image. `format` and `virtual_size` are then of the image
-    /// inside (the virtual size of a compressed raw image is not known before its download).
+    /// bytes; `null` for a bare image. The other fields are then of the image inside.
     pub(crate) compression: Option<Compression>,
-    /// `qcow2` or `raw`; `null` when the image could not be read.
+    /// The format found (`qcow2`, `raw`, `vmdk`, `vhdx`, `vpc`, `vdi`; for an OVA, its disk's);
+    /// `null` when the image could not be read or was refused before its format was known.
     pub(crate) format: Option<ImageType>,
+    /// The format's variant (`monolithicSparse`, `streamOptimized`, `fixed`, `dynamic`).
+    pub(crate) subformat: Option<Subformat>,
+    /// `ova` when the image is the disk inside an OVA.
+    pub(crate) container: Option<String>,
     /// Size of the disk the image describes.
     pub(crate) virtual_size: Option<u64>,
+    /// The checks the inspector applies to this kind of image (a job passes `-f` with the
+    /// format found to every qemu-img call).
+    pub(crate) checks: Vec<String>,
     /// Size of the image file (as stored at the source, or in the cache).
     pub(crate) size: Option<u64>,
     pub(crate) cache: CacheState,
@@ -52,10 +68,18 @@ pub(crate) struct Preflight {
 }
 
 impl Preflight {
-    fn refused(reason: String, cache: CacheState, cache_key: Option<String>) -> Preflight {
+    /// A refusal before anything of the image was judged.
+    pub(crate) fn refused(
+        reason: String,
+        cache: CacheState,
+        cache_key: Option<String>,
+    ) -> Preflight {
         Preflight {
             compression: None,
             format: None,
+            subformat: None,
+            container: None,
+            checks: Vec::new(),
             virtual_size: None,
             size: None,
             cache,
@@ -73,8 +97,8 @@ pub(crate) struct Query<'a> {
     pub(crate) sources: &'a SourceClients,
     pub(crate) cache: &'a ImageCache,
     pub(crate) location: &'a Location,
-    /// What a job would declare (`image_type`).
-    pub(crate) requested: ImageType,
+    /// What a job would declare (`image_type`; `None`: `auto`).
+    pub(crate) requested: Option<ImageType>,
     /// `sources.stall_timeout`.
     pub(crate) stall: Duration,
 }
@@ -180,92 +204,164 @@ async fn inspect_within(q: &Query<'_>) -> Preflight {
         Some(e) => (CacheState::Stale, Some(e.key.clone())),
         None => (CacheState::Absent, None),
     };
-    match read_head(&object, meta.size, stall).await {
-        Ok(head) => Preflight {
-            cache: cache_state,
-            cache_key,
-            ..from_head(&head, meta.size, requested)
-        },
+    match judge(&object, meta.size, stall).await {
+        Ok((ranges, verdict, bytes_read, compression)) => {
+            let p = from_verdict(&ranges, verdict, meta.size, requested);
+            Preflight {
+                compression,
+                // A compressed image's own size is not known before its download.
+                virtual_size: p.virtual_size.filter(|&v| v != u64::MAX),
+                cache: cache_state,
+                cache_key,
+                bytes_read,
+                ..p
+            }
+        }
         Err(e) => Preflight::refused(source_error(&e), cache_state, cache_key),
     }
 }
 
 /// The verdict a cache entry of this very version gives (nothing is read from the source).
-fn from_entry(entry: &super::cache::CacheEntry, requested: ImageType) -> Preflight {
-    let verdict = inspect::check_requested(&entry.inspection, requested);
+fn from_entry(entry: &super::cache::CacheEntry, requested: Option<ImageType>) -> Preflight {
+    let found = entry.inspection;
+    let verdict = match requested {
+        Some(r) => inspect::check_requested(&found, r),
+        None => Ok(()),
+    };
     Preflight {
         compression: entry.compression,
-        format: Some(entry.inspection.format),
-        virtual_size: Some(entry.inspection.virtual_size),
-        size: Some(entry.size),
         cache: CacheState::Cached,
         cache_key: Some(entry.key.clone()),
         accepted: verdict.is_ok(),
         reason: verdict.err().map(|e| format!("image rejected: {e}")),
+        ..described(&found, entry.size)
+    }
+}
+
+/// What an accepted inspection says about the image (verdict and cache fields left open).
+fn described(found: &Inspection, size: u64) -> Preflight {
+    Preflight {
+        compression: None,
+        format: Some(found.format),
+        subformat: found.subformat,
+        container: found.ova_disk.map(|_| "ova".to_string()),
+        virtual_size: Some(found.virtual_size),
+        checks: inspect::checks_of(found)
+            .iter()
+            .map(|c| c.to_string())
+            .collect(),
+        size: Some(size),
+        cache: CacheState::Absent,
+        cache_key: None,
+        accepted: true,
+        reason: None,
         bytes_read: 0,
     }
 }
 
-/// The verdict on the first bytes of an image of `size` bytes (cache fields left absent). A
-/// compressed image is judged by the start of its content (whose size is not known yet).
-fn from_head(raw_head: &[u8], size: u64, requested: ImageType) -> Preflight {
-    let compression = Compression::detect(raw_head);
-    let content;
-    let (head, content_size) = match compression {
-        Some(c) => {
-            content = content_prefix(c, raw_head, MAX_HEADER_READ);
-            (&content[..], u64::MAX)
+/// The verdict on an image of `size` bytes from the ranges read (cache fields left absent).
+fn from_verdict(
+    ranges: &Ranges,
+    verdict: Result<Inspection, InspectError>,
+    size: u64,
+    requested: Option<ImageType>,
+) -> Preflight {
+    match verdict {
+        Ok(found) => {
+            let checked = match requested {
+                Some(r) => inspect::check_requested(&found, r),
+                None => Ok(()),
+            };
+            Preflight {
+                accepted: checked.is_ok(),
+                // A mismatch still says what the image is.
+                reason: checked.err().map(|e| format!("image rejected: {e}")),
+                ..described(&found, size)
+            }
         }
-        None => (raw_head, size),
-    };
-    let verdict = inspect::inspect_bytes(head, content_size)
-        .and_then(|found| inspect::check_requested(&found, requested).map(|_| found));
-    let found = match &verdict {
-        Ok(found) => Some(*found),
-        // A mismatch still says what the image is.
-        Err(InspectError::FormatMismatch { detected, .. }) => {
-            inspect::inspect_bytes(head, content_size)
-                .ok()
-                .filter(|f| f.format == *detected)
-        }
-        Err(_) => None,
-    };
-    Preflight {
-        compression,
-        format: found.map(|f| f.format),
-        // A compressed raw image's size is the content's, unknown before the download.
-        virtual_size: found.map(|f| f.virtual_size).filter(|&v| v != u64::MAX),
-        size: Some(size),
-        cache: CacheState::Absent,
-        cache_key: None,
-        accepted: verdict.is_ok(),
-        reason: verdict.err().map(|e| format!("image rejected: {e}")),
-        bytes_read: raw_head.len() as u64,
+        Err(e) => Preflight {
+            checks: inspect::detect(ranges)
+                .map(|d| inspect::checks(d).iter().map(|c| c.to_string()).collect())
+                .unwrap_or_default(),
+            size: Some(size),
+            ..Preflight::refused(format!("image rejected: {e}"), CacheState::Absent, None)
+        },
     }
 }
 
-/// The first `min(size, MAX_HEADER_READ)` bytes, by one ranged GET; reading stops there
-/// even if the source ignores the range and sends the whole object.
-async fn read_head(
+/// Runs the inspector on ranges of the object: the head first, then each range it reports
+/// missing, until it decides (or the rounds or bytes allowed are spent). Returns the ranges
+/// read, the verdict, the bytes read and the compression found. A compressed image is judged
+/// by the start of its content, decoded from the head (no other range of it can be read).
+async fn judge(object: &RemoteObject, size: u64, stall: Duration) -> Result<Judged, SourceError> {
+    let want = size.min(MAX_HEADER_READ as u64);
+    let head = read_range(object, 0..want, stall).await?;
+    let mut read = head.len() as u64;
+    if let Some(c) = Compression::detect(&head) {
+        let mut ranges = Ranges::new(u64::MAX);
+        ranges.add(0, content_prefix(c, &head, MAX_HEADER_READ));
+        let verdict = inspect::inspect(&ranges);
+        return Ok((ranges, verdict, read, Some(c)));
+    }
+    let mut ranges = Ranges::new(size);
+    ranges.add(0, head);
+    for _ in 0..MAX_ROUNDS {
+        let verdict = inspect::inspect(&ranges);
+        let Some((offset, len)) = ranges.take_missing().filter(|_| verdict.is_err()) else {
+            return Ok((ranges, verdict, read, None));
+        };
+        let end = offset.saturating_add(len.max(MIN_RANGE)).min(size);
+        if read + (end - offset) > MAX_PREFLIGHT_BYTES {
+            break;
+        }
+        let data = read_range(object, offset..end, stall).await?;
+        read += data.len() as u64;
+        ranges.add(offset, data);
+    }
+    let verdict = Err(InspectError::Io(format!(
+        "preflight would read more than {MAX_ROUNDS} ranges or {MAX_PREFLIGHT_BYTES} bytes; \
+         a job inspects the downloaded file"
+    )));
+    Ok((ranges, verdict, read, None))
+}
+
+/// What `judge` found: the ranges read, the verdict, the bytes read, the compression.
+type Judged = (
+    Ranges,
+    Result<Inspection, InspectError>,
+    u64,
+    Option<Compression>,
+);
+
+/// The bytes `range` of the object, by one ranged GET; reading stops at the range's end even
+/// if the source ignores the range and sends the whole object (such a source gives the
+/// object's start, which is wrong for any other range: refused).
+async fn read_range(
     object: &RemoteObject,
-    size: u64,
+    range: std::ops::Range<u64>,
     stall: Duration,
 ) -> Result<Vec<u8>, SourceError> {
-    let want = size.min(MAX_HEADER_READ as u64);
+    let want = range.end.saturating_sub(range.start);
     if want == 0 {
         return Ok(Vec::new());
     }
-    let mut reply = within(stall, object.get(Some(0..want), None)).await?;
-    let mut head = Vec::with_capacity(want as usize);
+    let mut reply = within(stall, object.get(Some(range.clone()), None)).await?;
+    if reply.range.start != range.start {
+        return Err(SourceError::Refused {
+            status: 200,
+            message: format!("the source ignored a request for bytes {range:?}"),
+        });
+    }
+    let mut data = Vec::with_capacity(want as usize);
     while let Some(chunk) = within(stall, async { Ok(reply.body.next().await) }).await? {
         let chunk = chunk?;
-        let room = want as usize - head.len();
-        head.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if head.len() as u64 >= want {
+        let room = want as usize - data.len();
+        data.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if data.len() as u64 >= want {
             break;
         }
     }
-    Ok(head)
+    Ok(data)
 }
 
 #[cfg(test)]
@@ -288,16 +384,19 @@ mod tests {
             .arg(&img)
             .output()
             .unwrap();
-        let p = from_head(&out.stdout, out.stdout.len() as u64, ImageType::Qcow2);
-        assert_eq!(p.compression, Some(Compression::Xz));
+        let head = &out.stdout;
+        let c = Compression::detect(head).unwrap();
+        assert_eq!(c, Compression::Xz);
+        let mut ranges = Ranges::new(u64::MAX);
+        ranges.add(0, content_prefix(c, head, MAX_HEADER_READ));
+        let p = from_verdict(
+            &ranges,
+            inspect::inspect(&ranges),
+            1,
+            Some(ImageType::Qcow2),
+        );
         assert_eq!(p.format, Some(ImageType::Qcow2));
         assert_eq!(p.virtual_size, Some(3 << 30));
         assert!(p.accepted, "{:?}", p.reason);
-        let p = from_head(&out.stdout, out.stdout.len() as u64, ImageType::Raw);
-        assert!(!p.accepted, "a declared raw is refused for a qcow2 inside");
-        // A wrapped raw image: its size is unknown before the download.
-        let p = from_head(&[0x1f, 0x8b, 0x08, 0, 0, 0], 6, ImageType::Raw);
-        assert_eq!(p.compression, Some(Compression::Gzip));
-        assert_eq!(p.virtual_size, None);
     }
 }

@@ -1,10 +1,16 @@
 //! Deleting a volume on request (`DELETE /api/v1/volumes/{name}`): under the engine's
 //! per-volume lock, so no job can start on the name while it is removed, and only when nothing
-//! has the volume open and it is a plain data volume.
+//! has the volume open and it is a plain data volume; wiped first (`volumes.wipe_on_delete`),
+//! by a `wipe` job when that runs long. Also finishing at start-up the wipes a crash cut short.
 
-use super::engine::Engine;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use super::engine::{Engine, Origin, Submission, SubmitError, Submitted};
+use super::model::{Job, JobKind, JobSpec};
 use super::state::{Holder, VolumeClaim};
-use crate::volume::{Blocker, VolumeError};
+use crate::volume::{self, Blocker, VolumeError, WipeMode, WipeProgress};
 
 /// Why a volume was not deleted.
 #[derive(Debug, thiserror::Error)]
@@ -15,25 +21,42 @@ pub(crate) enum DeleteError {
     Blocked { volume: String, blocker: Blocker },
     #[error(transparent)]
     Volume(#[from] VolumeError),
+    /// The wipe job could not be submitted (the queue is full, the name was taken meanwhile).
+    #[error(transparent)]
+    Submit(#[from] SubmitError),
     /// The deletion's task ended without an answer (a panic; the name was given back).
     #[error("the deletion failed: {0}")]
     Task(String),
 }
 
+/// What a deletion did.
+#[derive(Debug)]
+pub(crate) enum Deletion {
+    /// Wiped and removed (`true`), or there was nothing (`false`).
+    Done(bool),
+    /// The wipe runs long: this `wipe` job wipes and removes the volume.
+    Queued(Box<Job>),
+}
+
 impl Engine {
-    /// Removes the volume `name` (absent is success); `true` when it existed. Runs on its own
-    /// task: a caller that goes away does not cut a removal short, and the name is given back
-    /// when it ends (`VolumeClaim`).
-    pub(crate) async fn delete_volume(&self, name: &str) -> Result<bool, DeleteError> {
+    /// Removes the volume `name` (absent is success), wiped first as `volumes.wipe_on_delete`
+    /// says; a `zero` wipe of more than `volumes.wipe_job_min_bytes` becomes a `wipe` job. Runs
+    /// on its own task: a caller that goes away does not cut a removal short, and the name is
+    /// given back when it ends (`VolumeClaim`).
+    pub(crate) async fn delete_volume(
+        &self,
+        name: &str,
+        origin: Origin,
+    ) -> Result<Deletion, DeleteError> {
         let engine = self.clone();
         let name = name.to_string();
-        tokio::spawn(async move { engine.delete_here(&name).await })
+        tokio::spawn(async move { engine.delete_here(&name, origin).await })
             .await
             .map_err(|e| DeleteError::Task(e.to_string()))?
     }
 
-    async fn delete_here(&self, name: &str) -> Result<bool, DeleteError> {
-        let _claim = {
+    async fn delete_here(&self, name: &str, origin: Origin) -> Result<Deletion, DeleteError> {
+        let claim = {
             let mut st = self.state();
             VolumeClaim::take(self.shared(), &mut st, name, Holder::Deleting).map_err(|holder| {
                 DeleteError::Busy {
@@ -42,13 +65,9 @@ impl Engine {
                 }
             })?
         };
-        self.delete_locked(name).await
-    }
-
-    async fn delete_locked(&self, name: &str) -> Result<bool, DeleteError> {
         let volumes = &self.context().volumes;
         let Some(volume) = volumes.inspect(name).await? else {
-            return Ok(false);
+            return Ok(Deletion::Done(false));
         };
         if let Some(blocker) = volume.reuse_blocker.filter(Blocker::forbids_removal) {
             return Err(DeleteError::Blocked {
@@ -56,31 +75,95 @@ impl Engine {
                 blocker,
             });
         }
-        volumes.remove(name).await?;
-        Ok(true)
+        let settings = self.context().settings.current();
+        let mode = volume::effective_wipe(settings.volumes.wipe_on_delete, volume.kind);
+        if mode == WipeMode::Zero && volume.size_bytes > settings.volumes.wipe_job_min_bytes {
+            // The job takes the name; a submission between the two gets it first (409).
+            drop(claim);
+            return self.submit_wipe(name, origin).await;
+        }
+        let progress = Arc::new(WipeProgress::default());
+        volumes
+            .remove_wiped(name, mode, &progress, &CancellationToken::new())
+            .await?;
+        Ok(Deletion::Done(true))
+    }
+
+    async fn submit_wipe(&self, name: &str, origin: Origin) -> Result<Deletion, DeleteError> {
+        let spec = JobSpec {
+            image_url: String::new(),
+            image_type: None,
+            volume_name: Some(name.to_string()),
+            volume_size_gb: None,
+            correlation_id: None,
+        };
+        let submission = Submission {
+            kind: JobKind::Wipe,
+            spec,
+            origin,
+            key: None,
+        };
+        match self.submit(submission).await? {
+            Submitted::New(job) | Submitted::Existing(job) => Ok(Deletion::Queued(Box::new(job))),
+        }
+    }
+
+    /// Start-up: finishes, one after the other on a task of their own, the wipes a crash cut
+    /// short outside a job (a synchronous `DELETE`), each under the volume's lock; names a job
+    /// holds are left to that job.
+    pub(crate) fn finish_wipes(&self) {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let volumes = engine.context().volumes.clone();
+            let unfinished = match volumes.unfinished_wipes().await {
+                Ok(unfinished) => unfinished,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot list the wipes a crash cut short");
+                    return;
+                }
+            };
+            for (name, mode) in unfinished {
+                let Ok(_claim) = VolumeClaim::take(
+                    engine.shared(),
+                    &mut engine.state(),
+                    &name,
+                    Holder::Deleting,
+                ) else {
+                    continue;
+                };
+                tracing::warn!(volume = %name, mode = mode.as_str(), "finishing an interrupted wipe");
+                let progress = Arc::new(WipeProgress::default());
+                match volumes
+                    .finish_wipe(&name, mode, &progress, &CancellationToken::new())
+                    .await
+                {
+                    Ok(()) => tracing::info!(volume = %name, "interrupted wipe finished"),
+                    Err(e) => {
+                        tracing::error!(volume = %name, error = %e, "cannot finish an interrupted wipe")
+                    }
+                }
+            }
+        });
     }
 }
 
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
-    use std::sync::Arc;
 
     use async_trait::async_trait;
     use tokio::sync::Notify;
-    use tokio_util::sync::CancellationToken;
 
     use super::*;
     use crate::config::{LiveSettings, Settings};
     use crate::image::ImageType;
     use crate::image::cache::ImageCache;
     use crate::image::source::SourceClients;
-    use crate::jobs::engine::{Origin, Submission, SubmitError};
-    use crate::jobs::model::{JobKind, JobSpec};
+    use crate::jobs::engine::{Submission, SubmitError};
     use crate::jobs::runner::RunContext;
     use crate::jobs::store::Store;
     use crate::volume::directory::DirectoryBackend;
-    use crate::volume::{NewVolume, VolumeBackend, VolumeInfo};
+    use crate::volume::{Grown, NewVolume, VolumeBackend, VolumeInfo};
 
     /// A directory backend whose `remove` waits until the test lets it go: the only way to
     /// hold a real removal open long enough to race a submission against it.
@@ -105,9 +188,10 @@ mod tests {
             &self,
             v: &VolumeInfo,
             i: u64,
+            t: WipeMode,
             c: &CancellationToken,
         ) -> Result<(), VolumeError> {
-            self.inner.prepare_overwrite(v, i, c).await
+            self.inner.prepare_overwrite(v, i, t, c).await
         }
         async fn flush(&self, v: &VolumeInfo) -> Result<(), VolumeError> {
             self.inner.flush(v).await
@@ -116,6 +200,23 @@ mod tests {
             self.started.notify_one();
             self.release.notified().await;
             self.inner.remove(name).await
+        }
+        async fn remove_wiped(
+            &self,
+            name: &str,
+            mode: WipeMode,
+            progress: &Arc<WipeProgress>,
+            cancel: &CancellationToken,
+        ) -> Result<(), VolumeError> {
+            self.started.notify_one();
+            self.release.notified().await;
+            self.inner.remove_wiped(name, mode, progress, cancel).await
+        }
+        async fn check_room(&self, size: u64) -> Result<(), VolumeError> {
+            self.inner.check_room(size).await
+        }
+        async fn grow(&self, v: &VolumeInfo, size: u64) -> Result<Grown, VolumeError> {
+            self.inner.grow(v, size).await
         }
         async fn remove_created(&self, name: &str, owner: &str) -> Result<(), VolumeError> {
             self.inner.remove_created(name, owner).await
@@ -169,7 +270,7 @@ mod tests {
 
         let deleting = tokio::spawn({
             let engine = engine.clone();
-            async move { engine.delete_volume("vm-1").await }
+            async move { engine.delete_volume("vm-1", Origin::default()).await }
         });
         backend.started.notified().await;
         let spec = JobSpec {
@@ -200,7 +301,10 @@ mod tests {
         );
         assert_eq!(refused.to_string(), "volume vm-1 is busy with its deletion");
         backend.release.notify_one();
-        assert!(deleting.await.unwrap().unwrap(), "the volume existed");
+        assert!(
+            matches!(deleting.await.unwrap().unwrap(), Deletion::Done(true)),
+            "the volume existed"
+        );
         // The lock is released with the deletion.
         engine
             .submit(Submission {

@@ -149,6 +149,15 @@ impl Engine {
     async fn recover(&self) -> Result<(), StoreError> {
         for mut job in self.inner.store.all_jobs()? {
             match job.status {
+                // A wipe cut short is finished, not rolled back: it runs again first.
+                JobStatus::Running if job.kind == JobKind::Wipe => {
+                    tracing::warn!(job_id = %job.id, "resuming interrupted wipe job");
+                    let mut st = self.state();
+                    if let Some(v) = &job.spec.volume_name {
+                        st.volumes.insert(v.clone(), Holder::Job(job.id));
+                    }
+                    st.queue.push_front(job.id);
+                }
                 JobStatus::Running => {
                     let reason = match runner::rollback(&self.inner.ctx, &job).await {
                         Ok(()) => JobError::Restarted,
@@ -312,6 +321,10 @@ impl Engine {
     ) {
         let job = match self.inner.store.get_job(id) {
             Ok(Some(job)) if job.status == JobStatus::Pending => Some(job),
+            // Resumed after a restart (`recover`).
+            Ok(Some(job)) if job.status == JobStatus::Running && job.kind == JobKind::Wipe => {
+                Some(job)
+            }
             Ok(_) => None,
             Err(e) => {
                 tracing::error!(job_id = %id, error = %e, "cannot load queued job");
@@ -327,6 +340,7 @@ impl Engine {
             let span_name = match job.kind {
                 JobKind::Provision => "runJob",
                 JobKind::CacheFetch => "runCacheJob",
+                JobKind::Wipe => "runWipeJob",
             };
             let span = tracing::info_span!(
                 "job",
@@ -359,7 +373,8 @@ impl Engine {
         reason: Arc<Mutex<Option<StopReason>>>,
     ) {
         let store = &self.inner.store;
-        if let Err(e) = job.transition(JobStatus::Running, None, Utc::now()) {
+        let resumed = job.status == JobStatus::Running;
+        if !resumed && let Err(e) = job.transition(JobStatus::Running, None, Utc::now()) {
             tracing::error!(error = %e, "job cannot start");
             return;
         }

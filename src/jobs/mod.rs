@@ -1,6 +1,6 @@
 //! Jobs: the model and state machine, progress estimation, the durable store, the engine
-//! (queue, slots, cancel, recovery), idempotent submission, deleting and uploading volumes
-//! under its locks, and the runner (what a job does).
+//! (queue, slots, cancel, recovery), idempotent submission, deleting, growing and uploading
+//! volumes under its locks, and the runner (what a job does; a wipe job's step in `wipe.rs`).
 
 pub(crate) mod delete;
 pub(crate) mod engine;
@@ -9,6 +9,7 @@ mod handle;
 pub(crate) mod idempotency;
 pub(crate) mod model;
 pub(crate) mod progress;
+pub(crate) mod resize;
 pub(crate) mod runner;
 mod state;
 pub(crate) mod store;
@@ -17,3 +18,4 @@ pub(crate) mod upload;
 /// Every `reason` code a failed job can carry (the API checks that each is one of its codes).
 #[cfg(test)]
 pub(crate) const FAILURE_REASONS: &[&str] = &error::JobError::REASONS;
+mod wipe;

@@ -79,6 +79,18 @@ pub(crate) enum JobKind {
     Provision,
     /// Fetch an image into the cache only (prefetch).
     CacheFetch,
+    /// Wipe a volume, then remove it (a `DELETE` whose wipe runs long).
+    Wipe,
+}
+
+impl JobKind {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Provision => "provision",
+            JobKind::CacheFetch => "cache_fetch",
+            JobKind::Wipe => "wipe",
+        }
+    }
 }
 
 /// The stages a job reports, in order.
@@ -333,10 +345,7 @@ pub(crate) struct IdempotencyKey {
 impl IdempotencyKey {
     /// The key `key` sent by `caller` for a `kind` job asking for `spec`.
     pub(crate) fn new(key: &str, caller: Option<&str>, kind: JobKind, spec: &JobSpec) -> Self {
-        let kind = match kind {
-            JobKind::Provision => "provision",
-            JobKind::CacheFetch => "cache_fetch",
-        };
+        let kind = kind.as_str();
         let request = serde_json::to_vec(&(kind, spec)).unwrap_or_default();
         IdempotencyKey {
             scoped: format!("{kind}\n{}\n{key}", caller.unwrap_or("")),

@@ -21,7 +21,7 @@ use crate::image::inspect::{self, Inspection};
 use crate::image::source;
 use crate::telemetry::metrics::metrics;
 use crate::volume::clones::{CloneStore, Golden, GoldenSource};
-use crate::volume::{self, NewVolume, VolumeBackend, VolumeError, VolumeInfo};
+use crate::volume::{self, NewVolume, VolumeBackend, VolumeError, VolumeInfo, WipeMode};
 
 /// Everything jobs use.
 pub(crate) struct RunContext {
@@ -57,6 +57,10 @@ pub(crate) async fn execute(
     let result = match h.job.kind {
         JobKind::Provision => provision(ctx, h, cancel).await,
         JobKind::CacheFetch => fetch_only(ctx, h, cancel).await.map(|_| ()),
+        JobKind::Wipe => {
+            let setting = ctx.settings.current().volumes.wipe_on_delete;
+            super::wipe::run(ctx.volumes.as_ref(), setting, h, cancel).await
+        }
     };
     h.publish(true);
     result
@@ -149,6 +153,10 @@ async fn provision(
 ) -> StepResult<()> {
     let spec = h.job.spec.clone();
     let (name, size_bytes) = target_of(&spec)?;
+    // A new volume that cannot fit fails the job before a byte is downloaded.
+    if ctx.volumes.inspect(&name).await?.is_none() {
+        ctx.volumes.check_room(size_bytes).await?;
+    }
     let image = fetch(ctx, h, cancel).await?;
     let verdict = check_image(&image.entry.inspection, &spec, size_bytes)?;
     h.job.image_path = Some(image.path.display().to_string());
@@ -193,7 +201,13 @@ async fn from_golden(
     if ctx.volumes.inspect(name).await?.is_some() {
         return Ok(None);
     }
-    let data_bytes = convert::data_bytes(&image.path, verdict.format, clones.granule()).await?;
+    let data_bytes = convert::data_bytes(
+        &image.path,
+        verdict.format,
+        verdict.ova_disk,
+        clones.granule(),
+    )
+    .await?;
     let source = GoldenSource {
         key: &image.entry.key,
         virtual_size: verdict.virtual_size,
@@ -330,6 +344,7 @@ async fn populate(
     let convert_spec = ConvertSpec {
         source: image.path.clone(),
         format: verdict.format,
+        member: verdict.ova_disk,
         target: target.path.clone(),
         direct_io,
         coroutines: 8,
@@ -422,8 +437,11 @@ async fn prepare_volume(
         reused = tracing::field::Empty,
     );
     async {
+        let mut tail = WipeMode::Zero;
         let target = match ctx.volumes.inspect(name).await? {
             Some(existing) => {
+                let setting = ctx.settings.current().volumes.wipe_on_reuse;
+                tail = volume::effective_wipe(setting, existing.kind);
                 volume::check_reusable(&existing, size_bytes)?;
                 if existing.size_bytes < image_size {
                     return Err(JobError::VolumeTooSmall {
@@ -459,7 +477,7 @@ async fn prepare_volume(
             }
         };
         ctx.volumes
-            .prepare_overwrite(&target, image_size, cancel)
+            .prepare_overwrite(&target, image_size, tail, cancel)
             .await?;
         Ok(target)
     }

@@ -29,6 +29,8 @@ pub(crate) enum Holder {
     Deleting,
     /// `PUT /api/v1/volumes/{name}/content` is writing it.
     Uploading,
+    /// `POST /api/v1/volumes/{name}/resize` is growing it.
+    Resizing,
 }
 
 impl std::fmt::Display for Holder {
@@ -38,6 +40,7 @@ impl std::fmt::Display for Holder {
             Holder::Job(id) => write!(f, "job {id}"),
             Holder::Deleting => f.write_str("its deletion"),
             Holder::Uploading => f.write_str("an upload"),
+            Holder::Resizing => f.write_str("its resize"),
         }
     }
 }

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::engine::Engine;
 use super::state::{Holder, VolumeClaim};
-use crate::volume::{NewVolume, VolumeError, VolumeInfo};
+use crate::volume::{NewVolume, VolumeError, VolumeInfo, WipeMode};
 
 /// What an upload asks for.
 pub(crate) struct UploadRequest {
@@ -228,7 +228,12 @@ impl Engine {
         let volumes = &self.context().volumes;
         // A new LV may hold an earlier volume's data past the upload's end.
         volumes
-            .prepare_overwrite(volume, request.length, &CancellationToken::new())
+            .prepare_overwrite(
+                volume,
+                request.length,
+                WipeMode::Zero,
+                &CancellationToken::new(),
+            )
             .await?;
         let mut file = tokio::fs::OpenOptions::new()
             .write(true)

@@ -84,6 +84,9 @@ metrics! {
     /// Cache hits by how the entry was confirmed: `skipped` (within
     /// `cache.revalidate_interval`), `unchanged`, `changed`, `source_unavailable`.
     cache_revalidations_total: IntCounterVec = counter_vec("Cache entries confirmed against their source, by result", &["result"]);
+    /// Bytes written by bulk writers, by operation: `wipe` (zeroed or discarded before a
+    /// deletion or a reuse), `clone` (copied by a clone job), `convert` (written by qemu-img).
+    bulk_io_bytes_total: IntCounterVec = counter_vec("Bytes handled by bulk writers (wipes, clone copies, image writes), by operation", &["op"]);
 }
 
 fn name(n: &str) -> String {
@@ -191,6 +194,9 @@ impl Metrics {
         }
         for result in ["skipped", "unchanged", "changed", "source_unavailable"] {
             m.cache_revalidations_total.with_label_values(&[result]);
+        }
+        for op in ["wipe", "clone", "convert"] {
+            m.bulk_io_bytes_total.with_label_values(&[op]);
         }
         m
     }

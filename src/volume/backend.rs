@@ -2,11 +2,14 @@
 //! volume (`VolumeInfo`, `Blocker`), and the reuse rule shared by every backend.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use super::error::VolumeError;
+pub(crate) use super::wipe::VolumeKind;
+use super::wipe::{WipeMode, WipeProgress};
 
 /// An existing volume is reused when its size is within this fraction of the request.
 pub(crate) const REUSE_TOLERANCE: f64 = 0.05;
@@ -25,6 +28,8 @@ pub(crate) struct VolumeInfo {
     /// zeroes newly provisioned chunks (the writer may then skip zeros, and nothing past the
     /// image needs zeroing). Never set for an existing volume.
     pub(crate) reads_zeros: bool,
+    /// What holds the volume's bytes (decides the default wipe and how it grows).
+    pub(crate) kind: VolumeKind,
 }
 
 /// A volume to make: its name, its least size and who makes it.
@@ -36,6 +41,16 @@ pub(crate) struct NewVolume<'a> {
     /// The job (or upload) making it; backends that can record it (LVM: a tag) do, so that
     /// `remove_created` never removes a volume someone else made under the same name.
     pub(crate) owner: &'a str,
+}
+
+/// A grown volume.
+#[derive(Debug, Clone)]
+pub(crate) struct Grown {
+    /// Its size now (rounded up to the backend's unit).
+    pub(crate) size_bytes: u64,
+    /// The running (or paused) libvirt domain that was told the new size (`blockresize`), so
+    /// its guest sees it without a reboot.
+    pub(crate) live_domain: Option<String>,
 }
 
 /// What kind of reason keeps a volume from being reused; decides whether it may be deleted.
@@ -96,12 +111,14 @@ pub(crate) trait VolumeBackend: Send + Sync {
     async fn create(&self, new: &NewVolume<'_>) -> Result<VolumeInfo, VolumeError>;
 
     /// Makes a volume (new or reused) ready to be written: everything from `image_size` to
-    /// the end must read as zeros afterwards (the writer covers the rest, zeros included).
+    /// the end is wiped as `tail` says (`Zero` for a new volume: it must read as zeros; a
+    /// reused one gets `volumes.wipe_on_reuse`); the writer covers the rest, zeros included.
     /// Stops early with an error when `cancel` fires.
     async fn prepare_overwrite(
         &self,
         volume: &VolumeInfo,
         image_size: u64,
+        tail: WipeMode,
         cancel: &CancellationToken,
     ) -> Result<(), VolumeError>;
 
@@ -115,6 +132,48 @@ pub(crate) trait VolumeBackend: Send + Sync {
     /// Rollback: removes the volume only if `owner` created it (absent is success). A backend
     /// that records owners answers `Conflict` for a volume without `owner`'s record.
     async fn remove_created(&self, name: &str, owner: &str) -> Result<(), VolumeError>;
+
+    /// Removes a volume like `remove`, after wiping it as `mode` says. The intent is recorded
+    /// durably on the volume before the first byte is wiped (an LV tag, a move into a wiping
+    /// folder), so that a wipe cut short (a crash, a stop through `cancel`) leaves a volume
+    /// that is never reused and is finished by `finish_wipes` at the next start.
+    async fn remove_wiped(
+        &self,
+        name: &str,
+        mode: WipeMode,
+        progress: &Arc<WipeProgress>,
+        cancel: &CancellationToken,
+    ) -> Result<(), VolumeError>;
+
+    /// Start-up: the names of volumes whose wipe was cut short, each with the mode it was
+    /// started with.
+    async fn unfinished_wipes(&self) -> Result<Vec<(String, WipeMode)>, VolumeError> {
+        Ok(Vec::new())
+    }
+
+    /// Finishes a wipe `unfinished_wipes` listed (and removes what it wiped); never touches
+    /// a new volume made under the name since.
+    async fn finish_wipe(
+        &self,
+        _name: &str,
+        _mode: WipeMode,
+        _progress: &Arc<WipeProgress>,
+        _cancel: &CancellationToken,
+    ) -> Result<(), VolumeError> {
+        Ok(())
+    }
+
+    /// Whether a new volume of `size_bytes` would fit now (the VG's free space, the thin
+    /// pool's threshold, the file system's free space): checked before anything is downloaded
+    /// for it, so a job that cannot end well fails at once, naming the numbers.
+    async fn check_room(&self, _size_bytes: u64) -> Result<(), VolumeError> {
+        Ok(())
+    }
+
+    /// Grows the volume to at least `size_bytes` (backends round up to their unit); callers
+    /// have checked that it exists, may be grown and is smaller. Returns the volume as it is
+    /// now, and the running domain told about the new size, if one uses it.
+    async fn grow(&self, volume: &VolumeInfo, size_bytes: u64) -> Result<Grown, VolumeError>;
 
     /// Whether the backend is usable now (the `lvm` dependency of the readiness probe).
     async fn probe(&self) -> Result<(), VolumeError>;
@@ -151,6 +210,7 @@ mod tests {
             size_bytes: size,
             reuse_blocker: None,
             reads_zeros: false,
+            kind: VolumeKind::ThickLv,
         };
         let req = 100 * GIB;
         assert!(check_reusable(&v(req), req).is_ok());

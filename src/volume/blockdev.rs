@@ -1,5 +1,6 @@
-//! Work every backend does on the bytes of a volume, whatever holds them: zeroing a block
-//! device from an offset to its end (`BLKZEROOUT` in large ranges), flushing a volume to stable
+//! Work every backend does on the bytes of a volume, whatever holds them: wiping a block
+//! device from an offset to its end (`BLKZEROOUT`, `BLKDISCARD` in large ranges) or a file in
+//! place, flushing a volume to stable
 //! storage, and finding the processes that hold a path open (`/proc`, failing closed when some
 //! processes cannot be seen). A leaf of `volume/`.
 
@@ -11,19 +12,109 @@ use tokio_util::sync::CancellationToken;
 
 use super::backend::{Blocker, BlockerKind};
 use super::error::VolumeError;
+use super::wipe::{WipeMode, WipeProgress};
 
-/// Bytes zeroed per `BLKZEROOUT` call; cancellation is checked between calls.
+/// Bytes zeroed or discarded per ioctl; cancellation is checked and progress counted between
+/// calls.
 const ZERO_CHUNK: u64 = 256 << 20;
 
 // Block-device ioctls (linux/fs.h); BLKGETSIZE64 is declared with size_t, 8 bytes on the 64-bit
 // targets this daemon runs on.
 nix::ioctl_write_ptr_bad!(blkzeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
+nix::ioctl_write_ptr_bad!(blkdiscard, nix::request_code_none!(0x12, 119), [u64; 2]);
 nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
 nix::ioctl_read_bad!(
     blksszget,
     nix::request_code_none!(0x12, 104),
     nix::libc::c_int
 );
+
+/// A block device opened for writing, with its size and logical block size.
+struct Device {
+    file: std::fs::File,
+    path: PathBuf,
+    size: u64,
+    sector: u64,
+}
+
+impl Device {
+    fn open(path: &Path) -> Result<Device, VolumeError> {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| VolumeError::io(path, e))?;
+        let fd = file.as_raw_fd();
+        let mut size = 0u64;
+        // SAFETY: fd is open for the duration of the call; the kernel writes one u64.
+        unsafe { blkgetsize64(fd, &mut size) }.map_err(|e| errno(path, "BLKGETSIZE64", e))?;
+        let mut sector: nix::libc::c_int = 0;
+        // SAFETY: as above; the kernel writes one int.
+        unsafe { blksszget(fd, &mut sector) }.map_err(|e| errno(path, "BLKSSZGET", e))?;
+        let sector = u64::try_from(sector).unwrap_or(512).max(512);
+        Ok(Device {
+            file,
+            path: path.to_path_buf(),
+            size,
+            sector,
+        })
+    }
+
+    /// The device's discard granularity from sysfs (0: it does not discard).
+    fn discard_granularity(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = self.file.metadata() else {
+            return 0;
+        };
+        let rdev = meta.rdev();
+        let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+        std::fs::read_to_string(format!(
+            "/sys/dev/block/{major}:{minor}/queue/discard_granularity"
+        ))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+    }
+
+    /// Runs `op` (BLKZEROOUT or BLKDISCARD) over `[start, end)` in `ZERO_CHUNK` pieces.
+    fn each_chunk(
+        &self,
+        (start, end): (u64, u64),
+        cancel: &CancellationToken,
+        progress: &WipeProgress,
+        discard: bool,
+    ) -> Result<(), VolumeError> {
+        let fd = self.file.as_raw_fd();
+        let mut off = start;
+        while off < end {
+            if cancel.is_cancelled() {
+                return Err(VolumeError::io(
+                    &self.path,
+                    std::io::Error::new(std::io::ErrorKind::Interrupted, "wiping stopped"),
+                ));
+            }
+            let len = ZERO_CHUNK.min(end - off);
+            let range = [off, len];
+            // SAFETY: range is a valid [start, length] pair for the duration of the call.
+            let done = if discard {
+                unsafe { blkdiscard(fd, &range) }.map_err(|e| errno(&self.path, "BLKDISCARD", e))
+            } else {
+                unsafe { blkzeroout(fd, &range) }.map_err(|e| errno(&self.path, "BLKZEROOUT", e))
+            };
+            done?;
+            progress.add(len);
+            off += len;
+        }
+        Ok(())
+    }
+}
+
+fn errno(path: &Path, what: &str, e: nix::errno::Errno) -> VolumeError {
+    VolumeError::io(
+        path,
+        std::io::Error::other(format!("{what}: {}", std::io::Error::from(e))),
+    )
+}
 
 /// Zeroes `path` (a block device) from `start` (rounded down to its logical block size) to its
 /// end, checking `cancel` between chunks.
@@ -32,41 +123,93 @@ pub(crate) fn zero_from(
     start: u64,
     cancel: &CancellationToken,
 ) -> Result<(), VolumeError> {
+    wipe_device(
+        path,
+        start,
+        WipeMode::Zero,
+        cancel,
+        &WipeProgress::default(),
+    )
+}
+
+/// Wipes `path` (a block device) from `start` (rounded down to its logical block size) to its
+/// end as `mode` says, in large ranges, counting into `progress`. A discard covers the whole
+/// granules inside the range and zeroes the pieces at its edges (a partial granule is not
+/// discarded by the device); a device that cannot discard is zeroed instead.
+pub(crate) fn wipe_device(
+    path: &Path,
+    start: u64,
+    mode: WipeMode,
+    cancel: &CancellationToken,
+    progress: &WipeProgress,
+) -> Result<(), VolumeError> {
+    let dev = Device::open(path)?;
+    let start = (start / dev.sector * dev.sector).min(dev.size);
+    progress.set_total(dev.size - start);
+    let granule = dev.discard_granularity();
+    match mode {
+        WipeMode::None => Ok(()),
+        WipeMode::Discard if granule > 0 => {
+            let first = start.div_ceil(granule) * granule;
+            let last = dev.size / granule * granule;
+            if first >= last {
+                return dev.each_chunk((start, dev.size), cancel, progress, false);
+            }
+            dev.each_chunk((start, first), cancel, progress, false)?;
+            dev.each_chunk((first, last), cancel, progress, true)?;
+            dev.each_chunk((last, dev.size), cancel, progress, false)
+        }
+        WipeMode::Discard | WipeMode::Zero => {
+            dev.each_chunk((start, dev.size), cancel, progress, false)
+        }
+    }
+}
+
+/// Wipes a regular file in place as `mode` says: `discard` punches a hole over all of it (the
+/// file system hands freed blocks to no other file before they are rewritten), `zero` writes
+/// zeros over it in large writes. The size stays.
+pub(crate) fn wipe_file(
+    path: &Path,
+    mode: WipeMode,
+    cancel: &CancellationToken,
+    progress: &WipeProgress,
+) -> Result<(), VolumeError> {
+    use std::os::unix::fs::FileExt;
     let io = |e: std::io::Error| VolumeError::io(path, e);
-    let errno = |what: &str, e: nix::errno::Errno| {
-        VolumeError::io(
-            path,
-            std::io::Error::other(format!("{what}: {}", std::io::Error::from(e))),
-        )
-    };
     let file = std::fs::OpenOptions::new()
         .write(true)
-        .custom_flags(nix::libc::O_CLOEXEC)
+        .custom_flags(nix::libc::O_CLOEXEC | nix::libc::O_NOFOLLOW)
         .open(path)
         .map_err(io)?;
-    let fd = file.as_raw_fd();
-    let mut size = 0u64;
-    // SAFETY: fd is open for the duration of the call; the kernel writes one u64.
-    unsafe { blkgetsize64(fd, &mut size) }.map_err(|e| errno("BLKGETSIZE64", e))?;
-    let mut sector: nix::libc::c_int = 0;
-    // SAFETY: as above; the kernel writes one int.
-    unsafe { blksszget(fd, &mut sector) }.map_err(|e| errno("BLKSSZGET", e))?;
-    let sector = u64::try_from(sector).unwrap_or(512).max(512);
-    let mut off = start / sector * sector;
-    while off < size {
-        if cancel.is_cancelled() {
-            return Err(io(std::io::Error::new(
-                std::io::ErrorKind::Interrupted,
-                "zeroing stopped",
-            )));
+    let size = file.metadata().map_err(io)?.len();
+    progress.set_total(size);
+    match mode {
+        WipeMode::None => return Ok(()),
+        WipeMode::Discard => {
+            let flags = nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
+            let len = i64::try_from(size).unwrap_or(i64::MAX);
+            nix::fcntl::fallocate(&file, flags, 0, len).map_err(|e| io(e.into()))?;
+            progress.add(size);
         }
-        let len = ZERO_CHUNK.min(size - off);
-        let range = [off, len];
-        // SAFETY: range is a valid [start, length] pair for the duration of the call.
-        unsafe { blkzeroout(fd, &range) }.map_err(|e| errno("BLKZEROOUT", e))?;
-        off += len;
+        WipeMode::Zero => {
+            let zeros = vec![0u8; 8 << 20];
+            let mut off = 0u64;
+            while off < size {
+                if cancel.is_cancelled() {
+                    return Err(io(std::io::Error::new(
+                        std::io::ErrorKind::Interrupted,
+                        "wiping stopped",
+                    )));
+                }
+                let len = (zeros.len() as u64).min(size - off);
+                file.write_all_at(&zeros[..len as usize], off).map_err(io)?;
+                progress.add(len);
+                off += len;
+            }
+        }
     }
-    Ok(())
+    file.sync_all().map_err(io)
 }
 
 /// Fails with `InsufficientSpace` unless `need` bytes are free on `dir`'s file system. Sparse

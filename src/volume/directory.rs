@@ -3,14 +3,30 @@
 
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::backend::{Blocker, BlockerKind, NewVolume, VolumeBackend, VolumeInfo};
-use super::blockdev::{create_new_file, open_blocker, require_free, sync_path};
+use super::backend::{
+    Blocker, BlockerKind, Grown, NewVolume, VolumeBackend, VolumeInfo, VolumeKind,
+};
+use super::blockdev::{create_new_file, open_blocker, require_free, sync_path, wipe_file};
 use super::error::VolumeError;
 use super::reflink::GOLDEN_DIR;
+use super::wipe::{WipeMode, WipeProgress};
+
+/// Folder (inside the volumes directory) of files being wiped for deletion.
+const WIPING_DIR: &str = ".lvp-wiping";
+
+/// Flushes the directory `dir` itself (a rename in it is then durable).
+async fn sync_path_dir(dir: &Path) -> Result<(), VolumeError> {
+    let d = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || std::fs::File::open(&d).and_then(|f| f.sync_all()))
+        .await
+        .map_err(|e| VolumeError::io(dir, std::io::Error::other(e)))?
+        .map_err(|e| VolumeError::io(dir, e))
+}
 
 /// Volumes as sparse raw files in one directory.
 pub(crate) struct DirectoryBackend {
@@ -28,10 +44,13 @@ impl DirectoryBackend {
 
 #[async_trait]
 impl VolumeBackend for DirectoryBackend {
-    /// The golden files' folder is not a volume.
+    /// The golden files' folder and the wiping folder are not volumes.
     fn validate_name(&self, name: &str) -> Result<(), String> {
         if name == GOLDEN_DIR {
             return Err(format!("`{name}` is reserved for golden files"));
+        }
+        if name == WIPING_DIR {
+            return Err(format!("`{name}` is reserved for volumes being wiped"));
         }
         Ok(())
     }
@@ -72,6 +91,7 @@ impl VolumeBackend for DirectoryBackend {
             size_bytes: meta.len(),
             reuse_blocker,
             reads_zeros: false,
+            kind: VolumeKind::File,
         }))
     }
 
@@ -102,6 +122,7 @@ impl VolumeBackend for DirectoryBackend {
             size_bytes,
             reuse_blocker: None,
             reads_zeros: false,
+            kind: VolumeKind::File,
         })
     }
 
@@ -109,10 +130,12 @@ impl VolumeBackend for DirectoryBackend {
         &self,
         volume: &VolumeInfo,
         _image_size: u64,
+        _tail: WipeMode,
         _cancel: &CancellationToken,
     ) -> Result<(), VolumeError> {
         // Dropping every block and restoring the size leaves a file that reads as zeros:
-        // nothing of the old content survives, whatever the image covers.
+        // nothing of the old content survives, whatever the image covers (every mode of
+        // `volumes.wipe_on_reuse` is met: the blocks go back to the file system).
         let path = volume.path.clone();
         let size = volume.size_bytes;
         tokio::task::spawn_blocking(move || -> Result<(), VolumeError> {
@@ -140,6 +163,112 @@ impl VolumeBackend for DirectoryBackend {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(VolumeError::io(&path, e)),
         }
+    }
+
+    /// Moves the file into the wiping folder first (the durable intent: `unfinished_wipes`
+    /// finds it there after a crash), wipes it there, then unlinks it.
+    async fn remove_wiped(
+        &self,
+        name: &str,
+        mode: WipeMode,
+        progress: &Arc<WipeProgress>,
+        cancel: &CancellationToken,
+    ) -> Result<(), VolumeError> {
+        if mode == WipeMode::None {
+            return self.remove(name).await;
+        }
+        let wiping = self.dir.join(WIPING_DIR);
+        let (from, to) = (self.volume_path(name), wiping.join(name));
+        let regular = match tokio::fs::symlink_metadata(&from).await {
+            Ok(meta) => meta.file_type().is_file(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(VolumeError::io(&from, e)),
+        };
+        if !regular {
+            // Not a plain file: a plain removal decides.
+            return self.remove(name).await;
+        }
+        // An earlier wipe of this name cut short: finished before its place is taken.
+        self.finish_wipe(name, mode, progress, cancel).await?;
+        tokio::fs::create_dir_all(&wiping)
+            .await
+            .map_err(|e| VolumeError::io(&wiping, e))?;
+        tokio::fs::rename(&from, &to)
+            .await
+            .map_err(|e| VolumeError::io(&from, e))?;
+        sync_path_dir(&self.dir).await?;
+        self.finish_wipe(name, mode, progress, cancel).await
+    }
+
+    /// Wipes and unlinks the file of that name in the wiping folder, if there is one.
+    async fn finish_wipe(
+        &self,
+        name: &str,
+        mode: WipeMode,
+        progress: &Arc<WipeProgress>,
+        cancel: &CancellationToken,
+    ) -> Result<(), VolumeError> {
+        let to = self.dir.join(WIPING_DIR).join(name);
+        match tokio::fs::symlink_metadata(&to).await {
+            Ok(meta) if meta.file_type().is_file() => {}
+            Ok(_) => {
+                return Err(VolumeError::Conflict(format!(
+                    "{} is not a file",
+                    to.display()
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(VolumeError::io(&to, e)),
+        }
+        let (p, cancel, progress) = (to.clone(), cancel.clone(), progress.clone());
+        tokio::task::spawn_blocking(move || wipe_file(&p, mode, &cancel, &progress))
+            .await
+            .map_err(|e| VolumeError::io(&to, std::io::Error::other(e)))??;
+        tokio::fs::remove_file(&to)
+            .await
+            .map_err(|e| VolumeError::io(&to, e))
+    }
+
+    async fn unfinished_wipes(&self) -> Result<Vec<(String, WipeMode)>, VolumeError> {
+        let Ok(dir) = std::fs::read_dir(self.dir.join(WIPING_DIR)) else {
+            return Ok(Vec::new());
+        };
+        // The mode is not recorded for files: finishing with `zero` covers every mode.
+        Ok(dir
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .map(|name| (name, WipeMode::Zero))
+            .collect())
+    }
+
+    async fn check_room(&self, size_bytes: u64) -> Result<(), VolumeError> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || require_free(&dir, size_bytes))
+            .await
+            .map_err(|e| VolumeError::io(&self.dir, std::io::Error::other(e)))?
+    }
+
+    /// `set_len` on the file, once the file system has the added bytes free.
+    async fn grow(&self, volume: &VolumeInfo, size_bytes: u64) -> Result<Grown, VolumeError> {
+        let (path, dir) = (volume.path.clone(), self.dir.clone());
+        let added = size_bytes.saturating_sub(volume.size_bytes);
+        tokio::task::spawn_blocking(move || -> Result<(), VolumeError> {
+            require_free(&dir, added)?;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&path)
+                .map_err(|e| VolumeError::io(&path, e))?;
+            f.set_len(size_bytes)
+                .map_err(|e| VolumeError::io(&path, e))?;
+            f.sync_all().map_err(|e| VolumeError::io(&path, e))
+        })
+        .await
+        .map_err(|e| VolumeError::io(&volume.path, std::io::Error::other(e)))??;
+        Ok(Grown {
+            size_bytes,
+            live_domain: None,
+        })
     }
 
     /// Files carry no owner record: `create` refuses an existing file (`create_new`) and the
@@ -199,7 +328,7 @@ mod tests {
             .unwrap();
         let info = b.inspect("v1").await.unwrap().unwrap();
         assert_eq!(info.reuse_blocker, None);
-        b.prepare_overwrite(&info, 0, &CancellationToken::new())
+        b.prepare_overwrite(&info, 0, WipeMode::Zero, &CancellationToken::new())
             .await
             .unwrap();
         let bytes = std::fs::read(&v.path).unwrap();

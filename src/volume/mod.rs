@@ -1,5 +1,5 @@
 //! Volumes: the backend seam (`backend.rs`: the trait, what a backend reports, the reuse rule),
-//! the name rules (`names.rs`), typed errors (`error.rs`), shared block-device work
+//! the name rules (`names.rs`), what wiping means (`wipe.rs`), typed errors (`error.rs`), shared block-device work
 //! (`blockdev.rs`), clone stores (`clones.rs`: golden copies new volumes are cloned from), the
 //! backends (`directory.rs` with `reflink.rs`, `lvm/`), the libvirt wrapper (`libvirt/`), and
 //! selecting what the settings ask for (`select.rs` from the plain `spec.rs`). Everything
@@ -17,8 +17,14 @@ mod names;
 mod reflink;
 mod select;
 pub(crate) mod spec;
+mod wipe;
 
-pub(crate) use backend::{Blocker, NewVolume, VolumeBackend, VolumeInfo, check_reusable};
+#[cfg(test)]
+pub(crate) use backend::Grown;
+pub(crate) use backend::{
+    Blocker, BlockerKind, NewVolume, VolumeBackend, VolumeInfo, check_reusable,
+};
 pub(crate) use error::VolumeError;
 pub(crate) use names::{gib_to_bytes, validate_lvm_name, validate_volume_name};
 pub(crate) use select::{Volumes, select};
+pub(crate) use wipe::{WipeMode, WipeProgress, effective as effective_wipe};

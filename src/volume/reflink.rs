@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::backend::{NewVolume, VolumeInfo};
+use super::backend::{NewVolume, VolumeInfo, VolumeKind};
 use super::clones::{
     CloneMethod, CloneStore, Golden, GoldenBuild, GoldenSource, KeyLocks, check_key, within_bound,
 };
@@ -95,6 +95,7 @@ impl ReflinkStore {
             size_bytes,
             reuse_blocker: None,
             reads_zeros,
+            kind: VolumeKind::File,
         }
     }
 

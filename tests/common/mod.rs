@@ -5,12 +5,14 @@
 
 pub mod daemon;
 pub mod images;
+pub mod libvirt;
 pub mod metrics;
 pub mod pki;
 pub mod proxies;
 pub mod servers;
+pub mod terminal;
 pub mod vm;
 
 // Not every binary uses every file.
 #[allow(unused_imports)]
-pub use {daemon::*, images::*, metrics::*, pki::*, proxies::*, servers::*, vm::*};
+pub use {daemon::*, images::*, metrics::*, pki::*, proxies::*, servers::*, terminal::*, vm::*};

@@ -176,3 +176,167 @@ fn proxy_connection(
     let _ = to.shutdown(std::net::Shutdown::Write);
     Ok(())
 }
+
+/// An HTTP/1.1 reverse proxy on loopback in front of the loopback port `target` that counts
+/// the requests whose path starts with `prefix` while they are in flight (from the request's
+/// head to the end of the answer's body) and the most of them at once. It forwards the
+/// client's `Host` header unchanged, so S3 SigV4 signatures made for the proxy's address hold
+/// at the server behind it.
+pub struct CountingProxy {
+    /// The proxy's loopback port.
+    pub port: u16,
+    counts: Arc<RequestCounts>,
+}
+
+/// What a `CountingProxy` saw.
+#[derive(Default)]
+struct RequestCounts {
+    in_flight: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+    total: std::sync::atomic::AtomicUsize,
+}
+
+/// One counted request in flight; leaving when dropped (its answer's body ended or was
+/// abandoned).
+struct InFlight(Arc<RequestCounts>);
+
+impl InFlight {
+    fn enter(counts: &Arc<RequestCounts>) -> InFlight {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = counts.in_flight.fetch_add(1, SeqCst) + 1;
+        counts.peak.fetch_max(now, SeqCst);
+        counts.total.fetch_add(1, SeqCst);
+        InFlight(counts.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The body a `CountingProxy` answers with.
+type ProxyBody = http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error>;
+
+impl CountingProxy {
+    /// Starts the proxy (on a thread and runtime of its own); it runs until the test ends.
+    pub fn start(target: u16, prefix: &'static str) -> CountingProxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let counts = Arc::new(RequestCounts::default());
+        let shared = counts.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(Self::serve(listener, target, prefix, shared));
+        });
+        CountingProxy { port, counts }
+    }
+
+    async fn serve(
+        listener: std::net::TcpListener,
+        target: u16,
+        prefix: &'static str,
+        counts: Arc<RequestCounts>,
+    ) {
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (client, counts) = (client.clone(), counts.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    Self::forward(req, target, prefix, client.clone(), counts.clone())
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    }
+
+    async fn forward(
+        req: hyper::Request<hyper::body::Incoming>,
+        target: u16,
+        prefix: &'static str,
+        client: reqwest::Client,
+        counts: Arc<RequestCounts>,
+    ) -> Result<hyper::Response<ProxyBody>, std::convert::Infallible> {
+        use futures::TryStreamExt;
+        use http_body_util::BodyExt;
+        let guard = req
+            .uri()
+            .path()
+            .starts_with(prefix)
+            .then(|| InFlight::enter(&counts));
+        let (parts, body) = req.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut headers = parts.headers;
+        for h in ["connection", "content-length", "transfer-encoding"] {
+            headers.remove(h);
+        }
+        let sent = client
+            .request(parts.method, format!("http://127.0.0.1:{target}{path}"))
+            .headers(headers)
+            .body(body)
+            .send()
+            .await;
+        let answer = match sent {
+            Ok(a) => a,
+            Err(e) => {
+                let body = http_body_util::Full::new(bytes::Bytes::from(e.to_string()))
+                    .map_err(|never| match never {})
+                    .boxed();
+                let mut resp = hyper::Response::new(body);
+                *resp.status_mut() = hyper::StatusCode::BAD_GATEWAY;
+                return Ok(resp);
+            }
+        };
+        let mut resp = hyper::Response::builder().status(answer.status());
+        for (name, value) in answer.headers() {
+            if !matches!(name.as_str(), "connection" | "transfer-encoding") {
+                resp = resp.header(name, value);
+            }
+        }
+        let stream = answer
+            .bytes_stream()
+            .map_ok(move |chunk| {
+                let _counted = &guard;
+                hyper::body::Frame::data(chunk)
+            })
+            .map_err(std::io::Error::other);
+        let body = http_body_util::StreamBody::new(stream).boxed();
+        Ok(resp.body(body).unwrap())
+    }
+
+    /// The most counted requests in flight at once so far.
+    pub fn peak(&self) -> usize {
+        self.counts.peak.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Counted requests so far.
+    pub fn total(&self) -> usize {
+        self.counts.total.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Starts counting the peak afresh.
+    pub fn reset_peak(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.counts
+            .peak
+            .store(self.counts.in_flight.load(SeqCst), SeqCst);
+    }
+}

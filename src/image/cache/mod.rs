@@ -912,10 +912,7 @@ pub(crate) mod tests {
             compression: None,
             source_size: None,
             content_sha256: None,
-            inspection: Inspection {
-                format: crate::image::ImageType::Raw,
-                virtual_size: size as u64,
-            },
+            inspection: Inspection::bare(crate::image::ImageType::Raw, size as u64, None),
             created: now,
             last_used: now,
             validated: now,

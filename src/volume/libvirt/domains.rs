@@ -12,6 +12,8 @@ pub(crate) struct DomainDisk {
     pub(crate) domain: String,
     /// The host path as libvirt has it (`block.<n>.path`).
     pub(crate) path: String,
+    /// The disk itself, not a file of its backing chain (the first entry of its target name).
+    pub(crate) top: bool,
 }
 
 /// The disks of a `virsh domstats --block --backing` report: a `Domain: '<name>'` line per
@@ -20,23 +22,41 @@ pub(crate) struct DomainDisk {
 pub(crate) fn parse_domstats(text: &str) -> Vec<DomainDisk> {
     let mut disks = Vec::new();
     let mut domain = None;
+    // Per domain: the index of the first entry of each target name (`block.<n>.name`, which
+    // comes before `.path`), and the name of each index.
+    let mut first_of_name = std::collections::HashMap::<String, String>::new();
+    let mut name_of = std::collections::HashMap::<String, String>::new();
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("Domain: ") {
             domain = Some(unquote(rest).to_string());
+            first_of_name.clear();
+            name_of.clear();
             continue;
         }
         let Some((key, value)) = line.trim_start().split_once('=') else {
             continue;
         };
-        let is_path = key
-            .strip_prefix("block.")
-            .and_then(|k| k.strip_suffix(".path"))
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-        if let (true, Some(domain)) = (is_path, &domain) {
-            disks.push(DomainDisk {
+        let Some((n, field)) = key.strip_prefix("block.").and_then(|k| k.split_once('.')) else {
+            continue;
+        };
+        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        match (field, &domain) {
+            ("name", _) => {
+                first_of_name
+                    .entry(value.to_string())
+                    .or_insert_with(|| n.to_string());
+                name_of.insert(n.to_string(), value.to_string());
+            }
+            ("path", Some(domain)) => disks.push(DomainDisk {
                 domain: domain.clone(),
                 path: value.to_string(),
-            });
+                top: name_of
+                    .get(n)
+                    .is_none_or(|name| first_of_name.get(name).map(String::as_str) == Some(n)),
+            }),
+            _ => {}
         }
     }
     disks
@@ -91,6 +111,23 @@ pub(crate) fn domains_using(volume: &Path, disks: &[DomainDisk]) -> Vec<String> 
     domains
 }
 
+/// The disks (not backing files) of running domains that are `volume`.
+pub(crate) fn top_disks_on(volume: &Path, disks: &[DomainDisk]) -> Vec<DomainDisk> {
+    let want = storage_id(volume);
+    disks
+        .iter()
+        .filter(|disk| disk.top)
+        .filter(|disk| {
+            let path = Path::new(&disk.path);
+            match (want, storage_id(path)) {
+                (Some(a), Some(b)) => a == b,
+                _ => path == volume,
+            }
+        })
+        .cloned()
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +143,7 @@ mod tests {
         DomainDisk {
             domain: domain.into(),
             path: path.into(),
+            top: true,
         }
     }
 
@@ -118,7 +156,10 @@ mod tests {
             disks,
             vec![
                 disk("overlaydom", "/tmp/fix/overlay.qcow2"),
-                disk("overlaydom", "/tmp/fix/base.raw"),
+                DomainDisk {
+                    top: false,
+                    ..disk("overlaydom", "/tmp/fix/base.raw")
+                },
                 disk("file dom", "/tmp/fix/file1"),
                 disk("lvdom", "/dev/vgfix/disk1"),
             ]

@@ -11,9 +11,10 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use super::Libvirt;
-use super::domains::domains_using;
-use crate::volume::backend::{Blocker, BlockerKind, NewVolume, VolumeBackend, VolumeInfo};
+use super::domains::{domains_using, top_disks_on};
+use crate::volume::backend::{Blocker, BlockerKind, Grown, NewVolume, VolumeBackend, VolumeInfo};
 use crate::volume::error::VolumeError;
+use crate::volume::wipe::{WipeMode, WipeProgress};
 
 /// What libvirt says about a volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,10 +151,11 @@ impl VolumeBackend for LibvirtVolumes {
         &self,
         volume: &VolumeInfo,
         image_size: u64,
+        tail: WipeMode,
         cancel: &CancellationToken,
     ) -> Result<(), VolumeError> {
         self.inner
-            .prepare_overwrite(volume, image_size, cancel)
+            .prepare_overwrite(volume, image_size, tail, cancel)
             .await
     }
 
@@ -168,6 +170,67 @@ impl VolumeBackend for LibvirtVolumes {
     /// the pool so libvirt no longer lists it.
     async fn remove(&self, name: &str) -> Result<(), VolumeError> {
         self.inner.remove(name).await?;
+        self.libvirt.refresh().await;
+        Ok(())
+    }
+
+    /// As `remove`, wiped first.
+    async fn remove_wiped(
+        &self,
+        name: &str,
+        mode: WipeMode,
+        progress: &Arc<WipeProgress>,
+        cancel: &CancellationToken,
+    ) -> Result<(), VolumeError> {
+        self.inner
+            .remove_wiped(name, mode, progress, cancel)
+            .await?;
+        self.libvirt.refresh().await;
+        Ok(())
+    }
+
+    async fn check_room(&self, size_bytes: u64) -> Result<(), VolumeError> {
+        self.inner.check_room(size_bytes).await
+    }
+
+    /// Grows the volume, then tells the running domain that has it as a disk (not as a
+    /// backing file: a qcow2 overlay above it keeps its own size) through `blockresize`.
+    async fn grow(&self, volume: &VolumeInfo, size_bytes: u64) -> Result<Grown, VolumeError> {
+        let mut grown = self.inner.grow(volume, size_bytes).await?;
+        let disks = match self.libvirt.active_domain_disks().await {
+            Ok(disks) => disks,
+            Err(e) => {
+                tracing::warn!(volume = %volume.name, error = %e, "grown, but cannot ask libvirt which domain uses it");
+                return Ok(grown);
+            }
+        };
+        let path = volume.path.clone();
+        let using = tokio::task::spawn_blocking(move || top_disks_on(&path, &disks))
+            .await
+            .unwrap_or_default();
+        if let Some(disk) = using.into_iter().next() {
+            self.libvirt
+                .block_resize(&disk.domain, &disk.path, grown.size_bytes)
+                .await?;
+            tracing::info!(volume = %volume.name, domain = %disk.domain, bytes = grown.size_bytes, "running domain told the new size");
+            grown.live_domain = Some(disk.domain);
+        }
+        self.libvirt.refresh().await;
+        Ok(grown)
+    }
+
+    async fn unfinished_wipes(&self) -> Result<Vec<(String, WipeMode)>, VolumeError> {
+        self.inner.unfinished_wipes().await
+    }
+
+    async fn finish_wipe(
+        &self,
+        name: &str,
+        mode: WipeMode,
+        progress: &Arc<WipeProgress>,
+        cancel: &CancellationToken,
+    ) -> Result<(), VolumeError> {
+        self.inner.finish_wipe(name, mode, progress, cancel).await?;
         self.libvirt.refresh().await;
         Ok(())
     }

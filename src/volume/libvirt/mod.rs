@@ -69,6 +69,23 @@ impl Libvirt {
             .map_err(|e| e.to_string())
     }
 
+    /// Tells the running `domain` that its disk at `path` (as libvirt has it) is now `bytes`
+    /// long: `virsh blockresize`, which QEMU passes on to the guest.
+    async fn block_resize(&self, domain: &str, path: &str, bytes: u64) -> Result<(), CommandError> {
+        let size = format!("{bytes}B");
+        self.virsh(&[
+            "blockresize",
+            "--domain",
+            domain,
+            "--path",
+            path,
+            "--size",
+            &size,
+        ])
+        .await
+        .map(|_| ())
+    }
+
     /// The disks, with their backing files, of every active (running or paused) domain: one
     /// `virsh domstats --block --backing --list-active`.
     async fn active_domain_disks(&self) -> Result<Vec<DomainDisk>, CommandError> {

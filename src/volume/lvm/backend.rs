@@ -6,21 +6,23 @@
 //! only while the pool's use is below `volumes.lvm.thin_pool_max_percent` (`thin.rs`).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::naming::{GOLDEN_PREFIX, owner_tag};
+use super::naming::{GOLDEN_PREFIX, owner_tag, wipe_in_tags, wipe_tag};
 use super::report::{
     LV_FIELDS, LvInfo, REPORT_ARGS, VG_FIELDS, VgInfo, extents_for, parse_lvs, parse_vgs,
 };
 use super::thin::{PoolUse, ThinPool};
 use crate::command;
-use crate::volume::backend::{NewVolume, VolumeBackend, VolumeInfo};
+use crate::volume::backend::{Grown, NewVolume, VolumeBackend, VolumeInfo, VolumeKind};
 use crate::volume::blockdev;
 use crate::volume::error::VolumeError;
 use crate::volume::names::validate_lvm_name;
+use crate::volume::wipe::{WipeMode, WipeProgress};
 
 /// How long a device node may take to appear after activation (udev in production).
 const NODE_WAIT: Duration = Duration::from_secs(10);
@@ -159,6 +161,11 @@ impl LvmBackend {
             size_bytes: lv.size_bytes,
             reuse_blocker: lv.reuse_blocker(),
             reads_zeros: false,
+            kind: if lv.segtype == "thin" {
+                VolumeKind::ThinLv
+            } else {
+                VolumeKind::ThickLv
+            },
         }
     }
 
@@ -329,6 +336,20 @@ impl LvmBackend {
     }
 }
 
+/// Wipes the block device `path` from `start` as `mode` says, off the async threads.
+async fn wipe_blocking(
+    path: &std::path::Path,
+    start: u64,
+    mode: WipeMode,
+    cancel: &CancellationToken,
+    progress: &Arc<WipeProgress>,
+) -> Result<(), VolumeError> {
+    let (p, cancel, progress) = (path.to_path_buf(), cancel.clone(), progress.clone());
+    tokio::task::spawn_blocking(move || blockdev::wipe_device(&p, start, mode, &cancel, &progress))
+        .await
+        .map_err(|e| VolumeError::io(path, std::io::Error::other(e)))?
+}
+
 /// Where `lvcreate` puts a new LV.
 enum Placement<'a> {
     /// A thin LV of `bytes` in the thin pool `pool` (`vg/pool`).
@@ -376,6 +397,7 @@ impl VolumeBackend for LvmBackend {
         &self,
         volume: &VolumeInfo,
         image_size: u64,
+        tail: WipeMode,
         cancel: &CancellationToken,
     ) -> Result<(), VolumeError> {
         // Fresh state: the LV may have changed since it was inspected.
@@ -404,18 +426,16 @@ impl VolumeBackend for LvmBackend {
             // unprovisioned and reads zeros. Writing zeros would provision it all.
             return Ok(());
         }
-        let cancel = cancel.clone();
         let started = std::time::Instant::now();
-        let p = path.clone();
-        tokio::task::spawn_blocking(move || blockdev::zero_from(&p, image_size, &cancel))
-            .await
-            .map_err(|e| VolumeError::io(&path, std::io::Error::other(e)))??;
+        let progress = Arc::new(WipeProgress::default());
+        wipe_blocking(&path, image_size, tail, cancel, &progress).await?;
         tracing::info!(
             volume = %path.display(),
             from = image_size,
             bytes = lv.size_bytes.saturating_sub(image_size),
+            mode = tail.as_str(),
             seconds = started.elapsed().as_secs_f64(),
-            "zeroed the part of the volume the image does not cover"
+            "wiped the part of the volume the image does not cover"
         );
         Ok(())
     }
@@ -454,6 +474,132 @@ impl VolumeBackend for LvmBackend {
                 Err(e) => Err(e),
             };
         }
+    }
+
+    async fn remove_wiped(
+        &self,
+        name: &str,
+        mode: WipeMode,
+        progress: &Arc<WipeProgress>,
+        cancel: &CancellationToken,
+    ) -> Result<(), VolumeError> {
+        validate_lvm_name(name).map_err(VolumeError::InvalidName)?;
+        let Some(lv) = self.lv(name).await? else {
+            return Ok(());
+        };
+        if mode != WipeMode::None {
+            if let Some(reason) = lv.removal_blocker() {
+                return Err(VolumeError::Conflict(format!(
+                    "volume {name} is not removed: {reason}"
+                )));
+            }
+            // The intent first, durably on the LV itself: a crash from here on leaves an LV
+            // that is never reused and that start-up finishes (`unfinished_wipes`).
+            let tag = wipe_tag(mode);
+            if !lv.tags.contains(&tag) {
+                self.run("lvchange", &["--addtag", &tag, &self.lv_arg(name)])
+                    .await?;
+            }
+            if !lv.attr.is_active() {
+                self.activate(name).await?;
+            }
+            let path = self.wait_for_node(name).await?;
+            let started = std::time::Instant::now();
+            wipe_blocking(&path, 0, mode, cancel, progress).await?;
+            tracing::info!(
+                volume = %self.lv_arg(name),
+                bytes = lv.size_bytes,
+                mode = mode.as_str(),
+                seconds = started.elapsed().as_secs_f64(),
+                "wiped logical volume before removal"
+            );
+        }
+        self.remove(name).await
+    }
+
+    async fn unfinished_wipes(&self) -> Result<Vec<(String, WipeMode)>, VolumeError> {
+        Ok(self
+            .lvs()
+            .await?
+            .into_iter()
+            .filter_map(|lv| wipe_in_tags(&lv.tags).map(|mode| (lv.name, mode)))
+            .collect())
+    }
+
+    /// The LV itself carries the intent: only an LV still tagged is wiped.
+    async fn finish_wipe(
+        &self,
+        name: &str,
+        mode: WipeMode,
+        progress: &Arc<WipeProgress>,
+        cancel: &CancellationToken,
+    ) -> Result<(), VolumeError> {
+        match self.lv(name).await? {
+            Some(lv) if wipe_in_tags(&lv.tags).is_some() => {
+                self.remove_wiped(name, mode, progress, cancel).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn check_room(&self, size_bytes: u64) -> Result<(), VolumeError> {
+        if self.thin.is_some() {
+            return self.check_pool().await.map(|_| ());
+        }
+        let vg = self.vg().await?;
+        let need = extents_for(size_bytes, vg.extent_size)
+            .map(|e| e * vg.extent_size)
+            .unwrap_or(u64::MAX);
+        if need > vg.free_bytes {
+            return Err(VolumeError::InsufficientSpace {
+                need,
+                have: vg.free_bytes,
+                place: format!("VG {}", vg.name),
+            });
+        }
+        Ok(())
+    }
+
+    /// `lvextend` to whole extents, after the space check of a new LV of the added size (the
+    /// thin pool's threshold, the VG's free extents).
+    async fn grow(&self, volume: &VolumeInfo, size_bytes: u64) -> Result<Grown, VolumeError> {
+        let extent_size = self.extent_size().await?;
+        let need = extents_for(size_bytes, extent_size)
+            .map(|e| e * extent_size)
+            .ok_or_else(|| {
+                Self::report_error("lvextend", format!("cannot size {size_bytes} bytes"))
+            })?;
+        let added = need.saturating_sub(volume.size_bytes);
+        if volume.kind == VolumeKind::ThinLv {
+            // Only the configured pool has a threshold; a thin LV of another pool grows as
+            // lvextend allows.
+            if self.thin.is_some() {
+                self.check_pool().await?;
+            }
+        } else {
+            let vg = self.vg().await?;
+            if added > vg.free_bytes {
+                return Err(VolumeError::InsufficientSpace {
+                    need: added,
+                    have: vg.free_bytes,
+                    place: format!("VG {}", vg.name),
+                });
+            }
+        }
+        let size = format!("{need}b");
+        self.run("lvextend", &["--size", &size, &self.lv_arg(&volume.name)])
+            .await?;
+        let lv = self.lv(&volume.name).await?.ok_or_else(|| {
+            Self::report_error(
+                "lvs",
+                format!("{} is not listed after lvextend", volume.name),
+            )
+        })?;
+        tracing::info!(volume = %self.lv_arg(&volume.name), from = volume.size_bytes, to = lv.size_bytes, "logical volume extended");
+        Ok(Grown {
+            size_bytes: lv.size_bytes,
+            live_domain: None,
+        })
     }
 
     async fn remove_created(&self, name: &str, owner: &str) -> Result<(), VolumeError> {

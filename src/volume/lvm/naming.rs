@@ -3,6 +3,7 @@
 //! leaf of `lvm/`.
 
 use crate::volume::error::VolumeError;
+use crate::volume::wipe::WipeMode;
 
 /// Prefix of the tag `lvcreate` puts on an LV a job creates (`lvp_job_<job id>`).
 pub(crate) const OWNER_TAG_PREFIX: &str = "lvp_job_";
@@ -14,6 +15,9 @@ pub(crate) const GOLDEN_PREFIX: &str = "lvp-golden-";
 pub(crate) const KEY_TAG_PREFIX: &str = "lvp_image_";
 /// Tag a golden LV gets once it is written, flushed and read-only; without it, it is never used.
 pub(crate) const COMPLETE_TAG: &str = "lvp_golden_complete";
+/// Prefix of the tag an LV gets before it is wiped for deletion, followed by the wipe mode
+/// (`lvp_wipe_zero`): the durable intent that start-up finishes after a crash.
+pub(crate) const WIPE_TAG_PREFIX: &str = "lvp_wipe_";
 /// Hex digits of the cache key in a golden LV's name.
 const NAME_KEY_DIGITS: usize = 16;
 
@@ -43,6 +47,17 @@ pub(crate) fn owner_tag(owner: &str) -> Result<String, VolumeError> {
     Ok(format!("{OWNER_TAG_PREFIX}{owner}"))
 }
 
+/// The tag recording a wipe in `mode`.
+pub(crate) fn wipe_tag(mode: WipeMode) -> String {
+    format!("{WIPE_TAG_PREFIX}{}", mode.as_str())
+}
+
+/// The wipe mode an LV's tags record, if a wipe was started on it.
+pub(crate) fn wipe_in_tags(tags: &[String]) -> Option<WipeMode> {
+    tags.iter()
+        .find_map(|t| t.strip_prefix(WIPE_TAG_PREFIX).and_then(WipeMode::parse))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -56,5 +71,13 @@ mod tests {
         assert!(owner_tag("").is_err());
         assert!(owner_tag("a b").is_err());
         assert!(owner_tag("a,b").is_err());
+    }
+
+    #[test]
+    fn wipe_tags_round_trip() {
+        assert_eq!(wipe_tag(WipeMode::Zero), "lvp_wipe_zero");
+        let tags = vec!["lvp_job_x".to_string(), wipe_tag(WipeMode::Discard)];
+        assert_eq!(wipe_in_tags(&tags), Some(WipeMode::Discard));
+        assert_eq!(wipe_in_tags(&["lvp_wipe_shred".to_string()]), None);
     }
 }

@@ -4,7 +4,7 @@
 
 use serde::Deserialize;
 
-use super::naming::{GOLDEN_PREFIX, GOLDEN_TAG, KEY_TAG_PREFIX};
+use super::naming::{GOLDEN_PREFIX, GOLDEN_TAG, KEY_TAG_PREFIX, wipe_in_tags};
 use crate::volume::backend::{Blocker, BlockerKind};
 
 /// Options every report command gets: machine-readable JSON, sizes as plain byte counts.
@@ -175,6 +175,13 @@ impl LvInfo {
         }
         let note = self.attr_note();
         let unwritable = |reason: String| Some(Blocker::new(BlockerKind::Unwritable, reason));
+        if let Some(mode) = wipe_in_tags(&self.tags) {
+            return unwritable(format!(
+                "a {} wipe for its deletion was started and not finished (DELETE it again, or \
+                 restart the daemon, to finish it)",
+                mode.as_str()
+            ));
+        }
         if self.attr.permissions != 'w' {
             return unwritable(format!("it is read-only ({note})"));
         }

@@ -1,13 +1,9 @@
-//! Image inspection in Rust, before any qemu-img call: decides qcow2 or raw from the magic
-//! bytes and rejects hostile qcow2 headers (backing files, external data files, encryption,
-//! unknown incompatible features, impossible geometry). Implements the checklist of
-//! `shared/reference/image-safety.md`; `inspect_bytes` is pure so it can be fuzzed.
+//! qcow2: versions 2 and 3 only; refuses backing files, external data files, encryption,
+//! unknown incompatible features and impossible geometry (the qcow2 checklist of
+//! `shared/reference/image-safety.md`).
 
-use std::io::Read;
-use std::path::Path;
-
-use serde::{Deserialize, Serialize};
-
+use super::read::{ReadAt, be32, be64, within};
+use super::verdict::{InspectError, Inspection, check_virtual_size};
 use crate::image::ImageType;
 
 pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
@@ -17,6 +13,17 @@ pub(crate) const MAX_HEADER_READ: usize = 1 << 21;
 const MAX_L1_BYTES: u64 = 32 << 20;
 /// QEMU's own limit of the refcount table (QCOW_MAX_REFTABLE_SIZE).
 const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+/// The checks this module applies (reported by preflight).
+pub(crate) const CHECKS: &[&str] = &[
+    "magic",
+    "version 2 or 3",
+    "no backing file",
+    "no external data file",
+    "not encrypted",
+    "known incompatible features only",
+    "tables inside the file",
+    "virtual size bound",
+];
 
 const INCOMPAT_DIRTY: u64 = 1 << 0;
 const INCOMPAT_COMPRESSION_TYPE: u64 = 1 << 3;
@@ -28,119 +35,25 @@ const EXT_BITMAPS: u32 = 0x2385_2875;
 const EXT_ENCRYPTION: u32 = 0x0537_be77;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
 
-/// The verdict on an acceptable image (stored with the cache entry).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Inspection {
-    pub format: ImageType,
-    /// Size of the disk the image describes (qcow2 header size, or the raw file size).
-    pub virtual_size: u64,
-}
-
-/// Why an image is refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum InspectError {
-    /// A 0-byte file: it would become an all-zero volume, which no one asks for.
-    #[error("image is empty (0 bytes)")]
-    Empty,
-    #[error("qcow2 header is truncated: the file has {len} bytes, the header needs {need}")]
-    Truncated { len: u64, need: u64 },
-    #[error("unsupported qcow2 version {0} (only 2 and 3 are accepted)")]
-    Version(u32),
-    #[error("qcow2 image names a backing file; backing files are refused")]
-    BackingFile,
-    #[error("qcow2 image uses an external data file; external data files are refused")]
-    ExternalDataFile,
-    #[error("qcow2 image is encrypted (crypt_method {0}); encrypted images are refused")]
-    Encrypted(u32),
-    #[error("qcow2 image is marked corrupt")]
-    Corrupt,
-    #[error("qcow2 image has unsupported incompatible features 0x{0:x}")]
-    IncompatibleFeatures(u64),
-    #[error("qcow2 header is impossible: {0}")]
-    Impossible(String),
-    #[error("image_type is {requested} but the image is {detected}")]
-    FormatMismatch {
-        requested: ImageType,
-        detected: ImageType,
-    },
-    #[error("cannot read image: {0}")]
-    Io(String),
-}
-
-impl InspectError {
-    /// Every `kind` label (so the metric's series exist from the start).
-    pub(crate) const KINDS: [&'static str; 11] = [
-        "empty",
-        "truncated",
-        "unsupported_version",
-        "backing_file",
-        "data_file",
-        "encrypted",
-        "corrupt",
-        "incompatible_features",
-        "impossible_header",
-        "format_mismatch",
-        "io",
-    ];
-
-    /// Short label for metrics (`image_errors_total{error_type}`).
-    pub(crate) fn kind(&self) -> &'static str {
-        match self {
-            InspectError::Empty => "empty",
-            InspectError::Truncated { .. } => "truncated",
-            InspectError::Version(_) => "unsupported_version",
-            InspectError::BackingFile => "backing_file",
-            InspectError::ExternalDataFile => "data_file",
-            InspectError::Encrypted(_) => "encrypted",
-            InspectError::Corrupt => "corrupt",
-            InspectError::IncompatibleFeatures(_) => "incompatible_features",
-            InspectError::Impossible(_) => "impossible_header",
-            InspectError::FormatMismatch { .. } => "format_mismatch",
-            InspectError::Io(_) => "io",
-        }
-    }
-}
-
-fn be32(b: &[u8], off: usize) -> u32 {
-    u32::from_be_bytes(b[off..off + 4].try_into().expect("4 bytes"))
-}
-
-fn be64(b: &[u8], off: usize) -> u64 {
-    u64::from_be_bytes(b[off..off + 8].try_into().expect("8 bytes"))
-}
-
-/// Inspects the start of an image (`head`: the first bytes, up to `MAX_HEADER_READ`) of a
-/// file of `file_len` bytes.
-pub fn inspect_bytes(head: &[u8], file_len: u64) -> Result<Inspection, InspectError> {
-    if file_len == 0 {
-        return Err(InspectError::Empty);
-    }
-    if head.len() < 4 || head[..4] != QCOW2_MAGIC {
-        return Ok(Inspection {
-            format: ImageType::Raw,
-            virtual_size: file_len,
-        });
-    }
-    inspect_qcow2(head, file_len)
-}
-
 fn impossible(msg: impl Into<String>) -> InspectError {
-    InspectError::Impossible(msg.into())
+    InspectError::impossible(ImageType::Qcow2, msg)
+}
+
+/// Inspects a qcow2 image (reads its first cluster, at most `MAX_HEADER_READ` bytes).
+pub(crate) fn inspect(src: &dyn ReadAt) -> Result<Inspection, InspectError> {
+    let head = src.read_at(0, MAX_HEADER_READ)?;
+    inspect_qcow2(&head, src.size())
 }
 
 fn need(head: &[u8], file_len: u64, n: usize) -> Result<(), InspectError> {
     if head.len() < n {
         return Err(InspectError::Truncated {
+            format: ImageType::Qcow2,
             len: file_len.min(head.len() as u64),
             need: n as u64,
         });
     }
     Ok(())
-}
-
-/// `offset .. offset + len` lies within the file.
-fn within(offset: u64, len: u64, file_len: u64) -> bool {
-    offset.checked_add(len).is_some_and(|end| end <= file_len)
 }
 
 fn inspect_qcow2(head: &[u8], file_len: u64) -> Result<Inspection, InspectError> {
@@ -280,10 +193,8 @@ fn inspect_qcow2(head: &[u8], file_len: u64) -> Result<Inspection, InspectError>
 
     check_extensions(head, file_len, header_len, cluster_size)?;
 
-    Ok(Inspection {
-        format: ImageType::Qcow2,
-        virtual_size,
-    })
+    let virtual_size = check_virtual_size(ImageType::Qcow2, virtual_size)?;
+    Ok(Inspection::bare(ImageType::Qcow2, virtual_size, None))
 }
 
 /// Walks the header extensions (between the header and the end of the first cluster).
@@ -325,34 +236,6 @@ fn check_extensions(
     }
 }
 
-/// Checks the detected format against what the request declared.
-pub(crate) fn check_requested(
-    found: &Inspection,
-    requested: ImageType,
-) -> Result<(), InspectError> {
-    if found.format != requested {
-        return Err(InspectError::FormatMismatch {
-            requested,
-            detected: found.format,
-        });
-    }
-    Ok(())
-}
-
-/// Inspects an image file (reads at most `MAX_HEADER_READ` bytes; blocking).
-pub(crate) fn inspect_file(path: &Path) -> Result<Inspection, InspectError> {
-    let file = std::fs::File::open(path).map_err(|e| InspectError::Io(e.to_string()))?;
-    let len = file
-        .metadata()
-        .map_err(|e| InspectError::Io(e.to_string()))?
-        .len();
-    let mut head = Vec::with_capacity(MAX_HEADER_READ.min(len as usize));
-    file.take(MAX_HEADER_READ as u64)
-        .read_to_end(&mut head)
-        .map_err(|e| InspectError::Io(e.to_string()))?;
-    inspect_bytes(&head, len)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -376,7 +259,7 @@ mod tests {
     }
 
     fn check(h: &[u8]) -> Result<Inspection, InspectError> {
-        inspect_bytes(h, h.len() as u64)
+        inspect_qcow2(h, h.len() as u64)
     }
 
     #[test]
@@ -384,20 +267,6 @@ mod tests {
         let i = check(&header()).unwrap();
         assert_eq!(i.format, ImageType::Qcow2);
         assert_eq!(i.virtual_size, 1 << 30);
-    }
-
-    #[test]
-    fn raw_is_anything_without_magic() {
-        let i = inspect_bytes(b"KDMV....", 4096).unwrap();
-        assert_eq!(i.format, ImageType::Raw);
-        assert_eq!(i.virtual_size, 4096);
-        assert_eq!(inspect_bytes(b"x", 1).unwrap().format, ImageType::Raw);
-    }
-
-    #[test]
-    fn empty_images_are_refused() {
-        assert_eq!(inspect_bytes(b"", 0), Err(InspectError::Empty));
-        assert_eq!(InspectError::Empty.to_string(), "image is empty (0 bytes)");
     }
 
     #[test]
@@ -433,25 +302,25 @@ mod tests {
 
         let mut h = header();
         h[20..24].copy_from_slice(&30u32.to_be_bytes());
-        assert!(matches!(check(&h), Err(InspectError::Impossible(_))));
+        assert!(matches!(check(&h), Err(InspectError::Impossible { .. })));
 
         let mut h = header();
         h[24..32].copy_from_slice(&(1u64 << 50).to_be_bytes());
         assert!(
-            matches!(check(&h), Err(InspectError::Impossible(_))),
+            matches!(check(&h), Err(InspectError::Impossible { .. })),
             "L1 too small"
         );
 
         let mut h = header();
         h[40..48].copy_from_slice(&(1u64 << 40).to_be_bytes());
         assert!(
-            matches!(check(&h), Err(InspectError::Impossible(_))),
+            matches!(check(&h), Err(InspectError::Impossible { .. })),
             "L1 beyond file"
         );
 
         let h = header();
         assert!(matches!(
-            inspect_bytes(&h[..50], 50),
+            inspect_qcow2(&h[..50], 50),
             Err(InspectError::Truncated { .. })
         ));
     }
@@ -465,14 +334,6 @@ mod tests {
     }
 
     #[test]
-    fn mismatch_with_request() {
-        let i = check(&header()).unwrap();
-        assert!(check_requested(&i, ImageType::Qcow2).is_ok());
-        let e = check_requested(&i, ImageType::Raw).unwrap_err();
-        assert_eq!(e.to_string(), "image_type is raw but the image is qcow2");
-    }
-
-    #[test]
     fn arbitrary_bytes_never_panic() {
         let base = header();
         for i in 0..base.len().min(200) {
@@ -480,8 +341,8 @@ mod tests {
                 let mut h = base.clone();
                 h[i] = v;
                 let _ = check(&h);
-                let _ = inspect_bytes(&h[..i], i as u64);
-                let _ = inspect_bytes(&h, 10);
+                let _ = inspect_qcow2(&h[..i], i as u64);
+                let _ = inspect_qcow2(&h, 10);
             }
         }
     }

@@ -1,0 +1,14 @@
+//! Fuzz target: the vdi inspector (the magic stamped at offset 64, so every input reaches
+//! it) never panics, never reads past its budget, and accepts only self-consistent images.
+#![no_main]
+
+mod sparse;
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Some(mut image) = sparse::Sparse::decode(data) {
+        image.stamp(64, b"\x7f\x10\xda\xbe");
+        sparse::check(&image);
+    }
+});
