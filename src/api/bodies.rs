@@ -121,8 +121,8 @@ pub(crate) struct ResizeBody {
 #[serde(deny_unknown_fields)]
 #[schema(examples(json!({"target": "vm-2-disk", "size_gb": 40})))]
 pub(crate) struct CloneBody {
-    /// The new volume's name (the rules of `volume_name`); it must not exist (409
-    /// `volume_exists`).
+    /// The new volume's name (the rules of `volume_name`, whose schema `openapi.rs` copies
+    /// here); it must not exist (409 `volume_exists`).
     #[schema(required = true, value_type = String, min_length = 1, max_length = 127)]
     pub(crate) target: Option<String>,
     /// GiB (2^30 bytes), an integer 1..=1048576, at least the source's size (else 409

@@ -327,14 +327,7 @@ fn check_image_request(
     state: &ApiState,
 ) -> Result<ImageRequest, ApiError> {
     let image_url = check_image_url_text(image_url)?;
-    let checksum_url = match checksum_url {
-        None => None,
-        Some(u) => Some(check_image_url_text(Some(u)).map_err(|_| {
-            ApiError::bad_request(format!(
-                "checksum_url must be a URL of at most {MAX_URL_LEN} characters"
-            ))
-        })?),
-    };
+    let checksum_url = check_checksum_fields(&image_url, checksum.as_deref(), checksum_url)?;
     let request = SourceRequest {
         image_url: &image_url,
         checksum: checksum.as_deref(),
@@ -356,6 +349,30 @@ fn check_image_request(
         checksum,
         checksum_url,
     })
+}
+
+/// The checksum fields' own rules (400 when broken, for jobs and preflight alike): a
+/// `checksum_url` is URL text, at most one of the two is given, a `checksum` parses.
+pub(crate) fn check_checksum_fields(
+    image_url: &str,
+    checksum: Option<&str>,
+    checksum_url: Option<String>,
+) -> Result<Option<String>, ApiError> {
+    let checksum_url = match checksum_url {
+        None => None,
+        Some(u) => Some(check_image_url_text(Some(u)).map_err(|_| {
+            ApiError::bad_request(format!(
+                "checksum_url must be a URL of at most {MAX_URL_LEN} characters"
+            ))
+        })?),
+    };
+    resolved::check_syntax(&SourceRequest {
+        image_url,
+        checksum,
+        checksum_url: checksum_url.as_deref(),
+    })
+    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(checksum_url)
 }
 
 /// The declared `image_type`: `qcow2` when none is named (provision jobs, preflight); `None`

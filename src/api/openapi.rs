@@ -172,6 +172,25 @@ fn finish(doc: &mut Value, open: bool) {
     if let Some(media) = at(doc, &events) {
         event_stream_items(media);
     }
+    if let Some(schemas) = at(doc, &["components", "schemas"]) {
+        one_checksum(schemas);
+        let name_rule = schemas["ProvisionBody"]["properties"]["volume_name"].clone();
+        schemas["CloneBody"]["properties"]["target"] = name_rule;
+    }
+}
+
+/// A body with both `checksum` and `checksum_url` says at most one of them may be given.
+fn one_checksum(schemas: &mut Value) {
+    for schema in schemas
+        .as_object_mut()
+        .into_iter()
+        .flat_map(|s| s.values_mut())
+    {
+        let props = &schema["properties"];
+        if props.get("checksum").is_some() && props.get("checksum_url").is_some() {
+            schema["not"] = serde_json::json!({"required": ["checksum", "checksum_url"]});
+        }
+    }
 }
 
 /// The value at `path` (object keys), if there is one; never inserts.
@@ -720,6 +739,14 @@ mod tests {
             assert_eq!(c["maxLength"], MAX_CORRELATION_ID_LEN, "{schema}");
         }
         assert_eq!(body("ProvisionBody", "volume_name")["pattern"], VOLUME_NAME);
+        assert_eq!(body("CloneBody", "target")["pattern"], VOLUME_NAME);
+        for schema in ["ProvisionBody", "CacheFetchBody", "InspectBody"] {
+            assert_eq!(
+                schema_at(&d, &format!("/components/schemas/{schema}/not/required")),
+                &json!(["checksum", "checksum_url"]),
+                "{schema}"
+            );
+        }
         assert_eq!(
             body("ProvisionBody", "volume_size_gb")["maximum"],
             MAX_VOLUME_GB

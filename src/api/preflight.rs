@@ -13,7 +13,9 @@ use warp::reply::Response;
 use super::auth::Caller;
 use super::bodies::InspectBody;
 use super::error::ApiError;
-use super::handlers::{check_image_type, check_image_url_text, json_reply, parse_body};
+use super::handlers::{
+    check_checksum_fields, check_image_type, check_image_url_text, json_reply, parse_body,
+};
 use super::state::ApiState;
 use super::views::InspectResponse;
 use crate::image::preflight::{self, CacheState, Preflight};
@@ -28,11 +30,13 @@ pub(crate) async fn inspect(
     let body: InspectBody = parse_body(body?)?;
     let image_url = check_image_url_text(body.image_url)?;
     let requested = check_image_type(body.image_type)?;
+    let checksum_url =
+        check_checksum_fields(&image_url, body.checksum.as_deref(), body.checksum_url)?;
     let settings = state.settings.current();
     let request = SourceRequest {
         image_url: &image_url,
         checksum: body.checksum.as_deref(),
-        checksum_url: body.checksum_url.as_deref(),
+        checksum_url: checksum_url.as_deref(),
     };
     let verdict = match resolved::resolve(&state.sources, &request, &settings.source_policy()) {
         Ok(source) => {

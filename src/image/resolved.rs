@@ -106,6 +106,19 @@ pub(crate) enum RequestError {
     SignatureRequired(String),
 }
 
+/// The request's own rules, before any setting: at most one of `checksum` and `checksum_url`,
+/// and a `checksum` that parses. A request breaking them is malformed (400 even for preflight,
+/// whose other refusals are verdicts).
+pub(crate) fn check_syntax(request: &SourceRequest<'_>) -> Result<(), InvalidSource> {
+    match (request.checksum, request.checksum_url) {
+        (Some(_), Some(_)) => Err(InvalidSource(
+            "give checksum or checksum_url, not both".into(),
+        )),
+        (Some(text), None) => Digest::parse(text).map(drop).map_err(InvalidSource),
+        _ => Ok(()),
+    }
+}
+
 /// Resolves a request against the settings (no network): the image and the manifest are
 /// checked against the same allow-lists; a given checksum must parse; a host that requires
 /// signatures refuses a checksum the request gives itself (it is nobody's signature).
@@ -137,11 +150,10 @@ pub(crate) fn resolve(
             signatures,
         })
     };
+    check_syntax(request)?;
     let checksum = match (request.checksum, request.checksum_url) {
-        (Some(_), Some(_)) => {
-            return Err(InvalidSource("give checksum or checksum_url, not both".into()).into());
-        }
-        (Some(text), None) => {
+        // check_syntax refused both.
+        (Some(text), _) => {
             if trust.as_ref().is_some_and(|t| t.require_signature) {
                 return Err(RequestError::SignatureRequired(format!(
                     "{}: images from this host need a signed checksum manifest \
