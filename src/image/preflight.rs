@@ -322,6 +322,21 @@ fn from_verdict(
     }
 }
 
+/// The start of a compressed object's content as the inspector's ranges. Content shorter than
+/// what a head may hold is all there is (the stream ended in the head): its length is the
+/// content's size; otherwise the size is unknown.
+fn content_ranges(c: Compression, head: &[u8]) -> Ranges {
+    let prefix = content_prefix(c, head, MAX_HEADER_READ);
+    let size = if prefix.len() < MAX_HEADER_READ {
+        prefix.len() as u64
+    } else {
+        u64::MAX
+    };
+    let mut ranges = Ranges::new(size);
+    ranges.add(0, prefix);
+    ranges
+}
+
 /// Runs the inspector on ranges of the object: the head first, then each range it reports
 /// missing, until it decides (or the rounds or bytes allowed are spent). Returns the ranges
 /// read, the verdict, the bytes read and the compression found. A compressed image is judged
@@ -331,8 +346,7 @@ async fn judge(object: &RemoteObject, size: u64, stall: Duration) -> Result<Judg
     let head = read_range(object, 0..want, stall).await?;
     let mut read = head.len() as u64;
     if let Some(c) = Compression::detect(&head) {
-        let mut ranges = Ranges::new(u64::MAX);
-        ranges.add(0, content_prefix(c, &head, MAX_HEADER_READ));
+        let ranges = content_ranges(c, &head);
         let verdict = inspect::inspect(&ranges);
         return Ok((ranges, verdict, read, Some(c)));
     }
@@ -420,15 +434,14 @@ mod tests {
         let head = &out.stdout;
         let c = Compression::detect(head).unwrap();
         assert_eq!(c, Compression::Xz);
-        let mut ranges = Ranges::new(u64::MAX);
-        ranges.add(0, content_prefix(c, head, MAX_HEADER_READ));
+        let ranges = content_ranges(c, head);
         let p = from_verdict(
             &ranges,
             inspect::inspect(&ranges),
             1,
             Some(ImageType::Qcow2),
         );
-        assert_eq!(p.format, Some(ImageType::Qcow2));
+        assert_eq!(p.format, Some(ImageType::Qcow2), "{:?}", p.reason);
         assert_eq!(p.virtual_size, Some(3 << 30));
         assert!(p.accepted, "{:?}", p.reason);
     }
