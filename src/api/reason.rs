@@ -28,6 +28,14 @@ macro_rules! reasons {
                     $(Reason::$variant => $code,)*
                 }
             }
+
+            /// The reason a code names (a failed job's stored code).
+            pub(crate) fn from_code(code: &str) -> Option<Reason> {
+                match code {
+                    $($code => Some(Reason::$variant),)*
+                    _ => None,
+                }
+            }
         }
     };
 }
@@ -92,6 +100,15 @@ reasons! {
     /// `require_signature`) and the request gave its own `checksum` (400); a job's image
     /// without a valid signature fails with this reason.
     SignatureRequired = "signature_required",
+    /// A failed job's checksum could not be found: the manifest is missing or unreadable, or
+    /// has no entry for the image's file name.
+    ChecksumUnavailable = "checksum_unavailable",
+    /// A failed job's checksum manifest has a signature that does not verify (bad, unknown
+    /// key, expired or revoked key, SHA-1).
+    SignatureInvalid = "signature_invalid",
+    /// A failed job's image was refused: the header inspector, a corrupt or truncated
+    /// compressed stream, a decompression bomb or an image over `cache.max_image_bytes`.
+    ImageRejected = "image_rejected",
     /// The job queue is full (429, with `Retry-After`).
     QueueFull = "queue_full",
     /// Too many progress streams are open (429, with `Retry-After`).
@@ -121,6 +138,13 @@ mod tests {
             );
             assert!(seen.insert(code), "{code} twice");
             assert_eq!(serde_json::to_value(reason).unwrap(), code);
+        }
+    }
+
+    #[test]
+    fn every_job_failure_reason_is_a_reason() {
+        for code in crate::jobs::FAILURE_REASONS {
+            assert!(Reason::from_code(code).is_some(), "{code}");
         }
     }
 }

@@ -70,6 +70,10 @@ pub(crate) struct StatusResponse {
     pub(crate) queue_position: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) error: Option<String>,
+    /// For a failed job whose cause clients decide on: a `Reason` code (`image_rejected`,
+    /// `checksum_mismatch`, `checksum_unavailable`, `signature_required`, `signature_invalid`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) reason: Option<super::reason::Reason>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) correlation_id: Option<String>,
     pub(crate) cache_hit: bool,
@@ -89,10 +93,6 @@ pub(crate) struct StatusResponse {
     /// named it, `manifest`), once it is in the cache; absent when nothing named a checksum.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) verified: Option<crate::image::verify::Verified>,
-    /// The stable code of a failed job's error, where it has one: `checksum_mismatch`,
-    /// `checksum_unavailable`, `signature_required`, `signature_invalid`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) volume_name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -314,6 +314,10 @@ impl StatusResponse {
                 None
             },
             error: job.error.clone(),
+            reason: job
+                .reason
+                .as_deref()
+                .and_then(super::reason::Reason::from_code),
             correlation_id: job.spec.correlation_id.clone(),
             cache_hit: job.cache_hit,
             cache_revalidation: job.cache_revalidation.clone(),
@@ -321,7 +325,6 @@ impl StatusResponse {
             image_type: job.spec.image_type.or(job.image_format),
             image_format: job.image_format,
             verified: job.verified.clone(),
-            reason: job.reason.clone(),
             volume_name: job.spec.volume_name.clone(),
             volume_size_gb: job.spec.volume_size_gb,
             image_path: (job.status == JobStatus::Completed)

@@ -19,6 +19,10 @@ pub(crate) struct CacheSettings {
     pub(crate) dir: PathBuf,
     /// Upper bound of the cache size; least recently used entries are evicted beyond it.
     pub(crate) max_size_bytes: u64,
+    /// Largest image the cache takes: a source larger than this is refused before the
+    /// download, a compressed source whose content grows past it (a decompression bomb) fails
+    /// and leaves nothing. Never more than `max_size_bytes` in effect.
+    pub(crate) max_image_bytes: u64,
     /// Entries unused for longer than this are evicted.
     #[serde(with = "humantime_serde")]
     pub(crate) max_age: Duration,
@@ -102,6 +106,7 @@ impl CacheSettings {
         CacheSettings {
             dir,
             max_size_bytes: 20 * GIB,
+            max_image_bytes: 64 * GIB,
             max_age: Duration::from_secs(7 * 86400),
             min_free_bytes: GIB,
             revalidate_interval: Duration::from_secs(300),
@@ -113,6 +118,9 @@ impl CacheSettings {
             "must not be empty".into()
         })?;
         check(self.max_size_bytes > 0, "cache.max_size_bytes", || {
+            "must be greater than 0".into()
+        })?;
+        check(self.max_image_bytes > 0, "cache.max_image_bytes", || {
             "must be greater than 0".into()
         })?;
         check(!self.max_age.is_zero(), "cache.max_age", || {
@@ -286,6 +294,7 @@ impl super::Settings {
         CacheConfig {
             limits: CacheLimits {
                 max_size_bytes: self.cache.max_size_bytes,
+                max_image_bytes: self.cache.max_image_bytes,
                 max_age: self.cache.max_age,
                 min_free_bytes: self.cache.min_free_bytes,
                 revalidate_interval: self.cache.revalidate_interval,

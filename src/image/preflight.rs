@@ -12,7 +12,7 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use super::ImageType;
-use super::cache::ImageCache;
+use super::cache::{Compression, ImageCache, content_prefix};
 use super::inspect::{self, InspectError, Inspection, MAX_HEADER_READ, Ranges, Subformat};
 use super::remote::{RemoteObject, SourceError};
 use super::source::{Location, SourceClients};
@@ -39,6 +39,9 @@ const MIN_RANGE: u64 = 64 << 10;
 /// The verdict on an image.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub(crate) struct Preflight {
+    /// The wrapper around the image (`gzip`, `xz`, `bzip2`, `zstd`), found from its first
+    /// bytes; `null` for a bare image. The other fields are then of the image inside.
+    pub(crate) compression: Option<Compression>,
     /// The format found (`qcow2`, `raw`, `vmdk`, `vhdx`, `vpc`, `vdi`; for an OVA, its disk's);
     /// `null` when the image could not be read or was refused before its format was known.
     pub(crate) format: Option<ImageType>,
@@ -76,6 +79,7 @@ impl Preflight {
         cache_key: Option<String>,
     ) -> Preflight {
         Preflight {
+            compression: None,
             format: None,
             subformat: None,
             container: None,
@@ -206,12 +210,18 @@ async fn inspect_within(q: &Query<'_>) -> Preflight {
         None => (CacheState::Absent, None),
     };
     match judge(&object, meta.size, stall).await {
-        Ok((ranges, verdict, bytes_read)) => Preflight {
-            cache: cache_state,
-            cache_key,
-            bytes_read,
-            ..from_verdict(&ranges, verdict, meta.size, requested)
-        },
+        Ok((ranges, verdict, bytes_read, compression)) => {
+            let p = from_verdict(&ranges, verdict, meta.size, requested);
+            Preflight {
+                compression,
+                // A compressed image's own size is not known before its download.
+                virtual_size: p.virtual_size.filter(|&v| v != u64::MAX),
+                cache: cache_state,
+                cache_key,
+                bytes_read,
+                ..p
+            }
+        }
         Err(e) => Preflight::refused(source_error(&e), cache_state, cache_key),
     }
 }
@@ -251,6 +261,7 @@ fn from_entry(entry: &super::cache::CacheEntry, requested: Option<ImageType>) ->
         None => Ok(()),
     };
     Preflight {
+        compression: entry.compression,
         cache: CacheState::Cached,
         cache_key: Some(entry.key.clone()),
         accepted: verdict.is_ok(),
@@ -262,6 +273,7 @@ fn from_entry(entry: &super::cache::CacheEntry, requested: Option<ImageType>) ->
 /// What an accepted inspection says about the image (verdict and cache fields left open).
 fn described(found: &Inspection, size: u64) -> Preflight {
     Preflight {
+        compression: None,
         format: Some(found.format),
         subformat: found.subformat,
         container: found.ova_disk.map(|_| "ova".to_string()),
@@ -310,23 +322,40 @@ fn from_verdict(
     }
 }
 
+/// The start of a compressed object's content as the inspector's ranges. Content shorter than
+/// what a head may hold is all there is (the stream ended in the head): its length is the
+/// content's size; otherwise the size is unknown.
+fn content_ranges(c: Compression, head: &[u8]) -> Ranges {
+    let prefix = content_prefix(c, head, MAX_HEADER_READ);
+    let size = if prefix.len() < MAX_HEADER_READ {
+        prefix.len() as u64
+    } else {
+        u64::MAX
+    };
+    let mut ranges = Ranges::new(size);
+    ranges.add(0, prefix);
+    ranges
+}
+
 /// Runs the inspector on ranges of the object: the head first, then each range it reports
 /// missing, until it decides (or the rounds or bytes allowed are spent). Returns the ranges
-/// read, the verdict and the bytes read.
-async fn judge(
-    object: &RemoteObject,
-    size: u64,
-    stall: Duration,
-) -> Result<(Ranges, Result<Inspection, InspectError>, u64), SourceError> {
-    let mut ranges = Ranges::new(size);
+/// read, the verdict, the bytes read and the compression found. A compressed image is judged
+/// by the start of its content, decoded from the head (no other range of it can be read).
+async fn judge(object: &RemoteObject, size: u64, stall: Duration) -> Result<Judged, SourceError> {
     let want = size.min(MAX_HEADER_READ as u64);
     let head = read_range(object, 0..want, stall).await?;
     let mut read = head.len() as u64;
+    if let Some(c) = Compression::detect(&head) {
+        let ranges = content_ranges(c, &head);
+        let verdict = inspect::inspect(&ranges);
+        return Ok((ranges, verdict, read, Some(c)));
+    }
+    let mut ranges = Ranges::new(size);
     ranges.add(0, head);
     for _ in 0..MAX_ROUNDS {
         let verdict = inspect::inspect(&ranges);
         let Some((offset, len)) = ranges.take_missing().filter(|_| verdict.is_err()) else {
-            return Ok((ranges, verdict, read));
+            return Ok((ranges, verdict, read, None));
         };
         let end = offset.saturating_add(len.max(MIN_RANGE)).min(size);
         if read + (end - offset) > MAX_PREFLIGHT_BYTES {
@@ -340,8 +369,16 @@ async fn judge(
         "preflight would read more than {MAX_ROUNDS} ranges or {MAX_PREFLIGHT_BYTES} bytes; \
          a job inspects the downloaded file"
     )));
-    Ok((ranges, verdict, read))
+    Ok((ranges, verdict, read, None))
 }
+
+/// What `judge` found: the ranges read, the verdict, the bytes read, the compression.
+type Judged = (
+    Ranges,
+    Result<Inspection, InspectError>,
+    u64,
+    Option<Compression>,
+);
 
 /// The bytes `range` of the object, by one ranged GET; reading stops at the range's end even
 /// if the source ignores the range and sends the whole object (such a source gives the
@@ -372,4 +409,40 @@ async fn read_range(
         }
     }
     Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_compressed_qcow2_is_judged_by_the_header_inside() {
+        let tmp = tempfile::tempdir().unwrap();
+        let img = tmp.path().join("d.qcow2");
+        let ok = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg("3G")
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let out = std::process::Command::new("xz")
+            .args(["-c", "-T2"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        let head = &out.stdout;
+        let c = Compression::detect(head).unwrap();
+        assert_eq!(c, Compression::Xz);
+        let ranges = content_ranges(c, head);
+        let p = from_verdict(
+            &ranges,
+            inspect::inspect(&ranges),
+            1,
+            Some(ImageType::Qcow2),
+        );
+        assert_eq!(p.format, Some(ImageType::Qcow2), "{:?}", p.reason);
+        assert_eq!(p.virtual_size, Some(3 << 30));
+        assert!(p.accepted, "{:?}", p.reason);
+    }
 }

@@ -62,6 +62,9 @@ pub(crate) struct CacheConfig {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct CacheLimits {
     pub(crate) max_size_bytes: u64,
+    /// `cache.max_image_bytes`: the largest image the cache takes, as downloaded and as
+    /// decompressed.
+    pub(crate) max_image_bytes: u64,
     pub(crate) max_age: Duration,
     pub(crate) min_free_bytes: u64,
     pub(crate) revalidate_interval: Duration,
@@ -83,4 +86,12 @@ pub(crate) struct RetryPolicy {
     pub(crate) retries: usize,
     pub(crate) backoff: Duration,
     pub(crate) max_backoff: Duration,
+}
+
+impl CacheLimits {
+    /// The largest image a download may produce: `cache.max_image_bytes`, and never more than
+    /// the whole cache may hold.
+    pub(crate) fn max_image_bytes(&self) -> u64 {
+        self.max_image_bytes.min(self.max_size_bytes)
+    }
 }

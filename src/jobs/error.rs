@@ -81,10 +81,26 @@ pub(crate) enum JobError {
 }
 
 impl JobError {
-    /// The stable code of the failure, where clients decide on it (the API's `reason` of a
-    /// failed job): a checksum that does not match, and missing or invalid signatures.
+    /// Every code `reason` returns (each one an API `Reason`, checked there).
+    #[cfg(test)]
+    pub(crate) const REASONS: [&'static str; 5] = [
+        "image_rejected",
+        "checksum_mismatch",
+        "checksum_unavailable",
+        "signature_required",
+        "signature_invalid",
+    ];
+
+    /// The API's `reason` code of this failure, when clients decide on its cause: the image
+    /// was refused (inspector, corrupt or truncated compressed stream, decompression bomb,
+    /// too large), its checksum did not match or could not be found, or its signature is
+    /// missing or invalid.
     pub(crate) fn reason(&self) -> Option<&'static str> {
         match self {
+            JobError::Rejected(_)
+            | JobError::Fetch(
+                FetchError::Rejected(_) | FetchError::Unwrap(_) | FetchError::TooLarge { .. },
+            ) => Some("image_rejected"),
             JobError::Fetch(e) => match e.kind() {
                 k @ ("checksum_mismatch"
                 | "checksum_unavailable"

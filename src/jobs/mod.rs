@@ -15,4 +15,8 @@ pub(crate) mod runner;
 mod state;
 pub(crate) mod store;
 pub(crate) mod upload;
+
+/// Every `reason` code a failed job can carry (the API checks that each is one of its codes).
+#[cfg(test)]
+pub(crate) const FAILURE_REASONS: &[&str] = &error::JobError::REASONS;
 mod wipe;

@@ -257,6 +257,9 @@ pub(crate) struct Job {
     pub(crate) spec: JobSpec,
     pub(crate) progress: Progress,
     pub(crate) error: Option<String>,
+    /// The `reason` code of a failure whose cause clients decide on (`JobError::reason`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) reason: Option<String>,
     pub(crate) cache_hit: bool,
     /// How a cache hit was confirmed: `not_needed` (within `cache.revalidate_interval`),
     /// `revalidated` (one request to the source), `source_unavailable` (served without it).
@@ -270,10 +273,6 @@ pub(crate) struct Job {
     /// What the image was checked against, once it is in the cache (none: no checksum).
     #[serde(default)]
     pub(crate) verified: Option<crate::image::verify::Verified>,
-    /// The stable code of a failed job's error (`checksum_mismatch`, `signature_required`...),
-    /// when it has one.
-    #[serde(default)]
-    pub(crate) reason: Option<String>,
     pub(crate) volume_path: Option<String>,
     pub(crate) volume_ownership: VolumeOwnership,
     /// How the volume got its content, once the job chose (records of older versions: none).
@@ -311,12 +310,12 @@ impl Job {
             spec,
             progress: Progress::default(),
             error: None,
+            reason: None,
             cache_hit: false,
             cache_revalidation: None,
             image_path: None,
             image_format: None,
             verified: None,
-            reason: None,
             volume_path: None,
             volume_ownership: VolumeOwnership::None,
             method: None,

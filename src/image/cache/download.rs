@@ -1,11 +1,14 @@
 //! One download into the cache. The object is split into parts (`sources.part_size`), up to
 //! `sources.parallel_parts` of them fetched at once by ranged GETs into a preallocated
 //! `<key>.partial` (`parts.rs`); objects smaller than two parts and servers without ranges
-//! take one stream. The SHA-256 is computed once, in order, on its own thread (`hasher.rs`).
+//! take one stream. The SHA-256 is computed once, in order, on its own thread (`hasher.rs`),
+//! which reads the parts back from the file and feeds a compressed object to its decoder
+//! (`decompress.rs`): the cache keeps the decompressed image.
 //! Every second the partial file is synced and the part map with the hash state saved beside
 //! it (`checkpoint.rs`), off the receiving tasks, so a retry or a restart fetches only the
-//! missing parts. At the end: one fsync, the checksum compared with the published one, the
-//! header inspected, the file renamed into place and recorded in the index.
+//! missing parts. At the end: one fsync, the checksum (of the object as downloaded) compared
+//! with the published one, the header of the image inspected, the image renamed into place and
+//! recorded in the index.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -20,7 +23,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::checkpoint::{Checkpoint, checkpoint_path, partial_path};
-use super::hasher::{self, Hasher};
+use super::decompress::{Compression, Content};
+use super::hasher::{self, Digests, Hasher, PassError};
 use super::parts::{self, PartError};
 use super::{CacheEntry, FetchError, Transfer, mtime_ns, put_entry};
 use crate::image::bandwidth::Bandwidth;
@@ -57,6 +61,8 @@ pub(crate) struct Download {
     pub(crate) remote: Remote,
     pub(crate) tuning: Tuning,
     pub(crate) bandwidth: Arc<Bandwidth>,
+    /// The largest image accepted, as downloaded and as decompressed.
+    pub(crate) max_image_bytes: u64,
 }
 
 /// How the object is split.
@@ -86,13 +92,26 @@ enum RoundError {
 }
 
 impl Download {
-    /// Runs the download; the entry is recorded in the index before this returns.
+    /// Runs the download; the entry is recorded in the index before this returns. Then
+    /// gives the memory it used back to the system.
     pub(crate) async fn run(
         self,
         progress: watch::Sender<Transfer>,
     ) -> Result<CacheEntry, FetchError> {
+        let result = self.download(progress).await;
+        give_back_memory().await;
+        result
+    }
+
+    async fn download(self, progress: watch::Sender<Transfer>) -> Result<CacheEntry, FetchError> {
         let started = Instant::now();
         let meta = &self.remote.meta;
+        if meta.size > self.max_image_bytes {
+            return Err(FetchError::TooLarge {
+                size: meta.size,
+                limit: self.max_image_bytes,
+            });
+        }
         let parallel = meta.ranges
             && meta.etag.is_some()
             && !self.remote.object.is_local()
@@ -110,8 +129,8 @@ impl Download {
         let mut restarts = 0;
         loop {
             match self.round(plan, &progress).await {
-                Ok(digest) => {
-                    let entry = self.finish(digest).await?;
+                Ok(digests) => {
+                    let entry = self.finish(digests).await?;
                     tracing::info!(
                         key = %self.key,
                         bytes = entry.size,
@@ -215,7 +234,7 @@ impl Download {
         &self,
         plan: Plan,
         progress: &Arc<watch::Sender<Transfer>>,
-    ) -> Result<String, RoundError> {
+    ) -> Result<Digests, RoundError> {
         let meta = &self.remote.meta;
         let size = meta.size;
         let parts = plan.parts(size);
@@ -229,6 +248,11 @@ impl Download {
             part_size: plan.part_size,
             size,
             file: file.clone(),
+            unwrap: hasher::Unwrap {
+                dir: self.dir.clone(),
+                key: self.key.clone(),
+                limit: self.max_image_bytes,
+            },
         });
         let on_disk: u64 = done
             .iter()
@@ -274,9 +298,20 @@ impl Download {
         match result {
             Ok(()) => {
                 drop(shared);
-                hasher.finish().await.map_err(|e| {
-                    RoundError::Failed(FetchError::Io(format!("hashing the partial file: {e}")))
-                })
+                hasher
+                    .finish()
+                    .await
+                    .map_err(|e| RoundError::Failed(pass_error(e)))
+            }
+            // The pass ended early: its own error says why (a refused compressed stream).
+            Err(PartError::Failed(_))
+                if hasher.frontier.has_changed().is_err() && *hasher.frontier.borrow() < parts =>
+            {
+                drop(shared);
+                Err(RoundError::Failed(match hasher.finish().await {
+                    Err(e) => pass_error(e),
+                    Ok(_) => FetchError::Io("the hasher ended before the download".into()),
+                }))
             }
             Err(PartError::Failed(e)) => {
                 if e.is_transient() && plan.ranged {
@@ -347,7 +382,16 @@ impl Download {
                     done.insert(index);
                     dirty = true;
                 }
-                changed = frontier.changed(), if !hasher_gone => hasher_gone = changed.is_err(),
+                changed = frontier.changed(), if !hasher_gone => {
+                    hasher_gone = changed.is_err();
+                    // Gone with every part hashed is the normal end (the last part task may
+                    // not be joined yet); gone before is a failure.
+                    if hasher_gone && *frontier.borrow() < parts {
+                        // The pass refused the bytes (a corrupt or too large compressed
+                        // stream): no use fetching the rest.
+                        return Err(PartError::Failed(FetchError::Io("the hasher stopped".into())));
+                    }
+                }
                 _ = tick.tick(), if dirty && plan.ranged && saving.is_none() => {
                     dirty = false;
                     saving = self.checkpoint(&shared.file, done, hasher, plan);
@@ -390,22 +434,21 @@ impl Download {
     }
 
     /// Verifies, inspects, renames into place and records the entry.
-    async fn finish(&self, actual: String) -> Result<CacheEntry, FetchError> {
+    async fn finish(&self, digests: Digests) -> Result<CacheEntry, FetchError> {
         let partial = partial_path(&self.dir, &self.key);
         let io = |e: std::io::Error| FetchError::Io(format!("{}: {e}", partial.display()));
         let total = self.remote.meta.size;
+        let actual = digests.sha256;
         if let Some(expected) = &self.remote.expected
             && let Err(e) = self.check_digest(expected, &actual).await
         {
             self.discard();
             return Err(e);
         }
-        let p = partial.clone();
-        tokio::task::spawn_blocking(move || std::fs::File::open(&p).and_then(|f| f.sync_all()))
-            .await
-            .map_err(|e| FetchError::Io(e.to_string()))?
-            .map_err(io)?;
-        let p = partial.clone();
+        let final_path = super::image_path(&self.dir, &self.key);
+        let content = digests.content;
+        let image = self.image_to_keep(content.as_ref().map(|c| &c.1)).await?;
+        let p = image.clone();
         let inspection = match tokio::task::spawn_blocking(move || inspect::inspect_file(&p))
             .await
             .map_err(|e| FetchError::Io(e.to_string()))?
@@ -416,11 +459,59 @@ impl Download {
                 return Err(FetchError::Rejected(e));
             }
         };
-        let final_path = super::image_path(&self.dir, &self.key);
-        tokio::fs::rename(&partial, &final_path).await.map_err(io)?;
+        let (compression, content_sha256, size) = match content {
+            Some((compression, content)) => {
+                let (sha, size) = (content.sha256.clone(), content.size);
+                let to = final_path.clone();
+                tokio::task::spawn_blocking(move || content.persist(&to))
+                    .await
+                    .map_err(|e| FetchError::Io(e.to_string()))?
+                    .map_err(io)?;
+                (Some(compression), Some(sha), size)
+            }
+            None => {
+                tokio::fs::rename(&partial, &final_path).await.map_err(io)?;
+                (None, None, total)
+            }
+        };
+        self.record(
+            &final_path,
+            inspection,
+            actual,
+            (compression, content_sha256, size),
+        )
+        .await
+    }
+
+    /// The image the cache keeps: the decompressed content (synced by its decoder; the
+    /// compressed partial has served its purpose and goes), or the partial file, synced.
+    async fn image_to_keep(&self, content: Option<&Content>) -> Result<PathBuf, FetchError> {
+        let partial = partial_path(&self.dir, &self.key);
+        if let Some(content) = content {
+            self.discard();
+            return Ok(content.path().to_path_buf());
+        }
+        let p = partial.clone();
+        tokio::task::spawn_blocking(move || std::fs::File::open(&p).and_then(|f| f.sync_all()))
+            .await
+            .map_err(|e| FetchError::Io(e.to_string()))?
+            .map_err(|e| FetchError::Io(format!("{}: {e}", partial.display())))?;
+        Ok(partial)
+    }
+
+    /// Records the entry of the image now at `final_path`.
+    async fn record(
+        &self,
+        final_path: &std::path::Path,
+        inspection: inspect::Inspection,
+        sha256: String,
+        (compression, content_sha256, size): (Option<Compression>, Option<String>, u64),
+    ) -> Result<CacheEntry, FetchError> {
+        let total = self.remote.meta.size;
+        let io = |e: std::io::Error| FetchError::Io(format!("{}: {e}", final_path.display()));
         let _ = tokio::fs::remove_file(checkpoint_path(&self.dir, &self.key)).await;
         super::sync_dir(&self.dir).await?;
-        let meta = tokio::fs::metadata(&final_path).await.map_err(io)?;
+        let meta = tokio::fs::metadata(final_path).await.map_err(io)?;
         let now = Utc::now();
         let m = metrics();
         m.images_downloaded_total.inc();
@@ -433,10 +524,13 @@ impl Download {
             identity: self.identity.clone(),
             etag: self.remote.meta.etag.clone(),
             last_modified: self.remote.meta.last_modified.clone(),
-            size: total,
-            sha256: actual,
+            size,
+            sha256,
             verified: self.remote.expected.is_some(),
             verification: self.remote.expected.as_ref().map(|e| e.verified.clone()),
+            compression,
+            source_size: compression.map(|_| total),
+            content_sha256,
             inspection,
             created: now,
             last_used: now,
@@ -480,6 +574,28 @@ impl Download {
                 .unwrap_or_else(|| "the request".into()),
         })
     }
+}
+
+/// The download's failure for a pass that did not complete.
+fn pass_error(e: PassError) -> FetchError {
+    match e {
+        PassError::Io(m) => FetchError::Io(format!("hashing the partial file: {m}")),
+        PassError::Decompress(super::DecompressError::Io(m)) => FetchError::Io(m),
+        PassError::Decompress(super::DecompressError::Aborted) => FetchError::Stopped,
+        PassError::Decompress(e) => FetchError::Unwrap(e),
+    }
+}
+
+/// Returns the free pages of every malloc arena to the system. glibc keeps what the threads
+/// of a download (receiving, writing, hashing, decoding) freed in their arenas; measured here,
+/// the daemon held 25 MiB more than before two 256 MiB downloads, for good, without this.
+async fn give_back_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    let _ = tokio::task::spawn_blocking(|| {
+        // SAFETY: malloc_trim only takes the allocator's own locks; no pointer is passed.
+        unsafe { libc::malloc_trim(0) }
+    })
+    .await;
 }
 
 /// SHA-256 of a cache key seed (kept here so the digest type stays in one place).

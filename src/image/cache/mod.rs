@@ -1,19 +1,23 @@
-//! The local image cache: images exactly as downloaded (qcow2 stays compressed), verified
+//! The local image cache: images as downloaded (qcow2 stays compressed; a gzip, xz, bzip2 or
+//! zstd wrapper is unwrapped on the way, `decompress.rs`), verified
 //! against the `.sha256` object beside them, inspected once, and indexed in sled (key, url,
 //! ETag, size, sha256, inspection verdict, created, last use). Downloads are single-flight,
 //! resumable, and land in `<key>.partial` until complete, verified and synced; entries in use
 //! are never evicted. A hit asks the source at most once per `cache.revalidate_interval`
 //! whether the object changed, and a checksum-verified entry serves while the source is down.
-//! `download.rs` holds one download (`parts.rs`, `hasher.rs`, `checkpoint.rs` its pieces),
+//! `download.rs` holds one download (`parts.rs`, `hasher.rs`, `decompress.rs`,
+//! `checkpoint.rs` its pieces),
 //! `flight.rs` the single-flight table, `evict.rs` the eviction rules.
 
 mod checkpoint;
+mod decompress;
 mod download;
 mod evict;
 mod flight;
 mod hasher;
 mod parts;
 
+pub(crate) use decompress::{Compression, DecompressError, content_prefix};
 pub(crate) use evict::EvictReason;
 
 use std::collections::HashMap;
@@ -53,14 +57,26 @@ pub(crate) struct CacheEntry {
     /// `Last-Modified` of the version held (what tells versions apart without an ETag).
     #[serde(default)]
     pub(crate) last_modified: Option<String>,
+    /// Size of the cached file (the decompressed image for a compressed source).
     pub(crate) size: u64,
-    /// SHA-256 of the content, computed while downloading.
+    /// SHA-256 of the object as downloaded (what a `.sha256` names; for a compressed source
+    /// the compressed file), computed while downloading.
     pub(crate) sha256: String,
     /// Whether the download was checked against a digest (given, or published).
     pub(crate) verified: bool,
     /// What it was checked against (records of older versions: none).
     #[serde(default)]
     pub(crate) verification: Option<Verified>,
+    /// The unwrapped compression of a compressed source (`None`: stored as downloaded).
+    #[serde(default)]
+    pub(crate) compression: Option<Compression>,
+    /// For a compressed source: the size of the object as downloaded (`size` is the
+    /// content's), which revalidation compares with the source's.
+    #[serde(default)]
+    pub(crate) source_size: Option<u64>,
+    /// For a compressed source: the SHA-256 of the decompressed image held.
+    #[serde(default)]
+    pub(crate) content_sha256: Option<String>,
     pub(crate) inspection: Inspection,
     pub(crate) created: DateTime<Utc>,
     pub(crate) last_used: DateTime<Utc>,
@@ -110,12 +126,18 @@ pub(crate) enum FetchError {
     /// A 4xx answer other than 401/403/404/412.
     #[error("the source refused the download: {0}")]
     Refused(String),
+    /// The object is larger than `cache.max_image_bytes` (refused before downloading).
+    #[error("the image is {size} bytes, more than cache.max_image_bytes ({limit} bytes)")]
+    TooLarge { size: u64, limit: u64 },
+    /// A compressed source could not be unwrapped (corrupt, truncated, a bomb).
+    #[error("image rejected: {0}")]
+    Unwrap(DecompressError),
 }
 
 impl FetchError {
     /// Every `kind` label of the error's own variants (a rejection carries the inspector's
     /// kinds, `InspectError::KINDS`), so the metric's series exist from the start.
-    pub(crate) const KINDS: [&'static str; 14] = [
+    pub(crate) const KINDS: [&'static str; 16] = [
         "not_found",
         "auth",
         "checksum_mismatch",
@@ -130,6 +152,8 @@ impl FetchError {
         "checksum_unavailable",
         "signature_required",
         "signature_invalid",
+        "too_large",
+        "corrupt_compressed",
     ];
 
     /// Label for `image_errors_total{error_type}`.
@@ -150,6 +174,8 @@ impl FetchError {
             FetchError::Unverified(VerifyError::SignatureRequired(_)) => "signature_required",
             FetchError::Unverified(VerifyError::Signature { .. }) => "signature_invalid",
             FetchError::Unverified(_) => "checksum_unavailable",
+            FetchError::TooLarge { .. } => "too_large",
+            FetchError::Unwrap(e) => e.kind(),
         }
     }
 
@@ -686,6 +712,7 @@ impl ImageCache {
             remote,
             tuning: self.tuning(),
             bandwidth: self.bandwidth.clone(),
+            max_image_bytes: self.limits().max_image_bytes(),
         };
         // The download runs on its own task: a job cancelled while others wait does not break
         // it. Its log lines and spans belong to the job that started it.
@@ -880,7 +907,7 @@ pub(crate) fn same_version(meta: &Meta, entry: &CacheEntry) -> bool {
         (None, None) => meta.last_modified == entry.last_modified,
         _ => false,
     };
-    validators && meta.size == entry.size
+    validators && meta.size == entry.source_size.unwrap_or(entry.size)
 }
 
 #[cfg(test)]
@@ -918,6 +945,9 @@ pub(crate) mod tests {
             sha256: String::new(),
             verified: false,
             verification: None,
+            compression: None,
+            source_size: None,
+            content_sha256: None,
             inspection: Inspection::bare(crate::image::ImageType::Raw, size as u64, None),
             created: now,
             last_used: now,

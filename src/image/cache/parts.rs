@@ -1,6 +1,7 @@
 //! One part of a download: a GET of its byte range (guarded by `If-Match`, the answer's ETag
-//! and range compared with what the download started with), its bytes fed to the hasher and
-//! written with positioned writes into the preallocated partial file. Transient failures
+//! and range compared with what the download started with), its bytes written with positioned
+//! writes into the preallocated partial file, each write reported to the in-order reader
+//! (`hasher.rs`), which reads them back from there: a part holds at most one write block. Transient failures
 //! (network, 5xx, a stall of `sources.stall_timeout`) are retried here, per part, with backoff
 //! and full jitter, asking only for the bytes the part still lacks.
 
@@ -102,10 +103,10 @@ pub(super) async fn fetch(
         }
     }
     part.flush().await.map_err(PartError::Failed)?;
-    shared
-        .feed
-        .send(Feed::End(index))
-        .map_err(|_| PartError::Failed(FetchError::Io("the hasher stopped".into())))?;
+    // The pass may be gone already: it read the part's last bytes from a `Written` report and
+    // finished (the normal end), or it refused the bytes, which the round learns from the pass
+    // itself (its frontier stops short). Neither is this part's failure.
+    let _ = shared.feed.send(Feed::End(index));
     Ok(())
 }
 
@@ -133,7 +134,7 @@ struct Part<'a> {
     received: u64,
     /// Object offset up to which bytes are in the file.
     written: u64,
-    /// Received, not yet written.
+    /// Received, not yet written (at most one write block).
     pending: Vec<Bytes>,
     pending_len: usize,
 }
@@ -199,9 +200,6 @@ impl Part<'_> {
             if !s.object.is_local() {
                 s.bandwidth.take(chunk.len()).await;
             }
-            s.feed
-                .send(Feed::Bytes(self.index, chunk.clone()))
-                .map_err(|_| SourceError::Io("the hasher stopped".into()))?;
             self.received += chunk.len() as u64;
             metrics().download_bytes_total.inc_by(chunk.len() as u64);
             self.pending_len += chunk.len();
@@ -245,6 +243,9 @@ impl Part<'_> {
         .map_err(|e| FetchError::Io(format!("writing the partial file: {e}")))?;
         self.written += len;
         let s = self.shared;
+        s.feed
+            .send(Feed::Written(self.index, self.written))
+            .map_err(|_| FetchError::Io("the hasher stopped".into()))?;
         let done = s.on_disk.fetch_add(len, Ordering::Relaxed) + len;
         s.progress.send_replace(Transfer {
             done,
