@@ -1,5 +1,5 @@
 //! Compressed sources against real servers: every wrapper (gzip, xz, bzip2, zstd, made by the
-//! real tools) around qcow2 and raw provisions the bytes `qemu-img convert` makes of the
+//! real tools) around every accepted format (qcow2, raw, VMDK, VHDX, VHD, VDI) provisions the bytes `qemu-img convert` makes of the
 //! decompressed original, from nginx in ranged parts and from s3s-fs; a checksum names the
 //! file as downloaded; a decompression bomb, a truncated xz and a corrupt gzip trailer fail
 //! with a reason and leave nothing in the cache.
@@ -36,8 +36,10 @@ fn compress(tool: &str, args: &[&str], src: &Path, dst: &Path) {
     assert!(status.success(), "{tool} {args:?}");
 }
 
-/// The two originals (a qcow2 and a raw image, both mostly incompressible so that their
-/// wrapped files span several 1 MiB parts) and the raw bytes qemu-img makes of each.
+/// The originals, one per accepted format (a qcow2 and a raw image, both mostly
+/// incompressible so that their wrapped files span several 1 MiB parts, and the raw one
+/// converted by qemu-img into a streamOptimized VMDK, a VHDX, a VHD and a VDI), and the raw
+/// bytes qemu-img makes of each.
 fn originals(dir: &Path) -> Vec<(&'static str, PathBuf, PathBuf)> {
     let qcow2 = dir.join("orig.qcow2");
     make_dense_qcow2(&qcow2, (5 * MIB) as usize, 64 * MIB, 41);
@@ -45,7 +47,21 @@ fn originals(dir: &Path) -> Vec<(&'static str, PathBuf, PathBuf)> {
     let mut bytes = random_bytes((5 * MIB) as usize, 42);
     bytes.resize((7 * MIB) as usize, 0);
     std::fs::write(&raw, bytes).unwrap();
-    [("qcow2", qcow2), ("raw", raw)]
+    let mut images = vec![("qcow2", qcow2), ("raw", raw.clone())];
+    for (format, options) in [
+        ("vmdk", "subformat=streamOptimized"),
+        ("vhdx", "subformat=dynamic"),
+        ("vpc", "subformat=dynamic"),
+        ("vdi", "static=off"),
+    ] {
+        let image = dir.join(format!("orig.{format}"));
+        let (from, to) = (raw.to_str().unwrap(), image.to_str().unwrap());
+        qemu_img(&[
+            "convert", "-q", "-f", "raw", "-O", format, "-o", options, from, to,
+        ]);
+        images.push((format, image));
+    }
+    images
         .into_iter()
         .map(|(format, image)| {
             let reference = dir.join(format!("orig.{format}.ref"));
@@ -96,7 +112,7 @@ async fn cache_entry(c: &reqwest::Client, d: &Daemon, url: &str) -> Value {
 }
 
 #[tokio::test]
-async fn every_wrapper_around_qcow2_and_raw_provisions_the_right_bytes_from_nginx_and_s3() {
+async fn every_wrapper_around_every_format_provisions_the_right_bytes_from_nginx_and_s3() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let s3 = S3Server::start(&dir.join("s3"));
@@ -139,7 +155,7 @@ async fn every_wrapper_around_qcow2_and_raw_provisions_the_right_bytes_from_ngin
         }
     }
     for (id, volume, url, reference) in &jobs {
-        let job = wait_job(&c, &d, id, 3 * MINUTE).await;
+        let job = wait_job(&c, &d, id, 5 * MINUTE).await;
         assert_eq!(job["status"], "completed", "{url}: {job}\n{}", d.log());
         assert_volume_matches(&dir.join("volumes").join(volume), reference);
     }
@@ -152,8 +168,10 @@ async fn every_wrapper_around_qcow2_and_raw_provisions_the_right_bytes_from_ngin
     let entry = cache_entry(&c, &d, &web.url(&format!("/{sum_name}"))).await;
     assert_eq!(entry["checksum"], compressed_sum, "{entry}");
     assert_eq!(entry["checksum_verified"], true, "{entry}");
+    assert_eq!(entry["compression"], "xz", "{entry}");
     // The cache holds the decompressed image, nothing of the downloads besides.
     let original = std::fs::read(dir.join(format!("orig.{}", cases[1].0))).unwrap();
+    assert_eq!(entry["content_sha256"], sha256_hex(&original), "{entry}");
     assert!(std::fs::read(entry["path"].as_str().unwrap()).unwrap() == original);
     let debris: Vec<String> = cache_files(dir)
         .into_iter()

@@ -789,6 +789,8 @@ pub(crate) async fn cache_list(
             path: cache.dir().join(format!("{}.img", e.key)),
             size: e.size,
             checksum: e.sha256.clone(),
+            compression: e.compression,
+            content_sha256: e.content_sha256.clone(),
             checksum_verified: e.verified,
             verified: e.verification.clone(),
             image_url: e.image_url.clone(),

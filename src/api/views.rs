@@ -181,10 +181,18 @@ pub(crate) struct CacheImage {
     pub(crate) key: String,
     #[schema(value_type = String)]
     pub(crate) path: std::path::PathBuf,
-    /// Bytes on disk (the image as downloaded).
+    /// Bytes of the cached file (for a compressed source, the decompressed image).
     pub(crate) size: u64,
-    /// SHA-256 of the content.
+    /// SHA-256 of the object as downloaded: what a given `checksum`, a manifest or a `.sha256`
+    /// names (for a compressed source, the compressed file).
     pub(crate) checksum: String,
+    /// The wrapper unwrapped on the way in (`gzip`, `xz`, `bzip2`, `zstd`); absent: the image
+    /// is stored as downloaded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) compression: Option<crate::image::cache::Compression>,
+    /// SHA-256 of the image stored (the decompressed content), when it differs from `checksum`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) content_sha256: Option<String>,
     /// Whether the download was checked against a digest (given, a manifest, a `.sha256`).
     pub(crate) checksum_verified: bool,
     /// What it was checked against, and who signed it.
