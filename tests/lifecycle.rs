@@ -381,9 +381,15 @@ async fn a_file_volume_is_cloned_byte_for_byte() {
         (409, Some("shrink_refused")),
         "{v}"
     );
+    // The source itself is a target that exists.
+    let (s, v) = post(&c, &url, &json!({"target": "vm-src"})).await;
+    assert_eq!(
+        (s, v["reason"].as_str()),
+        (409, Some("volume_exists")),
+        "{v}"
+    );
     for bad in [
         json!({}),
-        json!({"target": "vm-src"}),
         json!({"target": "a/b"}),
         json!({"target": "vm-y", "size_gb": 0}),
         json!({"target": "vm-y", "x": 1}),
