@@ -1,8 +1,8 @@
 //! A disk's life on real LVM and libvirt, inside the test VM (run by `scripts/vm-test.sh`):
 //! growing thick and thin LVs (and one a paused domain has as its disk, read back through
 //! `virsh domblkinfo`), never shrinking; the deleted data of a thick LV not reaching the next
-//! LV made on the same extents with `lvcreate -Zn`; a wipe cut by `kill -9` finished after the
-//! restart; the wipe's throughput beside `blkdiscard -z` on the same device; cloning a thin LV
+//! LV made on the same extents with `lvcreate -Zn`; a wipe cut by `kill -9` in the middle of
+//! its zeroing finished after the restart; the wipe's throughput beside `blkdiscard -z` on the same device; cloning a thin LV
 //! (a thin snapshot) and a thick one (a copy), a source a paused domain uses (refused, then
 //! copied with `allow_in_use`), the clone times of 1 GiB of data, and the write cap
 //! (`volumes.io.write_bytes_per_second`) measured on a zero wipe. Prints
@@ -308,22 +308,27 @@ async fn deleted_markers_do_not_reach_the_next_lv(ctx: &Ctx) -> CaseResult {
     read.map_err(|e| format!("a marker reached the next LV: {e}"))
 }
 
-/// `kill -9` while a `wipe` job zeroes a 2 GiB LV: the LV keeps its tag, and the restarted
-/// daemon runs the job again to the end (the LV gone, the job completed).
+/// `kill -9` while a `wipe` job zeroes a 2 GiB LV, in the middle of the zeroing (paced at
+/// 64 MiB/s by `volumes.io.write_bytes_per_second`, so that it lasts about 32 s): the LV keeps
+/// its tag, and the restarted daemon (without the cap) runs the job again to the end (the LV
+/// gone, the job completed).
 async fn kill9_mid_wipe(ctx: &Ctx) -> CaseResult {
+    let paced = ctx
+        .config
+        .clone()
+        .set("volumes.io.write_bytes_per_second", (64 * MIB) as i64);
+    restart(ctx, &paced);
     lvcreate(VG, "w-kill", "2G")?;
     let (s, v) = ctx.delete("w-kill").await;
     ensure!(s == 202, "a 2 GiB zero wipe is a job: {s} {v}");
     let id = v["job_id"].as_str().unwrap_or_default().to_string();
+    let bytes = |j: &Value| j["progress"]["bytes_processed"].as_u64().unwrap_or(0);
     let seen = ctx
-        .wait(&id, |j| {
-            j["status"] != "pending" && j["progress"]["bytes_processed"].as_u64() > Some(0)
-                || j["status"] == "completed"
-        })
+        .wait(&id, |j| bytes(j) >= 128 * MIB || j["status"] == "completed")
         .await?;
     ensure!(
-        seen["status"] == "running",
-        "the wipe ended before the kill: {seen}"
+        seen["status"] == "running" && bytes(&seen) < 2 << 30,
+        "the zeroing ended before the kill: {seen}"
     );
     ctx.daemon.lock().unwrap().take().unwrap().kill9();
     let tags = lv_field(VG, "w-kill", "lv_tags")?.unwrap_or_default();
