@@ -538,6 +538,7 @@ pub(crate) async fn submit(
     let correlation_id = check_correlation_id(body.correlation_id)?;
     let spec = JobSpec {
         image_url: image.image_url,
+        image: None,
         image_type,
         volume_name: Some(volume_name),
         volume_size_gb: Some(size),
@@ -585,6 +586,7 @@ pub(crate) async fn cache_fetch(
     let correlation_id = check_correlation_id(body.correlation_id)?;
     let spec = JobSpec {
         image_url: image.image_url,
+        image: None,
         image_type,
         volume_name: None,
         volume_size_gb: None,
