@@ -248,14 +248,8 @@ async fn run(
     let mut volumes = start_volumes(&settings, &cache).await?;
     let (settings_tx, live) = LiveSettings::new(settings.clone());
     let volume_probes = std::mem::take(&mut volumes.probes);
-    let declared = DeclaredImages::new(cache.clone(), volumes.clones.clone(), live.clone());
-    let ctx = Arc::new(RunContext {
-        settings: live.clone(),
-        cache,
-        volumes: volumes.backend,
-        clones: volumes.clones,
-        declared: declared.clone(),
-    });
+    let ctx = run_context(&live, cache, volumes);
+    let declared = ctx.declared.clone();
     let engine = Engine::start(store.clone(), ctx.clone())
         .await
         .context("starting the job engine")?;
@@ -313,6 +307,18 @@ async fn run(
     store.flush().await.context("flushing the job store")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What jobs use; the declared images are kept over the cache and the clone store.
+fn run_context(live: &LiveSettings, cache: Arc<ImageCache>, volumes: Volumes) -> Arc<RunContext> {
+    let declared = DeclaredImages::new(cache.clone(), volumes.clones.clone(), live.clone());
+    Arc::new(RunContext {
+        settings: live.clone(),
+        cache,
+        volumes: volumes.backend,
+        clones: volumes.clones,
+        declared,
+    })
 }
 
 /// Health over every probe, probed once before the API answers, then periodically.

@@ -78,7 +78,7 @@ impl Modify for Security {
         paths::list_jobs, paths::job_status, paths::job_status_legacy, paths::job_events,
         paths::cancel, paths::cancel_legacy,
         paths::cache_list, paths::cache_fetch, paths::cache_delete,
-        paths::image_inspect,
+        paths::images, paths::image_inspect,
         paths::volume_delete, paths::volume_upload, paths::volume_resize, paths::volume_clone,
         paths::config, paths::openapi,
     ),
@@ -86,7 +86,7 @@ impl Modify for Security {
         ErrorBody, StatusResponse, ProgressView, Accepted, JobList, CancelResponse,
         CacheImage, CacheList, CacheDeleted, VolumeDeleted, ConfigResponse, HealthResponse,
         HealthStatus, JobLoad, ReadyResponse, Uploaded, ProvisionBody, CacheFetchBody,
-        InspectBody, InspectResponse, Reason, UploadContent, ResizeBody, VolumeResized, CloneBody,
+        InspectBody, InspectResponse, Reason, DeclaredImageView, DeclaredImageList, UploadContent, ResizeBody, VolumeResized, CloneBody,
     )),
     modifiers(&Security),
     security(("client_certificate" = []), ("bearer" = []), ("api_token" = [])),
@@ -174,6 +174,7 @@ fn finish(doc: &mut Value, open: bool) {
     }
     if let Some(schemas) = at(doc, &["components", "schemas"]) {
         one_checksum(schemas);
+        one_image(schemas);
         let name_rule = schemas["ProvisionBody"]["properties"]["volume_name"].clone();
         schemas["CloneBody"]["properties"]["target"] = name_rule;
     }
@@ -189,6 +190,20 @@ fn one_checksum(schemas: &mut Value) {
         let props = &schema["properties"];
         if props.get("checksum").is_some() && props.get("checksum_url").is_some() {
             schema["not"] = serde_json::json!({"required": ["checksum", "checksum_url"]});
+        }
+    }
+}
+
+/// A body with both `image_url` and `image` takes exactly one of them.
+fn one_image(schemas: &mut Value) {
+    for schema in schemas
+        .as_object_mut()
+        .into_iter()
+        .flat_map(|s| s.values_mut())
+    {
+        let props = &schema["properties"];
+        if props.get("image_url").is_some() && props.get("image").is_some() {
+            schema["oneOf"] = json!([{"required": ["image_url"]}, {"required": ["image"]}]);
         }
     }
 }
@@ -528,6 +543,14 @@ mod paths {
             (status = 409, description = "in use by a job", body = ErrorBody),
             (status = 500, body = ErrorBody)))]
     pub(super) fn cache_delete() {}
+
+    /// The declared images (`[[images]]` of the configuration): each one's current version
+    /// (`digest`), whether it is cached (pinned while declared), and its last and next check.
+    #[utoipa::path(get, path = "/api/v1/images", tag = "images",
+        responses((status = 200, body = DeclaredImageList),
+            (status = 401, body = ErrorBody, headers(("WWW-Authenticate" = String))),
+            (status = 403, body = ErrorBody)))]
+    pub(super) fn images() {}
 
     /// Would a job accept this image? Reads only the header of an uncached image (one ranged
     /// GET of at most 2 MiB), creates nothing.

@@ -160,11 +160,17 @@ mod tests {
     #[test]
     fn a_bad_declaration_names_the_image() {
         let policy = crate::config::Settings::default().source_policy();
-        let e = validate(&[image("web", "https://elsewhere.example/x.qcow2")], &policy)
-            .unwrap_err();
+        let e = validate(
+            &[image("web", "https://elsewhere.example/x.qcow2")],
+            &policy,
+        )
+        .unwrap_err();
         assert_eq!(e.key, "images.web");
         let mut bad_type = image("web", "https://elsewhere.example/x.qcow2");
         bad_type.image_type = "ova2".into();
-        assert_eq!(validate(&[bad_type], &policy).unwrap_err().key, "images.web");
+        assert_eq!(
+            validate(&[bad_type], &policy).unwrap_err().key,
+            "images.web"
+        );
     }
 }

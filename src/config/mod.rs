@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub(crate) use access::{AuthSettings, ClientAuthMode, TlsSettings};
-pub(crate) use declared::DeclaredImageSettings;
+pub(crate) use declared::{DeclaredImageSettings, valid_name as valid_declared_name};
 pub use error::SettingError;
 pub(crate) use images::{CacheSettings, S3Settings, SourcesSettings};
 pub(crate) use jobs::{JobsSettings, StorageSettings};

@@ -16,6 +16,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use super::model::JobSpec;
 use crate::config::{DeclaredImageSettings, LiveSettings, Settings};
 use crate::image::cache::{CacheEntry, CachedImage, FetchError, ImageCache};
 use crate::image::resolved::SourceRequest;
@@ -237,11 +238,15 @@ impl DeclaredImages {
             .map(|t| (t.decl.clone(), t.current.clone()))
     }
 
-    /// The current version of `name`, held for a job (`None`: not declared with that URL,
-    /// or not cached: the job fetches by URL).
-    pub(crate) fn hold(&self, name: &str, url: &str) -> Option<CachedImage> {
-        let (decl, version) = self.resolve(name)?;
-        if decl.url != url {
+    /// The current version of the image `spec` names, held for its job (`None`: no name,
+    /// not declared with the job's URL and checksum any more, or not cached yet: the job
+    /// fetches by URL).
+    pub(crate) fn hold(&self, spec: &JobSpec) -> Option<CachedImage> {
+        let (decl, version) = self.resolve(spec.image.as_deref()?)?;
+        let same = decl.url == spec.image_url
+            && decl.checksum() == spec.checksum.as_deref()
+            && decl.checksum_url() == spec.checksum_url.as_deref();
+        if !same {
             return None;
         }
         self.cache.hold(&version?.key)
@@ -447,8 +452,13 @@ impl DeclaredImages {
     fn update_metrics(&self) {
         let m = metrics();
         let now = Utc::now();
-        let mut counts: BTreeMap<&str, i64> =
-            [("cached", 0), ("fetching", 0), ("pending", 0), ("failed", 0)].into();
+        let mut counts: BTreeMap<&str, i64> = [
+            ("cached", 0),
+            ("fetching", 0),
+            ("pending", 0),
+            ("failed", 0),
+        ]
+        .into();
         let images = self.lock();
         m.declared_image_age_seconds.reset();
         for (name, t) in images.iter() {

@@ -61,5 +61,9 @@ pub(crate) async fn prebuild(
         clones.abandon(build).await;
         return Err(e.to_string());
     }
-    clones.seal(build).await.map(drop).map_err(|e| e.to_string())
+    clones
+        .seal(build)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
 }

@@ -96,13 +96,7 @@ async fn fetch(
     h: &mut JobHandle,
     cancel: &CancellationToken,
 ) -> StepResult<CachedImage> {
-    let held = h
-        .job
-        .spec
-        .image
-        .as_deref()
-        .and_then(|name| ctx.declared.hold(name, &h.job.spec.image_url));
-    let image = match held {
+    let image = match ctx.declared.hold(&h.job.spec) {
         Some(image) => image,
         None => fetch_by_url(ctx, h, cancel).await?,
     };

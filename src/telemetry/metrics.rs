@@ -208,7 +208,8 @@ impl Metrics {
             m.declared_images.with_label_values(&[state]);
         }
         for result in ["unchanged", "changed", "error"] {
-            m.declared_image_refreshes_total.with_label_values(&[result]);
+            m.declared_image_refreshes_total
+                .with_label_values(&[result]);
         }
         m
     }
