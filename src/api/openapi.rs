@@ -694,6 +694,8 @@ mod tests {
     const NON_BLANK_TEXT: &str = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028-\u202f\u205f\u2066-\u2069\u3000][^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$";
     /// `volume::validate_volume_name`: `[A-Za-z0-9+_.-]`, 1..=127, not `.` or `..`, no leading `-`.
     const VOLUME_NAME: &str = r"^(?:[A-Za-z0-9+_][A-Za-z0-9+_.-]{0,126}|\.[A-Za-z0-9+_-][A-Za-z0-9+_.-]{0,125}|\.\.[A-Za-z0-9+_.-]{1,125})$";
+    /// `config::valid_declared_name`: a declared image's name.
+    const DECLARED_NAME: &str = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$";
     /// A cache key: 64 lowercase hex digits.
     const CACHE_KEY: &str = r"^[0-9a-f]{64}$";
     /// `idempotency::validate_key`: 1..=255 visible ASCII characters.
@@ -763,6 +765,14 @@ mod tests {
         }
         assert_eq!(body("ProvisionBody", "volume_name")["pattern"], VOLUME_NAME);
         assert_eq!(body("CloneBody", "target")["pattern"], VOLUME_NAME);
+        for schema in ["ProvisionBody", "CacheFetchBody"] {
+            assert_eq!(body(schema, "image")["pattern"], DECLARED_NAME, "{schema}");
+            assert_eq!(
+                schema_at(&d, &format!("/components/schemas/{schema}/oneOf")),
+                &json!([{"required": ["image_url"]}, {"required": ["image"]}]),
+                "{schema}: exactly one of image_url and image"
+            );
+        }
         for schema in ["ProvisionBody", "CacheFetchBody", "InspectBody"] {
             assert_eq!(
                 schema_at(&d, &format!("/components/schemas/{schema}/not/required")),
@@ -864,6 +874,7 @@ mod tests {
     fn the_patterns_agree_with_the_checks_on_every_probe() {
         let (safe, non_blank, name) = (regex(SAFE_TEXT), regex(NON_BLANK_TEXT), regex(VOLUME_NAME));
         let (key, idem, sha) = (regex(CACHE_KEY), regex(IDEMPOTENCY_KEY), regex(SHA256_HEX));
+        let declared = regex(DECLARED_NAME);
         let mut probes = probes();
         for n in [63, 64, 65, 126, 127, 128, 255, 256] {
             for c in ["a", "0", "F", "-", ".", "é", " "] {
@@ -886,6 +897,11 @@ mod tests {
                 "VOLUME_NAME {p:?}"
             );
             assert_eq!(key.is_match(p), is_cache_key(p), "CACHE_KEY {p:?}");
+            assert_eq!(
+                declared.is_match(p),
+                crate::config::valid_declared_name(p),
+                "DECLARED_NAME {p:?}"
+            );
             assert_eq!(
                 idem.is_match(p),
                 validate_key(p).is_ok(),
