@@ -24,7 +24,7 @@ pub(crate) struct ProvisionBody {
     /// `s3://bucket/key`, an `http(s)://` URL on the S3 endpoint or `sources.allowed_hosts`,
     /// or `file://` below `sources.file_roots` (400 for any other source); not blank; at most
     /// 4096 characters. Exactly one of `image_url` and `image`.
-    #[schema(value_type = String, min_length = 1, max_length = 4096,
+    #[schema(value_type = Option<String>, min_length = 1, max_length = 4096,
         pattern = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028-\u202f\u205f\u2066-\u2069\u3000][^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$")]
     pub(crate) image_url: Option<String>,
     /// A declared image (`[[images]]`, `GET /api/v1/images`) by name, instead of
@@ -70,7 +70,7 @@ pub(crate) struct ProvisionBody {
 #[schema(examples(json!({"image_url": "s3://vm-images/ubuntu-24.04.qcow2", "image_type": "qcow2"})))]
 pub(crate) struct CacheFetchBody {
     /// As for `POST /api/v1/jobs`; exactly one of `image_url` and `image`.
-    #[schema(value_type = String, min_length = 1, max_length = 4096,
+    #[schema(value_type = Option<String>, min_length = 1, max_length = 4096,
         pattern = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028-\u202f\u205f\u2066-\u2069\u3000][^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$")]
     pub(crate) image_url: Option<String>,
     /// A declared image (`[[images]]`, `GET /api/v1/images`) by name, instead of

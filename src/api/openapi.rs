@@ -194,16 +194,20 @@ fn one_checksum(schemas: &mut Value) {
     }
 }
 
-/// A body with both `image_url` and `image` takes exactly one of them.
+/// The request bodies with both `image_url` and `image` take exactly one of them: one is a
+/// string, the other absent or `null` (the handlers read `null` as absent). Responses show
+/// both (a job by name shows its URL too).
 fn one_image(schemas: &mut Value) {
-    for schema in schemas
-        .as_object_mut()
-        .into_iter()
-        .flat_map(|s| s.values_mut())
-    {
+    for name in ["ProvisionBody", "CacheFetchBody"] {
+        let schema = &mut schemas[name];
         let props = &schema["properties"];
         if props.get("image_url").is_some() && props.get("image").is_some() {
-            schema["oneOf"] = json!([{"required": ["image_url"]}, {"required": ["image"]}]);
+            schema["oneOf"] = json!([
+                {"required": ["image_url"],
+                 "properties": {"image_url": {"type": "string"}, "image": {"type": "null"}}},
+                {"required": ["image"],
+                 "properties": {"image": {"type": "string"}, "image_url": {"type": "null"}}},
+            ]);
         }
     }
 }
@@ -767,11 +771,15 @@ mod tests {
         assert_eq!(body("CloneBody", "target")["pattern"], VOLUME_NAME);
         for schema in ["ProvisionBody", "CacheFetchBody"] {
             assert_eq!(body(schema, "image")["pattern"], DECLARED_NAME, "{schema}");
+            let alternatives = schema_at(&d, &format!("/components/schemas/{schema}/oneOf"));
             assert_eq!(
-                schema_at(&d, &format!("/components/schemas/{schema}/oneOf")),
-                &json!([{"required": ["image_url"]}, {"required": ["image"]}]),
+                alternatives[0]["required"],
+                json!(["image_url"]),
                 "{schema}: exactly one of image_url and image"
             );
+            assert_eq!(alternatives[1]["required"], json!(["image"]), "{schema}");
+            assert_eq!(alternatives[0]["properties"]["image"]["type"], "null");
+            assert_eq!(alternatives[1]["properties"]["image_url"]["type"], "null");
         }
         for schema in ["ProvisionBody", "CacheFetchBody", "InspectBody"] {
             assert_eq!(
