@@ -340,6 +340,8 @@ fn describe_job(j: &Value) -> String {
         format!("image:      {}", field(&j["image_url"], "?")),
     ];
     for (label, key) in [
+        ("declared:   ", "image"),
+        ("digest:     ", "image_digest"),
         ("volume:     ", "volume_name"),
         ("path:       ", "volume_path"),
         ("error:      ", "error"),

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::model::JobSpec;
 use crate::config::{DeclaredImageSettings, LiveSettings, Settings};
-use crate::image::cache::{CacheEntry, CachedImage, FetchError, ImageCache};
+use crate::image::cache::{CacheEntry, CachedImage, FetchError, ImageCache, Revalidation};
 use crate::image::resolved::SourceRequest;
 use crate::telemetry::metrics::metrics;
 use crate::volume::clones::CloneStore;
@@ -375,6 +375,11 @@ impl DeclaredImages {
             metrics().image_error("download", e.kind());
             e.to_string()
         })?;
+        // A verified entry serves jobs while its source is down; a refresh that could not ask
+        // is a failed refresh (retried), and the name stays where it is.
+        if refresh && image.revalidation == Revalidation::SourceUnavailable {
+            return Err("the source cannot be reached; the name stays on its version".into());
+        }
         if let Some(want) = decl.image_type()
             && image.entry.inspection.format != want
         {
