@@ -337,7 +337,7 @@ fn named_image(
         }
         (None, None) => {
             return Err(ApiError::bad_request(
-                "image_url or image (a declared image's name) is required",
+                "image_url is required (or image: a declared image's name)",
             ));
         }
         (Some(url), None) => {
