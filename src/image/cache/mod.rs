@@ -1127,6 +1127,38 @@ pub(crate) mod tests {
         );
     }
 
+    #[test]
+    fn pinned_entries_survive_age_size_and_supersession_until_unpinned() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = test_cache(&tmp.path().join("cache"));
+        let mut old = add_entry(&cache, "pinned", 10);
+        old.last_used = Utc::now() - chrono::Duration::days(30);
+        put_entry(&cache.index, &old).unwrap();
+        add_entry(&cache, "other", 10);
+        cache.set_pinned(["pinned".to_string()].into());
+        let mut settings = Settings::default();
+        settings.cache.max_size_bytes = 15;
+        cache.set_limits(&settings.cache_config());
+        assert!(
+            cache.get_entry("pinned").is_some(),
+            "older than max_age, least used"
+        );
+        assert!(
+            cache.get_entry("other").is_none(),
+            "evicted by size instead"
+        );
+        // Superseded by a newer version of its source: still kept while pinned.
+        cache.remove_superseded(&old.identity, "newer");
+        assert!(cache.get_entry("pinned").is_some());
+        // Unpinned: an ordinary entry again.
+        cache.set_pinned(Default::default());
+        cache.evict(None);
+        assert!(
+            cache.get_entry("pinned").is_none(),
+            "evicted by age once unpinned"
+        );
+    }
+
     #[tokio::test]
     async fn directory_sync_errors_are_returned() {
         let tmp = tempfile::tempdir().unwrap();
