@@ -264,7 +264,7 @@ impl DeclaredImages {
                 golden: t.decl.golden,
                 last_checked: t.last_checked,
                 last_changed: t.last_changed,
-                next_check: t.due,
+                next_check: t.due.filter(|_| !t.running),
                 last_error: t.last_error.clone(),
             })
             .collect()
