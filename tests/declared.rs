@@ -41,6 +41,14 @@ fn replace(path: &Path, content: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
+fn sighup(d: &Daemon) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+}
+
 /// `GET /api/v1/images`.
 async fn images(c: &reqwest::Client, d: &Daemon) -> Vec<Value> {
     let (status, v) = get(c, &d.url("/api/v1/images")).await;
@@ -246,7 +254,8 @@ async fn pinned_under_eviction_pressure_and_unpinned_when_dropped() {
     let config = declaring(
         TestConfig::new(dir)
             .set("cache.max_size_bytes", (2 << 20) + (600 << 10))
-            .set("cache.max_age", "3s"),
+            .set("cache.max_age", "3s")
+            .set("reload.watch_files", false),
         vec![decl("pinned", &file_url(&pinned), "1h", &[])],
     );
     let d = Daemon::start(dir, &config);
@@ -269,10 +278,12 @@ async fn pinned_under_eviction_pressure_and_unpinned_when_dropped() {
     let dropped = declaring(
         TestConfig::new(dir)
             .set("cache.max_size_bytes", (2 << 20) + (600 << 10))
-            .set("cache.max_age", "3s"),
+            .set("cache.max_age", "3s")
+            .set("reload.watch_files", false),
         vec![],
     );
     replace(&d.config_path, &dropped.render());
+    sighup(&d);
     let deadline = Instant::now() + MINUTE;
     while !images(&c, &d).await.is_empty() {
         assert!(
@@ -472,7 +483,11 @@ async fn a_bad_declaration_at_reload_keeps_the_old_one() {
     std::fs::create_dir_all(dir.join("images")).unwrap();
     let image = dir.join("images/good.qcow2");
     make_dense_qcow2(&image, 1 << 20, 8 << 20, 5);
-    let base = TestConfig::new(dir).set("cache.max_size_bytes", 4 << 20);
+    // Reloads by SIGHUP only: one signal, one reload (a file event racing the watcher's start
+    // under load cannot be lost or doubled).
+    let base = TestConfig::new(dir)
+        .set("cache.max_size_bytes", 4 << 20)
+        .set("reload.watch_files", false);
     let config = declaring(
         base.clone(),
         vec![decl("good", &file_url(&image), "1h", &[])],
@@ -508,6 +523,7 @@ async fn a_bad_declaration_at_reload_keeps_the_old_one() {
         )
         .render();
         replace(&d.config_path, &text);
+        sighup(&d);
         errors += 1.0;
         let deadline = Instant::now() + MINUTE;
         while metric(
@@ -539,6 +555,7 @@ async fn a_bad_declaration_at_reload_keeps_the_old_one() {
     )
     .render();
     replace(&d.config_path, &text);
+    sighup(&d);
     errors += 1.0;
     let deadline = Instant::now() + MINUTE;
     while metric(
