@@ -15,6 +15,17 @@ let
       (s.setPath [ "otlp" "endpoint" ] "https://otel-collector:4317")
       (s.setPath [ "otlp" "serviceName" ] "provisioner-everything")
       { lvm.volumeGroups = { vg_b.devices = [ "/dev/vdc" ]; vg_a.devices = [ "/dev/vdb" ]; }; }
+      {
+        settings.sources.allowed_hosts = [ "images.example.com" ];
+        images = {
+          "ubuntu-24.04" = { url = "https://images.example.com/ubuntu-24.04.qcow2"; golden = true; refresh = "6h"; };
+          debian-12 = {
+            url = "https://images.example.com/debian-12.raw";
+            checksumUrl = "https://images.example.com/SHA256SUMS";
+            imageType = "raw";
+          };
+        };
+      }
     ]
   );
 in

@@ -270,6 +270,50 @@ in
       '';
     };
 
+    images = mkOption {
+      type = types.attrsOf (types.submodule {
+        options.url = mkOption {
+          type = types.str;
+          example = "s3://vm-images/ubuntu-24.04.qcow2";
+          description = "Where the image comes from, as a request's `image_url` (the same `settings.sources` and `settings.s3` rules).";
+        };
+        options.checksum = mkOption {
+          type = types.str;
+          default = "";
+          description = "`sha256:<hex>` or `sha512:<hex>` every version must match; empty: none.";
+        };
+        options.checksumUrl = mkOption {
+          type = types.str;
+          default = "";
+          description = "A checksum manifest listing the image (not with `checksum`); empty: none.";
+        };
+        options.imageType = mkOption {
+          type = types.enum [ "qcow2" "raw" "vmdk" "vhdx" "vpc" "vdi" "auto" ];
+          default = "qcow2";
+          description = "The format every version must have.";
+        };
+        options.golden = mkOption {
+          type = types.bool;
+          default = false;
+          description = "Build the golden copy (thin LV, reflinked file) of each version before the name points at it.";
+        };
+        options.refresh = mkOption {
+          type = settingTypes.duration;
+          default = "6h";
+          description = "How often the source is asked whether the image changed (one conditional request); `0s`: never.";
+        };
+      });
+      default = { };
+      example = lib.literalExpression ''{ "ubuntu-24.04" = { url = "s3://vm-images/ubuntu-24.04.qcow2"; golden = true; }; }'';
+      description = ''
+        Declared images, rendered into the daemon's `[[images]]`: the daemon keeps each one
+        cached (pinned, never evicted while declared) and fresh (a new version is fetched,
+        verified and, with `golden`, built into its golden copy before the name points at it),
+        and requests may name it as `"image": "<name>"`. A change reloads the daemon; a name
+        dropped here is unpinned, not deleted from the cache.
+      '';
+    };
+
     lvm.extraDeviceAllow = mkOption {
       type = types.listOf types.str;
       default = [ ];
@@ -375,6 +419,7 @@ in
     services.libvirt-volume-provisioner.settings = lib.mkMerge [
       (data.credentialSettings cfg)
       (data.mappedSettings cfg)
+      (data.imagesSettings cfg)
       (lib.mkIf (defaultVolumeGroup != null) {
         volumes.lvm.volume_group = lib.mkDefault defaultVolumeGroup;
       })

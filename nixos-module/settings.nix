@@ -137,6 +137,18 @@ rec {
       description = "Cached images unused for longer than this are evicted.";
     }
     {
+      path = [ "cache" "declared_fetch_window" ];
+      type = "duration";
+      default = "30s";
+      description = "Declared images (`images.<name>`) missing from the cache are fetched at a random moment within this window after start and after each reload, so a fleet switched at once does not ask its object store at once (`0s`: at once).";
+    }
+    {
+      path = [ "cache" "declared_fetch_concurrency" ];
+      type = "jobSlots";
+      default = 2;
+      description = "Declared images fetched or refreshed at once (1-64).";
+    }
+    {
       path = [ "s3" "endpoint" ];
       type = "str";
       default = "";
@@ -261,6 +273,25 @@ rec {
     }
   ];
 
+  # `images.<name> = { url; checksum; checksumUrl; imageType; golden; refresh; }` rendered into
+  # the daemon's `[[images]]` array (attribute-name order; fields left out take the daemon's
+  # defaults, as the module's option defaults do).
+  imagesSettings = cfg:
+    let
+      images = getPath [ "images" ] cfg;
+      entry = name: i: {
+        inherit name;
+        inherit (i) url;
+        checksum = i.checksum or "";
+        checksum_url = i.checksumUrl or "";
+        image_type = i.imageType or "qcow2";
+        golden = i.golden or false;
+        refresh = i.refresh or "6h";
+      };
+    in
+    if images == null || images == { } then { }
+    else { images = map (name: entry name images.${name}) (builtins.attrNames images); };
+
   # Settings keys the module writes from `credentials`: only for options that are set.
   credentialSettings = cfg:
     mergeAll (map (c: setPath c.setting c.name) (builtins.filter (c: getPath c.option cfg != null) credentials));
@@ -325,5 +356,6 @@ rec {
       userSettings
       (credentialSettings cfg)
       (mappedSettings cfg)
+      (imagesSettings cfg)
     ];
 }

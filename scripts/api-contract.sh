@@ -3,7 +3,7 @@
 # daemon's own OpenAPI document) against the debug daemon on the embedded default, in a
 # temporary directory, with an API token (auth.tokens_file) so that every protected operation
 # is also tried without and with a wrong credential, and a small qcow2 served through file://
-# under sources.file_roots so that jobs can complete. Every check, stateful links, a fixed seed
+# under sources.file_roots (also declared as the image `small`) so that jobs can complete. Every check, stateful links, a fixed seed
 # and bounded examples; any failure fails the script.
 # Environment: BIN (the daemon, default target/debug/...), SCHEMATHESIS (the command),
 # MAX_EXAMPLES (per operation, default 80), SEED (default 20261101), KEEP=1 keeps the temp dir,
@@ -32,7 +32,7 @@ mkdir -p "$WORK/var/images"
 qemu-img create -q -f qcow2 "$WORK/var/images/small.qcow2" 1M
 IMAGE_URL="file://$WORK/var/images/small.qcow2"
 (cd "$WORK/var/images" && sha256sum small.qcow2 > SHA256SUMS)
-MANIFEST_URL="file://$WORK/var/images/SHA256SUMS"
+CHECKSUM_URL="file://$WORK/var/images/SHA256SUMS"
 TOKEN=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
 printf 'schemathesis:%s\n' "$TOKEN" > "$WORK/tokens"
 chmod 600 "$WORK/tokens"
@@ -50,6 +50,12 @@ upload_name_pattern = "*"
 upload_max_bytes = 1048576
 [log]
 format = "text"
+[cache]
+declared_fetch_window = "0s"
+[[images]]
+name = "small"
+url = "$IMAGE_URL"
+refresh = "1h"
 EOF
 : > "$WORK/daemon.log"
 (cd "$WORK" && exec "$BIN" --embedded --config "$WORK/config.toml" serve) >> "$WORK/daemon.log" 2>&1 &
@@ -66,7 +72,8 @@ BASE="http://$ADDRESS"
 [ -n "$ADDRESS" ] && curl -fsS "$BASE/health" >/dev/null || { echo "the daemon did not start:"; cat "$WORK/daemon.log"; exit 1; }
 echo "daemon $BIN on $BASE (state in $WORK)"
 
-export LVP_CONTRACT_IMAGE_URL=$IMAGE_URL LVP_CONTRACT_MANIFEST_URL=$MANIFEST_URL
+export LVP_CONTRACT_IMAGE_URL=$IMAGE_URL
+export LVP_CONTRACT_CHECKSUM_URL=$CHECKSUM_URL
 export SCHEMATHESIS_HOOKS=api_contract_hooks
 export PYTHONPATH="$ROOT/scripts${PYTHONPATH:+:$PYTHONPATH}"
 started=$(date +%s)

@@ -9,8 +9,11 @@ stays invalid (its invalid part is left as it is):
 - image_url: which sources a daemon accepts is its configuration (sources.file_roots,
   sources.allowed_hosts, s3.endpoint; 400 otherwise). A well-formed image_url becomes the small
   qcow2 the script serves below file_roots, so valid requests make real jobs that complete.
-- checksum_url: the same rule; a well-formed one becomes a real `sha256sum` manifest beside the
-  qcow2 that lists it.
+- checksum_url: like image_url, a source the configuration must allow (and a manifest must be
+  there to name the image). A well-formed checksum_url becomes the script's SHA256SUMS beside the
+  small qcow2.
+- image: which names are declared is the daemon's configuration ([[images]]; 400 unknown_image
+  otherwise). A well-formed image name becomes `small`, the image the script declares.
 - Idempotency-Key: one key names one request, so two cases that happen to draw the same key
   with different bodies get 422 by design. A well-formed key is made unique to its case.
 - X-Content-SHA256: a well-formed digest becomes the body's real one (a mismatch is 422 by
@@ -40,14 +43,15 @@ import schemathesis
 from schemathesis.transport.serialization import serialize_binary
 
 IMAGE_URL = os.environ["LVP_CONTRACT_IMAGE_URL"]
-MANIFEST_URL = os.environ["LVP_CONTRACT_MANIFEST_URL"]
+DECLARED_IMAGE = "small"
+CHECKSUM_URL = os.environ["LVP_CONTRACT_CHECKSUM_URL"]
 IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,255}")
 SHA256_HEX = re.compile(r"[0-9A-Fa-f]{64}")
 UPLOAD = "PUT /api/v1/volumes/{name}/content"
 
 
-def _field_rule(case, field):
-    """The schema of a field of the operation's body, as the daemon's document states it."""
+def _image_url_rule(case, field="image_url"):
+    """The schema of the body field `field`, as the daemon's document states it."""
     body = case.operation.definition.raw.get("requestBody", {})
     schema = body.get("content", {}).get("application/json", {}).get("schema", {})
     ref = schema.get("$ref", "")
@@ -96,11 +100,18 @@ class _Streamed:
 @schemathesis.hook
 def before_call(context, case, kwargs):
     body = case.body
-    for field, url in (("image_url", IMAGE_URL), ("checksum_url", MANIFEST_URL)):
-        if isinstance(body, dict) and field in body:
-            rule = _field_rule(case, field)
-            if rule is not None and _well_formed_url(body[field], rule):
-                body[field] = url
+    if isinstance(body, dict) and "image_url" in body:
+        rule = _image_url_rule(case)
+        if rule is not None and _well_formed_url(body["image_url"], rule):
+            body["image_url"] = IMAGE_URL
+    if isinstance(body, dict) and "image" in body:
+        rule = _image_url_rule(case, "image")
+        if rule is not None and _well_formed_url(body["image"], rule):
+            body["image"] = DECLARED_IMAGE
+    if isinstance(body, dict) and "checksum_url" in body:
+        rule = _image_url_rule(case, "checksum_url")
+        if rule is not None and _well_formed_url(body["checksum_url"], rule):
+            body["checksum_url"] = CHECKSUM_URL
     headers = case.headers
     key = _header(headers, "Idempotency-Key")
     if key is not None and isinstance(headers[key], str) and IDEMPOTENCY_KEY.fullmatch(headers[key]):

@@ -25,6 +25,7 @@ use crate::api::tls::TlsTransport;
 use crate::config::{ConfigSource, LiveSettings, LogFormat, Settings};
 use crate::image::cache::ImageCache;
 use crate::image::source::SourceClients;
+use crate::jobs::declared::DeclaredImages;
 use crate::jobs::engine::Engine;
 use crate::jobs::runner::RunContext;
 use crate::jobs::store::Store;
@@ -187,6 +188,8 @@ struct LiveComponents {
     cache: Arc<ImageCache>,
     /// The image sources (the hosts redirects may lead to follow `sources.allowed_hosts`).
     sources: Arc<SourceClients>,
+    /// Declared images (`[[images]]`), paired by name on reload.
+    declared: Arc<DeclaredImages>,
     auth: Arc<Authenticator>,
     tls: Option<Arc<TlsTransport>>,
     controls: LiveControls,
@@ -204,6 +207,7 @@ impl config::reload::LiveTarget for LiveComponents {
         let policy = Authenticator::prepare(new)?;
         let filter = telemetry::logs::LogControl::prepare(&new.log.level)?;
         let trust = image::verify::trust::Trust::load(&new.trust_policies())?;
+        self.declared.check(new)?;
 
         if let (Some(transport), Some(config)) = (&self.tls, tls) {
             transport.install(config);
@@ -220,6 +224,7 @@ impl config::reload::LiveTarget for LiveComponents {
         );
         self.cache.set_limits(&new.cache_config());
         self.sources.apply(&new.source_policy(), trust);
+        self.declared.apply(new);
         Ok(())
     }
 }
@@ -243,16 +248,13 @@ async fn run(
     let mut volumes = start_volumes(&settings, &cache).await?;
     let (settings_tx, live) = LiveSettings::new(settings.clone());
     let volume_probes = std::mem::take(&mut volumes.probes);
-    let ctx = Arc::new(RunContext {
-        settings: live.clone(),
-        cache,
-        volumes: volumes.backend,
-        clones: volumes.clones,
-    });
+    let ctx = run_context(&live, cache, volumes);
+    let declared = ctx.declared.clone();
     let engine = Engine::start(store.clone(), ctx.clone())
         .await
         .context("starting the job engine")?;
     engine.finish_wipes();
+    declared.spawn();
     let health = start_health(&settings, &ctx.cache, &store, volume_probes).await;
     let pruner_settings = live.clone();
     engine.spawn_pruner(PRUNE_INTERVAL, move || {
@@ -265,6 +267,7 @@ async fn run(
             engine: engine.clone(),
             cache: ctx.cache.clone(),
             sources: sources.clone(),
+            declared: declared.clone(),
             auth: auth.clone(),
             tls: tls.clone(),
             controls,
@@ -278,6 +281,7 @@ async fn run(
         sources,
         volumes: ctx.volumes.clone(),
         settings: live.clone(),
+        declared: declared.clone(),
         health,
         started,
         auth: auth.clone(),
@@ -297,11 +301,24 @@ async fn run(
     wait_for_stop_signal().await?;
     tracing::info!("shutting down");
     shutdown.cancel();
+    declared.shutdown();
     engine.shutdown(live.current().jobs.shutdown_grace).await;
     let _ = server.await;
     store.flush().await.context("flushing the job store")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What jobs use; the declared images are kept over the cache and the clone store.
+fn run_context(live: &LiveSettings, cache: Arc<ImageCache>, volumes: Volumes) -> Arc<RunContext> {
+    let declared = DeclaredImages::new(cache.clone(), volumes.clones.clone(), live.clone());
+    Arc::new(RunContext {
+        settings: live.clone(),
+        cache,
+        volumes: volumes.backend,
+        clones: volumes.clones,
+        declared,
+    })
 }
 
 /// Health over every probe, probed once before the API answers, then periodically.

@@ -234,6 +234,18 @@ fn daemon_accepts_every_key_the_module_can_write() {
     );
     assert_eq!(effective["telemetry"]["otlp_ca_file"], "otlp-ca.crt");
     assert_eq!(effective["auth"]["tokens_file"], "api-tokens");
+    // `images.<name>` rendered into `[[images]]`, in attribute-name order, with the defaults.
+    let images = effective["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2, "{images:?}");
+    assert_eq!(images[0]["name"], "debian-12");
+    assert_eq!(images[0]["image_type"], "raw");
+    assert_eq!(
+        images[0]["checksum_url"],
+        "https://images.example.com/SHA256SUMS"
+    );
+    assert_eq!(images[1]["name"], "ubuntu-24.04");
+    assert_eq!(images[1]["golden"], true);
+    assert_eq!(images[1]["image_type"], "qcow2");
 }
 
 #[test]
@@ -329,6 +341,17 @@ fn expected_options() -> Vec<(String, String)> {
         "lvm.volumeGroups.<name>.thinPools.<name>.chunkSize".into(),
         "null".into(),
     ));
+    // The declared images' submodule options.
+    options.push(("images.<name>.url".into(), "(required)".into()));
+    for (field, default) in [
+        ("checksum", "\"\""),
+        ("checksumUrl", "\"\""),
+        ("imageType", "\"qcow2\""),
+        ("golden", "false"),
+        ("refresh", "\"6h\""),
+    ] {
+        options.push((format!("images.<name>.{field}"), default.into()));
+    }
     options
 }
 

@@ -7,7 +7,8 @@ use serde::Deserialize;
 use crate::image::DeclaredImageType;
 
 /// `POST /api/v1/jobs`: what to provision. Fields are checked one by one (each with its own
-/// message) rather than by serde, so they are optional here and required in the schema. The
+/// message) rather than by serde, so they are optional here and required in the schema
+/// (`image_url` or `image`: `openapi.rs` states "exactly one"). The
 /// schema states each check (lengths count characters, as JSON Schema does); the patterns are
 /// tested against the checks in `openapi.rs`. No string of a body may hold a control character.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -22,10 +23,19 @@ use crate::image::DeclaredImageType;
 pub(crate) struct ProvisionBody {
     /// `s3://bucket/key`, an `http(s)://` URL on the S3 endpoint or `sources.allowed_hosts`,
     /// or `file://` below `sources.file_roots` (400 for any other source); not blank; at most
-    /// 4096 characters.
-    #[schema(required = true, value_type = String, min_length = 1, max_length = 4096,
+    /// 4096 characters. Exactly one of `image_url` and `image`.
+    #[schema(value_type = Option<String>, min_length = 1, max_length = 4096,
         pattern = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028-\u202f\u205f\u2066-\u2069\u3000][^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$")]
     pub(crate) image_url: Option<String>,
+    /// A declared image (`[[images]]`, `GET /api/v1/images`) by name, instead of
+    /// `image_url`: its current version is used, checked as the declaration says (400
+    /// `unknown_image` when no image of that name is declared).
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+    )]
+    pub(crate) image: Option<String>,
     /// `[A-Za-z0-9+_.-]`, 1..=127 characters, not `.` or `..`, no leading `-` (the LVM backend
     /// also refuses LVM's reserved names).
     #[schema(required = true, value_type = String, min_length = 1, max_length = 127,
@@ -59,10 +69,19 @@ pub(crate) struct ProvisionBody {
 #[serde(deny_unknown_fields)]
 #[schema(examples(json!({"image_url": "s3://vm-images/ubuntu-24.04.qcow2", "image_type": "qcow2"})))]
 pub(crate) struct CacheFetchBody {
-    /// As for `POST /api/v1/jobs`.
-    #[schema(required = true, value_type = String, min_length = 1, max_length = 4096,
+    /// As for `POST /api/v1/jobs`; exactly one of `image_url` and `image`.
+    #[schema(value_type = Option<String>, min_length = 1, max_length = 4096,
         pattern = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028-\u202f\u205f\u2066-\u2069\u3000][^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$")]
     pub(crate) image_url: Option<String>,
+    /// A declared image (`[[images]]`, `GET /api/v1/images`) by name, instead of
+    /// `image_url`: its current version is fetched, checked as the declaration says (400
+    /// `unknown_image` when no image of that name is declared).
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+    )]
+    pub(crate) image: Option<String>,
     /// `qcow2` or `raw`: checked against the image as for provision jobs (a mismatch fails the
     /// job); none: the image is taken as found.
     #[schema(value_type = Option<DeclaredImageType>)]

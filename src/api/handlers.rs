@@ -318,6 +318,61 @@ struct ImageRequest {
     checksum_url: Option<String>,
 }
 
+/// The image a request names, checked: its `image_url`, or the declared `image` (exactly one
+/// of the two; both or neither is 400), with the `checksum`/`checksum_url` and `image_type` of
+/// the request, else of the declaration. Returns the image, the declared name, the type.
+fn named_image(
+    image_url: Option<String>,
+    image: Option<String>,
+    checksum: Option<String>,
+    checksum_url: Option<String>,
+    image_type: Option<String>,
+    state: &ApiState,
+) -> Result<(ImageRequest, Option<String>, Option<String>), ApiError> {
+    let name = match (image_url, image) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "give image_url or image (a declared image's name), not both",
+            ));
+        }
+        (None, None) => {
+            return Err(ApiError::bad_request(
+                "image_url is required (or image: a declared image's name)",
+            ));
+        }
+        (Some(url), None) => {
+            let request = check_image_request(Some(url), checksum, checksum_url, state)?;
+            return Ok((request, None, image_type));
+        }
+        (None, Some(name)) => name,
+    };
+    if !crate::config::valid_declared_name(&name) {
+        return Err(ApiError::bad_request(
+            "image must be a declared image's name ([A-Za-z0-9._-], 1..=64 characters, \
+             starting with a letter or digit)",
+        ));
+    }
+    let settings = state.settings.current();
+    let decl = settings.declared_image(&name).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            Reason::UnknownImage,
+            format!("no image named `{name}` is declared (GET /api/v1/images lists them)"),
+        )
+    })?;
+    let (checksum, checksum_url) = if checksum.is_some() || checksum_url.is_some() {
+        (checksum, checksum_url)
+    } else {
+        (
+            decl.checksum().map(str::to_string),
+            decl.checksum_url().map(str::to_string),
+        )
+    };
+    let request = check_image_request(Some(decl.url.clone()), checksum, checksum_url, state)?;
+    let image_type = image_type.or_else(|| Some(decl.image_type.clone()));
+    Ok((request, Some(name), image_type))
+}
+
 /// Checks the image, its checksum and manifest against the settings as a job will resolve
 /// them (allow-lists, digest syntax, a host's signature requirement).
 fn check_image_request(
@@ -526,7 +581,14 @@ pub(crate) async fn submit(
     let caller = caller?;
     let body = body?;
     let body: ProvisionBody = parse_body(body)?;
-    let image = check_image_request(body.image_url, body.checksum, body.checksum_url, &state)?;
+    let (image, name, image_type) = named_image(
+        body.image_url,
+        body.image,
+        body.checksum,
+        body.checksum_url,
+        body.image_type,
+        &state,
+    )?;
     let volume_name = body
         .volume_name
         .ok_or_else(|| ApiError::bad_request("volume_name is required"))?;
@@ -534,10 +596,11 @@ pub(crate) async fn submit(
         .and_then(|_| state.volumes.validate_name(&volume_name))
         .map_err(ApiError::bad_request)?;
     let size = check_size(body.volume_size_gb)?;
-    let image_type = check_image_type(body.image_type)?;
+    let image_type = check_image_type(image_type)?;
     let correlation_id = check_correlation_id(body.correlation_id)?;
     let spec = JobSpec {
         image_url: image.image_url,
+        image: name,
         image_type,
         volume_name: Some(volume_name),
         volume_size_gb: Some(size),
@@ -580,11 +643,19 @@ pub(crate) async fn cache_fetch(
     let caller = caller?;
     let body = body?;
     let body: CacheFetchBody = parse_body(body)?;
-    let image = check_image_request(body.image_url, body.checksum, body.checksum_url, &state)?;
-    let image_type = check_declared_image_type(body.image_type)?;
+    let (image, name, image_type) = named_image(
+        body.image_url,
+        body.image,
+        body.checksum,
+        body.checksum_url,
+        body.image_type,
+        &state,
+    )?;
+    let image_type = check_declared_image_type(image_type)?;
     let correlation_id = check_correlation_id(body.correlation_id)?;
     let spec = JobSpec {
         image_url: image.image_url,
+        image: name,
         image_type,
         volume_name: None,
         volume_size_gb: None,

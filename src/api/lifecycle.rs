@@ -112,6 +112,7 @@ pub(crate) async fn clone(
     };
     let spec = JobSpec {
         image_url: String::new(),
+        image: None,
         image_type: None,
         volume_name: Some(target),
         volume_size_gb: size_gb,

@@ -6,6 +6,7 @@ pub(crate) mod auth;
 mod bodies;
 mod caller;
 mod conn;
+mod declared;
 pub(crate) mod error;
 mod events;
 mod handlers;

@@ -78,7 +78,7 @@ impl Modify for Security {
         paths::list_jobs, paths::job_status, paths::job_status_legacy, paths::job_events,
         paths::cancel, paths::cancel_legacy,
         paths::cache_list, paths::cache_fetch, paths::cache_delete,
-        paths::image_inspect,
+        paths::images, paths::image_inspect,
         paths::volume_delete, paths::volume_upload, paths::volume_resize, paths::volume_clone,
         paths::config, paths::openapi,
     ),
@@ -86,7 +86,7 @@ impl Modify for Security {
         ErrorBody, StatusResponse, ProgressView, Accepted, JobList, CancelResponse,
         CacheImage, CacheList, CacheDeleted, VolumeDeleted, ConfigResponse, HealthResponse,
         HealthStatus, JobLoad, ReadyResponse, Uploaded, ProvisionBody, CacheFetchBody,
-        InspectBody, InspectResponse, Reason, UploadContent, ResizeBody, VolumeResized, CloneBody,
+        InspectBody, InspectResponse, Reason, DeclaredImageView, DeclaredImageList, UploadContent, ResizeBody, VolumeResized, CloneBody,
     )),
     modifiers(&Security),
     security(("client_certificate" = []), ("bearer" = []), ("api_token" = [])),
@@ -178,6 +178,7 @@ fn finish(doc: &mut Value, open: bool) {
             let url_rule = schemas[body]["properties"]["image_url"].clone();
             schemas[body]["properties"]["checksum_url"]["pattern"] = url_rule["pattern"].clone();
         }
+        one_image(schemas);
         let name_rule = schemas["ProvisionBody"]["properties"]["volume_name"].clone();
         schemas["CloneBody"]["properties"]["target"] = name_rule;
     }
@@ -193,6 +194,24 @@ fn one_checksum(schemas: &mut Value) {
         let props = &schema["properties"];
         if props.get("checksum").is_some() && props.get("checksum_url").is_some() {
             schema["not"] = serde_json::json!({"required": ["checksum", "checksum_url"]});
+        }
+    }
+}
+
+/// The request bodies with both `image_url` and `image` take exactly one of them: one is a
+/// string, the other absent or `null` (the handlers read `null` as absent). Responses show
+/// both (a job by name shows its URL too).
+fn one_image(schemas: &mut Value) {
+    for name in ["ProvisionBody", "CacheFetchBody"] {
+        let schema = &mut schemas[name];
+        let props = &schema["properties"];
+        if props.get("image_url").is_some() && props.get("image").is_some() {
+            schema["oneOf"] = json!([
+                {"required": ["image_url"],
+                 "properties": {"image_url": {"type": "string"}, "image": {"type": "null"}}},
+                {"required": ["image"],
+                 "properties": {"image": {"type": "string"}, "image_url": {"type": "null"}}},
+            ]);
         }
     }
 }
@@ -533,6 +552,14 @@ mod paths {
             (status = 500, body = ErrorBody)))]
     pub(super) fn cache_delete() {}
 
+    /// The declared images (`[[images]]` of the configuration): each one's current version
+    /// (`digest`), whether it is cached (pinned while declared), and its last and next check.
+    #[utoipa::path(get, path = "/api/v1/images", tag = "images",
+        responses((status = 200, body = DeclaredImageList),
+            (status = 401, body = ErrorBody, headers(("WWW-Authenticate" = String))),
+            (status = 403, body = ErrorBody)))]
+    pub(super) fn images() {}
+
     /// Would a job accept this image? Reads only the header of an uncached image (one ranged
     /// GET of at most 2 MiB), creates nothing.
     #[utoipa::path(post, path = "/api/v1/images/inspect", tag = "images", request_body = InspectBody,
@@ -675,6 +702,8 @@ mod tests {
     const NON_BLANK_TEXT: &str = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028-\u202f\u205f\u2066-\u2069\u3000][^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$";
     /// `volume::validate_volume_name`: `[A-Za-z0-9+_.-]`, 1..=127, not `.` or `..`, no leading `-`.
     const VOLUME_NAME: &str = r"^(?:[A-Za-z0-9+_][A-Za-z0-9+_.-]{0,126}|\.[A-Za-z0-9+_-][A-Za-z0-9+_.-]{0,125}|\.\.[A-Za-z0-9+_.-]{1,125})$";
+    /// `config::valid_declared_name`: a declared image's name.
+    const DECLARED_NAME: &str = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$";
     /// A cache key: 64 lowercase hex digits.
     const CACHE_KEY: &str = r"^[0-9a-f]{64}$";
     /// `idempotency::validate_key`: 1..=255 visible ASCII characters.
@@ -744,6 +773,18 @@ mod tests {
         }
         assert_eq!(body("ProvisionBody", "volume_name")["pattern"], VOLUME_NAME);
         assert_eq!(body("CloneBody", "target")["pattern"], VOLUME_NAME);
+        for schema in ["ProvisionBody", "CacheFetchBody"] {
+            assert_eq!(body(schema, "image")["pattern"], DECLARED_NAME, "{schema}");
+            let alternatives = schema_at(&d, &format!("/components/schemas/{schema}/oneOf"));
+            assert_eq!(
+                alternatives[0]["required"],
+                json!(["image_url"]),
+                "{schema}: exactly one of image_url and image"
+            );
+            assert_eq!(alternatives[1]["required"], json!(["image"]), "{schema}");
+            assert_eq!(alternatives[0]["properties"]["image"]["type"], "null");
+            assert_eq!(alternatives[1]["properties"]["image_url"]["type"], "null");
+        }
         for schema in ["ProvisionBody", "CacheFetchBody", "InspectBody"] {
             assert_eq!(body(schema, "checksum_url")["pattern"], NON_BLANK_TEXT);
             assert_eq!(
@@ -846,6 +887,7 @@ mod tests {
     fn the_patterns_agree_with_the_checks_on_every_probe() {
         let (safe, non_blank, name) = (regex(SAFE_TEXT), regex(NON_BLANK_TEXT), regex(VOLUME_NAME));
         let (key, idem, sha) = (regex(CACHE_KEY), regex(IDEMPOTENCY_KEY), regex(SHA256_HEX));
+        let declared = regex(DECLARED_NAME);
         let mut probes = probes();
         for n in [63, 64, 65, 126, 127, 128, 255, 256] {
             for c in ["a", "0", "F", "-", ".", "é", " "] {
@@ -868,6 +910,11 @@ mod tests {
                 "VOLUME_NAME {p:?}"
             );
             assert_eq!(key.is_match(p), is_cache_key(p), "CACHE_KEY {p:?}");
+            assert_eq!(
+                declared.is_match(p),
+                crate::config::valid_declared_name(p),
+                "DECLARED_NAME {p:?}"
+            );
             assert_eq!(
                 idem.is_match(p),
                 validate_key(p).is_ok(),

@@ -75,6 +75,8 @@ reasons! {
     CacheEntryNotFound = "cache_entry_not_found",
     /// No volume of this name (404).
     VolumeNotFound = "volume_not_found",
+    /// A request's `image` names no declared image (`[[images]]`) (400).
+    UnknownImage = "unknown_image",
     /// The job is completed, failed or cancelled already (400 on cancel, as the Go service).
     JobTerminal = "job_terminal",
     /// A job, a deletion or an upload holds the volume name, or a running domain uses a clone's source (409).

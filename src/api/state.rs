@@ -20,6 +20,8 @@ pub(crate) struct ApiState {
     /// The volume backend (name rules).
     pub(crate) volumes: Arc<dyn VolumeBackend>,
     pub(crate) settings: LiveSettings,
+    /// Declared images (`GET /api/v1/images`, requests naming an `image`).
+    pub(crate) declared: Arc<crate::jobs::declared::DeclaredImages>,
     pub(crate) health: Arc<Health>,
     pub(crate) started: Instant,
     pub(crate) auth: Arc<super::auth::Authenticator>,

@@ -81,6 +81,13 @@ pub(crate) struct StatusResponse {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) cache_revalidation: Option<String>,
     pub(crate) image_url: String,
+    /// The declared image (`[[images]]`) the request named, when it named one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) image: Option<String>,
+    /// `sha256:<hex>` of the image the job used (the version a declared name pointed at when
+    /// the job fetched it), once it is in the cache.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) image_digest: Option<String>,
     /// The declared format; for a cache fetch that declared none, the format found once the
     /// image is in the cache (absent before).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -330,6 +337,8 @@ impl StatusResponse {
             cache_hit: job.cache_hit,
             cache_revalidation: job.cache_revalidation.clone(),
             image_url: job.spec.image_url.clone(),
+            image: job.spec.image.clone(),
+            image_digest: job.image_digest.clone(),
             image_type: job.spec.image_type.or(job.image_format),
             image_format: job.image_format,
             verified: job.verified.clone(),
@@ -350,6 +359,36 @@ impl StatusResponse {
             finished_at: job.finished_at.map(rfc3339),
         }
     }
+}
+
+/// One declared image (`[[images]]`) as `GET /api/v1/images` shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct DeclaredImageView {
+    /// The declared name (what requests give as `image`).
+    pub(crate) name: String,
+    /// Where it comes from (credentials are never part of it).
+    pub(crate) url: String,
+    /// `sha256:<hex>` of the version the name points at; `null` before the first fetch.
+    pub(crate) digest: Option<String>,
+    /// Whether a version is in the cache (pinned there while declared).
+    pub(crate) cached: bool,
+    /// Whether its golden copy is built ahead of the first volume.
+    pub(crate) golden: bool,
+    /// When the source was last asked (RFC 3339); `null`: not yet.
+    pub(crate) last_checked: Option<String>,
+    /// When the name last moved to a new version; `null`: not since the daemon started.
+    pub(crate) last_changed: Option<String>,
+    /// When the source is asked next (a fetch, a refresh or a retry); `null`: never
+    /// (`refresh = "0s"`) or running now.
+    pub(crate) next_check: Option<String>,
+    /// Why the last fetch or refresh failed; `null` after a success.
+    pub(crate) last_error: Option<String>,
+}
+
+/// `GET /api/v1/images`: every declared image, by name.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct DeclaredImageList {
+    pub(crate) images: Vec<DeclaredImageView>,
 }
 
 /// The answer of `POST /api/v1/images/inspect`.

@@ -48,7 +48,7 @@ pub enum OutputFormat {
 #[derive(Debug, Clone, Subcommand)]
 pub enum ClientCommand {
     /// Provision a volume from an image (add --wait to follow it to the end).
-    Provision(ProvisionArgs),
+    Provision(Box<ProvisionArgs>),
     /// Jobs: show, list, follow, cancel.
     #[command(subcommand)]
     Job(JobCommand),
@@ -58,7 +58,7 @@ pub enum ClientCommand {
     /// Volumes: delete, grow, upload small content (cloud-init seeds).
     #[command(subcommand)]
     Volume(VolumeCommand),
-    /// Images: check one before provisioning from it.
+    /// Images: the declared ones, check one before provisioning from it.
     #[command(subcommand)]
     Image(ImageCommand),
     /// The daemon's health.
@@ -82,8 +82,11 @@ pub struct WaitArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ProvisionArgs {
     /// Image to write (s3://bucket/key, https://..., file:///...).
+    #[arg(long, required_unless_present = "image", conflicts_with = "image")]
+    pub image_url: Option<String>,
+    /// A declared image's name (`[[images]]`, see `image list`) instead of --image-url.
     #[arg(long)]
-    pub image_url: String,
+    pub image: Option<String>,
     /// Volume to create or overwrite.
     #[arg(long)]
     pub volume: String,
@@ -145,8 +148,9 @@ pub enum CacheCommand {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
-    /// Download an image into the cache (a prefetch job).
+    /// Download an image into the cache (a prefetch job): a URL, or a declared image's name.
     Fetch {
+        #[arg(value_name = "IMAGE_URL|NAME")]
         image_url: String,
         #[arg(long, value_parser = ["qcow2", "raw", "vmdk", "vhdx", "vpc", "vdi", "auto"])]
         image_type: Option<String>,
@@ -201,6 +205,9 @@ pub enum VolumeCommand {
 /// `image ...`.
 #[derive(Debug, Clone, Subcommand)]
 pub enum ImageCommand {
+    /// The declared images (`[[images]]`): version, cached, last and next check, last error.
+    #[command(visible_alias = "ls")]
+    List,
     /// Check an image without provisioning: format, sizes, cache state, whether the daemon
     /// would accept it (reads only the header of an uncached image).
     Inspect {

@@ -51,7 +51,7 @@ fn report_error(e: &ClientError, json: bool) -> u8 {
 
 async fn dispatch(api: &Api, json: bool, command: ClientCommand) -> Result<u8, ClientError> {
     match command {
-        ClientCommand::Provision(args) => provision(api, json, args).await,
+        ClientCommand::Provision(args) => provision(api, json, *args).await,
         ClientCommand::Job(JobCommand::Get { id }) => {
             let job = api.get(&format!("/api/v1/jobs/{}", path_part(&id))).await?;
             print_value(json, &job, describe_job);
@@ -89,6 +89,11 @@ async fn dispatch(api: &Api, json: bool, command: ClientCommand) -> Result<u8, C
         }
         ClientCommand::Cache(c) => cache(api, json, c).await,
         ClientCommand::Volume(v) => volume(api, json, v).await,
+        ClientCommand::Image(ImageCommand::List) => {
+            let list = api.get("/api/v1/images").await?;
+            print_value(json, &list, declared_table);
+            Ok(exit::OK)
+        }
         ClientCommand::Image(ImageCommand::Inspect {
             image_url,
             image_type,
@@ -205,10 +210,14 @@ fn idempotency_key(given: Option<String>) -> String {
 
 async fn provision(api: &Api, json: bool, args: ProvisionArgs) -> Result<u8, ClientError> {
     let mut body = json!({
-        "image_url": args.image_url,
         "volume_name": args.volume,
         "volume_size_gb": args.size_gb,
     });
+    match (args.image_url, args.image) {
+        (Some(url), _) => body["image_url"] = json!(url),
+        (None, Some(name)) => body["image"] = json!(name),
+        (None, None) => {}
+    }
     if let Some(t) = args.image_type {
         body["image_type"] = json!(t);
     }
@@ -331,6 +340,8 @@ fn describe_job(j: &Value) -> String {
         format!("image:      {}", field(&j["image_url"], "?")),
     ];
     for (label, key) in [
+        ("declared:   ", "image"),
+        ("digest:     ", "image_digest"),
         ("volume:     ", "volume_name"),
         ("path:       ", "volume_path"),
         ("error:      ", "error"),
@@ -393,7 +404,12 @@ async fn cache(api: &Api, json: bool, command: CacheCommand) -> Result<u8, Clien
             idempotency_key: key,
             wait,
         } => {
-            let mut body = json!({"image_url": image_url});
+            // A URL has a scheme; anything else names a declared image.
+            let mut body = if image_url.contains("://") {
+                json!({"image_url": image_url})
+            } else {
+                json!({"image": image_url})
+            };
             if let Some(t) = image_type {
                 body["image_type"] = json!(t);
             }
@@ -410,6 +426,33 @@ async fn cache(api: &Api, json: bool, command: CacheCommand) -> Result<u8, Clien
             Ok(exit::OK)
         }
     }
+}
+
+fn declared_table(list: &Value) -> String {
+    let mut out = format!(
+        "{:<24}  {:<6}  {:<6}  {:<71}  {:<25}  {:<25}  ERROR",
+        "NAME", "CACHED", "GOLDEN", "DIGEST", "LAST CHECKED", "NEXT CHECK"
+    );
+    let yes_no = |v: &Value| {
+        if v.as_bool() == Some(true) {
+            "yes"
+        } else {
+            "no"
+        }
+    };
+    for i in list["images"].as_array().into_iter().flatten() {
+        out += &format!(
+            "\n{:<24}  {:<6}  {:<6}  {:<71}  {:<25}  {:<25}  {}",
+            field(&i["name"], "?"),
+            yes_no(&i["cached"]),
+            yes_no(&i["golden"]),
+            field(&i["digest"], "-"),
+            field(&i["last_checked"], "-"),
+            field(&i["next_check"], "-"),
+            field(&i["last_error"], "-"),
+        );
+    }
+    out
 }
 
 fn cache_table(list: &Value) -> String {

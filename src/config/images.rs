@@ -32,6 +32,13 @@ pub(crate) struct CacheSettings {
     /// time); within it, a hit makes no request at all.
     #[serde(with = "humantime_serde")]
     pub(crate) revalidate_interval: Duration,
+    /// Declared images (`[[images]]`) missing from the cache are fetched at start and after a
+    /// reload at a random moment within this window, so a fleet does not ask its object
+    /// store all at once (`0s`: at once).
+    #[serde(with = "humantime_serde")]
+    pub(crate) declared_fetch_window: Duration,
+    /// Declared images fetched or refreshed at once.
+    pub(crate) declared_fetch_concurrency: usize,
 }
 
 /// `[sources]`: which image URLs are accepted.
@@ -110,6 +117,8 @@ impl CacheSettings {
             max_age: Duration::from_secs(7 * 86400),
             min_free_bytes: GIB,
             revalidate_interval: Duration::from_secs(300),
+            declared_fetch_window: Duration::from_secs(30),
+            declared_fetch_concurrency: 2,
         }
     }
 
@@ -125,7 +134,17 @@ impl CacheSettings {
         })?;
         check(!self.max_age.is_zero(), "cache.max_age", || {
             "must be greater than 0".into()
-        })
+        })?;
+        check(
+            (1..=64).contains(&self.declared_fetch_concurrency),
+            "cache.declared_fetch_concurrency",
+            || "must be 1..=64".into(),
+        )?;
+        check(
+            self.declared_fetch_window <= Duration::from_secs(86400),
+            "cache.declared_fetch_window",
+            || "must be at most 24h".into(),
+        )
     }
 }
 

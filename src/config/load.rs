@@ -89,7 +89,7 @@ pub fn load(source: &ConfigSource) -> Result<Settings, ConfigError> {
     figment = figment.merge(Env::prefixed("LVP_").split("__"));
     let settings: Settings = figment
         .extract()
-        .map_err(|e| ConfigError::Invalid(describe(e)))?;
+        .map_err(|e| ConfigError::Invalid(describe_in(&figment, e)))?;
     settings
         .validate()
         .map_err(|e| ConfigError::Invalid(e.to_string()))?;
@@ -146,6 +146,37 @@ fn split_host_port(listen: &str) -> (String, String) {
 fn describe(err: figment::Error) -> String {
     err.into_iter()
         .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// As `describe`, and an error inside an `[[images]]` entry also names the image (its position
+/// alone does not tell an operator which declaration is wrong).
+fn describe_in(figment: &Figment, err: figment::Error) -> String {
+    err.into_iter()
+        .map(|e| {
+            let name = match e.path.as_slice() {
+                [images, index, ..] if images == "images" => {
+                    let entry = index.parse::<usize>().ok().and_then(|i| {
+                        figment
+                            .find_value("images")
+                            .ok()?
+                            .into_array()?
+                            .into_iter()
+                            .nth(i)
+                    });
+                    entry
+                        .and_then(|v| v.into_dict())
+                        .and_then(|mut d| d.remove("name"))
+                        .and_then(|v| v.into_string())
+                }
+                _ => None,
+            };
+            match name {
+                Some(name) => format!("images.{name}: {e}"),
+                None => e.to_string(),
+            }
+        })
         .collect::<Vec<_>>()
         .join("; ")
 }

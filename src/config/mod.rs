@@ -7,6 +7,7 @@
 //! (`shared/reference/api-contract.md`, "Settings names"): never rename them.
 
 mod access;
+mod declared;
 mod error;
 mod images;
 mod jobs;
@@ -22,6 +23,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub(crate) use access::{AuthSettings, ClientAuthMode, TlsSettings};
+pub(crate) use declared::{DeclaredImageSettings, valid_name as valid_declared_name};
 pub use error::SettingError;
 pub(crate) use images::{CacheSettings, S3Settings, SourcesSettings};
 pub(crate) use jobs::{JobsSettings, StorageSettings};
@@ -81,6 +83,9 @@ pub struct Settings {
     pub(crate) telemetry: TelemetrySettings,
     /// Hot reload of this configuration.
     pub(crate) reload: ReloadSettings,
+    /// `[[images]]`: images kept cached and fresh by name (last: an array of tables).
+    #[serde(default)]
+    pub(crate) images: Vec<DeclaredImageSettings>,
 }
 
 impl Default for Settings {
@@ -125,6 +130,7 @@ impl Settings {
             log: LogSettings::default(),
             telemetry: TelemetrySettings::default(),
             reload: ReloadSettings::default(),
+            images: Vec::new(),
         }
     }
 
@@ -143,7 +149,13 @@ impl Settings {
         self.libvirt.validate()?;
         self.log.validate()?;
         self.telemetry.validate()?;
-        self.reload.validate()
+        self.reload.validate()?;
+        declared::validate(&self.images, &self.source_policy())
+    }
+
+    /// The declared image called `name`.
+    pub(crate) fn declared_image(&self, name: &str) -> Option<&DeclaredImageSettings> {
+        self.images.iter().find(|i| i.name == name)
     }
 
     /// What `volume::select` builds from `[volumes]` and `[libvirt]`.

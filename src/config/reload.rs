@@ -401,6 +401,31 @@ mod tests {
     }
 
     #[test]
+    fn declared_images_apply_live_whatever_their_order() {
+        let image = |name: &str, refresh: u64| crate::config::DeclaredImageSettings {
+            name: name.into(),
+            url: format!("https://images.example/{name}.qcow2"),
+            checksum: String::new(),
+            checksum_url: String::new(),
+            image_type: "qcow2".into(),
+            golden: false,
+            refresh: Duration::from_secs(refresh),
+        };
+        let mut old = Settings::default();
+        old.sources.allowed_hosts = vec!["images.example".into()];
+        old.images = vec![image("a", 60), image("b", 60)];
+        let mut new = old.clone();
+        new.images = vec![image("b", 60), image("c", 60), image("a", 120)];
+        let (eff, pending) = split_changes(&old, &new).unwrap();
+        assert!(pending.is_empty(), "{pending:?}");
+        assert_eq!(eff.images, new.images);
+        assert_eq!(
+            eff.declared_image("a").unwrap().refresh,
+            Duration::from_secs(120)
+        );
+    }
+
+    #[test]
     fn turning_tls_on_needs_a_restart_but_new_certificates_do_not() {
         let old = Settings::default();
         let mut new = old.clone();

@@ -96,6 +96,7 @@ impl Engine {
     async fn submit_wipe(&self, name: &str, origin: Origin) -> Result<Deletion, DeleteError> {
         let spec = JobSpec {
             image_url: String::new(),
+            image: None,
             image_type: None,
             volume_name: Some(name.to_string()),
             volume_size_gb: None,
@@ -280,9 +281,11 @@ mod tests {
         let image = dir.path().join("i.raw");
         std::fs::write(&image, vec![1u8; 4096]).unwrap();
         let (_tx, live) = LiveSettings::new(settings);
+        let cache = Arc::new(cache);
         let ctx = Arc::new(RunContext {
+            declared: crate::jobs::declared::DeclaredImages::new(cache.clone(), None, live.clone()),
             settings: live,
-            cache: Arc::new(cache),
+            cache,
             volumes: backend.clone(),
             clones: None,
         });
@@ -295,6 +298,7 @@ mod tests {
         backend.started.notified().await;
         let spec = JobSpec {
             image_url: format!("file://{}", image.display()),
+            image: None,
             image_type: Some(ImageType::Raw),
             volume_name: Some("vm-1".into()),
             volume_size_gb: Some(1),

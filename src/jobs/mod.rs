@@ -3,9 +3,11 @@
 //! uploading volumes under its locks, and the runner (what a job does; a wipe job's step in `wipe.rs`).
 
 pub(crate) mod clone;
+pub(crate) mod declared;
 pub(crate) mod delete;
 pub(crate) mod engine;
 mod error;
+mod golden;
 mod handle;
 pub(crate) mod idempotency;
 pub(crate) mod model;

@@ -148,7 +148,11 @@ impl Default for Progress {
 /// What a job asks for (validated before the job exists).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct JobSpec {
+    /// The image fetched: the request's `image_url`, or the URL of the declared image named.
     pub(crate) image_url: String,
+    /// The declared image (`[[images]]`) the request named instead of an `image_url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) image: Option<String>,
     /// The declared format, checked against the inspected image (a mismatch fails the job).
     /// Provision jobs always declare one (`qcow2` when the request names none); a cache fetch
     /// without `image_type` declares none and takes the image as it is found.
@@ -265,6 +269,9 @@ pub(crate) struct Job {
     /// `revalidated` (one request to the source), `source_unavailable` (served without it).
     #[serde(default)]
     pub(crate) cache_revalidation: Option<String>,
+    /// `sha256:<hex>` of the image the job used, once it is in the cache.
+    #[serde(default)]
+    pub(crate) image_digest: Option<String>,
     pub(crate) image_path: Option<String>,
     /// The image's format as the inspector found it, once the image is in the cache (records
     /// of older versions: none).
@@ -313,6 +320,7 @@ impl Job {
             reason: None,
             cache_hit: false,
             cache_revalidation: None,
+            image_digest: None,
             image_path: None,
             image_format: None,
             verified: None,
@@ -406,6 +414,7 @@ pub(crate) mod tests {
             JobKind::Provision,
             JobSpec {
                 image_url: "file:///x.qcow2".into(),
+                image: None,
                 image_type: Some(ImageType::Qcow2),
                 volume_name: Some("v".into()),
                 volume_size_gb: Some(1),

@@ -33,6 +33,8 @@ pub(crate) struct RunContext {
     /// Golden copies new volumes are cloned from (golden LVs on a thin pool, golden files
     /// with reflinks); `None`: every volume is a copy.
     pub(crate) clones: Option<Arc<dyn CloneStore>>,
+    /// Declared images (`[[images]]`): a job naming one uses its current version.
+    pub(crate) declared: Arc<super::declared::DeclaredImages>,
 }
 
 /// A step's outcome.
@@ -86,8 +88,28 @@ async fn fetch_only(
     Ok(image)
 }
 
-/// Fetches the job's image through the cache, reporting download progress.
+/// Fetches the job's image through the cache, reporting download progress; a declared image's
+/// current version when the job names one (held for the whole job, whatever a refresh
+/// switches the name to meanwhile).
 async fn fetch(
+    ctx: &RunContext,
+    h: &mut JobHandle,
+    cancel: &CancellationToken,
+) -> StepResult<CachedImage> {
+    let image = match ctx.declared.hold(&h.job.spec) {
+        Some(image) => image,
+        None => fetch_by_url(ctx, h, cancel).await?,
+    };
+    h.job.cache_hit = image.hit;
+    h.job.image_format = Some(image.entry.inspection.format);
+    h.job.verified = image.verified.clone();
+    h.job.cache_revalidation = image.hit.then(|| image.revalidation.as_str().to_string());
+    h.job.image_digest = Some(format!("sha256:{}", image.entry.sha256));
+    Ok(image)
+}
+
+/// Fetches the job's image by its URL through the cache, reporting download progress.
+async fn fetch_by_url(
     ctx: &RunContext,
     h: &mut JobHandle,
     cancel: &CancellationToken,
@@ -146,10 +168,6 @@ async fn fetch(
     };
     span.record("cache_hit", image.hit);
     span.record("bytes", image.entry.size);
-    h.job.cache_hit = image.hit;
-    h.job.image_format = Some(image.entry.inspection.format);
-    h.job.verified = image.verified.clone();
-    h.job.cache_revalidation = image.hit.then(|| image.revalidation.as_str().to_string());
     if !image.hit {
         h.record_stage(
             "download",

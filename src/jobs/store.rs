@@ -315,6 +315,7 @@ mod tests {
             JobKind::Provision,
             JobSpec {
                 image_url: "file:///i.qcow2".into(),
+                image: None,
                 image_type: Some(ImageType::Qcow2),
                 volume_name: Some(format!("v{seq}")),
                 volume_size_gb: Some(1),

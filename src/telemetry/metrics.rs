@@ -87,6 +87,12 @@ metrics! {
     /// Bytes written by bulk writers, by operation: `wipe` (zeroed or discarded before a
     /// deletion or a reuse), `clone` (copied by a clone job), `convert` (written by qemu-img).
     bulk_io_bytes_total: IntCounterVec = counter_vec("Bytes handled by bulk writers (wipes, clone copies, image writes), by operation", &["op"]);
+    /// Declared images (`[[images]]`) by state: `cached`, `fetching`, `pending`, `failed`.
+    declared_images: IntGaugeVec = int_gauge_vec("Declared images ([[images]]) by state: cached, fetching, pending (not cached yet), failed (not cached, last attempt failed)", &["state"]);
+    /// Refreshes of declared images by result: `unchanged`, `changed`, `error`.
+    declared_image_refreshes_total: IntCounterVec = counter_vec("Declared image refreshes (is there a new version?) by result: unchanged, changed, error", &["result"]);
+    /// Age of each declared image's current version; `image` is a name from the configuration.
+    declared_image_age_seconds: GaugeVec = gauge_vec("Seconds since each declared image's current version was fetched (image: the declared name, from the configuration only)", &["image"]);
 }
 
 fn name(n: &str) -> String {
@@ -197,6 +203,13 @@ impl Metrics {
         }
         for op in ["wipe", "clone", "convert"] {
             m.bulk_io_bytes_total.with_label_values(&[op]);
+        }
+        for state in ["cached", "fetching", "pending", "failed"] {
+            m.declared_images.with_label_values(&[state]);
+        }
+        for result in ["unchanged", "changed", "error"] {
+            m.declared_image_refreshes_total
+                .with_label_values(&[result]);
         }
         m
     }

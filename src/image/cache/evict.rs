@@ -1,6 +1,7 @@
 //! Keeping the cache within bounds: least-recently-used eviction by total size, eviction by
 //! age, making room before a download (free-space check), superseded entries, and cleaning
-//! leftovers at start-up. Entries in use by a job are never evicted.
+//! leftovers at start-up. Entries in use by a job, and pinned entries (declared images'
+//! current versions), are never evicted.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -52,7 +53,7 @@ pub(super) struct StoppedPartial {
 
 impl ImageCache {
     fn evict_one(&self, key: &str, reason: EvictReason) -> bool {
-        if self.in_use_count(key) > 0 {
+        if self.in_use_count(key) > 0 || self.is_pinned(key) {
             return false;
         }
         match self.drop_entry(key) {
@@ -153,7 +154,7 @@ impl ImageCache {
             + self
                 .entries()
                 .iter()
-                .filter(|e| self.in_use_count(&e.key) == 0)
+                .filter(|e| self.in_use_count(&e.key) == 0 && !self.is_pinned(&e.key))
                 .map(|e| e.size)
                 .sum::<u64>();
         if free.saturating_add(reclaimable) < want {

@@ -349,6 +349,9 @@ pub(crate) struct ImageCache {
     reserved: Arc<AtomicU64>,
     /// Called after an entry left the cache (see `on_remove`).
     removal_hooks: RwLock<Vec<RemovalHook>>,
+    /// Keys of declared images' current versions: never evicted by age, size, space or
+    /// supersession while listed (they still count against `cache.max_size_bytes`).
+    pinned: RwLock<std::collections::HashSet<String>>,
 }
 
 /// Why an entry left the cache (given to removal hooks).
@@ -390,6 +393,7 @@ impl ImageCache {
             bandwidth,
             reserved: Arc::new(AtomicU64::new(0)),
             removal_hooks: RwLock::new(Vec::new()),
+            pinned: RwLock::new(Default::default()),
         };
         cache.clean_dir();
         Ok(cache)
@@ -446,6 +450,58 @@ impl ImageCache {
             .unwrap_or(0)
     }
 
+    /// Replaces the pinned keys (declared images' current versions); a key left out becomes
+    /// an ordinary entry again, evictable by the usual rules.
+    pub(crate) fn set_pinned(&self, keys: std::collections::HashSet<String>) {
+        *self.pinned.write().unwrap_or_else(|e| e.into_inner()) = keys;
+    }
+
+    pub(crate) fn is_pinned(&self, key: &str) -> bool {
+        self.pinned
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(key)
+    }
+
+    /// The entry of `key`, held for use, when its file is still what was recorded; no request
+    /// to the source (a declared image's current version: its refresh asks the source).
+    pub(crate) fn hold(&self, key: &str) -> Option<CachedImage> {
+        let guard = self.mark_in_use(key);
+        let mut entry = self.valid_entry(key)?;
+        metrics().cache_lookup(true);
+        entry.last_used = Utc::now();
+        // The use is recorded best effort: the entry serves either way.
+        let _ = put_entry(&self.index, &entry);
+        Some(CachedImage {
+            path: self.path_of(key),
+            verified: entry.verification.clone(),
+            entry,
+            hit: true,
+            revalidation: Revalidation::NotNeeded,
+            _use: guard,
+        })
+    }
+
+    /// Whether `key` is cached and its file is still what was recorded.
+    pub(crate) fn contains(&self, key: &str) -> bool {
+        self.valid_entry(key).is_some()
+    }
+
+    /// The newest valid entry downloaded from `source`'s object that was checked the way
+    /// `source` asks (what `fetch` would serve without asking within the interval).
+    pub(crate) fn latest_of(&self, source: &Source) -> Option<CacheEntry> {
+        let identity = source.location.identity();
+        let entry = self
+            .entries()
+            .into_iter()
+            .filter(|e| e.identity == identity)
+            .max_by_key(|e| e.validated)?;
+        let entry = self.valid_entry(&entry.key)?;
+        source
+            .accepts(&entry.sha256, entry.verification.as_ref())
+            .then_some(entry)
+    }
+
     fn get_entry(&self, key: &str) -> Option<CacheEntry> {
         let r = self.index.get(key.as_bytes());
         metrics().storage_op("cache_get", &r);
@@ -492,9 +548,30 @@ impl ImageCache {
     pub(crate) async fn fetch(
         &self,
         source: &Source,
+        on_progress: impl FnMut(Transfer),
+    ) -> Result<CachedImage, FetchError> {
+        let interval = self.limits().revalidate_interval;
+        self.fetch_within(source, interval, on_progress).await
+    }
+
+    /// As `fetch`, but an entry held is confirmed by the source whatever
+    /// `cache.revalidate_interval` says (a declared image's refresh: one conditional HEAD
+    /// when unchanged; the new version downloaded when changed).
+    pub(crate) async fn fetch_fresh(
+        &self,
+        source: &Source,
+        on_progress: impl FnMut(Transfer),
+    ) -> Result<CachedImage, FetchError> {
+        self.fetch_within(source, Duration::ZERO, on_progress).await
+    }
+
+    async fn fetch_within(
+        &self,
+        source: &Source,
+        interval: Duration,
         mut on_progress: impl FnMut(Transfer),
     ) -> Result<CachedImage, FetchError> {
-        if let Some(hit) = self.known_hit(source).await? {
+        if let Some(hit) = self.known_hit(source, interval).await? {
             return Ok(hit);
         }
         let image_url = source.image_url.as_str();
@@ -515,7 +592,11 @@ impl ImageCache {
     /// cannot be reached, a checksum-verified entry serves anyway. `None`: no such entry, the
     /// entry was not checked the way this request asks (its digest, manifest or signer), or
     /// the object changed (the caller asks the source and downloads).
-    async fn known_hit(&self, source: &Source) -> Result<Option<CachedImage>, FetchError> {
+    async fn known_hit(
+        &self,
+        source: &Source,
+        interval: Duration,
+    ) -> Result<Option<CachedImage>, FetchError> {
         let location = &source.location;
         let identity = location.identity();
         let Some(entry) = self
@@ -534,8 +615,7 @@ impl ImageCache {
             return Ok(None);
         }
         let m = metrics();
-        let interval = chrono::Duration::from_std(self.limits().revalidate_interval)
-            .unwrap_or(chrono::Duration::MAX);
+        let interval = chrono::Duration::from_std(interval).unwrap_or(chrono::Duration::MAX);
         let local = matches!(location, Location::File(_));
         let now = Utc::now();
         let revalidation = if !local && now - entry.validated < interval {
@@ -1074,6 +1154,38 @@ pub(crate) mod tests {
                 ("old".to_string(), Removal::Evicted(EvictReason::Size)),
                 ("new".to_string(), Removal::Deleted)
             ]
+        );
+    }
+
+    #[test]
+    fn pinned_entries_survive_age_size_and_supersession_until_unpinned() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = test_cache(&tmp.path().join("cache"));
+        let mut old = add_entry(&cache, "pinned", 10);
+        old.last_used = Utc::now() - chrono::Duration::days(30);
+        put_entry(&cache.index, &old).unwrap();
+        add_entry(&cache, "other", 10);
+        cache.set_pinned(["pinned".to_string()].into());
+        let mut settings = Settings::default();
+        settings.cache.max_size_bytes = 15;
+        cache.set_limits(&settings.cache_config());
+        assert!(
+            cache.get_entry("pinned").is_some(),
+            "older than max_age, least used"
+        );
+        assert!(
+            cache.get_entry("other").is_none(),
+            "evicted by size instead"
+        );
+        // Superseded by a newer version of its source: still kept while pinned.
+        cache.remove_superseded(&old.identity, "newer");
+        assert!(cache.get_entry("pinned").is_some());
+        // Unpinned: an ordinary entry again.
+        cache.set_pinned(Default::default());
+        cache.evict(None);
+        assert!(
+            cache.get_entry("pinned").is_none(),
+            "evicted by age once unpinned"
         );
     }
 
