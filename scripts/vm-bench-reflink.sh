@@ -16,7 +16,8 @@ VOLUMES=${VOLUMES:-10}
 
 if [ "${IN_TEST_VM:-}" != 1 ]; then
   export PATH="$HOME/.cargo/bin:$PATH"
-  cargo build --locked --quiet --release
+  # BENCH_NO_BUILD=1: use the release binary already in target/release.
+  [ "${BENCH_NO_BUILD:-0}" = 1 ] || cargo build --locked --quiet --release
   mkdir -p "$DATA"
   img=$DATA/data1024.qcow2
   if [ ! -e "$img" ]; then
