@@ -311,6 +311,49 @@ pub(crate) fn check_image_url_text(url: Option<String>) -> Result<String, ApiErr
     Ok(url)
 }
 
+/// The fields of a job's body that name its image, as given.
+struct ImageFields {
+    image_url: Option<String>,
+    image: Option<String>,
+    checksum: Option<String>,
+    checksum_url: Option<String>,
+    image_type: Option<String>,
+}
+
+/// The `ImageFields` of a body that has them all (`ProvisionBody`, `CacheFetchBody`).
+macro_rules! image_fields {
+    ($body:expr) => {
+        ImageFields {
+            image_url: $body.image_url,
+            image: $body.image,
+            checksum: $body.checksum,
+            checksum_url: $body.checksum_url,
+            image_type: $body.image_type,
+        }
+    };
+}
+
+/// The image part of a job's spec (URL, declared name, checksum, manifest; nothing else set)
+/// and the `image_type` given or declared, from a body's `ImageFields`.
+fn image_spec(
+    fields: ImageFields,
+    state: &ApiState,
+) -> Result<(JobSpec, Option<String>), ApiError> {
+    let (image, name, image_type) = named_image(fields, state)?;
+    let spec = JobSpec {
+        image_url: image.image_url,
+        image: name,
+        image_type: None,
+        volume_name: None,
+        volume_size_gb: None,
+        correlation_id: None,
+        checksum: image.checksum,
+        checksum_url: image.checksum_url,
+        clone: None,
+    };
+    Ok((spec, image_type))
+}
+
 /// The image a job names and how it is checked: `image_url`, `checksum`, `checksum_url`.
 struct ImageRequest {
     image_url: String,
@@ -322,13 +365,16 @@ struct ImageRequest {
 /// of the two; both or neither is 400), with the `checksum`/`checksum_url` and `image_type` of
 /// the request, else of the declaration. Returns the image, the declared name, the type.
 fn named_image(
-    image_url: Option<String>,
-    image: Option<String>,
-    checksum: Option<String>,
-    checksum_url: Option<String>,
-    image_type: Option<String>,
+    fields: ImageFields,
     state: &ApiState,
 ) -> Result<(ImageRequest, Option<String>, Option<String>), ApiError> {
+    let ImageFields {
+        image_url,
+        image,
+        checksum,
+        checksum_url,
+        image_type,
+    } = fields;
     let name = match (image_url, image) {
         (Some(_), Some(_)) => {
             return Err(ApiError::bad_request(
@@ -516,6 +562,26 @@ pub(crate) fn submit_error(e: SubmitError) -> ApiError {
     }
 }
 
+/// Submits a job of `kind` for `spec` on behalf of `caller`, under the request's
+/// `Idempotency-Key` if it has one; a refused submission becomes the error `refused` makes.
+pub(crate) async fn submit_spec(
+    state: &ApiState,
+    caller: &Caller,
+    headers: &http::HeaderMap,
+    (kind, spec): (JobKind, JobSpec),
+    refused: fn(SubmitError) -> ApiError,
+) -> Result<Submitted, ApiError> {
+    let key = idempotency_key(headers, caller, kind, &spec)?;
+    let origin = caller.origin();
+    let submission = Submission {
+        kind,
+        spec,
+        origin,
+        key,
+    };
+    state.engine.submit(submission).await.map_err(refused)
+}
+
 /// 202 with the new job's id, or 200 with the job an `Idempotency-Key` already made (and
 /// `Idempotent-Replayed: true`); both with the job's `Location`. The job's state is named as
 /// the route names states (`names`).
@@ -544,7 +610,7 @@ pub(crate) fn accepted(submitted: &Submitted, names: StateNames) -> Response {
 }
 
 /// The `Idempotency-Key` header, checked, scoped to the caller and the request.
-pub(crate) fn idempotency_key(
+fn idempotency_key(
     headers: &http::HeaderMap,
     caller: &Caller,
     kind: JobKind,
@@ -579,16 +645,8 @@ pub(crate) async fn submit(
     names: StateNames,
 ) -> Result<Response, ApiError> {
     let caller = caller?;
-    let body = body?;
-    let body: ProvisionBody = parse_body(body)?;
-    let (image, name, image_type) = named_image(
-        body.image_url,
-        body.image,
-        body.checksum,
-        body.checksum_url,
-        body.image_type,
-        &state,
-    )?;
+    let body: ProvisionBody = parse_body(body?)?;
+    let (image, image_type) = image_spec(image_fields!(body), &state)?;
     let volume_name = body
         .volume_name
         .ok_or_else(|| ApiError::bad_request("volume_name is required"))?;
@@ -596,30 +654,15 @@ pub(crate) async fn submit(
         .and_then(|_| state.volumes.validate_name(&volume_name))
         .map_err(ApiError::bad_request)?;
     let size = check_size(body.volume_size_gb)?;
-    let image_type = check_image_type(image_type)?;
-    let correlation_id = check_correlation_id(body.correlation_id)?;
     let spec = JobSpec {
-        image_url: image.image_url,
-        image: name,
-        image_type,
+        image_type: check_image_type(image_type)?,
+        correlation_id: check_correlation_id(body.correlation_id)?,
         volume_name: Some(volume_name),
         volume_size_gb: Some(size),
-        correlation_id,
-        checksum: image.checksum,
-        checksum_url: image.checksum_url,
-        clone: None,
+        ..image
     };
-    let key = idempotency_key(&headers, &caller, JobKind::Provision, &spec)?;
-    let submitted = state
-        .engine
-        .submit(Submission {
-            kind: JobKind::Provision,
-            spec,
-            origin: caller.origin(),
-            key,
-        })
-        .await
-        .map_err(submit_error)?;
+    let job = (JobKind::Provision, spec);
+    let submitted = submit_spec(&state, &caller, &headers, job, submit_error).await?;
     let Submitted::New(job) = &submitted else {
         return Ok(accepted(&submitted, names));
     };
@@ -641,40 +684,15 @@ pub(crate) async fn cache_fetch(
     state: Arc<ApiState>,
 ) -> Result<Response, ApiError> {
     let caller = caller?;
-    let body = body?;
-    let body: CacheFetchBody = parse_body(body)?;
-    let (image, name, image_type) = named_image(
-        body.image_url,
-        body.image,
-        body.checksum,
-        body.checksum_url,
-        body.image_type,
-        &state,
-    )?;
-    let image_type = check_declared_image_type(image_type)?;
-    let correlation_id = check_correlation_id(body.correlation_id)?;
+    let body: CacheFetchBody = parse_body(body?)?;
+    let (image, image_type) = image_spec(image_fields!(body), &state)?;
     let spec = JobSpec {
-        image_url: image.image_url,
-        image: name,
-        image_type,
-        volume_name: None,
-        volume_size_gb: None,
-        correlation_id,
-        checksum: image.checksum,
-        checksum_url: image.checksum_url,
-        clone: None,
+        image_type: check_declared_image_type(image_type)?,
+        correlation_id: check_correlation_id(body.correlation_id)?,
+        ..image
     };
-    let key = idempotency_key(&headers, &caller, JobKind::CacheFetch, &spec)?;
-    let submitted = state
-        .engine
-        .submit(Submission {
-            kind: JobKind::CacheFetch,
-            spec,
-            origin: caller.origin(),
-            key,
-        })
-        .await
-        .map_err(submit_error)?;
+    let job = (JobKind::CacheFetch, spec);
+    let submitted = submit_spec(&state, &caller, &headers, job, submit_error).await?;
     if let Submitted::New(job) = &submitted {
         tracing::info!(job_id = %job.id, image_url = %job.spec.image_url, "cache fetch job accepted");
     }

@@ -12,14 +12,14 @@ use super::auth::Caller;
 use super::bodies::{CloneBody, ResizeBody};
 use super::error::ApiError;
 use super::handlers::{
-    accepted, check_size_field, idempotency_key, json_reply, parse_body, submit_error,
+    accepted, check_size_field, json_reply, parse_body, submit_error, submit_spec,
     volume_name_in_path,
 };
 use super::reason::Reason;
 use super::state::ApiState;
 use super::views::{StateNames, VolumeResized};
 use crate::jobs::clone::CloneRefused;
-use crate::jobs::engine::{Submission, SubmitError, Submitted};
+use crate::jobs::engine::{SubmitError, Submitted};
 use crate::jobs::model::{CloneSpec, JobKind, JobSpec};
 use crate::jobs::resize::ResizeError;
 
@@ -124,20 +124,12 @@ pub(crate) async fn clone(
             allow_in_use: body.allow_in_use,
         }),
     };
-    let key = idempotency_key(&headers, &caller, JobKind::Clone, &spec)?;
-    let submitted = state
-        .engine
-        .submit(Submission {
-            kind: JobKind::Clone,
-            spec,
-            origin: caller.origin(),
-            key,
-        })
-        .await
-        .map_err(|e| match e {
-            SubmitError::Clone(refused) => clone_refused(refused),
-            other => submit_error(other),
-        })?;
+    let refused = |e| match e {
+        SubmitError::Clone(refused) => clone_refused(refused),
+        other => submit_error(other),
+    };
+    let job = (JobKind::Clone, spec);
+    let submitted = submit_spec(&state, &caller, &headers, job, refused).await?;
     if let Submitted::New(job) = &submitted {
         tracing::info!(
             job_id = %job.id,

@@ -174,13 +174,56 @@ fn finish(doc: &mut Value, open: bool) {
     }
     if let Some(schemas) = at(doc, &["components", "schemas"]) {
         one_checksum(schemas);
-        for body in ["ProvisionBody", "CacheFetchBody", "InspectBody"] {
-            let url_rule = schemas[body]["properties"]["image_url"].clone();
-            schemas[body]["properties"]["checksum_url"]["pattern"] = url_rule["pattern"].clone();
+        // A manifest's URL follows the text rule of an image's.
+        copy_rule(
+            schemas,
+            ("ProvisionBody", "image_url"),
+            ("ProvisionBody", "checksum_url"),
+        );
+        for (to, fields) in SAME_RULES {
+            for field in *fields {
+                copy_rule(schemas, ("ProvisionBody", field), (to, field));
+            }
         }
+        copy_rule(
+            schemas,
+            ("ProvisionBody", "volume_name"),
+            ("CloneBody", "target"),
+        );
         one_image(schemas);
-        let name_rule = schemas["ProvisionBody"]["properties"]["volume_name"].clone();
-        schemas["CloneBody"]["properties"]["target"] = name_rule;
+    }
+}
+
+/// The fields of other bodies that follow `ProvisionBody`'s rule for the same field (their
+/// docs say "as for `POST /api/v1/jobs`"): the rule is written once, in `bodies.rs`.
+const SAME_RULES: &[(&str, &[&str])] = &[
+    (
+        "CacheFetchBody",
+        &[
+            "image_url",
+            "image",
+            "correlation_id",
+            "checksum",
+            "checksum_url",
+        ],
+    ),
+    ("InspectBody", &["image_url", "checksum", "checksum_url"]),
+];
+
+/// Copies the rule (pattern and length bounds) of property `from` onto property `to`, which
+/// keeps its own type and description.
+fn copy_rule(schemas: &mut Value, from: (&str, &str), to: (&str, &str)) {
+    for key in ["pattern", "minLength", "maxLength"] {
+        let rule = schemas[from.0]["properties"][from.1].get(key).cloned();
+        let target = &mut schemas[to.0]["properties"][to.1];
+        match rule {
+            Some(v) => target[key] = v,
+            None => {
+                if let Some(o) = target.as_object_mut() {
+                    o.remove(key);
+                }
+            }
+        }
     }
 }
 
