@@ -10,7 +10,32 @@ use tokio_util::sync::CancellationToken;
 use super::engine::{Engine, Origin, Submission, SubmitError, Submitted};
 use super::model::{Job, JobKind, JobSpec};
 use super::state::{Holder, VolumeClaim};
-use crate::volume::{self, Blocker, VolumeError, WipeMode, WipeProgress};
+use crate::volume::{self, Blocker, VolumeError, Wipe, WipeMode, WipeProgress};
+
+/// A wipe outside a job: its own rate-limited progress, and nothing that cancels it.
+struct Unattended {
+    mode: WipeMode,
+    progress: Arc<WipeProgress>,
+    cancel: CancellationToken,
+}
+
+impl Unattended {
+    fn new(mode: WipeMode, limit: u64) -> Unattended {
+        Unattended {
+            mode,
+            progress: Arc::new(WipeProgress::limited(limit)),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    fn wipe(&self) -> Wipe<'_> {
+        Wipe {
+            mode: self.mode,
+            progress: &self.progress,
+            cancel: &self.cancel,
+        }
+    }
+}
 
 /// Why a volume was not deleted.
 #[derive(Debug, thiserror::Error)]
@@ -86,10 +111,8 @@ impl Engine {
             drop(claim);
             return self.submit_wipe(name, origin).await;
         }
-        let progress = Arc::new(WipeProgress::limited(limit));
-        volumes
-            .remove_wiped(name, mode, &progress, &CancellationToken::new())
-            .await?;
+        let unattended = Unattended::new(mode, limit);
+        volumes.remove_wiped(name, &unattended.wipe()).await?;
         Ok(Deletion::Done(true))
     }
 
@@ -146,11 +169,8 @@ impl Engine {
                     .volumes
                     .io
                     .write_bytes_per_second;
-                let progress = Arc::new(WipeProgress::limited(limit));
-                match volumes
-                    .finish_wipe(&name, mode, &progress, &CancellationToken::new())
-                    .await
-                {
+                let unattended = Unattended::new(mode, limit);
+                match volumes.finish_wipe(&name, &unattended.wipe()).await {
                     Ok(()) => tracing::info!(volume = %name, "interrupted wipe finished"),
                     Err(e) => {
                         tracing::error!(volume = %name, error = %e, "cannot finish an interrupted wipe")
@@ -177,7 +197,7 @@ mod tests {
     use crate::jobs::runner::RunContext;
     use crate::jobs::store::Store;
     use crate::volume::directory::DirectoryBackend;
-    use crate::volume::{Grown, NewVolume, VolumeBackend, VolumeInfo};
+    use crate::volume::{Grown, NewVolume, Overwrite, VolumeBackend, VolumeInfo};
 
     /// A directory backend whose `remove` waits until the test lets it go: the only way to
     /// hold a real removal open long enough to race a submission against it.
@@ -198,14 +218,8 @@ mod tests {
         async fn create(&self, new: &NewVolume<'_>) -> Result<VolumeInfo, VolumeError> {
             self.inner.create(new).await
         }
-        async fn prepare_overwrite(
-            &self,
-            v: &VolumeInfo,
-            i: u64,
-            t: WipeMode,
-            c: &CancellationToken,
-        ) -> Result<(), VolumeError> {
-            self.inner.prepare_overwrite(v, i, t, c).await
+        async fn prepare(&self, overwrite: &Overwrite<'_>) -> Result<(), VolumeError> {
+            self.inner.prepare(overwrite).await
         }
         async fn flush(&self, v: &VolumeInfo) -> Result<(), VolumeError> {
             self.inner.flush(v).await
@@ -215,16 +229,10 @@ mod tests {
             self.release.notified().await;
             self.inner.remove(name).await
         }
-        async fn remove_wiped(
-            &self,
-            name: &str,
-            mode: WipeMode,
-            progress: &Arc<WipeProgress>,
-            cancel: &CancellationToken,
-        ) -> Result<(), VolumeError> {
+        async fn remove_wiped(&self, name: &str, wipe: &Wipe<'_>) -> Result<(), VolumeError> {
             self.started.notify_one();
             self.release.notified().await;
-            self.inner.remove_wiped(name, mode, progress, cancel).await
+            self.inner.remove_wiped(name, wipe).await
         }
         async fn check_room(&self, size: u64) -> Result<(), VolumeError> {
             self.inner.check_room(size).await
