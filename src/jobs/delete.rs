@@ -191,8 +191,7 @@ mod tests {
     use super::*;
     use crate::config::{LiveSettings, Settings};
     use crate::image::ImageType;
-    use crate::image::cache::ImageCache;
-    use crate::image::source::SourceClients;
+    use crate::image::cache::tests::test_cache;
     use crate::jobs::engine::{Submission, SubmitError};
     use crate::jobs::runner::RunContext;
     use crate::jobs::store::Store;
@@ -256,21 +255,7 @@ mod tests {
         settings.volumes.directory.path = dir.path().join("volumes");
         settings.sources.file_roots = vec![dir.path().to_path_buf()];
         let store = Store::open(&dir.path().join("state")).unwrap();
-        let sources = Arc::new(
-            SourceClients::new(
-                &settings.s3_access(),
-                &settings.source_policy(),
-                Default::default(),
-            )
-            .unwrap(),
-        );
-        let cache = ImageCache::open(
-            &settings.cache.dir,
-            store.tree("cache"),
-            sources,
-            &settings.cache_config(),
-        )
-        .unwrap();
+        let cache = test_cache(&settings.cache.dir);
         let backend = Arc::new(GatedRemoval {
             inner: DirectoryBackend::new(&settings.volumes.directory.path).unwrap(),
             started: Notify::new(),
