@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
 const MIB: u64 = 1 << 20;
@@ -97,18 +97,6 @@ fn nginx(dir: &Path) -> Nginx {
             dir.join("www").display()
         ),
     )
-}
-
-async fn cache_entry(c: &reqwest::Client, d: &Daemon, url: &str) -> Value {
-    let (status, v) = get(c, &d.url("/api/v1/cache/images?limit=1000")).await;
-    assert_eq!(status, 200, "{v}");
-    v["images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["image_url"] == url)
-        .cloned()
-        .unwrap_or_else(|| panic!("no cache entry for {url}: {v}"))
 }
 
 #[tokio::test]

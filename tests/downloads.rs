@@ -54,21 +54,9 @@ async fn prefetch(c: &reqwest::Client, d: &Daemon, url: &str) -> Value {
     wait_job(c, d, &id, MINUTE).await
 }
 
-async fn entry_for(c: &reqwest::Client, d: &Daemon, url: &str) -> Value {
-    let (status, v) = get(c, &d.url("/api/v1/cache/images?limit=1000")).await;
-    assert_eq!(status, 200, "{v}");
-    v["images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["image_url"] == url)
-        .cloned()
-        .unwrap_or_else(|| panic!("no cache entry for {url}: {v}"))
-}
-
 /// The cached file of `url` holds exactly `bytes`, and its checksum is theirs.
 async fn assert_cached(c: &reqwest::Client, d: &Daemon, url: &str, bytes: &[u8], verified: bool) {
-    let entry = entry_for(c, d, url).await;
+    let entry = cache_entry(c, d, url).await;
     assert_eq!(entry["checksum"], sha256_hex(bytes), "{entry}");
     assert_eq!(entry["checksum_verified"], verified, "{entry}");
     let file = std::fs::read(entry["path"].as_str().unwrap()).unwrap();

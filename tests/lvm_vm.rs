@@ -53,11 +53,7 @@ struct Ctx {
 
 impl Ctx {
     fn api(&self) -> Api<'_> {
-        Api {
-            c: &self.c,
-            d: &self.d,
-            job_timeout: JOB_TIMEOUT,
-        }
+        Api::new(&self.c, &self.d, JOB_TIMEOUT)
     }
 
     async fn provision(
@@ -142,11 +138,7 @@ async fn health(ctx: &Ctx) -> CaseResult {
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let config = lvm_config(&dir).set("telemetry.probe_interval", "1s");
     let d = Daemon::start(&dir, &config);
-    let api = Api {
-        c: &ctx.c,
-        d: &d,
-        job_timeout: JOB_TIMEOUT,
-    };
+    let api = Api::new(&ctx.c, &d, JOB_TIMEOUT);
     let wait_ready = |up| api.wait_ready("lvm", up, Duration::from_secs(30));
     wait_ready(true).await?;
     let up = metric(

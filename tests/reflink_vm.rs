@@ -39,11 +39,7 @@ struct Ctx {
 
 impl Ctx {
     fn api(&self) -> Api<'_> {
-        Api {
-            c: &self.c,
-            d: &self.d,
-            job_timeout: JOB_TIMEOUT,
-        }
+        Api::new(&self.c, &self.d, JOB_TIMEOUT)
     }
 
     async fn provision(&self, image: &Path, volume: &str) -> Result<Value, String> {

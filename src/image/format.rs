@@ -71,19 +71,25 @@ impl fmt::Display for ImageType {
 }
 
 /// What a request may declare as `image_type` (the OpenAPI schema of the field): one of the
-/// formats, or `auto`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum DeclaredImageType {
-    Qcow2,
-    Raw,
-    Vmdk,
-    Vhdx,
-    Vpc,
-    Vdi,
-    /// The inspector decides from the bytes; the job status reports it as `image_format`.
-    Auto,
+/// formats, or `auto` (the inspector decides from the bytes; the job status reports it as
+/// `image_format`). A schema only: its values come from `ImageType::ALL`.
+pub struct DeclaredImageType;
+
+impl utoipa::PartialSchema for DeclaredImageType {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        let names = ImageType::ALL.map(ImageType::as_str).into_iter();
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .description(Some(
+                "What a request may declare as `image_type` (the OpenAPI schema of the field): \
+                 one of the\nformats, or `auto`.",
+            ))
+            .enum_values(Some(names.chain(["auto"])))
+            .into()
+    }
 }
+
+impl utoipa::ToSchema for DeclaredImageType {}
 
 #[cfg(test)]
 mod tests {

@@ -10,7 +10,32 @@ use tokio_util::sync::CancellationToken;
 use super::engine::{Engine, Origin, Submission, SubmitError, Submitted};
 use super::model::{Job, JobKind, JobSpec};
 use super::state::{Holder, VolumeClaim};
-use crate::volume::{self, Blocker, VolumeError, WipeMode, WipeProgress};
+use crate::volume::{self, Blocker, VolumeError, Wipe, WipeMode, WipeProgress};
+
+/// A wipe outside a job: its own rate-limited progress, and nothing that cancels it.
+struct Unattended {
+    mode: WipeMode,
+    progress: Arc<WipeProgress>,
+    cancel: CancellationToken,
+}
+
+impl Unattended {
+    fn new(mode: WipeMode, limit: u64) -> Unattended {
+        Unattended {
+            mode,
+            progress: Arc::new(WipeProgress::limited(limit)),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    fn wipe(&self) -> Wipe<'_> {
+        Wipe {
+            mode: self.mode,
+            progress: &self.progress,
+            cancel: &self.cancel,
+        }
+    }
+}
 
 /// Why a volume was not deleted.
 #[derive(Debug, thiserror::Error)]
@@ -86,10 +111,8 @@ impl Engine {
             drop(claim);
             return self.submit_wipe(name, origin).await;
         }
-        let progress = Arc::new(WipeProgress::limited(limit));
-        volumes
-            .remove_wiped(name, mode, &progress, &CancellationToken::new())
-            .await?;
+        let unattended = Unattended::new(mode, limit);
+        volumes.remove_wiped(name, &unattended.wipe()).await?;
         Ok(Deletion::Done(true))
     }
 
@@ -147,11 +170,8 @@ impl Engine {
                     .volumes
                     .io
                     .write_bytes_per_second;
-                let progress = Arc::new(WipeProgress::limited(limit));
-                match volumes
-                    .finish_wipe(&name, mode, &progress, &CancellationToken::new())
-                    .await
-                {
+                let unattended = Unattended::new(mode, limit);
+                match volumes.finish_wipe(&name, &unattended.wipe()).await {
                     Ok(()) => tracing::info!(volume = %name, "interrupted wipe finished"),
                     Err(e) => {
                         tracing::error!(volume = %name, error = %e, "cannot finish an interrupted wipe")
@@ -172,13 +192,12 @@ mod tests {
     use super::*;
     use crate::config::{LiveSettings, Settings};
     use crate::image::ImageType;
-    use crate::image::cache::ImageCache;
-    use crate::image::source::SourceClients;
+    use crate::image::cache::tests::test_cache;
     use crate::jobs::engine::{Submission, SubmitError};
     use crate::jobs::runner::RunContext;
     use crate::jobs::store::Store;
     use crate::volume::directory::DirectoryBackend;
-    use crate::volume::{Grown, NewVolume, VolumeBackend, VolumeInfo};
+    use crate::volume::{Grown, NewVolume, Overwrite, VolumeBackend, VolumeInfo};
 
     /// A directory backend whose `remove` waits until the test lets it go: the only way to
     /// hold a real removal open long enough to race a submission against it.
@@ -199,14 +218,8 @@ mod tests {
         async fn create(&self, new: &NewVolume<'_>) -> Result<VolumeInfo, VolumeError> {
             self.inner.create(new).await
         }
-        async fn prepare_overwrite(
-            &self,
-            v: &VolumeInfo,
-            i: u64,
-            t: WipeMode,
-            c: &CancellationToken,
-        ) -> Result<(), VolumeError> {
-            self.inner.prepare_overwrite(v, i, t, c).await
+        async fn prepare(&self, overwrite: &Overwrite<'_>) -> Result<(), VolumeError> {
+            self.inner.prepare(overwrite).await
         }
         async fn flush(&self, v: &VolumeInfo) -> Result<(), VolumeError> {
             self.inner.flush(v).await
@@ -216,16 +229,10 @@ mod tests {
             self.release.notified().await;
             self.inner.remove(name).await
         }
-        async fn remove_wiped(
-            &self,
-            name: &str,
-            mode: WipeMode,
-            progress: &Arc<WipeProgress>,
-            cancel: &CancellationToken,
-        ) -> Result<(), VolumeError> {
+        async fn remove_wiped(&self, name: &str, wipe: &Wipe<'_>) -> Result<(), VolumeError> {
             self.started.notify_one();
             self.release.notified().await;
-            self.inner.remove_wiped(name, mode, progress, cancel).await
+            self.inner.remove_wiped(name, wipe).await
         }
         async fn check_room(&self, size: u64) -> Result<(), VolumeError> {
             self.inner.check_room(size).await
@@ -249,21 +256,7 @@ mod tests {
         settings.volumes.directory.path = dir.path().join("volumes");
         settings.sources.file_roots = vec![dir.path().to_path_buf()];
         let store = Store::open(&dir.path().join("state")).unwrap();
-        let sources = Arc::new(
-            SourceClients::new(
-                &settings.s3_access(),
-                &settings.source_policy(),
-                Default::default(),
-            )
-            .unwrap(),
-        );
-        let cache = ImageCache::open(
-            &settings.cache.dir,
-            store.tree("cache"),
-            sources,
-            &settings.cache_config(),
-        )
-        .unwrap();
+        let cache = test_cache(&settings.cache.dir);
         let backend = Arc::new(GatedRemoval {
             inner: DirectoryBackend::new(&settings.volumes.directory.path).unwrap(),
             started: Notify::new(),

@@ -305,27 +305,14 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::model::{ImageType, JobKind, JobSpec};
     use chrono::Utc;
 
+    /// The model's test job, numbered `seq` and writing volume `v<seq>`.
     fn job(seq: u64) -> Job {
-        Job::new(
-            Uuid::new_v4(),
-            seq,
-            JobKind::Provision,
-            JobSpec {
-                image_url: "file:///i.qcow2".into(),
-                image: None,
-                image_type: Some(ImageType::Qcow2),
-                volume_name: Some(format!("v{seq}")),
-                volume_size_gb: Some(1),
-                correlation_id: None,
-                checksum: None,
-                checksum_url: None,
-                clone: None,
-            },
-            Utc::now(),
-        )
+        let mut job = crate::jobs::model::tests::job();
+        job.seq = seq;
+        job.spec.volume_name = Some(format!("v{seq}"));
+        job
     }
 
     /// sled's `flush_async` deadlocks when many are polled at once (sled#1308): 40 submissions

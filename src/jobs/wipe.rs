@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::JobError;
 use super::handle::JobHandle;
-use crate::volume::{self, Blocker, VolumeBackend, VolumeError, WipeMode, WipeProgress};
+use crate::volume::{self, Blocker, VolumeBackend, VolumeError, Wipe, WipeMode, WipeProgress};
 
 /// How often the bytes wiped are copied into the job's progress.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
@@ -42,7 +42,12 @@ pub(super) async fn run(
     h.tracker.start_convert(target.size_bytes, Instant::now());
     h.publish(true);
     let progress = Arc::new(WipeProgress::limited(limit));
-    let work = volumes.remove_wiped(&name, mode, &progress, cancel);
+    let wipe = Wipe {
+        mode,
+        progress: &progress,
+        cancel,
+    };
+    let work = volumes.remove_wiped(&name, &wipe);
     tokio::pin!(work);
     let mut tick = tokio::time::interval(PROGRESS_EVERY);
     let outcome = loop {

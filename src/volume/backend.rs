@@ -2,14 +2,13 @@
 //! volume (`VolumeInfo`, `Blocker`), and the reuse rule shared by every backend.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use super::error::VolumeError;
 pub(crate) use super::wipe::VolumeKind;
-use super::wipe::{WipeMode, WipeProgress};
+use super::wipe::{Wipe, WipeMode};
 
 /// An existing volume is reused when its size is within this fraction of the request.
 pub(crate) const REUSE_TOLERANCE: f64 = 0.05;
@@ -41,6 +40,18 @@ pub(crate) struct NewVolume<'a> {
     /// The job (or upload) making it; backends that can record it (LVM: a tag) do, so that
     /// `remove_created` never removes a volume someone else made under the same name.
     pub(crate) owner: &'a str,
+}
+
+/// A volume to make ready for writing (see `VolumeBackend::prepare`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Overwrite<'a> {
+    pub(crate) volume: &'a VolumeInfo,
+    /// The image's size: the writer covers everything before it.
+    pub(crate) image_size: u64,
+    /// How everything from `image_size` to the end is wiped.
+    pub(crate) tail: WipeMode,
+    /// Stops the wipe early (with an error) when it fires.
+    pub(crate) cancel: &'a CancellationToken,
 }
 
 /// A grown volume.
@@ -114,13 +125,24 @@ pub(crate) trait VolumeBackend: Send + Sync {
     /// the end is wiped as `tail` says (`Zero` for a new volume: it must read as zeros; a
     /// reused one gets `volumes.wipe_on_reuse`); the writer covers the rest, zeros included.
     /// Stops early with an error when `cancel` fires.
+    async fn prepare(&self, overwrite: &Overwrite<'_>) -> Result<(), VolumeError>;
+
+    /// `prepare` with the request spelled out (what the job code calls).
     async fn prepare_overwrite(
         &self,
         volume: &VolumeInfo,
         image_size: u64,
         tail: WipeMode,
         cancel: &CancellationToken,
-    ) -> Result<(), VolumeError>;
+    ) -> Result<(), VolumeError> {
+        let overwrite = Overwrite {
+            volume,
+            image_size,
+            tail,
+            cancel,
+        };
+        self.prepare(&overwrite).await
+    }
 
     /// Flushes written data to stable storage.
     async fn flush(&self, volume: &VolumeInfo) -> Result<(), VolumeError>;
@@ -137,13 +159,7 @@ pub(crate) trait VolumeBackend: Send + Sync {
     /// durably on the volume before the first byte is wiped (an LV tag, a move into a wiping
     /// folder), so that a wipe cut short (a crash, a stop through `cancel`) leaves a volume
     /// that is never reused and is finished by `finish_wipes` at the next start.
-    async fn remove_wiped(
-        &self,
-        name: &str,
-        mode: WipeMode,
-        progress: &Arc<WipeProgress>,
-        cancel: &CancellationToken,
-    ) -> Result<(), VolumeError>;
+    async fn remove_wiped(&self, name: &str, wipe: &Wipe<'_>) -> Result<(), VolumeError>;
 
     /// Start-up: the names of volumes whose wipe was cut short, each with the mode it was
     /// started with.
@@ -153,13 +169,7 @@ pub(crate) trait VolumeBackend: Send + Sync {
 
     /// Finishes a wipe `unfinished_wipes` listed (and removes what it wiped); never touches
     /// a new volume made under the name since.
-    async fn finish_wipe(
-        &self,
-        _name: &str,
-        _mode: WipeMode,
-        _progress: &Arc<WipeProgress>,
-        _cancel: &CancellationToken,
-    ) -> Result<(), VolumeError> {
+    async fn finish_wipe(&self, _name: &str, _wipe: &Wipe<'_>) -> Result<(), VolumeError> {
         Ok(())
     }
 

@@ -79,20 +79,43 @@ pub(crate) trait CloneStore: Send + Sync {
     /// Allocation granule, to estimate from an image's data how much a golden copy holds.
     fn granule(&self) -> u64;
 
+    /// The store's per-key locks.
+    fn keys(&self) -> &KeyLocks;
+
     /// The golden copy of `source` (see `Golden`). Waits for another build of the same key.
     async fn golden(
         &self,
         source: &GoldenSource<'_>,
         cancel: &CancellationToken,
+    ) -> Result<Golden, VolumeError> {
+        check_key(source.key)?;
+        let Some(held) = self.keys().lock(source.key, cancel).await else {
+            return Ok(Golden::Skip);
+        };
+        self.golden_held(source, held).await
+    }
+
+    /// `golden` once the key is checked and its lock `held` (kept by a `Golden::Build`).
+    async fn golden_held(
+        &self,
+        source: &GoldenSource<'_>,
+        held: OwnedMutexGuard<()>,
     ) -> Result<Golden, VolumeError>;
 
     /// Makes a written build permanent (zeros past the image, flush, read-only, marked
     /// complete) and returns the golden copy. A build that cannot be sealed is removed.
     async fn seal(&self, build: GoldenBuild) -> Result<VolumeInfo, VolumeError>;
 
+    /// Removes the unfinished golden copy `target` of a build (absent is success).
+    async fn discard(&self, target: &VolumeInfo) -> Result<(), VolumeError>;
+
     /// Removes a build that could not be written (errors are logged: restart recovery
     /// removes what is left).
-    async fn abandon(&self, build: GoldenBuild);
+    async fn abandon(&self, build: GoldenBuild) {
+        if let Err(e) = self.discard(&build.target).await {
+            tracing::error!(error = %e, volume = %build.target.path.display(), "cannot remove the unfinished golden copy (restart recovery removes it)");
+        }
+    }
 
     /// `new`, cloned from `golden`. `Conflict` when a volume of that name exists.
     async fn clone_to(
@@ -168,6 +191,22 @@ impl KeyLocks {
         let last = self.last_use.lock().unwrap_or_else(|e| e.into_inner());
         items.sort_by_key(|(key, _)| last.get(key).copied());
     }
+}
+
+/// The end every store's `seal` shares: a build that could not be sealed (`sealed` holds the
+/// error) is abandoned and the error returned; a sealed one's key counts as used now.
+pub(crate) async fn settle<S: CloneStore + ?Sized>(
+    store: &S,
+    keys: &KeyLocks,
+    build: GoldenBuild,
+    sealed: Result<(), VolumeError>,
+) -> Result<GoldenBuild, VolumeError> {
+    if let Err(e) = sealed {
+        store.abandon(build).await;
+        return Err(e);
+    }
+    keys.touch(&build.key);
+    Ok(build)
 }
 
 /// Whether an image with `source.data_bytes` of data can have a golden copy in a store bound to

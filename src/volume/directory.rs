@@ -3,18 +3,16 @@
 
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use async_trait::async_trait;
-use tokio_util::sync::CancellationToken;
 
 use super::backend::{
-    Blocker, BlockerKind, Grown, NewVolume, VolumeBackend, VolumeInfo, VolumeKind,
+    Blocker, BlockerKind, Grown, NewVolume, Overwrite, VolumeBackend, VolumeInfo, VolumeKind,
 };
 use super::blockdev::{create_new_file, open_blocker, require_free, sync_path, wipe_file};
 use super::error::VolumeError;
 use super::reflink::GOLDEN_DIR;
-use super::wipe::{WipeMode, WipeProgress};
+use super::wipe::{Wipe, WipeMode};
 
 /// Folder (inside the volumes directory) of files being wiped for deletion.
 const WIPING_DIR: &str = ".lvp-wiping";
@@ -126,13 +124,8 @@ impl VolumeBackend for DirectoryBackend {
         })
     }
 
-    async fn prepare_overwrite(
-        &self,
-        volume: &VolumeInfo,
-        _image_size: u64,
-        _tail: WipeMode,
-        _cancel: &CancellationToken,
-    ) -> Result<(), VolumeError> {
+    async fn prepare(&self, overwrite: &Overwrite<'_>) -> Result<(), VolumeError> {
+        let volume = overwrite.volume;
         // Dropping every block and restoring the size leaves a file that reads as zeros:
         // nothing of the old content survives, whatever the image covers (every mode of
         // `volumes.wipe_on_reuse` is met: the blocks go back to the file system).
@@ -167,14 +160,8 @@ impl VolumeBackend for DirectoryBackend {
 
     /// Moves the file into the wiping folder first (the durable intent: `unfinished_wipes`
     /// finds it there after a crash), wipes it there, then unlinks it.
-    async fn remove_wiped(
-        &self,
-        name: &str,
-        mode: WipeMode,
-        progress: &Arc<WipeProgress>,
-        cancel: &CancellationToken,
-    ) -> Result<(), VolumeError> {
-        if mode == WipeMode::None {
+    async fn remove_wiped(&self, name: &str, wipe: &Wipe<'_>) -> Result<(), VolumeError> {
+        if wipe.mode == WipeMode::None {
             return self.remove(name).await;
         }
         let wiping = self.dir.join(WIPING_DIR);
@@ -189,7 +176,7 @@ impl VolumeBackend for DirectoryBackend {
             return self.remove(name).await;
         }
         // An earlier wipe of this name cut short: finished before its place is taken.
-        self.finish_wipe(name, mode, progress, cancel).await?;
+        self.finish_wipe(name, wipe).await?;
         tokio::fs::create_dir_all(&wiping)
             .await
             .map_err(|e| VolumeError::io(&wiping, e))?;
@@ -197,17 +184,11 @@ impl VolumeBackend for DirectoryBackend {
             .await
             .map_err(|e| VolumeError::io(&from, e))?;
         sync_path_dir(&self.dir).await?;
-        self.finish_wipe(name, mode, progress, cancel).await
+        self.finish_wipe(name, wipe).await
     }
 
     /// Wipes and unlinks the file of that name in the wiping folder, if there is one.
-    async fn finish_wipe(
-        &self,
-        name: &str,
-        mode: WipeMode,
-        progress: &Arc<WipeProgress>,
-        cancel: &CancellationToken,
-    ) -> Result<(), VolumeError> {
+    async fn finish_wipe(&self, name: &str, wipe: &Wipe<'_>) -> Result<(), VolumeError> {
         let to = self.dir.join(WIPING_DIR).join(name);
         match tokio::fs::symlink_metadata(&to).await {
             Ok(meta) if meta.file_type().is_file() => {}
@@ -220,7 +201,8 @@ impl VolumeBackend for DirectoryBackend {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(VolumeError::io(&to, e)),
         }
-        let (p, cancel, progress) = (to.clone(), cancel.clone(), progress.clone());
+        let (p, mode) = (to.clone(), wipe.mode);
+        let (cancel, progress) = (wipe.cancel.clone(), wipe.progress.clone());
         tokio::task::spawn_blocking(move || wipe_file(&p, mode, &cancel, &progress))
             .await
             .map_err(|e| VolumeError::io(&to, std::io::Error::other(e)))??;
@@ -296,6 +278,8 @@ impl VolumeBackend for DirectoryBackend {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    use tokio_util::sync::CancellationToken;
 
     #[tokio::test]
     async fn create_inspect_overwrite_remove() {

@@ -19,12 +19,12 @@ mod select;
 pub(crate) mod spec;
 mod wipe;
 
-#[cfg(test)]
-pub(crate) use backend::Grown;
 pub(crate) use backend::{
     Blocker, BlockerKind, NewVolume, VolumeBackend, VolumeInfo, check_reusable,
 };
+#[cfg(test)]
+pub(crate) use backend::{Grown, Overwrite};
 pub(crate) use error::VolumeError;
 pub(crate) use names::{gib_to_bytes, validate_lvm_name, validate_volume_name};
 pub(crate) use select::{Volumes, select};
-pub(crate) use wipe::{WipeMode, WipeProgress, effective as effective_wipe};
+pub(crate) use wipe::{Wipe, WipeMode, WipeProgress, effective as effective_wipe};

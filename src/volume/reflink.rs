@@ -10,11 +10,13 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
+use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
 
 use super::backend::{NewVolume, VolumeInfo, VolumeKind};
 use super::clones::{
-    CloneMethod, CloneStore, Golden, GoldenBuild, GoldenSource, KeyLocks, check_key, within_bound,
+    CloneMethod, CloneStore, Golden, GoldenBuild, GoldenSource, KeyLocks, check_key, settle,
+    within_bound,
 };
 use super::error::VolumeError;
 use crate::telemetry::metrics::metrics;
@@ -166,6 +168,10 @@ async fn blocking<T: Send + 'static>(
 
 #[async_trait]
 impl CloneStore for ReflinkStore {
+    fn keys(&self) -> &KeyLocks {
+        &self.keys
+    }
+
     fn method(&self) -> CloneMethod {
         CloneMethod::Reflink
     }
@@ -174,15 +180,11 @@ impl CloneStore for ReflinkStore {
         self.block
     }
 
-    async fn golden(
+    async fn golden_held(
         &self,
         source: &GoldenSource<'_>,
-        cancel: &CancellationToken,
+        held: OwnedMutexGuard<()>,
     ) -> Result<Golden, VolumeError> {
-        check_key(source.key)?;
-        let Some(held) = self.keys.lock(source.key, cancel).await else {
-            return Ok(Golden::Skip);
-        };
         let path = self.path_of(source.key);
         if let Ok(meta) = std::fs::metadata(&path) {
             self.keys.touch(source.key);
@@ -235,21 +237,18 @@ impl CloneStore for ReflinkStore {
                 .map_err(|e| VolumeError::io(&dir, e))
         })
         .await;
-        if let Err(e) = sealed {
-            self.abandon(build).await;
-            return Err(e);
-        }
-        self.keys.touch(&build.key);
+        let build = settle(self, &self.keys, build, sealed).await?;
         self.set_metrics();
         tracing::info!(path = %path.display(), key = build.key, "golden file complete");
         Ok(Self::info(&build.key, path, build.virtual_size, false))
     }
 
-    async fn abandon(&self, build: GoldenBuild) {
-        if let Err(e) = std::fs::remove_file(&build.target.path)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::error!(error = %e, path = %build.target.path.display(), "cannot remove the unfinished golden file (removed at the next start)");
+    async fn discard(&self, target: &VolumeInfo) -> Result<(), VolumeError> {
+        match std::fs::remove_file(&target.path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(VolumeError::io(&target.path, e))
+            }
+            _ => Ok(()),
         }
     }
 

@@ -45,6 +45,16 @@ impl WipeMode {
     }
 }
 
+/// How a removal wipes (see `VolumeBackend::remove_wiped`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Wipe<'a> {
+    pub(crate) mode: WipeMode,
+    /// Bytes done so far and the rate limit the wipe keeps to.
+    pub(crate) progress: &'a std::sync::Arc<WipeProgress>,
+    /// Stops the wipe early (with an error) when it fires.
+    pub(crate) cancel: &'a tokio_util::sync::CancellationToken,
+}
+
 /// Bytes a wipe has done and has to do, shared between the blocking thread that wipes and the
 /// task that reports progress.
 #[derive(Debug, Default)]

@@ -396,6 +396,19 @@ pub async fn fetch_to_cache(
     v["job_id"].as_str().unwrap().to_string()
 }
 
+/// The cache list's entry for `url` (the first 1,000 entries are searched).
+pub async fn cache_entry(c: &reqwest::Client, d: &Daemon, url: &str) -> Value {
+    let (status, v) = get(c, &d.url("/api/v1/cache/images?limit=1000")).await;
+    assert_eq!(status, 200, "{v}");
+    v["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["image_url"] == url)
+        .cloned()
+        .unwrap_or_else(|| panic!("no cache entry for {url}: {v}"))
+}
+
 /// Polls a job until it is terminal.
 pub async fn wait_job(c: &reqwest::Client, d: &Daemon, id: &str, timeout: Duration) -> Value {
     let deadline = Instant::now() + timeout;

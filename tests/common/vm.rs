@@ -411,6 +411,13 @@ pub struct Api<'a> {
     pub job_timeout: Duration,
 }
 
+impl<'a> Api<'a> {
+    /// The daemon `d` through `c`; jobs may take `job_timeout`.
+    pub fn new(c: &'a reqwest::Client, d: &'a Daemon, job_timeout: Duration) -> Api<'a> {
+        Api { c, d, job_timeout }
+    }
+}
+
 impl Api<'_> {
     /// `POST /api/v1/jobs` for `image` (a file) into `volume` of `gb` GB.
     pub async fn provision(

@@ -23,63 +23,42 @@ pub(crate) const CHECKS: &[&str] = &[
     "virtual size bound",
 ];
 
-/// A GUID as VHDX stores it (first three fields little-endian).
-const fn guid(a: u32, b: u16, c: u16, d: [u8; 8]) -> [u8; 16] {
-    let (a, b, c) = (a.to_le_bytes(), b.to_le_bytes(), c.to_le_bytes());
+/// A GUID as VHDX stores it, from its registry form `XXXXXXXX-XXXX-XXXX-XXXX-XXXXXXXXXXXX`
+/// (the first three fields little-endian, the last two as written).
+const fn guid(text: &str) -> [u8; 16] {
+    const fn hex(c: u8) -> u8 {
+        match c {
+            b'0'..=b'9' => c - b'0',
+            b'A'..=b'F' => c - b'A' + 10,
+            _ => panic!("not an upper-case hex digit"),
+        }
+    }
+    let t = text.as_bytes();
+    assert!(t.len() == 36, "not a GUID");
+    let mut raw = [0u8; 16];
+    let (mut i, mut n) = (0, 0);
+    while i < t.len() {
+        if t[i] == b'-' {
+            i += 1;
+            continue;
+        }
+        raw[n] = (hex(t[i]) << 4) | hex(t[i + 1]);
+        (i, n) = (i + 2, n + 1);
+    }
     [
-        a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d[0], d[1], d[2], d[3], d[4], d[5], d[6],
-        d[7],
+        raw[3], raw[2], raw[1], raw[0], raw[5], raw[4], raw[7], raw[6], raw[8], raw[9], raw[10],
+        raw[11], raw[12], raw[13], raw[14], raw[15],
     ]
 }
 
-const BAT_REGION: [u8; 16] = guid(
-    0x2DC27766,
-    0xF623,
-    0x4200,
-    [0x9D, 0x64, 0x11, 0x5E, 0x9B, 0xFD, 0x4A, 0x08],
-);
-const METADATA_REGION: [u8; 16] = guid(
-    0x8B7CA206,
-    0x4790,
-    0x4B9A,
-    [0xB8, 0xFE, 0x57, 0x5F, 0x05, 0x0F, 0x88, 0x6E],
-);
-const FILE_PARAMETERS: [u8; 16] = guid(
-    0xCAA16737,
-    0xFA36,
-    0x4D43,
-    [0xB3, 0xB6, 0x33, 0xF0, 0xAA, 0x44, 0xE7, 0x6B],
-);
-const VIRTUAL_DISK_SIZE: [u8; 16] = guid(
-    0x2FA54224,
-    0xCD1B,
-    0x4876,
-    [0xB2, 0x11, 0x5D, 0xBE, 0xD8, 0x3B, 0xF4, 0xB8],
-);
-const PAGE83: [u8; 16] = guid(
-    0xBECA12AB,
-    0xB2E6,
-    0x4523,
-    [0x93, 0xEF, 0xC3, 0x09, 0xE0, 0x00, 0xC7, 0x46],
-);
-const LOGICAL_SECTOR: [u8; 16] = guid(
-    0x8141BF1D,
-    0xA96F,
-    0x4709,
-    [0xBA, 0x47, 0xF2, 0x33, 0xA8, 0xFA, 0xAB, 0x5F],
-);
-const PHYSICAL_SECTOR: [u8; 16] = guid(
-    0xCDA348C7,
-    0x445D,
-    0x4471,
-    [0x9C, 0xC9, 0xE9, 0x88, 0x52, 0x51, 0xC5, 0x56],
-);
-const PARENT_LOCATOR: [u8; 16] = guid(
-    0xA8D35F2D,
-    0xB30B,
-    0x454D,
-    [0xAB, 0xF7, 0xD3, 0xD8, 0x48, 0x34, 0xAB, 0x0C],
-);
+const BAT_REGION: [u8; 16] = guid("2DC27766-F623-4200-9D64-115E9BFD4A08");
+const METADATA_REGION: [u8; 16] = guid("8B7CA206-4790-4B9A-B8FE-575F050F886E");
+const FILE_PARAMETERS: [u8; 16] = guid("CAA16737-FA36-4D43-B3B6-33F0AA44E76B");
+const VIRTUAL_DISK_SIZE: [u8; 16] = guid("2FA54224-CD1B-4876-B211-5DBED83BF4B8");
+const PAGE83: [u8; 16] = guid("BECA12AB-B2E6-4523-93EF-C309E000C746");
+const LOGICAL_SECTOR: [u8; 16] = guid("8141BF1D-A96F-4709-BA47-F233A8FAAB5F");
+const PHYSICAL_SECTOR: [u8; 16] = guid("CDA348C7-445D-4471-9CC9-E9885251C556");
+const PARENT_LOCATOR: [u8; 16] = guid("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C");
 
 fn impossible(detail: impl Into<String>) -> InspectError {
     InspectError::impossible(ImageType::Vhdx, detail)
@@ -282,4 +261,20 @@ fn metadata(src: &dyn ReadAt, region: Region) -> Result<Metadata, InspectError> 
         logical_sector,
         fixed: flags & 1 != 0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guids_are_stored_with_the_first_three_fields_little_endian() {
+        assert_eq!(
+            BAT_REGION,
+            [
+                0x66, 0x77, 0xC2, 0x2D, 0x23, 0xF6, 0x00, 0x42, 0x9D, 0x64, 0x11, 0x5E, 0x9B, 0xFD,
+                0x4A, 0x08,
+            ]
+        );
+    }
 }

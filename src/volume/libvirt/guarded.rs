@@ -8,13 +8,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use tokio_util::sync::CancellationToken;
 
 use super::Libvirt;
 use super::domains::{domains_using, top_disks_on};
-use crate::volume::backend::{Blocker, BlockerKind, Grown, NewVolume, VolumeBackend, VolumeInfo};
+use crate::volume::backend::{
+    Blocker, BlockerKind, Grown, NewVolume, Overwrite, VolumeBackend, VolumeInfo,
+};
 use crate::volume::error::VolumeError;
-use crate::volume::wipe::{WipeMode, WipeProgress};
+use crate::volume::wipe::{Wipe, WipeMode};
 
 /// What libvirt says about a volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,16 +148,8 @@ impl VolumeBackend for LibvirtVolumes {
         self.inner.create(new).await
     }
 
-    async fn prepare_overwrite(
-        &self,
-        volume: &VolumeInfo,
-        image_size: u64,
-        tail: WipeMode,
-        cancel: &CancellationToken,
-    ) -> Result<(), VolumeError> {
-        self.inner
-            .prepare_overwrite(volume, image_size, tail, cancel)
-            .await
+    async fn prepare(&self, overwrite: &Overwrite<'_>) -> Result<(), VolumeError> {
+        self.inner.prepare(overwrite).await
     }
 
     /// Flushes, then refreshes the pool so libvirt lists the finished volume with its size.
@@ -175,16 +168,8 @@ impl VolumeBackend for LibvirtVolumes {
     }
 
     /// As `remove`, wiped first.
-    async fn remove_wiped(
-        &self,
-        name: &str,
-        mode: WipeMode,
-        progress: &Arc<WipeProgress>,
-        cancel: &CancellationToken,
-    ) -> Result<(), VolumeError> {
-        self.inner
-            .remove_wiped(name, mode, progress, cancel)
-            .await?;
+    async fn remove_wiped(&self, name: &str, wipe: &Wipe<'_>) -> Result<(), VolumeError> {
+        self.inner.remove_wiped(name, wipe).await?;
         self.libvirt.refresh().await;
         Ok(())
     }
@@ -235,14 +220,8 @@ impl VolumeBackend for LibvirtVolumes {
         self.inner.snapshot(source, new).await
     }
 
-    async fn finish_wipe(
-        &self,
-        name: &str,
-        mode: WipeMode,
-        progress: &Arc<WipeProgress>,
-        cancel: &CancellationToken,
-    ) -> Result<(), VolumeError> {
-        self.inner.finish_wipe(name, mode, progress, cancel).await?;
+    async fn finish_wipe(&self, name: &str, wipe: &Wipe<'_>) -> Result<(), VolumeError> {
+        self.inner.finish_wipe(name, wipe).await?;
         self.libvirt.refresh().await;
         Ok(())
     }

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio_util::sync::CancellationToken;
 
 use super::naming::{CLONE_TAG, GOLDEN_PREFIX, owner_tag, wipe_in_tags, wipe_tag};
 use super::report::{
@@ -18,11 +17,11 @@ use super::report::{
 };
 use super::thin::{PoolUse, ThinPool};
 use crate::command;
-use crate::volume::backend::{Grown, NewVolume, VolumeBackend, VolumeInfo, VolumeKind};
+use crate::volume::backend::{Grown, NewVolume, Overwrite, VolumeBackend, VolumeInfo, VolumeKind};
 use crate::volume::blockdev;
 use crate::volume::error::VolumeError;
 use crate::volume::names::validate_lvm_name;
-use crate::volume::wipe::{WipeMode, WipeProgress};
+use crate::volume::wipe::{Wipe, WipeMode, WipeProgress};
 
 /// How long a device node may take to appear after activation (udev in production).
 const NODE_WAIT: Duration = Duration::from_secs(10);
@@ -418,11 +417,10 @@ impl LvmBackend {
 async fn wipe_blocking(
     path: &std::path::Path,
     start: u64,
-    mode: WipeMode,
-    cancel: &CancellationToken,
-    progress: &Arc<WipeProgress>,
+    wipe: &Wipe<'_>,
 ) -> Result<(), VolumeError> {
-    let (p, cancel, progress) = (path.to_path_buf(), cancel.clone(), progress.clone());
+    let (p, mode) = (path.to_path_buf(), wipe.mode);
+    let (cancel, progress) = (wipe.cancel.clone(), wipe.progress.clone());
     tokio::task::spawn_blocking(move || blockdev::wipe_device(&p, start, mode, &cancel, &progress))
         .await
         .map_err(|e| VolumeError::io(path, std::io::Error::other(e)))?
@@ -471,13 +469,13 @@ impl VolumeBackend for LvmBackend {
         self.create_lv(name, size_bytes, &[&tag]).await
     }
 
-    async fn prepare_overwrite(
-        &self,
-        volume: &VolumeInfo,
-        image_size: u64,
-        tail: WipeMode,
-        cancel: &CancellationToken,
-    ) -> Result<(), VolumeError> {
+    async fn prepare(&self, overwrite: &Overwrite<'_>) -> Result<(), VolumeError> {
+        let Overwrite {
+            volume,
+            image_size,
+            tail,
+            cancel,
+        } = *overwrite;
         // Fresh state: the LV may have changed since it was inspected.
         let lv = self.lv(&volume.name).await?.ok_or_else(|| {
             VolumeError::Conflict(format!("volume {} no longer exists", volume.name))
@@ -506,7 +504,12 @@ impl VolumeBackend for LvmBackend {
         }
         let started = std::time::Instant::now();
         let progress = Arc::new(WipeProgress::default());
-        wipe_blocking(&path, image_size, tail, cancel, &progress).await?;
+        let wipe = Wipe {
+            mode: tail,
+            progress: &progress,
+            cancel,
+        };
+        wipe_blocking(&path, image_size, &wipe).await?;
         tracing::info!(
             volume = %path.display(),
             from = image_size,
@@ -554,14 +557,9 @@ impl VolumeBackend for LvmBackend {
         }
     }
 
-    async fn remove_wiped(
-        &self,
-        name: &str,
-        mode: WipeMode,
-        progress: &Arc<WipeProgress>,
-        cancel: &CancellationToken,
-    ) -> Result<(), VolumeError> {
+    async fn remove_wiped(&self, name: &str, wipe: &Wipe<'_>) -> Result<(), VolumeError> {
         validate_lvm_name(name).map_err(VolumeError::InvalidName)?;
+        let mode = wipe.mode;
         let Some(lv) = self.lv(name).await? else {
             return Ok(());
         };
@@ -583,7 +581,7 @@ impl VolumeBackend for LvmBackend {
             }
             let path = self.wait_for_node(name).await?;
             let started = std::time::Instant::now();
-            wipe_blocking(&path, 0, mode, cancel, progress).await?;
+            wipe_blocking(&path, 0, wipe).await?;
             tracing::info!(
                 volume = %self.lv_arg(name),
                 bytes = lv.size_bytes,
@@ -605,17 +603,9 @@ impl VolumeBackend for LvmBackend {
     }
 
     /// The LV itself carries the intent: only an LV still tagged is wiped.
-    async fn finish_wipe(
-        &self,
-        name: &str,
-        mode: WipeMode,
-        progress: &Arc<WipeProgress>,
-        cancel: &CancellationToken,
-    ) -> Result<(), VolumeError> {
+    async fn finish_wipe(&self, name: &str, wipe: &Wipe<'_>) -> Result<(), VolumeError> {
         match self.lv(name).await? {
-            Some(lv) if wipe_in_tags(&lv.tags).is_some() => {
-                self.remove_wiped(name, mode, progress, cancel).await
-            }
+            Some(lv) if wipe_in_tags(&lv.tags).is_some() => self.remove_wiped(name, wipe).await,
             _ => Ok(()),
         }
     }

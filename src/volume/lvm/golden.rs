@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
 
 use super::backend::LvmBackend;
@@ -19,7 +20,8 @@ use crate::telemetry::metrics::metrics;
 use crate::volume::backend::{NewVolume, VolumeBackend, VolumeInfo};
 use crate::volume::blockdev;
 use crate::volume::clones::{
-    CloneMethod, CloneStore, Golden, GoldenBuild, GoldenSource, KeyLocks, check_key, within_bound,
+    CloneMethod, CloneStore, Golden, GoldenBuild, GoldenSource, KeyLocks, check_key, settle,
+    within_bound,
 };
 use crate::volume::error::VolumeError;
 
@@ -192,6 +194,10 @@ impl GoldenImages {
 
 #[async_trait]
 impl CloneStore for GoldenImages {
+    fn keys(&self) -> &KeyLocks {
+        &self.keys
+    }
+
     fn method(&self) -> CloneMethod {
         CloneMethod::ThinSnapshot
     }
@@ -200,16 +206,12 @@ impl CloneStore for GoldenImages {
         POOL_CHUNK
     }
 
-    async fn golden(
+    async fn golden_held(
         &self,
         source: &GoldenSource<'_>,
-        cancel: &CancellationToken,
+        held: OwnedMutexGuard<()>,
     ) -> Result<Golden, VolumeError> {
-        check_key(source.key)?;
         let name = golden_name(source.key);
-        let Some(held) = self.keys.lock(source.key, cancel).await else {
-            return Ok(Golden::Skip);
-        };
         let all = self.lvm.lvs().await?;
         if let Some(lv) = all.iter().find(|l| l.name == name) {
             match state_of(lv, source.key) {
@@ -250,20 +252,15 @@ impl CloneStore for GoldenImages {
     }
 
     async fn seal(&self, build: GoldenBuild) -> Result<VolumeInfo, VolumeError> {
-        if let Err(e) = self.seal_lv(&build.target, build.virtual_size).await {
-            self.abandon(build).await;
-            return Err(e);
-        }
-        self.keys.touch(&build.key);
+        let sealed = self.seal_lv(&build.target, build.virtual_size).await;
+        let build = settle(self, &self.keys, build, sealed).await?;
         tracing::info!(volume = %build.target.path.display(), key = build.key, "golden image complete");
         self.refresh_metrics().await;
         Ok(build.target)
     }
 
-    async fn abandon(&self, build: GoldenBuild) {
-        if let Err(removal) = self.remove_lv(&build.target.name).await {
-            tracing::error!(error = %removal, volume = %build.target.path.display(), "cannot remove the unfinished golden image (restart recovery removes it)");
-        }
+    async fn discard(&self, target: &VolumeInfo) -> Result<(), VolumeError> {
+        self.remove_lv(&target.name).await
     }
 
     /// A new volume `name` of at least `size_bytes`: a thin snapshot of `golden`, activated
