@@ -92,21 +92,6 @@ async fn cache_keys(c: &reqwest::Client, d: &Daemon) -> Vec<String> {
         .collect()
 }
 
-/// The cache key of the entry whose content has `digest` (`sha256:<hex>`).
-async fn key_of(c: &reqwest::Client, d: &Daemon, digest: &str) -> String {
-    let (_, v) = get(c, &d.url("/api/v1/cache/images?limit=1000")).await;
-    let hex = digest.strip_prefix("sha256:").unwrap();
-    v["images"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|e| e["checksum"] == hex)
-        .unwrap_or_else(|| panic!("no entry of {digest}: {v}"))["key"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
 fn is_rfc3339(v: &Value) -> bool {
     v.as_str()
         .is_some_and(|s| chrono::DateTime::parse_from_rfc3339(s).is_ok())
@@ -522,23 +507,8 @@ async fn a_bad_declaration_at_reload_keeps_the_old_one() {
             vec![decl("good", &file_url(&image), "1h", &[]), entry],
         )
         .render();
-        replace(&d.config_path, &text);
-        sighup(&d);
         errors += 1.0;
-        let deadline = Instant::now() + MINUTE;
-        while metric(
-            &c,
-            &d,
-            &format!("{M}_config_reload_total"),
-            "result=\"error\"",
-        )
-        .await
-            < errors
-        {
-            assert!(Instant::now() < deadline, "no refused reload:\n{}", d.log());
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let (_, view) = get(&c, &d.url("/api/v1/config")).await;
+        let view = refused_reload(&c, &d, &text, errors).await;
         let error = view["last_reload_error"].as_str().unwrap_or("");
         assert!(error.contains(named), "{named}: {view}");
         let names: Vec<Value> = images(&c, &d)
@@ -554,27 +524,26 @@ async fn a_bad_declaration_at_reload_keeps_the_old_one() {
         vec![decl("good", &file_url(&image), "1h", &[])],
     )
     .render();
-    replace(&d.config_path, &text);
-    sighup(&d);
     errors += 1.0;
-    let deadline = Instant::now() + MINUTE;
-    while metric(
-        &c,
-        &d,
-        &format!("{M}_config_reload_total"),
-        "result=\"error\"",
-    )
-    .await
-        < errors
-    {
-        assert!(Instant::now() < deadline, "no refused reload:\n{}", d.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let (_, view) = get(&c, &d.url("/api/v1/config")).await;
+    let view = refused_reload(&c, &d, &text, errors).await;
     let error = view["last_reload_error"].as_str().unwrap_or("");
     assert!(
         error.contains("images.good") && error.contains("cache.max_size_bytes"),
         "{view}"
     );
     assert_eq!(view["config"]["cache"]["max_size_bytes"], 4 << 20, "{view}");
+}
+
+/// Writes `text` as the daemon's config, sends SIGHUP, waits until the refused reloads count
+/// `errors`, and returns `GET /api/v1/config` then.
+async fn refused_reload(c: &reqwest::Client, d: &Daemon, text: &str, errors: f64) -> Value {
+    replace(&d.config_path, text);
+    sighup(d);
+    let deadline = Instant::now() + MINUTE;
+    let reloads = format!("{M}_config_reload_total");
+    while metric(c, d, &reloads, "result=\"error\"").await < errors {
+        assert!(Instant::now() < deadline, "no refused reload:\n{}", d.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    get(c, &d.url("/api/v1/config")).await.1
 }

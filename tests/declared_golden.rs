@@ -85,20 +85,6 @@ async fn image(c: &reqwest::Client, d: &Daemon, name: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// The cache key of the entry with content `digest`.
-async fn key_of(c: &reqwest::Client, d: &Daemon, digest: &str) -> String {
-    let (_, v) = get(c, &d.url("/api/v1/cache/images")).await;
-    let hex = digest.strip_prefix("sha256:").unwrap();
-    v["images"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|e| e["checksum"] == hex)
-        .and_then(|e| e["key"].as_str())
-        .unwrap_or_else(|| panic!("no entry of {digest}: {v}"))
-        .to_string()
-}
-
 /// Waits until the declared image's digest is not `old` (and it is cached); its new digest.
 async fn switched(c: &reqwest::Client, d: &Daemon, name: &str, old: &Value) -> String {
     let deadline = Instant::now() + MINUTE;

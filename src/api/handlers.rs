@@ -256,6 +256,16 @@ pub(crate) fn metrics_text(caller: Result<Caller, ApiError>) -> Response {
     resp
 }
 
+/// The caller, checked first, then its JSON body parsed: a request without valid credentials
+/// learns nothing of the body's rules.
+pub(crate) fn caller_and_body<T: serde::de::DeserializeOwned>(
+    caller: Result<Caller, ApiError>,
+    body: Result<serde_json::Value, ApiError>,
+) -> Result<(Caller, T), ApiError> {
+    let caller = caller?;
+    Ok((caller, parse_body(body?)?))
+}
+
 pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
     body: serde_json::Value,
 ) -> Result<T, ApiError> {
@@ -644,8 +654,7 @@ pub(crate) async fn submit(
     state: Arc<ApiState>,
     names: StateNames,
 ) -> Result<Response, ApiError> {
-    let caller = caller?;
-    let body: ProvisionBody = parse_body(body?)?;
+    let (caller, body): (Caller, ProvisionBody) = caller_and_body(caller, body)?;
     let (image, image_type) = image_spec(image_fields!(body), &state)?;
     let volume_name = body
         .volume_name
@@ -683,8 +692,7 @@ pub(crate) async fn cache_fetch(
     headers: http::HeaderMap,
     state: Arc<ApiState>,
 ) -> Result<Response, ApiError> {
-    let caller = caller?;
-    let body: CacheFetchBody = parse_body(body?)?;
+    let (caller, body): (Caller, CacheFetchBody) = caller_and_body(caller, body)?;
     let (image, image_type) = image_spec(image_fields!(body), &state)?;
     let spec = JobSpec {
         image_type: check_declared_image_type(image_type)?,

@@ -12,7 +12,7 @@ use super::auth::Caller;
 use super::bodies::{CloneBody, ResizeBody};
 use super::error::ApiError;
 use super::handlers::{
-    accepted, check_size_field, json_reply, parse_body, submit_error, submit_spec,
+    accepted, caller_and_body, check_size_field, json_reply, submit_error, submit_spec,
     volume_name_in_path,
 };
 use super::reason::Reason;
@@ -31,8 +31,7 @@ pub(crate) async fn resize(
     body: Result<serde_json::Value, ApiError>,
     state: Arc<ApiState>,
 ) -> Result<Response, ApiError> {
-    let caller = caller?;
-    let body: ResizeBody = parse_body(body?)?;
+    let (caller, body): (Caller, ResizeBody) = caller_and_body(caller, body)?;
     let name = volume_name_in_path(&name, &state)?;
     let size_gb = check_size_field("size_gb", body.size_gb)?;
     let span = tracing::info_span!("resize_volume", otel.name = "ResizeVolume", volume_name = %name, size_gb);
@@ -90,8 +89,7 @@ pub(crate) async fn clone(
     headers: http::HeaderMap,
     state: Arc<ApiState>,
 ) -> Result<Response, ApiError> {
-    let caller = caller?;
-    let body: CloneBody = parse_body(body?)?;
+    let (caller, body): (Caller, CloneBody) = caller_and_body(caller, body)?;
     let source = volume_name_in_path(&name, &state)?;
     let target = body
         .target

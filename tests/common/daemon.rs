@@ -409,6 +409,21 @@ pub async fn cache_entry(c: &reqwest::Client, d: &Daemon, url: &str) -> Value {
         .unwrap_or_else(|| panic!("no cache entry for {url}: {v}"))
 }
 
+/// The cache key of the entry whose content has `digest` (`sha256:<hex>`; the first 1,000
+/// entries are searched).
+pub async fn key_of(c: &reqwest::Client, d: &Daemon, digest: &str) -> String {
+    let (_, v) = get(c, &d.url("/api/v1/cache/images?limit=1000")).await;
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    v["images"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["checksum"] == hex)
+        .and_then(|e| e["key"].as_str())
+        .unwrap_or_else(|| panic!("no entry of {digest}: {v}"))
+        .to_string()
+}
+
 /// Polls a job until it is terminal.
 pub async fn wait_job(c: &reqwest::Client, d: &Daemon, id: &str, timeout: Duration) -> Value {
     let deadline = Instant::now() + timeout;
