@@ -19,7 +19,7 @@ const POOL: &str = "pool";
 const JOB_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Cases in the order they run.
-const CASES: [Case<Ctx>; 7] = [
+const CASES: [Case<Ctx>; 8] = [
     ("three_volumes_from_one_golden_image", |c| {
         Box::pin(three_volumes(c))
     }),
@@ -37,6 +37,9 @@ const CASES: [Case<Ctx>; 7] = [
     }),
     ("pool_over_threshold_fails_before_writing", |c| {
         Box::pin(pool_over_threshold(c))
+    }),
+    ("declared_golden_is_rebuilt_before_the_name_moves", |c| {
+        Box::pin(declared_golden(c))
     }),
     ("nixos_volume_group_script_creates_thin_pools", |c| {
         Box::pin(nixos_thin_pools(c))
@@ -392,6 +395,95 @@ async fn golden_bound_on(ctx: &Ctx, d: &Daemon, other: &Path) -> CaseResult {
         let (status, body) = ctx.api(d).delete(v).await;
         ensure!(status == 200, "DELETE {v}: {status} {body}");
     }
+    Ok(())
+}
+
+/// A declared image with `golden = true` (`[[images]]`, refreshed every 2 s): its golden LV is
+/// built before the name points at the version, a volume by name is a thin snapshot with the
+/// image's bytes; the file replaced by another image, the new version's golden LV exists when
+/// the name moves, and the next volume by name has the new bytes.
+async fn declared_golden(ctx: &Ctx) -> CaseResult {
+    let (dir, config) = ctx.config("declared");
+    let served = dir.join("base.qcow2");
+    std::fs::copy(ctx.data.join("disk.qcow2"), &served).map_err(|e| e.to_string())?;
+    let mut decl = toml::Table::new();
+    decl.insert("name".into(), "base".into());
+    decl.insert("url".into(), file_url(&served).into());
+    decl.insert("refresh".into(), "2s".into());
+    decl.insert("golden".into(), true.into());
+    let roots = vec![ctx.data.display().to_string(), dir.display().to_string()];
+    let config = config
+        .set("sources.file_roots", roots)
+        .set("cache.declared_fetch_window", "0s")
+        .set("images", toml::Value::Array(vec![toml::Value::Table(decl)]));
+    let d = Daemon::start(&dir, &config);
+    let r = declared_golden_on(ctx, &d, &dir, &served).await;
+    with_log(&d, r)
+}
+
+async fn declared_golden_on(ctx: &Ctx, d: &Daemon, dir: &Path, served: &Path) -> CaseResult {
+    let first = declared_switched(ctx, d, &Value::Null).await?;
+    let before = golden_lvs()?;
+    ensure!(before.len() == 1, "golden LVs once declared: {before:?}");
+    by_name(ctx, d, "decl-a", &first).await?;
+    ctx.check_image_bytes("decl-a", "disk.qcow2")?;
+
+    step("a new version of the declared image");
+    let next = dir.join("next.qcow2");
+    let raw = ctx.data.join("disk.raw");
+    let (from, to) = (raw.to_str().unwrap_or(""), next.to_str().unwrap_or(""));
+    run(
+        "qemu-img",
+        &["convert", "-q", "-f", "raw", "-O", "qcow2", from, to],
+    )?;
+    std::fs::rename(&next, served).map_err(|e| e.to_string())?;
+    let second = declared_switched(ctx, d, &Value::String(first.clone())).await?;
+    let after = golden_lvs()?;
+    let new: Vec<_> = after.iter().filter(|n| !before.contains(n)).collect();
+    ensure!(
+        new.len() == 1,
+        "a golden LV for the new version: {before:?} -> {after:?}"
+    );
+    by_name(ctx, d, "decl-b", &second).await?;
+    ctx.check_image_bytes("decl-b", "disk.raw")?;
+    ctx.check_image_bytes("decl-a", "disk.qcow2")?;
+    for v in ["decl-a", "decl-b"] {
+        let (status, body) = ctx.api(d).delete(v).await;
+        ensure!(status == 200, "DELETE {v}: {status} {body}");
+    }
+    Ok(())
+}
+
+/// Waits until the declared image `base` is cached with a digest other than `old`, and its
+/// golden LV built (the name moves only then); returns the digest.
+async fn declared_switched(ctx: &Ctx, d: &Daemon, old: &Value) -> Result<String, String> {
+    let deadline = Instant::now() + JOB_TIMEOUT;
+    loop {
+        let (_, v) = get(&ctx.c, &d.url("/api/v1/images")).await;
+        let i = &v["images"][0];
+        if i["cached"] == true && i["digest"] != *old && i["digest"].is_string() {
+            return Ok(i["digest"].as_str().unwrap_or_default().to_string());
+        }
+        ensure!(Instant::now() < deadline, "the name did not move: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Provisions `volume` from the declared image `base`: a thin snapshot of digest `digest`.
+async fn by_name(ctx: &Ctx, d: &Daemon, volume: &str, digest: &str) -> CaseResult {
+    let body = serde_json::json!({"image": "base", "volume_name": volume, "volume_size_gb": 1});
+    let (status, v) = post(&ctx.c, &d.url("/api/v1/jobs"), &body).await;
+    ensure!(status == 202, "by name: {status} {v}");
+    let job = ctx
+        .wait_done(d, v["job_id"].as_str().unwrap_or_default())
+        .await?;
+    ensure!(
+        job["status"] == "completed"
+            && job["method"] == "thin-snapshot"
+            && job["image"] == "base"
+            && job["image_digest"] == digest,
+        "{volume}: {job}"
+    );
     Ok(())
 }
 
