@@ -17,7 +17,7 @@
 #   snapshot, copy, an in-use source refused then allowed, clone times of 1 GiB), the write cap on a wipe,
 #   wiping on delete (markers, kill -9 mid-wipe), the wipe's throughput beside blkdiscard -z.
 # Environment: VM_SUITES (default "lvm thin libvirt reflink lifecycle"), VM_TIMEOUT (seconds per suite, default 2100),
-# WORK (VM cache, default /tmp/vmrun).
+# WORK (VM cache, default /tmp/vmrun), LIFECYCLE_CLONE_MIB (data in the lifecycle clone-time case, default 256).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -137,7 +137,7 @@ run_suite() { # suite
   # grows with whatever else runs on the host.
   TIMEFORMAT="$suite VM: %0R s wall time, %0U s user + %0S s system CPU"
   time {
-    VM_TIMEOUT=${VM_TIMEOUT:-2100} VM_MEM=${VM_MEM:-2048} tests/vm/vm-run.sh -s "$ROOT" -d 8G -e VMTEST_DATA -e TEST_DAEMON_BIN -- \
+    VM_TIMEOUT=${VM_TIMEOUT:-2100} VM_MEM=${VM_MEM:-2048} tests/vm/vm-run.sh -s "$ROOT" -d 8G -e VMTEST_DATA -e TEST_DAEMON_BIN -e LIFECYCLE_CLONE_MIB -- \
       "${BINS[$suite]}" --ignored --test-threads=1 --nocapture > "$LOG" 2>&1
     rc=$?
   }
