@@ -17,7 +17,8 @@
 #   snapshot, copy, an in-use source refused then allowed, clone times of 1 GiB), the write cap on a wipe,
 #   wiping on delete (markers, kill -9 mid-wipe), the wipe's throughput beside blkdiscard -z.
 # Environment: VM_SUITES (default "lvm thin libvirt reflink lifecycle"), VM_TIMEOUT (seconds per suite, default 2100),
-# WORK (VM cache, default /tmp/vmrun), LIFECYCLE_CLONE_MIB (data in the lifecycle clone-time case, default 256).
+# WORK (VM cache, default /tmp/vmrun), LIFECYCLE_CLONE_MIB (data in the lifecycle clone-time case, default 256),
+# VM_DISK (each VM's disk, default 8G; the clone-time case at 4096 MiB needs about 16G).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -137,7 +138,7 @@ run_suite() { # suite
   # grows with whatever else runs on the host.
   TIMEFORMAT="$suite VM: %0R s wall time, %0U s user + %0S s system CPU"
   time {
-    VM_TIMEOUT=${VM_TIMEOUT:-2100} VM_MEM=${VM_MEM:-2048} tests/vm/vm-run.sh -s "$ROOT" -d 8G -e VMTEST_DATA -e TEST_DAEMON_BIN -e LIFECYCLE_CLONE_MIB -- \
+    VM_TIMEOUT=${VM_TIMEOUT:-2100} VM_MEM=${VM_MEM:-2048} tests/vm/vm-run.sh -s "$ROOT" -d "${VM_DISK:-8G}" -e VMTEST_DATA -e TEST_DAEMON_BIN -e LIFECYCLE_CLONE_MIB -- \
       "${BINS[$suite]}" --ignored --test-threads=1 --nocapture > "$LOG" 2>&1
     rc=$?
   }

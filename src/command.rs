@@ -1,8 +1,11 @@
 //! Running the external tools the daemon drives (LVM, virsh): `LC_ALL=C`, stdin closed (a
 //! prompt can never hang a job), a time limit after which the child is killed, stdout returned,
 //! and the tail of stderr in every error. `stderr_tail` is shared with `qemu-img`, whose output
-//! is streamed instead.
+//! is streamed instead. Also `SecretFd`: how a secret (a LUKS passphrase) reaches a child
+//! without an argument, an environment variable or a file on disk.
 
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -50,14 +53,65 @@ pub(crate) enum CommandError {
     NotUtf8 { command: String },
 }
 
+/// A secret for one child process: the bytes in an anonymous memory file (`memfd_create`,
+/// close-on-exec in the daemon) that the child gets as its descriptor 3 and opens as
+/// `SecretFd::PATH` (qemu's `secret,file=`, virsh's `--file`). Nothing reaches a disk, an
+/// argument list or an environment; the memory is freed when the last descriptor closes.
+#[derive(Debug)]
+pub(crate) struct SecretFd {
+    fd: OwnedFd,
+}
+
+impl SecretFd {
+    /// What the child opens to read the secret.
+    pub(crate) const PATH: &'static str = "/dev/fd/3";
+
+    pub(crate) fn new(secret: &[u8]) -> std::io::Result<SecretFd> {
+        use nix::sys::memfd::{MFdFlags, memfd_create};
+        let fd = memfd_create("lvp-secret", MFdFlags::MFD_CLOEXEC)?;
+        let mut file = std::fs::File::from(fd);
+        file.write_all(secret)?;
+        Ok(SecretFd { fd: file.into() })
+    }
+
+    /// Makes the secret the child's descriptor 3 (the only descriptor it inherits from this).
+    pub(crate) fn pass_to(&self, cmd: &mut Command) {
+        let raw = self.fd.as_raw_fd();
+        // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if raw == 3 {
+                    nix::libc::fcntl(3, nix::libc::F_SETFD, 0);
+                } else if nix::libc::dup2(raw, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
 /// Runs `program args...` within `limit` and returns its stdout.
 pub(crate) async fn run(
     program: &str,
     args: &[&str],
     limit: Limit,
 ) -> Result<String, CommandError> {
+    run_with_secret(program, args, limit, None).await
+}
+
+/// `run`, with `secret` (when given) readable by the child at `SecretFd::PATH`.
+pub(crate) async fn run_with_secret(
+    program: &str,
+    args: &[&str],
+    limit: Limit,
+    secret: Option<&SecretFd>,
+) -> Result<String, CommandError> {
     let command = format!("{program} {}", args.join(" "));
     let mut cmd = Command::new(program);
+    if let Some(secret) = secret {
+        secret.pass_to(&mut cmd);
+    }
     cmd.args(args)
         .env("LC_ALL", "C")
         .env("LVM_SUPPRESS_FD_WARNINGS", "1")
@@ -138,6 +192,28 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(env.trim(), "C");
+    }
+
+    #[tokio::test]
+    async fn a_secret_reaches_the_child_only_as_descriptor_3() {
+        let secret = SecretFd::new(b"s3cr3t-value").unwrap();
+        let script = format!(
+            "cat {}; echo; cat /proc/self/cmdline /proc/self/environ",
+            SecretFd::PATH
+        );
+        let out = run_with_secret("sh", &["-c", &script], limit(5000), Some(&secret))
+            .await
+            .unwrap();
+        let mut lines = out.splitn(2, '\n');
+        assert_eq!(lines.next(), Some("s3cr3t-value"));
+        assert!(!lines.next().unwrap().contains("s3cr3t"), "{out}");
+        // Read twice: each open starts at the beginning.
+        let again = run_with_secret("cat", &[SecretFd::PATH], limit(5000), Some(&secret))
+            .await
+            .unwrap();
+        assert_eq!(again, "s3cr3t-value");
+        // Without it, the child has no descriptor 3.
+        assert!(run("cat", &[SecretFd::PATH], limit(5000)).await.is_err());
     }
 
     #[test]

@@ -317,6 +317,7 @@ fn run_context(live: &LiveSettings, cache: Arc<ImageCache>, volumes: Volumes) ->
         cache,
         volumes: volumes.backend,
         clones: volumes.clones,
+        encryption: volumes.encryption,
         declared,
     })
 }

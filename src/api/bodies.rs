@@ -5,7 +5,9 @@
 
 use serde::Deserialize;
 
+use super::error::ApiError;
 use crate::image::DeclaredImageType;
+use crate::volume::encrypt::{EncryptionFormat, EncryptionSpec};
 
 /// `POST /api/v1/jobs`: what to provision. Fields are checked one by one (each with its own
 /// message) rather than by serde, so they are optional here and required in the schema
@@ -63,6 +65,29 @@ pub(crate) struct ProvisionBody {
     /// characters. Not with `checksum`.
     #[schema(min_length = 1, max_length = 4096)]
     pub(crate) checksum_url: Option<String>,
+    /// Make the volume LUKS-encrypted (always a full copy, never a thin snapshot or reflink);
+    /// the job status's `encryption` then says where its key is.
+    pub(crate) encryption: Option<EncryptionBody>,
+}
+
+/// `"encryption"` of a provision or clone request.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(examples(json!({"format": "luks"})))]
+pub(crate) struct EncryptionBody {
+    /// `luks`: LUKS1 as QEMU's `luks` driver writes it, which libvirt opens for a disk with
+    /// `<encryption format='luks'><secret type='passphrase' uuid='...'/></encryption>`.
+    #[schema(value_type = String, pattern = "^luks$")]
+    pub(crate) format: Option<String>,
+    /// An existing libvirt secret with usage `volume` and `private='no'` whose value is the
+    /// passphrase (needs libvirt integration); omitted: the daemon makes a random passphrase
+    /// in a new private libvirt secret (libvirt on) or a key file (libvirt off). 409
+    /// `encryption_refused` when libvirt has no such secret, it has another usage or is
+    /// private, or libvirt does not answer.
+    #[schema(
+        pattern = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+    )]
+    pub(crate) secret_uuid: Option<String>,
 }
 
 /// `POST /api/v1/cache/fetch`: an image to download into the cache only.
@@ -135,4 +160,45 @@ pub(crate) struct CloneBody {
     /// it such a source is 409 `volume_in_use`.
     #[serde(default)]
     pub(crate) allow_in_use: bool,
+    /// As for `POST /api/v1/jobs`: the new volume is an encrypted copy of a plain source (an
+    /// encrypted source cannot be cloned: 409 `encryption_refused`).
+    pub(crate) encryption: Option<EncryptionBody>,
+}
+
+impl EncryptionBody {
+    /// The request's encryption, checked: `format` is `luks`, `secret_uuid` (when given) a
+    /// hyphenated UUID (stored in lower case, as libvirt prints it).
+    pub(crate) fn check(self) -> Result<EncryptionSpec, ApiError> {
+        match self.format.as_deref() {
+            Some("luks") => {}
+            None => {
+                return Err(ApiError::bad_request(
+                    "encryption.format is required (\"luks\")",
+                ));
+            }
+            Some(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "encryption.format must be \"luks\", got {other:?}"
+                )));
+            }
+        }
+        let secret_uuid = match self.secret_uuid {
+            None => None,
+            Some(u) => {
+                let parsed = (u.len() == 36)
+                    .then(|| uuid::Uuid::try_parse(&u).ok())
+                    .flatten()
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "encryption.secret_uuid must be a UUID (8-4-4-4-12 hex digits)",
+                        )
+                    })?;
+                Some(parsed.hyphenated().to_string())
+            }
+        };
+        Ok(EncryptionSpec {
+            format: EncryptionFormat::Luks,
+            secret_uuid,
+        })
+    }
 }

@@ -360,6 +360,7 @@ fn image_spec(
         checksum: image.checksum,
         checksum_url: image.checksum_url,
         clone: None,
+        encryption: None,
     };
     Ok((spec, image_type))
 }
@@ -550,6 +551,9 @@ pub(crate) fn check_size_field(field: &str, v: Option<serde_json::Value>) -> Res
 pub(crate) fn submit_error(e: SubmitError) -> ApiError {
     match e {
         SubmitError::VolumeBusy { .. } => ApiError::conflict(Reason::VolumeInUse, e.to_string()),
+        SubmitError::VolumeUnusable(VolumeError::EncryptionRefused(_)) => {
+            ApiError::conflict(Reason::EncryptionRefused, e.to_string())
+        }
         SubmitError::VolumeUnusable(_) | SubmitError::Clone(_) => {
             ApiError::conflict(Reason::VolumeUnusable, e.to_string())
         }
@@ -668,6 +672,7 @@ pub(crate) async fn submit(
         correlation_id: check_correlation_id(body.correlation_id)?,
         volume_name: Some(volume_name),
         volume_size_gb: Some(size),
+        encryption: body.encryption.map(|e| e.check()).transpose()?,
         ..image
     };
     let job = (JobKind::Provision, spec);

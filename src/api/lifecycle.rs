@@ -121,6 +121,7 @@ pub(crate) async fn clone(
             source,
             allow_in_use: body.allow_in_use,
         }),
+        encryption: body.encryption.map(|e| e.check()).transpose()?,
     };
     let refused = |e| match e {
         SubmitError::Clone(refused) => clone_refused(refused),
@@ -156,6 +157,9 @@ fn clone_refused(e: CloneRefused) -> ApiError {
         ),
         CloneRefused::Volume(crate::volume::VolumeError::Conflict(_)) => {
             ApiError::conflict(Reason::VolumeBlocked, e.to_string())
+        }
+        CloneRefused::Volume(crate::volume::VolumeError::EncryptionRefused(_)) => {
+            ApiError::conflict(Reason::EncryptionRefused, e.to_string())
         }
         CloneRefused::Spec(_) | CloneRefused::Volume(_) => ApiError::internal(e.to_string()),
     }

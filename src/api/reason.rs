@@ -89,6 +89,10 @@ reasons! {
     VolumeExists = "volume_exists",
     /// A resize, or a clone's `size_gb`, smaller than the volume: volumes only grow (409).
     ShrinkRefused = "shrink_refused",
+    /// An encrypted volume cannot be made as asked: the caller's libvirt secret is unknown, of
+    /// another usage or private; libvirt does not answer; the image is not qcow2 or raw; the
+    /// volume exists or is encrypted; an encrypted source cannot be cloned.
+    EncryptionRefused = "encryption_refused",
     /// A job uses the cache entry (409).
     CacheEntryInUse = "cache_entry_in_use",
     /// A request with this `Idempotency-Key` is being stored right now; retry (409).

@@ -111,6 +111,10 @@ pub(crate) struct StatusResponse {
     /// How the volume got its content (`thin-snapshot` or `copy`), once the job chose.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) method: Option<VolumeMethod>,
+    /// Where the encrypted volume's key is (`format`, and `secret_uuid` for the domain's
+    /// `<encryption>` element, or `key_file`), once the job made it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) encryption: Option<crate::volume::encrypt::KeyRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) requested_by: Option<String>,
     pub(crate) created_at: String,
@@ -352,6 +356,7 @@ impl StatusResponse {
             .then(|| job.volume_path.clone())
             .flatten(),
             method: job.method,
+            encryption: job.encryption.clone(),
             requested_by: job.requested_by.clone(),
             created_at: rfc3339(job.created_at),
             updated_at: rfc3339(job.updated_at),

@@ -160,7 +160,8 @@ impl Settings {
 
     /// What `volume::select` builds from `[volumes]` and `[libvirt]`.
     pub(crate) fn volume_spec(&self) -> crate::volume::spec::VolumeSpec {
-        self.volumes.volume_spec(&self.libvirt)
+        self.volumes
+            .volume_spec(&self.libvirt, &self.storage.data_dir)
     }
 
     /// The listener address (validated at load, so this cannot fail afterwards).

@@ -30,6 +30,7 @@ pub(crate) const RESTART_KEYS: &[&str] = &[
     "volumes.backend",
     "volumes.lvm.",
     "volumes.directory.",
+    "volumes.encryption.",
     "cache.dir",
     "s3.endpoint",
     "s3.region",

@@ -50,6 +50,18 @@ pub(crate) struct VolumesSettings {
     /// Limits of the bulk writers (image writes, clone copies, wipes).
     #[serde(default)]
     pub(crate) io: IoSettings,
+    /// Encrypted volumes.
+    #[serde(default)]
+    pub(crate) encryption: EncryptionSettings,
+}
+
+/// `[volumes.encryption]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct EncryptionSettings {
+    /// Where the records of encrypted volumes live (0700, files 0600), and their passphrases
+    /// when libvirt does not hold them (`libvirt.pool` empty); empty: `<storage.data_dir>/keys`.
+    pub(crate) key_dir: PathBuf,
 }
 
 /// `[volumes.io]`: what the bulk writers may take from the disks under running VMs. Read when
@@ -183,6 +195,7 @@ impl VolumesSettings {
             wipe_on_reuse: None,
             wipe_job_min_bytes: default_wipe_job_min_bytes(),
             io: IoSettings::default(),
+            encryption: EncryptionSettings::default(),
         }
     }
 
@@ -214,7 +227,11 @@ impl VolumesSettings {
     }
 
     /// What `volume::select` builds from `[volumes]` and `[libvirt]`.
-    pub(crate) fn volume_spec(&self, libvirt: &LibvirtSettings) -> crate::volume::spec::VolumeSpec {
+    pub(crate) fn volume_spec(
+        &self,
+        libvirt: &LibvirtSettings,
+        data_dir: &std::path::Path,
+    ) -> crate::volume::spec::VolumeSpec {
         use crate::volume::spec::{
             BackendSpec, DirectorySpec, LibvirtSpec, LvmSpec, ThinPoolSpec, VolumeSpec,
         };
@@ -243,6 +260,11 @@ impl VolumesSettings {
                 uri: libvirt.uri.clone(),
                 pool: libvirt.pool.clone(),
             }),
+            key_dir: if v.encryption.key_dir.as_os_str().is_empty() {
+                data_dir.join("keys")
+            } else {
+                v.encryption.key_dir.clone()
+            },
         }
     }
 }

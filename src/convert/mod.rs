@@ -3,16 +3,20 @@
 //! window of the OVA file, which is as explicit), `-O raw -n` onto the existing volume (`--target-is-zero` only onto a volume that
 //! is known to read zeros), resource limits and a process group for the child, cancellation
 //! that kills it, and progress parsed from `-p` output. Also how much data an image holds
-//! (`qemu-img map`).
+//! (`qemu-img map`). An encrypted target is written through QEMU's `luks` driver
+//! (`--target-image-opts`), formatted first by `format_luks`; its passphrase reaches qemu-img
+//! only as a `secret` object read from `SecretFd::PATH`.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
+use crate::command::SecretFd;
 use crate::image::ImageType;
 use crate::image::inspect::Member;
 use crate::telemetry::metrics::metrics;
@@ -49,6 +53,60 @@ pub(crate) struct ConvertSpec {
     pub(crate) rate_limit: u64,
     /// The child's IO priority (`ioprio_set` value, see `config::IoPriority::ioprio`).
     pub(crate) io_priority: Option<i32>,
+    /// The target is a LUKS volume (formatted by `format_luks`) opened with this passphrase:
+    /// written through QEMU's `luks` driver.
+    pub(crate) luks: Option<Arc<SecretFd>>,
+}
+
+/// The id of the `secret` object that carries a LUKS passphrase.
+const KEY_ID: &str = "lvpkey";
+
+/// `--object secret,...` reading the passphrase from the descriptor `SecretFd` passes.
+fn secret_object() -> [String; 2] {
+    [
+        "--object".into(),
+        format!("secret,id={KEY_ID},file={}", SecretFd::PATH),
+    ]
+}
+
+/// A path inside a QemuOpts string (commas doubled).
+fn opts_path(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
+}
+
+/// Formats `target` (a new volume) as LUKS for a payload of at least `payload_bytes`, with the
+/// passphrase `secret` (QEMU's defaults: aes-256-xts, 8 key slots, PBKDF2 calibrated to 2 s).
+/// On a block device the payload is everything after the header; a file is cut to header +
+/// payload.
+pub(crate) async fn format_luks(
+    target: &Path,
+    secret: &SecretFd,
+    payload_bytes: u64,
+) -> Result<(), ConvertError> {
+    let mut args: Vec<String> = vec!["create".into(), "-q".into(), "-f".into(), "luks".into()];
+    args.extend(secret_object());
+    args.extend([
+        "-o".into(),
+        format!("key-secret={KEY_ID}"),
+        target.display().to_string(),
+        payload_bytes.to_string(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let limit = crate::command::Limit {
+        timeout: Duration::from_secs(300),
+        setting: None,
+    };
+    metrics()
+        .qemu_img_invocations_total
+        .with_label_values(&["create"])
+        .inc();
+    crate::command::run_with_secret("qemu-img", &args, limit, Some(secret))
+        .await
+        .map(|_| ())
+        .map_err(|e| ConvertError::Failed {
+            status: "qemu-img create -f luks".into(),
+            stderr: e.to_string(),
+        })
 }
 
 /// Why a conversion did not finish.
@@ -96,9 +154,13 @@ pub(crate) fn convert_args(spec: &ConvertSpec) -> Vec<String> {
         args.push("-U".into());
     }
     args.extend(flags);
+    if spec.luks.is_some() {
+        args.extend(secret_object());
+        args.push("--target-image-opts".into());
+    } else {
+        args.extend(["-O".into(), "raw".into()]);
+    }
     args.extend([
-        "-O".into(),
-        "raw".into(),
         "-n".into(),
         "-W".into(),
         "-m".into(),
@@ -106,14 +168,20 @@ pub(crate) fn convert_args(spec: &ConvertSpec) -> Vec<String> {
         "-t".into(),
         if spec.direct_io { "none" } else { "writeback" }.into(),
     ]);
-    if spec.target_is_zero {
+    if spec.target_is_zero && spec.luks.is_none() {
         args.push("--target-is-zero".into());
     }
     if spec.rate_limit > 0 {
         args.extend(["-r".into(), spec.rate_limit.to_string()]);
     }
     args.push(source);
-    args.push(spec.target.display().to_string());
+    args.push(match spec.luks {
+        Some(_) => format!(
+            "driver=luks,key-secret={KEY_ID},file.filename={}",
+            opts_path(&spec.target)
+        ),
+        None => spec.target.display().to_string(),
+    });
     args
 }
 
@@ -204,6 +272,9 @@ pub(crate) async fn convert(
     mut on_progress: impl FnMut(f64),
 ) -> Result<(), ConvertError> {
     let mut cmd = Command::new("qemu-img");
+    if let Some(secret) = &spec.luks {
+        secret.pass_to(&mut cmd);
+    }
     cmd.args(convert_args(spec))
         .env("LC_ALL", "C")
         .stdin(Stdio::null())
@@ -342,6 +413,7 @@ mod tests {
             force_share: false,
             rate_limit: 0,
             io_priority: None,
+            luks: None,
             target_is_zero: false,
         };
         let args = convert_args(&spec);
@@ -440,6 +512,7 @@ mod tests {
             force_share: false,
             rate_limit: 0,
             io_priority: None,
+            luks: None,
             target_is_zero: false,
         };
         let mut seen = Vec::new();
@@ -511,6 +584,7 @@ mod tests {
             force_share: false,
             rate_limit: 0,
             io_priority: None,
+            luks: None,
             target_is_zero: false,
         };
         assert!(convert_args(&spec).contains(&"--image-opts".to_string()));
@@ -539,6 +613,7 @@ mod tests {
             force_share: false,
             rate_limit: 0,
             io_priority: None,
+            luks: None,
             target_is_zero: false,
         };
         let err = convert(&spec, &CancellationToken::new(), |_| {})

@@ -4,20 +4,26 @@
 //! and the source is copied into it with `qemu-img convert -f raw -O raw`. A source in use by a
 //! running domain is refused unless the request allows it (then copied as it is, with shared
 //! locks: crash-consistent at best). The engine holds both names for the whole job; what the
-//! job made is rolled back like a provision job's volume.
+//! job made is rolled back like a provision job's volume. With `encryption` the target is a
+//! new encrypted volume (`encrypted::new_target`) the source is copied into through the LUKS
+//! driver; an encrypted source is never cloned (its key is private to libvirt).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::encrypted::{self, NewTarget};
 use super::error::JobError;
 use super::handle::JobHandle;
 use super::model::{JobSpec, VolumeMethod};
 use super::runner::{self, RunContext};
+use crate::command::SecretFd;
 use crate::convert::{self, ConvertSpec};
 use crate::image::ImageType;
 use crate::telemetry::metrics::metrics;
+use crate::volume::encrypt::luks;
 use crate::volume::{self, Blocker, BlockerKind, NewVolume, VolumeError, VolumeInfo, WipeMode};
 
 /// Why a clone is refused (at submission, and again when the job starts).
@@ -80,6 +86,18 @@ async fn plan(ctx: &RunContext, spec: &JobSpec) -> Result<Plan, CloneRefused> {
     if volumes.inspect(target).await?.is_some() {
         return Err(CloneRefused::TargetExists(target.clone()));
     }
+    if ctx.encryption.record(&clone.source)?.is_some() {
+        return Err(CloneRefused::Volume(VolumeError::EncryptionRefused(
+            format!(
+                "source volume {} is encrypted and cannot be cloned (its key is not readable: a \
+             private libvirt secret); provision a new encrypted volume from the image instead",
+                clone.source
+            ),
+        )));
+    }
+    if let Some(encryption) = &spec.encryption {
+        ctx.encryption.check(target, encryption).await?;
+    }
     let mut in_use = false;
     if let Some(blocker) = source.reuse_blocker.clone() {
         let volume = clone.source.clone();
@@ -106,7 +124,12 @@ async fn plan(ctx: &RunContext, spec: &JobSpec) -> Result<Plan, CloneRefused> {
         }
     };
     // A thin snapshot takes no room up front (the pool's threshold is checked as it is made).
-    if in_use || !volumes.can_snapshot(&source) {
+    let encrypted = spec.encryption.is_some();
+    if encrypted {
+        volumes
+            .check_room(size_bytes + luks::HEADER_ALLOWANCE)
+            .await?;
+    } else if in_use || !volumes.can_snapshot(&source) {
         volumes.check_room(size_bytes).await?;
     }
     Ok(Plan {
@@ -153,7 +176,21 @@ async fn run(
         volume_size_bytes = plan.size_bytes,
         origin = %plan.source.name,
     );
-    let target = if !plan.in_use && volumes.can_snapshot(&plan.source) {
+    let target = if let Some(encryption) = h.job.spec.encryption.clone() {
+        h.job.method = Some(VolumeMethod::Copy);
+        let new = NewTarget {
+            name: &plan.target,
+            size_bytes: plan.size_bytes,
+            data_bytes: plan.source.size_bytes,
+            encryption: &encryption,
+        };
+        let (target, secret) = encrypted::new_target(ctx, h, &new, cancel)
+            .instrument(span)
+            .await?;
+        runner::check_stop(cancel)?;
+        copy(ctx, h, &plan, &target, Some(secret), cancel).await?;
+        target
+    } else if !plan.in_use && volumes.can_snapshot(&plan.source) {
         h.job.method = Some(VolumeMethod::ThinSnapshot);
         let snap = volumes.snapshot(&plan.source, &new).instrument(span);
         let target = runner::create_owned(h, snap).await?;
@@ -167,7 +204,7 @@ async fn run(
             .prepare_overwrite(&target, plan.source.size_bytes, WipeMode::Zero, cancel)
             .await?;
         runner::check_stop(cancel)?;
-        copy(ctx, h, &plan, &target, cancel).await?;
+        copy(ctx, h, &plan, &target, None, cancel).await?;
         target
     };
     tracing::info!(
@@ -188,13 +225,14 @@ fn refused(e: CloneRefused) -> JobError {
     }
 }
 
-/// Copies the source into the new target with qemu-img (raw to raw), counting the bytes in
-/// `bulk_io_bytes_total{op="clone"}`.
+/// Copies the source into the new target with qemu-img (raw to raw, or raw into the LUKS
+/// driver with `luks`), counting the bytes in `bulk_io_bytes_total{op="clone"}`.
 async fn copy(
     ctx: &RunContext,
     h: &mut JobHandle,
     plan: &Plan,
     target: &VolumeInfo,
+    luks: Option<Arc<SecretFd>>,
     cancel: &CancellationToken,
 ) -> Result<(), JobError> {
     let target_path = target.path.clone();
@@ -214,6 +252,7 @@ async fn copy(
         force_share: plan.in_use,
         rate_limit: io.copy_rate(),
         io_priority: io.priority.ioprio(),
+        luks,
     };
     let total = plan.source.size_bytes;
     let counter = metrics().bulk_io_bytes_total.with_label_values(&["clone"]);

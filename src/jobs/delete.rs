@@ -1,7 +1,9 @@
 //! Deleting a volume on request (`DELETE /api/v1/volumes/{name}`): under the engine's
 //! per-volume lock, so no job can start on the name while it is removed, and only when nothing
 //! has the volume open and it is a plain data volume; wiped first (`volumes.wipe_on_delete`),
-//! by a `wipe` job when that runs long. Also finishing at start-up the wipes a crash cut short.
+//! by a `wipe` job when that runs long; an encrypted volume is crypto-erased instead (its LUKS
+//! header and key slots destroyed: no payload needs zeroing). Also finishing at start-up the
+//! wipes and crypto-erases a crash cut short.
 
 use std::sync::Arc;
 
@@ -100,6 +102,12 @@ impl Engine {
                 blocker,
             });
         }
+        let encryption = &self.context().encryption;
+        if let Some(record) = encryption.record(name)? {
+            encryption.erase(volumes.as_ref(), name, &record).await?;
+            tracing::info!(volume = %name, "encrypted volume crypto-erased and removed");
+            return Ok(Deletion::Done(true));
+        }
         let settings = self.context().settings.current();
         let mode = volume::effective_wipe(settings.volumes.wipe_on_delete, volume.kind);
         let limit = settings.volumes.io.write_bytes_per_second;
@@ -127,6 +135,7 @@ impl Engine {
             checksum: None,
             checksum_url: None,
             clone: None,
+            encryption: None,
         };
         let submission = Submission {
             kind: JobKind::Wipe,
@@ -146,6 +155,7 @@ impl Engine {
         let engine = self.clone();
         tokio::spawn(async move {
             let volumes = engine.context().volumes.clone();
+            engine.finish_erases().await;
             let unfinished = match volumes.unfinished_wipes().await {
                 Ok(unfinished) => unfinished,
                 Err(e) => {
@@ -179,6 +189,30 @@ impl Engine {
                 }
             }
         });
+    }
+
+    /// Start-up: finishes the crypto-erases a crash (or a failure: libvirt down) cut short,
+    /// each under the volume's lock.
+    async fn finish_erases(&self) {
+        let ctx = self.context();
+        for name in ctx.encryption.unfinished_erases() {
+            let Ok(_claim) =
+                VolumeClaim::take(self.shared(), &mut self.state(), &name, Holder::Deleting)
+            else {
+                continue;
+            };
+            tracing::warn!(volume = %name, "finishing an interrupted crypto-erase");
+            match ctx
+                .encryption
+                .finish_erase(ctx.volumes.as_ref(), &name)
+                .await
+            {
+                Ok(()) => tracing::info!(volume = %name, "interrupted crypto-erase finished"),
+                Err(e) => {
+                    tracing::error!(volume = %name, error = %e, "cannot finish an interrupted crypto-erase")
+                }
+            }
+        }
     }
 }
 
@@ -237,8 +271,8 @@ mod tests {
         async fn check_room(&self, size: u64) -> Result<(), VolumeError> {
             self.inner.check_room(size).await
         }
-        async fn grow(&self, v: &VolumeInfo, size: u64) -> Result<Grown, VolumeError> {
-            self.inner.grow(v, size).await
+        async fn grow(&self, v: &VolumeInfo, size: u64, header: u64) -> Result<Grown, VolumeError> {
+            self.inner.grow(v, size, header).await
         }
         async fn remove_created(&self, name: &str, owner: &str) -> Result<(), VolumeError> {
             self.inner.remove_created(name, owner).await
@@ -281,6 +315,9 @@ mod tests {
             cache,
             volumes: backend.clone(),
             clones: None,
+            encryption: Arc::new(
+                crate::volume::encrypt::Encryption::new(&dir.path().join("keys"), None).unwrap(),
+            ),
         });
         let engine = Engine::start(store, ctx).await.unwrap();
 
@@ -299,6 +336,7 @@ mod tests {
             checksum: None,
             checksum_url: None,
             clone: None,
+            encryption: None,
         };
         let refused = engine
             .submit(Submission {

@@ -416,8 +416,11 @@ impl Engine {
             })
         };
         let mut handle = JobHandle::new(store.clone(), job, cancel.clone());
+        let encrypted = handle.job.spec.encryption.is_some();
         let outcome = if handle.job.kind == JobKind::Clone {
             super::clone::execute(&self.inner.ctx, &mut handle, &cancel).await
+        } else if handle.job.kind == JobKind::Provision && encrypted {
+            super::encrypted::execute(&self.inner.ctx, &mut handle, &cancel).await
         } else {
             runner::execute(&self.inner.ctx, &mut handle, &cancel).await
         };

@@ -83,7 +83,8 @@ pub(crate) enum JobError {
 impl JobError {
     /// Every code `reason` returns (each one an API `Reason`, checked there).
     #[cfg(test)]
-    pub(crate) const REASONS: [&'static str; 5] = [
+    pub(crate) const REASONS: [&'static str; 6] = [
+        "encryption_refused",
         "image_rejected",
         "checksum_mismatch",
         "checksum_unavailable",
@@ -109,6 +110,7 @@ impl JobError {
                 _ => None,
             },
             JobError::Request(RequestError::SignatureRequired(_)) => Some("signature_required"),
+            JobError::Volume(VolumeError::EncryptionRefused(_)) => Some("encryption_refused"),
             JobError::RollbackFailed { error, .. } => error.reason(),
             _ => None,
         }

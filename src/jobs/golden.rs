@@ -56,6 +56,7 @@ pub(crate) async fn prebuild(
         force_share: false,
         rate_limit: io.copy_rate(),
         io_priority: io.priority.ioprio(),
+        luks: None,
     };
     if let Err(e) = convert::convert(&spec, cancel, |_| {}).await {
         clones.abandon(build).await;

@@ -118,6 +118,7 @@ mod tests {
             checksum: None,
             checksum_url: None,
             clone: None,
+            encryption: None,
         }
     }
 

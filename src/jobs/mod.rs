@@ -1,10 +1,12 @@
 //! Jobs: the model and state machine, progress estimation, the durable store, the engine
 //! (queue, slots, cancel, recovery), idempotent submission, deleting, growing, cloning and
-//! uploading volumes under its locks, and the runner (what a job does; a wipe job's step in `wipe.rs`).
+//! uploading volumes under its locks, and the runner (what a job does; a wipe job's step in `wipe.rs`;
+//! encrypted volumes' steps in `encrypted.rs`).
 
 pub(crate) mod clone;
 pub(crate) mod declared;
 pub(crate) mod delete;
+mod encrypted;
 pub(crate) mod engine;
 mod error;
 mod golden;

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use crate::volume::encrypt::{EncryptionSpec, KeyRecord};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -172,6 +173,10 @@ pub(crate) struct JobSpec {
     /// so their idempotency hashes stay as they were).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) clone: Option<CloneSpec>,
+    /// Provision and clone jobs: make the volume encrypted (absent from other records, as
+    /// `clone`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) encryption: Option<EncryptionSpec>,
 }
 
 impl JobSpec {
@@ -285,6 +290,10 @@ pub(crate) struct Job {
     /// How the volume got its content, once the job chose (records of older versions: none).
     #[serde(default)]
     pub(crate) method: Option<VolumeMethod>,
+    /// Where the key of the encrypted volume the job made is (never the passphrase), once the
+    /// job made it: rollback forgets it with the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) encryption: Option<KeyRecord>,
     /// Identity of the authenticated caller.
     pub(crate) requested_by: Option<String>,
     /// W3C trace context of the request that created the job.
@@ -327,6 +336,7 @@ impl Job {
             volume_path: None,
             volume_ownership: VolumeOwnership::None,
             method: None,
+            encryption: None,
             requested_by: None,
             trace_context: BTreeMap::new(),
             idempotency: None,
@@ -422,6 +432,7 @@ pub(crate) mod tests {
                 checksum: None,
                 checksum_url: None,
                 clone: None,
+                encryption: None,
             },
             Utc::now(),
         )

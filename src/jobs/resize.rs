@@ -5,6 +5,7 @@
 
 use super::engine::Engine;
 use super::state::{Holder, VolumeClaim};
+use crate::volume::encrypt::luks;
 use crate::volume::{self, Blocker, BlockerKind, VolumeError};
 
 /// Why a volume was not grown.
@@ -87,23 +88,33 @@ impl Engine {
                 blocker,
             });
         }
-        if asked < target.size_bytes {
+        // An encrypted volume is its size plus room for the LUKS header: sizes here are the
+        // size asked for, and the running domain is told the payload's size.
+        let (allowance, header) = match self.context().encryption.record(name)? {
+            Some(_) => {
+                let offset = luks::payload_offset(&target.path)?.unwrap_or(0);
+                (luks::HEADER_ALLOWANCE, offset)
+            }
+            None => (0, 0),
+        };
+        let have = target.size_bytes.saturating_sub(allowance);
+        if asked < have {
             return Err(ResizeError::Shrink {
                 volume: name.to_string(),
-                have: target.size_bytes,
+                have,
                 asked,
             });
         }
-        if asked == target.size_bytes {
+        if asked == have {
             return Ok(Resized {
-                size_bytes: target.size_bytes,
+                size_bytes: have,
                 changed: false,
                 domain: None,
             });
         }
-        let grown = volumes.grow(&target, asked).await?;
+        let grown = volumes.grow(&target, asked + allowance, header).await?;
         Ok(Resized {
-            size_bytes: grown.size_bytes,
+            size_bytes: grown.size_bytes - allowance,
             changed: true,
             domain: grown.live_domain,
         })

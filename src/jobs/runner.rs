@@ -13,6 +13,7 @@ use tracing::Instrument;
 use super::error::JobError;
 use super::handle::JobHandle;
 use super::model::{Job, JobKind, JobSpec, Stage, VolumeMethod, VolumeOwnership};
+use crate::command::SecretFd;
 use crate::config::LiveSettings;
 use crate::convert::{self, ConvertSpec};
 use crate::image::ImageType;
@@ -21,6 +22,7 @@ use crate::image::inspect::{self, Inspection};
 use crate::image::resolved::SourceRequest;
 use crate::telemetry::metrics::metrics;
 use crate::volume::clones::{CloneStore, Golden, GoldenSource};
+use crate::volume::encrypt::Encryption;
 use crate::volume::{self, NewVolume, VolumeBackend, VolumeError, VolumeInfo, WipeMode};
 
 /// Everything jobs use.
@@ -35,6 +37,8 @@ pub(crate) struct RunContext {
     pub(crate) clones: Option<Arc<dyn CloneStore>>,
     /// Declared images (`[[images]]`): a job naming one uses its current version.
     pub(crate) declared: Arc<super::declared::DeclaredImages>,
+    /// Keys of encrypted volumes.
+    pub(crate) encryption: Arc<Encryption>,
 }
 
 /// A step's outcome.
@@ -91,7 +95,7 @@ async fn fetch_only(
 /// Fetches the job's image through the cache, reporting download progress; a declared image's
 /// current version when the job names one (held for the whole job, whatever a refresh
 /// switches the name to meanwhile).
-async fn fetch(
+pub(super) async fn fetch(
     ctx: &RunContext,
     h: &mut JobHandle,
     cancel: &CancellationToken,
@@ -211,7 +215,7 @@ async fn provision(
     h.job.method = Some(VolumeMethod::Copy);
     let target = prepare_volume(ctx, h, &name, size_bytes, verdict.virtual_size, cancel).await?;
     check_stop(cancel)?;
-    populate(ctx, h, &image, &verdict, &target, cancel).await?;
+    populate(ctx, h, &image, &verdict, &target, None, cancel).await?;
     finalize(ctx, h, &target).await
 }
 
@@ -249,7 +253,7 @@ async fn from_golden(
         Golden::Ready(golden) => golden,
         Golden::Skip => return Ok(None),
         Golden::Build(build) => {
-            if let Err(e) = populate(ctx, h, image, verdict, &build.target, cancel).await {
+            if let Err(e) = populate(ctx, h, image, verdict, &build.target, None, cancel).await {
                 clones.abandon(build).await;
                 return Err(e);
             }
@@ -310,7 +314,7 @@ pub(super) async fn create_owned(
 }
 
 /// The volume a provision job writes: its name and size in bytes.
-fn target_of(spec: &JobSpec) -> StepResult<(String, u64)> {
+pub(super) fn target_of(spec: &JobSpec) -> StepResult<(String, u64)> {
     let name = spec
         .volume_name
         .clone()
@@ -338,7 +342,11 @@ fn check_declared_type(verdict: &Inspection, declared: Option<ImageType>) -> Ste
 }
 
 /// The image must be of the requested format and fit the requested size.
-fn check_image(verdict: &Inspection, spec: &JobSpec, size_bytes: u64) -> StepResult<Inspection> {
+pub(super) fn check_image(
+    verdict: &Inspection,
+    spec: &JobSpec,
+    size_bytes: u64,
+) -> StepResult<Inspection> {
     check_declared_type(verdict, spec.image_type)?;
     if verdict.virtual_size > size_bytes {
         metrics().image_error("inspect", "too_large");
@@ -351,13 +359,14 @@ fn check_image(verdict: &Inspection, spec: &JobSpec, size_bytes: u64) -> StepRes
     Ok(*verdict)
 }
 
-/// The conversion of `image` into `target`: O_DIRECT when the target takes it, the IO limits
-/// of the settings now.
+/// The conversion of `image` into `target` (through the LUKS driver with `luks`): O_DIRECT
+/// when the target takes it, the IO limits of the settings now.
 async fn spec_for(
     ctx: &RunContext,
     image: &CachedImage,
     verdict: &Inspection,
     target: &VolumeInfo,
+    luks: Option<Arc<SecretFd>>,
 ) -> ConvertSpec {
     let target_path = target.path.clone();
     let direct_io = tokio::task::spawn_blocking(move || convert::supports_direct_io(&target_path))
@@ -382,22 +391,25 @@ async fn spec_for(
         force_share: false,
         rate_limit: io.copy_rate(),
         io_priority: io.priority.ioprio(),
+        luks,
     }
 }
 
-/// Writes the image into the volume with qemu-img, reporting its progress.
-async fn populate(
+/// Writes the image into the volume with qemu-img (through the LUKS driver with `luks`),
+/// reporting its progress.
+pub(super) async fn populate(
     ctx: &RunContext,
     h: &mut JobHandle,
     image: &CachedImage,
     verdict: &Inspection,
     target: &VolumeInfo,
+    luks: Option<Arc<SecretFd>>,
     cancel: &CancellationToken,
 ) -> StepResult<()> {
     let started = Instant::now();
     h.tracker.start_convert(verdict.virtual_size, started);
     h.publish(true);
-    let convert_spec = spec_for(ctx, image, verdict, target).await;
+    let convert_spec = spec_for(ctx, image, verdict, target, luks).await;
     let span = tracing::info_span!(
         "populate",
         otel.name = "PopulateVolume",
@@ -499,6 +511,7 @@ async fn prepare_volume(
         let mut tail = WipeMode::Zero;
         let target = match ctx.volumes.inspect(name).await? {
             Some(existing) => {
+                refuse_encrypted(ctx, name)?;
                 let setting = ctx.settings.current().volumes.wipe_on_reuse;
                 tail = volume::effective_wipe(setting, existing.kind);
                 volume::check_reusable(&existing, size_bytes)?;
@@ -544,21 +557,38 @@ async fn prepare_volume(
     .await
 }
 
-/// Removes the job's volume if (and only if) the job created it.
+/// Removes the job's volume if (and only if) the job created it, then the key it made for it
+/// (an encrypted volume's).
 pub(crate) async fn rollback(ctx: &RunContext, job: &Job) -> Result<(), VolumeError> {
-    if !job.owns_volume() {
-        return Ok(());
-    }
     let Some(name) = &job.spec.volume_name else {
         return Ok(());
     };
-    let span = tracing::info_span!("delete_volume", otel.name = "DeleteVolume", volume_name = %name, reason = "rollback");
-    async {
-        tracing::info!("removing volume created by the failed job");
-        ctx.volumes.remove_created(name, &job.id.to_string()).await
+    if job.owns_volume() {
+        let span = tracing::info_span!("delete_volume", otel.name = "DeleteVolume", volume_name = %name, reason = "rollback");
+        async {
+            tracing::info!("removing volume created by the failed job");
+            ctx.volumes.remove_created(name, &job.id.to_string()).await
+        }
+        .instrument(span)
+        .await?;
     }
-    .instrument(span)
-    .await
+    // The job's key goes once its volume is gone (or was never the job's to remove).
+    if job.encryption.is_some() {
+        tracing::info!(volume = %name, "forgetting the key made by the failed job");
+        ctx.encryption.forget(name).await?;
+    }
+    Ok(())
+}
+
+/// An encrypted volume is never reused (its key would no longer match what is written).
+fn refuse_encrypted(ctx: &RunContext, name: &str) -> Result<(), VolumeError> {
+    match ctx.encryption.record(name)? {
+        Some(_) => Err(VolumeError::EncryptionRefused(format!(
+            "volume {name} is encrypted and is never reused; delete it first (a crypto-erase) \
+             or choose another name"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Submission-time check: an existing volume of this name must be reusable (else 409).
@@ -571,8 +601,21 @@ pub(crate) async fn check_volume_usable(
     };
     // The API bounds volume_size_gb far below an overflow.
     let size = volume::gib_to_bytes(gb).unwrap_or(u64::MAX);
-    match ctx.volumes.inspect(name).await? {
-        Some(existing) => volume::check_reusable(&existing, size),
+    let existing = ctx.volumes.inspect(name).await?;
+    if let Some(encryption) = &spec.encryption {
+        if existing.is_some() {
+            return Err(VolumeError::EncryptionRefused(format!(
+                "volume {name} exists; an encrypted volume is always made new (delete it first or \
+                 choose another name)"
+            )));
+        }
+        return ctx.encryption.check(name, encryption).await;
+    }
+    match existing {
+        Some(existing) => {
+            refuse_encrypted(ctx, name)?;
+            volume::check_reusable(&existing, size)
+        }
         None => Ok(()),
     }
 }

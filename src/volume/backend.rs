@@ -182,8 +182,15 @@ pub(crate) trait VolumeBackend: Send + Sync {
 
     /// Grows the volume to at least `size_bytes` (backends round up to their unit); callers
     /// have checked that it exists, may be grown and is smaller. Returns the volume as it is
-    /// now, and the running domain told about the new size, if one uses it.
-    async fn grow(&self, volume: &VolumeInfo, size_bytes: u64) -> Result<Grown, VolumeError>;
+    /// now, and the running domain told about the new size, if one uses it. `header_bytes`:
+    /// bytes at the volume's start the guest does not see (a LUKS header; 0 for a plain
+    /// volume): the domain is told the size less these.
+    async fn grow(
+        &self,
+        volume: &VolumeInfo,
+        size_bytes: u64,
+        header_bytes: u64,
+    ) -> Result<Grown, VolumeError>;
 
     /// Whether `snapshot` can make a clone of `source` (an LVM thin LV: a thin snapshot).
     fn can_snapshot(&self, _source: &VolumeInfo) -> bool {

@@ -135,6 +135,16 @@ pub(crate) fn zero_from(
     )
 }
 
+/// Zeroes the first `len` bytes of `path` (a block device; all of it when smaller, rounded up
+/// to its logical block size), then flushes the device.
+pub(crate) fn zero_head(path: &Path, len: u64) -> Result<(), VolumeError> {
+    let dev = Device::open(path)?;
+    let end = (len.div_ceil(dev.sector) * dev.sector).min(dev.size);
+    let progress = WipeProgress::default();
+    dev.each_chunk((0, end), &CancellationToken::new(), &progress, false)?;
+    dev.file.sync_all().map_err(|e| VolumeError::io(path, e))
+}
+
 /// Wipes `path` (a block device) from `start` (rounded down to its logical block size) to its
 /// end as `mode` says, in large ranges, counting into `progress`. A discard covers the whole
 /// granules inside the range and zeroes the pieces at its edges (a partial granule is not

@@ -231,7 +231,12 @@ impl VolumeBackend for DirectoryBackend {
     }
 
     /// `set_len` on the file, once the file system has the added bytes free.
-    async fn grow(&self, volume: &VolumeInfo, size_bytes: u64) -> Result<Grown, VolumeError> {
+    async fn grow(
+        &self,
+        volume: &VolumeInfo,
+        size_bytes: u64,
+        _header_bytes: u64,
+    ) -> Result<Grown, VolumeError> {
         let (path, dir) = (volume.path.clone(), self.dir.clone());
         let added = size_bytes.saturating_sub(volume.size_bytes);
         tokio::task::spawn_blocking(move || -> Result<(), VolumeError> {

@@ -31,6 +31,11 @@ pub(crate) enum VolumeError {
     /// An LVM command succeeded but its report is not what was expected.
     #[error("{command}: {detail}")]
     Report { command: String, detail: String },
+    /// An encrypted volume cannot be made or used as asked (a caller's secret unknown, of
+    /// another usage or private; libvirt down; an image that is not qcow2 or raw; a volume
+    /// that exists). API: 409, reason `encryption_refused`.
+    #[error("{0}")]
+    EncryptionRefused(String),
     #[error("volume I/O on {path}: {source}")]
     Io {
         path: PathBuf,

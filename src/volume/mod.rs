@@ -1,6 +1,6 @@
 //! Volumes: the backend seam (`backend.rs`: the trait, what a backend reports, the reuse rule),
 //! the name rules (`names.rs`), what wiping means (`wipe.rs`), typed errors (`error.rs`), shared block-device work
-//! (`blockdev.rs`), clone stores (`clones.rs`: golden copies new volumes are cloned from), the
+//! (`blockdev.rs`), encrypted volumes (`encrypt/`: LUKS keys, crypto-erase), clone stores (`clones.rs`: golden copies new volumes are cloned from), the
 //! backends (`directory.rs` with `reflink.rs`, `lvm/`), the libvirt wrapper (`libvirt/`), and
 //! selecting what the settings ask for (`select.rs` from the plain `spec.rs`). Everything
 //! backend-specific lives below this folder; the rest of the daemon sees the trait, the clone
@@ -10,6 +10,7 @@ mod backend;
 mod blockdev;
 pub(crate) mod clones;
 pub(crate) mod directory;
+pub(crate) mod encrypt;
 mod error;
 pub(crate) mod libvirt;
 mod lvm;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use super::backend::VolumeBackend;
 use super::clones::CloneStore;
 use super::directory::DirectoryBackend;
+use super::encrypt::Encryption;
 use super::error::VolumeError;
 use super::libvirt::{Libvirt, LibvirtVolumes};
 use super::lvm::{GoldenImages, LvmBackend, ThinPool};
@@ -24,18 +25,24 @@ pub(crate) struct Volumes {
     pub(crate) clones: Option<Arc<dyn CloneStore>>,
     /// Readiness probes of the backend's dependencies (`lvm`, `thin_pool`, `libvirt`).
     pub(crate) probes: Vec<Probe>,
+    /// Keys of encrypted volumes (in libvirt when it is on, else in the key directory).
+    pub(crate) encryption: Arc<Encryption>,
     /// The LVM backend, for its thin pool's start-up report.
     lvm: Option<Arc<LvmBackend>>,
 }
 
 /// Builds what `spec` asks for. Runs no command (a reflink check writes two small files).
 pub(crate) fn select(spec: &VolumeSpec) -> Result<Volumes, VolumeError> {
+    let libvirt = spec
+        .libvirt
+        .as_ref()
+        .map(|l| Arc::new(Libvirt::new(&l.uri, &l.pool)));
+    let encryption = Arc::new(Encryption::new(&spec.key_dir, libvirt.clone())?);
     let mut volumes = match &spec.backend {
-        BackendSpec::Directory(dir) => directory(dir)?,
-        BackendSpec::Lvm(lvm) => lvm_volumes(lvm)?,
+        BackendSpec::Directory(dir) => directory(dir, encryption)?,
+        BackendSpec::Lvm(lvm) => lvm_volumes(lvm, encryption)?,
     };
-    if let Some(l) = &spec.libvirt {
-        let libvirt = Arc::new(Libvirt::new(&l.uri, &l.pool));
+    if let Some(libvirt) = libvirt {
         volumes.backend = Arc::new(LibvirtVolumes::new(volumes.backend, libvirt.clone()));
         volumes.probes.push(Probe::new("libvirt", move || {
             let libvirt = libvirt.clone();
@@ -45,7 +52,7 @@ pub(crate) fn select(spec: &VolumeSpec) -> Result<Volumes, VolumeError> {
     Ok(volumes)
 }
 
-fn directory(spec: &DirectorySpec) -> Result<Volumes, VolumeError> {
+fn directory(spec: &DirectorySpec, encryption: Arc<Encryption>) -> Result<Volumes, VolumeError> {
     let backend = Arc::new(DirectoryBackend::new(&spec.path)?);
     let clones: Option<Arc<dyn CloneStore>> = if spec.golden_images {
         ReflinkStore::open(&spec.path, spec.golden_max_bytes)?
@@ -57,11 +64,12 @@ fn directory(spec: &DirectorySpec) -> Result<Volumes, VolumeError> {
         backend,
         clones,
         probes: Vec::new(),
+        encryption,
         lvm: None,
     })
 }
 
-fn lvm_volumes(spec: &LvmSpec) -> Result<Volumes, VolumeError> {
+fn lvm_volumes(spec: &LvmSpec, encryption: Arc<Encryption>) -> Result<Volumes, VolumeError> {
     let mut lvm =
         LvmBackend::new(&spec.volume_group, spec.command_timeout)?.with_devices(&spec.devices);
     if let Some(pool) = &spec.thin_pool {
@@ -98,6 +106,7 @@ fn lvm_volumes(spec: &LvmSpec) -> Result<Volumes, VolumeError> {
         backend: lvm.clone(),
         clones: golden.map(|g| g as Arc<dyn CloneStore>),
         probes,
+        encryption,
         lvm: Some(lvm),
     })
 }

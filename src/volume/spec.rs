@@ -12,6 +12,8 @@ pub(crate) struct VolumeSpec {
     /// libvirt integration (`libvirt.pool` set): running domains are asked before a volume is
     /// reused or deleted, and the pool is refreshed after changes.
     pub(crate) libvirt: Option<LibvirtSpec>,
+    /// The key directory of encrypted volumes (`volumes.encryption.key_dir`, resolved).
+    pub(crate) key_dir: PathBuf,
 }
 
 /// Which backend, with its own settings.

@@ -180,8 +180,13 @@ impl VolumeBackend for LibvirtVolumes {
 
     /// Grows the volume, then tells the running domain that has it as a disk (not as a
     /// backing file: a qcow2 overlay above it keeps its own size) through `blockresize`.
-    async fn grow(&self, volume: &VolumeInfo, size_bytes: u64) -> Result<Grown, VolumeError> {
-        let mut grown = self.inner.grow(volume, size_bytes).await?;
+    async fn grow(
+        &self,
+        volume: &VolumeInfo,
+        size_bytes: u64,
+        header_bytes: u64,
+    ) -> Result<Grown, VolumeError> {
+        let mut grown = self.inner.grow(volume, size_bytes, header_bytes).await?;
         let disks = match self.libvirt.active_domain_disks().await {
             Ok(disks) => disks,
             Err(e) => {
@@ -195,9 +200,9 @@ impl VolumeBackend for LibvirtVolumes {
             .unwrap_or_default();
         if let Some(disk) = using.into_iter().next() {
             self.libvirt
-                .block_resize(&disk.domain, &disk.path, grown.size_bytes)
+                .block_resize(&disk.domain, &disk.path, grown.size_bytes - header_bytes)
                 .await?;
-            tracing::info!(volume = %volume.name, domain = %disk.domain, bytes = grown.size_bytes, "running domain told the new size");
+            tracing::info!(volume = %volume.name, domain = %disk.domain, bytes = grown.size_bytes - header_bytes, "running domain told the new size");
             grown.live_domain = Some(disk.domain);
         }
         self.libvirt.refresh().await;

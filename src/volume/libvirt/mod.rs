@@ -1,13 +1,16 @@
 //! libvirt integration, on when `libvirt.pool` is set: the `virsh` calls the daemon makes
 //! (refreshing the pool, probing it, listing the disks of running domains), and the backend
-//! wrapper that puts them around every volume operation (`guarded`).
+//! wrapper that puts them around every volume operation (`guarded`), and the secrets of
+//! encrypted volumes (`secrets`).
 
 mod domains;
 mod guarded;
+mod secrets;
 
 use std::time::Duration;
 
 pub(crate) use guarded::LibvirtVolumes;
+pub(crate) use secrets::SecretError;
 
 use crate::command::{self, CommandError};
 use crate::telemetry::metrics::metrics;
@@ -18,6 +21,14 @@ use domains::DomainDisk;
 /// ("cannot ask libvirt"). A libvirtd that just started can take seconds for its first answer
 /// (measured in the test VM: over 10 s under emulation).
 const VIRSH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long one virsh call may take.
+fn virsh_limit() -> command::Limit {
+    command::Limit {
+        timeout: VIRSH_TIMEOUT,
+        setting: None,
+    }
+}
 
 /// libvirt as the daemon talks to it: `virsh -c <libvirt.uri>`, about storage pool
 /// `libvirt.pool`.
@@ -45,11 +56,7 @@ impl Libvirt {
     async fn virsh(&self, args: &[&str]) -> Result<String, CommandError> {
         let mut all = vec!["-c", &self.uri];
         all.extend_from_slice(args);
-        let limit = command::Limit {
-            timeout: VIRSH_TIMEOUT,
-            setting: None,
-        };
-        command::run(&self.program, &all, limit).await
+        command::run(&self.program, &all, virsh_limit()).await
     }
 
     /// Refreshes the pool so that libvirt lists what the daemon created or removed; errors are

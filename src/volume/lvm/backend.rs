@@ -630,7 +630,12 @@ impl VolumeBackend for LvmBackend {
 
     /// `lvextend` to whole extents, after the space check of a new LV of the added size (the
     /// thin pool's threshold, the VG's free extents).
-    async fn grow(&self, volume: &VolumeInfo, size_bytes: u64) -> Result<Grown, VolumeError> {
+    async fn grow(
+        &self,
+        volume: &VolumeInfo,
+        size_bytes: u64,
+        _header_bytes: u64,
+    ) -> Result<Grown, VolumeError> {
         let extent_size = self.extent_size().await?;
         let need = extents_for(size_bytes, extent_size)
             .map(|e| e * extent_size)

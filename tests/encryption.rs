@@ -1,0 +1,409 @@
+//! Encrypted volumes on the host (directory backend, libvirt off: keys in
+//! `volumes.encryption.key_dir`), with the real binary and the real qemu-img: the image reads
+//! back through QEMU's LUKS driver and its plaintext is nowhere in the volume's bytes; the
+//! passphrase is in no argument list or environment sampled while the job runs, and in no file
+//! outside the key directory; delete is a crypto-erase, finished at start-up when a crash cut
+//! it short at any step; grow; an encrypted clone of a plain volume; and the refusals.
+//! The libvirt side (private secrets, a domain that opens the volume) is tests/libvirt_vm.rs.
+
+mod common;
+
+use std::collections::HashSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+const MINUTE: Duration = Duration::from_secs(60);
+const MIB: usize = 1 << 20;
+/// Plaintext the image holds at several offsets.
+const MARKER: &[u8] = b"LVP-PLAINTEXT-MARKER-7f3a9c";
+
+/// A 64 MiB qcow2 holding `MARKER` (and random data) at a few offsets; returns its path.
+fn marked_image(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir.join("images")).unwrap();
+    let raw = dir.join("images/marked.raw");
+    let mut bytes = vec![0u8; 64 * MIB];
+    for (i, off) in [0usize, 3 * MIB, 17 * MIB, 40 * MIB]
+        .into_iter()
+        .enumerate()
+    {
+        let data = random_bytes(MIB, i as u64);
+        bytes[off..off + MIB].copy_from_slice(&data);
+        for k in 0..64 {
+            let at = off + k * 4096;
+            bytes[at..at + MARKER.len()].copy_from_slice(MARKER);
+        }
+    }
+    std::fs::write(&raw, &bytes).unwrap();
+    let qcow2 = dir.join("images/marked.qcow2");
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        qcow2.to_str().unwrap(),
+    ]);
+    std::fs::remove_file(&raw).unwrap();
+    qcow2
+}
+
+fn config(dir: &Path) -> TestConfig {
+    TestConfig::new(dir).set(
+        "volumes.encryption.key_dir",
+        dir.join("keys").display().to_string(),
+    )
+}
+
+/// Whether `haystack` contains `needle`.
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Reads every process's command line and environment until `stop`, keeping what it saw.
+fn sample_processes(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<HashSet<Vec<u8>>> {
+    std::thread::spawn(move || {
+        let mut seen = HashSet::new();
+        while !stop.load(Ordering::Relaxed) {
+            for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+                for what in ["cmdline", "environ"] {
+                    if let Ok(bytes) = std::fs::read(entry.path().join(what)) {
+                        seen.insert(bytes);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        seen
+    })
+}
+
+/// Every regular file below `dir` (recursively), except those below `except`.
+fn files_below(dir: &Path, except: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.starts_with(except) {
+            continue;
+        }
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            out.extend(files_below(&path, except));
+        } else if meta.is_file() {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// `qemu-img compare` of the image with the first `bytes` of the volume's LUKS payload (opened
+/// with the passphrase in `key_file`): whether they are identical.
+fn compare_through_luks(
+    image: &Path,
+    volume: &Path,
+    key_file: &Path,
+    bytes: u64,
+) -> (bool, String) {
+    let window = format!(
+        "driver=raw,size={bytes},file.driver=luks,file.key-secret=k,file.file.filename={}",
+        volume.display()
+    );
+    output_of(
+        std::process::Command::new("qemu-img")
+            .arg("compare")
+            .arg("--object")
+            .arg(format!("secret,id=k,file={}", key_file.display()))
+            .arg("--image-opts")
+            .arg(format!("driver=qcow2,file.filename={}", image.display()))
+            .arg(window),
+    )
+}
+
+/// The LUKS payload's size as qemu-img sees it through the driver.
+fn luks_virtual_size(volume: &Path, key_file: &Path) -> u64 {
+    let (ok, out) = output_of(
+        std::process::Command::new("qemu-img")
+            .args(["info", "--output=json", "--object"])
+            .arg(format!("secret,id=k,file={}", key_file.display()))
+            .arg("--image-opts")
+            .arg(format!(
+                "driver=luks,key-secret=k,file.filename={}",
+                volume.display()
+            )),
+    );
+    assert!(ok, "{out}");
+    let info: Value = serde_json::from_str(&out).unwrap();
+    info["virtual-size"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn an_encrypted_volume_holds_the_image_its_key_stays_private_and_delete_erases_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let image = marked_image(dir);
+    let d = Daemon::start(dir, &config(dir));
+    let c = client();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = sample_processes(stop.clone());
+    let id = submit(
+        &c,
+        &d,
+        json!({"image_url": file_url(&image), "volume_name": "enc-1", "volume_size_gb": 1,
+               "encryption": {"format": "luks"}}),
+    )
+    .await;
+    let job = wait_job(&c, &d, &id, MINUTE).await;
+    stop.store(true, Ordering::Relaxed);
+    let seen = sampler.join().unwrap();
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["method"], "copy", "{job}");
+    assert_eq!(job["encryption"]["format"], "luks", "{job}");
+    assert!(job["encryption"].get("secret_uuid").is_none(), "{job}");
+    let key_file = PathBuf::from(job["encryption"]["key_file"].as_str().unwrap());
+    assert_eq!(key_file, dir.join("keys/enc-1.key"));
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&key_file), 0o600);
+    assert_eq!(mode(&dir.join("keys")), 0o700);
+    let passphrase = std::fs::read(&key_file).unwrap();
+    assert!(passphrase.len() >= 64, "{} bytes", passphrase.len());
+
+    // The image reads back through the LUKS driver; the volume's bytes hold no plaintext.
+    let volume = dir.join("volumes/enc-1");
+    let (same, out) = compare_through_luks(&image, &volume, &key_file, 64 << 20);
+    assert!(same, "{out}");
+    assert!(luks_virtual_size(&volume, &key_file) >= 1 << 30);
+    let raw = std::fs::read(&volume).unwrap();
+    assert!(!contains(&raw, MARKER), "plaintext in the volume's bytes");
+    assert!(contains(&std::fs::read(&image).unwrap(), MARKER));
+    drop(raw);
+
+    // The passphrase was in no command line or environment, and is in no file outside the
+    // key directory (state, cache, volumes, the log).
+    assert!(seen.len() > 10, "sampled {} distinct entries", seen.len());
+    assert!(
+        seen.iter().all(|s| !contains(s, &passphrase)),
+        "passphrase in /proc"
+    );
+    for file in files_below(dir, &dir.join("keys")) {
+        let bytes = std::fs::read(&file).unwrap();
+        assert!(
+            !contains(&bytes, &passphrase),
+            "passphrase in {}",
+            file.display()
+        );
+    }
+    assert!(
+        !contains(d.log().as_bytes(), &passphrase),
+        "passphrase in the log"
+    );
+
+    // Delete is a crypto-erase: the volume and its key are gone at once.
+    let (status, body) = delete(&c, &d.url("/api/v1/volumes/enc-1")).await;
+    assert_eq!(
+        (status, &body["status"]),
+        (200, &"deleted".into()),
+        "{body}"
+    );
+    assert!(!volume.exists());
+    assert!(!key_file.exists());
+    assert!(!dir.join("keys/enc-1.json").exists());
+    let left: Vec<_> = std::fs::read_dir(dir.join("keys/.erasing"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// The erase record of `name` as a crash after its first step leaves it.
+fn erasing_record(dir: &Path, name: &str, volume_removed: bool) {
+    let record = json!({
+        "record": {"format": "luks", "key_file": dir.join(format!("keys/{name}.key"))},
+        "volume_removed": volume_removed,
+    });
+    std::fs::write(
+        dir.join(format!("keys/.erasing/{name}.json")),
+        record.to_string(),
+    )
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_crypto_erase_cut_short_at_any_step_is_finished_at_start_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let image = marked_image(dir);
+    let config = config(dir);
+    let d = Daemon::start(dir, &config);
+    let c = client();
+    for name in ["e-1", "e-2", "e-3"] {
+        let id = submit(
+            &c,
+            &d,
+            json!({"image_url": file_url(&image), "volume_name": name, "volume_size_gb": 1,
+                   "encryption": {"format": "luks"}}),
+        )
+        .await;
+        let job = wait_job(&c, &d, &id, MINUTE).await;
+        assert_eq!(job["status"], "completed", "{job}");
+    }
+    d.kill9();
+    // e-1: killed right after the intent was recorded (the record moved, nothing else done);
+    // e-2: after its header was zeroed (the volume still there); e-3: after the volume was
+    // removed (only the key left to forget); and a new plain volume made under e-3's name since,
+    // which must stay as it is.
+    for name in ["e-1", "e-2", "e-3"] {
+        std::fs::remove_file(dir.join(format!("keys/{name}.json"))).unwrap();
+        erasing_record(dir, name, name == "e-3");
+    }
+    let e2 = dir.join("volumes/e-2");
+    let f = std::fs::OpenOptions::new().write(true).open(&e2).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &vec![0u8; 16 * MIB], 0).unwrap();
+    drop(f);
+    std::fs::remove_file(dir.join("volumes/e-3")).unwrap();
+    std::fs::write(dir.join("volumes/e-3"), vec![0x5au8; MIB]).unwrap();
+
+    let d = Daemon::start(dir, &config);
+    let erasing = || {
+        std::fs::read_dir(dir.join("keys/.erasing"))
+            .unwrap()
+            .count()
+    };
+    let deadline = std::time::Instant::now() + MINUTE;
+    while erasing() > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(erasing(), 0, "{}", d.log());
+    for name in ["e-1", "e-2"] {
+        assert!(!dir.join(format!("volumes/{name}")).exists(), "{name}");
+    }
+    for name in ["e-1", "e-2", "e-3"] {
+        assert!(!dir.join(format!("keys/{name}.key")).exists(), "{name}");
+    }
+    assert_eq!(
+        std::fs::read(dir.join("volumes/e-3")).unwrap(),
+        vec![0x5au8; MIB],
+        "the new volume under the name is untouched"
+    );
+    assert!(d.log().contains("interrupted crypto-erase finished"));
+}
+
+#[tokio::test]
+async fn encrypted_volumes_grow_clone_from_plain_and_refuse_what_they_cannot_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let image = marked_image(dir);
+    let d = Daemon::start(dir, &config(dir));
+    let c = client();
+    let luks = json!({"format": "luks"});
+    let provision = |name: &str, extra: Value| {
+        let mut body = json!({"image_url": file_url(&image), "volume_name": name,
+                              "volume_size_gb": 1});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let id = submit(&c, &d, provision("enc", json!({"encryption": luks}))).await;
+    assert_eq!(wait_job(&c, &d, &id, MINUTE).await["status"], "completed");
+    let key_file = dir.join("keys/enc.key");
+    let volume = dir.join("volumes/enc");
+
+    // Grow: the payload follows; the same size changes nothing; smaller is refused.
+    let resize = |gb: u64| {
+        let (c, url) = (c.clone(), d.url("/api/v1/volumes/enc/resize"));
+        async move { post(&c, &url, &json!({"size_gb": gb})).await }
+    };
+    let (status, body) = resize(1).await;
+    assert_eq!(
+        (status, &body["size_bytes"]),
+        (200, &json!(1u64 << 30)),
+        "{body}"
+    );
+    let (status, body) = resize(2).await;
+    assert_eq!(
+        (status, &body["size_bytes"]),
+        (200, &json!(2u64 << 30)),
+        "{body}"
+    );
+    assert!(luks_virtual_size(&volume, &key_file) >= 2 << 30);
+    let (same, out) = compare_through_luks(&image, &volume, &key_file, 64 << 20);
+    assert!(same, "{out}");
+    let (status, body) = resize(1).await;
+    assert_eq!(
+        (status, &body["reason"]),
+        (409, &"shrink_refused".into()),
+        "{body}"
+    );
+
+    // An encrypted clone of a plain volume.
+    let id = submit(&c, &d, provision("plain", json!({}))).await;
+    assert_eq!(wait_job(&c, &d, &id, MINUTE).await["status"], "completed");
+    let url = d.url("/api/v1/volumes/plain/clone");
+    let (status, body) = post(
+        &c,
+        &url,
+        &json!({"target": "plain-enc", "encryption": luks}),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let job = wait_job(&c, &d, body["job_id"].as_str().unwrap(), MINUTE).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["method"], "copy", "{job}");
+    let clone_key = PathBuf::from(job["encryption"]["key_file"].as_str().unwrap());
+    let cloned = dir.join("volumes/plain-enc");
+    let (same, out) = compare_through_luks(&image, &cloned, &clone_key, 64 << 20);
+    assert!(same, "{out}");
+    assert!(!contains(&std::fs::read(&cloned).unwrap(), MARKER));
+
+    // Refusals, each with its reason and nothing made.
+    let refused = |(status, body): (u16, Value)| {
+        assert_eq!(
+            (status, &body["reason"]),
+            (409, &"encryption_refused".into()),
+            "{body}"
+        );
+    };
+    let jobs = d.url("/api/v1/jobs");
+    let secret = json!({"encryption": {"format": "luks",
+                                        "secret_uuid": "0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f"}});
+    refused(post(&c, &jobs, &provision("s", secret)).await);
+    refused(post(&c, &jobs, &provision("enc", json!({"encryption": luks}))).await);
+    refused(post(&c, &jobs, &provision("plain", json!({"encryption": luks}))).await);
+    refused(post(&c, &jobs, &provision("enc", json!({}))).await);
+    let url = d.url("/api/v1/volumes/enc/clone");
+    refused(post(&c, &url, &json!({"target": "enc-copy"})).await);
+    for bad in [
+        json!({"format": "aes"}),
+        json!({}),
+        json!({"format": "luks", "secret_uuid": "x"}),
+    ] {
+        let (status, body) = post(&c, &jobs, &provision("b", json!({"encryption": bad}))).await;
+        assert_eq!(status, 400, "{body}");
+    }
+    // An image that is not qcow2 or raw: the job fails before anything is made.
+    let vmdk = dir.join("images/disk.vmdk");
+    qemu_img(&["create", "-q", "-f", "vmdk", vmdk.to_str().unwrap(), "16M"]);
+    let body = json!({"image_url": file_url(&vmdk), "image_type": "vmdk", "volume_name": "v",
+                      "volume_size_gb": 1, "encryption": luks});
+    let id = submit(&c, &d, body).await;
+    let job = wait_job(&c, &d, &id, MINUTE).await;
+    assert_eq!(
+        (&job["status"], &job["reason"]),
+        (&json!("failed"), &json!("encryption_refused")),
+        "{job}"
+    );
+    assert!(!dir.join("volumes/v").exists());
+    assert!(!dir.join("keys/v.key").exists() && !dir.join("keys/v.json").exists());
+}
