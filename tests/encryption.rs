@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,26 +19,12 @@ use serde_json::{Value, json};
 
 const MINUTE: Duration = Duration::from_secs(60);
 const MIB: usize = 1 << 20;
-/// Plaintext the image holds at several offsets.
-const MARKER: &[u8] = b"LVP-PLAINTEXT-MARKER-7f3a9c";
 
 /// A 64 MiB qcow2 holding `MARKER` (and random data) at a few offsets; returns its path.
 fn marked_image(dir: &Path) -> PathBuf {
     std::fs::create_dir_all(dir.join("images")).unwrap();
     let raw = dir.join("images/marked.raw");
-    let mut bytes = vec![0u8; 64 * MIB];
-    for (i, off) in [0usize, 3 * MIB, 17 * MIB, 40 * MIB]
-        .into_iter()
-        .enumerate()
-    {
-        let data = random_bytes(MIB, i as u64);
-        bytes[off..off + MIB].copy_from_slice(&data);
-        for k in 0..64 {
-            let at = off + k * 4096;
-            bytes[at..at + MARKER.len()].copy_from_slice(MARKER);
-        }
-    }
-    std::fs::write(&raw, &bytes).unwrap();
+    marked_raw(&raw, 64 * MIB);
     let qcow2 = dir.join("images/marked.qcow2");
     qemu_img(&[
         "convert",
@@ -60,92 +45,6 @@ fn config(dir: &Path) -> TestConfig {
         "volumes.encryption.key_dir",
         dir.join("keys").display().to_string(),
     )
-}
-
-/// Whether `haystack` contains `needle`.
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-/// Reads every process's command line and environment until `stop`, keeping what it saw.
-fn sample_processes(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<HashSet<Vec<u8>>> {
-    std::thread::spawn(move || {
-        let mut seen = HashSet::new();
-        while !stop.load(Ordering::Relaxed) {
-            for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-                for what in ["cmdline", "environ"] {
-                    if let Ok(bytes) = std::fs::read(entry.path().join(what)) {
-                        seen.insert(bytes);
-                    }
-                }
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        seen
-    })
-}
-
-/// Every regular file below `dir` (recursively), except those below `except`.
-fn files_below(dir: &Path, except: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.starts_with(except) {
-            continue;
-        }
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
-            continue;
-        };
-        if meta.is_dir() {
-            out.extend(files_below(&path, except));
-        } else if meta.is_file() {
-            out.push(path);
-        }
-    }
-    out
-}
-
-/// `qemu-img compare` of the image with the first `bytes` of the volume's LUKS payload (opened
-/// with the passphrase in `key_file`): whether they are identical.
-fn compare_through_luks(
-    image: &Path,
-    volume: &Path,
-    key_file: &Path,
-    bytes: u64,
-) -> (bool, String) {
-    let window = format!(
-        "driver=raw,size={bytes},file.driver=luks,file.key-secret=k,file.file.filename={}",
-        volume.display()
-    );
-    output_of(
-        std::process::Command::new("qemu-img")
-            .arg("compare")
-            .arg("--object")
-            .arg(format!("secret,id=k,file={}", key_file.display()))
-            .arg("--image-opts")
-            .arg(format!("driver=qcow2,file.filename={}", image.display()))
-            .arg(window),
-    )
-}
-
-/// The LUKS payload's size as qemu-img sees it through the driver.
-fn luks_virtual_size(volume: &Path, key_file: &Path) -> u64 {
-    let (ok, out) = output_of(
-        std::process::Command::new("qemu-img")
-            .args(["info", "--output=json", "--object"])
-            .arg(format!("secret,id=k,file={}", key_file.display()))
-            .arg("--image-opts")
-            .arg(format!(
-                "driver=luks,key-secret=k,file.filename={}",
-                volume.display()
-            )),
-    );
-    assert!(ok, "{out}");
-    let info: Value = serde_json::from_str(&out).unwrap();
-    info["virtual-size"].as_u64().unwrap()
 }
 
 #[tokio::test]
@@ -184,7 +83,7 @@ async fn an_encrypted_volume_holds_the_image_its_key_stays_private_and_delete_er
     let volume = dir.join("volumes/enc-1");
     let (same, out) = compare_through_luks(&image, &volume, &key_file, 64 << 20);
     assert!(same, "{out}");
-    assert!(luks_virtual_size(&volume, &key_file) >= 1 << 30);
+    assert!(luks_virtual_size(&volume, &key_file).unwrap() >= 1 << 30);
     let raw = std::fs::read(&volume).unwrap();
     assert!(!contains(&raw, MARKER), "plaintext in the volume's bytes");
     assert!(contains(&std::fs::read(&image).unwrap(), MARKER));
@@ -337,7 +236,7 @@ async fn encrypted_volumes_grow_clone_from_plain_and_refuse_what_they_cannot_do(
         (200, &json!(2u64 << 30)),
         "{body}"
     );
-    assert!(luks_virtual_size(&volume, &key_file) >= 2 << 30);
+    assert!(luks_virtual_size(&volume, &key_file).unwrap() >= 2 << 30);
     let (same, out) = compare_through_luks(&image, &volume, &key_file, 64 << 20);
     assert!(same, "{out}");
     let (status, body) = resize(1).await;

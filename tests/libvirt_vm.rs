@@ -7,21 +7,26 @@
 
 mod common;
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::libvirt::*;
 use common::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const VG: &str = "vmlv";
 const DIR_POOL: &str = "dirpool";
 const JOB_TIMEOUT: Duration = Duration::from_secs(240);
 /// The small image most jobs write (raw, made by the test).
 const SMALL: &str = "small.raw";
+/// A qcow2 holding `MARKER` in plaintext (made by the test), for the encryption cases.
+const MARKED: &str = "marked.qcow2";
 
 /// Cases in the order they run (later ones use volumes and domains earlier ones made).
-const CASES: [Case<Ctx>; 5] = [
+const CASES: [Case<Ctx>; 7] = [
     ("module_pool_unit_defines_the_pool", |c| {
         Box::pin(module_pool_unit(c))
     }),
@@ -36,6 +41,12 @@ const CASES: [Case<Ctx>; 5] = [
     }),
     ("libvirtd_down_and_up", |c| {
         Box::pin(libvirtd_down_and_up(c))
+    }),
+    ("encrypted_lv_opens_in_a_domain_with_its_secret", |c| {
+        Box::pin(encrypted_lv_opens_in_a_domain_with_its_secret(c))
+    }),
+    ("caller_secret_and_an_erase_cut_short", |c| {
+        Box::pin(caller_secret_and_an_erase_cut_short(c))
     }),
 ];
 
@@ -194,6 +205,8 @@ struct Ctx {
     c: reqwest::Client,
     /// The daemon with the lvm backend and the logical pool.
     lvm: Daemon,
+    /// The encryption cases' daemon (see `enc_url`).
+    enc: std::sync::Mutex<Option<Daemon>>,
     paths: Paths,
 }
 
@@ -224,6 +237,24 @@ async fn libvirt_end_to_end() {
     run("chmod", &["755", &dir.display().to_string()]).unwrap();
     std::fs::create_dir_all(dir.join("images")).unwrap();
     make_raw(&dir.join("images").join(SMALL), MIB);
+    let marked = dir.join("images/marked.raw");
+    marked_raw(&marked, 16 << 20);
+    let qcow2 = dir.join("images").join(MARKED).display().to_string();
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-q",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            &marked.display().to_string(),
+            &qcow2,
+        ],
+    )
+    .unwrap();
+    std::fs::remove_file(&marked).unwrap();
     corrupt_qcow2(
         &suite.data.join("disk.qcow2"),
         &dir.join("images").join("corrupt.qcow2"),
@@ -238,6 +269,7 @@ async fn libvirt_end_to_end() {
     let ctx = Ctx {
         c: client(),
         lvm: Daemon::start(&lvm_dir, &paths.lvm_config(&lvm_dir)),
+        enc: std::sync::Mutex::new(None),
         paths,
     };
     suite.lap("setup");
@@ -569,4 +601,276 @@ async fn libvirtd_down_and_up(ctx: &Ctx) -> CaseResult {
     );
     d.stop();
     Ok(())
+}
+
+/// The encrypted volumes' daemon (lvm backend, logical pool: keys in private libvirt secrets),
+/// started by the first encryption case; the second kills and restarts it.
+impl Ctx {
+    fn enc_dir(&self) -> PathBuf {
+        self.work.join("enc")
+    }
+
+    fn enc_url(&self, path: &str) -> String {
+        let daemon = self.enc.lock().unwrap();
+        daemon
+            .as_ref()
+            .expect("the encryption daemon runs")
+            .url(path)
+    }
+
+    fn enc_log(&self) -> String {
+        let daemon = self.enc.lock().unwrap();
+        daemon.as_ref().map(Daemon::log).unwrap_or_default()
+    }
+
+    /// Submits an encrypted provision of `image` into `volume` (1 GiB) and waits for its end,
+    /// sampling every process's command line and environment meanwhile.
+    async fn provision_encrypted(
+        &self,
+        image: &Path,
+        volume: &str,
+        encryption: Value,
+    ) -> Result<(Value, HashSet<Vec<u8>>), String> {
+        let body = json!({"image_url": file_url(image), "volume_name": volume,
+                          "volume_size_gb": 1, "encryption": encryption});
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampler = sample_processes(stop.clone());
+        let (status, v) = post(&self.c, &self.enc_url("/api/v1/jobs"), &body).await;
+        let id = v["job_id"].as_str().unwrap_or_default().to_string();
+        let job = async {
+            ensure!(status == 202, "submit {volume}: {status} {v}");
+            let deadline = Instant::now() + JOB_TIMEOUT;
+            loop {
+                let (_, job) = get(&self.c, &self.enc_url(&format!("/api/v1/jobs/{id}"))).await;
+                if ["completed", "failed", "cancelled"]
+                    .contains(&job["status"].as_str().unwrap_or(""))
+                {
+                    return Ok(job);
+                }
+                ensure!(Instant::now() < deadline, "{volume}: job timed out: {job}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        .await;
+        stop.store(true, Ordering::Relaxed);
+        let seen = sampler.join().map_err(|_| "the /proc sampler panicked")?;
+        let job = job?;
+        ensure!(
+            job["status"] == "completed",
+            "{volume}: {job}\n{}",
+            self.enc_log()
+        );
+        Ok((job, seen))
+    }
+
+    /// The passphrase must be in no sampled command line or environment, no file of the
+    /// daemon (state, cache) and not in its log.
+    fn passphrase_nowhere(&self, passphrase: &[u8], seen: &HashSet<Vec<u8>>) -> CaseResult {
+        ensure!(seen.len() > 10, "sampled only {} entries", seen.len());
+        ensure!(
+            seen.iter().all(|s| !contains(s, passphrase)),
+            "the passphrase was in a process's command line or environment"
+        );
+        let holding = files_holding(&self.enc_dir(), Path::new("/nonexistent"), passphrase);
+        ensure!(holding.is_empty(), "the passphrase is in {holding:?}");
+        ensure!(
+            !contains(self.enc_log().as_bytes(), passphrase),
+            "the passphrase is in the daemon's log"
+        );
+        Ok(())
+    }
+}
+
+/// The value of a secret libvirt keeps on disk (`/etc/libvirt/secrets/<uuid>.base64`): how the
+/// test learns the passphrase of a private secret.
+fn stored_secret(uuid: &str) -> Result<Vec<u8>, String> {
+    Ok(run(
+        "base64",
+        &["-d", &format!("/etc/libvirt/secrets/{uuid}.base64")],
+    )?
+    .into_bytes())
+}
+
+/// Whether the first `len` bytes of `path` contain `MARKER`.
+fn marker_in(path: &Path, len: usize) -> Result<bool, String> {
+    use std::io::Read;
+    let mut head = vec![0u8; len];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(contains(&head, MARKER))
+}
+
+/// An encrypted LV whose key the daemon makes: a private libvirt secret (usage `volume`, the
+/// LV's path) named in the job status; the image's plaintext marker is not in the LV's bytes;
+/// the passphrase is in no command line, environment, file of the daemon or log line; a paused
+/// domain with `<encryption>` and that secret starts (QEMU opened the LUKS header with it), and
+/// grows live; with another secret the domain does not start.
+async fn encrypted_lv_opens_in_a_domain_with_its_secret(ctx: &Ctx) -> CaseResult {
+    let mut t = Instant::now();
+    std::fs::create_dir_all(ctx.enc_dir()).map_err(|e| e.to_string())?;
+    let config = ctx.lvm_config(&ctx.enc_dir());
+    *ctx.enc.lock().unwrap() = Some(Daemon::start(&ctx.enc_dir(), &config));
+    let (job, seen) = ctx
+        .provision_encrypted(&ctx.image(MARKED), "enc-lv", json!({"format": "luks"}))
+        .await?;
+    step(&mut t, "encrypted provision");
+    ensure!(job["method"] == "copy", "{job}");
+    let uuid = job["encryption"]["secret_uuid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    ensure!(job["encryption"]["secret_owned"] == true, "{job}");
+    let xml = virsh(&["secret-dumpxml", "--secret", &uuid])?;
+    ensure!(
+        xml.contains("private='yes'") && xml.contains("<volume>/dev/vmlv/enc-lv</volume>"),
+        "{xml}"
+    );
+    ctx.passphrase_nowhere(&stored_secret(&uuid)?, &seen)?;
+    ensure!(
+        !marker_in(&lv_path("enc-lv"), 24 << 20)?,
+        "plaintext in the LV"
+    );
+    step(&mut t, "checked");
+
+    let node = kernel_node(&lv_path("enc-lv"))?;
+    start_paused_encrypted(&ctx.work, "dom-enc", &node, &uuid)?;
+    step(&mut t, "domain with the secret started");
+    let grown = async {
+        let url = ctx.enc_url("/api/v1/volumes/enc-lv/resize");
+        let (status, v) = post(&ctx.c, &url, &json!({"size_gb": 2})).await;
+        ensure!(
+            status == 200 && v["live"] == true && v["domain"] == "dom-enc",
+            "{status} {v}"
+        );
+        let info = virsh(&["domblkinfo", "dom-enc", "vda"])?;
+        let capacity: u64 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("Capacity:"))
+            .and_then(|c| c.trim().parse().ok())
+            .ok_or(format!("no capacity in {info:?}"))?;
+        ensure!(
+            capacity >= 2 * GIB,
+            "the domain sees {capacity} bytes: {info}"
+        );
+        Ok(())
+    }
+    .await;
+    let stopped = stop_domain("dom-enc");
+    grown?;
+    stopped?;
+    step(&mut t, "grown live, domain destroyed");
+
+    let wrong = ctx.work.join("wrong.pass");
+    std::fs::write(&wrong, "not-the-passphrase").map_err(|e| e.to_string())?;
+    let other = define_volume_secret(&ctx.work, "/var/lib/wrong", false, &wrong)?;
+    let refused = start_paused_encrypted(&ctx.work, "dom-wrong", &node, &other);
+    virsh(&["secret-undefine", "--secret", &other])?;
+    ensure!(refused.is_err(), "a domain with another secret started");
+    step(&mut t, "domain with another secret refused");
+    Ok(())
+}
+
+/// A caller's secret (`private='no'`, usage `volume`): the volume reads back through the LUKS
+/// driver with it as the image; deleting it leaves the caller's secret. A crypto-erase cut short
+/// (libvirt down when the daemon's secret is to be undefined, then kill -9) is finished at the
+/// next start: the secret is gone. Refusals: an unknown secret, a private one.
+async fn caller_secret_and_an_erase_cut_short(ctx: &Ctx) -> CaseResult {
+    let mut t = Instant::now();
+    let pass = ctx.work.join("caller.pass");
+    std::fs::write(&pass, "caller-chosen-passphrase-0123456789").map_err(|e| e.to_string())?;
+    let own = define_volume_secret(&ctx.work, "/dev/vmlv/enc-own", false, &pass)?;
+    let (job, seen) = ctx
+        .provision_encrypted(
+            &ctx.image(MARKED),
+            "enc-own",
+            json!({"format": "luks", "secret_uuid": own}),
+        )
+        .await?;
+    step(&mut t, "provision with the caller's secret");
+    ensure!(job["encryption"]["secret_uuid"] == own.as_str(), "{job}");
+    ctx.passphrase_nowhere(b"caller-chosen-passphrase-0123456789", &seen)?;
+    let (same, out) =
+        compare_through_luks(&ctx.image(MARKED), &lv_path("enc-own"), &pass, 16 * MIB);
+    ensure!(same, "compare through LUKS: {out}");
+    ensure!(
+        !marker_in(&lv_path("enc-own"), 24 << 20)?,
+        "plaintext in the LV"
+    );
+    step(&mut t, "compared");
+
+    let jobs = ctx.enc_url("/api/v1/jobs");
+    let private = define_volume_secret(&ctx.work, "/dev/vmlv/x", true, &pass)?;
+    for (uuid, why) in [
+        ("0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f", "no secret"),
+        (private.as_str(), "private"),
+    ] {
+        let body = json!({"image_url": file_url(&ctx.image(MARKED)), "volume_name": "enc-x",
+                          "volume_size_gb": 1, "encryption": {"format": "luks", "secret_uuid": uuid}});
+        let (status, v) = post(&ctx.c, &jobs, &body).await;
+        ensure!(
+            status == 409
+                && v["reason"] == "encryption_refused"
+                && v["message"].as_str().unwrap_or("").contains(why),
+            "{uuid}: {status} {v}"
+        );
+    }
+    virsh(&["secret-undefine", "--secret", &private])?;
+    ensure!(!lv_exists("enc-x")?, "a refused request made a volume");
+
+    let (status, v) = delete(&ctx.c, &ctx.enc_url("/api/v1/volumes/enc-own")).await;
+    ensure!(status == 200, "DELETE enc-own: {status} {v}");
+    ensure!(!lv_exists("enc-own")?, "enc-own is left");
+    ensure!(
+        secret_uuids()?.contains(&own),
+        "the caller's secret was undefined"
+    );
+    ensure!(
+        luks_virtual_size(&lv_path("enc-own"), &pass).is_err(),
+        "enc-own opens"
+    );
+    step(&mut t, "deleted, the caller's secret stays");
+
+    let uuid = secret_of("enc-lv", &ctx.enc_dir())?;
+    stop_libvirtd()?;
+    let (status, v) = delete(&ctx.c, &ctx.enc_url("/api/v1/volumes/enc-lv")).await;
+    ensure!(
+        status == 200,
+        "DELETE enc-lv with libvirt down: {status} {v}"
+    );
+    ensure!(!lv_exists("enc-lv")?, "enc-lv is left");
+    let erasing = ctx.enc_dir().join("state/keys/.erasing/enc-lv.json");
+    ensure!(erasing.exists(), "no erase record left for the secret");
+    ctx.enc.lock().unwrap().take().ok_or("no daemon")?.kill9();
+    start_libvirtd()?;
+    step(&mut t, "erased with libvirt down, killed, libvirtd back");
+    let config = ctx.lvm_config(&ctx.enc_dir());
+    *ctx.enc.lock().unwrap() = Some(Daemon::start(&ctx.enc_dir(), &config));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while erasing.exists() {
+        ensure!(
+            Instant::now() < deadline,
+            "the erase was not finished: {}",
+            ctx.enc_log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    ensure!(
+        !secret_uuids()?.contains(&uuid),
+        "the daemon's secret is left"
+    );
+    virsh(&["secret-undefine", "--secret", &own])?;
+    step(&mut t, "restart finished the erase");
+    Ok(())
+}
+
+/// The libvirt secret named in the key record of `volume`.
+fn secret_of(volume: &str, dir: &Path) -> Result<String, String> {
+    let path = dir.join(format!("state/keys/{volume}.json"));
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let record: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    record["secret_uuid"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or(text)
 }

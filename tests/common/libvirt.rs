@@ -24,6 +24,35 @@ pub fn domain_state(name: &str) -> Result<String, String> {
 /// Defines and starts (paused) a domain named `name` whose only disk is `source`, a block
 /// device or a file. Under TCG with no guest CPU running, QEMU just holds the disk open.
 pub fn start_paused_domain(dir: &Path, name: &str, source: &Path, block: bool) -> CaseResult {
+    start_paused_with(dir, name, source, block, "")
+}
+
+/// `start_paused_domain` for a LUKS volume (a block device) opened with the libvirt secret
+/// `secret_uuid`: QEMU must open the LUKS header with the key before the domain starts. On
+/// failure the domain is left undefined.
+pub fn start_paused_encrypted(
+    dir: &Path,
+    name: &str,
+    source: &Path,
+    secret_uuid: &str,
+) -> CaseResult {
+    let encryption = format!(
+        "<encryption format='luks'><secret type='passphrase' uuid='{secret_uuid}'/></encryption>"
+    );
+    let started = start_paused_with(dir, name, source, true, &encryption);
+    if started.is_err() {
+        let _ = virsh(&["undefine", name]);
+    }
+    started
+}
+
+fn start_paused_with(
+    dir: &Path,
+    name: &str,
+    source: &Path,
+    block: bool,
+    disk_extra: &str,
+) -> CaseResult {
     let (kind, attr) = if block {
         ("block", "dev")
     } else {
@@ -42,6 +71,7 @@ pub fn start_paused_domain(dir: &Path, name: &str, source: &Path, block: bool) -
       <driver name='qemu' type='raw'/>
       <source {attr}='{}'/>
       <target dev='vda' bus='virtio'/>
+      {disk_extra}
     </disk>
     <memballoon model='none'/>
   </devices>
@@ -56,6 +86,47 @@ pub fn start_paused_domain(dir: &Path, name: &str, source: &Path, block: bool) -
     let state = domain_state(name)?;
     ensure!(state == "paused", "domain {name} is {state:?}, not paused");
     Ok(())
+}
+
+/// Defines a libvirt secret of usage `volume` (usage id `usage_path`), private or not, with
+/// the value in `value_file`; returns its UUID.
+pub fn define_volume_secret(
+    dir: &Path,
+    usage_path: &str,
+    private: bool,
+    value_file: &Path,
+) -> Result<String, String> {
+    let private = if private { "yes" } else { "no" };
+    let xml = format!(
+        "<secret ephemeral='no' private='{private}'><usage type='volume'><volume>{usage_path}</volume></usage></secret>"
+    );
+    let file = dir.join("secret.xml");
+    std::fs::write(&file, xml).map_err(|e| e.to_string())?;
+    let out = virsh(&["secret-define", "--file", &file.display().to_string()])?;
+    let uuid = out
+        .split_whitespace()
+        .find(|w| w.len() == 36 && w.matches('-').count() == 4)
+        .ok_or(format!("no UUID in {out:?}"))?
+        .to_string();
+    let value = value_file.display().to_string();
+    virsh(&[
+        "secret-set-value",
+        "--secret",
+        &uuid,
+        "--file",
+        &value,
+        "--plain",
+    ])?;
+    Ok(uuid)
+}
+
+/// The UUIDs of the secrets libvirt has.
+pub fn secret_uuids() -> Result<Vec<String>, String> {
+    Ok(virsh(&["secret-list", "--uuid"])?
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect())
 }
 
 pub fn stop_domain(name: &str) -> CaseResult {

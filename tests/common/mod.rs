@@ -10,6 +10,7 @@ pub mod libvirt;
 pub mod metrics;
 pub mod pki;
 pub mod proxies;
+pub mod secrets;
 pub mod servers;
 pub mod terminal;
 pub mod vm;
@@ -17,5 +18,6 @@ pub mod vm;
 // Not every binary uses every file.
 #[allow(unused_imports)]
 pub use {
-    daemon::*, gpg::*, images::*, metrics::*, pki::*, proxies::*, servers::*, terminal::*, vm::*,
+    daemon::*, gpg::*, images::*, metrics::*, pki::*, proxies::*, secrets::*, servers::*,
+    terminal::*, vm::*,
 };

@@ -121,11 +121,15 @@ impl Encryption {
         volume: &str,
         spec: &EncryptionSpec,
     ) -> Result<(), VolumeError> {
-        if self.keys.erasing(volume)?.is_some() {
-            return Err(refused(format!(
-                "the crypto-erase of an earlier volume {volume} is unfinished (it is finished at \
-                 the next start); choose another name or restart the daemon"
-            )));
+        if let Some(erasing) = self.keys.erasing(volume)? {
+            // Only the key left to forget (libvirt was down at the delete): done now if it can be.
+            if !erasing.volume_removed || self.undefine(&erasing.record).await.is_err() {
+                return Err(refused(format!(
+                    "the crypto-erase of an earlier volume {volume} is unfinished (it is finished \
+                     at the next start); choose another name or restart the daemon"
+                )));
+            }
+            self.keys.end_erase(volume)?;
         }
         match (&spec.secret_uuid, &self.libvirt) {
             (Some(_), None) => Err(refused(
@@ -235,8 +239,10 @@ impl Encryption {
     /// Crypto-erase of `volume` (the caller holds its name and found nothing using it): the
     /// intent recorded (the record moves into `.erasing`), the LUKS header and key slots
     /// zeroed, the volume removed, then the daemon's secret undefined and the key file removed.
-    /// A crash or failure at any step leaves the erase record, and `finish_erases` completes
-    /// it; after the first step nothing can decrypt the volume.
+    /// A crash or failure at any step leaves the erase record, and `finish_erase` completes it
+    /// at the next start; once the header is gone nothing can decrypt the volume. When only the
+    /// secret could not be undefined (libvirt down), the volume is gone: that is logged and
+    /// left to the next start (or to the next encrypted volume of the name).
     pub(crate) async fn erase(
         &self,
         backend: &dyn VolumeBackend,
@@ -248,7 +254,19 @@ impl Encryption {
             record: record.clone(),
             volume_removed: false,
         };
-        self.continue_erase(backend, volume, erasing).await
+        let erased = self.continue_erase(backend, volume, erasing).await;
+        match erased {
+            Err(e)
+                if self
+                    .keys
+                    .erasing(volume)?
+                    .is_some_and(|left| left.volume_removed) =>
+            {
+                tracing::warn!(volume = %volume, error = %e, "volume crypto-erased and removed; its key is forgotten at the next start");
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     async fn continue_erase(
