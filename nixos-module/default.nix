@@ -122,7 +122,8 @@ let
   # Directories the daemon writes besides LVM's: the job store, the image cache and, for the
   # directory backend, the volumes.
   writableDirs = lib.unique ([ cfg.settings.storage.data_dir cfg.settings.cache.dir ]
-    ++ lib.optional (!usesLvm) cfg.settings.volumes.directory.path);
+    ++ lib.optional (!usesLvm) cfg.settings.volumes.directory.path
+    ++ lib.optional (cfg.settings.volumes.encryption.key_dir != "") cfg.settings.volumes.encryption.key_dir);
 
   # The sandbox LVM needs, shared by the daemon and the volume-group units. `devices` are the
   # physical volumes the unit may open read-write, `extraAllow` further DeviceAllow= entries.

@@ -113,6 +113,12 @@ rec {
       description = "Nothing is created in the thin pool while its data or metadata use is above this percent (1-100).";
     }
     {
+      path = [ "volumes" "encryption" "key_dir" ];
+      type = "str";
+      default = "";
+      description = "Directory (0700, files 0600) of the records of encrypted volumes, and of their LUKS passphrases when libvirt does not hold them (`libvirt.pool` empty). Empty: `keys` in `storage.data_dir`. Back it up with the volumes: a volume whose key file is lost cannot be opened.";
+    }
+    {
       path = [ "volumes" "directory" "path" ];
       type = "absolutePath";
       default = "/var/lib/libvirt-volume-provisioner/volumes";

@@ -266,6 +266,49 @@ async fn encrypted_volumes_grow_clone_from_plain_and_refuse_what_they_cannot_do(
     assert!(same, "{out}");
     assert!(!contains(&std::fs::read(&cloned).unwrap(), MARKER));
 
+    // The CLI: --encrypt, and where the key is in its text and JSON output.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .args(args)
+            .env("LVP_SERVER_URL", &d.base)
+            .env_remove("LVP_TOKEN")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let url = file_url(&image);
+    let out = cli(&[
+        "provision",
+        "--image-url",
+        &url,
+        "--volume",
+        "cli-enc",
+        "--size-gb",
+        "1",
+        "--encrypt",
+        "--wait",
+    ]);
+    let want = format!(
+        "encrypted (LUKS), key in {}",
+        dir.join("keys/cli-enc.key").display()
+    );
+    assert!(out.lines().last().unwrap_or("").contains(&want), "{out}");
+    let out = cli(&[
+        "--output",
+        "json",
+        "volume",
+        "clone",
+        "plain",
+        "--target",
+        "cli-enc2",
+        "--encrypt",
+        "--wait",
+    ]);
+    let last: Value = serde_json::from_str(out.lines().last().unwrap_or("")).unwrap();
+    assert_eq!(last["encryption"]["format"], "luks", "{out}");
+
     // Refusals, each with its reason and nothing made.
     let refused = |(status, body): (u16, Value)| {
         assert_eq!(

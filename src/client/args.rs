@@ -110,7 +110,31 @@ pub struct ProvisionArgs {
     #[arg(long)]
     pub idempotency_key: Option<String>,
     #[command(flatten)]
+    pub encrypt: EncryptArgs,
+    #[command(flatten)]
     pub wait: WaitArgs,
+}
+
+/// Encryption of a new volume (`provision`, `volume clone`).
+#[derive(Debug, Clone, Args)]
+pub struct EncryptArgs {
+    /// Make the volume LUKS-encrypted (the job's `encryption` says where the key is).
+    #[arg(long)]
+    pub encrypt: bool,
+    /// With --encrypt: an existing libvirt secret (usage volume, not private) holding the
+    /// passphrase; default: the daemon makes one.
+    #[arg(long, requires = "encrypt")]
+    pub secret_uuid: Option<String>,
+}
+
+impl EncryptArgs {
+    /// The request's `encryption` field, when asked for.
+    pub fn body(&self) -> Option<serde_json::Value> {
+        self.encrypt.then(|| match &self.secret_uuid {
+            Some(uuid) => serde_json::json!({"format": "luks", "secret_uuid": uuid}),
+            None => serde_json::json!({"format": "luks"}),
+        })
+    }
 }
 
 /// `job ...`.
@@ -197,6 +221,8 @@ pub enum VolumeCommand {
         /// Idempotency-Key to send (default: a new random one).
         #[arg(long)]
         idempotency_key: Option<String>,
+        #[command(flatten)]
+        encrypt: EncryptArgs,
         #[command(flatten)]
         wait: WaitArgs,
     },

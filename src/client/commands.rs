@@ -10,7 +10,7 @@ use super::args::{
 use super::exit;
 use super::fleet;
 use super::http::{Api, ClientError, ConnectKind};
-use super::watch::{self, Display, JobView, OnInterrupt, Outcome};
+use super::watch::{self, Display, EncryptionView, JobView, OnInterrupt, Outcome};
 use indicatif::HumanBytes;
 
 /// Runs `command`; returns the exit status.
@@ -162,9 +162,13 @@ async fn volume(api: &Api, json: bool, command: VolumeCommand) -> Result<u8, Cli
             size_gb,
             allow_in_use,
             idempotency_key: key,
+            encrypt,
             wait,
         } => {
             let mut body = json!({ "target": target });
+            if let Some(encryption) = encrypt.body() {
+                body["encryption"] = encryption;
+            }
             if let Some(gb) = size_gb {
                 body["size_gb"] = json!(gb);
             }
@@ -229,6 +233,9 @@ async fn provision(api: &Api, json: bool, args: ProvisionArgs) -> Result<u8, Cli
     }
     if let Some(u) = args.checksum_url {
         body["checksum_url"] = json!(u);
+    }
+    if let Some(encryption) = args.encrypt.body() {
+        body["encryption"] = encryption;
     }
     let key = idempotency_key(args.idempotency_key);
     submit(api, json, "/api/v1/jobs", &body, &key, args.wait).await
@@ -321,7 +328,12 @@ fn completed_line(job: &JobView) -> String {
         _ => "done".into(),
     };
     let hit = if job.cache_hit { " (cache hit)" } else { "" };
-    format!("job {} completed: {what}{hit}", job.job_id)
+    let encrypted = job
+        .encryption
+        .as_ref()
+        .map(|e| format!("; {}", e.describe()))
+        .unwrap_or_default();
+    format!("job {} completed: {what}{hit}{encrypted}", job.job_id)
 }
 
 fn describe_job(j: &Value) -> String {
@@ -353,6 +365,9 @@ fn describe_job(j: &Value) -> String {
         if let Some(v) = j[key].as_str() {
             lines.push(format!("{label} {}", crate::text::escape(v)));
         }
+    }
+    if let Ok(e) = serde_json::from_value::<EncryptionView>(j["encryption"].clone()) {
+        lines.push(format!("encryption:  {}", e.describe()));
     }
     if let Some(d) = j["verified"]["digest"].as_str() {
         let by = j["verified"]["signed_by"]

@@ -46,6 +46,29 @@ pub(crate) struct JobView {
     #[serde(default)]
     pub(crate) cache_hit: bool,
     pub(crate) queue_position: Option<u64>,
+    /// Where an encrypted volume's key is.
+    #[serde(default)]
+    pub(crate) encryption: Option<EncryptionView>,
+}
+
+/// The `encryption` of a job's status: the libvirt secret or the key file.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct EncryptionView {
+    #[serde(default, deserialize_with = "escaped_opt")]
+    pub(crate) secret_uuid: Option<String>,
+    #[serde(default, deserialize_with = "escaped_opt")]
+    pub(crate) key_file: Option<String>,
+}
+
+impl EncryptionView {
+    /// `encrypted (LUKS), key in libvirt secret <uuid>` or `... in <file>`.
+    pub(crate) fn describe(&self) -> String {
+        match (&self.secret_uuid, &self.key_file) {
+            (Some(uuid), _) => format!("encrypted (LUKS), key in libvirt secret {uuid}"),
+            (None, Some(file)) => format!("encrypted (LUKS), key in {file}"),
+            (None, None) => "encrypted (LUKS)".into(),
+        }
+    }
 }
 
 /// A job's progress as the API sends it.
