@@ -77,7 +77,7 @@ pub(crate) struct ProvisionBody {
 pub(crate) struct EncryptionBody {
     /// `luks`: LUKS1 as QEMU's `luks` driver writes it, which libvirt opens for a disk with
     /// `<encryption format='luks'><secret type='passphrase' uuid='...'/></encryption>`.
-    #[schema(value_type = String, pattern = "^luks$")]
+    #[schema(required = true, value_type = String, pattern = "^luks$")]
     pub(crate) format: Option<String>,
     /// An existing libvirt secret with usage `volume` and `private='no'` whose value is the
     /// passphrase (needs libvirt integration); omitted: the daemon makes a random passphrase

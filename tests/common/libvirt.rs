@@ -122,10 +122,11 @@ pub fn define_volume_secret(
 
 /// The UUIDs of the secrets libvirt has.
 pub fn secret_uuids() -> Result<Vec<String>, String> {
-    Ok(virsh(&["secret-list", "--uuid"])?
+    Ok(virsh(&["secret-list"])?
         .lines()
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|t| t.len() == 36 && t.matches('-').count() == 4)
+        .map(str::to_string)
         .collect())
 }
 

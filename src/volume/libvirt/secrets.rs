@@ -35,8 +35,8 @@ impl Libvirt {
     /// The secret `uuid`, or `None` when libvirt has no such secret (asked through
     /// `secret-list`, so that "not there" never depends on an error's text).
     pub(crate) async fn secret(&self, uuid: &str) -> Result<Option<SecretInfo>, SecretError> {
-        let listed = self.virsh(&["secret-list", "--uuid"]).await?;
-        if !listed.lines().any(|l| l.trim().eq_ignore_ascii_case(uuid)) {
+        let listed = self.virsh(&["secret-list"]).await?;
+        if !listed_uuids(&listed).any(|u| u.eq_ignore_ascii_case(uuid)) {
             return Ok(None);
         }
         let xml = self.virsh(&["secret-dumpxml", "--secret", uuid]).await?;
@@ -101,6 +101,14 @@ impl Libvirt {
     }
 }
 
+/// The UUIDs in `secret-list` output (a table: ` UUID   Usage` lines under a header).
+fn listed_uuids(table: &str) -> impl Iterator<Item = &str> {
+    table
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|t| uuid::Uuid::try_parse(t).is_ok())
+}
+
 /// The XML of a daemon-made secret.
 fn secret_xml(uuid: &str, path: &Path) -> String {
     let path = quick_xml::escape::escape(path.to_string_lossy().into_owned()).into_owned();
@@ -145,6 +153,22 @@ fn parse_secret(xml: &str) -> Option<SecretInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lists_uuids_from_the_table() {
+        let table = " UUID                                   Usage\n\
+            ----------------------------------------------------------------\n \
+            0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f   volume /dev/vg0/a\n \
+            1b81f5b2-8403-7b23-c8d6-21ccc2f80d6f   ceph client.libvirt\n\n";
+        let uuids: Vec<&str> = listed_uuids(table).collect();
+        assert_eq!(
+            uuids,
+            [
+                "0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f",
+                "1b81f5b2-8403-7b23-c8d6-21ccc2f80d6f"
+            ]
+        );
+    }
 
     #[test]
     fn reads_usage_and_privacy() {
