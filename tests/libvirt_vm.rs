@@ -801,9 +801,12 @@ async fn caller_secret_and_an_erase_cut_short(ctx: &Ctx) -> CaseResult {
 
     let jobs = ctx.enc_url("/api/v1/jobs");
     let private = define_volume_secret(&ctx.work, "/dev/vmlv/x", true, &pass)?;
+    let ceph = "<usage type='ceph'><name>client.lvp-test secret</name></usage>";
+    let ceph = define_secret(&ctx.work, ceph, false, &pass)?;
     for (uuid, why) in [
         ("0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f", "no secret"),
         (private.as_str(), "private"),
+        (ceph.as_str(), "usage ceph"),
     ] {
         let body = json!({"image_url": file_url(&ctx.image(MARKED)), "volume_name": "enc-x",
                           "volume_size_gb": 1, "encryption": {"format": "luks", "secret_uuid": uuid}});
@@ -816,6 +819,7 @@ async fn caller_secret_and_an_erase_cut_short(ctx: &Ctx) -> CaseResult {
         );
     }
     virsh(&["secret-undefine", "--secret", &private])?;
+    virsh(&["secret-undefine", "--secret", &ceph])?;
     ensure!(!lv_exists("enc-x")?, "a refused request made a volume");
 
     let (status, v) = delete(&ctx.c, &ctx.enc_url("/api/v1/volumes/enc-own")).await;
@@ -833,6 +837,13 @@ async fn caller_secret_and_an_erase_cut_short(ctx: &Ctx) -> CaseResult {
 
     let uuid = secret_of("enc-lv", &ctx.enc_dir())?;
     stop_libvirtd()?;
+    let body = json!({"image_url": file_url(&ctx.image(MARKED)), "volume_name": "enc-y",
+                      "volume_size_gb": 1, "encryption": {"format": "luks"}});
+    let (status, v) = post(&ctx.c, &jobs, &body).await;
+    ensure!(
+        status == 409 && v["reason"] == "encryption_refused",
+        "encrypted provision with libvirt down: {status} {v}"
+    );
     let (status, v) = delete(&ctx.c, &ctx.enc_url("/api/v1/volumes/enc-lv")).await;
     ensure!(
         status == 200,

@@ -96,10 +96,20 @@ pub fn define_volume_secret(
     private: bool,
     value_file: &Path,
 ) -> Result<String, String> {
+    let usage = format!("<usage type='volume'><volume>{usage_path}</volume></usage>");
+    define_secret(dir, &usage, private, value_file)
+}
+
+/// Defines a libvirt secret with the `<usage>` element `usage`, private or not, with the value
+/// in `value_file`; returns its UUID.
+pub fn define_secret(
+    dir: &Path,
+    usage: &str,
+    private: bool,
+    value_file: &Path,
+) -> Result<String, String> {
     let private = if private { "yes" } else { "no" };
-    let xml = format!(
-        "<secret ephemeral='no' private='{private}'><usage type='volume'><volume>{usage_path}</volume></usage></secret>"
-    );
+    let xml = format!("<secret ephemeral='no' private='{private}'>{usage}</secret>");
     let file = dir.join("secret.xml");
     std::fs::write(&file, xml).map_err(|e| e.to_string())?;
     let out = virsh(&["secret-define", "--file", &file.display().to_string()])?;
