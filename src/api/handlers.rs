@@ -353,14 +353,9 @@ fn image_spec(
     let spec = JobSpec {
         image_url: image.image_url,
         image: name,
-        image_type: None,
-        volume_name: None,
-        volume_size_gb: None,
-        correlation_id: None,
         checksum: image.checksum,
         checksum_url: image.checksum_url,
-        clone: None,
-        encryption: None,
+        ..JobSpec::default()
     };
     Ok((spec, image_type))
 }

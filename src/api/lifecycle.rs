@@ -109,19 +109,14 @@ pub(crate) async fn clone(
         None => None,
     };
     let spec = JobSpec {
-        image_url: String::new(),
-        image: None,
-        image_type: None,
         volume_name: Some(target),
         volume_size_gb: size_gb,
-        correlation_id: None,
-        checksum: None,
-        checksum_url: None,
         clone: Some(CloneSpec {
             source,
             allow_in_use: body.allow_in_use,
         }),
         encryption: body.encryption.map(|e| e.check()).transpose()?,
+        ..JobSpec::default()
     };
     let refused = |e| match e {
         SubmitError::Clone(refused) => clone_refused(refused),

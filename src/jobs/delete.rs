@@ -126,16 +126,8 @@ impl Engine {
 
     async fn submit_wipe(&self, name: &str, origin: Origin) -> Result<Deletion, DeleteError> {
         let spec = JobSpec {
-            image_url: String::new(),
-            image: None,
-            image_type: None,
             volume_name: Some(name.to_string()),
-            volume_size_gb: None,
-            correlation_id: None,
-            checksum: None,
-            checksum_url: None,
-            clone: None,
-            encryption: None,
+            ..JobSpec::default()
         };
         let submission = Submission {
             kind: JobKind::Wipe,
@@ -328,15 +320,10 @@ mod tests {
         backend.started.notified().await;
         let spec = JobSpec {
             image_url: format!("file://{}", image.display()),
-            image: None,
             image_type: Some(ImageType::Raw),
             volume_name: Some("vm-1".into()),
             volume_size_gb: Some(1),
-            correlation_id: None,
-            checksum: None,
-            checksum_url: None,
-            clone: None,
-            encryption: None,
+            ..JobSpec::default()
         };
         let refused = engine
             .submit(Submission {

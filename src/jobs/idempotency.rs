@@ -110,15 +110,10 @@ mod tests {
     fn spec(volume: &str) -> JobSpec {
         JobSpec {
             image_url: "file:///i.qcow2".into(),
-            image: None,
             image_type: Some(ImageType::Qcow2),
             volume_name: Some(volume.into()),
             volume_size_gb: Some(1),
-            correlation_id: None,
-            checksum: None,
-            checksum_url: None,
-            clone: None,
-            encryption: None,
+            ..JobSpec::default()
         }
     }
 

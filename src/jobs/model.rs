@@ -146,8 +146,9 @@ impl Default for Progress {
     }
 }
 
-/// What a job asks for (validated before the job exists).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// What a job asks for (validated before the job exists). `Default`: nothing asked (each
+/// kind of job sets what it needs).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub(crate) struct JobSpec {
     /// The image fetched: the request's `image_url`, or the URL of the declared image named.
     pub(crate) image_url: String,
@@ -424,15 +425,10 @@ pub(crate) mod tests {
             JobKind::Provision,
             JobSpec {
                 image_url: "file:///x.qcow2".into(),
-                image: None,
                 image_type: Some(ImageType::Qcow2),
                 volume_name: Some("v".into()),
                 volume_size_gb: Some(1),
-                correlation_id: None,
-                checksum: None,
-                checksum_url: None,
-                clone: None,
-                encryption: None,
+                ..JobSpec::default()
             },
             Utc::now(),
         )

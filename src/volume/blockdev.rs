@@ -135,9 +135,23 @@ pub(crate) fn zero_from(
     )
 }
 
-/// Zeroes the first `len` bytes of `path` (a block device; all of it when smaller, rounded up
-/// to its logical block size), then flushes the device.
+/// Zeroes the first `len` bytes of `path` (all of it when smaller), then flushes it: a block
+/// device with `BLKZEROOUT` (rounded up to its logical block size), a regular file with
+/// written zeros (its size stays).
 pub(crate) fn zero_head(path: &Path, len: u64) -> Result<(), VolumeError> {
+    let io = |e: std::io::Error| VolumeError::io(path, e);
+    let meta = std::fs::symlink_metadata(path).map_err(io)?;
+    if meta.file_type().is_file() {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::libc::O_CLOEXEC | nix::libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(io)?;
+        let len = len.min(meta.len());
+        file.write_all_at(&vec![0u8; len as usize], 0).map_err(io)?;
+        return file.sync_all().map_err(io);
+    }
     let dev = Device::open(path)?;
     let end = (len.div_ceil(dev.sector) * dev.sector).min(dev.size);
     let progress = WipeProgress::default();

@@ -3,7 +3,6 @@
 //! slots are destroyed (crypto-erase). Plain file and block-device I/O; no tool is run.
 
 use std::io::Read;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use crate::volume::blockdev;
@@ -46,20 +45,6 @@ fn parse_offset(head: &[u8; 108]) -> Option<u64> {
 /// storage. The payload left behind is ciphertext nothing can decrypt. Safe to repeat.
 pub(crate) fn erase_header(path: &Path) -> Result<(), VolumeError> {
     let span = payload_offset(path)?.unwrap_or(0).max(HEADER_ALLOWANCE);
-    let io = |e: std::io::Error| VolumeError::io(path, e);
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(nix::libc::O_CLOEXEC | nix::libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(io)?;
-    let meta = file.metadata().map_err(io)?;
-    if meta.file_type().is_file() {
-        let len = span.min(meta.len());
-        file.write_all_at(&vec![0u8; len as usize], 0).map_err(io)?;
-        return file.sync_all().map_err(io);
-    }
-    drop(file);
-    // A block device: BLKZEROOUT over the span (the device's end when it is smaller).
     blockdev::zero_head(path, span)
 }
 
