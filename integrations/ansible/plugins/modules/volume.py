@@ -55,6 +55,18 @@ options:
     description:
       - Echoed in the job, its logs and traces.
     type: str
+  encrypt:
+    description:
+      - Make the volume LUKS-encrypted. The job's C(encryption) says where its key is (a libvirt
+        secret to name in the domain's C(<encryption format='luks'>) element, or a key file).
+      - Only when the volume is made; an existing volume keeps what it is.
+    type: bool
+    default: false
+  secret_uuid:
+    description:
+      - With O(encrypt=true), an existing libvirt secret (usage C(volume), not private) holding
+        the passphrase; omitted, the daemon makes one.
+    type: str
   wait:
     description:
       - Whether to wait for the job to end.
@@ -98,6 +110,14 @@ EXAMPLES = r"""
     name: vm-disk-001
     image_url: s3://vm-images/ubuntu-24.04.qcow2
     size_gb: 80
+
+- name: An encrypted disk; the job says which libvirt secret holds its key
+  lvp.provisioner.volume:
+    api_url: https://hv1.example.com:8443
+    name: vm-disk-002
+    image_url: s3://vm-images/ubuntu-24.04.qcow2
+    size_gb: 50
+    encrypt: true
 
 - name: Gone
   lvp.provisioner.volume:
@@ -178,6 +198,12 @@ def present(module, client):
     body = dict(volume_name=p["name"], volume_size_gb=p["size_gb"], **fields)
     if p.get("correlation_id"):
         body["correlation_id"] = p["correlation_id"]
+    if p.get("secret_uuid") and not p["encrypt"]:
+        module.fail_json(msg="secret_uuid is for encrypted volumes: set encrypt: true")
+    if p["encrypt"]:
+        body["encryption"] = dict(format="luks")
+        if p.get("secret_uuid"):
+            body["encryption"]["secret_uuid"] = p["secret_uuid"]
     if module.check_mode:
         return predict(client, p)
     for dummy in range(MAX_RETRIES):
@@ -262,6 +288,8 @@ def main():
         image_type=dict(type="str"),
         size_gb=dict(type="int"),
         correlation_id=dict(type="str"),
+        encrypt=dict(type="bool", default=False),
+        secret_uuid=dict(type="str"),
         wait=dict(type="bool", default=True),
         wait_timeout=dict(type="int", default=3600),
     )
