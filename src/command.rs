@@ -55,7 +55,8 @@ pub(crate) enum CommandError {
 
 /// A secret for one child process: the bytes in an anonymous memory file (`memfd_create`,
 /// close-on-exec in the daemon) that the child gets as its descriptor 3 and opens as
-/// `SecretFd::PATH` (qemu's `secret,file=`, virsh's `--file`). Nothing reaches a disk, an
+/// `SecretFd::PATH` (qemu's `secret,file=`, virsh's `--file`; `/proc/self/fd/3` rather than
+/// `/dev/fd/3`, which a minimal /dev lacks). Nothing reaches a disk, an
 /// argument list or an environment; the memory is freed when the last descriptor closes.
 #[derive(Debug)]
 pub(crate) struct SecretFd {
@@ -64,7 +65,7 @@ pub(crate) struct SecretFd {
 
 impl SecretFd {
     /// What the child opens to read the secret.
-    pub(crate) const PATH: &'static str = "/dev/fd/3";
+    pub(crate) const PATH: &'static str = "/proc/self/fd/3";
 
     pub(crate) fn new(secret: &[u8]) -> std::io::Result<SecretFd> {
         use nix::sys::memfd::{MFdFlags, memfd_create};

@@ -1,6 +1,6 @@
 //! libvirt secrets of encrypted volumes through virsh: defining a private secret with usage
 //! `volume`, setting its value, reading the value of a caller's (non-private) secret, and
-//! undefining. Values and the XML pass through `SecretFd` (`/dev/fd/3`), never argv.
+//! undefining. Values and the XML pass through `SecretFd` (`/proc/self/fd/3`), never argv.
 
 use std::path::Path;
 
