@@ -289,7 +289,7 @@ def main():
         size_gb=dict(type="int"),
         correlation_id=dict(type="str"),
         encrypt=dict(type="bool", default=False),
-        secret_uuid=dict(type="str"),
+        secret_uuid=dict(type="str", no_log=False),  # a UUID naming the secret, not its value
         wait=dict(type="bool", default=True),
         wait_timeout=dict(type="int", default=3600),
     )
