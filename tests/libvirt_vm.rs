@@ -773,8 +773,9 @@ async fn encrypted_lv_opens_in_a_domain_with_its_secret(ctx: &Ctx) -> CaseResult
 
 /// A caller's secret (`private='no'`, usage `volume`): the volume reads back through the LUKS
 /// driver with it as the image; deleting it leaves the caller's secret. A crypto-erase cut short
-/// (libvirt down when the daemon's secret is to be undefined, then kill -9) is finished at the
-/// next start: the secret is gone. Refusals: an unknown secret, a private one.
+/// by kill -9 right after its first step is finished at the next start: the LV and the daemon's
+/// secret are gone. Refusals: an unknown secret, a private one, one of another usage, libvirt
+/// down.
 async fn caller_secret_and_an_erase_cut_short(ctx: &Ctx) -> CaseResult {
     let mut t = Instant::now();
     let pass = ctx.work.join("caller.pass");
@@ -839,22 +840,39 @@ async fn caller_secret_and_an_erase_cut_short(ctx: &Ctx) -> CaseResult {
     stop_libvirtd()?;
     let body = json!({"image_url": file_url(&ctx.image(MARKED)), "volume_name": "enc-y",
                       "volume_size_gb": 1, "encryption": {"format": "luks"}});
-    let (status, v) = post(&ctx.c, &jobs, &body).await;
+    let refused = post(&ctx.c, &jobs, &body).await;
+    start_libvirtd()?;
+    let (status, v) = refused;
     ensure!(
         status == 409 && v["reason"] == "encryption_refused",
         "encrypted provision with libvirt down: {status} {v}"
     );
-    let (status, v) = delete(&ctx.c, &ctx.enc_url("/api/v1/volumes/enc-lv")).await;
-    ensure!(
-        status == 200,
-        "DELETE enc-lv with libvirt down: {status} {v}"
-    );
-    ensure!(!lv_exists("enc-lv")?, "enc-lv is left");
+    step(&mut t, "refused with libvirt down");
+
+    // kill -9 as soon as the erase's intent is recorded (its first step): the rest is left to
+    // the next start.
     let erasing = ctx.enc_dir().join("state/keys/.erasing/enc-lv.json");
-    ensure!(erasing.exists(), "no erase record left for the secret");
+    let url = ctx.enc_url("/api/v1/volumes/enc-lv");
+    let c = ctx.c.clone();
+    let deleting = tokio::spawn(async move { delete(&c, &url).await });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !erasing.exists() {
+        ensure!(
+            Instant::now() < deadline,
+            "no erase record: {}",
+            ctx.enc_log()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     ctx.enc.lock().unwrap().take().ok_or("no daemon")?.kill9();
-    start_libvirtd()?;
-    step(&mut t, "erased with libvirt down, killed, libvirtd back");
+    let _ = deleting.await;
+    println!(
+        "  killed mid-erase: LV left {}, secret left {}, erase record left {}",
+        lv_exists("enc-lv")?,
+        secret_uuids()?.contains(&uuid),
+        erasing.exists()
+    );
+    step(&mut t, "killed mid-erase");
     let config = ctx.lvm_config(&ctx.enc_dir());
     *ctx.enc.lock().unwrap() = Some(Daemon::start(&ctx.enc_dir(), &config));
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -866,6 +884,7 @@ async fn caller_secret_and_an_erase_cut_short(ctx: &Ctx) -> CaseResult {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    ensure!(!lv_exists("enc-lv")?, "enc-lv is left");
     ensure!(
         !secret_uuids()?.contains(&uuid),
         "the daemon's secret is left"
