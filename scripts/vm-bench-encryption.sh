@@ -32,7 +32,9 @@ fi
 # --- inside the VM ---
 echo "guest: $(nproc) vCPU, $(free -m | awk '/Mem:/{print $2}') MiB, kernel $(uname -r)"
 pvcreate -q -y -ff /dev/vda && vgcreate -q -s 8m bench /dev/vda
+# The VM's /tmp is a small tmpfs: the daemon's state and cache go on an LV of their own.
 W=/tmp/bench; mkdir -p "$W"
+lvcreate -q -y -L 4G -n scratch bench && mkfs.xfs -q /dev/bench/scratch && mount /dev/bench/scratch "$W"
 BIN=$ROOT/target/release/libvirt-volume-provisioner
 PORT=18080
 SIZE_GB=$(( (2 * DATA_MIB + 1023) / 1024 ))
@@ -55,7 +57,7 @@ file_roots = ["$DATA"]
 CONF
 "$BIN" --config "$W/config.toml" serve 2> "$W/log" &
 DAEMON=$!
-trap 'kill $DAEMON 2>/dev/null || true' EXIT
+trap 'kill $DAEMON 2>/dev/null || true; sleep 1; umount "$W" 2>/dev/null || true' EXIT
 for _ in $(seq 200); do curl -sf http://127.0.0.1:$PORT/healthz >/dev/null && break; sleep 0.5; done
 
 api() { curl -sf -H 'content-type: application/json' "$@"; }
@@ -103,4 +105,5 @@ delete() { # name: prints the wall seconds of the DELETE (and of its wipe job, i
 zeroed=$(delete plain)
 erased=$(delete enc)
 echo "FIGURE delete of a $SIZE_GB GiB LV with wipe_on_delete=zero: plain (zeroed) ${zeroed} s, encrypted (crypto-erase) ${erased} s"
-lvs --noheadings bench | grep . && { echo "LVs left behind" >&2; exit 1; } || true
+left=$(lvs --noheadings -o lv_name bench | grep -vw scratch || true)
+[ -z "$left" ] || { echo "LVs left behind: $left" >&2; exit 1; }
