@@ -388,6 +388,28 @@ pub(crate) async fn convert(
 mod tests {
     use super::*;
 
+    /// A conversion of `source` (`format`) into `target` with the test defaults.
+    fn spec(
+        source: impl Into<PathBuf>,
+        format: ImageType,
+        target: impl Into<PathBuf>,
+    ) -> ConvertSpec {
+        ConvertSpec {
+            source: source.into(),
+            format,
+            member: None,
+            target: target.into(),
+            direct_io: false,
+            coroutines: 2,
+            cpu_limit: Duration::from_secs(60),
+            force_share: false,
+            rate_limit: 0,
+            io_priority: None,
+            luks: None,
+            target_is_zero: false,
+        }
+    }
+
     #[test]
     fn progress_lines() {
         assert_eq!(parse_progress("    (0.00/100%)\r"), Some(0.0));
@@ -403,18 +425,9 @@ mod tests {
     #[test]
     fn args_always_name_the_format() {
         let spec = ConvertSpec {
-            source: "/c/k.img".into(),
-            format: ImageType::Raw,
-            member: None,
-            target: "/dev/vg0/v".into(),
             direct_io: true,
             coroutines: 8,
-            cpu_limit: Duration::from_secs(3600),
-            force_share: false,
-            rate_limit: 0,
-            io_priority: None,
-            luks: None,
-            target_is_zero: false,
+            ..spec("/c/k.img", ImageType::Raw, "/dev/vg0/v")
         };
         let args = convert_args(&spec);
         let joined = args.join(" ");
@@ -440,6 +453,24 @@ mod tests {
                 .join(" ")
                 .starts_with("convert -p -U -f raw")
         );
+    }
+
+    #[test]
+    fn a_luks_target_is_opened_through_the_driver_with_the_secret_on_fd_3() {
+        let secret = Arc::new(SecretFd::new(b"never-in-argv").unwrap());
+        let luks = ConvertSpec {
+            target_is_zero: true,
+            luks: Some(secret),
+            ..spec("/c/k.img", ImageType::Qcow2, "/dev/vg0/a,b")
+        };
+        let joined = convert_args(&luks).join(" ");
+        assert_eq!(
+            joined,
+            "convert -p -f qcow2 --object secret,id=lvpkey,file=/proc/self/fd/3 \
+             --target-image-opts -n -W -m 2 -t writeback /c/k.img \
+             driver=luks,key-secret=lvpkey,file.filename=/dev/vg0/a,,b"
+        );
+        assert!(!joined.contains("never-in-argv"));
     }
 
     #[test]
@@ -502,18 +533,9 @@ mod tests {
             .set_len(16 << 20)
             .unwrap();
         let spec = ConvertSpec {
-            source: src,
-            format: ImageType::Qcow2,
-            member: None,
-            target: dst.clone(),
             direct_io: supports_direct_io(&dst),
             coroutines: 4,
-            cpu_limit: Duration::from_secs(60),
-            force_share: false,
-            rate_limit: 0,
-            io_priority: None,
-            luks: None,
-            target_is_zero: false,
+            ..spec(src, ImageType::Qcow2, dst.clone())
         };
         let mut seen = Vec::new();
         convert(&spec, &CancellationToken::new(), |f| seen.push(f))
@@ -574,18 +596,8 @@ mod tests {
             .set_len(8 << 20)
             .unwrap();
         let spec = ConvertSpec {
-            source: outer,
-            format: ImageType::Vmdk,
             member,
-            target: dst.clone(),
-            direct_io: false,
-            coroutines: 2,
-            cpu_limit: Duration::from_secs(60),
-            force_share: false,
-            rate_limit: 0,
-            io_priority: None,
-            luks: None,
-            target_is_zero: false,
+            ..spec(outer, ImageType::Vmdk, dst.clone())
         };
         assert!(convert_args(&spec).contains(&"--image-opts".to_string()));
         assert!(!convert_args(&spec).contains(&"-f".to_string()));
@@ -603,18 +615,8 @@ mod tests {
         let dst = dir.path().join("d.raw");
         std::fs::File::create(&dst).unwrap().set_len(4096).unwrap();
         let spec = ConvertSpec {
-            source: src,
-            format: ImageType::Qcow2,
-            member: None,
-            target: dst,
-            direct_io: false,
             coroutines: 1,
-            cpu_limit: Duration::from_secs(60),
-            force_share: false,
-            rate_limit: 0,
-            io_priority: None,
-            luks: None,
-            target_is_zero: false,
+            ..spec(src, ImageType::Qcow2, dst)
         };
         let err = convert(&spec, &CancellationToken::new(), |_| {})
             .await
