@@ -60,6 +60,7 @@ pub(crate) enum CommandError {
 /// argument list or an environment; the memory is freed when the last descriptor closes.
 #[derive(Debug)]
 pub(crate) struct SecretFd {
+    /// The memory file holding the secret (close-on-exec here; `pass_to` makes it fd 3).
     fd: OwnedFd,
 }
 

@@ -31,6 +31,7 @@ pub(crate) struct Erasing {
 /// The key directory.
 #[derive(Debug)]
 pub(crate) struct KeyDir {
+    /// `volumes.encryption.key_dir` (resolved).
     dir: PathBuf,
 }
 

@@ -64,6 +64,7 @@ pub(crate) struct KeyRecord {
 /// never printed).
 pub(crate) struct Key {
     pub(crate) record: KeyRecord,
+    /// The passphrase's bytes, zeroed when dropped; reaches children only through `secret_fd`.
     passphrase: Zeroizing<Vec<u8>>,
 }
 
@@ -85,7 +86,9 @@ impl Key {
 /// The encrypted volumes of this daemon: their key directory, and libvirt when it holds keys.
 #[derive(Debug)]
 pub(crate) struct Encryption {
+    /// The records (and, libvirt off, the passphrases) of encrypted volumes.
     keys: KeyDir,
+    /// libvirt when it is on (`libvirt.pool` set): it holds the daemon's keys as secrets.
     libvirt: Option<Arc<Libvirt>>,
 }
 
