@@ -24,6 +24,9 @@ use keys::{Erasing, KeyDir};
 
 /// Random bytes in a new passphrase (written as 64 hex digits).
 const PASSPHRASE_BYTES: usize = 32;
+/// The longest caller's secret value taken as a passphrase (cryptsetup's own limit is 512
+/// bytes; a larger value is not a passphrase and is not held in memory or handed on).
+const MAX_PASSPHRASE_BYTES: usize = 4096;
 
 /// The encryption formats a request may ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -188,9 +191,7 @@ impl Encryption {
                     .secret_value(uuid)
                     .await
                     .map_err(|e| secret_error(uuid, e))?;
-                if value.is_empty() {
-                    return Err(refused(format!("libvirt secret {uuid} has an empty value")));
-                }
+                check_passphrase(uuid, &value)?;
                 let record = record(Some(uuid.clone()), None, false);
                 self.keys.write_record(volume, &record)?;
                 (record, value)
@@ -314,6 +315,19 @@ impl Encryption {
     }
 }
 
+/// A caller's secret value must be a usable passphrase: not empty, at most
+/// `MAX_PASSPHRASE_BYTES`.
+fn check_passphrase(uuid: &str, value: &[u8]) -> Result<(), VolumeError> {
+    match value.len() {
+        0 => Err(refused(format!("libvirt secret {uuid} has an empty value"))),
+        n if n > MAX_PASSPHRASE_BYTES => Err(refused(format!(
+            "libvirt secret {uuid} holds {n} bytes; a passphrase is at most \
+             {MAX_PASSPHRASE_BYTES}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn record(secret_uuid: Option<String>, key_file: Option<PathBuf>, secret_owned: bool) -> KeyRecord {
     KeyRecord {
         format: EncryptionFormat::Luks,
@@ -334,6 +348,14 @@ fn new_passphrase() -> Result<Zeroizing<Vec<u8>>, VolumeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_callers_secret_is_a_passphrase_of_bounded_size() {
+        assert!(check_passphrase("u", b"").is_err());
+        assert!(check_passphrase("u", &[b'x'; MAX_PASSPHRASE_BYTES]).is_ok());
+        let big = check_passphrase("u", &vec![b'x'; MAX_PASSPHRASE_BYTES + 1]).unwrap_err();
+        assert!(matches!(big, VolumeError::EncryptionRefused(_)), "{big}");
+    }
 
     #[test]
     fn passphrases_are_new_each_time_and_never_printed() {
