@@ -22,22 +22,7 @@ const MIB: usize = 1 << 20;
 
 /// A 64 MiB qcow2 holding `MARKER` (and random data) at a few offsets; returns its path.
 fn marked_image(dir: &Path) -> PathBuf {
-    std::fs::create_dir_all(dir.join("images")).unwrap();
-    let raw = dir.join("images/marked.raw");
-    marked_raw(&raw, 64 * MIB);
-    let qcow2 = dir.join("images/marked.qcow2");
-    qemu_img(&[
-        "convert",
-        "-q",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        raw.to_str().unwrap(),
-        qcow2.to_str().unwrap(),
-    ]);
-    std::fs::remove_file(&raw).unwrap();
-    qcow2
+    marked_qcow2(dir, 64 * MIB)
 }
 
 fn config(dir: &Path) -> TestConfig {

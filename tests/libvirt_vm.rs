@@ -237,24 +237,7 @@ async fn libvirt_end_to_end() {
     run("chmod", &["755", &dir.display().to_string()]).unwrap();
     std::fs::create_dir_all(dir.join("images")).unwrap();
     make_raw(&dir.join("images").join(SMALL), MIB);
-    let marked = dir.join("images/marked.raw");
-    marked_raw(&marked, 16 << 20);
-    let qcow2 = dir.join("images").join(MARKED).display().to_string();
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-q",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            &marked.display().to_string(),
-            &qcow2,
-        ],
-    )
-    .unwrap();
-    std::fs::remove_file(&marked).unwrap();
+    marked_qcow2(&dir, 16 << 20);
     corrupt_qcow2(
         &suite.data.join("disk.qcow2"),
         &dir.join("images").join("corrupt.qcow2"),

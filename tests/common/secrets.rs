@@ -66,6 +66,26 @@ pub fn files_holding(dir: &Path, except: &Path, secret: &[u8]) -> Vec<PathBuf> {
         .collect()
 }
 
+/// `images/marked.qcow2` below `dir`: a qcow2 of `size` bytes made from `marked_raw`.
+pub fn marked_qcow2(dir: &Path, size: usize) -> PathBuf {
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let (raw, qcow2) = (images.join("marked.raw"), images.join("marked.qcow2"));
+    marked_raw(&raw, size);
+    crate::common::qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        qcow2.to_str().unwrap(),
+    ]);
+    std::fs::remove_file(&raw).unwrap();
+    qcow2
+}
+
 /// Writes `size` bytes of raw image to `raw` with `MARKER` (and random data) at a few offsets.
 pub fn marked_raw(raw: &Path, size: usize) {
     const MIB: usize = 1 << 20;
